@@ -1,1 +1,48 @@
-//! placeholder
+//! # Neurectomy write side
+//!
+//! Commands become events in PostgreSQL, and committed events are relayed, in
+//! global order, to one NATS JetStream stream.
+//!
+//! ## Contracts
+//!
+//! - **Optimistic concurrency.** Every append names the version it expects;
+//!   a mismatch is [`AppendError::Conflict`] and writes nothing. Streams never
+//!   get a duplicate version or a gap.
+//! - **Idempotency.** Event ids derive from the command id (UUID v5), so a
+//!   command retried with the same id appends nothing and returns the first
+//!   result; the same id with different content is
+//!   [`CommandError::CommandIdReused`].
+//! - **Gap-safe global order.** [`EventStore::read_all`] only returns events of
+//!   transactions older than every transaction still running, so a reader
+//!   that has seen position `p` never later finds an event below `p`.
+//! - **Delivery is at-least-once, effects exactly-once.** The relay may publish
+//!   an event twice (crash between publish and checkpoint); JetStream drops the
+//!   duplicate by `Nats-Msg-Id` and `Nats-Expected-Last-Sequence` rejects
+//!   anything out of order, so the JetStream stream mirrors the store.
+//!
+//! ## Layout
+//!
+//! - [`envelope`]: stored event shapes, metadata and expected versions.
+//! - [`event_store`]: PostgreSQL append, reads, snapshots (SQL in `.sql` files).
+//! - [`handler`]: load → decide → append with bounded retries.
+//! - [`relay`]: the outbox relay to JetStream, with leadership and checkpoints.
+//! - [`error`]: the error enums of each operation.
+//! - [`testkit`]: per-test isolated databases and JetStream streams.
+
+pub mod envelope;
+pub mod error;
+pub mod event_store;
+pub mod handler;
+pub mod relay;
+pub mod testkit;
+
+pub use envelope::{CommandContext, EventMetadata, ExpectedVersion, NewEvent, RecordedEvent};
+pub use error::{AppendError, CommandError, ReadError, RelayError};
+pub use event_store::EventStore;
+pub use handler::{CommandHandler, CommandOutcome, HandlerConfig};
+pub use relay::{Relay, RelayConfig, RelayProgress};
+
+/// Runs the embedded sqlx migrations (`migrations/` at the repository root).
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    sqlx::migrate!("../migrations").run(pool).await
+}

@@ -1,0 +1,257 @@
+//! Appending events with optimistic concurrency.
+
+use serde_json::Value;
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, PgExecutor, Row};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::EventStore;
+use crate::envelope::{ExpectedVersion, NewEvent, RecordedEvent};
+use crate::error::AppendError;
+
+/// Most events in one append: the low 16 bits of a position index the events
+/// of one transaction.
+pub const MAX_EVENTS_PER_APPEND: usize = 1 << 16;
+
+const APPEND: &str = include_str!("sql/append.sql");
+const STREAM_VERSION: &str = include_str!("sql/stream_version.sql");
+
+/// How many times an `Any` append re-reads the version after losing a race.
+const ANY_RETRIES: u32 = 16;
+
+/// The columns of a batch, as parallel arrays for `UNNEST`.
+struct Batch {
+    command_id: Uuid,
+    correlation_id: Uuid,
+    tenant: String,
+    ids: Vec<Uuid>,
+    types: Vec<String>,
+    versions: Vec<i32>,
+    data: Vec<Value>,
+    metadata: Vec<Value>,
+}
+
+impl Batch {
+    fn new(events: &[NewEvent]) -> Result<Self, AppendError> {
+        let Some(first) = events.first() else {
+            return Err(AppendError::BadBatch {
+                count: 0,
+                max: MAX_EVENTS_PER_APPEND,
+            });
+        };
+        if events.len() > MAX_EVENTS_PER_APPEND {
+            return Err(AppendError::BadBatch {
+                count: events.len(),
+                max: MAX_EVENTS_PER_APPEND,
+            });
+        }
+        Ok(Self {
+            command_id: first.metadata.command_id,
+            correlation_id: first.metadata.correlation_id,
+            tenant: first.metadata.tenant.clone(),
+            ids: events.iter().map(|e| e.metadata.event_id).collect(),
+            types: events.iter().map(|e| e.event_type.clone()).collect(),
+            versions: events.iter().map(|e| e.schema_version).collect(),
+            data: events.iter().map(|e| e.data.clone()).collect(),
+            metadata: events
+                .iter()
+                .map(|e| serde_json::to_value(&e.metadata).unwrap_or(Value::Null))
+                .collect(),
+        })
+    }
+
+    async fn insert<'e, E: PgExecutor<'e>>(
+        &self,
+        executor: E,
+        stream_id: &str,
+        required: Option<i64>,
+    ) -> Result<Vec<PgRow>, sqlx::Error> {
+        sqlx::query(APPEND)
+            .bind(stream_id)
+            .bind(required)
+            .bind(self.command_id)
+            .bind(self.correlation_id)
+            .bind(&self.tenant)
+            .bind(&self.ids)
+            .bind(&self.types)
+            .bind(&self.versions)
+            .bind(&self.data)
+            .bind(&self.metadata)
+            .fetch_all(executor)
+            .await
+    }
+}
+
+/// What one insert attempt amounted to.
+enum Attempt {
+    Done(Vec<PgRow>),
+    VersionMismatch,
+    Raced,
+}
+
+fn classify(
+    stream_id: &str,
+    command_id: Uuid,
+    result: Result<Vec<PgRow>, sqlx::Error>,
+) -> Result<Attempt, AppendError> {
+    match result {
+        // The version guard filtered every row out.
+        Ok(rows) if rows.is_empty() => Ok(Attempt::VersionMismatch),
+        Ok(rows) => Ok(Attempt::Done(rows)),
+        Err(sqlx::Error::Database(db)) if db.constraint() == Some("events_event_id_unique") => {
+            Err(AppendError::DuplicateEvent { command_id })
+        }
+        Err(sqlx::Error::Database(db))
+            if db.constraint() == Some("events_stream_version_unique") =>
+        {
+            Ok(Attempt::Raced)
+        }
+        Err(source) => Err(AppendError::Database {
+            stream_id: stream_id.to_owned(),
+            source,
+        }),
+    }
+}
+
+impl EventStore {
+    /// Appends `events` (all of one command) to `stream_id` atomically, if the
+    /// stream is at `expected`. Returns the recorded events in order.
+    ///
+    /// All events must share the command id, correlation id and tenant of the
+    /// first one. With [`ExpectedVersion::Any`] a lost race is retried.
+    #[tracing::instrument(name = "event_store.append", skip_all, fields(stream_id, count = events.len()))]
+    pub async fn append(
+        &self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<RecordedEvent>, AppendError> {
+        let batch = Batch::new(&events)?;
+        let required = expected.required().map(to_i64);
+        let mut attempt = 0;
+        let rows = loop {
+            attempt += 1;
+            let result = batch.insert(&self.pool, stream_id, required).await;
+            match classify(stream_id, batch.command_id, result)? {
+                Attempt::Done(rows) => break rows,
+                Attempt::Raced if required.is_none() && attempt < ANY_RETRIES => continue,
+                Attempt::Raced | Attempt::VersionMismatch => {
+                    let actual = self.stream_version(stream_id).await.map_err(|source| {
+                        AppendError::Database {
+                            stream_id: stream_id.to_owned(),
+                            source,
+                        }
+                    })?;
+                    return Err(AppendError::Conflict {
+                        stream_id: stream_id.to_owned(),
+                        expected,
+                        actual,
+                    });
+                }
+            }
+        };
+        self.signal_commit();
+        recorded(stream_id, &rows, events)
+    }
+
+    /// Appends inside a transaction the caller owns (to write events together
+    /// with other rows). Nothing is visible until the caller commits; call
+    /// [`EventStore::announce_commit`] afterwards so relays wake at once.
+    /// Keep such transactions short: while one is open, gap-safe readers
+    /// cannot read past its position.
+    pub async fn append_in(
+        &self,
+        conn: &mut PgConnection,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<RecordedEvent>, AppendError> {
+        let batch = Batch::new(&events)?;
+        let required = expected.required().map(to_i64);
+        let result = batch.insert(&mut *conn, stream_id, required).await;
+        match classify(stream_id, batch.command_id, result)? {
+            Attempt::Done(rows) => recorded(stream_id, &rows, events),
+            Attempt::Raced | Attempt::VersionMismatch => {
+                let version: i64 = sqlx::query_scalar(STREAM_VERSION)
+                    .bind(stream_id)
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(|source| AppendError::Database {
+                        stream_id: stream_id.to_owned(),
+                        source,
+                    })?;
+                Err(AppendError::Conflict {
+                    stream_id: stream_id.to_owned(),
+                    expected,
+                    actual: u64::try_from(version).unwrap_or(0),
+                })
+            }
+        }
+    }
+
+    /// Wakes in-process relays after a transaction using
+    /// [`EventStore::append_in`] committed.
+    pub fn announce_commit(&self) {
+        self.signal_commit();
+    }
+
+    /// Current version of a stream (0 if it has no events).
+    pub async fn stream_version(&self, stream_id: &str) -> Result<u64, sqlx::Error> {
+        let version: i64 = sqlx::query_scalar(STREAM_VERSION)
+            .bind(stream_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(version).unwrap_or(0))
+    }
+}
+
+/// Pairs the returned rows with the events appended.
+fn recorded(
+    stream_id: &str,
+    rows: &[PgRow],
+    events: Vec<NewEvent>,
+) -> Result<Vec<RecordedEvent>, AppendError> {
+    let mut committed: Vec<(i64, i64, OffsetDateTime)> = Vec::with_capacity(rows.len());
+    for row in rows {
+        let decoded = (|| -> Result<_, sqlx::Error> {
+            Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+        })();
+        committed.push(decoded.map_err(|source| AppendError::Database {
+            stream_id: stream_id.to_owned(),
+            source,
+        })?);
+    }
+    committed.sort_unstable_by_key(|(_, version, _)| *version);
+    Ok(committed
+        .into_iter()
+        .zip(events)
+        .map(
+            |((position, stream_version, recorded_at), event)| RecordedEvent {
+                position,
+                stream_id: stream_id.to_owned(),
+                stream_version,
+                event_id: event.metadata.event_id,
+                event_type: event.event_type,
+                schema_version: event.schema_version,
+                data: event.data,
+                metadata: event.metadata,
+                recorded_at,
+            },
+        )
+        .collect())
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The deterministic id of the `index`-th event of a command: UUID v5 in a
+/// namespace of our own, so retries of a command produce the same ids.
+pub fn event_id(command_id: Uuid, index: usize) -> Uuid {
+    const NAMESPACE: Uuid = Uuid::from_u128(0x6e65_7572_6563_746f_6d79_2d65_7665_6e74);
+    let mut name = [0u8; 24];
+    name[..16].copy_from_slice(command_id.as_bytes());
+    name[16..].copy_from_slice(&(index as u64).to_be_bytes());
+    Uuid::new_v5(&NAMESPACE, &name)
+}

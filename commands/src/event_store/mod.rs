@@ -1,0 +1,87 @@
+//! The PostgreSQL event store, split by operation: [`append`], [`read`]
+//! and [`snapshot`]. SQL lives in `sql/*.sql`; tables in `migrations/`.
+
+mod append;
+mod read;
+mod snapshot;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use append::{event_id, MAX_EVENTS_PER_APPEND};
+pub use read::{LoadedStream, LogHead};
+
+/// The PostgreSQL channel on which appenders announce commits to relays in
+/// other processes (relays in the same process use [`EventStore::commits`]).
+pub const COMMIT_CHANNEL: &str = "neurectomy_events";
+
+/// Handle to the event store. Cheap to clone; all clones share the pool and
+/// the commit signal.
+#[derive(Clone, Debug)]
+pub struct EventStore {
+    /// Connection pool; every operation is one short statement.
+    pool: PgPool,
+    /// Bumped after every successful append, so an in-process relay wakes at
+    /// once instead of polling.
+    commits: Arc<watch::Sender<u64>>,
+}
+
+impl EventStore {
+    /// Wraps a pool (migrations must have run).
+    pub fn new(pool: PgPool) -> Self {
+        let (commits, _) = watch::channel(0);
+        Self {
+            pool,
+            commits: Arc::new(commits),
+        }
+    }
+
+    /// The underlying pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A receiver that changes after every append committed through this handle.
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.commits.subscribe()
+    }
+
+    fn signal_commit(&self) {
+        self.commits.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Forwards this process's commit signal to PostgreSQL `NOTIFY` so relays
+    /// in other processes wake at once. Notifications are coalesced: while one
+    /// `NOTIFY` is in flight, further commits collapse into the next one, so
+    /// the cost is bounded by round trips, not by commits. (`NOTIFY` is not
+    /// issued inside append transactions because it serializes commits on a
+    /// global lock.)
+    pub fn spawn_commit_notifier(
+        &self,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let mut commits = self.commits();
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    changed = commits.changed() => if changed.is_err() { return },
+                }
+                commits.borrow_and_update();
+                if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
+                    .bind(COMMIT_CHANNEL)
+                    .execute(&pool)
+                    .await
+                {
+                    tracing::warn!(%error, "could not notify relays of a commit; they will poll");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,200 @@
+//! Reading streams, the global log (gap-safely) and command look-ups.
+
+use serde_json::Value;
+use sqlx::postgres::PgRow;
+use sqlx::Row;
+
+use super::EventStore;
+use crate::envelope::RecordedEvent;
+use crate::error::ReadError;
+
+const LOAD_STREAM: &str = include_str!("sql/load_stream.sql");
+const READ_STREAM: &str = include_str!("sql/read_stream.sql");
+const READ_ALL: &str = include_str!("sql/read_all.sql");
+const EVENTS_OF_COMMAND: &str = include_str!("sql/events_of_command.sql");
+const HEAD: &str = include_str!("sql/head.sql");
+const COUNT_AFTER: &str = include_str!("sql/count_after.sql");
+
+/// A stream as the command handler needs it: the snapshot (if any) and the
+/// raw events after it.
+#[derive(Debug, Clone, Default)]
+pub struct LoadedStream {
+    /// Snapshot state and its version.
+    pub snapshot: Option<(i64, Value)>,
+    /// `(version, type, schema version, data, position)` of the events after it.
+    pub events: Vec<(i64, String, i32, Value, i64)>,
+    /// Tenant owning the stream, if it has any events.
+    pub tenant: Option<String>,
+}
+
+impl LoadedStream {
+    /// The stream's current version.
+    pub fn version(&self) -> i64 {
+        self.events
+            .last()
+            .map(|e| e.0)
+            .or(self.snapshot.as_ref().map(|s| s.0))
+            .unwrap_or(0)
+    }
+}
+
+/// Where the log ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogHead {
+    /// Highest position written, including transactions not yet safe to read.
+    pub written: i64,
+    /// Highest position a gap-safe reader can see now.
+    pub readable: i64,
+}
+
+fn db(doing: impl Into<String>) -> impl FnOnce(sqlx::Error) -> ReadError {
+    let doing = doing.into();
+    move |source| ReadError::Database { doing, source }
+}
+
+impl EventStore {
+    /// Loads a stream's snapshot (taken under `snapshot_version`) and the
+    /// events after it, in one round trip.
+    pub async fn load_stream(
+        &self,
+        stream_id: &str,
+        snapshot_version: i32,
+    ) -> Result<LoadedStream, ReadError> {
+        let rows = sqlx::query(LOAD_STREAM)
+            .bind(stream_id)
+            .bind(snapshot_version)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db(format!("loading stream {stream_id}")))?;
+        let mut loaded = LoadedStream::default();
+        for row in rows {
+            let decoded = (|| -> Result<(), sqlx::Error> {
+                let is_snapshot: bool = row.try_get(0)?;
+                let version: i64 = row.try_get(1)?;
+                let data: Value = row.try_get(4)?;
+                loaded.tenant = Some(row.try_get(5)?);
+                if is_snapshot {
+                    loaded.snapshot = Some((version, data));
+                } else {
+                    loaded.events.push((
+                        version,
+                        row.try_get(2)?,
+                        row.try_get(3)?,
+                        data,
+                        row.try_get(6)?,
+                    ));
+                }
+                Ok(())
+            })();
+            decoded.map_err(db(format!("decoding stream {stream_id}")))?;
+        }
+        Ok(loaded)
+    }
+
+    /// Reads versions `from..=to` of a stream, at most `limit` events.
+    pub async fn read_stream(
+        &self,
+        stream_id: &str,
+        from_version: i64,
+        to_version: i64,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        let rows = sqlx::query(READ_STREAM)
+            .bind(stream_id)
+            .bind(from_version)
+            .bind(to_version)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db(format!("reading stream {stream_id}")))?;
+        rows.iter().map(recorded).collect()
+    }
+
+    /// Reads the global log after `after`, at most `limit` events, gap-safely:
+    /// an event is returned only once every transaction that could still
+    /// commit a lower position has finished. Positions increase strictly.
+    pub async fn read_all(&self, after: i64, limit: i64) -> Result<Vec<RecordedEvent>, ReadError> {
+        let rows = sqlx::query(READ_ALL)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db(format!("reading the global log after position {after}")))?;
+        rows.iter().map(recorded).collect()
+    }
+
+    /// Every event a command produced, in order (empty if it never ran).
+    pub async fn events_of_command(
+        &self,
+        command_id: uuid::Uuid,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        let rows = sqlx::query(EVENTS_OF_COMMAND)
+            .bind(command_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db(format!("looking up command {command_id}")))?;
+        rows.iter().map(recorded).collect()
+    }
+
+    /// How many events lie after `position`, counting at most `cap`.
+    pub async fn count_after(&self, position: i64, cap: i64) -> Result<i64, ReadError> {
+        sqlx::query_scalar(COUNT_AFTER)
+            .bind(position)
+            .bind(cap)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db(format!("counting events after position {position}")))
+    }
+
+    /// The end of the log, to measure a reader's lag.
+    pub async fn head(&self) -> Result<LogHead, ReadError> {
+        let row = sqlx::query(HEAD)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("reading the head of the log"))?;
+        Ok(LogHead {
+            written: row.try_get(0).map_err(db("decoding the head of the log"))?,
+            readable: row.try_get(1).map_err(db("decoding the head of the log"))?,
+        })
+    }
+}
+
+/// Decodes a full event row (the column order of `read_stream.sql`).
+fn recorded(row: &PgRow) -> Result<RecordedEvent, ReadError> {
+    let position: i64 = row.try_get(0).map_err(db("decoding an event row"))?;
+    let decoded = (|| -> Result<_, sqlx::Error> {
+        Ok((
+            row.try_get::<String, _>(1)?,
+            row.try_get::<i64, _>(2)?,
+            row.try_get::<uuid::Uuid, _>(3)?,
+            row.try_get::<String, _>(4)?,
+            row.try_get::<i32, _>(5)?,
+            row.try_get::<Value, _>(6)?,
+            row.try_get::<Value, _>(7)?,
+            row.try_get::<time::OffsetDateTime, _>(8)?,
+        ))
+    })();
+    let (
+        stream_id,
+        stream_version,
+        event_id,
+        event_type,
+        schema_version,
+        data,
+        metadata,
+        recorded_at,
+    ) = decoded.map_err(db(format!("decoding the event at position {position}")))?;
+    let metadata = serde_json::from_value(metadata)
+        .map_err(|source| ReadError::Metadata { position, source })?;
+    Ok(RecordedEvent {
+        position,
+        stream_id,
+        stream_version,
+        event_id,
+        event_type,
+        schema_version,
+        data,
+        metadata,
+        recorded_at,
+    })
+}

@@ -1,0 +1,1 @@
+SELECT position, jetstream_sequence FROM relay_checkpoints WHERE relay = $1

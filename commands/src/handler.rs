@@ -1,0 +1,420 @@
+//! The command handler: load state (snapshot + tail) → `decide` → append with
+//! the expected version, retrying `decide` on fresh state when a concurrent
+//! writer wins, a bounded number of times.
+
+use domain::{
+    AgentId, AgentState, Aggregate, AggregateKind, Command, DomainError, DomainEvent, Related,
+    TaskId, TaskState, WorkflowId, WorkflowState,
+};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tracing::Instrument;
+
+use crate::envelope::{CommandContext, EventMetadata, ExpectedVersion, NewEvent, RecordedEvent};
+use crate::error::{AppendError, CommandError, ReadError};
+use crate::event_store::{event_id, EventStore};
+
+/// Tuning of the command handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandlerConfig {
+    /// Attempts (load → decide → append) before giving up on a version
+    /// conflict, when the caller did not pin an expected version.
+    pub max_attempts: u32,
+    /// Take a snapshot whenever a stream crosses a multiple of this many
+    /// events (0 disables snapshots).
+    pub snapshot_every: u64,
+}
+
+impl Default for HandlerConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            snapshot_every: 100,
+        }
+    }
+}
+
+/// What a successful command did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandOutcome {
+    /// The stream written.
+    pub stream_id: String,
+    /// The stream's version after the command.
+    pub version: i64,
+    /// Global position of the command's last event.
+    pub position: i64,
+    /// The events written.
+    pub events: Vec<RecordedEvent>,
+    /// True when the command id had been handled before and these are the
+    /// events of that first run (nothing new was appended).
+    pub replayed: bool,
+}
+
+/// Handles commands against the event store. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct CommandHandler {
+    store: EventStore,
+    config: HandlerConfig,
+}
+
+/// A stream folded into its aggregate state.
+struct Loaded<A> {
+    state: A,
+    version: i64,
+    tenant: Option<String>,
+}
+
+impl CommandHandler {
+    /// A handler over `store`.
+    pub fn new(store: EventStore, config: HandlerConfig) -> Self {
+        Self { store, config }
+    }
+
+    /// The store it writes to.
+    pub fn store(&self) -> &EventStore {
+        &self.store
+    }
+
+    /// Handles any command.
+    pub async fn execute(
+        &self,
+        command: Command,
+        ctx: &CommandContext,
+    ) -> Result<CommandOutcome, CommandError> {
+        match command {
+            Command::Agent(c) => self.handle::<AgentState>(c, ctx).await,
+            Command::Task(c) => self.handle::<TaskState>(c, ctx).await,
+            Command::Workflow(c) => self.handle::<WorkflowState>(c, ctx).await,
+        }
+    }
+
+    /// Handles a command of aggregate `A`.
+    pub async fn handle<A: Aggregate>(
+        &self,
+        command: A::Command,
+        ctx: &CommandContext,
+    ) -> Result<CommandOutcome, CommandError> {
+        let stream = A::stream_of(&command).to_string();
+        let span = tracing::info_span!(
+            "command",
+            kind = %A::KIND,
+            stream_id = %stream,
+            command_id = %ctx.command_id,
+            attempts = tracing::field::Empty,
+        );
+        self.handle_in_span::<A>(command, ctx, stream)
+            .instrument(span)
+            .await
+    }
+
+    async fn handle_in_span<A: Aggregate>(
+        &self,
+        command: A::Command,
+        ctx: &CommandContext,
+        stream: String,
+    ) -> Result<CommandOutcome, CommandError> {
+        let command_json = serde_json::to_value(&command).map_err(|e| CommandError::Malformed {
+            reason: format!("command cannot be serialized: {e}"),
+        })?;
+        let command_type = command_json
+            .get("type")
+            .and_then(|t| t.as_str())
+            .unwrap_or("unknown")
+            .to_owned();
+        let command_hash = hex::encode(Sha256::digest(command_json.to_string().as_bytes()));
+
+        let mut last_conflict = (ExpectedVersion::Any, 0u64);
+        for attempt in 1..=self.config.max_attempts.max(1) {
+            tracing::Span::current().record("attempts", attempt);
+            let loaded = self.load::<A>(&stream).await?;
+            if loaded.tenant.as_deref().is_some_and(|t| t != ctx.tenant) {
+                // Another tenant's stream is indistinguishable from a missing one.
+                return Err(DomainError::NotFound {
+                    kind: A::KIND,
+                    id: stream
+                        .split_once('-')
+                        .map_or(stream.as_str(), |(_, id)| id)
+                        .to_owned(),
+                }
+                .into());
+            }
+            let current = u64::try_from(loaded.version).unwrap_or(0);
+            if let Some(required) = ctx.expected_version.and_then(ExpectedVersion::required) {
+                if required != current {
+                    if let Some(done) = self.already_handled(ctx, &command_hash).await? {
+                        return Ok(done);
+                    }
+                    return Err(CommandError::Conflict {
+                        stream_id: stream,
+                        expected: ctx.expected_version.unwrap_or(ExpectedVersion::Any),
+                        actual: current,
+                        attempts: attempt,
+                    });
+                }
+            }
+
+            let related = self.related(&loaded.state, &command, &ctx.tenant).await?;
+            let events = match loaded.state.decide(&command, &related) {
+                Ok(events) => events,
+                Err(refusal) => {
+                    // A retried command may be refused by the state it produced
+                    // itself (e.g. completing a completed task): answer with the
+                    // first run's result instead.
+                    if let Some(done) = self.already_handled(ctx, &command_hash).await? {
+                        return Ok(done);
+                    }
+                    tracing::debug!(code = refusal.code(), %refusal, "command refused");
+                    return Err(refusal.into());
+                }
+            };
+
+            let now = OffsetDateTime::now_utc();
+            let new_events: Vec<NewEvent> = events
+                .iter()
+                .cloned()
+                .enumerate()
+                .map(|(index, event)| {
+                    let event = A::into_domain(event);
+                    NewEvent {
+                        event_type: event.event_type().to_owned(),
+                        schema_version: event.schema_version(),
+                        data: event.to_data(),
+                        metadata: EventMetadata {
+                            event_id: event_id(ctx.command_id, index),
+                            command_id: ctx.command_id,
+                            command_type: command_type.clone(),
+                            command_hash: command_hash.clone(),
+                            correlation_id: ctx.correlation_id.unwrap_or(ctx.command_id),
+                            causation_id: ctx.causation_id.unwrap_or(ctx.command_id),
+                            actor: ctx.actor.clone(),
+                            tenant: ctx.tenant.clone(),
+                            occurred_at: now,
+                            traceparent: ctx.traceparent.clone(),
+                        },
+                    }
+                })
+                .collect();
+
+            match self
+                .store
+                .append(&stream, ExpectedVersion::Exact(current), new_events)
+                .await
+            {
+                Ok(recorded) => {
+                    self.maybe_snapshot(
+                        &stream,
+                        &ctx.tenant,
+                        loaded.state,
+                        current,
+                        &events,
+                        &recorded,
+                    )
+                    .await;
+                    let last = recorded
+                        .last()
+                        .map_or((current as i64, 0), |e| (e.stream_version, e.position));
+                    return Ok(CommandOutcome {
+                        stream_id: stream,
+                        version: last.0,
+                        position: last.1,
+                        events: recorded,
+                        replayed: false,
+                    });
+                }
+                Err(AppendError::Conflict {
+                    expected, actual, ..
+                }) => {
+                    last_conflict = (expected, actual);
+                    if ctx.expected_version.is_some() {
+                        if let Some(done) = self.already_handled(ctx, &command_hash).await? {
+                            return Ok(done);
+                        }
+                        break;
+                    }
+                    tracing::debug!(
+                        attempt,
+                        actual,
+                        "version conflict; deciding again on fresh state"
+                    );
+                }
+                Err(AppendError::DuplicateEvent { .. }) => {
+                    return match self.already_handled(ctx, &command_hash).await? {
+                        Some(done) => Ok(done),
+                        // The colliding events vanished: impossible unless
+                        // someone deletes events by hand.
+                        None => Err(CommandError::Malformed {
+                            reason: format!(
+                                "command id {} collides with events that cannot be found",
+                                ctx.command_id
+                            ),
+                        }),
+                    };
+                }
+                Err(AppendError::BadBatch { count, max }) => {
+                    return Err(CommandError::Malformed {
+                        reason: format!(
+                            "the command produced {count} events; one append holds at most {max}"
+                        ),
+                    })
+                }
+                Err(AppendError::Database { source, .. }) => {
+                    return Err(CommandError::Unavailable { source })
+                }
+            }
+        }
+        Err(CommandError::Conflict {
+            stream_id: stream,
+            expected: ctx.expected_version.unwrap_or(last_conflict.0),
+            actual: last_conflict.1,
+            attempts: self.config.max_attempts.max(1),
+        })
+    }
+
+    /// If this command id already produced events, returns that first result
+    /// (same content) or `CommandIdReused` (different content).
+    async fn already_handled(
+        &self,
+        ctx: &CommandContext,
+        command_hash: &str,
+    ) -> Result<Option<CommandOutcome>, CommandError> {
+        let events = self.store.events_of_command(ctx.command_id).await?;
+        let Some(first) = events.first() else {
+            return Ok(None);
+        };
+        if first.metadata.command_hash != command_hash {
+            return Err(CommandError::CommandIdReused {
+                command_id: ctx.command_id,
+                stream_id: first.stream_id.clone(),
+                previous_type: first.metadata.command_type.clone(),
+            });
+        }
+        let last = events
+            .last()
+            .map_or((0, 0), |e| (e.stream_version, e.position));
+        Ok(Some(CommandOutcome {
+            stream_id: first.stream_id.clone(),
+            version: last.0,
+            position: last.1,
+            events,
+            replayed: true,
+        }))
+    }
+
+    /// Folds a stream (snapshot + tail) into aggregate state.
+    async fn load<A: Aggregate>(&self, stream: &str) -> Result<Loaded<A>, CommandError> {
+        let mut loaded = self.store.load_stream(stream, A::SNAPSHOT_VERSION).await?;
+        let mut state = match loaded.snapshot.take() {
+            Some((_, json)) => match serde_json::from_value::<A>(json) {
+                Ok(state) => state,
+                Err(error) => {
+                    // A snapshot that no longer parses is only an optimisation
+                    // lost: rebuild from every event instead.
+                    tracing::warn!(%error, stream, "ignoring unreadable snapshot");
+                    loaded = self.store.load_stream(stream, i32::MIN).await?;
+                    A::default()
+                }
+            },
+            None => A::default(),
+        };
+        for (version, event_type, schema_version, data, position) in &loaded.events {
+            let event = DomainEvent::from_stored(event_type, *schema_version, data.clone())
+                .map_err(|source| {
+                    CommandError::from(ReadError::Decode {
+                        position: *position,
+                        stream_id: stream.to_owned(),
+                        source,
+                    })
+                })?;
+            match A::from_domain(event) {
+                Some(event) => state.evolve(&event),
+                None => {
+                    tracing::error!(
+                        stream,
+                        version,
+                        event_type,
+                        "event of another aggregate kind in stream"
+                    );
+                }
+            }
+        }
+        Ok(Loaded {
+            version: loaded.version(),
+            tenant: loaded.tenant,
+            state,
+        })
+    }
+
+    /// Loads the current state of every stream `decide` reads besides its own.
+    /// Streams of other tenants are left out (they look absent).
+    async fn related<A: Aggregate>(
+        &self,
+        state: &A,
+        command: &A::Command,
+        tenant: &str,
+    ) -> Result<Related, CommandError> {
+        let mut related = Related::default();
+        for stream in state.related(command) {
+            let name = stream.to_string();
+            let uuid = stream.uuid();
+            match stream.kind() {
+                AggregateKind::Agent => {
+                    let l = self.load::<AgentState>(&name).await?;
+                    if l.tenant.as_deref() == Some(tenant) {
+                        related.insert_agent(AgentId::from_uuid(uuid), l.state);
+                    }
+                }
+                AggregateKind::Task => {
+                    let l = self.load::<TaskState>(&name).await?;
+                    if l.tenant.as_deref() == Some(tenant) {
+                        related.insert_task(TaskId::from_uuid(uuid), l.state);
+                    }
+                }
+                AggregateKind::Workflow => {
+                    let l = self.load::<WorkflowState>(&name).await?;
+                    if l.tenant.as_deref() == Some(tenant) {
+                        related.insert_workflow(WorkflowId::from_uuid(uuid), l.state);
+                    }
+                }
+            }
+        }
+        Ok(related)
+    }
+
+    /// Saves a snapshot when the append crossed a multiple of `snapshot_every`.
+    /// Failures are logged, not returned: the command has committed, and a
+    /// missing snapshot only costs load time.
+    async fn maybe_snapshot<A: Aggregate>(
+        &self,
+        stream: &str,
+        tenant: &str,
+        mut state: A,
+        before: u64,
+        events: &[A::Event],
+        recorded: &[RecordedEvent],
+    ) {
+        let every = self.config.snapshot_every;
+        let Some(after) = recorded.last().map(|e| e.stream_version) else {
+            return;
+        };
+        if every == 0 || (after as u64) / every == before / every {
+            return;
+        }
+        for event in events {
+            state.evolve(event);
+        }
+        let json = match serde_json::to_value(&state) {
+            Ok(json) => json,
+            Err(error) => {
+                tracing::warn!(%error, stream, "could not serialize a snapshot");
+                return;
+            }
+        };
+        if let Err(error) = self
+            .store
+            .save_snapshot(stream, after, A::SNAPSHOT_VERSION, tenant, json)
+            .await
+        {
+            tracing::warn!(%error, stream, "could not save a snapshot");
+        }
+    }
+}

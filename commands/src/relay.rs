@@ -1,0 +1,564 @@
+//! The outbox relay: publishes committed events, in gap-safe global order, to
+//! one JetStream stream.
+//!
+//! - **Exactly one mirror.** Every message carries `Nats-Msg-Id` = event id
+//!   (JetStream drops duplicates) and `Nats-Expected-Last-Sequence` = the
+//!   sequence of the message before it (JetStream rejects anything out of
+//!   order), so the stream's sequence order is the store's global order.
+//! - **Crash safety.** After a restart or an error the relay re-reads the
+//!   last message in JetStream and continues after the position it carries;
+//!   the PostgreSQL checkpoint is the fallback when the stream's last message
+//!   is gone (purged). Publishing twice is harmless; skipping is impossible.
+//! - **One active relay.** Leadership is a PostgreSQL session advisory lock
+//!   held on a dedicated connection; standbys retry until it frees. The
+//!   checkpoint is written on that connection, so a relay whose connection
+//!   (and hence lock) died finds out at its next batch and steps down. Even
+//!   two relays publishing at once cannot break the mirror: the sequence
+//!   check makes one of them fail and resynchronize.
+//! - **Latency.** The relay wakes on the in-process commit signal, on
+//!   PostgreSQL `NOTIFY` from other processes, and otherwise polls.
+//! - **Throughput.** A batch is published without waiting (pipelined), then
+//!   every acknowledgement is awaited before the checkpoint moves.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, context::PublishAckFuture, stream::StorageType};
+use async_nats::HeaderMap;
+use sha2::{Digest, Sha256};
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::envelope::RecordedEvent;
+use crate::error::RelayError;
+use crate::event_store::{EventStore, COMMIT_CHANNEL};
+
+const CHECKPOINT_GET: &str = include_str!("event_store/sql/relay_checkpoint_get.sql");
+const CHECKPOINT_PUT: &str = include_str!("event_store/sql/relay_checkpoint_put.sql");
+
+/// Header carrying the event's global position.
+pub const HEADER_POSITION: &str = "Neurectomy-Position";
+/// Header carrying the event's stream id.
+pub const HEADER_STREAM_ID: &str = "Neurectomy-Stream-Id";
+/// Header carrying the event's version in its stream.
+pub const HEADER_STREAM_VERSION: &str = "Neurectomy-Stream-Version";
+/// Header carrying the event type.
+pub const HEADER_EVENT_TYPE: &str = "Neurectomy-Event-Type";
+/// Header carrying the schema version of the payload.
+pub const HEADER_SCHEMA_VERSION: &str = "Neurectomy-Schema-Version";
+/// Header carrying the tenant.
+pub const HEADER_TENANT: &str = "Neurectomy-Tenant";
+/// W3C trace context header.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+
+/// Configuration of one relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// JetStream stream name; also the checkpoint and advisory-lock key.
+    pub stream_name: String,
+    /// Subjects are `<prefix>.<aggregate kind>.<event type>`.
+    pub subject_prefix: String,
+    /// Most events read and published per batch.
+    pub batch_size: usize,
+    /// Poll interval when no commit signal arrives.
+    pub idle_poll: Duration,
+    /// How often a standby tries to take leadership.
+    pub standby_poll: Duration,
+    /// Longest wait between retries after failures.
+    pub max_backoff: Duration,
+    /// JetStream duplicate window (how long `Nats-Msg-Id`s are remembered).
+    pub duplicate_window: Duration,
+    /// How often to log progress and lag.
+    pub report_every: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            stream_name: "NEURECTOMY_EVENTS".to_owned(),
+            subject_prefix: "neurectomy.events".to_owned(),
+            batch_size: 1000,
+            idle_poll: Duration::from_millis(250),
+            standby_poll: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(5),
+            duplicate_window: Duration::from_secs(120),
+            report_every: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where the relay is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayProgress {
+    /// Last global position acknowledged by JetStream.
+    pub position: i64,
+    /// JetStream sequence of that message.
+    pub jetstream_sequence: u64,
+    /// Events this process published (acknowledged, not duplicates).
+    pub published: u64,
+    /// Whether this relay holds leadership.
+    pub leader: bool,
+}
+
+/// Why a leadership term ended.
+enum TermEnd {
+    /// Shutdown was requested.
+    Shutdown,
+    /// The lock connection failed; leadership may have passed to another relay.
+    LostLock(sqlx::Error),
+}
+
+/// Why a batch could not be published; the relay resynchronizes and retries.
+#[derive(Debug, thiserror::Error)]
+enum PublishFailure {
+    /// The client or server failed (NATS down, timeout, rejected).
+    #[error("NATS: {0}")]
+    Nats(String),
+    /// JetStream's sequence is not what the relay expected.
+    #[error("JetStream acknowledged sequence {got} (duplicate: {duplicate}) where {expected} was expected")]
+    OutOfSync {
+        expected: u64,
+        got: u64,
+        duplicate: bool,
+    },
+}
+
+/// The outbox relay.
+#[derive(Debug)]
+pub struct Relay {
+    store: EventStore,
+    jetstream: jetstream::Context,
+    config: RelayConfig,
+    progress: watch::Sender<RelayProgress>,
+}
+
+impl Relay {
+    /// A relay publishing `store`'s events through `client`.
+    pub fn new(store: EventStore, client: async_nats::Client, config: RelayConfig) -> Self {
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .build(client);
+        let (progress, _) = watch::channel(RelayProgress::default());
+        Self {
+            store,
+            jetstream,
+            config,
+            progress,
+        }
+    }
+
+    /// Progress updates, one per acknowledged batch.
+    pub fn progress(&self) -> watch::Receiver<RelayProgress> {
+        self.progress.subscribe()
+    }
+
+    /// The stream configuration the relay creates when it is missing.
+    pub fn stream_config(&self) -> jetstream::stream::Config {
+        jetstream::stream::Config {
+            name: self.config.stream_name.clone(),
+            subjects: vec![format!("{}.>", self.config.subject_prefix)],
+            storage: StorageType::File,
+            duplicate_window: self.config.duplicate_window,
+            allow_direct: true,
+            ..Default::default()
+        }
+    }
+
+    /// Creates the JetStream stream if it does not exist.
+    pub async fn ensure_stream(&self) -> Result<jetstream::stream::Stream, RelayError> {
+        self.jetstream
+            .get_or_create_stream(self.stream_config())
+            .await
+            .map_err(|e| self.nats_error("creating the JetStream stream", e))
+    }
+
+    fn nats_error(&self, doing: &str, error: impl std::fmt::Display) -> RelayError {
+        RelayError::JetStream {
+            relay: self.config.stream_name.clone(),
+            doing: doing.to_owned(),
+            message: error.to_string(),
+        }
+    }
+
+    fn lock_key(&self) -> i64 {
+        let digest =
+            Sha256::digest(format!("neurectomy-relay:{}", self.config.stream_name).as_bytes());
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&digest[..8]);
+        i64::from_be_bytes(bytes)
+    }
+
+    /// Runs until `shutdown`: waits for leadership, then publishes. Survives
+    /// NATS and PostgreSQL outages by retrying with capped backoff.
+    #[tracing::instrument(name = "relay", skip_all, fields(stream = %self.config.stream_name))]
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), RelayError> {
+        let mut backoff = Backoff::new(self.config.max_backoff);
+        loop {
+            let Some(mut lock) = self.acquire_leadership(&shutdown).await else {
+                return Ok(());
+            };
+            tracing::info!("relay is the leader");
+            self.progress.send_modify(|p| p.leader = true);
+            let end = self.lead(&mut lock, &shutdown).await;
+            self.progress.send_modify(|p| p.leader = false);
+            match end {
+                TermEnd::Shutdown => {
+                    // Closing the connection releases the advisory lock at once.
+                    let _ = lock.close().await;
+                    return Ok(());
+                }
+                TermEnd::LostLock(error) => {
+                    tracing::warn!(%error, "lost the leadership connection; standing by");
+                    if backoff.wait(&shutdown).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Blocks until this relay holds the advisory lock (or shutdown).
+    async fn acquire_leadership(&self, shutdown: &CancellationToken) -> Option<PgConnection> {
+        let options = self.store.pool().connect_options();
+        let mut announced = false;
+        loop {
+            let attempt = async {
+                let mut conn = PgConnection::connect_with(&options).await?;
+                let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(self.lock_key())
+                    .fetch_one(&mut conn)
+                    .await?;
+                Ok::<_, sqlx::Error>(locked.then_some(conn))
+            };
+            match attempt.await {
+                Ok(Some(conn)) => return Some(conn),
+                Ok(None) if !announced => {
+                    tracing::info!("another relay is active; standing by");
+                    announced = true;
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "cannot reach PostgreSQL to take relay leadership")
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(self.config.standby_poll) => {}
+            }
+        }
+    }
+
+    /// One leadership term.
+    async fn lead(&self, lock: &mut PgConnection, shutdown: &CancellationToken) -> TermEnd {
+        let mut wake = self.store.commits();
+        let mut listener = self.listen().await;
+        let mut backoff = Backoff::new(self.config.max_backoff);
+        let mut report = Reporter::new(self.config.report_every);
+
+        let (mut position, mut sequence) = loop {
+            match self.synchronize(lock).await {
+                Ok(found) => break found,
+                Err(Sync::Lock(error)) => return TermEnd::LostLock(error),
+                Err(Sync::Other(error)) => {
+                    tracing::warn!(%error, "cannot synchronize with JetStream yet; retrying");
+                    if backoff.wait(shutdown).await.is_err() {
+                        return TermEnd::Shutdown;
+                    }
+                }
+            }
+        };
+        self.progress.send_modify(|p| {
+            p.position = position;
+            p.jetstream_sequence = sequence;
+        });
+        tracing::info!(position, sequence, "relay resumes");
+
+        loop {
+            if shutdown.is_cancelled() {
+                return TermEnd::Shutdown;
+            }
+            wake.borrow_and_update();
+            let limit = i64::try_from(self.config.batch_size).unwrap_or(1000);
+            let batch = match self.store.read_all(position, limit).await {
+                Ok(batch) => batch,
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot read the event store; retrying");
+                    if backoff.wait(shutdown).await.is_err() {
+                        return TermEnd::Shutdown;
+                    }
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                report.maybe_log(&self.store, position).await;
+                tokio::select! {
+                    () = shutdown.cancelled() => return TermEnd::Shutdown,
+                    _ = wake.changed() => {}
+                    notified = recv(&mut listener) => if let Err(error) = notified {
+                        tracing::warn!(%error, "lost the NOTIFY listener; polling until it is back");
+                        listener = None;
+                    },
+                    () = tokio::time::sleep(self.config.idle_poll) => {
+                        if listener.is_none() { listener = self.listen().await; }
+                    }
+                }
+                continue;
+            }
+
+            let started = Instant::now();
+            match self.publish(&batch, sequence).await {
+                Ok(last_sequence) => {
+                    backoff.reset();
+                    let last_position = batch.last().map_or(position, |e| e.position);
+                    if let Err(error) = sqlx::query(CHECKPOINT_PUT)
+                        .bind(&self.config.stream_name)
+                        .bind(last_position)
+                        .bind(i64::try_from(last_sequence).unwrap_or(i64::MAX))
+                        .execute(&mut *lock)
+                        .await
+                    {
+                        return TermEnd::LostLock(error);
+                    }
+                    position = last_position;
+                    sequence = last_sequence;
+                    let count = batch.len() as u64;
+                    self.progress.send_modify(|p| {
+                        p.position = position;
+                        p.jetstream_sequence = sequence;
+                        p.published += count;
+                    });
+                    report.published(count);
+                    tracing::debug!(
+                        count,
+                        position,
+                        elapsed_us = started.elapsed().as_micros() as u64,
+                        "batch published"
+                    );
+                }
+                Err(failure) => {
+                    tracing::warn!(%failure, "publishing failed; resynchronizing with JetStream");
+                    if backoff.wait(shutdown).await.is_err() {
+                        return TermEnd::Shutdown;
+                    }
+                    loop {
+                        match self.synchronize(lock).await {
+                            Ok(found) => {
+                                (position, sequence) = found;
+                                break;
+                            }
+                            Err(Sync::Lock(error)) => return TermEnd::LostLock(error),
+                            Err(Sync::Other(error)) => {
+                                tracing::warn!(%error, "cannot synchronize with JetStream yet; retrying");
+                                if backoff.wait(shutdown).await.is_err() {
+                                    return TermEnd::Shutdown;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn listen(&self) -> Option<PgListener> {
+        let result = async {
+            let mut listener = PgListener::connect_with(self.store.pool()).await?;
+            listener.listen(COMMIT_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        }
+        .await;
+        match result {
+            Ok(listener) => Some(listener),
+            Err(error) => {
+                tracing::warn!(%error, "cannot LISTEN for commits; polling instead");
+                None
+            }
+        }
+    }
+
+    /// Finds where to continue: after the position of the last message in
+    /// JetStream, or after the checkpoint when the stream holds no last
+    /// message to read. Returns the position and the JetStream sequence to
+    /// chain on.
+    async fn synchronize(&self, lock: &mut PgConnection) -> Result<(i64, u64), Sync> {
+        let checkpoint: Option<(i64, i64)> = sqlx::query_as(CHECKPOINT_GET)
+            .bind(&self.config.stream_name)
+            .fetch_optional(&mut *lock)
+            .await
+            .map_err(Sync::Lock)?;
+        let stream = self
+            .ensure_stream()
+            .await
+            .map_err(|e| Sync::Other(e.to_string()))?;
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|e| Sync::Other(format!("reading stream info: {e}")))?;
+        let last_sequence = info.state.last_sequence;
+        let checkpoint_position = checkpoint.map_or(0, |c| c.0);
+        if last_sequence == 0 {
+            if checkpoint_position > 0 {
+                tracing::warn!(
+                    checkpoint_position,
+                    "the JetStream stream is empty but events were published before; republishing the whole log"
+                );
+            }
+            return Ok((0, 0));
+        }
+        match stream.get_raw_message(last_sequence).await {
+            Ok(message) => {
+                let position = message
+                    .headers
+                    .get(HEADER_POSITION)
+                    .and_then(|v| v.as_str().parse::<i64>().ok())
+                    .ok_or_else(|| {
+                        Sync::Other(format!(
+                            "message {last_sequence} in {} has no {HEADER_POSITION} header: something else publishes on the relay's subjects",
+                            self.config.stream_name
+                        ))
+                    })?;
+                Ok((position, last_sequence))
+            }
+            Err(error) => {
+                tracing::warn!(%error, last_sequence, checkpoint_position, "last JetStream message unreadable; continuing from the checkpoint");
+                Ok((checkpoint_position, last_sequence))
+            }
+        }
+    }
+
+    /// Publishes a batch pipelined, chaining expected sequences from
+    /// `sequence`, then awaits every acknowledgement. Returns the sequence of
+    /// the last message.
+    async fn publish(&self, batch: &[RecordedEvent], sequence: u64) -> Result<u64, PublishFailure> {
+        let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(batch.len());
+        for (offset, event) in batch.iter().enumerate() {
+            let subject = format!(
+                "{}.{}.{}",
+                self.config.subject_prefix,
+                event.kind(),
+                event.event_type
+            );
+            let payload =
+                serde_json::to_vec(event).map_err(|e| PublishFailure::Nats(e.to_string()))?;
+            let mut headers = HeaderMap::new();
+            headers.insert(HEADER_POSITION, event.position.to_string().as_str());
+            headers.insert(HEADER_STREAM_ID, event.stream_id.as_str());
+            headers.insert(
+                HEADER_STREAM_VERSION,
+                event.stream_version.to_string().as_str(),
+            );
+            headers.insert(HEADER_EVENT_TYPE, event.event_type.as_str());
+            headers.insert(
+                HEADER_SCHEMA_VERSION,
+                event.schema_version.to_string().as_str(),
+            );
+            headers.insert(HEADER_TENANT, event.metadata.tenant.as_str());
+            if let Some(traceparent) = &event.metadata.traceparent {
+                headers.insert(HEADER_TRACEPARENT, traceparent.as_str());
+            }
+            let message = jetstream::message::PublishMessage::build()
+                .payload(payload.into())
+                .headers(headers)
+                .message_id(event.event_id.to_string())
+                .expected_last_sequence(sequence + offset as u64);
+            let ack = self
+                .jetstream
+                .send_publish(subject, message)
+                .await
+                .map_err(|e| PublishFailure::Nats(e.to_string()))?;
+            acks.push(ack);
+        }
+        let mut expected = sequence;
+        for ack in acks {
+            let ack = ack.await.map_err(|e| PublishFailure::Nats(e.to_string()))?;
+            expected += 1;
+            if ack.duplicate || ack.sequence != expected {
+                return Err(PublishFailure::OutOfSync {
+                    expected,
+                    got: ack.sequence,
+                    duplicate: ack.duplicate,
+                });
+            }
+        }
+        Ok(expected)
+    }
+}
+
+/// Why synchronizing failed.
+enum Sync {
+    /// The leadership connection failed.
+    Lock(sqlx::Error),
+    /// JetStream is unreachable or inconsistent.
+    Other(String),
+}
+
+async fn recv(listener: &mut Option<PgListener>) -> Result<(), sqlx::Error> {
+    match listener {
+        Some(l) => l.recv().await.map(|_| ()),
+        None => std::future::pending().await,
+    }
+}
+
+/// Capped exponential backoff, cancellable.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Self {
+        Self {
+            next: Duration::from_millis(50),
+            max,
+        }
+    }
+    fn reset(&mut self) {
+        self.next = Duration::from_millis(50);
+    }
+    /// Sleeps; `Err` if shutdown was requested meanwhile.
+    async fn wait(&mut self, shutdown: &CancellationToken) -> Result<(), ()> {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        tokio::select! {
+            () = shutdown.cancelled() => Err(()),
+            () = tokio::time::sleep(delay) => Ok(()),
+        }
+    }
+}
+
+/// Periodic progress and lag log.
+struct Reporter {
+    every: Duration,
+    last: Instant,
+    count: u64,
+}
+
+impl Reporter {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last: Instant::now(),
+            count: 0,
+        }
+    }
+    fn published(&mut self, n: u64) {
+        self.count += n;
+    }
+    async fn maybe_log(&mut self, store: &EventStore, position: i64) {
+        let elapsed = self.last.elapsed();
+        if elapsed < self.every {
+            return;
+        }
+        let lag = store.count_after(position, 1_000_000).await.unwrap_or(-1);
+        let rate = self.count as f64 / elapsed.as_secs_f64();
+        tracing::info!(
+            position,
+            lag_events = lag,
+            events_per_sec = format!("{rate:.0}"),
+            "relay progress"
+        );
+        self.count = 0;
+        self.last = Instant::now();
+    }
+}
