@@ -48,6 +48,9 @@ pub struct CommandOutcome {
     /// True when the command id had been handled before and these are the
     /// events of that first run (nothing new was appended).
     pub replayed: bool,
+    /// Load → decide → append attempts it took (more than 1 after losing
+    /// races to concurrent writers).
+    pub attempts: u32,
 }
 
 /// Handles commands against the event store. Cheap to clone.
@@ -219,6 +222,7 @@ impl CommandHandler {
                         position: last.1,
                         events: recorded,
                         replayed: false,
+                        attempts: attempt,
                     });
                 }
                 Err(AppendError::Conflict {
@@ -297,12 +301,14 @@ impl CommandHandler {
             position: last.1,
             events,
             replayed: true,
+            attempts: 1,
         }))
     }
 
     /// Folds a stream (snapshot + tail) into aggregate state.
     async fn load<A: Aggregate>(&self, stream: &str) -> Result<Loaded<A>, CommandError> {
         let mut loaded = self.store.load_stream(stream, A::SNAPSHOT_VERSION).await?;
+        let version = loaded.version();
         let mut state = match loaded.snapshot.take() {
             Some((_, json)) => match serde_json::from_value::<A>(json) {
                 Ok(state) => state,
@@ -338,7 +344,7 @@ impl CommandHandler {
             }
         }
         Ok(Loaded {
-            version: loaded.version(),
+            version: version.max(loaded.version()),
             tenant: loaded.tenant,
             state,
         })

@@ -1,0 +1,168 @@
+//! Start-up and shutdown: one place builds pools and clients, runs
+//! migrations and ensures the JetStream stream exists; one cancellation token
+//! (cancelled by SIGINT/SIGTERM) stops every task, and every task is joined.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use commands::{CommandHandler, EventStore, Relay};
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Postgres};
+use tokio_util::sync::CancellationToken;
+
+use crate::settings::{AllArgs, Settings};
+
+/// Hides the password of a URL for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Connects to the event store (the database must exist).
+pub async fn connect_database(settings: &Settings) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(settings.database_pool_size.max(1))
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&settings.database_url)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to PostgreSQL at {} (is it running, and has `neurectomy migrate` created the database?)",
+                redact(&settings.database_url)
+            )
+        })
+}
+
+/// Connects to NATS; the client reconnects by itself after outages.
+pub async fn connect_nats(settings: &Settings) -> anyhow::Result<async_nats::Client> {
+    let connect = async_nats::ConnectOptions::new()
+        .name("neurectomy")
+        .connection_timeout(Duration::from_secs(5))
+        .connect(&settings.nats_url);
+    tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out"))
+        .and_then(|r| r.map_err(anyhow::Error::from))
+        .with_context(|| format!("connecting to NATS at {} (is nats-server running with -js?)", settings.nats_url))
+}
+
+/// Creates the database if it is missing, then runs the migrations.
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let url = &settings.database_url;
+    let exists = Postgres::database_exists(url)
+        .await
+        .with_context(|| format!("checking whether the database at {} exists", redact(url)))?;
+    if !exists {
+        Postgres::create_database(url)
+            .await
+            .with_context(|| format!("creating the database at {}", redact(url)))?;
+        tracing::info!(url = %redact(url), "created the database");
+    }
+    let pool = connect_database(settings).await?;
+    commands::migrate(&pool).await.context("running the event-store migrations")?;
+    tracing::info!("event store migrated");
+    pool.close().await;
+    Ok(())
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the process");
+                    let _ = ctrl_c.await;
+                    trigger.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        trigger.cancel();
+    });
+    token
+}
+
+/// Runs the relay alone until a signal.
+pub async fn run_relay(settings: &Settings) -> anyhow::Result<()> {
+    let pool = connect_database(settings).await?;
+    let nats = connect_nats(settings).await?;
+    let store = EventStore::new(pool.clone());
+    let relay = Relay::new(store, nats, settings.relay_config());
+    let shutdown = shutdown_on_signal();
+    relay.run(shutdown).await.context("running the relay")?;
+    pool.close().await;
+    Ok(())
+}
+
+/// Runs every role of this issue in one process: migrations, the relay and,
+/// optionally, the simulator.
+pub async fn run_all(settings: &Settings, args: AllArgs) -> anyhow::Result<()> {
+    migrate(settings).await?;
+    let pool = connect_database(settings).await?;
+    let nats = connect_nats(settings).await?;
+    let store = EventStore::new(pool.clone());
+    let shutdown = shutdown_on_signal();
+    // Wakes relays in other processes (e.g. a standby) on our commits.
+    let notifier = store.spawn_commit_notifier(shutdown.clone());
+
+    let relay = Relay::new(store.clone(), nats, settings.relay_config());
+    relay.ensure_stream().await.context("ensuring the JetStream stream exists")?;
+    let mut relay_task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { relay.run(shutdown).await }
+    });
+    tracing::info!(stream = %settings.jetstream_stream, "relay started");
+
+    let simulation = args.simulate.then(|| {
+        let handler = CommandHandler::new(store.clone(), settings.handler_config());
+        let shutdown = shutdown.clone();
+        let sim = args.simulation.clone();
+        tokio::spawn(async move { crate::simulate::drive(handler, sim, shutdown).await })
+    });
+
+    let mut relay_result = None;
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        // The relay only returns early on an unrecoverable error: stop all.
+        joined = &mut relay_task => {
+            relay_result = Some(joined);
+            shutdown.cancel();
+        }
+    }
+    if let Some(simulation) = simulation {
+        match simulation.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!("simulator failed: {error:#}"),
+            Err(error) => tracing::error!(%error, "simulator task panicked"),
+        }
+    }
+    let relay_result = match relay_result {
+        Some(joined) => joined,
+        None => relay_task.await,
+    };
+    let _ = notifier.await;
+    pool.close().await;
+    relay_result.context("joining the relay task")?.context("running the relay")
+}

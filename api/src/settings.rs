@@ -1,0 +1,174 @@
+//! The one settings struct. Every setting is a flag with an environment
+//! variable and a local default, documented in `neurectomy --help`.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Neurectomy: an event-sourced CQRS backend for AI-agent orchestration.
+#[derive(Debug, Parser)]
+#[command(name = "neurectomy", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Settings shared by every sub-command.
+    #[command(flatten)]
+    pub settings: Settings,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the database if missing and run the event-store migrations.
+    Migrate,
+    /// Run the outbox relay (PostgreSQL → JetStream); standbys wait for the lock.
+    Relay,
+    /// Run everything in one process: migrations, then the relay (and what
+    /// later roles add), until SIGINT/SIGTERM.
+    All(AllArgs),
+    /// Drive a realistic orchestration workload through the command handler.
+    Simulate(SimulateArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// Options of `all`.
+#[derive(Debug, Clone, Args)]
+pub struct AllArgs {
+    /// Also run the workload simulator in this process.
+    #[arg(long)]
+    pub simulate: bool,
+    /// Simulator options (used with --simulate).
+    #[command(flatten)]
+    pub simulation: SimulateArgs,
+}
+
+/// Options of the workload simulator.
+#[derive(Debug, Clone, Args)]
+pub struct SimulateArgs {
+    /// Agents to register at start.
+    #[arg(long, env = "NEURECTOMY_SIM_AGENTS", default_value_t = 24)]
+    pub agents: usize,
+    /// Workflows running at once (each a concurrent driver).
+    #[arg(long, env = "NEURECTOMY_SIM_WORKFLOWS", default_value_t = 6)]
+    pub workflows: usize,
+    /// Tasks per workflow (a random DAG).
+    #[arg(long, env = "NEURECTOMY_SIM_TASKS", default_value_t = 8)]
+    pub tasks_per_workflow: usize,
+    /// Commands per second across all drivers (0 = as fast as possible).
+    #[arg(long, env = "NEURECTOMY_SIM_RATE", default_value_t = 200)]
+    pub rate: u32,
+    /// Seconds to run (0 = until SIGINT/SIGTERM).
+    #[arg(long, env = "NEURECTOMY_SIM_DURATION", default_value_t = 0)]
+    pub duration: u64,
+    /// Tenant the simulated data belongs to.
+    #[arg(long, env = "NEURECTOMY_SIM_TENANT", default_value = "demo")]
+    pub tenant: String,
+    /// Random seed (0 = random).
+    #[arg(long, env = "NEURECTOMY_SIM_SEED", default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Benchmarks.
+#[derive(Debug, Clone, Subcommand)]
+pub enum BenchCommand {
+    /// Command and append throughput and latency (load + decide + append).
+    Append(BenchArgs),
+    /// Relay throughput (backlog drain) and commit → JetStream ack latency.
+    Relay(BenchArgs),
+}
+
+/// Options shared by the benchmarks.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Seconds each scenario runs.
+    #[arg(long, default_value_t = 15)]
+    pub seconds: u64,
+    /// Repeat each scenario this many times and report the median run.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    /// Only run the scenarios whose name contains this text.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Write the results as JSON to this file too.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Args)]
+pub struct LogSettings {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info,neurectomy_commands=debug`.
+    #[arg(long = "log", env = "NEURECTOMY_LOG", default_value = "info", global = true)]
+    pub filter: String,
+    /// Log format.
+    #[arg(long = "log-format", env = "NEURECTOMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty, global = true)]
+    pub format: LogFormat,
+}
+
+/// Settings of every process role.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// PostgreSQL URL of the event store (the database is created by `migrate`).
+    #[arg(long, env = "NEURECTOMY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/neurectomy", global = true)]
+    pub database_url: String,
+    /// Most PostgreSQL connections this process opens.
+    #[arg(long, env = "NEURECTOMY_DATABASE_POOL_SIZE", default_value_t = 16, global = true)]
+    pub database_pool_size: u32,
+    /// NATS server URL (JetStream must be enabled).
+    #[arg(long, env = "NEURECTOMY_NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
+    pub nats_url: String,
+    /// JetStream stream the relay publishes to (created if missing).
+    #[arg(long, env = "NEURECTOMY_JETSTREAM_STREAM", default_value = "NEURECTOMY_EVENTS", global = true)]
+    pub jetstream_stream: String,
+    /// Subject prefix; subjects are `<prefix>.<aggregate>.<EventType>`.
+    #[arg(long, env = "NEURECTOMY_SUBJECT_PREFIX", default_value = "neurectomy.events", global = true)]
+    pub subject_prefix: String,
+    /// Snapshot a stream every this many events (0 = never).
+    #[arg(long, env = "NEURECTOMY_SNAPSHOT_EVERY", default_value_t = 100, global = true)]
+    pub snapshot_every: u64,
+    /// Attempts of load → decide → append when concurrent writers conflict.
+    #[arg(long, env = "NEURECTOMY_COMMAND_ATTEMPTS", default_value_t = 5, global = true)]
+    pub command_attempts: u32,
+    /// Most events the relay publishes per batch.
+    #[arg(long, env = "NEURECTOMY_RELAY_BATCH_SIZE", default_value_t = 1000, global = true)]
+    pub relay_batch_size: usize,
+    /// Relay poll interval in milliseconds when no commit signal arrives.
+    #[arg(long, env = "NEURECTOMY_RELAY_IDLE_POLL_MS", default_value_t = 250, global = true)]
+    pub relay_idle_poll_ms: u64,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogSettings,
+}
+
+impl Settings {
+    /// The relay configuration these settings describe.
+    pub fn relay_config(&self) -> commands::RelayConfig {
+        commands::RelayConfig {
+            stream_name: self.jetstream_stream.clone(),
+            subject_prefix: self.subject_prefix.clone(),
+            batch_size: self.relay_batch_size.max(1),
+            idle_poll: Duration::from_millis(self.relay_idle_poll_ms.max(1)),
+            ..commands::RelayConfig::default()
+        }
+    }
+
+    /// The command-handler configuration these settings describe.
+    pub fn handler_config(&self) -> commands::HandlerConfig {
+        commands::HandlerConfig {
+            max_attempts: self.command_attempts.max(1),
+            snapshot_every: self.snapshot_every,
+        }
+    }
+}

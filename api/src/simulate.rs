@@ -1,0 +1,526 @@
+//! A realistic orchestration workload driven through the real command
+//! handler: agents register (some spawned by others), workflows start, tasks
+//! are created as random DAGs, assigned by capability, started once their
+//! dependencies complete, report progress, complete or fail and retry, are
+//! sometimes delegated; agents are paused and resumed meanwhile. A progress
+//! line each second shows events/s, conflicts, refusals and errors.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use commands::{CommandContext, CommandError, CommandHandler, CommandOutcome, EventStore};
+use domain::{AgentCommand, AgentId, AgentKind, Command, TaskCommand, TaskId, WorkflowCommand, WorkflowId};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::settings::{Settings, SimulateArgs};
+
+const CAPABILITIES: &[&str] = &["code", "search", "review", "test", "deploy", "summarize", "plan", "browse"];
+const MODELS: &[&str] = &["gpt-4o", "claude-sonnet", "llama-3-70b", "mistral-large"];
+
+/// Runs the simulator as its own process until the duration ends or a signal.
+pub async fn run(settings: &Settings, args: SimulateArgs) -> anyhow::Result<()> {
+    let pool = crate::app::connect_database(settings).await?;
+    let store = EventStore::new(pool.clone());
+    let shutdown = crate::app::shutdown_on_signal();
+    // A relay in another process learns of our commits through NOTIFY.
+    let notifier = store.spawn_commit_notifier(shutdown.clone());
+    let handler = CommandHandler::new(store, settings.handler_config());
+    let result = drive(handler, args, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = notifier.await;
+    pool.close().await;
+    result
+}
+
+/// Counters shown on the progress line.
+#[derive(Debug, Default)]
+struct Stats {
+    commands: AtomicU64,
+    events: AtomicU64,
+    conflicts: AtomicU64,
+    refusals: AtomicU64,
+    errors: AtomicU64,
+    workflows_done: AtomicU64,
+}
+
+/// Spaces commands evenly to hit a target rate across all drivers.
+struct RateLimiter {
+    interval: Option<Duration>,
+    next: Mutex<Instant>,
+}
+
+impl RateLimiter {
+    fn new(rate: u32) -> Self {
+        Self {
+            interval: (rate > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(rate))),
+            next: Mutex::new(Instant::now()),
+        }
+    }
+
+    async fn acquire(&self) {
+        let Some(interval) = self.interval else {
+            return;
+        };
+        let slot = {
+            let mut next = self.next.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let slot = (*next).max(Instant::now());
+            *next = slot + interval;
+            slot
+        };
+        tokio::time::sleep_until(slot.into()).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AgentMode {
+    Active,
+    Paused,
+}
+
+#[derive(Debug, Clone)]
+struct SimAgent {
+    id: AgentId,
+    capabilities: BTreeSet<String>,
+    mode: AgentMode,
+}
+
+/// Shared simulator state.
+struct Sim {
+    handler: CommandHandler,
+    tenant: String,
+    stats: Stats,
+    limiter: RateLimiter,
+    /// The simulator's own view of agents (no await while locked).
+    agents: Mutex<Vec<SimAgent>>,
+    shutdown: CancellationToken,
+}
+
+impl Sim {
+    async fn send(&self, command: impl Into<Command>, correlation: Uuid) -> Result<CommandOutcome, CommandError> {
+        self.limiter.acquire().await;
+        let mut ctx = CommandContext::new(Uuid::new_v4(), "simulator", self.tenant.clone());
+        ctx.correlation_id = Some(correlation);
+        let result = self.handler.execute(command.into(), &ctx).await;
+        self.stats.commands.fetch_add(1, Ordering::Relaxed);
+        match &result {
+            Ok(outcome) => {
+                self.stats.events.fetch_add(outcome.events.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .conflicts
+                    .fetch_add(u64::from(outcome.attempts.saturating_sub(1)), Ordering::Relaxed);
+            }
+            Err(CommandError::Domain(_)) => {
+                self.stats.refusals.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(CommandError::Conflict { attempts, .. }) => {
+                self.stats.conflicts.fetch_add(u64::from(*attempts), Ordering::Relaxed);
+            }
+            Err(error) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(code = error.code(), "{error}");
+            }
+        }
+        result
+    }
+
+    fn agents(&self) -> std::sync::MutexGuard<'_, Vec<SimAgent>> {
+        self.agents.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// An active agent (in our view) covering `required`, other than `not`.
+    fn pick_agent(&self, rng: &mut StdRng, required: &BTreeSet<String>, not: Option<AgentId>) -> Option<AgentId> {
+        let agents = self.agents();
+        let capable: Vec<AgentId> = agents
+            .iter()
+            .filter(|a| a.mode == AgentMode::Active && Some(a.id) != not && required.is_subset(&a.capabilities))
+            .map(|a| a.id)
+            .collect();
+        capable.choose(rng).copied()
+    }
+}
+
+/// Drives the workload until `shutdown` (or the configured duration).
+pub async fn drive(handler: CommandHandler, args: SimulateArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let shutdown = shutdown.child_token();
+    if args.duration > 0 {
+        let stop = shutdown.clone();
+        let duration = Duration::from_secs(args.duration);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(duration) => stop.cancel(),
+            }
+        });
+    }
+    let seed = if args.seed == 0 { rand::random() } else { args.seed };
+    tracing::info!(seed, agents = args.agents, workflows = args.workflows, rate = args.rate, "simulation starts");
+    let sim = Arc::new(Sim {
+        handler,
+        tenant: args.tenant.clone(),
+        stats: Stats::default(),
+        limiter: RateLimiter::new(args.rate),
+        agents: Mutex::new(Vec::new()),
+        shutdown: shutdown.clone(),
+    });
+
+    let reporter = tokio::spawn(report(sim.clone()));
+    let mut rng = StdRng::seed_from_u64(seed);
+    register_agents(&sim, &mut rng, args.agents.max(1)).await;
+
+    let mut drivers = Vec::new();
+    for n in 0..args.workflows.max(1) {
+        let sim = sim.clone();
+        let mut rng = StdRng::seed_from_u64(seed.wrapping_add(n as u64 + 1));
+        let tasks = args.tasks_per_workflow.max(1);
+        drivers.push(tokio::spawn(async move {
+            while !sim.shutdown.is_cancelled() {
+                run_workflow(&sim, &mut rng, tasks).await;
+            }
+        }));
+    }
+    drivers.push(tokio::spawn(agent_churn(sim.clone(), StdRng::seed_from_u64(seed ^ 0x5eed))));
+    for driver in drivers {
+        if let Err(error) = driver.await {
+            tracing::error!(%error, "a simulator driver panicked");
+        }
+    }
+    shutdown.cancel();
+    let _ = reporter.await;
+    let errors = sim.stats.errors.load(Ordering::Relaxed);
+    if errors > 0 {
+        anyhow::bail!("{errors} command(s) failed with infrastructure errors (see the log)");
+    }
+    Ok(())
+}
+
+async fn register_agents(sim: &Sim, rng: &mut StdRng, count: usize) {
+    let correlation = Uuid::new_v4();
+    for n in 0..count {
+        let id = AgentId::from_uuid(Uuid::new_v4());
+        let how_many = rng.gen_range(2..=4);
+        let mut capabilities: Vec<String> = CAPABILITIES
+            .choose_multiple(rng, how_many)
+            .map(|c| (*c).to_owned())
+            .collect();
+        capabilities.sort();
+        let parent = if n > 2 && rng.gen_bool(0.3) {
+            sim.agents().choose(rng).map(|a| a.id)
+        } else {
+            None
+        };
+        let kind = if rng.gen_bool(0.8) { AgentKind::Llm } else { AgentKind::Tool };
+        let command = AgentCommand::RegisterAgent {
+            agent_id: id,
+            name: format!("agent-{n:03}"),
+            kind,
+            model: (kind == AgentKind::Llm).then(|| MODELS.choose(rng).copied().unwrap_or("gpt-4o").to_owned()),
+            capabilities: capabilities.clone(),
+            parent_agent_id: parent,
+        };
+        if sim.send(command, correlation).await.is_ok() {
+            sim.agents().push(SimAgent {
+                id,
+                capabilities: capabilities.into_iter().collect(),
+                mode: AgentMode::Active,
+            });
+        }
+        if sim.shutdown.is_cancelled() {
+            return;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SimTaskState {
+    Pending,
+    Completed,
+    Dead,
+}
+
+struct SimTask {
+    id: TaskId,
+    deps: Vec<usize>,
+    capabilities: BTreeSet<String>,
+    state: SimTaskState,
+    attempt: u32,
+}
+
+const MAX_ATTEMPTS: u32 = 3;
+
+async fn run_workflow(sim: &Sim, rng: &mut StdRng, task_count: usize) {
+    let workflow = WorkflowId::from_uuid(Uuid::new_v4());
+    let correlation = Uuid::new_v4();
+    let start = WorkflowCommand::StartWorkflow {
+        workflow_id: workflow,
+        name: format!("workflow-{}", &workflow.to_string()[..8]),
+        metadata: json!({"source": "simulate", "tasks": task_count}),
+    };
+    if sim.send(start, correlation).await.is_err() {
+        return;
+    }
+
+    let mut tasks: Vec<SimTask> = Vec::with_capacity(task_count);
+    for i in 0..task_count {
+        let deps: Vec<usize> = if i == 0 {
+            Vec::new()
+        } else {
+            let how_many = rng.gen_range(0..=i.min(2));
+            (0..i).collect::<Vec<_>>().choose_multiple(rng, how_many).copied().collect()
+        };
+        let capabilities: BTreeSet<String> = {
+            let agents = sim.agents();
+            agents
+                .choose(rng)
+                .map(|a| {
+                    let caps: Vec<&String> = a.capabilities.iter().collect();
+                    let how_many = rng.gen_range(0..=2);
+                    caps.choose_multiple(rng, how_many).map(|c| (*c).clone()).collect()
+                })
+                .unwrap_or_default()
+        };
+        let id = TaskId::from_uuid(Uuid::new_v4());
+        let create = TaskCommand::CreateTask {
+            task_id: id,
+            workflow_id: workflow,
+            title: format!("step {i} of {}", &workflow.to_string()[..8]),
+            input: json!({"step": i, "prompt": "lorem ipsum dolor sit amet"}),
+            required_capabilities: capabilities.iter().cloned().collect(),
+            depends_on: deps.iter().map(|d| tasks[*d].id).collect(),
+            priority: rng.gen_range(0..=100),
+            max_attempts: MAX_ATTEMPTS,
+        };
+        let ok = sim.send(create, correlation).await.is_ok();
+        tasks.push(SimTask {
+            id,
+            deps,
+            capabilities,
+            state: if ok { SimTaskState::Pending } else { SimTaskState::Dead },
+            attempt: 1,
+        });
+        if sim.shutdown.is_cancelled() {
+            return;
+        }
+    }
+
+    // A small share of workflows is abandoned half-way.
+    let cancel_at = rng.gen_bool(0.05).then(|| rng.gen_range(0..task_count));
+    let mut finished = 0;
+    while !sim.shutdown.is_cancelled() {
+        let ready: Vec<usize> = (0..tasks.len())
+            .filter(|&i| {
+                tasks[i].state == SimTaskState::Pending
+                    && tasks[i].deps.iter().all(|&d| tasks[d].state == SimTaskState::Completed)
+            })
+            .collect();
+        let blocked_forever: Vec<usize> = (0..tasks.len())
+            .filter(|&i| {
+                tasks[i].state == SimTaskState::Pending && tasks[i].deps.iter().any(|&d| tasks[d].state == SimTaskState::Dead)
+            })
+            .collect();
+        for i in blocked_forever {
+            let cancel = TaskCommand::CancelTask {
+                task_id: tasks[i].id,
+                reason: "a dependency failed for good".to_owned(),
+            };
+            let _ = sim.send(cancel, correlation).await;
+            tasks[i].state = SimTaskState::Dead;
+        }
+        if tasks.iter().all(|t| t.state != SimTaskState::Pending) {
+            break;
+        }
+        if ready.is_empty() {
+            // Waiting for a capable agent to be resumed.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        if rng.gen_bool(0.02) {
+            // An eager client tries to start a task too early: refused.
+            if let Some(waiting) = tasks.iter().find(|t| t.state == SimTaskState::Pending && !t.deps.is_empty()) {
+                let _ = sim.send(TaskCommand::StartTask { task_id: waiting.id }, correlation).await;
+            }
+        }
+        for i in ready {
+            run_task(sim, rng, &mut tasks[i], correlation).await;
+            finished += 1;
+            if Some(finished) == cancel_at {
+                let cancel = WorkflowCommand::CancelWorkflow {
+                    workflow_id: workflow,
+                    reason: "cancelled by the operator".to_owned(),
+                };
+                let _ = sim.send(cancel, correlation).await;
+                for task in tasks.iter().filter(|t| t.state == SimTaskState::Pending) {
+                    let cancel = TaskCommand::CancelTask {
+                        task_id: task.id,
+                        reason: "workflow cancelled".to_owned(),
+                    };
+                    let _ = sim.send(cancel, correlation).await;
+                }
+                sim.stats.workflows_done.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if sim.shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
+    if sim.shutdown.is_cancelled() {
+        return;
+    }
+    let end: Command = if tasks.iter().all(|t| t.state == SimTaskState::Completed) {
+        WorkflowCommand::CompleteWorkflow { workflow_id: workflow }.into()
+    } else {
+        WorkflowCommand::FailWorkflow {
+            workflow_id: workflow,
+            reason: "some tasks failed for good".to_owned(),
+        }
+        .into()
+    };
+    let _ = sim.send(end, correlation).await;
+    sim.stats.workflows_done.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Takes one ready task through assign → start → progress → complete/fail.
+async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: Uuid) {
+    let Some(agent) = sim.pick_agent(rng, &task.capabilities, None) else {
+        return;
+    };
+    let id = task.id;
+    if sim.send(TaskCommand::AssignTask { task_id: id, agent_id: agent }, correlation).await.is_err() {
+        return; // the agent was paused meanwhile; try again next round
+    }
+    if sim.send(TaskCommand::StartTask { task_id: id }, correlation).await.is_err() {
+        return;
+    }
+    if rng.gen_bool(0.1) {
+        if let Some(to) = sim.pick_agent(rng, &task.capabilities, Some(agent)) {
+            let delegate = TaskCommand::DelegateTask {
+                task_id: id,
+                from_agent_id: agent,
+                to_agent_id: to,
+            };
+            let _ = sim.send(delegate, correlation).await;
+        }
+    }
+    let mut percent = 0u8;
+    for _ in 0..rng.gen_range(1..=3) {
+        percent = percent.saturating_add(rng.gen_range(10..=30)).min(99);
+        let progress = TaskCommand::ReportTaskProgress {
+            task_id: id,
+            percent,
+            note: Some(format!("{percent}% done")),
+        };
+        let _ = sim.send(progress, correlation).await;
+    }
+    if rng.gen_bool(0.85) {
+        let complete = TaskCommand::CompleteTask {
+            task_id: id,
+            output: json!({"result": "ok", "tokens": rng.gen_range(100..5000)}),
+        };
+        if sim.send(complete, correlation).await.is_ok() {
+            task.state = SimTaskState::Completed;
+        }
+        return;
+    }
+    let retryable = rng.gen_bool(0.8);
+    let fail = TaskCommand::FailTask {
+        task_id: id,
+        error: if retryable { "rate limited by the model provider" } else { "tool returned invalid output" }.to_owned(),
+        retryable,
+    };
+    if sim.send(fail, correlation).await.is_err() {
+        return;
+    }
+    if retryable && task.attempt < MAX_ATTEMPTS {
+        if sim.send(TaskCommand::RetryTask { task_id: id }, correlation).await.is_ok() {
+            task.attempt += 1;
+        }
+    } else {
+        task.state = SimTaskState::Dead;
+    }
+}
+
+/// Pauses and resumes random agents, and now and then fails and recovers one.
+async fn agent_churn(sim: Arc<Sim>, mut rng: StdRng) {
+    let correlation = Uuid::new_v4();
+    loop {
+        tokio::select! {
+            () = sim.shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1500))) => {}
+        }
+        let picked = {
+            let agents = sim.agents();
+            agents.choose(&mut rng).map(|a| (a.id, a.mode))
+        };
+        let Some((id, mode)) = picked else { continue };
+        let (command, next): (AgentCommand, AgentMode) = match mode {
+            AgentMode::Active if rng.gen_bool(0.2) => (
+                AgentCommand::FailAgent {
+                    agent_id: id,
+                    reason: "process crashed".to_owned(),
+                },
+                AgentMode::Paused,
+            ),
+            AgentMode::Active => (
+                AgentCommand::PauseAgent {
+                    agent_id: id,
+                    reason: Some("maintenance".to_owned()),
+                },
+                AgentMode::Paused,
+            ),
+            AgentMode::Paused => (AgentCommand::ResumeAgent { agent_id: id }, AgentMode::Active),
+        };
+        // Mark paused before sending so drivers stop picking it; mark active after.
+        if next == AgentMode::Paused {
+            set_mode(&sim, id, next);
+        }
+        let ok = sim.send(command, correlation).await.is_ok();
+        if next == AgentMode::Active && ok {
+            set_mode(&sim, id, next);
+        }
+    }
+}
+
+fn set_mode(sim: &Sim, id: AgentId, mode: AgentMode) {
+    if let Some(agent) = sim.agents().iter_mut().find(|a| a.id == id) {
+        agent.mode = mode;
+    }
+}
+
+/// Prints the progress line once a second, and a summary at the end.
+async fn report(sim: Arc<Sim>) {
+    let started = Instant::now();
+    let mut last_events = 0;
+    let mut last = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    loop {
+        let done = tokio::select! {
+            () = sim.shutdown.cancelled() => true,
+            _ = ticker.tick() => false,
+        };
+        let s = &sim.stats;
+        let events = s.events.load(Ordering::Relaxed);
+        let rate = (events - last_events) as f64 / last.elapsed().as_secs_f64().max(1e-3);
+        last_events = events;
+        last = Instant::now();
+        println!(
+            "simulate {:>5.0}s | events {events} ({rate:.0}/s) | commands {} | conflicts {} | refusals {} | errors {} | workflows done {}",
+            started.elapsed().as_secs_f64(),
+            s.commands.load(Ordering::Relaxed),
+            s.conflicts.load(Ordering::Relaxed),
+            s.refusals.load(Ordering::Relaxed),
+            s.errors.load(Ordering::Relaxed),
+            s.workflows_done.load(Ordering::Relaxed),
+        );
+        if done {
+            return;
+        }
+    }
+}
