@@ -23,6 +23,29 @@ pub mod telemetry;
 
 use settings::{Cli, Command};
 
+/// The whole program: parse the command line, initialise telemetry, run the
+/// sub-command on a multi-threaded runtime, and map the result to an exit code.
+pub fn main() -> std::process::ExitCode {
+    use clap::Parser as _;
+    let cli = Cli::parse();
+    telemetry::init(&cli.settings.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // Logged once, here at the boundary, with its whole cause chain.
+            tracing::error!("{error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the sub-command chosen on the command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {

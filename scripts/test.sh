@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite against the real services: starts what is missing,
+# then runs every crate's unit, property, integration and end-to-end tests.
+# Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/neurectomy/target}"
+scripts/services.sh up
+cargo test --workspace --locked "$@"
