@@ -29,10 +29,11 @@ CREATE TABLE events (
         CHECK (position >> 16 = transaction_id::text::bigint)
 );
 
--- Idempotency look-ups (same command id retried) and audit by correlation.
-CREATE INDEX events_command_id ON events (command_id);
-CREATE INDEX events_correlation_id ON events (correlation_id, position);
-CREATE INDEX events_tenant_position ON events (tenant, position);
+-- Deliberately no further indexes: every index is paid on every append.
+-- Idempotency look-ups find a command's events through the deterministic id
+-- of its first event (events_event_id_unique), and stream reads use
+-- events_stream_version_unique. Audit indexes (correlation id, tenant) come
+-- with the queries that need them, in later migrations.
 
 -- Latest snapshot per stream; an optimisation only (state is always
 -- re-derivable from events). Snapshots of another `snapshot_version` than the

@@ -52,7 +52,12 @@ pub async fn connect_nats(settings: &Settings) -> anyhow::Result<async_nats::Cli
         .await
         .map_err(|_| anyhow::anyhow!("timed out"))
         .and_then(|r| r.map_err(anyhow::Error::from))
-        .with_context(|| format!("connecting to NATS at {} (is nats-server running with -js?)", settings.nats_url))
+        .with_context(|| {
+            format!(
+                "connecting to NATS at {} (is nats-server running with -js?)",
+                settings.nats_url
+            )
+        })
 }
 
 /// Creates the database if it is missing, then runs the migrations.
@@ -68,7 +73,9 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
         tracing::info!(url = %redact(url), "created the database");
     }
     let pool = connect_database(settings).await?;
-    commands::migrate(&pool).await.context("running the event-store migrations")?;
+    commands::migrate(&pool)
+        .await
+        .context("running the event-store migrations")?;
     tracing::info!("event store migrated");
     pool.close().await;
     Ok(())
@@ -82,7 +89,9 @@ pub fn shutdown_on_signal() -> CancellationToken {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            let mut term = match tokio::signal::unix::signal(
+                tokio::signal::unix::SignalKind::terminate(),
+            ) {
                 Ok(term) => term,
                 Err(error) => {
                     tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the process");
@@ -128,7 +137,10 @@ pub async fn run_all(settings: &Settings, args: AllArgs) -> anyhow::Result<()> {
     let notifier = store.spawn_commit_notifier(shutdown.clone());
 
     let relay = Relay::new(store.clone(), nats, settings.relay_config());
-    relay.ensure_stream().await.context("ensuring the JetStream stream exists")?;
+    relay
+        .ensure_stream()
+        .await
+        .context("ensuring the JetStream stream exists")?;
     let mut relay_task = tokio::spawn({
         let shutdown = shutdown.clone();
         async move { relay.run(shutdown).await }
@@ -164,5 +176,7 @@ pub async fn run_all(settings: &Settings, args: AllArgs) -> anyhow::Result<()> {
     };
     let _ = notifier.await;
     pool.close().await;
-    relay_result.context("joining the relay task")?.context("running the relay")
+    relay_result
+        .context("joining the relay task")?
+        .context("running the relay")
 }

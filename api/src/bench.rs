@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use commands::{
-    CommandContext, CommandError, CommandHandler, EventMetadata, EventStore, ExpectedVersion, HandlerConfig,
-    NewEvent, Relay, RelayConfig,
+    CommandContext, CommandError, CommandHandler, EventMetadata, EventStore, ExpectedVersion,
+    HandlerConfig, NewEvent, Relay, RelayConfig,
 };
 use domain::{AgentCommand, AgentId, AgentKind, TaskCommand, TaskId, WorkflowCommand, WorkflowId};
 use futures::StreamExt;
@@ -64,7 +64,10 @@ pub async fn run(settings: &Settings, bench: BenchCommand) -> anyhow::Result<()>
             (args, results)
         }
     };
-    println!("\n{:<44} {:>14} {:>9} {:>9} {:>10}", "scenario", "rate", "p50 ms", "p99 ms", "conflicts");
+    println!(
+        "\n{:<44} {:>14} {:>9} {:>9} {:>10}",
+        "scenario", "rate", "p50 ms", "p99 ms", "conflicts"
+    );
     for f in &results {
         println!(
             "{:<44} {:>9.0} {:<4} {:>9.2} {:>9.2} {:>10}",
@@ -101,7 +104,9 @@ impl ScratchDatabase {
             .connect(&url)
             .await
             .with_context(|| format!("connecting to {}", redact(&url)))?;
-        commands::migrate(&pool).await.context("migrating the scratch database")?;
+        commands::migrate(&pool)
+            .await
+            .context("migrating the scratch database")?;
         Ok(Self { url, pool })
     }
 
@@ -131,7 +136,14 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant histogram bounds are valid")
 }
 
-fn figures(scenario: &str, unit: &'static str, count: u64, per_op: &Histogram<u64>, seconds: f64, conflicts: u64) -> Figures {
+fn figures(
+    scenario: &str,
+    unit: &'static str,
+    count: u64,
+    per_op: &Histogram<u64>,
+    seconds: f64,
+    conflicts: u64,
+) -> Figures {
     Figures {
         scenario: scenario.to_owned(),
         unit,
@@ -146,7 +158,11 @@ fn figures(scenario: &str, unit: &'static str, count: u64, per_op: &Histogram<u6
 
 /// Runs `writers` concurrent loops of `op` for `duration`; each `op` returns
 /// how many units it completed. Returns (units, per-op latency histogram).
-async fn drive<F, Fut>(writers: usize, duration: Duration, op: F) -> anyhow::Result<(u64, Histogram<u64>, f64)>
+async fn drive<F, Fut>(
+    writers: usize,
+    duration: Duration,
+    op: F,
+) -> anyhow::Result<(u64, Histogram<u64>, f64)>
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = anyhow::Result<u64>> + Send,
@@ -228,9 +244,18 @@ async fn running_tasks(handler: &CommandHandler, n: usize) -> anyhow::Result<Vec
                 };
                 handler.execute(create.into(), &ctx()).await?;
                 handler
-                    .execute(TaskCommand::AssignTask { task_id, agent_id: agent }.into(), &ctx())
+                    .execute(
+                        TaskCommand::AssignTask {
+                            task_id,
+                            agent_id: agent,
+                        }
+                        .into(),
+                        &ctx(),
+                    )
                     .await?;
-                handler.execute(TaskCommand::StartTask { task_id }.into(), &ctx()).await?;
+                handler
+                    .execute(TaskCommand::StartTask { task_id }.into(), &ctx())
+                    .await?;
                 Ok(())
             }
         })
@@ -243,7 +268,8 @@ async fn running_tasks(handler: &CommandHandler, n: usize) -> anyhow::Result<Vec
     Ok(ids)
 }
 
-const NOTE: &str = "step 42: generated three files and is running the unit tests of module orchestration::planner";
+const NOTE: &str =
+    "step 42: generated three files and is running the unit tests of module orchestration::planner";
 
 /// `bench append`: commands through the handler and raw batched appends.
 async fn append(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Figures>> {
@@ -253,7 +279,7 @@ async fn append(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Fig
         store.clone(),
         HandlerConfig {
             max_attempts: 10,
-            snapshot_every: settings.snapshot_every,
+            ..settings.handler_config()
         },
     );
     let duration = Duration::from_secs(args.seconds.max(1));
@@ -271,7 +297,12 @@ async fn append(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Fig
         let tasks = Arc::new(running_tasks(&handler, streams).await?);
         let mut runs = Vec::new();
         for run in 0..args.runs.max(1) {
-            eprintln!("running `{name}` ({}/{}) for {}s…", run + 1, args.runs.max(1), duration.as_secs());
+            eprintln!(
+                "running `{name}` ({}/{}) for {}s…",
+                run + 1,
+                args.runs.max(1),
+                duration.as_secs()
+            );
             let conflicts = Arc::new(AtomicU64::new(0));
             let (count, hist, secs) = {
                 let handler = handler.clone();
@@ -297,7 +328,14 @@ async fn append(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Fig
                 })
                 .await?
             };
-            runs.push(figures(name, "cmd/s", count, &hist, secs, conflicts.load(Ordering::Relaxed)));
+            runs.push(figures(
+                name,
+                "cmd/s",
+                count,
+                &hist,
+                secs,
+                conflicts.load(Ordering::Relaxed),
+            ));
         }
         results.extend(median(runs));
     }
@@ -306,16 +344,26 @@ async fn append(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Fig
     if wants(args, name) {
         let mut runs = Vec::new();
         for run in 0..args.runs.max(1) {
-            eprintln!("running `{name}` ({}/{}) for {}s…", run + 1, args.runs.max(1), duration.as_secs());
+            eprintln!(
+                "running `{name}` ({}/{}) for {}s…",
+                run + 1,
+                args.runs.max(1),
+                duration.as_secs()
+            );
             let store = store.clone();
             let (count, hist, secs) = drive(8, duration, move |writer, n| {
                 let store = store.clone();
                 async move {
                     // Each writer appends to its own streams, so versions are known.
-                    let stream = format!("task-{}", Uuid::from_u128(((writer as u128) << 64) | u128::from(n % 100)));
+                    let stream = format!(
+                        "task-{}",
+                        Uuid::from_u128(((writer as u128) << 64) | u128::from(n % 100))
+                    );
                     let version = (n / 100) * 10;
                     let events = progress_events(10);
-                    store.append(&stream, ExpectedVersion::Exact(version), events).await?;
+                    store
+                        .append(&stream, ExpectedVersion::Exact(version), events)
+                        .await?;
                     Ok(10)
                 }
             })
@@ -361,7 +409,9 @@ async fn preload(store: &EventStore, total: u64) -> anyhow::Result<()> {
             let store = store.clone();
             async move {
                 let stream = format!("task-{}", Uuid::new_v4());
-                store.append(&stream, ExpectedVersion::NoStream, progress_events(100)).await?;
+                store
+                    .append(&stream, ExpectedVersion::NoStream, progress_events(100))
+                    .await?;
                 Ok(())
             }
         })
@@ -414,7 +464,9 @@ async fn relay(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Figu
         task.await.context("joining the relay")??;
         let published = progress.borrow().published;
         results.push(figures(name, "ev/s", published, &histogram(), secs, 0));
-        let _ = async_nats::jetstream::new(nats.clone()).delete_stream(&stream_name).await;
+        let _ = async_nats::jetstream::new(nats.clone())
+            .delete_stream(&stream_name)
+            .await;
     }
 
     let name = "relay: 2,000 events/s paced, commit → ack latency";
@@ -433,7 +485,12 @@ async fn relay(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Figu
         eprintln!("running `{name}` for {seconds}s…");
         let pending: Arc<Mutex<BTreeMap<i64, Instant>>> = Arc::default();
         let latencies = Arc::new(Mutex::new(histogram()));
-        let watcher = tokio::spawn(watch_acks(progress.clone(), pending.clone(), latencies.clone(), stop.clone()));
+        let watcher = tokio::spawn(watch_acks(
+            progress.clone(),
+            pending.clone(),
+            latencies.clone(),
+            stop.clone(),
+        ));
         // 4 writers × 500 appends/s of one event each = 2,000 events/s.
         let interval = Duration::from_micros(2_000);
         let started = Instant::now();
@@ -449,7 +506,9 @@ async fn relay(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Figu
                 while Instant::now() < deadline {
                     ticker.tick().await;
                     let stream = format!("task-{}", Uuid::new_v4());
-                    let recorded = store.append(&stream, ExpectedVersion::NoStream, progress_events(1)).await?;
+                    let recorded = store
+                        .append(&stream, ExpectedVersion::NoStream, progress_events(1))
+                        .await?;
                     let committed = Instant::now();
                     if let Some(event) = recorded.last() {
                         pending
@@ -475,7 +534,9 @@ async fn relay(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Figu
         let mut f = figures(name, "ev/s", count, &hist, secs, 0);
         f.count = hist.len();
         results.push(f);
-        let _ = async_nats::jetstream::new(nats.clone()).delete_stream(&stream_name).await;
+        let _ = async_nats::jetstream::new(nats.clone())
+            .delete_stream(&stream_name)
+            .await;
     }
 
     let name = "relay: under 8 batch writers at full speed";
@@ -497,7 +558,9 @@ async fn relay(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Figu
             let store = writer_store.clone();
             async move {
                 let stream = format!("task-{}", Uuid::new_v4());
-                store.append(&stream, ExpectedVersion::NoStream, progress_events(10)).await?;
+                store
+                    .append(&stream, ExpectedVersion::NoStream, progress_events(10))
+                    .await?;
                 Ok(10)
             }
         })
@@ -508,18 +571,26 @@ async fn relay(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Figu
         let mut f = figures(name, "ev/s", published, &histogram(), secs, 0);
         f.scenario = format!("{name} (written {:.0} ev/s)", written as f64 / secs);
         results.push(f);
-        let _ = async_nats::jetstream::new(nats.clone()).delete_stream(&stream_name).await;
+        let _ = async_nats::jetstream::new(nats.clone())
+            .delete_stream(&stream_name)
+            .await;
     }
     db.drop_database().await;
     Ok(results)
 }
 
 /// Waits until the relay has published everything readable now.
-async fn wait_caught_up(store: &EventStore, mut progress: tokio::sync::watch::Receiver<commands::RelayProgress>) -> anyhow::Result<()> {
+async fn wait_caught_up(
+    store: &EventStore,
+    mut progress: tokio::sync::watch::Receiver<commands::RelayProgress>,
+) -> anyhow::Result<()> {
     let head = store.head().await?.readable;
     let deadline = Instant::now() + Duration::from_secs(120);
     while progress.borrow_and_update().position < head {
-        anyhow::ensure!(Instant::now() < deadline, "the relay did not catch up within 120 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the relay did not catch up within 120 s"
+        );
         let _ = tokio::time::timeout(Duration::from_millis(200), progress.changed()).await;
     }
     Ok(())

@@ -29,7 +29,10 @@ pub fn main() -> std::process::ExitCode {
     use clap::Parser as _;
     let cli = Cli::parse();
     telemetry::init(&cli.settings.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");

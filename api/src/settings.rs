@@ -110,7 +110,12 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct LogSettings {
     /// Log filter (tracing EnvFilter syntax), e.g. `info,neurectomy_commands=debug`.
-    #[arg(long = "log", env = "NEURECTOMY_LOG", default_value = "info", global = true)]
+    #[arg(
+        long = "log",
+        env = "NEURECTOMY_LOG",
+        default_value = "info",
+        global = true
+    )]
     pub filter: String,
     /// Log format.
     #[arg(long = "log-format", env = "NEURECTOMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty, global = true)]
@@ -121,31 +126,84 @@ pub struct LogSettings {
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
     /// PostgreSQL URL of the event store (the database is created by `migrate`).
-    #[arg(long, env = "NEURECTOMY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/neurectomy", global = true)]
+    #[arg(
+        long,
+        env = "NEURECTOMY_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/neurectomy",
+        global = true
+    )]
     pub database_url: String,
     /// Most PostgreSQL connections this process opens.
-    #[arg(long, env = "NEURECTOMY_DATABASE_POOL_SIZE", default_value_t = 16, global = true)]
+    #[arg(
+        long,
+        env = "NEURECTOMY_DATABASE_POOL_SIZE",
+        default_value_t = 16,
+        global = true
+    )]
     pub database_pool_size: u32,
     /// NATS server URL (JetStream must be enabled).
-    #[arg(long, env = "NEURECTOMY_NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
+    #[arg(
+        long,
+        env = "NEURECTOMY_NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
     pub nats_url: String,
     /// JetStream stream the relay publishes to (created if missing).
-    #[arg(long, env = "NEURECTOMY_JETSTREAM_STREAM", default_value = "NEURECTOMY_EVENTS", global = true)]
+    #[arg(
+        long,
+        env = "NEURECTOMY_JETSTREAM_STREAM",
+        default_value = "NEURECTOMY_EVENTS",
+        global = true
+    )]
     pub jetstream_stream: String,
     /// Subject prefix; subjects are `<prefix>.<aggregate>.<EventType>`.
-    #[arg(long, env = "NEURECTOMY_SUBJECT_PREFIX", default_value = "neurectomy.events", global = true)]
+    #[arg(
+        long,
+        env = "NEURECTOMY_SUBJECT_PREFIX",
+        default_value = "neurectomy.events",
+        global = true
+    )]
     pub subject_prefix: String,
     /// Snapshot a stream every this many events (0 = never).
-    #[arg(long, env = "NEURECTOMY_SNAPSHOT_EVERY", default_value_t = 100, global = true)]
+    #[arg(
+        long,
+        env = "NEURECTOMY_SNAPSHOT_EVERY",
+        default_value_t = 100,
+        global = true
+    )]
     pub snapshot_every: u64,
     /// Attempts of load → decide → append when concurrent writers conflict.
-    #[arg(long, env = "NEURECTOMY_COMMAND_ATTEMPTS", default_value_t = 5, global = true)]
+    #[arg(
+        long,
+        env = "NEURECTOMY_COMMAND_ATTEMPTS",
+        default_value_t = 5,
+        global = true
+    )]
     pub command_attempts: u32,
+    /// Streams whose folded state each process keeps in memory (0 = none).
+    #[arg(
+        long,
+        env = "NEURECTOMY_STATE_CACHE",
+        default_value_t = 100_000,
+        global = true
+    )]
+    pub state_cache: usize,
     /// Most events the relay publishes per batch.
-    #[arg(long, env = "NEURECTOMY_RELAY_BATCH_SIZE", default_value_t = 1000, global = true)]
+    #[arg(
+        long,
+        env = "NEURECTOMY_RELAY_BATCH_SIZE",
+        default_value_t = 1000,
+        global = true
+    )]
     pub relay_batch_size: usize,
     /// Relay poll interval in milliseconds when no commit signal arrives.
-    #[arg(long, env = "NEURECTOMY_RELAY_IDLE_POLL_MS", default_value_t = 250, global = true)]
+    #[arg(
+        long,
+        env = "NEURECTOMY_RELAY_IDLE_POLL_MS",
+        default_value_t = 250,
+        global = true
+    )]
     pub relay_idle_poll_ms: u64,
     /// Logging.
     #[command(flatten)]
@@ -169,6 +227,7 @@ impl Settings {
         commands::HandlerConfig {
             max_attempts: self.command_attempts.max(1),
             snapshot_every: self.snapshot_every,
+            cache_capacity: self.state_cache,
         }
     }
 }

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use commands::{CommandContext, CommandError, CommandHandler, CommandOutcome, EventStore};
-use domain::{AgentCommand, AgentId, AgentKind, Command, TaskCommand, TaskId, WorkflowCommand, WorkflowId};
+use domain::{
+    AgentCommand, AgentId, AgentKind, Command, TaskCommand, TaskId, WorkflowCommand, WorkflowId,
+};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -21,7 +23,16 @@ use uuid::Uuid;
 
 use crate::settings::{Settings, SimulateArgs};
 
-const CAPABILITIES: &[&str] = &["code", "search", "review", "test", "deploy", "summarize", "plan", "browse"];
+const CAPABILITIES: &[&str] = &[
+    "code",
+    "search",
+    "review",
+    "test",
+    "deploy",
+    "summarize",
+    "plan",
+    "browse",
+];
 const MODELS: &[&str] = &["gpt-4o", "claude-sonnet", "llama-3-70b", "mistral-large"];
 
 /// Runs the simulator as its own process until the duration ends or a signal.
@@ -69,7 +80,10 @@ impl RateLimiter {
             return;
         };
         let slot = {
-            let mut next = self.next.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut next = self
+                .next
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             let slot = (*next).max(Instant::now());
             *next = slot + interval;
             slot
@@ -103,7 +117,11 @@ struct Sim {
 }
 
 impl Sim {
-    async fn send(&self, command: impl Into<Command>, correlation: Uuid) -> Result<CommandOutcome, CommandError> {
+    async fn send(
+        &self,
+        command: impl Into<Command>,
+        correlation: Uuid,
+    ) -> Result<CommandOutcome, CommandError> {
         self.limiter.acquire().await;
         let mut ctx = CommandContext::new(Uuid::new_v4(), "simulator", self.tenant.clone());
         ctx.correlation_id = Some(correlation);
@@ -111,16 +129,21 @@ impl Sim {
         self.stats.commands.fetch_add(1, Ordering::Relaxed);
         match &result {
             Ok(outcome) => {
-                self.stats.events.fetch_add(outcome.events.len() as u64, Ordering::Relaxed);
                 self.stats
-                    .conflicts
-                    .fetch_add(u64::from(outcome.attempts.saturating_sub(1)), Ordering::Relaxed);
+                    .events
+                    .fetch_add(outcome.events.len() as u64, Ordering::Relaxed);
+                self.stats.conflicts.fetch_add(
+                    u64::from(outcome.attempts.saturating_sub(1)),
+                    Ordering::Relaxed,
+                );
             }
             Err(CommandError::Domain(_)) => {
                 self.stats.refusals.fetch_add(1, Ordering::Relaxed);
             }
             Err(CommandError::Conflict { attempts, .. }) => {
-                self.stats.conflicts.fetch_add(u64::from(*attempts), Ordering::Relaxed);
+                self.stats
+                    .conflicts
+                    .fetch_add(u64::from(*attempts), Ordering::Relaxed);
             }
             Err(error) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -131,15 +154,26 @@ impl Sim {
     }
 
     fn agents(&self) -> std::sync::MutexGuard<'_, Vec<SimAgent>> {
-        self.agents.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.agents
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// An active agent (in our view) covering `required`, other than `not`.
-    fn pick_agent(&self, rng: &mut StdRng, required: &BTreeSet<String>, not: Option<AgentId>) -> Option<AgentId> {
+    fn pick_agent(
+        &self,
+        rng: &mut StdRng,
+        required: &BTreeSet<String>,
+        not: Option<AgentId>,
+    ) -> Option<AgentId> {
         let agents = self.agents();
         let capable: Vec<AgentId> = agents
             .iter()
-            .filter(|a| a.mode == AgentMode::Active && Some(a.id) != not && required.is_subset(&a.capabilities))
+            .filter(|a| {
+                a.mode == AgentMode::Active
+                    && Some(a.id) != not
+                    && required.is_subset(&a.capabilities)
+            })
             .map(|a| a.id)
             .collect();
         capable.choose(rng).copied()
@@ -147,7 +181,11 @@ impl Sim {
 }
 
 /// Drives the workload until `shutdown` (or the configured duration).
-pub async fn drive(handler: CommandHandler, args: SimulateArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn drive(
+    handler: CommandHandler,
+    args: SimulateArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let shutdown = shutdown.child_token();
     if args.duration > 0 {
         let stop = shutdown.clone();
@@ -159,8 +197,18 @@ pub async fn drive(handler: CommandHandler, args: SimulateArgs, shutdown: Cancel
             }
         });
     }
-    let seed = if args.seed == 0 { rand::random() } else { args.seed };
-    tracing::info!(seed, agents = args.agents, workflows = args.workflows, rate = args.rate, "simulation starts");
+    let seed = if args.seed == 0 {
+        rand::random()
+    } else {
+        args.seed
+    };
+    tracing::info!(
+        seed,
+        agents = args.agents,
+        workflows = args.workflows,
+        rate = args.rate,
+        "simulation starts"
+    );
     let sim = Arc::new(Sim {
         handler,
         tenant: args.tenant.clone(),
@@ -185,7 +233,10 @@ pub async fn drive(handler: CommandHandler, args: SimulateArgs, shutdown: Cancel
             }
         }));
     }
-    drivers.push(tokio::spawn(agent_churn(sim.clone(), StdRng::seed_from_u64(seed ^ 0x5eed))));
+    drivers.push(tokio::spawn(agent_churn(
+        sim.clone(),
+        StdRng::seed_from_u64(seed ^ 0x5eed),
+    )));
     for driver in drivers {
         if let Err(error) = driver.await {
             tracing::error!(%error, "a simulator driver panicked");
@@ -215,12 +266,17 @@ async fn register_agents(sim: &Sim, rng: &mut StdRng, count: usize) {
         } else {
             None
         };
-        let kind = if rng.gen_bool(0.8) { AgentKind::Llm } else { AgentKind::Tool };
+        let kind = if rng.gen_bool(0.8) {
+            AgentKind::Llm
+        } else {
+            AgentKind::Tool
+        };
         let command = AgentCommand::RegisterAgent {
             agent_id: id,
             name: format!("agent-{n:03}"),
             kind,
-            model: (kind == AgentKind::Llm).then(|| MODELS.choose(rng).copied().unwrap_or("gpt-4o").to_owned()),
+            model: (kind == AgentKind::Llm)
+                .then(|| MODELS.choose(rng).copied().unwrap_or("gpt-4o").to_owned()),
             capabilities: capabilities.clone(),
             parent_agent_id: parent,
         };
@@ -272,7 +328,11 @@ async fn run_workflow(sim: &Sim, rng: &mut StdRng, task_count: usize) {
             Vec::new()
         } else {
             let how_many = rng.gen_range(0..=i.min(2));
-            (0..i).collect::<Vec<_>>().choose_multiple(rng, how_many).copied().collect()
+            (0..i)
+                .collect::<Vec<_>>()
+                .choose_multiple(rng, how_many)
+                .copied()
+                .collect()
         };
         let capabilities: BTreeSet<String> = {
             let agents = sim.agents();
@@ -281,7 +341,9 @@ async fn run_workflow(sim: &Sim, rng: &mut StdRng, task_count: usize) {
                 .map(|a| {
                     let caps: Vec<&String> = a.capabilities.iter().collect();
                     let how_many = rng.gen_range(0..=2);
-                    caps.choose_multiple(rng, how_many).map(|c| (*c).clone()).collect()
+                    caps.choose_multiple(rng, how_many)
+                        .map(|c| (*c).clone())
+                        .collect()
                 })
                 .unwrap_or_default()
         };
@@ -301,7 +363,11 @@ async fn run_workflow(sim: &Sim, rng: &mut StdRng, task_count: usize) {
             id,
             deps,
             capabilities,
-            state: if ok { SimTaskState::Pending } else { SimTaskState::Dead },
+            state: if ok {
+                SimTaskState::Pending
+            } else {
+                SimTaskState::Dead
+            },
             attempt: 1,
         });
         if sim.shutdown.is_cancelled() {
@@ -316,12 +382,19 @@ async fn run_workflow(sim: &Sim, rng: &mut StdRng, task_count: usize) {
         let ready: Vec<usize> = (0..tasks.len())
             .filter(|&i| {
                 tasks[i].state == SimTaskState::Pending
-                    && tasks[i].deps.iter().all(|&d| tasks[d].state == SimTaskState::Completed)
+                    && tasks[i]
+                        .deps
+                        .iter()
+                        .all(|&d| tasks[d].state == SimTaskState::Completed)
             })
             .collect();
         let blocked_forever: Vec<usize> = (0..tasks.len())
             .filter(|&i| {
-                tasks[i].state == SimTaskState::Pending && tasks[i].deps.iter().any(|&d| tasks[d].state == SimTaskState::Dead)
+                tasks[i].state == SimTaskState::Pending
+                    && tasks[i]
+                        .deps
+                        .iter()
+                        .any(|&d| tasks[d].state == SimTaskState::Dead)
             })
             .collect();
         for i in blocked_forever {
@@ -342,8 +415,18 @@ async fn run_workflow(sim: &Sim, rng: &mut StdRng, task_count: usize) {
         }
         if rng.gen_bool(0.02) {
             // An eager client tries to start a task too early: refused.
-            if let Some(waiting) = tasks.iter().find(|t| t.state == SimTaskState::Pending && !t.deps.is_empty()) {
-                let _ = sim.send(TaskCommand::StartTask { task_id: waiting.id }, correlation).await;
+            if let Some(waiting) = tasks
+                .iter()
+                .find(|t| t.state == SimTaskState::Pending && !t.deps.is_empty())
+            {
+                let _ = sim
+                    .send(
+                        TaskCommand::StartTask {
+                            task_id: waiting.id,
+                        },
+                        correlation,
+                    )
+                    .await;
             }
         }
         for i in ready {
@@ -374,7 +457,10 @@ async fn run_workflow(sim: &Sim, rng: &mut StdRng, task_count: usize) {
         return;
     }
     let end: Command = if tasks.iter().all(|t| t.state == SimTaskState::Completed) {
-        WorkflowCommand::CompleteWorkflow { workflow_id: workflow }.into()
+        WorkflowCommand::CompleteWorkflow {
+            workflow_id: workflow,
+        }
+        .into()
     } else {
         WorkflowCommand::FailWorkflow {
             workflow_id: workflow,
@@ -392,12 +478,67 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
         return;
     };
     let id = task.id;
-    if sim.send(TaskCommand::AssignTask { task_id: id, agent_id: agent }, correlation).await.is_err() {
+    if sim
+        .send(
+            TaskCommand::AssignTask {
+                task_id: id,
+                agent_id: agent,
+            },
+            correlation,
+        )
+        .await
+        .is_err()
+    {
         return; // the agent was paused meanwhile; try again next round
     }
-    if sim.send(TaskCommand::StartTask { task_id: id }, correlation).await.is_err() {
+    let mut holder = agent;
+    let mut started = sim
+        .send(TaskCommand::StartTask { task_id: id }, correlation)
+        .await
+        .is_ok();
+    // The assignee may have been paused meanwhile: hand the task to another
+    // capable agent and try again, a few times.
+    for _ in 0..3 {
+        if started {
+            break;
+        }
+        let Some(to) = sim.pick_agent(rng, &task.capabilities, Some(holder)) else {
+            break;
+        };
+        let delegate = TaskCommand::DelegateTask {
+            task_id: id,
+            from_agent_id: holder,
+            to_agent_id: to,
+        };
+        if sim.send(delegate, correlation).await.is_ok() {
+            holder = to;
+        }
+        started = sim
+            .send(TaskCommand::StartTask { task_id: id }, correlation)
+            .await
+            .is_ok();
+    }
+    if !started {
+        // Give up on this attempt: fail it (retryable) so it can go back to pending.
+        let fail = TaskCommand::FailTask {
+            task_id: id,
+            error: "no available agent could start it".to_owned(),
+            retryable: true,
+        };
+        if sim.send(fail, correlation).await.is_ok() && task.attempt < MAX_ATTEMPTS {
+            if sim
+                .send(TaskCommand::RetryTask { task_id: id }, correlation)
+                .await
+                .is_ok()
+            {
+                task.attempt += 1;
+            }
+        } else {
+            task.state = SimTaskState::Dead;
+        }
         return;
     }
+    let agent = holder;
     if rng.gen_bool(0.1) {
         if let Some(to) = sim.pick_agent(rng, &task.capabilities, Some(agent)) {
             let delegate = TaskCommand::DelegateTask {
@@ -431,14 +572,23 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
     let retryable = rng.gen_bool(0.8);
     let fail = TaskCommand::FailTask {
         task_id: id,
-        error: if retryable { "rate limited by the model provider" } else { "tool returned invalid output" }.to_owned(),
+        error: if retryable {
+            "rate limited by the model provider"
+        } else {
+            "tool returned invalid output"
+        }
+        .to_owned(),
         retryable,
     };
     if sim.send(fail, correlation).await.is_err() {
         return;
     }
     if retryable && task.attempt < MAX_ATTEMPTS {
-        if sim.send(TaskCommand::RetryTask { task_id: id }, correlation).await.is_ok() {
+        if sim
+            .send(TaskCommand::RetryTask { task_id: id }, correlation)
+            .await
+            .is_ok()
+        {
             task.attempt += 1;
         }
     } else {
@@ -474,7 +624,10 @@ async fn agent_churn(sim: Arc<Sim>, mut rng: StdRng) {
                 },
                 AgentMode::Paused,
             ),
-            AgentMode::Paused => (AgentCommand::ResumeAgent { agent_id: id }, AgentMode::Active),
+            AgentMode::Paused => (
+                AgentCommand::ResumeAgent { agent_id: id },
+                AgentMode::Active,
+            ),
         };
         // Mark paused before sending so drivers stop picking it; mark active after.
         if next == AgentMode::Paused {

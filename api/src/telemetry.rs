@@ -8,7 +8,10 @@ use crate::settings::{LogFormat, LogSettings};
 /// filtered by `NEURECTOMY_LOG` (an `EnvFilter` directive).
 pub fn init(settings: &LogSettings) {
     let filter = EnvFilter::try_new(&settings.filter).unwrap_or_else(|error| {
-        eprintln!("warning: NEURECTOMY_LOG `{}` is not a valid filter ({error}); using `info`", settings.filter);
+        eprintln!(
+            "warning: NEURECTOMY_LOG `{}` is not a valid filter ({error}); using `info`",
+            settings.filter
+        );
         EnvFilter::new("info")
     });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -6,10 +6,13 @@ use domain::{
     AgentId, AgentState, Aggregate, AggregateKind, Command, DomainError, DomainEvent, Related,
     TaskId, TaskState, WorkflowId, WorkflowState,
 };
+use std::sync::Arc;
+
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tracing::Instrument;
 
+use crate::cache::StateCache;
 use crate::envelope::{CommandContext, EventMetadata, ExpectedVersion, NewEvent, RecordedEvent};
 use crate::error::{AppendError, CommandError, ReadError};
 use crate::event_store::{event_id, EventStore};
@@ -23,6 +26,9 @@ pub struct HandlerConfig {
     /// Take a snapshot whenever a stream crosses a multiple of this many
     /// events (0 disables snapshots).
     pub snapshot_every: u64,
+    /// Streams whose folded state is kept in memory between commands
+    /// (0 disables the cache; see the `cache` module for why it is safe).
+    pub cache_capacity: usize,
 }
 
 impl Default for HandlerConfig {
@@ -30,6 +36,7 @@ impl Default for HandlerConfig {
         Self {
             max_attempts: 5,
             snapshot_every: 100,
+            cache_capacity: 100_000,
         }
     }
 }
@@ -53,11 +60,13 @@ pub struct CommandOutcome {
     pub attempts: u32,
 }
 
-/// Handles commands against the event store. Cheap to clone.
+/// Handles commands against the event store. Cheap to clone; clones share
+/// the state cache.
 #[derive(Debug, Clone)]
 pub struct CommandHandler {
     store: EventStore,
     config: HandlerConfig,
+    cache: Arc<StateCache>,
 }
 
 /// A stream folded into its aggregate state.
@@ -65,12 +74,28 @@ struct Loaded<A> {
     state: A,
     version: i64,
     tenant: Option<String>,
+    /// False when taken from the cache without asking the store; the append's
+    /// version check (or a fresh load) must confirm it.
+    verified: bool,
+}
+
+/// How to load a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Freshness {
+    /// Use the cached state as is, if there is one (no round trip).
+    Optimistic,
+    /// Bring the cached state (or the snapshot) up to date from the store.
+    Current,
 }
 
 impl CommandHandler {
     /// A handler over `store`.
     pub fn new(store: EventStore, config: HandlerConfig) -> Self {
-        Self { store, config }
+        Self {
+            store,
+            cache: Arc::new(StateCache::new(config.cache_capacity)),
+            config,
+        }
     }
 
     /// The store it writes to.
@@ -127,9 +152,16 @@ impl CommandHandler {
         let command_hash = hex::encode(Sha256::digest(command_json.to_string().as_bytes()));
 
         let mut last_conflict = (ExpectedVersion::Any, 0u64);
+        // A caller-pinned version is checked against the store, not the cache.
+        let mut freshness = if ctx.expected_version.is_some() {
+            Freshness::Current
+        } else {
+            Freshness::Optimistic
+        };
         for attempt in 1..=self.config.max_attempts.max(1) {
             tracing::Span::current().record("attempts", attempt);
-            let loaded = self.load::<A>(&stream).await?;
+            let loaded = self.load::<A>(&stream, freshness).await?;
+            freshness = Freshness::Current;
             if loaded.tenant.as_deref().is_some_and(|t| t != ctx.tenant) {
                 // Another tenant's stream is indistinguishable from a missing one.
                 return Err(DomainError::NotFound {
@@ -159,6 +191,8 @@ impl CommandHandler {
             let related = self.related(&loaded.state, &command, &ctx.tenant).await?;
             let events = match loaded.state.decide(&command, &related) {
                 Ok(events) => events,
+                // Refused on a cached state: check again on the current one.
+                Err(_) if !loaded.verified => continue,
                 Err(refusal) => {
                     // A retried command may be refused by the state it produced
                     // itself (e.g. completing a completed task): answer with the
@@ -204,15 +238,14 @@ impl CommandHandler {
                 .await
             {
                 Ok(recorded) => {
-                    self.maybe_snapshot(
-                        &stream,
-                        &ctx.tenant,
-                        loaded.state,
-                        current,
-                        &events,
-                        &recorded,
-                    )
-                    .await;
+                    let mut state = loaded.state;
+                    for event in &events {
+                        state.evolve(event);
+                    }
+                    let new_version = recorded.last().map_or(loaded.version, |e| e.stream_version);
+                    self.maybe_snapshot(&stream, &ctx.tenant, &state, current, new_version)
+                        .await;
+                    self.cache.put(&stream, new_version, &ctx.tenant, state);
                     let last = recorded
                         .last()
                         .map_or((current as i64, 0), |e| (e.stream_version, e.position));
@@ -229,6 +262,7 @@ impl CommandHandler {
                     expected, actual, ..
                 }) => {
                     last_conflict = (expected, actual);
+                    self.cache.remove(&stream);
                     if ctx.expected_version.is_some() {
                         if let Some(done) = self.already_handled(ctx, &command_hash).await? {
                             return Ok(done);
@@ -305,22 +339,43 @@ impl CommandHandler {
         }))
     }
 
-    /// Folds a stream (snapshot + tail) into aggregate state.
-    async fn load<A: Aggregate>(&self, stream: &str) -> Result<Loaded<A>, CommandError> {
-        let mut loaded = self.store.load_stream(stream, A::SNAPSHOT_VERSION).await?;
-        let version = loaded.version();
-        let mut state = match loaded.snapshot.take() {
-            Some((_, json)) => match serde_json::from_value::<A>(json) {
-                Ok(state) => state,
-                Err(error) => {
-                    // A snapshot that no longer parses is only an optimisation
-                    // lost: rebuild from every event instead.
-                    tracing::warn!(%error, stream, "ignoring unreadable snapshot");
-                    loaded = self.store.load_stream(stream, i32::MIN).await?;
-                    A::default()
+    /// Folds a stream into aggregate state: from the cache (optimistic), from
+    /// the cache plus newer events, or from the snapshot plus its tail.
+    async fn load<A: Aggregate>(
+        &self,
+        stream: &str,
+        freshness: Freshness,
+    ) -> Result<Loaded<A>, CommandError> {
+        let cached = self.cache.get::<A>(stream);
+        if let (Freshness::Optimistic, Some((version, tenant, state))) = (freshness, &cached) {
+            return Ok(Loaded {
+                state: state.clone(),
+                version: *version,
+                tenant: Some(tenant.clone()),
+                verified: false,
+            });
+        }
+        let (mut state, base_version, mut tenant, loaded) = match cached {
+            Some((version, tenant, state)) => {
+                let tail = self.store.load_stream_after(stream, version).await?;
+                (state, version, Some(tenant), tail)
+            }
+            None => {
+                let mut loaded = self.store.load_stream(stream, A::SNAPSHOT_VERSION).await?;
+                match loaded.snapshot.take() {
+                    Some((version, json)) => match serde_json::from_value::<A>(json) {
+                        Ok(state) => (state, version, None, loaded),
+                        Err(error) => {
+                            // A snapshot that no longer parses is only an
+                            // optimisation lost: rebuild from every event.
+                            tracing::warn!(%error, stream, "ignoring unreadable snapshot");
+                            let all = self.store.load_stream(stream, i32::MIN).await?;
+                            (A::default(), 0, None, all)
+                        }
+                    },
+                    None => (A::default(), 0, None, loaded),
                 }
-            },
-            None => A::default(),
+            }
         };
         for (version, event_type, schema_version, data, position) in &loaded.events {
             let event = DomainEvent::from_stored(event_type, *schema_version, data.clone())
@@ -343,10 +398,18 @@ impl CommandHandler {
                 }
             }
         }
+        if loaded.tenant.is_some() {
+            tenant = loaded.tenant.clone();
+        }
+        let version = loaded.events.last().map_or(base_version, |e| e.0);
+        if let Some(tenant) = &tenant {
+            self.cache.put(stream, version, tenant, state.clone());
+        }
         Ok(Loaded {
-            version: version.max(loaded.version()),
-            tenant: loaded.tenant,
             state,
+            version,
+            tenant,
+            verified: true,
         })
     }
 
@@ -364,19 +427,21 @@ impl CommandHandler {
             let uuid = stream.uuid();
             match stream.kind() {
                 AggregateKind::Agent => {
-                    let l = self.load::<AgentState>(&name).await?;
+                    let l = self.load::<AgentState>(&name, Freshness::Current).await?;
                     if l.tenant.as_deref() == Some(tenant) {
                         related.insert_agent(AgentId::from_uuid(uuid), l.state);
                     }
                 }
                 AggregateKind::Task => {
-                    let l = self.load::<TaskState>(&name).await?;
+                    let l = self.load::<TaskState>(&name, Freshness::Current).await?;
                     if l.tenant.as_deref() == Some(tenant) {
                         related.insert_task(TaskId::from_uuid(uuid), l.state);
                     }
                 }
                 AggregateKind::Workflow => {
-                    let l = self.load::<WorkflowState>(&name).await?;
+                    let l = self
+                        .load::<WorkflowState>(&name, Freshness::Current)
+                        .await?;
                     if l.tenant.as_deref() == Some(tenant) {
                         related.insert_workflow(WorkflowId::from_uuid(uuid), l.state);
                     }
@@ -393,22 +458,15 @@ impl CommandHandler {
         &self,
         stream: &str,
         tenant: &str,
-        mut state: A,
+        state: &A,
         before: u64,
-        events: &[A::Event],
-        recorded: &[RecordedEvent],
+        after: i64,
     ) {
         let every = self.config.snapshot_every;
-        let Some(after) = recorded.last().map(|e| e.stream_version) else {
-            return;
-        };
         if every == 0 || (after as u64) / every == before / every {
             return;
         }
-        for event in events {
-            state.evolve(event);
-        }
-        let json = match serde_json::to_value(&state) {
+        let json = match serde_json::to_value(state) {
             Ok(json) => json,
             Err(error) => {
                 tracing::warn!(%error, stream, "could not serialize a snapshot");

@@ -29,6 +29,7 @@
 //! - [`error`]: the error enums of each operation.
 //! - [`testkit`]: per-test isolated databases and JetStream streams.
 
+mod cache;
 pub mod envelope;
 pub mod error;
 pub mod event_store;

@@ -212,7 +212,8 @@ fn unknown(event_type: &str, schema_version: i32) -> EventDecodeError {
 /// Upcasters:
 /// - `AgentRegistered` v1 → v2: v1 (`agent_id`, `name`, `model`, `capabilities`)
 ///   predates agent kinds and parents; every v1 agent was a language model, so
-///   v2 gets `kind: "llm"`, `model` kept as is, and `parent_agent_id: null`.
+///   v2 gets `kind: "llm"`, `model` kept as is, `parent_agent_id: null`, and
+///   capabilities sorted and deduplicated as v2 writers store them.
 pub fn upcast(
     event_type: &str,
     schema_version: i32,
@@ -250,6 +251,12 @@ pub fn upcast(
 }
 
 fn agent_registered_v1_to_v2(mut v1: Map<String, Value>) -> Value {
+    // v1 writers did not normalise capabilities; v2 stores them sorted and
+    // deduplicated (capability checks rely on it).
+    if let Some(Value::Array(caps)) = v1.get_mut("capabilities") {
+        caps.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
+        caps.dedup();
+    }
     v1.insert("kind".to_owned(), Value::String("llm".to_owned()));
     v1.entry("model").or_insert(Value::Null);
     v1.insert("parent_agent_id".to_owned(), Value::Null);

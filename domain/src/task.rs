@@ -405,7 +405,13 @@ impl Aggregate for TaskState {
             TaskCommand::AssignTask { agent_id, .. } => vec![agent_id.stream_id()],
             TaskCommand::StartTask { .. } => self
                 .get()
-                .map(|t| t.depends_on.iter().map(TaskId::stream_id).collect())
+                .map(|t| {
+                    t.depends_on
+                        .iter()
+                        .map(TaskId::stream_id)
+                        .chain(t.assignee.map(|a| a.stream_id()))
+                        .collect()
+                })
                 .unwrap_or_default(),
             TaskCommand::DelegateTask { to_agent_id, .. } => vec![to_agent_id.stream_id()],
             _ => Vec::new(),
@@ -468,6 +474,9 @@ impl Aggregate for TaskState {
                 let Some(agent_id) = task.assignee else {
                     return Err(transition_error(id, "start", status));
                 };
+                // The assignee may have been paused, failed or retired since
+                // the assignment: only an active agent starts work.
+                check_agent(related, agent_id, id, &task.required_capabilities)?;
                 TaskEvent::TaskStarted {
                     task_id: id,
                     agent_id,

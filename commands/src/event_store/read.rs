@@ -14,6 +14,7 @@ const READ_ALL: &str = include_str!("sql/read_all.sql");
 const EVENTS_OF_COMMAND: &str = include_str!("sql/events_of_command.sql");
 const HEAD: &str = include_str!("sql/head.sql");
 const COUNT_AFTER: &str = include_str!("sql/count_after.sql");
+const READ_STREAM_AFTER: &str = include_str!("sql/read_stream_after.sql");
 
 /// A stream as the command handler needs it: the snapshot (if any) and the
 /// raw events after it.
@@ -91,6 +92,39 @@ impl EventStore {
         Ok(loaded)
     }
 
+    /// The raw events of a stream after `version` (no snapshot), to bring a
+    /// cached state up to date.
+    pub async fn load_stream_after(
+        &self,
+        stream_id: &str,
+        version: i64,
+    ) -> Result<LoadedStream, ReadError> {
+        let rows = sqlx::query(READ_STREAM_AFTER)
+            .bind(stream_id)
+            .bind(version)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db(format!(
+                "loading stream {stream_id} after version {version}"
+            )))?;
+        let mut loaded = LoadedStream::default();
+        for row in rows {
+            let decoded = (|| -> Result<(), sqlx::Error> {
+                loaded.tenant = Some(row.try_get(4)?);
+                loaded.events.push((
+                    row.try_get(0)?,
+                    row.try_get(1)?,
+                    row.try_get(2)?,
+                    row.try_get(3)?,
+                    row.try_get(5)?,
+                ));
+                Ok(())
+            })();
+            decoded.map_err(db(format!("decoding stream {stream_id}")))?;
+        }
+        Ok(loaded)
+    }
+
     /// Reads versions `from..=to` of a stream, at most `limit` events.
     pub async fn read_stream(
         &self,
@@ -129,6 +163,7 @@ impl EventStore {
         command_id: uuid::Uuid,
     ) -> Result<Vec<RecordedEvent>, ReadError> {
         let rows = sqlx::query(EVENTS_OF_COMMAND)
+            .bind(super::event_id(command_id, 0))
             .bind(command_id)
             .fetch_all(&self.pool)
             .await

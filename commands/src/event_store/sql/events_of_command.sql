@@ -1,6 +1,15 @@
--- Every event a command produced (idempotency look-up).
-SELECT position, stream_id, stream_version, event_id, event_type, schema_version,
-       data, metadata, recorded_at
-FROM events
-WHERE command_id = $1
-ORDER BY position
+-- Every event a command produced (idempotency look-up). A command's events
+-- are consecutive in one stream and its first event's id is derived from the
+-- command id ($1 = that id, $2 = the command id), so this is two index look-ups
+-- instead of an index on command_id that every append would pay for.
+WITH first AS (
+    SELECT stream_id, stream_version FROM events WHERE event_id = $1
+)
+SELECT e.position, e.stream_id, e.stream_version, e.event_id, e.event_type, e.schema_version,
+       e.data, e.metadata, e.recorded_at
+FROM events e, first
+WHERE e.stream_id = first.stream_id
+  AND e.stream_version >= first.stream_version
+  AND e.stream_version < first.stream_version + 65536
+  AND e.command_id = $2
+ORDER BY e.stream_version
