@@ -54,7 +54,11 @@ impl Target {
 
     /// Spawns `args` in the background (output discarded).
     pub fn spawn(&self, role: &str, args: &[&str]) -> std::io::Result<Process> {
-        let child = self.command(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        let child = self
+            .command(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
         Ok(Process {
             child,
             role: role.to_owned(),

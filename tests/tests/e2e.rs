@@ -12,7 +12,9 @@ use neurectomy_e2e::Target;
 const BINARY: &str = env!("CARGO_BIN_EXE_neurectomy-e2e");
 
 async fn fixture() -> (TestDatabase, TestNats, Target) {
-    let db = TestDatabase::create(4).await.unwrap_or_else(|e| panic!("{e}"));
+    let db = TestDatabase::create(4)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let nats = TestNats::create().await.unwrap_or_else(|e| panic!("{e}"));
     let target = Target {
         binary: BINARY.to_owned(),
@@ -25,7 +27,10 @@ async fn fixture() -> (TestDatabase, TestNats, Target) {
 }
 
 async fn event_count(db: &TestDatabase) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&db.pool).await.unwrap()
+    sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
 }
 
 async fn jetstream_count(nats: &TestNats) -> u64 {
@@ -48,20 +53,34 @@ async fn killed_relay_process_loses_nothing_and_publishes_nothing_twice() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut second = target.spawn("relay-2", &["relay"]).unwrap();
     let simulate = target
-        .command(&["simulate", "--duration", "6", "--rate", "400", "--seed", "7", "--workflows", "4"])
+        .command(&[
+            "simulate",
+            "--duration",
+            "6",
+            "--rate",
+            "400",
+            "--seed",
+            "7",
+            "--workflows",
+            "4",
+        ])
         .output();
     let simulate = tokio::spawn(simulate);
 
-    eventually("the first relay to publish", Duration::from_secs(30), || async {
-        (jetstream_count(&nats).await > 200).then_some(())
-    })
+    eventually(
+        "the first relay to publish",
+        Duration::from_secs(30),
+        || async { (jetstream_count(&nats).await > 200).then_some(()) },
+    )
     .await;
     first.kill().await.unwrap();
     let killed_at = jetstream_count(&nats).await;
 
-    eventually("the standby to take over", Duration::from_secs(30), || async {
-        (jetstream_count(&nats).await > killed_at + 200).then_some(())
-    })
+    eventually(
+        "the standby to take over",
+        Duration::from_secs(30),
+        || async { (jetstream_count(&nats).await > killed_at + 200).then_some(()) },
+    )
     .await;
     first = target.spawn("relay-1 (restarted)", &["relay"]).unwrap();
 
@@ -74,9 +93,11 @@ async fn killed_relay_process_loses_nothing_and_publishes_nothing_twice() {
     );
     let total = event_count(&db).await;
     assert!(total > 1000, "the simulator wrote only {total} events");
-    eventually("JetStream to hold every event", Duration::from_secs(30), || async {
-        (jetstream_count(&nats).await == total as u64).then_some(())
-    })
+    eventually(
+        "JetStream to hold every event",
+        Duration::from_secs(30),
+        || async { (jetstream_count(&nats).await == total as u64).then_some(()) },
+    )
     .await;
 
     // Same events, same order, once each.
@@ -88,13 +109,32 @@ async fn killed_relay_process_loses_nothing_and_publishes_nothing_twice() {
         .fetch_all(&db.pool)
         .await
         .unwrap();
-    let stream = nats.jetstream().get_stream(&nats.relay.stream_name).await.unwrap();
+    let stream = nats
+        .jetstream()
+        .get_stream(&nats.relay.stream_name)
+        .await
+        .unwrap();
     let mut seen = HashSet::new();
     for (index, (position, id)) in positions.iter().zip(&ids).enumerate() {
         let message = stream.get_raw_message(index as u64 + 1).await.unwrap();
-        let header = message.headers.get(HEADER_POSITION).unwrap().as_str().to_owned();
-        assert_eq!(header, position.to_string(), "message {} is out of order", index + 1);
-        let msg_id = message.headers.get("Nats-Msg-Id").unwrap().as_str().to_owned();
+        let header = message
+            .headers
+            .get(HEADER_POSITION)
+            .unwrap()
+            .as_str()
+            .to_owned();
+        assert_eq!(
+            header,
+            position.to_string(),
+            "message {} is out of order",
+            index + 1
+        );
+        let msg_id = message
+            .headers
+            .get("Nats-Msg-Id")
+            .unwrap()
+            .as_str()
+            .to_owned();
         assert_eq!(msg_id, id.to_string());
         assert!(seen.insert(msg_id), "event {id} published twice");
     }
@@ -120,6 +160,9 @@ async fn unreachable_database_is_reported_with_its_address() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("connecting to PostgreSQL at postgres://postgres:***@127.0.0.1:1/nowhere"), "{stderr}");
+    assert!(
+        stderr.contains("connecting to PostgreSQL at postgres://postgres:***@127.0.0.1:1/nowhere"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("secret"), "the password leaked: {stderr}");
 }
