@@ -273,7 +273,7 @@ const NOTE: &str =
 
 /// `bench append`: commands through the handler and raw batched appends.
 async fn append(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Figures>> {
-    let db = ScratchDatabase::create(settings, 80).await?;
+    let db = ScratchDatabase::create(settings, args.pool.max(1)).await?;
     let store = EventStore::new(db.pool.clone());
     let handler = CommandHandler::new(
         store.clone(),
@@ -424,7 +424,7 @@ async fn preload(store: &EventStore, total: u64) -> anyhow::Result<()> {
 /// `bench relay`: backlog drain rate, rate under concurrent load, and
 /// commit → JetStream-ack latency at a paced 2,000 events/s.
 async fn relay(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Figures>> {
-    let db = ScratchDatabase::create(settings, 24).await?;
+    let db = ScratchDatabase::create(settings, args.pool.max(8)).await?;
     let store = EventStore::new(db.pool.clone());
     let nats = crate::app::connect_nats(settings).await?;
     let seconds = args.seconds.max(1);

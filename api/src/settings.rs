@@ -7,7 +7,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Neurectomy: an event-sourced CQRS backend for AI-agent orchestration.
 #[derive(Debug, Parser)]
-#[command(name = "neurectomy", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "neurectomy",
+    version,
+    about = "Neurectomy: an event-sourced CQRS backend for AI-agent orchestration",
+    propagate_version = true
+)]
 pub struct Cli {
     /// Settings shared by every sub-command.
     #[command(flatten)]
@@ -92,6 +97,10 @@ pub struct BenchArgs {
     /// Only run the scenarios whose name contains this text.
     #[arg(long)]
     pub only: Option<String>,
+    /// PostgreSQL connections the benchmark's pool may open; writers beyond
+    /// it queue for a connection (as they would in a deployed process).
+    #[arg(long, default_value_t = 16)]
+    pub pool: u32,
     /// Write the results as JSON to this file too.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,

@@ -71,6 +71,9 @@ pub struct RelayConfig {
     pub duplicate_window: Duration,
     /// How often to log progress and lag.
     pub report_every: Duration,
+    /// Least time between two PostgreSQL checkpoint writes (JetStream's last
+    /// message is the primary record of progress).
+    pub checkpoint_every: Duration,
 }
 
 impl Default for RelayConfig {
@@ -84,6 +87,7 @@ impl Default for RelayConfig {
             max_backoff: Duration::from_secs(5),
             duplicate_window: Duration::from_secs(120),
             report_every: Duration::from_secs(10),
+            checkpoint_every: Duration::from_secs(1),
         }
     }
 }
@@ -204,6 +208,9 @@ impl Relay {
             self.progress.send_modify(|p| p.leader = false);
             match end {
                 TermEnd::Shutdown => {
+                    if let Err(error) = self.checkpoint(&mut lock).await {
+                        tracing::warn!(%error, "could not write the final relay checkpoint");
+                    }
                     // Closing the connection releases the advisory lock at once.
                     let _ = lock.close().await;
                     return Ok(());
@@ -273,6 +280,7 @@ impl Relay {
             p.jetstream_sequence = sequence;
         });
         tracing::info!(position, sequence, "relay resumes");
+        let mut checkpointed = Instant::now();
 
         loop {
             if shutdown.is_cancelled() {
@@ -292,6 +300,12 @@ impl Relay {
             };
             if batch.is_empty() {
                 report.maybe_log(&self.store, position).await;
+                if checkpointed.elapsed() >= self.config.checkpoint_every {
+                    if let Err(error) = self.checkpoint(lock).await {
+                        return TermEnd::LostLock(error);
+                    }
+                    checkpointed = Instant::now();
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => return TermEnd::Shutdown,
                     _ = wake.changed() => {}
@@ -310,17 +324,7 @@ impl Relay {
             match self.publish(&batch, sequence).await {
                 Ok(last_sequence) => {
                     backoff.reset();
-                    let last_position = batch.last().map_or(position, |e| e.position);
-                    if let Err(error) = sqlx::query(CHECKPOINT_PUT)
-                        .bind(&self.config.stream_name)
-                        .bind(last_position)
-                        .bind(i64::try_from(last_sequence).unwrap_or(i64::MAX))
-                        .execute(&mut *lock)
-                        .await
-                    {
-                        return TermEnd::LostLock(error);
-                    }
-                    position = last_position;
+                    position = batch.last().map_or(position, |e| e.position);
                     sequence = last_sequence;
                     let count = batch.len() as u64;
                     self.progress.send_modify(|p| {
@@ -328,6 +332,16 @@ impl Relay {
                         p.jetstream_sequence = sequence;
                         p.published += count;
                     });
+                    // JetStream itself records how far the relay got (its last
+                    // message), so the PostgreSQL checkpoint is a fallback and
+                    // need not cost a commit per batch. Writing it on the lock
+                    // connection also proves the lock is still held.
+                    if checkpointed.elapsed() >= self.config.checkpoint_every {
+                        if let Err(error) = self.checkpoint(lock).await {
+                            return TermEnd::LostLock(error);
+                        }
+                        checkpointed = Instant::now();
+                    }
                     report.published(count);
                     tracing::debug!(
                         count,
@@ -359,6 +373,22 @@ impl Relay {
                 }
             }
         }
+    }
+
+    /// Stores the acknowledged position and sequence (from `progress`) as
+    /// the PostgreSQL checkpoint, on the leadership connection.
+    async fn checkpoint(&self, lock: &mut PgConnection) -> Result<(), sqlx::Error> {
+        let progress = *self.progress.borrow();
+        if progress.jetstream_sequence == 0 {
+            return Ok(());
+        }
+        sqlx::query(CHECKPOINT_PUT)
+            .bind(&self.config.stream_name)
+            .bind(progress.position)
+            .bind(i64::try_from(progress.jetstream_sequence).unwrap_or(i64::MAX))
+            .execute(lock)
+            .await
+            .map(|_| ())
     }
 
     async fn listen(&self) -> Option<PgListener> {

@@ -122,10 +122,12 @@ impl Drop for TestDatabase {
     fn drop(&mut self) {
         // Drop runs outside async context guarantees: do the clean-up on a
         // thread with its own runtime, and wait for it so the database is
-        // gone when the test ends.
+        // gone when the test ends. Nothing owned by the test's runtime may be
+        // awaited there (the pool's sockets are driven by that runtime, whose
+        // thread is blocked in this join on a current-thread runtime):
+        // `WITH (FORCE)` ends the pool's sessions instead.
         let admin = self.admin.clone();
         let name = self.name.clone();
-        let pool = self.pool.clone();
         let handle = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -134,7 +136,6 @@ impl Drop for TestDatabase {
                 return;
             };
             runtime.block_on(async move {
-                pool.close().await;
                 if let Ok(mut conn) = PgConnection::connect_with(&admin).await {
                     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                         .execute(&mut conn)
@@ -202,7 +203,9 @@ impl TestNats {
 
 impl Drop for TestNats {
     fn drop(&mut self) {
-        let client = self.client.clone();
+        // A connection of its own: `self.client` is driven by the test's
+        // runtime, which is blocked in this join on a current-thread runtime.
+        let url = self.url.clone();
         let stream = self.relay.stream_name.clone();
         let handle = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
@@ -212,9 +215,14 @@ impl Drop for TestNats {
                 return;
             };
             runtime.block_on(async move {
-                let js = async_nats::jetstream::new(client);
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(5), js.delete_stream(&stream)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    let client = async_nats::connect(url.as_str()).await.ok()?;
+                    let js = async_nats::jetstream::new(client.clone());
+                    let _ = js.delete_stream(&stream).await;
+                    let _ = client.flush().await;
+                    Some(())
+                })
+                .await;
             });
         });
         let _ = handle.join();
