@@ -106,6 +106,10 @@ pub struct Task {
 }
 
 /// State of a task stream.
+// `Absent` is small and short-lived (a stream's state before its first
+// event); boxing `Task` would cost an allocation on every clone of the common
+// case to save bytes in the rare one.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum TaskState {
