@@ -158,10 +158,18 @@ impl CommandHandler {
         } else {
             Freshness::Optimistic
         };
-        for attempt in 1..=self.config.max_attempts.max(1) {
+        // Only attempts on verified state count against `max_attempts`: the
+        // first load may come from the cache unchecked, and a refusal or a
+        // conflict decided on it is a stale cache, not a lost race, so it is
+        // re-decided on current state for free (at most once per command).
+        let max_attempts = self.config.max_attempts.max(1);
+        let mut attempt = 0;
+        while attempt < max_attempts {
+            attempt += 1;
             tracing::Span::current().record("attempts", attempt);
             let loaded = self.load::<A>(&stream, freshness).await?;
             freshness = Freshness::Current;
+            let verified = loaded.verified;
             if loaded.tenant.as_deref().is_some_and(|t| t != ctx.tenant) {
                 // Another tenant's stream is indistinguishable from a missing one.
                 return Err(DomainError::NotFound {
@@ -192,7 +200,10 @@ impl CommandHandler {
             let events = match loaded.state.decide(&command, &related) {
                 Ok(events) => events,
                 // Refused on a cached state: check again on the current one.
-                Err(_) if !loaded.verified => continue,
+                Err(_) if !verified => {
+                    attempt -= 1;
+                    continue;
+                }
                 Err(refusal) => {
                     // A retried command may be refused by the state it produced
                     // itself (e.g. completing a completed task): answer with the
@@ -269,6 +280,9 @@ impl CommandHandler {
                         }
                         break;
                     }
+                    if !verified {
+                        attempt -= 1;
+                    }
                     tracing::debug!(
                         attempt,
                         actual,
@@ -304,7 +318,7 @@ impl CommandHandler {
             stream_id: stream,
             expected: ctx.expected_version.unwrap_or(last_conflict.0),
             actual: last_conflict.1,
-            attempts: self.config.max_attempts.max(1),
+            attempts: max_attempts,
         })
     }
 

@@ -74,6 +74,10 @@ pub struct RelayConfig {
     /// Least time between two PostgreSQL checkpoint writes (JetStream's last
     /// message is the primary record of progress).
     pub checkpoint_every: Duration,
+    /// How long to wait for a JetStream publish acknowledgement. Acks of
+    /// publishes lost with a dropped connection never come, so this bounds
+    /// the pause before the relay resynchronizes after a NATS outage.
+    pub ack_timeout: Duration,
 }
 
 impl Default for RelayConfig {
@@ -88,6 +92,7 @@ impl Default for RelayConfig {
             duplicate_window: Duration::from_secs(120),
             report_every: Duration::from_secs(10),
             checkpoint_every: Duration::from_secs(1),
+            ack_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -141,7 +146,7 @@ impl Relay {
     /// A relay publishing `store`'s events through `client`.
     pub fn new(store: EventStore, client: async_nats::Client, config: RelayConfig) -> Self {
         let jetstream = jetstream::ContextBuilder::new()
-            .timeout(Duration::from_secs(10))
+            .timeout(config.ack_timeout)
             .build(client);
         let (progress, _) = watch::channel(RelayProgress::default());
         Self {

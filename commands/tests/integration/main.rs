@@ -1,0 +1,11 @@
+//! Integration tests of the write side against real PostgreSQL and NATS
+//! JetStream. Every test has its own database and JetStream stream (see
+//! `neurectomy_commands::testkit`), so they run in parallel.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod gap_safety;
+mod handler;
+mod relay;
+mod store;
+mod support;

@@ -1,0 +1,166 @@
+//! The outbox relay mirrors the store into JetStream exactly once, in global
+//! order, through crashes, leadership changes and NATS outages.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use neurectomy_commands::testkit::{eventually, TestDatabase, TestNats};
+use neurectomy_commands::EventStore;
+use rand::{Rng, SeedableRng};
+
+use crate::support::{
+    fast, mixed_streams, wait_for_mirror, NatsServer, RunningRelay, Writer, WAIT,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_every_event_once_in_global_order() {
+    const BACKLOG: u64 = 1_000;
+    const LIVE: u64 = 1_000;
+    let db = TestDatabase::create(12).await.unwrap();
+    let nats = TestNats::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let config = fast(&nats.relay);
+    let streams = mixed_streams(120);
+
+    // A backlog written before the relay starts, from concurrent writers.
+    let writers: Vec<Writer> = (0..4)
+        .map(|_| Writer::spawn(&store, streams.clone(), BACKLOG / 4))
+        .collect();
+    for writer in writers {
+        assert_eq!(writer.handle.await.unwrap(), BACKLOG / 4);
+    }
+
+    // Then the relay, while more events arrive.
+    let relay = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+    let writers: Vec<Writer> = (0..4)
+        .map(|_| Writer::spawn(&store, streams.clone(), LIVE / 4))
+        .collect();
+    for writer in writers {
+        assert_eq!(writer.handle.await.unwrap(), LIVE / 4);
+    }
+
+    let n = wait_for_mirror(&store, &nats.jetstream(), &config, Some(&relay)).await;
+    assert_eq!(n as u64, BACKLOG + LIVE);
+    let progress = relay.progress();
+    assert!(progress.leader);
+    assert_eq!(progress.published, BACKLOG + LIVE);
+    assert_eq!(progress.jetstream_sequence, BACKLOG + LIVE);
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_aborted_at_random_moments_leave_an_exact_mirror() {
+    const CRASHES: usize = 6;
+    let db = TestDatabase::create(10).await.unwrap();
+    let nats = TestNats::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let config = {
+        let mut c = fast(&nats.relay);
+        // Small batches: the relay is mostly in the middle of one.
+        c.batch_size = 20;
+        c
+    };
+    let writer = Writer::spawn(&store, mixed_streams(30), u64::MAX);
+    let mut rng = rand::rngs::StdRng::from_entropy();
+
+    let mut published = 0;
+    for crash in 0..CRASHES {
+        let relay = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+        // Let this incarnation publish something, then kill it at a random
+        // moment (mid-batch, between batches, mid-checkpoint...).
+        eventually("the new relay to publish", WAIT, || async {
+            (relay.progress().published > 0).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..40))).await;
+        relay.handle.abort();
+        let ended = relay.handle.await;
+        assert!(
+            ended.as_ref().is_err_and(|e| e.is_cancelled()),
+            "crash {crash}: the relay should have been running, got {ended:?}"
+        );
+        published += relay.progress.borrow().published;
+    }
+    let final_relay = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+    writer.wait_for_more(50).await;
+    let written = writer.finish().await;
+
+    let n = wait_for_mirror(&store, &nats.jetstream(), &config, Some(&final_relay)).await;
+    assert_eq!(n as u64, written);
+    assert!(published > 0);
+    final_relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_relay_takes_over_when_the_leader_stops() {
+    let db = TestDatabase::create(10).await.unwrap();
+    let nats = TestNats::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let config = fast(&nats.relay);
+    let writer = Writer::spawn(&store, mixed_streams(30), u64::MAX);
+
+    let a = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+    let b = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+    writer.wait_for_more(200).await;
+    eventually("one relay to lead and publish", WAIT, || async {
+        (a.progress().published > 0 || b.progress().published > 0).then_some(())
+    })
+    .await;
+    let (leader, standby) = if a.progress().leader { (a, b) } else { (b, a) };
+    // Only the leader publishes while it runs.
+    writer.wait_for_more(100).await;
+    let (lp, sp) = (leader.progress(), standby.progress());
+    assert!(lp.leader && lp.published > 0, "leader: {lp:?}");
+    assert!(!sp.leader && sp.published == 0, "standby: {sp:?}");
+
+    // The leader stops; the standby takes over while writes continue.
+    leader.shutdown().await;
+    eventually("the standby to take over", WAIT, || async {
+        let p = standby.progress();
+        (p.leader && p.published > 0).then_some(())
+    })
+    .await;
+    writer.wait_for_more(100).await;
+    let written = writer.finish().await;
+
+    let n = wait_for_mirror(&store, &nats.jetstream(), &config, Some(&standby)).await;
+    assert_eq!(n as u64, written);
+    standby.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_catches_up_after_a_nats_outage() {
+    // Declared first: dropped last, after the NATS fixture cleaned up.
+    let mut server = NatsServer::start().await;
+    let db = TestDatabase::create(10).await.unwrap();
+    let nats = TestNats::create_at(&server.url()).await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let config = fast(&nats.relay);
+    let writer = Writer::spawn(&store, mixed_streams(30), u64::MAX);
+    let relay = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+
+    eventually("the relay to publish before the outage", WAIT, || async {
+        (relay.progress().published >= 100).then_some(())
+    })
+    .await;
+    server.kill();
+    let before_outage = writer.written();
+    // Writes go on while NATS is down.
+    writer.wait_for_more(100).await;
+    server.restart().await;
+    let during_outage = writer.written() - before_outage;
+    writer.wait_for_more(50).await;
+    let written = writer.finish().await;
+    assert!(
+        during_outage >= 100,
+        "{during_outage} events written during the outage"
+    );
+
+    // The relay reconnects and resynchronizes from the last message that
+    // survived in JetStream. (Publishes lost with the connection are only
+    // given up after the JetStream request timeout, hence the long wait.)
+    let n = wait_for_mirror(&store, &nats.jetstream(), &config, Some(&relay)).await;
+    assert_eq!(n as u64, written);
+    relay.shutdown().await;
+}

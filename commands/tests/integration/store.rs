@@ -1,0 +1,204 @@
+//! Optimistic concurrency of `EventStore::append`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use neurectomy_commands::testkit::TestDatabase;
+use neurectomy_commands::{AppendError, EventStore, ExpectedVersion};
+use uuid::Uuid;
+
+use crate::support::{event_count, events, stream_id, TENANT};
+
+const WRITERS: usize = 8;
+const TARGET: usize = 200;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_exact_appenders_win_each_version_once() {
+    let db = TestDatabase::create(WRITERS as u32 + 2).await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let stream = stream_id("task");
+    let successes = Arc::new(AtomicUsize::new(0));
+
+    let mut tasks = Vec::new();
+    for _ in 0..WRITERS {
+        let (store, stream, successes) = (store.clone(), stream.clone(), successes.clone());
+        tasks.push(tokio::spawn(async move {
+            // (version won, event id) and the number of conflicts seen.
+            let mut won: Vec<(i64, Uuid)> = Vec::new();
+            let mut conflicts = 0usize;
+            while successes.load(Ordering::SeqCst) < TARGET {
+                let v = store.stream_version(&stream).await.unwrap();
+                let batch = events(&stream, 1, TENANT);
+                let id = batch[0].metadata.event_id;
+                match store.append(&stream, ExpectedVersion::Exact(v), batch).await {
+                    Ok(recorded) => {
+                        assert_eq!(recorded.len(), 1);
+                        assert_eq!(recorded[0].stream_version, v as i64 + 1);
+                        assert_eq!(recorded[0].event_id, id);
+                        won.push((recorded[0].stream_version, id));
+                        successes.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(AppendError::Conflict {
+                        stream_id,
+                        expected,
+                        actual,
+                    }) => {
+                        assert_eq!(stream_id, stream);
+                        assert_eq!(expected, ExpectedVersion::Exact(v));
+                        assert!(
+                            actual > v,
+                            "a conflict at version {v} must report a newer actual version, got {actual}"
+                        );
+                        conflicts += 1;
+                    }
+                    Err(other) => panic!("unexpected append error: {other}"),
+                }
+            }
+            (won, conflicts)
+        }));
+    }
+    let mut won = Vec::new();
+    let mut conflicts = 0;
+    for task in tasks {
+        let (w, c) = task.await.unwrap();
+        won.extend(w);
+        conflicts += c;
+    }
+
+    let n = won.len();
+    assert!(n >= TARGET, "{n} successful appends");
+    let final_version = store.stream_version(&stream).await.unwrap();
+    assert_eq!(
+        final_version as usize, n,
+        "successes must equal the final version"
+    );
+    assert!(
+        conflicts > 0,
+        "{WRITERS} racing writers must have collided at least once"
+    );
+
+    // Exactly one winner per version.
+    let mut versions: Vec<i64> = won.iter().map(|(v, _)| *v).collect();
+    versions.sort_unstable();
+    assert_eq!(versions, (1..=n as i64).collect::<Vec<_>>());
+
+    // The stream holds versions 1..=n, no gap, no duplicate, and exactly the
+    // winners' events.
+    let stored = store
+        .read_stream(&stream, 1, i64::MAX, 10_000)
+        .await
+        .unwrap();
+    let stored_versions: Vec<i64> = stored.iter().map(|e| e.stream_version).collect();
+    assert_eq!(stored_versions, (1..=n as i64).collect::<Vec<_>>());
+    let mut by_version = won.clone();
+    by_version.sort_unstable();
+    let stored_pairs: Vec<(i64, Uuid)> = stored
+        .iter()
+        .map(|e| (e.stream_version, e.event_id))
+        .collect();
+    assert_eq!(stored_pairs, by_version);
+    assert_eq!(
+        event_count(&db.pool).await,
+        n as i64,
+        "losers appended nothing"
+    );
+}
+
+#[tokio::test]
+async fn stale_expectations_conflict_and_append_nothing() {
+    let db = TestDatabase::create(3).await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let stream = stream_id("agent");
+
+    let first = store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            events(&stream, 3, TENANT),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        first.iter().map(|e| e.stream_version).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(
+        first.windows(2).all(|w| w[0].position < w[1].position),
+        "positions increase within one append"
+    );
+    store
+        .append(
+            &stream,
+            ExpectedVersion::Exact(3),
+            events(&stream, 1, TENANT),
+        )
+        .await
+        .unwrap();
+    let before = event_count(&db.pool).await;
+    assert_eq!(before, 4);
+
+    // NoStream on an existing stream.
+    match store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            events(&stream, 1, TENANT),
+        )
+        .await
+    {
+        Err(AppendError::Conflict {
+            expected, actual, ..
+        }) => assert_eq!((expected, actual), (ExpectedVersion::NoStream, 4)),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    // A stale exact version (and one from the future).
+    for stale in [3, 0, 5] {
+        match store
+            .append(
+                &stream,
+                ExpectedVersion::Exact(stale),
+                events(&stream, 2, TENANT),
+            )
+            .await
+        {
+            Err(AppendError::Conflict {
+                expected, actual, ..
+            }) => assert_eq!((expected, actual), (ExpectedVersion::Exact(stale), 4)),
+            other => panic!("expected a conflict for version {stale}, got {other:?}"),
+        }
+    }
+    // Re-appending events that exist (same ids) is a duplicate, not a new append.
+    let mut again = events(&stream, 1, TENANT);
+    again[0].metadata = first[0].metadata.clone();
+    match store.append(&stream, ExpectedVersion::Any, again).await {
+        Err(AppendError::DuplicateEvent { command_id }) => {
+            assert_eq!(command_id, first[0].metadata.command_id);
+        }
+        other => panic!("expected a duplicate, got {other:?}"),
+    }
+    // An empty batch is refused.
+    assert!(matches!(
+        store
+            .append(&stream, ExpectedVersion::Any, Vec::new())
+            .await,
+        Err(AppendError::BadBatch { count: 0, .. })
+    ));
+
+    assert_eq!(
+        event_count(&db.pool).await,
+        before,
+        "failed appends wrote nothing"
+    );
+    assert_eq!(store.stream_version(&stream).await.unwrap(), 4);
+    let ids: HashSet<Uuid> = store
+        .read_stream(&stream, 1, 100, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(ids.len(), 4);
+}

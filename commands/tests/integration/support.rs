@@ -1,0 +1,611 @@
+//! Shared fixtures: event builders, a small domain world on top of the
+//! command handler, relay and writer tasks, the JetStream mirror check, and a
+//! private `nats-server` child process.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command as Process, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use domain::{
+    AgentCommand, AgentId, AgentKind, Command, TaskCommand, TaskId, WorkflowCommand, WorkflowId,
+};
+use futures::{StreamExt, TryStreamExt};
+use neurectomy_commands::relay::{
+    HEADER_EVENT_TYPE, HEADER_POSITION, HEADER_SCHEMA_VERSION, HEADER_STREAM_ID,
+    HEADER_STREAM_VERSION, HEADER_TENANT, HEADER_TRACEPARENT,
+};
+use neurectomy_commands::testkit::eventually;
+use neurectomy_commands::{
+    event_store, CommandContext, CommandError, CommandHandler, CommandOutcome, EventMetadata,
+    EventStore, ExpectedVersion, HandlerConfig, NewEvent, RecordedEvent, Relay, RelayConfig,
+    RelayError, RelayProgress,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use sqlx::PgPool;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Upper bound for any effect a test waits for.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Tenant used by tests that need only one.
+pub const TENANT: &str = "tenant-a";
+
+// ---------------------------------------------------------------------------
+// Raw events
+// ---------------------------------------------------------------------------
+
+/// Metadata for the `index`-th event of `command_id`.
+pub fn metadata(command_id: Uuid, index: usize, tenant: &str) -> EventMetadata {
+    EventMetadata {
+        event_id: event_store::event_id(command_id, index),
+        command_id,
+        command_type: "TestCommand".to_owned(),
+        command_hash: "0".repeat(64),
+        correlation_id: command_id,
+        causation_id: command_id,
+        actor: "integration-test".to_owned(),
+        tenant: tenant.to_owned(),
+        occurred_at: OffsetDateTime::now_utc(),
+        traceparent: None,
+    }
+}
+
+/// An event type that fits the stream's aggregate kind (the relay derives
+/// subjects from both).
+pub fn event_type_for(stream_id: &str) -> &'static str {
+    match stream_id.split_once('-').map(|(kind, _)| kind) {
+        Some("agent") => "AgentPaused",
+        Some("workflow") => "WorkflowStarted",
+        _ => "TaskProgressReported",
+    }
+}
+
+/// `count` events of one fresh command for `stream_id`.
+pub fn events(stream_id: &str, count: usize, tenant: &str) -> Vec<NewEvent> {
+    events_traced(stream_id, count, tenant, None)
+}
+
+/// Like [`events`], with a W3C traceparent on every event.
+pub fn events_traced(
+    stream_id: &str,
+    count: usize,
+    tenant: &str,
+    traceparent: Option<String>,
+) -> Vec<NewEvent> {
+    let command_id = Uuid::new_v4();
+    (0..count)
+        .map(|index| NewEvent {
+            event_type: event_type_for(stream_id).to_owned(),
+            schema_version: 1,
+            data: json!({ "stream": stream_id, "index": index, "command": command_id }),
+            metadata: EventMetadata {
+                traceparent: traceparent.clone(),
+                ..metadata(command_id, index, tenant)
+            },
+        })
+        .collect()
+}
+
+/// A fresh stream id of the given kind.
+pub fn stream_id(kind: &str) -> String {
+    format!("{kind}-{}", Uuid::new_v4())
+}
+
+/// `SELECT count(*) FROM events`.
+pub async fn event_count(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Every position in the table, in order (what a reader must end up with).
+pub async fn all_positions(pool: &PgPool) -> Vec<i64> {
+    sqlx::query_scalar("SELECT position FROM events ORDER BY position")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// Reads the whole log gap-safely, waiting until every committed event is
+/// readable (transactions elsewhere in the cluster can hold the horizon back).
+/// Asserts positions strictly increase.
+pub async fn read_everything(store: &EventStore) -> Vec<RecordedEvent> {
+    let expected = event_count(store.pool()).await;
+    eventually("the gap-safe reader to see every event", WAIT, || async {
+        let mut all: Vec<RecordedEvent> = Vec::new();
+        loop {
+            let after = all.last().map_or(0, |e| e.position);
+            let batch = store.read_all(after, 1000).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            all.extend(batch);
+        }
+        assert!(
+            all.windows(2).all(|w| w[0].position < w[1].position),
+            "read_all positions must strictly increase"
+        );
+        (all.len() as i64 == expected).then_some(all)
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------
+// A domain world driven through the command handler
+// ---------------------------------------------------------------------------
+
+/// A command handler plus helpers to build agents, workflows and tasks.
+#[derive(Clone)]
+pub struct World {
+    pub handler: CommandHandler,
+    pub config: HandlerConfig,
+    pub tenant: String,
+}
+
+impl World {
+    pub fn new(handler: CommandHandler, tenant: &str) -> Self {
+        Self {
+            handler,
+            config: HandlerConfig::default(),
+            tenant: tenant.to_owned(),
+        }
+    }
+
+    /// Records the configuration the handler was built with.
+    pub fn with_config(mut self, config: HandlerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The same handler acting for another tenant.
+    pub fn as_tenant(&self, tenant: &str) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    pub fn store(&self) -> &EventStore {
+        self.handler.store()
+    }
+
+    /// A context with a fresh command id.
+    pub fn ctx(&self) -> CommandContext {
+        CommandContext::new(Uuid::new_v4(), "integration-test", self.tenant.as_str())
+    }
+
+    pub async fn try_run(
+        &self,
+        command: impl Into<Command>,
+    ) -> Result<CommandOutcome, CommandError> {
+        self.handler.execute(command.into(), &self.ctx()).await
+    }
+
+    pub async fn run(&self, command: impl Into<Command>) -> CommandOutcome {
+        let command = command.into();
+        let name = command.name();
+        self.handler
+            .execute(command, &self.ctx())
+            .await
+            .unwrap_or_else(|e| panic!("{name} failed: {e} ({})", e.code()))
+    }
+
+    pub async fn workflow(&self) -> WorkflowId {
+        let id = WorkflowId::from_uuid(Uuid::new_v4());
+        self.run(WorkflowCommand::StartWorkflow {
+            workflow_id: id,
+            name: "integration".into(),
+            metadata: json!({ "suite": "integration" }),
+        })
+        .await;
+        id
+    }
+
+    pub async fn agent(&self, capabilities: &[&str]) -> AgentId {
+        let id = AgentId::from_uuid(Uuid::new_v4());
+        self.run(AgentCommand::RegisterAgent {
+            agent_id: id,
+            name: "worker".into(),
+            kind: AgentKind::Tool,
+            model: None,
+            capabilities: capabilities.iter().map(|c| (*c).to_owned()).collect(),
+            parent_agent_id: None,
+        })
+        .await;
+        id
+    }
+
+    pub fn create_task(
+        workflow: WorkflowId,
+        capabilities: &[&str],
+        depends_on: Vec<TaskId>,
+    ) -> (TaskId, TaskCommand) {
+        let id = TaskId::from_uuid(Uuid::new_v4());
+        let command = TaskCommand::CreateTask {
+            task_id: id,
+            workflow_id: workflow,
+            title: "a task".into(),
+            input: json!({ "prompt": "do it" }),
+            required_capabilities: capabilities.iter().map(|c| (*c).to_owned()).collect(),
+            depends_on,
+            priority: 50,
+            max_attempts: 3,
+        };
+        (id, command)
+    }
+
+    pub async fn task(
+        &self,
+        workflow: WorkflowId,
+        capabilities: &[&str],
+        depends_on: Vec<TaskId>,
+    ) -> TaskId {
+        let (id, command) = Self::create_task(workflow, capabilities, depends_on);
+        self.run(command).await;
+        id
+    }
+
+    /// A workflow, an agent and a task that is assigned and running
+    /// (task stream at version 3).
+    pub async fn running_task(&self) -> (TaskId, AgentId) {
+        let workflow = self.workflow().await;
+        let agent = self.agent(&["code"]).await;
+        let task = self.task(workflow, &["code"], Vec::new()).await;
+        self.run(TaskCommand::AssignTask {
+            task_id: task,
+            agent_id: agent,
+        })
+        .await;
+        self.run(TaskCommand::StartTask { task_id: task }).await;
+        (task, agent)
+    }
+}
+
+/// The stable error code of a failed command (panics on success).
+pub fn code_of(result: Result<CommandOutcome, CommandError>) -> &'static str {
+    match result {
+        Ok(outcome) => panic!("expected an error, got {outcome:?}"),
+        Err(e) => e.code(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Relays and writers
+// ---------------------------------------------------------------------------
+
+/// The per-test relay configuration with fast polls and backoff.
+pub fn fast(config: &RelayConfig) -> RelayConfig {
+    RelayConfig {
+        batch_size: 100,
+        idle_poll: Duration::from_millis(50),
+        standby_poll: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+        report_every: Duration::from_secs(3600),
+        ..config.clone()
+    }
+}
+
+/// A relay running in a task of its own.
+pub struct RunningRelay {
+    pub stop: CancellationToken,
+    pub handle: JoinHandle<Result<(), RelayError>>,
+    pub progress: watch::Receiver<RelayProgress>,
+}
+
+impl RunningRelay {
+    pub fn spawn(store: &EventStore, client: async_nats::Client, config: RelayConfig) -> Self {
+        let relay = Relay::new(store.clone(), client, config);
+        let progress = relay.progress();
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn({
+            let stop = stop.clone();
+            async move { relay.run(stop).await }
+        });
+        Self {
+            stop,
+            handle,
+            progress,
+        }
+    }
+
+    pub fn progress(&self) -> RelayProgress {
+        *self.progress.borrow()
+    }
+
+    /// Graceful shutdown; the relay must return `Ok`.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.handle
+            .await
+            .expect("relay task panicked")
+            .expect("relay failed");
+    }
+}
+
+/// A task appending events (1–4 per append, `ExpectedVersion::Any`) to
+/// random streams until stopped or until it has written `limit` events.
+pub struct Writer {
+    pub stop: CancellationToken,
+    pub written: Arc<AtomicU64>,
+    pub handle: JoinHandle<u64>,
+}
+
+impl Writer {
+    pub fn spawn(store: &EventStore, streams: Vec<String>, limit: u64) -> Self {
+        let stop = CancellationToken::new();
+        let written = Arc::new(AtomicU64::new(0));
+        let handle = tokio::spawn({
+            let (store, stop, written) = (store.clone(), stop.clone(), written.clone());
+            async move {
+                let mut rng = StdRng::from_entropy();
+                let mut total = 0u64;
+                while total < limit && !stop.is_cancelled() {
+                    let stream = &streams[rng.gen_range(0..streams.len())];
+                    let count = rng.gen_range(1..=4u64).min(limit - total);
+                    let traceparent = rng.gen_bool(0.3).then(|| {
+                        format!(
+                            "00-{}-{}-01",
+                            Uuid::new_v4().simple(),
+                            &Uuid::new_v4().simple().to_string()[..16]
+                        )
+                    });
+                    let batch = events_traced(stream, count as usize, TENANT, traceparent);
+                    store
+                        .append(stream, ExpectedVersion::Any, batch)
+                        .await
+                        .unwrap();
+                    total += count;
+                    written.store(total, Ordering::SeqCst);
+                }
+                total
+            }
+        });
+        Self {
+            stop,
+            written,
+            handle,
+        }
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the writer has written `more` events beyond now.
+    pub async fn wait_for_more(&self, more: u64) {
+        let target = self.written() + more;
+        eventually("the writer to append more events", WAIT, || async {
+            (self.written() >= target).then_some(())
+        })
+        .await;
+    }
+
+    pub async fn finish(self) -> u64 {
+        self.stop.cancel();
+        self.handle.await.expect("writer panicked")
+    }
+}
+
+/// `count` stream ids over all three aggregate kinds.
+pub fn mixed_streams(count: usize) -> Vec<String> {
+    let kinds = ["task", "agent", "workflow"];
+    (0..count)
+        .map(|i| stream_id(kinds[i % kinds.len()]))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The JetStream mirror
+// ---------------------------------------------------------------------------
+
+fn header<'a>(message: &'a jetstream::message::StreamMessage, name: &str) -> Option<&'a str> {
+    message.headers.get(name).map(|v| v.as_str())
+}
+
+/// Waits until the JetStream stream holds at least as many messages as the
+/// store holds events and `relay` (if given) acknowledged the last position,
+/// then checks the mirror exactly. Returns the number of events.
+pub async fn wait_for_mirror(
+    store: &EventStore,
+    js: &jetstream::Context,
+    config: &RelayConfig,
+    relay: Option<&RunningRelay>,
+) -> usize {
+    let events = read_everything(store).await;
+    let n = events.len() as u64;
+    let last = events.last().map_or(0, |e| e.position);
+    eventually("the relay to publish every event", WAIT, || async {
+        if let Some(relay) = relay {
+            if relay.progress().position < last {
+                return None;
+            }
+        }
+        let stream = js.get_stream(&config.stream_name).await.ok()?;
+        let info = stream.get_info().await.ok()?;
+        (info.state.last_sequence >= n).then_some(())
+    })
+    .await;
+    assert_mirror(&events, js, config).await;
+    events.len()
+}
+
+/// The JetStream stream holds exactly `events`, once each, in order, with the
+/// relay's subjects, ids and headers, and payloads equal to the store's rows.
+pub async fn assert_mirror(
+    events: &[RecordedEvent],
+    js: &jetstream::Context,
+    config: &RelayConfig,
+) {
+    let stream = js.get_stream(&config.stream_name).await.unwrap();
+    let info = stream.get_info().await.unwrap();
+    let n = events.len() as u64;
+    assert_eq!(
+        (
+            info.state.messages,
+            info.state.first_sequence,
+            info.state.last_sequence
+        ),
+        (n, 1, n),
+        "JetStream must hold exactly the {n} events of the store, from sequence 1"
+    );
+    let messages: Vec<jetstream::message::StreamMessage> = futures::stream::iter(1..=n)
+        .map(|seq| stream.get_raw_message(seq))
+        .buffered(32)
+        .try_collect()
+        .await
+        .unwrap();
+
+    let js_positions: Vec<i64> = messages
+        .iter()
+        .map(|m| header(m, HEADER_POSITION).unwrap().parse().unwrap())
+        .collect();
+    let store_positions: Vec<i64> = events.iter().map(|e| e.position).collect();
+    assert_eq!(
+        js_positions, store_positions,
+        "Neurectomy-Position headers must follow read_all order"
+    );
+    let payloads: Vec<RecordedEvent> = messages
+        .iter()
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .collect();
+    let js_ids: Vec<Uuid> = payloads.iter().map(|e| e.event_id).collect();
+    let store_ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    assert_eq!(
+        js_ids, store_ids,
+        "payload event ids must follow read_all order"
+    );
+
+    for ((message, payload), event) in messages.iter().zip(&payloads).zip(events) {
+        let at = format!("message {} (position {})", message.sequence, event.position);
+        assert_eq!(
+            payload, event,
+            "{at}: payload differs from the stored event"
+        );
+        assert_eq!(
+            message.subject.as_str(),
+            format!(
+                "{}.{}.{}",
+                config.subject_prefix,
+                event.kind(),
+                event.event_type
+            ),
+            "{at}: subject"
+        );
+        let event_id = event.event_id.to_string();
+        let version = event.stream_version.to_string();
+        let schema = event.schema_version.to_string();
+        let expected = [
+            ("Nats-Msg-Id", Some(event_id.as_str())),
+            (HEADER_STREAM_ID, Some(event.stream_id.as_str())),
+            (HEADER_STREAM_VERSION, Some(version.as_str())),
+            (HEADER_EVENT_TYPE, Some(event.event_type.as_str())),
+            (HEADER_SCHEMA_VERSION, Some(schema.as_str())),
+            (HEADER_TENANT, Some(event.metadata.tenant.as_str())),
+            (HEADER_TRACEPARENT, event.metadata.traceparent.as_deref()),
+        ];
+        for (name, value) in expected {
+            assert_eq!(header(message, name), value, "{at}: header {name}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A private nats-server
+// ---------------------------------------------------------------------------
+
+/// A `nats-server -js` child process on its own port and store directory;
+/// killed (and its directory removed) on drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl NatsServer {
+    fn binary() -> PathBuf {
+        let path = std::env::var_os("NEURECTOMY_NATS_SERVER")
+            .map_or_else(|| PathBuf::from("/usr/sbin/nats-server"), PathBuf::from);
+        assert!(
+            path.exists(),
+            "nats-server is not installed at {} (set NEURECTOMY_NATS_SERVER to another path); \
+             install it with: apt-get install nats-server",
+            path.display()
+        );
+        path
+    }
+
+    /// Starts a server on a free port and waits until it accepts connections.
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("neurectomy-nats-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = Self {
+            child: None,
+            port,
+            dir,
+        };
+        server.restart().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts the server on the same port and store directory.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "the server is already running");
+        let child = Process::new(Self::binary())
+            .args(["-js", "-a", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .arg("-sd")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start nats-server ({e}); install it with: apt-get install nats-server"
+                )
+            });
+        self.child = Some(child);
+        let port = self.port;
+        eventually("the private nats-server to listen", WAIT, || async move {
+            TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+        })
+        .await;
+    }
+
+    /// Kills the server (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
