@@ -274,7 +274,17 @@ const NOTE: &str =
 /// `bench append`: commands through the handler and raw batched appends.
 async fn append(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Figures>> {
     let db = ScratchDatabase::create(settings, args.pool.max(1)).await?;
-    let store = EventStore::new(db.pool.clone());
+    // The scratch database is dropped whether the scenarios succeed or not.
+    let result = append_scenarios(settings, args, EventStore::new(db.pool.clone())).await;
+    db.drop_database().await;
+    result
+}
+
+async fn append_scenarios(
+    settings: &Settings,
+    args: &BenchArgs,
+    store: EventStore,
+) -> anyhow::Result<Vec<Figures>> {
     let handler = CommandHandler::new(
         store.clone(),
         HandlerConfig {
@@ -372,7 +382,6 @@ async fn append(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Fig
         }
         results.extend(median(runs));
     }
-    db.drop_database().await;
     Ok(results)
 }
 
@@ -425,7 +434,16 @@ async fn preload(store: &EventStore, total: u64) -> anyhow::Result<()> {
 /// commit → JetStream-ack latency at a paced 2,000 events/s.
 async fn relay(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Figures>> {
     let db = ScratchDatabase::create(settings, args.pool.max(8)).await?;
-    let store = EventStore::new(db.pool.clone());
+    let result = relay_scenarios(settings, args, EventStore::new(db.pool.clone())).await;
+    db.drop_database().await;
+    result
+}
+
+async fn relay_scenarios(
+    settings: &Settings,
+    args: &BenchArgs,
+    store: EventStore,
+) -> anyhow::Result<Vec<Figures>> {
     let nats = crate::app::connect_nats(settings).await?;
     let seconds = args.seconds.max(1);
     let mut results = Vec::new();
@@ -575,7 +593,6 @@ async fn relay(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Figu
             .delete_stream(&stream_name)
             .await;
     }
-    db.drop_database().await;
     Ok(results)
 }
 
