@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the services Neurectomy needs are installed and running locally:
-# PostgreSQL (127.0.0.1:5432, trust auth for local TCP) and NATS with
-# JetStream (127.0.0.1:4222). Installs them from Debian's packages when they
+# PostgreSQL (127.0.0.1:5432, trust auth for local TCP), NATS with JetStream
+# (127.0.0.1:4222) and Redis (127.0.0.1:6379, nothing kept on disk). Installs them from Debian's packages when they
 # are missing and starts them when they are stopped. Idempotent.
 #
 #   scripts/services.sh up       # install/start what is missing (default)
@@ -12,6 +12,7 @@ PG_PORT="${PG_PORT:-5432}"
 NATS_PORT="${NATS_PORT:-4222}"
 NATS_STORE="${NATS_STORE:-/var/lib/nats-server}"
 NATS_LOG="${NATS_LOG:-/var/log/nats-server.log}"
+REDIS_PORT="${REDIS_PORT:-6379}"
 
 log() { printf '[services] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -88,8 +89,29 @@ nats() {
   log "NATS with JetStream is up on 127.0.0.1:$NATS_PORT"
 }
 
+redis_up() {
+  timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$REDIS_PORT; printf 'PING\r\n' >&3; IFS= read -r line <&3; [[ \"\$line\" == +PONG* ]]"
+}
+
+redis() {
+  if redis_up; then log "Redis is up on 127.0.0.1:$REDIS_PORT"; return; fi
+  [ "$1" = check ] && { log "Redis is DOWN on 127.0.0.1:$REDIS_PORT"; return 1; }
+  command -v redis-server >/dev/null || apt_install redis-server
+  sudo_if_needed mkdir -p /var/lib/redis /var/log/redis
+  log "starting Redis"
+  sudo_if_needed redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" \
+    --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  wait_for "Redis" 30 redis_up
+  log "Redis is up on 127.0.0.1:$REDIS_PORT"
+}
+
 mode="${1:-up}"
 case "$mode" in
-  up|check) status=0; postgres "$mode" || status=1; nats "$mode" || status=1; exit "$status" ;;
+  up|check)
+    status=0
+    postgres "$mode" || status=1
+    nats "$mode" || status=1
+    redis "$mode" || status=1
+    exit "$status" ;;
   *) die "usage: $0 [up|check]" ;;
 esac

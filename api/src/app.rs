@@ -11,7 +11,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
 
-use crate::settings::{AllArgs, Settings};
+use crate::settings::{AllArgs, ProjectArgs, Projection, Settings};
 
 /// Hides the password of a URL for messages.
 pub fn redact(url: &str) -> String {
@@ -125,8 +125,133 @@ pub async fn run_relay(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs every role of this issue in one process: migrations, the relay and,
-/// optionally, the simulator.
+/// Connects the Redis read model.
+pub async fn connect_live(settings: &Settings) -> anyhow::Result<projections::LiveModel> {
+    projections::LiveModel::connect(&settings.redis_url, settings.live_config())
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to Redis at {} (is redis-server running?)",
+                redact(&settings.redis_url)
+            )
+        })
+}
+
+/// Spawns the projectors selected by `only`, returning their tasks.
+async fn spawn_projectors(
+    settings: &Settings,
+    store: &EventStore,
+    nats: &async_nats::Client,
+    only: Option<Projection>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<Result<(), projections::ProjectorError>>>> {
+    let mut tasks = Vec::new();
+    if only.is_none_or(|p| p == Projection::Redis) {
+        let model = connect_live(settings).await?;
+        let projector = projections::Projector::new(
+            model,
+            store.clone(),
+            nats.clone(),
+            settings.projector_config(),
+        );
+        let shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move { projector.run(shutdown).await }));
+        tracing::info!(prefix = %settings.redis_prefix, "redis projector started");
+    }
+    Ok(tasks)
+}
+
+/// Runs the projectors until a signal (or until one stops on an event it
+/// cannot apply).
+pub async fn run_projectors(settings: &Settings, args: ProjectArgs) -> anyhow::Result<()> {
+    let pool = connect_database(settings).await?;
+    let nats = connect_nats(settings).await?;
+    let store = EventStore::new(pool.clone());
+    let shutdown = shutdown_on_signal();
+    let tasks = spawn_projectors(settings, &store, &nats, args.only, &shutdown).await?;
+    let mut failure = None;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                shutdown.cancel();
+                failure = Some(anyhow::Error::from(error));
+            }
+            Err(error) => failure = Some(anyhow::anyhow!("a projector task panicked: {error}")),
+        }
+    }
+    pool.close().await;
+    failure.map_or(Ok(()), Err)
+}
+
+/// Prints the relay's and the projections' checkpoints and lag.
+pub async fn status(settings: &Settings) -> anyhow::Result<()> {
+    use projections::ReadModel as _;
+    let pool = connect_database(settings).await?;
+    let store = EventStore::new(pool.clone());
+    let head = store.head().await.context("reading the head of the log")?;
+    println!(
+        "event store: head position {} (readable {})",
+        head.written, head.readable
+    );
+    let relay: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT position, jetstream_sequence FROM relay_checkpoints WHERE relay = $1",
+    )
+    .bind(&settings.jetstream_stream)
+    .fetch_optional(&pool)
+    .await
+    .context("reading the relay checkpoint")?;
+    match relay {
+        Some((position, sequence)) => {
+            let lag = store.count_after(position, 10_000_000).await?;
+            println!("relay {}: checkpoint {position} (JetStream sequence {sequence}), {lag} event(s) behind", settings.jetstream_stream);
+        }
+        None => println!("relay {}: no checkpoint yet", settings.jetstream_stream),
+    }
+    let live = connect_live(settings).await?;
+    let checkpoint = live
+        .checkpoint()
+        .await
+        .context("reading the Redis checkpoint")?;
+    let lag = store.count_after(checkpoint, 10_000_000).await?;
+    println!(
+        "projection redis ({}): checkpoint {checkpoint}, {lag} event(s) behind",
+        settings.redis_prefix
+    );
+    pool.close().await;
+    Ok(())
+}
+
+/// Diffs the read models against the event store.
+pub async fn verify(settings: &Settings) -> anyhow::Result<()> {
+    use projections::ReadModel as _;
+    let pool = connect_database(settings).await?;
+    let store = EventStore::new(pool.clone());
+    let live = connect_live(settings).await?;
+    let until = live
+        .checkpoint()
+        .await
+        .context("reading the Redis checkpoint")?;
+    let differences = projections::verify::verify_live(&store, &live, until)
+        .await
+        .context("verifying the Redis read model")?;
+    for difference in &differences {
+        println!("{difference}");
+    }
+    println!(
+        "redis: {} difference(s) up to position {until}",
+        differences.len()
+    );
+    pool.close().await;
+    anyhow::ensure!(
+        differences.is_empty(),
+        "the Redis read model disagrees with the event store"
+    );
+    Ok(())
+}
+
+/// Runs every role in one process: migrations, the relay, the projectors
+/// and, optionally, the simulator.
 pub async fn run_all(settings: &Settings, args: AllArgs) -> anyhow::Result<()> {
     migrate(settings).await?;
     let pool = connect_database(settings).await?;
@@ -136,7 +261,7 @@ pub async fn run_all(settings: &Settings, args: AllArgs) -> anyhow::Result<()> {
     // Wakes relays in other processes (e.g. a standby) on our commits.
     let notifier = store.spawn_commit_notifier(shutdown.clone());
 
-    let relay = Relay::new(store.clone(), nats, settings.relay_config());
+    let relay = Relay::new(store.clone(), nats.clone(), settings.relay_config());
     relay
         .ensure_stream()
         .await
@@ -146,6 +271,8 @@ pub async fn run_all(settings: &Settings, args: AllArgs) -> anyhow::Result<()> {
         async move { relay.run(shutdown).await }
     });
     tracing::info!(stream = %settings.jetstream_stream, "relay started");
+
+    let projectors = spawn_projectors(settings, &store, &nats, None, &shutdown).await?;
 
     let simulation = args.simulate.then(|| {
         let handler = CommandHandler::new(store.clone(), settings.handler_config());
@@ -168,6 +295,13 @@ pub async fn run_all(settings: &Settings, args: AllArgs) -> anyhow::Result<()> {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::error!("simulator failed: {error:#}"),
             Err(error) => tracing::error!(%error, "simulator task panicked"),
+        }
+    }
+    for projector in projectors {
+        match projector.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!("{error}"),
+            Err(error) => tracing::error!(%error, "a projector task panicked"),
         }
     }
     let relay_result = match relay_result {

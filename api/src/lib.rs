@@ -56,6 +56,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relay => app::run_relay(&cli.settings).await,
         Command::All(args) => app::run_all(&cli.settings, args).await,
         Command::Simulate(args) => simulate::run(&cli.settings, args).await,
+        Command::Project(args) => app::run_projectors(&cli.settings, args).await,
+        Command::Status => app::status(&cli.settings).await,
+        Command::Verify => app::verify(&cli.settings).await,
         Command::Bench(bench) => bench::run(&cli.settings, bench).await,
     }
 }

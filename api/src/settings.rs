@@ -34,9 +34,31 @@ pub enum Command {
     All(AllArgs),
     /// Drive a realistic orchestration workload through the command handler.
     Simulate(SimulateArgs),
+    /// Run the projectors (read-model builders) until SIGINT/SIGTERM.
+    Project(ProjectArgs),
+    /// Show the relay's and each projection's checkpoint and lag.
+    Status,
+    /// Fold every stream of the event store and diff the result against the
+    /// read models; exits non-zero if they disagree.
+    Verify,
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// Which projections to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Projection {
+    /// The Redis live-state read model.
+    Redis,
+}
+
+/// Options of `project`.
+#[derive(Debug, Clone, Args)]
+pub struct ProjectArgs {
+    /// Run only this projection (default: all).
+    #[arg(long)]
+    pub only: Option<Projection>,
 }
 
 /// Options of `all`.
@@ -214,6 +236,38 @@ pub struct Settings {
         global = true
     )]
     pub relay_idle_poll_ms: u64,
+    /// Redis URL of the live-state read model.
+    #[arg(
+        long,
+        env = "NEURECTOMY_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        global = true
+    )]
+    pub redis_url: String,
+    /// Prefix of every Redis key of the read model.
+    #[arg(
+        long,
+        env = "NEURECTOMY_REDIS_PREFIX",
+        default_value = "neurectomy:",
+        global = true
+    )]
+    pub redis_prefix: String,
+    /// Most events a projector applies in one atomic write.
+    #[arg(
+        long,
+        env = "NEURECTOMY_PROJECTOR_BATCH_SIZE",
+        default_value_t = 500,
+        global = true
+    )]
+    pub projector_batch_size: usize,
+    /// Longest wait (ms) for a projector batch to fill before applying it.
+    #[arg(
+        long,
+        env = "NEURECTOMY_PROJECTOR_LINGER_MS",
+        default_value_t = 5,
+        global = true
+    )]
+    pub projector_linger_ms: u64,
     /// Logging.
     #[command(flatten)]
     pub log: LogSettings,
@@ -228,6 +282,24 @@ impl Settings {
             batch_size: self.relay_batch_size.max(1),
             idle_poll: Duration::from_millis(self.relay_idle_poll_ms.max(1)),
             ..commands::RelayConfig::default()
+        }
+    }
+
+    /// The projector configuration these settings describe.
+    pub fn projector_config(&self) -> projections::ProjectorConfig {
+        projections::ProjectorConfig {
+            stream_name: self.jetstream_stream.clone(),
+            batch_size: self.projector_batch_size.max(1),
+            linger: Duration::from_millis(self.projector_linger_ms.max(1)),
+            ..projections::ProjectorConfig::default()
+        }
+    }
+
+    /// The Redis read-model configuration these settings describe.
+    pub fn live_config(&self) -> projections::LiveModelConfig {
+        projections::LiveModelConfig {
+            prefix: self.redis_prefix.clone(),
+            ..projections::LiveModelConfig::default()
         }
     }
 

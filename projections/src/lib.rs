@@ -1,1 +1,39 @@
-//! placeholder
+//! # Neurectomy read side
+//!
+//! Projector workers turn the event log into read models. Everything here is
+//! derived from the PostgreSQL event store and can be rebuilt from it.
+//!
+//! ## Contracts
+//!
+//! - **Order.** A projection applies events strictly in global position
+//!   order, in batches.
+//! - **Exactly-once effects.** A read model stores its checkpoint (the last
+//!   applied position) in the same atomic write as the changes of a batch;
+//!   the runtime skips events at or below it, so at-least-once delivery
+//!   (redelivery, restarts) changes nothing twice.
+//! - **Never skip.** JetStream messages are consumed by stream sequence; a
+//!   missing sequence (retention, a wiped consumer) or a new, empty read model
+//!   sends the projection back to the event store (gap-safe reader) until it
+//!   is caught up, then to JetStream again. An event that cannot be applied
+//!   stops the projection at its position, with the reason in its status.
+//! - **Transient failures** (a store down) are retried with capped backoff,
+//!   without acknowledging anything.
+//!
+//! ## Layout
+//!
+//! - [`model`]: the [`ReadModel`] contract and [`ApplyError`].
+//! - [`runtime`]: the projector loop (catch-up, JetStream consumer, status).
+//! - [`live`]: the Redis live-state read model and its change feed.
+//! - [`testkit`]: per-test Redis key prefixes.
+//! - [`verify`]: re-derives state from the event store and diffs it against
+//!   the Redis read model.
+
+pub mod live;
+pub mod model;
+pub mod runtime;
+pub mod testkit;
+pub mod verify;
+
+pub use live::{LiveModel, LiveModelConfig};
+pub use model::{ApplyError, Projected, ReadModel};
+pub use runtime::{Projector, ProjectorConfig, ProjectorError, ProjectorState, ProjectorStatus};

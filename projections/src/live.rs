@@ -1,0 +1,766 @@
+//! The Redis live-state read model.
+//!
+//! Keys (all under a configurable prefix, e.g. `neurectomy:`):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `agent:<id>` | hash | tenant, name, kind, model, capabilities, parent, status, status_reason, current_task, tasks_completed, tasks_failed, last_position, last_event_at |
+//! | `task:<id>` | hash | tenant, workflow, title, state, assignee, progress, progress_note, attempt, max_attempts, priority, required_capabilities, depends_on, last_error, last_position |
+//! | `workflow:<id>` | hash | tenant, name, status, reason, tasks_total, tasks_<state> per task state, last_position |
+//! | `agents:<tenant>:status:<status>` | set | agent ids by status |
+//! | `agents:<tenant>:capability:<cap>` | set | agent ids by capability |
+//! | `agents:<tenant>:recent` | sorted set | agent ids by last event time (ms) |
+//! | `workflow:<id>:tasks:<state>` | set | task ids of a workflow by state |
+//! | `workflows:<tenant>:status:<status>` | set | workflow ids by status |
+//! | `feed:<tenant>` | stream | change feed; entry id `<position>-0`, capped |
+//! | `checkpoint` | string | last applied global position |
+//!
+//! A batch is one `MULTI/EXEC` holding every change and the checkpoint, so a
+//! crash leaves either all of a batch or none of it. Lists are stored as
+//! comma-separated strings (ids and capability names contain no commas).
+
+use std::collections::{BTreeSet, HashMap};
+
+use domain::{AgentEvent, AgentStatus, DomainEvent, TaskEvent, TaskStatus, WorkflowEvent};
+use redis::aio::ConnectionManager;
+
+use crate::model::{ApplyError, Projected, ReadModel};
+
+/// Settings of the Redis read model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveModelConfig {
+    /// Prefix of every key, e.g. `neurectomy:`.
+    pub prefix: String,
+    /// Approximate cap of each tenant's change feed.
+    pub feed_max_len: usize,
+}
+
+impl Default for LiveModelConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "neurectomy:".to_owned(),
+            feed_max_len: 100_000,
+        }
+    }
+}
+
+/// The Redis read model. Cheap to clone (the connection is multiplexed and
+/// reconnects by itself).
+#[derive(Clone)]
+pub struct LiveModel {
+    conn: ConnectionManager,
+    config: LiveModelConfig,
+}
+
+impl std::fmt::Debug for LiveModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveModel")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(doing: impl Into<String>) -> impl FnOnce(redis::RedisError) -> ApplyError {
+    let doing = doing.into();
+    move |source| ApplyError::Unavailable {
+        store: "Redis",
+        doing,
+        source: Box::new(source),
+    }
+}
+
+/// What the model needs to know of a task to move it between states.
+#[derive(Debug, Clone)]
+struct TaskRow {
+    workflow: String,
+    state: String,
+    assignee: Option<String>,
+}
+
+/// What the model needs to know of an agent to move it between indexes.
+#[derive(Debug, Clone)]
+struct AgentRow {
+    status: String,
+    current_task: Option<String>,
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty())
+}
+
+impl LiveModel {
+    /// Connects to Redis at `url`.
+    pub async fn connect(url: &str, config: LiveModelConfig) -> Result<Self, ApplyError> {
+        let client = redis::Client::open(url)
+            .map_err(unavailable(format!("parsing the Redis URL {url}")))?;
+        let conn = ConnectionManager::new(client)
+            .await
+            .map_err(unavailable(format!("connecting to {url}")))?;
+        Ok(Self { conn, config })
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.config.prefix
+    }
+
+    /// A connection for reads (queries, verify).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// The full key for `suffix`.
+    pub fn key(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.config.prefix)
+    }
+
+    async fn prior_tasks(
+        &self,
+        ids: &BTreeSet<String>,
+    ) -> Result<HashMap<String, TaskRow>, ApplyError> {
+        let mut rows = HashMap::new();
+        if ids.is_empty() {
+            return Ok(rows);
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HMGET")
+                .arg(self.key(&format!("task:{id}")))
+                .arg(&["workflow", "state", "assignee"]);
+        }
+        let mut conn = self.conn.clone();
+        let found: Vec<(Option<String>, Option<String>, Option<String>)> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable("reading tasks"))?;
+        for (id, (workflow, state, assignee)) in ids.iter().zip(found) {
+            if let (Some(workflow), Some(state)) = (workflow, state) {
+                rows.insert(
+                    id.clone(),
+                    TaskRow {
+                        workflow,
+                        state,
+                        assignee: non_empty(assignee),
+                    },
+                );
+            }
+        }
+        Ok(rows)
+    }
+
+    async fn prior_agents(
+        &self,
+        ids: &BTreeSet<String>,
+    ) -> Result<HashMap<String, AgentRow>, ApplyError> {
+        let mut rows = HashMap::new();
+        if ids.is_empty() {
+            return Ok(rows);
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HMGET")
+                .arg(self.key(&format!("agent:{id}")))
+                .arg(&["status", "current_task"]);
+        }
+        let mut conn = self.conn.clone();
+        let found: Vec<(Option<String>, Option<String>)> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable("reading agents"))?;
+        for (id, (status, current_task)) in ids.iter().zip(found) {
+            if let Some(status) = status {
+                rows.insert(
+                    id.clone(),
+                    AgentRow {
+                        status,
+                        current_task: non_empty(current_task),
+                    },
+                );
+            }
+        }
+        Ok(rows)
+    }
+}
+
+/// Collects the ids whose prior state a batch needs.
+fn touched(events: &[&Projected]) -> (BTreeSet<String>, BTreeSet<String>) {
+    let mut tasks = BTreeSet::new();
+    let mut agents = BTreeSet::new();
+    for p in events {
+        match &p.event {
+            DomainEvent::Task(e) => {
+                if !matches!(e, TaskEvent::TaskCreated { .. }) {
+                    tasks.insert(task_id(e));
+                }
+                match e {
+                    TaskEvent::TaskAssigned { agent_id, .. }
+                    | TaskEvent::TaskStarted { agent_id, .. } => {
+                        agents.insert(agent_id.to_string());
+                    }
+                    TaskEvent::TaskDelegated {
+                        from_agent_id,
+                        to_agent_id,
+                        ..
+                    } => {
+                        agents.insert(from_agent_id.to_string());
+                        agents.insert(to_agent_id.to_string());
+                    }
+                    _ => {}
+                }
+            }
+            DomainEvent::Agent(e) if !matches!(e, AgentEvent::AgentRegistered { .. }) => {
+                agents.insert(agent_id(e));
+            }
+            _ => {}
+        }
+    }
+    (tasks, agents)
+}
+
+fn task_id(event: &TaskEvent) -> String {
+    match event {
+        TaskEvent::TaskCreated { task_id, .. }
+        | TaskEvent::TaskAssigned { task_id, .. }
+        | TaskEvent::TaskStarted { task_id, .. }
+        | TaskEvent::TaskProgressReported { task_id, .. }
+        | TaskEvent::TaskCompleted { task_id, .. }
+        | TaskEvent::TaskFailed { task_id, .. }
+        | TaskEvent::TaskRetried { task_id, .. }
+        | TaskEvent::TaskCancelled { task_id, .. }
+        | TaskEvent::TaskDelegated { task_id, .. } => task_id.to_string(),
+    }
+}
+
+fn agent_id(event: &AgentEvent) -> String {
+    match event {
+        AgentEvent::AgentRegistered { agent_id, .. }
+        | AgentEvent::AgentPaused { agent_id, .. }
+        | AgentEvent::AgentResumed { agent_id }
+        | AgentEvent::AgentFailed { agent_id, .. }
+        | AgentEvent::AgentRetired { agent_id, .. } => agent_id.to_string(),
+    }
+}
+
+/// Builds the writes of one batch into an atomic pipeline, tracking the
+/// state the batch itself changes.
+struct Planner<'a> {
+    model: &'a LiveModel,
+    pipe: redis::Pipeline,
+    tasks: HashMap<String, TaskRow>,
+    agents: HashMap<String, AgentRow>,
+}
+
+impl Planner<'_> {
+    fn key(&self, suffix: &str) -> String {
+        self.model.key(suffix)
+    }
+
+    fn rejected(p: &Projected, reason: String) -> ApplyError {
+        ApplyError::Rejected {
+            position: p.recorded.position,
+            event_type: p.recorded.event_type.clone(),
+            reason,
+        }
+    }
+
+    fn hset(&mut self, key: String, fields: &[(&str, String)]) {
+        self.pipe.cmd("HSET").arg(key).arg(fields).ignore();
+    }
+
+    /// Records that an agent was involved in an event.
+    fn touch_agent(&mut self, tenant: &str, agent: &str, position: i64, at_ms: i64) {
+        let key = self.key(&format!("agent:{agent}"));
+        self.hset(
+            key,
+            &[
+                ("last_position", position.to_string()),
+                ("last_event_at", at_ms.to_string()),
+            ],
+        );
+        let recent = self.key(&format!("agents:{tenant}:recent"));
+        self.pipe
+            .cmd("ZADD")
+            .arg(recent)
+            .arg(at_ms)
+            .arg(agent)
+            .ignore();
+    }
+
+    fn move_task(&mut self, task: &str, to: TaskStatus) -> Option<()> {
+        let row = self.tasks.get_mut(task)?;
+        let from = std::mem::replace(&mut row.state, to.as_str().to_owned());
+        let workflow = row.workflow.clone();
+        let wf_key = self.key(&format!("workflow:{workflow}"));
+        let from_set = self.key(&format!("workflow:{workflow}:tasks:{from}"));
+        let to_set = self.key(&format!("workflow:{workflow}:tasks:{}", to.as_str()));
+        self.pipe.cmd("SREM").arg(from_set).arg(task).ignore();
+        self.pipe.cmd("SADD").arg(to_set).arg(task).ignore();
+        self.pipe
+            .cmd("HINCRBY")
+            .arg(&wf_key)
+            .arg(format!("tasks_{from}"))
+            .arg(-1)
+            .ignore();
+        self.pipe
+            .cmd("HINCRBY")
+            .arg(&wf_key)
+            .arg(format!("tasks_{}", to.as_str()))
+            .arg(1)
+            .ignore();
+        let task_key = self.key(&format!("task:{task}"));
+        self.hset(task_key, &[("state", to.as_str().to_owned())]);
+        Some(())
+    }
+
+    /// Clears `agent`'s current task if it is `task`.
+    fn release_agent(&mut self, agent: &str, task: &str) {
+        let holds = self
+            .agents
+            .get(agent)
+            .is_some_and(|a| a.current_task.as_deref() == Some(task));
+        if holds {
+            if let Some(row) = self.agents.get_mut(agent) {
+                row.current_task = None;
+            }
+            let key = self.key(&format!("agent:{agent}"));
+            self.hset(key, &[("current_task", String::new())]);
+        }
+    }
+
+    fn occupy_agent(&mut self, agent: &str, task: &str) {
+        if let Some(row) = self.agents.get_mut(agent) {
+            row.current_task = Some(task.to_owned());
+        }
+        let key = self.key(&format!("agent:{agent}"));
+        self.hset(key, &[("current_task", task.to_owned())]);
+    }
+
+    fn plan(&mut self, p: &Projected) -> Result<(), ApplyError> {
+        let position = p.recorded.position;
+        let tenant = p.recorded.metadata.tenant.clone();
+        let at_ms = (p.recorded.metadata.occurred_at.unix_timestamp_nanos() / 1_000_000) as i64;
+        let pos = position.to_string();
+        match &p.event {
+            DomainEvent::Agent(event) => self.plan_agent(p, event, &tenant, position, at_ms)?,
+            DomainEvent::Task(event) => self.plan_task(p, event, &tenant, position, at_ms)?,
+            DomainEvent::Workflow(event) => self.plan_workflow(event, &tenant, &pos),
+        }
+        // The change feed: entry id = position, so subscribers resume by it.
+        let feed = self.key(&format!("feed:{tenant}"));
+        self.pipe
+            .cmd("XADD")
+            .arg(feed)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.model.config.feed_max_len)
+            .arg(format!("{position}-0"))
+            .arg("position")
+            .arg(&pos)
+            .arg("type")
+            .arg(&p.recorded.event_type)
+            .arg("stream_id")
+            .arg(&p.recorded.stream_id)
+            .arg("stream_version")
+            .arg(p.recorded.stream_version)
+            .arg("data")
+            .arg(p.recorded.data.to_string())
+            .ignore();
+        Ok(())
+    }
+
+    fn plan_agent(
+        &mut self,
+        p: &Projected,
+        event: &AgentEvent,
+        tenant: &str,
+        position: i64,
+        at_ms: i64,
+    ) -> Result<(), ApplyError> {
+        let id = agent_id(event);
+        let key = self.key(&format!("agent:{id}"));
+        if let AgentEvent::AgentRegistered {
+            name,
+            kind,
+            model,
+            capabilities,
+            parent_agent_id,
+            ..
+        } = event
+        {
+            self.hset(
+                key,
+                &[
+                    ("id", id.clone()),
+                    ("tenant", tenant.to_owned()),
+                    ("name", name.clone()),
+                    ("kind", kind.as_str().to_owned()),
+                    ("model", model.clone().unwrap_or_default()),
+                    ("capabilities", capabilities.join(",")),
+                    (
+                        "parent",
+                        parent_agent_id.map(|p| p.to_string()).unwrap_or_default(),
+                    ),
+                    ("status", AgentStatus::Active.as_str().to_owned()),
+                    ("status_reason", String::new()),
+                    ("current_task", String::new()),
+                    ("tasks_completed", "0".to_owned()),
+                    ("tasks_failed", "0".to_owned()),
+                ],
+            );
+            let by_status = self.key(&format!("agents:{tenant}:status:active"));
+            self.pipe.cmd("SADD").arg(by_status).arg(&id).ignore();
+            for capability in capabilities {
+                let set = self.key(&format!("agents:{tenant}:capability:{capability}"));
+                self.pipe.cmd("SADD").arg(set).arg(&id).ignore();
+            }
+            self.agents.insert(
+                id.clone(),
+                AgentRow {
+                    status: AgentStatus::Active.as_str().to_owned(),
+                    current_task: None,
+                },
+            );
+            self.touch_agent(tenant, &id, position, at_ms);
+            return Ok(());
+        }
+        let (status, reason) = match event {
+            AgentEvent::AgentRegistered { .. } => return Ok(()),
+            AgentEvent::AgentPaused { reason, .. } => {
+                (AgentStatus::Paused, reason.clone().unwrap_or_default())
+            }
+            AgentEvent::AgentResumed { .. } => (AgentStatus::Active, String::new()),
+            AgentEvent::AgentFailed { reason, .. } => (AgentStatus::Failed, reason.clone()),
+            AgentEvent::AgentRetired { reason, .. } => {
+                (AgentStatus::Retired, reason.clone().unwrap_or_default())
+            }
+        };
+        let Some(row) = self.agents.get_mut(&id) else {
+            return Err(Self::rejected(
+                p,
+                format!("agent {id} is not in the read model"),
+            ));
+        };
+        let previous = std::mem::replace(&mut row.status, status.as_str().to_owned());
+        let from = self.key(&format!("agents:{tenant}:status:{previous}"));
+        let to = self.key(&format!("agents:{tenant}:status:{}", status.as_str()));
+        self.pipe.cmd("SREM").arg(from).arg(&id).ignore();
+        self.pipe.cmd("SADD").arg(to).arg(&id).ignore();
+        self.hset(
+            key,
+            &[
+                ("status", status.as_str().to_owned()),
+                ("status_reason", reason),
+            ],
+        );
+        self.touch_agent(tenant, &id, position, at_ms);
+        Ok(())
+    }
+
+    fn plan_task(
+        &mut self,
+        p: &Projected,
+        event: &TaskEvent,
+        tenant: &str,
+        position: i64,
+        at_ms: i64,
+    ) -> Result<(), ApplyError> {
+        let id = task_id(event);
+        let key = self.key(&format!("task:{id}"));
+        if let TaskEvent::TaskCreated {
+            workflow_id,
+            title,
+            required_capabilities,
+            depends_on,
+            priority,
+            max_attempts,
+            ..
+        } = event
+        {
+            let workflow = workflow_id.to_string();
+            let deps: Vec<String> = depends_on.iter().map(ToString::to_string).collect();
+            self.hset(
+                key,
+                &[
+                    ("id", id.clone()),
+                    ("tenant", tenant.to_owned()),
+                    ("workflow", workflow.clone()),
+                    ("title", title.clone()),
+                    ("state", TaskStatus::Pending.as_str().to_owned()),
+                    ("assignee", String::new()),
+                    ("progress", "0".to_owned()),
+                    ("progress_note", String::new()),
+                    ("attempt", "1".to_owned()),
+                    ("max_attempts", max_attempts.to_string()),
+                    ("priority", priority.to_string()),
+                    ("required_capabilities", required_capabilities.join(",")),
+                    ("depends_on", deps.join(",")),
+                    ("last_error", String::new()),
+                    ("last_position", position.to_string()),
+                ],
+            );
+            let set = self.key(&format!("workflow:{workflow}:tasks:pending"));
+            self.pipe.cmd("SADD").arg(set).arg(&id).ignore();
+            let wf_key = self.key(&format!("workflow:{workflow}"));
+            self.pipe
+                .cmd("HINCRBY")
+                .arg(&wf_key)
+                .arg("tasks_total")
+                .arg(1)
+                .ignore();
+            self.pipe
+                .cmd("HINCRBY")
+                .arg(&wf_key)
+                .arg("tasks_pending")
+                .arg(1)
+                .ignore();
+            self.tasks.insert(
+                id,
+                TaskRow {
+                    workflow,
+                    state: TaskStatus::Pending.as_str().to_owned(),
+                    assignee: None,
+                },
+            );
+            return Ok(());
+        }
+        let Some(row) = self.tasks.get(&id).cloned() else {
+            return Err(Self::rejected(
+                p,
+                format!("task {id} is not in the read model"),
+            ));
+        };
+        self.hset(key.clone(), &[("last_position", position.to_string())]);
+        let missing =
+            |p: &Projected| Self::rejected(p, format!("task {id} vanished from the batch state"));
+        match event {
+            TaskEvent::TaskCreated { .. } => {}
+            TaskEvent::TaskAssigned { agent_id, .. } => {
+                let agent = agent_id.to_string();
+                self.move_task(&id, TaskStatus::Assigned)
+                    .ok_or_else(|| missing(p))?;
+                self.hset(key, &[("assignee", agent.clone())]);
+                if let Some(t) = self.tasks.get_mut(&id) {
+                    t.assignee = Some(agent.clone());
+                }
+                self.touch_agent(tenant, &agent, position, at_ms);
+            }
+            TaskEvent::TaskStarted { agent_id, .. } => {
+                let agent = agent_id.to_string();
+                self.move_task(&id, TaskStatus::Running)
+                    .ok_or_else(|| missing(p))?;
+                self.hset(key, &[("assignee", agent.clone())]);
+                if let Some(t) = self.tasks.get_mut(&id) {
+                    t.assignee = Some(agent.clone());
+                }
+                self.occupy_agent(&agent, &id);
+                self.touch_agent(tenant, &agent, position, at_ms);
+            }
+            TaskEvent::TaskProgressReported { percent, note, .. } => {
+                self.hset(
+                    key,
+                    &[
+                        ("progress", percent.to_string()),
+                        ("progress_note", note.clone().unwrap_or_default()),
+                    ],
+                );
+            }
+            TaskEvent::TaskCompleted { .. } => {
+                self.move_task(&id, TaskStatus::Completed)
+                    .ok_or_else(|| missing(p))?;
+                self.hset(key, &[("progress", "100".to_owned())]);
+                if let Some(agent) = row.assignee {
+                    let agent_key = self.key(&format!("agent:{agent}"));
+                    self.pipe
+                        .cmd("HINCRBY")
+                        .arg(agent_key)
+                        .arg("tasks_completed")
+                        .arg(1)
+                        .ignore();
+                    self.release_agent(&agent, &id);
+                    self.touch_agent(tenant, &agent, position, at_ms);
+                }
+            }
+            TaskEvent::TaskFailed { error, .. } => {
+                self.move_task(&id, TaskStatus::Failed)
+                    .ok_or_else(|| missing(p))?;
+                self.hset(key, &[("last_error", error.clone())]);
+                if let Some(agent) = row.assignee {
+                    let agent_key = self.key(&format!("agent:{agent}"));
+                    self.pipe
+                        .cmd("HINCRBY")
+                        .arg(agent_key)
+                        .arg("tasks_failed")
+                        .arg(1)
+                        .ignore();
+                    self.release_agent(&agent, &id);
+                    self.touch_agent(tenant, &agent, position, at_ms);
+                }
+            }
+            TaskEvent::TaskRetried { attempt, .. } => {
+                self.move_task(&id, TaskStatus::Pending)
+                    .ok_or_else(|| missing(p))?;
+                self.hset(
+                    key,
+                    &[
+                        ("attempt", attempt.to_string()),
+                        ("assignee", String::new()),
+                        ("progress", "0".to_owned()),
+                        ("progress_note", String::new()),
+                    ],
+                );
+                if let Some(t) = self.tasks.get_mut(&id) {
+                    t.assignee = None;
+                }
+            }
+            TaskEvent::TaskCancelled { .. } => {
+                self.move_task(&id, TaskStatus::Cancelled)
+                    .ok_or_else(|| missing(p))?;
+                if let Some(agent) = row.assignee {
+                    self.release_agent(&agent, &id);
+                }
+            }
+            TaskEvent::TaskDelegated {
+                from_agent_id,
+                to_agent_id,
+                ..
+            } => {
+                let (from, to) = (from_agent_id.to_string(), to_agent_id.to_string());
+                self.hset(key, &[("assignee", to.clone())]);
+                if let Some(t) = self.tasks.get_mut(&id) {
+                    t.assignee = Some(to.clone());
+                }
+                if row.state == TaskStatus::Running.as_str() {
+                    self.release_agent(&from, &id);
+                    self.occupy_agent(&to, &id);
+                }
+                self.touch_agent(tenant, &from, position, at_ms);
+                self.touch_agent(tenant, &to, position, at_ms);
+            }
+        }
+        Ok(())
+    }
+
+    fn plan_workflow(&mut self, event: &WorkflowEvent, tenant: &str, position: &str) {
+        let (id, status, reason) = match event {
+            WorkflowEvent::WorkflowStarted {
+                workflow_id, name, ..
+            } => {
+                let id = workflow_id.to_string();
+                let key = self.key(&format!("workflow:{id}"));
+                let fields = vec![
+                    ("id", id.clone()),
+                    ("tenant", tenant.to_owned()),
+                    ("name", name.clone()),
+                    ("status", "running".to_owned()),
+                    ("reason", String::new()),
+                    ("last_position", position.to_owned()),
+                ];
+                // Counters are HINCRBY'd by task events; HSETNX-like start at 0.
+                for state in [
+                    "total",
+                    "pending",
+                    "assigned",
+                    "running",
+                    "completed",
+                    "failed",
+                    "cancelled",
+                ] {
+                    self.pipe
+                        .cmd("HSETNX")
+                        .arg(&key)
+                        .arg(format!("tasks_{state}"))
+                        .arg(0)
+                        .ignore();
+                }
+                self.hset(key, &fields);
+                let set = self.key(&format!("workflows:{tenant}:status:running"));
+                self.pipe.cmd("SADD").arg(set).arg(&id).ignore();
+                return;
+            }
+            WorkflowEvent::WorkflowCompleted { workflow_id } => {
+                (workflow_id.to_string(), "completed", String::new())
+            }
+            WorkflowEvent::WorkflowFailed {
+                workflow_id,
+                reason,
+            } => (workflow_id.to_string(), "failed", reason.clone()),
+            WorkflowEvent::WorkflowCancelled {
+                workflow_id,
+                reason,
+            } => (workflow_id.to_string(), "cancelled", reason.clone()),
+        };
+        let key = self.key(&format!("workflow:{id}"));
+        self.hset(
+            key,
+            &[
+                ("status", status.to_owned()),
+                ("reason", reason),
+                ("last_position", position.to_owned()),
+            ],
+        );
+        // Only running workflows end, so the previous status is "running".
+        let from = self.key(&format!("workflows:{tenant}:status:running"));
+        let to = self.key(&format!("workflows:{tenant}:status:{status}"));
+        self.pipe.cmd("SREM").arg(from).arg(&id).ignore();
+        self.pipe.cmd("SADD").arg(to).arg(&id).ignore();
+    }
+}
+
+impl ReadModel for LiveModel {
+    fn name(&self) -> &str {
+        "redis"
+    }
+
+    async fn checkpoint(&self) -> Result<i64, ApplyError> {
+        let mut conn = self.conn.clone();
+        let value: Option<i64> = redis::cmd("GET")
+            .arg(self.key("checkpoint"))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable("reading the checkpoint"))?;
+        Ok(value.unwrap_or(0))
+    }
+
+    async fn apply(&self, events: &[Projected]) -> Result<(), ApplyError> {
+        // The runtime already skips what is at or below the checkpoint; the
+        // model checks again against the stored value, so even a batch handed
+        // to it twice (two projectors racing, a replayed batch) is a no-op.
+        let checkpoint = self.checkpoint().await?;
+        let events: Vec<&Projected> = events
+            .iter()
+            .filter(|p| p.recorded.position > checkpoint)
+            .collect();
+        let Some(last) = events.last().map(|p| p.recorded.position) else {
+            return Ok(());
+        };
+        let (task_ids, mut agent_ids) = touched(&events);
+        let tasks = self.prior_tasks(&task_ids).await?;
+        // Assignees of touched tasks: completing a task updates its agent.
+        agent_ids.extend(tasks.values().filter_map(|t| t.assignee.clone()));
+        let agents = self.prior_agents(&agent_ids).await?;
+        let mut planner = Planner {
+            model: self,
+            pipe: redis::pipe(),
+            tasks,
+            agents,
+        };
+        planner.pipe.atomic();
+        for p in &events {
+            planner.plan(p)?;
+        }
+        planner
+            .pipe
+            .cmd("SET")
+            .arg(self.key("checkpoint"))
+            .arg(last)
+            .ignore();
+        let mut conn = self.conn.clone();
+        planner
+            .pipe
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable(format!(
+                "applying a batch ending at position {last}"
+            )))
+    }
+}

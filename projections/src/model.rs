@@ -1,0 +1,56 @@
+//! The contract between the projector runtime and a read model.
+
+use std::future::Future;
+
+use commands::RecordedEvent;
+use domain::DomainEvent;
+
+/// An event as a projection sees it: the stored record and its decoded,
+/// upcast domain event.
+#[derive(Debug, Clone)]
+pub struct Projected {
+    /// The stored event (position, stream, metadata, raw payload).
+    pub recorded: RecordedEvent,
+    /// The decoded event.
+    pub event: DomainEvent,
+}
+
+/// Why a batch was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The read model's store failed or is unreachable; retrying may succeed.
+    #[error("{store} is unavailable while {doing}")]
+    Unavailable {
+        /// Which store (`Redis`, `the graph`).
+        store: &'static str,
+        /// What was being done.
+        doing: String,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The event cannot be applied to the read model as it is (e.g. an
+    /// update for an entity the model never saw). The projection stops.
+    #[error("event at position {position} ({event_type}) cannot be applied: {reason}")]
+    Rejected {
+        /// The event's position.
+        position: i64,
+        /// Its type.
+        event_type: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A read model the runtime can drive.
+pub trait ReadModel: Send + Sync + 'static {
+    /// The projection's name (`redis`, `graph`); names its JetStream consumer.
+    fn name(&self) -> &str;
+
+    /// The last position applied (0 when the model is empty).
+    fn checkpoint(&self) -> impl Future<Output = Result<i64, ApplyError>> + Send;
+
+    /// Applies `events` (positions strictly increasing, all above the
+    /// checkpoint) and moves the checkpoint to the last one, atomically.
+    fn apply(&self, events: &[Projected]) -> impl Future<Output = Result<(), ApplyError>> + Send;
+}

@@ -1,0 +1,436 @@
+//! The projector loop: catch up from the event store, then consume the
+//! JetStream stream from the first message after the checkpoint, applying
+//! batches in order and acknowledging them only once applied.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, consumer::DeliverPolicy};
+use commands::relay::HEADER_POSITION;
+use commands::{EventStore, RecordedEvent};
+use domain::DomainEvent;
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{ApplyError, Projected, ReadModel};
+
+/// Configuration of one projector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectorConfig {
+    /// JetStream stream the relay publishes to.
+    pub stream_name: String,
+    /// Most events applied in one atomic write.
+    pub batch_size: usize,
+    /// Longest wait for a batch to fill before applying what arrived.
+    pub linger: Duration,
+    /// Longest wait between retries after transient failures.
+    pub max_backoff: Duration,
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        Self {
+            stream_name: "NEURECTOMY_EVENTS".to_owned(),
+            batch_size: 500,
+            linger: Duration::from_millis(5),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What a projector is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProjectorState {
+    /// Not started yet.
+    Starting,
+    /// Reading the event store to catch up.
+    CatchingUp,
+    /// Consuming JetStream.
+    Live,
+    /// Waiting to retry after a transient failure.
+    Retrying,
+    /// Stopped on an event it cannot apply; needs an operator.
+    Stopped,
+}
+
+/// A projector's status, for `neurectomy status` and health checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectorStatus {
+    /// Projection name.
+    pub name: String,
+    /// State.
+    pub state: ProjectorState,
+    /// Last applied position.
+    pub checkpoint: i64,
+    /// Events applied by this process.
+    pub applied: u64,
+    /// The last error, if any (kept after recovery for context).
+    pub last_error: Option<String>,
+}
+
+/// Why a projector stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    /// An event cannot be decoded or applied; the projection stops there.
+    #[error("projection {name} stopped at position {position} ({event_type}): {reason}")]
+    Stopped {
+        /// Projection.
+        name: String,
+        /// Position of the offending event.
+        position: i64,
+        /// Its type.
+        event_type: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why one pass of the loop ended.
+enum Interrupt {
+    /// Shutdown requested.
+    Shutdown,
+    /// JetStream skipped a sequence: go back to the event store.
+    Gap,
+    /// Something failed that retrying may fix.
+    Transient(String),
+    /// Stop for good.
+    Fatal(ProjectorError),
+}
+
+/// Drives one read model.
+pub struct Projector<M> {
+    model: M,
+    store: EventStore,
+    jetstream: jetstream::Context,
+    config: ProjectorConfig,
+    status: watch::Sender<ProjectorStatus>,
+}
+
+impl<M: ReadModel> Projector<M> {
+    /// A projector feeding `model` from `store` and JetStream.
+    pub fn new(
+        model: M,
+        store: EventStore,
+        client: async_nats::Client,
+        config: ProjectorConfig,
+    ) -> Self {
+        let status = ProjectorStatus {
+            name: model.name().to_owned(),
+            state: ProjectorState::Starting,
+            checkpoint: 0,
+            applied: 0,
+            last_error: None,
+        };
+        let (status, _) = watch::channel(status);
+        Self {
+            model,
+            store,
+            jetstream: jetstream::new(client),
+            config,
+            status,
+        }
+    }
+
+    /// Status updates.
+    pub fn status(&self) -> watch::Receiver<ProjectorStatus> {
+        self.status.subscribe()
+    }
+
+    /// The read model.
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    fn consumer_name(&self) -> String {
+        format!("projection-{}", self.model.name())
+    }
+
+    /// Runs until shutdown, or until an event cannot be applied.
+    #[tracing::instrument(name = "projector", skip_all, fields(projection = %self.model.name()))]
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ProjectorError> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.pass(&shutdown).await {
+                Interrupt::Shutdown => return Ok(()),
+                Interrupt::Gap => {
+                    tracing::info!("JetStream does not hold what the projection needs; catching up from the event store");
+                }
+                Interrupt::Transient(error) => {
+                    tracing::warn!(%error, "projection interrupted; retrying");
+                    self.status.send_modify(|s| {
+                        s.state = ProjectorState::Retrying;
+                        s.last_error = Some(error);
+                    });
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(self.config.max_backoff);
+                }
+                Interrupt::Fatal(error) => {
+                    tracing::error!(%error, "projection stopped");
+                    self.status.send_modify(|s| {
+                        s.state = ProjectorState::Stopped;
+                        s.last_error = Some(error.to_string());
+                    });
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    /// One pass: catch up from the store, then consume JetStream until
+    /// something interrupts.
+    async fn pass(&self, shutdown: &CancellationToken) -> Interrupt {
+        let mut checkpoint = match self.model.checkpoint().await {
+            Ok(checkpoint) => checkpoint,
+            Err(error) => return Interrupt::Transient(error.to_string()),
+        };
+        self.status.send_modify(|s| {
+            s.checkpoint = checkpoint;
+            s.state = ProjectorState::CatchingUp;
+        });
+
+        // 1. Catch up from the event store (gap-safe) to its readable head.
+        let limit = i64::try_from(self.config.batch_size.max(1)).unwrap_or(500);
+        loop {
+            if shutdown.is_cancelled() {
+                return Interrupt::Shutdown;
+            }
+            let batch = match self.store.read_all(checkpoint, limit).await {
+                Ok(batch) => batch,
+                Err(error) => return Interrupt::Transient(error.to_string()),
+            };
+            let full = batch.len() as i64 == limit;
+            if let Some(last) = batch.last().map(|e| e.position) {
+                if let Err(interrupt) = self.apply(batch, checkpoint, shutdown).await {
+                    return interrupt;
+                }
+                checkpoint = last;
+            }
+            if !full {
+                break;
+            }
+        }
+
+        // 2. Consume JetStream from the first message after the checkpoint.
+        let (consumer, mut expected) = match self.position_consumer(checkpoint).await {
+            Ok(found) => found,
+            Err(error) => return Interrupt::Transient(error),
+        };
+        self.status.send_modify(|s| s.state = ProjectorState::Live);
+        tracing::info!(checkpoint, start_sequence = expected, "projection is live");
+        loop {
+            let fetch = consumer
+                .batch()
+                .max_messages(self.config.batch_size.max(1))
+                .expires(self.config.linger.max(Duration::from_millis(1)))
+                .messages();
+            let mut messages = tokio::select! {
+                () = shutdown.cancelled() => return Interrupt::Shutdown,
+                fetched = fetch => match fetched {
+                    Ok(messages) => messages,
+                    Err(error) => return Interrupt::Transient(format!("fetching from JetStream: {error}")),
+                },
+            };
+            let mut batch = Vec::new();
+            let mut last_message = None;
+            while let Some(message) = messages.next().await {
+                let message = match message {
+                    Ok(message) => message,
+                    Err(error) => {
+                        return Interrupt::Transient(format!("receiving from JetStream: {error}"))
+                    }
+                };
+                let sequence = match message.info() {
+                    Ok(info) => info.stream_sequence,
+                    Err(error) => {
+                        return Interrupt::Transient(format!("reading message metadata: {error}"))
+                    }
+                };
+                if sequence != expected {
+                    tracing::warn!(expected, sequence, "JetStream sequence gap");
+                    return Interrupt::Gap;
+                }
+                expected += 1;
+                let event: RecordedEvent = match serde_json::from_slice(&message.payload) {
+                    Ok(event) => event,
+                    Err(error) => {
+                        let position = message
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get(HEADER_POSITION))
+                            .and_then(|v| v.as_str().parse().ok())
+                            .unwrap_or(-1);
+                        return Interrupt::Fatal(ProjectorError::Stopped {
+                            name: self.model.name().to_owned(),
+                            position,
+                            event_type: format!("JetStream message {sequence}"),
+                            reason: format!("the message is not a recorded event: {error}"),
+                        });
+                    }
+                };
+                if event.position > checkpoint
+                    && batch
+                        .last()
+                        .is_none_or(|e: &RecordedEvent| e.position < event.position)
+                {
+                    batch.push(event);
+                }
+                last_message = Some(message);
+            }
+            let Some(last_message) = last_message else {
+                continue;
+            };
+            if let Some(last) = batch.last().map(|e| e.position) {
+                if let Err(interrupt) = self.apply(batch, checkpoint, shutdown).await {
+                    return interrupt;
+                }
+                checkpoint = last;
+            }
+            // AckPolicy::All: acknowledging the last message acknowledges the
+            // batch. If this fails the batch is redelivered and skipped.
+            if let Err(error) = last_message.ack().await {
+                return Interrupt::Transient(format!("acknowledging to JetStream: {error}"));
+            }
+        }
+    }
+
+    /// Decodes and applies one batch, retrying transient failures until they
+    /// pass or shutdown.
+    async fn apply(
+        &self,
+        batch: Vec<RecordedEvent>,
+        checkpoint: i64,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Interrupt> {
+        let mut projected = Vec::with_capacity(batch.len());
+        for recorded in batch {
+            if recorded.position <= checkpoint {
+                continue;
+            }
+            match DomainEvent::from_stored(
+                &recorded.event_type,
+                recorded.schema_version,
+                recorded.data.clone(),
+            ) {
+                Ok(event) => projected.push(Projected { recorded, event }),
+                Err(error) => {
+                    return Err(Interrupt::Fatal(ProjectorError::Stopped {
+                        name: self.model.name().to_owned(),
+                        position: recorded.position,
+                        event_type: recorded.event_type.clone(),
+                        reason: error.to_string(),
+                    }))
+                }
+            }
+        }
+        let Some(last) = projected.last().map(|p| p.recorded.position) else {
+            return Ok(());
+        };
+        let count = projected.len() as u64;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let started = Instant::now();
+            match self.model.apply(&projected).await {
+                Ok(()) => {
+                    tracing::debug!(
+                        count,
+                        last,
+                        elapsed_us = started.elapsed().as_micros() as u64,
+                        "batch applied"
+                    );
+                    self.status.send_modify(|s| {
+                        s.checkpoint = last;
+                        s.applied += count;
+                    });
+                    return Ok(());
+                }
+                Err(ApplyError::Rejected {
+                    position,
+                    event_type,
+                    reason,
+                }) => {
+                    return Err(Interrupt::Fatal(ProjectorError::Stopped {
+                        name: self.model.name().to_owned(),
+                        position,
+                        event_type,
+                        reason,
+                    }))
+                }
+                Err(error @ ApplyError::Unavailable { .. }) => {
+                    tracing::warn!(%error, "applying a batch failed; retrying");
+                    self.status.send_modify(|s| {
+                        s.state = ProjectorState::Retrying;
+                        s.last_error = Some(error.to_string());
+                    });
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Err(Interrupt::Shutdown),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(self.config.max_backoff);
+                }
+            }
+        }
+    }
+
+    /// (Re)creates the durable consumer so that it delivers from the first
+    /// message whose position is above `checkpoint`. Returns the consumer and
+    /// that message's stream sequence.
+    async fn position_consumer(
+        &self,
+        checkpoint: i64,
+    ) -> Result<(jetstream::consumer::Consumer<pull::Config>, u64), String> {
+        let stream = self
+            .jetstream
+            .get_stream(&self.config.stream_name)
+            .await
+            .map_err(|e| format!("opening JetStream stream {}: {e}", self.config.stream_name))?;
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|e| format!("reading stream info: {e}"))?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        // Smallest sequence in [first, last] whose position is above the
+        // checkpoint; positions increase with sequences (the relay chains
+        // them), so a binary search over a few direct gets finds it.
+        let (mut lo, mut hi) = (first.max(1), last + 1);
+        if info.state.messages == 0 {
+            lo = last + 1;
+        }
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let message = stream
+                .get_raw_message(mid)
+                .await
+                .map_err(|e| format!("reading JetStream message {mid}: {e}"))?;
+            let position: i64 = message
+                .headers
+                .get(HEADER_POSITION)
+                .and_then(|v| v.as_str().parse().ok())
+                .ok_or_else(|| {
+                    format!("JetStream message {mid} has no {HEADER_POSITION} header")
+                })?;
+            if position > checkpoint {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        let name = self.consumer_name();
+        // A consumer left from an earlier run may point anywhere: replace it.
+        let _ = stream.delete_consumer(&name).await;
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(name.clone()),
+                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: lo },
+                ack_policy: AckPolicy::All,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: i64::try_from(self.config.batch_size.max(1) * 4).unwrap_or(2000),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("creating consumer {name}: {e}"))?;
+        Ok((consumer, lo))
+    }
+}
