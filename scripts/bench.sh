@@ -23,6 +23,7 @@ export NEURECTOMY_NATS_URL="${NEURECTOMY_NATS_URL:-nats://127.0.0.1:4222}"
 export PG_URL="${PG_URL:-${NEURECTOMY_DATABASE_URL%/*}}"
 
 scripts/services.sh up
+scripts/graph.sh up
 
 echo "[bench] building neurectomy and the peer harness (release)…"
 cargo build --release --locked -p neurectomy-api

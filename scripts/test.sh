@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite against the real services: starts what is missing,
+# The whole test suite against the real services (PostgreSQL, NATS JetStream,
+# Redis, and a Bolt graph server: ArcadeDB via scripts/graph.sh): starts what
+# is missing,
 # then runs every crate's unit, property, integration and end-to-end tests.
 # Extra arguments go to `cargo test`.
 set -euo pipefail
@@ -7,4 +9,5 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/neurectomy/target}"
 scripts/services.sh up
+scripts/graph.sh up
 cargo test --workspace --locked "$@"

@@ -158,7 +158,29 @@ async fn spawn_projectors(
         tasks.push(tokio::spawn(async move { projector.run(shutdown).await }));
         tracing::info!(prefix = %settings.redis_prefix, "redis projector started");
     }
+    if only.is_none_or(|p| p == Projection::Graph) {
+        let model = connect_graph(settings).await?;
+        let projector = projections::Projector::new(
+            model,
+            store.clone(),
+            nats.clone(),
+            settings.projector_config(),
+        );
+        let shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move { projector.run(shutdown).await }));
+        tracing::info!(uri = %settings.graph_uri, database = %settings.graph_database, "graph projector started");
+    }
     Ok(tasks)
+}
+
+/// Connects the graph read model (and ensures its constraints exist).
+pub async fn connect_graph(settings: &Settings) -> anyhow::Result<projections::GraphModel> {
+    projections::GraphModel::connect(settings.graph_config()).await.with_context(|| {
+        format!(
+            "connecting to the graph at {} (database {}); in development start it with scripts/graph.sh up",
+            settings.graph_uri, settings.graph_database
+        )
+    })
 }
 
 /// Runs the projectors until a signal (or until one stops on an event it
@@ -194,19 +216,19 @@ pub async fn status(settings: &Settings) -> anyhow::Result<()> {
         "event store: head position {} (readable {})",
         head.written, head.readable
     );
-    let relay: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT position, jetstream_sequence FROM relay_checkpoints WHERE relay = $1",
-    )
-    .bind(&settings.jetstream_stream)
-    .fetch_optional(&pool)
-    .await
-    .context("reading the relay checkpoint")?;
-    match relay {
-        Some((position, sequence)) => {
+    // JetStream's last message is the relay's primary record (the
+    // PostgreSQL checkpoint trails it by up to a second).
+    let relayed = relay_position(settings).await;
+    match relayed {
+        Ok(Some((position, sequence))) => {
             let lag = store.count_after(position, 10_000_000).await?;
-            println!("relay {}: checkpoint {position} (JetStream sequence {sequence}), {lag} event(s) behind", settings.jetstream_stream);
+            println!(
+                "relay {}: published up to position {position} (JetStream sequence {sequence}), {lag} event(s) behind",
+                settings.jetstream_stream
+            );
         }
-        None => println!("relay {}: no checkpoint yet", settings.jetstream_stream),
+        Ok(None) => println!("relay {}: nothing published yet", settings.jetstream_stream),
+        Err(error) => println!("relay {}: unknown ({error:#})", settings.jetstream_stream),
     }
     let live = connect_live(settings).await?;
     let checkpoint = live
@@ -218,8 +240,49 @@ pub async fn status(settings: &Settings) -> anyhow::Result<()> {
         "projection redis ({}): checkpoint {checkpoint}, {lag} event(s) behind",
         settings.redis_prefix
     );
+    match connect_graph(settings).await {
+        Ok(graph) => match graph.checkpoint().await {
+            Ok(checkpoint) => {
+                let lag = store.count_after(checkpoint, 10_000_000).await?;
+                println!(
+                    "projection graph ({}): checkpoint {checkpoint}, {lag} event(s) behind",
+                    settings.graph_database
+                );
+            }
+            Err(error) => println!("projection graph: unknown ({error})"),
+        },
+        Err(error) => println!("projection graph: unknown ({error:#})"),
+    }
     pool.close().await;
     Ok(())
+}
+
+/// Position and sequence of the last message the relay published.
+async fn relay_position(settings: &Settings) -> anyhow::Result<Option<(i64, u64)>> {
+    let nats = connect_nats(settings).await?;
+    let js = async_nats::jetstream::new(nats);
+    let stream = match js.get_stream(&settings.jetstream_stream).await {
+        Ok(stream) => stream,
+        Err(_) => return Ok(None),
+    };
+    let info = stream
+        .get_info()
+        .await
+        .context("reading the JetStream stream")?;
+    let last = info.state.last_sequence;
+    if last == 0 {
+        return Ok(None);
+    }
+    let message = stream
+        .get_raw_message(last)
+        .await
+        .context("reading the last message")?;
+    let position = message
+        .headers
+        .get(commands::relay::HEADER_POSITION)
+        .and_then(|v| v.as_str().parse().ok())
+        .context("the last message has no position header")?;
+    Ok(Some((position, last)))
 }
 
 /// Diffs the read models against the event store.

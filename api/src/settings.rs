@@ -51,6 +51,8 @@ pub enum Command {
 pub enum Projection {
     /// The Redis live-state read model.
     Redis,
+    /// The graph read model (Neo4j 5 / a Bolt server).
+    Graph,
 }
 
 /// Options of `project`.
@@ -252,6 +254,39 @@ pub struct Settings {
         global = true
     )]
     pub redis_prefix: String,
+    /// Bolt URI of the graph read model (Neo4j 5, or ArcadeDB's Bolt server in development).
+    #[arg(
+        long,
+        env = "NEURECTOMY_GRAPH_URI",
+        default_value = "bolt://127.0.0.1:7687",
+        global = true
+    )]
+    pub graph_uri: String,
+    /// Graph user (`neo4j` on Neo4j, `root` on ArcadeDB).
+    #[arg(
+        long,
+        env = "NEURECTOMY_GRAPH_USER",
+        default_value = "root",
+        global = true
+    )]
+    pub graph_user: String,
+    /// Graph password.
+    #[arg(
+        long,
+        env = "NEURECTOMY_GRAPH_PASSWORD",
+        default_value = "neurectomy-dev",
+        global = true,
+        hide_env_values = true
+    )]
+    pub graph_password: String,
+    /// Graph database name.
+    #[arg(
+        long,
+        env = "NEURECTOMY_GRAPH_DATABASE",
+        default_value = "neurectomy",
+        global = true
+    )]
+    pub graph_database: String,
     /// Most events a projector applies in one atomic write.
     #[arg(
         long,
@@ -292,6 +327,16 @@ impl Settings {
             batch_size: self.projector_batch_size.max(1),
             linger: Duration::from_millis(self.projector_linger_ms.max(1)),
             ..projections::ProjectorConfig::default()
+        }
+    }
+
+    /// The graph read-model configuration these settings describe.
+    pub fn graph_config(&self) -> projections::GraphConfig {
+        projections::GraphConfig {
+            uri: self.graph_uri.clone(),
+            user: self.graph_user.clone(),
+            password: self.graph_password.clone(),
+            database: self.graph_database.clone(),
         }
     }
 

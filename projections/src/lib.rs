@@ -28,12 +28,15 @@
 //! - [`verify`]: re-derives state from the event store and diffs it against
 //!   the Redis read model.
 
+pub mod graph;
+pub mod graph_testkit;
 pub mod live;
 pub mod model;
 pub mod runtime;
 pub mod testkit;
 pub mod verify;
 
+pub use graph::{GraphConfig, GraphModel, GraphQueryError};
 pub use live::{LiveModel, LiveModelConfig};
 pub use model::{ApplyError, Projected, ReadModel};
 pub use runtime::{Projector, ProjectorConfig, ProjectorError, ProjectorState, ProjectorStatus};

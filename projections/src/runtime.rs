@@ -220,26 +220,46 @@ impl<M: ReadModel> Projector<M> {
         };
         self.status.send_modify(|s| s.state = ProjectorState::Live);
         tracing::info!(checkpoint, start_sequence = expected, "projection is live");
+        // A continuous pull stream (the client keeps requests flowing and
+        // watches heartbeats); batches are formed locally: the first message
+        // is awaited, then more are taken until the batch is full or `linger`
+        // has passed.
+        let mut messages = match consumer
+            .stream()
+            .max_messages_per_batch(self.config.batch_size.max(1))
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+        {
+            Ok(messages) => messages,
+            Err(error) => {
+                return Interrupt::Transient(format!("subscribing to JetStream: {error}"))
+            }
+        };
         loop {
-            let fetch = consumer
-                .batch()
-                .max_messages(self.config.batch_size.max(1))
-                .expires(self.config.linger.max(Duration::from_millis(1)))
-                .messages();
-            let mut messages = tokio::select! {
+            let first = tokio::select! {
                 () = shutdown.cancelled() => return Interrupt::Shutdown,
-                fetched = fetch => match fetched {
-                    Ok(messages) => messages,
-                    Err(error) => return Interrupt::Transient(format!("fetching from JetStream: {error}")),
-                },
+                next = messages.next() => next,
             };
+            let mut received = vec![first];
+            let deadline = tokio::time::Instant::now() + self.config.linger;
+            while received.len() < self.config.batch_size.max(1) {
+                match tokio::time::timeout_at(deadline, messages.next()).await {
+                    Ok(next) => received.push(next),
+                    Err(_) => break,
+                }
+            }
             let mut batch = Vec::new();
             let mut last_message = None;
-            while let Some(message) = messages.next().await {
+            for message in received {
                 let message = match message {
-                    Ok(message) => message,
-                    Err(error) => {
+                    Some(Ok(message)) => message,
+                    Some(Err(error)) => {
                         return Interrupt::Transient(format!("receiving from JetStream: {error}"))
+                    }
+                    None => {
+                        return Interrupt::Transient("the JetStream subscription ended".to_owned())
                     }
                 };
                 let sequence = match message.info() {

@@ -1,0 +1,460 @@
+//! Folding a batch of events, in order, into its end result: the final
+//! properties of every node it touches and the relationship changes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use domain::{AgentEvent, AgentStatus, DomainEvent, TaskEvent, TaskStatus, WorkflowEvent};
+use neo4rs::BoltType;
+
+use crate::model::{ApplyError, Projected};
+
+pub(super) fn rejected(p: &Projected, reason: String) -> ApplyError {
+    ApplyError::Rejected {
+        position: p.recorded.position,
+        event_type: p.recorded.event_type.clone(),
+        reason,
+    }
+}
+
+pub(super) fn workflow_id(event: &WorkflowEvent) -> String {
+    match event {
+        WorkflowEvent::WorkflowStarted { workflow_id, .. }
+        | WorkflowEvent::WorkflowCompleted { workflow_id }
+        | WorkflowEvent::WorkflowFailed { workflow_id, .. }
+        | WorkflowEvent::WorkflowCancelled { workflow_id, .. } => workflow_id.to_string(),
+    }
+}
+
+pub(super) fn task_id(event: &TaskEvent) -> String {
+    match event {
+        TaskEvent::TaskCreated { task_id, .. }
+        | TaskEvent::TaskAssigned { task_id, .. }
+        | TaskEvent::TaskStarted { task_id, .. }
+        | TaskEvent::TaskProgressReported { task_id, .. }
+        | TaskEvent::TaskCompleted { task_id, .. }
+        | TaskEvent::TaskFailed { task_id, .. }
+        | TaskEvent::TaskRetried { task_id, .. }
+        | TaskEvent::TaskCancelled { task_id, .. }
+        | TaskEvent::TaskDelegated { task_id, .. } => task_id.to_string(),
+    }
+}
+
+pub(super) fn agent_id(event: &AgentEvent) -> String {
+    match event {
+        AgentEvent::AgentRegistered { agent_id, .. }
+        | AgentEvent::AgentPaused { agent_id, .. }
+        | AgentEvent::AgentResumed { agent_id }
+        | AgentEvent::AgentFailed { agent_id, .. }
+        | AgentEvent::AgentRetired { agent_id, .. } => agent_id.to_string(),
+    }
+}
+
+/// What the fold needs to know of a task.
+#[derive(Debug, Clone)]
+pub(super) struct TaskRow {
+    pub(super) state: String,
+    pub(super) assignee: Option<String>,
+}
+
+/// What the fold needs to know of an agent.
+#[derive(Debug, Clone)]
+pub(super) struct AgentRow {
+    pub(super) current_task: Option<String>,
+}
+
+/// Properties to set on one node (`null` removes one).
+pub(super) type Props = BTreeMap<&'static str, BoltType>;
+
+/// An edge from a task to an agent, stamped with the event that made it.
+#[derive(Debug, Clone)]
+pub(super) struct Stamped {
+    pub(super) agent: String,
+    pub(super) position: i64,
+    pub(super) at: i64,
+}
+
+/// A batch folded into its end result.
+#[derive(Default)]
+pub(super) struct Fold {
+    /// Workflows known (stored or started in the batch).
+    pub(super) workflows: BTreeSet<String>,
+    /// Tasks known, with their state as of the events folded so far.
+    pub(super) tasks: HashMap<String, TaskRow>,
+    /// Agents known, likewise.
+    pub(super) agents: HashMap<String, AgentRow>,
+    pub(super) workflow_props: BTreeMap<String, Props>,
+    pub(super) agent_props: BTreeMap<String, Props>,
+    pub(super) task_props: BTreeMap<String, Props>,
+    /// (task, workflow)
+    pub(super) part_of: Vec<(String, String)>,
+    /// (task, dependency)
+    pub(super) depends_on: Vec<(String, String)>,
+    /// (parent, child)
+    pub(super) spawned: Vec<(String, String)>,
+    /// Tasks whose `ASSIGNED_TO` edge is replaced: the new edge, or none.
+    pub(super) assignment: BTreeMap<String, Option<Stamped>>,
+    /// (task, from, to stamped)
+    pub(super) delegations: Vec<(String, String, Stamped)>,
+}
+
+fn set(
+    map: &mut BTreeMap<String, Props>,
+    id: &str,
+    fields: impl IntoIterator<Item = (&'static str, BoltType)>,
+) {
+    map.entry(id.to_owned()).or_default().extend(fields);
+}
+
+pub(super) fn text(value: impl Into<String>) -> BoltType {
+    BoltType::from(value.into())
+}
+
+pub(super) fn int(value: impl Into<i64>) -> BoltType {
+    BoltType::from(value.into())
+}
+
+fn null() -> BoltType {
+    BoltType::Null(neo4rs::BoltNull)
+}
+
+fn opt(value: Option<String>) -> BoltType {
+    value.map_or_else(null, BoltType::from)
+}
+
+impl Fold {
+    pub(super) fn event(&mut self, p: &Projected) -> Result<(), ApplyError> {
+        let position = p.recorded.position;
+        let at = i64::try_from(p.recorded.metadata.occurred_at.unix_timestamp_nanos() / 1_000_000)
+            .unwrap_or(i64::MAX);
+        let tenant = p.recorded.metadata.tenant.as_str();
+        match &p.event {
+            DomainEvent::Workflow(e) => self.workflow(p, e, tenant, position),
+            DomainEvent::Agent(e) => self.agent(p, e, tenant, position, at),
+            DomainEvent::Task(e) => self.task(p, e, tenant, position, at),
+        }
+    }
+
+    fn workflow(
+        &mut self,
+        p: &Projected,
+        event: &WorkflowEvent,
+        tenant: &str,
+        position: i64,
+    ) -> Result<(), ApplyError> {
+        let id = workflow_id(event);
+        let (status, reason) = match event {
+            WorkflowEvent::WorkflowStarted { name, .. } => {
+                self.workflows.insert(id.clone());
+                set(
+                    &mut self.workflow_props,
+                    &id,
+                    [
+                        ("id", text(&id)),
+                        ("tenant", text(tenant)),
+                        ("name", text(name)),
+                    ],
+                );
+                ("running", None)
+            }
+            WorkflowEvent::WorkflowCompleted { .. } => ("completed", None),
+            WorkflowEvent::WorkflowFailed { reason, .. } => ("failed", Some(reason.clone())),
+            WorkflowEvent::WorkflowCancelled { reason, .. } => ("cancelled", Some(reason.clone())),
+        };
+        if !self.workflows.contains(&id) {
+            return Err(rejected(p, format!("workflow {id} is not in the graph")));
+        }
+        set(
+            &mut self.workflow_props,
+            &id,
+            [
+                ("status", text(status)),
+                ("reason", opt(reason)),
+                ("last_position", int(position)),
+            ],
+        );
+        Ok(())
+    }
+
+    /// Records that an agent took part in an event.
+    fn touch_agent(&mut self, agent: &str, position: i64, at: i64) {
+        set(
+            &mut self.agent_props,
+            agent,
+            [("last_position", int(position)), ("updated_at", int(at))],
+        );
+    }
+
+    fn agent(
+        &mut self,
+        p: &Projected,
+        event: &AgentEvent,
+        tenant: &str,
+        position: i64,
+        at: i64,
+    ) -> Result<(), ApplyError> {
+        let id = agent_id(event);
+        let (status, reason) = match event {
+            AgentEvent::AgentRegistered {
+                name,
+                kind,
+                model,
+                capabilities,
+                parent_agent_id,
+                ..
+            } => {
+                if let Some(parent) = parent_agent_id.map(|a| a.to_string()) {
+                    if !self.agents.contains_key(&parent) {
+                        return Err(rejected(
+                            p,
+                            format!("parent agent {parent} is not in the graph"),
+                        ));
+                    }
+                    self.spawned.push((parent, id.clone()));
+                }
+                self.agents
+                    .insert(id.clone(), AgentRow { current_task: None });
+                set(
+                    &mut self.agent_props,
+                    &id,
+                    [
+                        ("id", text(&id)),
+                        ("tenant", text(tenant)),
+                        ("name", text(name)),
+                        ("kind", text(kind.as_str())),
+                        ("model", opt(model.clone())),
+                        ("capabilities", BoltType::from(capabilities.clone())),
+                        ("current_task", null()),
+                    ],
+                );
+                (AgentStatus::Active, None)
+            }
+            AgentEvent::AgentPaused { reason, .. } => (AgentStatus::Paused, reason.clone()),
+            AgentEvent::AgentResumed { .. } => (AgentStatus::Active, None),
+            AgentEvent::AgentFailed { reason, .. } => (AgentStatus::Failed, Some(reason.clone())),
+            AgentEvent::AgentRetired { reason, .. } => (AgentStatus::Retired, reason.clone()),
+        };
+        if !self.agents.contains_key(&id) {
+            return Err(rejected(p, format!("agent {id} is not in the graph")));
+        }
+        set(
+            &mut self.agent_props,
+            &id,
+            [
+                ("status", text(status.as_str())),
+                ("status_reason", opt(reason)),
+            ],
+        );
+        self.touch_agent(&id, position, at);
+        Ok(())
+    }
+
+    fn known_agent(&self, p: &Projected, agent: &str) -> Result<(), ApplyError> {
+        if self.agents.contains_key(agent) {
+            Ok(())
+        } else {
+            Err(rejected(p, format!("agent {agent} is not in the graph")))
+        }
+    }
+
+    /// Points the task's `ASSIGNED_TO` edge at `agent` (or removes it).
+    fn assign(&mut self, task: &str, agent: Option<&str>, position: i64, at: i64) {
+        if let Some(row) = self.tasks.get_mut(task) {
+            row.assignee = agent.map(str::to_owned);
+        }
+        let edge = agent.map(|a| Stamped {
+            agent: a.to_owned(),
+            position,
+            at,
+        });
+        self.assignment.insert(task.to_owned(), edge);
+        set(
+            &mut self.task_props,
+            task,
+            [("assignee", opt(agent.map(str::to_owned)))],
+        );
+    }
+
+    fn occupy(&mut self, agent: &str, task: &str) {
+        if let Some(row) = self.agents.get_mut(agent) {
+            row.current_task = Some(task.to_owned());
+        }
+        set(&mut self.agent_props, agent, [("current_task", text(task))]);
+    }
+
+    /// Clears `agent`'s current task if it is `task`.
+    fn release(&mut self, agent: &str, task: &str) {
+        let holds = self
+            .agents
+            .get(agent)
+            .is_some_and(|a| a.current_task.as_deref() == Some(task));
+        if holds {
+            if let Some(row) = self.agents.get_mut(agent) {
+                row.current_task = None;
+            }
+            set(&mut self.agent_props, agent, [("current_task", null())]);
+        }
+    }
+
+    fn task(
+        &mut self,
+        p: &Projected,
+        event: &TaskEvent,
+        tenant: &str,
+        position: i64,
+        at: i64,
+    ) -> Result<(), ApplyError> {
+        let id = task_id(event);
+        if let TaskEvent::TaskCreated {
+            workflow_id,
+            title,
+            required_capabilities,
+            depends_on,
+            priority,
+            max_attempts,
+            ..
+        } = event
+        {
+            let workflow = workflow_id.to_string();
+            if !self.workflows.contains(&workflow) {
+                return Err(rejected(
+                    p,
+                    format!("workflow {workflow} is not in the graph"),
+                ));
+            }
+            for dep in depends_on.iter().map(ToString::to_string) {
+                if !self.tasks.contains_key(&dep) {
+                    return Err(rejected(p, format!("dependency {dep} is not in the graph")));
+                }
+                self.depends_on.push((id.clone(), dep));
+            }
+            self.part_of.push((id.clone(), workflow.clone()));
+            self.tasks.insert(
+                id.clone(),
+                TaskRow {
+                    state: TaskStatus::Pending.as_str().to_owned(),
+                    assignee: None,
+                },
+            );
+            set(
+                &mut self.task_props,
+                &id,
+                [
+                    ("id", text(&id)),
+                    ("tenant", text(tenant)),
+                    ("workflow", text(workflow)),
+                    ("title", text(title)),
+                    ("state", text(TaskStatus::Pending.as_str())),
+                    ("assignee", null()),
+                    ("progress", int(0)),
+                    ("attempt", int(1)),
+                    ("max_attempts", int(*max_attempts)),
+                    ("priority", int(*priority)),
+                    (
+                        "required_capabilities",
+                        BoltType::from(required_capabilities.clone()),
+                    ),
+                    ("last_error", null()),
+                    ("last_position", int(position)),
+                    ("updated_at", int(at)),
+                ],
+            );
+            return Ok(());
+        }
+        let Some(row) = self.tasks.get(&id).cloned() else {
+            return Err(rejected(p, format!("task {id} is not in the graph")));
+        };
+        set(
+            &mut self.task_props,
+            &id,
+            [("last_position", int(position)), ("updated_at", int(at))],
+        );
+        let state = |fold: &mut Self, to: TaskStatus| {
+            if let Some(t) = fold.tasks.get_mut(&id) {
+                t.state = to.as_str().to_owned();
+            }
+            set(&mut fold.task_props, &id, [("state", text(to.as_str()))]);
+        };
+        match event {
+            TaskEvent::TaskCreated { .. } => {}
+            TaskEvent::TaskAssigned { agent_id, .. } => {
+                let agent = agent_id.to_string();
+                self.known_agent(p, &agent)?;
+                state(self, TaskStatus::Assigned);
+                self.assign(&id, Some(&agent), position, at);
+                self.touch_agent(&agent, position, at);
+            }
+            TaskEvent::TaskStarted { agent_id, .. } => {
+                let agent = agent_id.to_string();
+                self.known_agent(p, &agent)?;
+                state(self, TaskStatus::Running);
+                // Started by its assignee (the normal case): the edge stays
+                // as assigned.
+                if row.assignee.as_deref() != Some(agent.as_str()) {
+                    self.assign(&id, Some(&agent), position, at);
+                }
+                self.occupy(&agent, &id);
+                self.touch_agent(&agent, position, at);
+            }
+            TaskEvent::TaskProgressReported { percent, .. } => {
+                set(&mut self.task_props, &id, [("progress", int(*percent))]);
+            }
+            TaskEvent::TaskCompleted { .. } => {
+                state(self, TaskStatus::Completed);
+                set(&mut self.task_props, &id, [("progress", int(100))]);
+                if let Some(agent) = row.assignee {
+                    self.release(&agent, &id);
+                    self.touch_agent(&agent, position, at);
+                }
+            }
+            TaskEvent::TaskFailed { error, .. } => {
+                state(self, TaskStatus::Failed);
+                set(&mut self.task_props, &id, [("last_error", text(error))]);
+                if let Some(agent) = row.assignee {
+                    self.release(&agent, &id);
+                    self.touch_agent(&agent, position, at);
+                }
+            }
+            TaskEvent::TaskRetried { attempt, .. } => {
+                state(self, TaskStatus::Pending);
+                set(
+                    &mut self.task_props,
+                    &id,
+                    [("attempt", int(*attempt)), ("progress", int(0))],
+                );
+                self.assign(&id, None, position, at);
+            }
+            TaskEvent::TaskCancelled { .. } => {
+                state(self, TaskStatus::Cancelled);
+                if let Some(agent) = row.assignee {
+                    self.release(&agent, &id);
+                }
+            }
+            TaskEvent::TaskDelegated {
+                from_agent_id,
+                to_agent_id,
+                ..
+            } => {
+                let (from, to) = (from_agent_id.to_string(), to_agent_id.to_string());
+                self.known_agent(p, &from)?;
+                self.known_agent(p, &to)?;
+                self.assign(&id, Some(&to), position, at);
+                self.delegations.push((
+                    id.clone(),
+                    from.clone(),
+                    Stamped {
+                        agent: to.clone(),
+                        position,
+                        at,
+                    },
+                ));
+                if row.state == TaskStatus::Running.as_str() {
+                    self.release(&from, &id);
+                    self.occupy(&to, &id);
+                }
+                self.touch_agent(&from, position, at);
+                self.touch_agent(&to, position, at);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,246 @@
+//! The graph read model (Neo4j 5 over Bolt; ArcadeDB's Bolt server in
+//! development and CI).
+//!
+//! Nodes (every one keyed by a unique `id`, scoped by a `tenant` property):
+//!
+//! | label | properties |
+//! |---|---|
+//! | `Agent` | id, tenant, name, kind, model, capabilities (list), status, status_reason, current_task, last_position, updated_at |
+//! | `Task` | id, tenant, workflow, title, state, assignee, progress, attempt, max_attempts, priority, required_capabilities (list), last_error, last_position, updated_at |
+//! | `Workflow` | id, tenant, name, status, reason, last_position |
+//! | `Checkpoint` | projection, position |
+//!
+//! Relationships:
+//!
+//! | relationship | meaning |
+//! |---|---|
+//! | `(Task)-[:PART_OF]->(Workflow)` | the task's workflow |
+//! | `(Task)-[:DEPENDS_ON]->(Task)` | the task waits for the other one |
+//! | `(Task)-[:ASSIGNED_TO {position, at}]->(Agent)` | the task's assignee: at most one per task |
+//! | `(Task)-[:DELEGATED_TO {from, position, at}]->(Agent)` | one per delegation, `from` = previous assignee |
+//! | `(Agent)-[:SPAWNED]->(Agent)` | parent → child |
+//!
+//! `ASSIGNED_TO` follows the task's `assignee`: assigning, starting by
+//! another agent or delegating replaces the edge (the new one carries the
+//! position of that event); a retry removes it (the task is pending again);
+//! completion, failure and cancellation keep it, so "who did this task" and
+//! an agent's past tasks stay answerable. Earlier holders of a delegated task
+//! remain visible through `DELEGATED_TO.from`.
+//!
+//! Times are epoch milliseconds (`at`, `updated_at`): Bolt datetimes lose
+//! their offsets on some servers. Positions are global event-store positions.
+//!
+//! A batch is folded in memory into final node properties and relationship
+//! changes, written with a handful of `UNWIND $rows` statements, and
+//! committed in one transaction together with the checkpoint, so a crash
+//! leaves either all of a batch or none of it. Constraints (unique `id` per
+//! label, unique `Checkpoint.projection`) are created at connect; no index
+//! on frequently updated properties such as `state`.
+
+mod fold;
+mod read;
+mod write;
+
+use neo4rs::{query, ConfigBuilder, Graph, Query, Row, Txn};
+
+use crate::model::{ApplyError, Projected, ReadModel};
+
+pub use read::{
+    AgentNeighbourhood, AgentTask, BlockedTask, DagEdge, DagTask, Delegation, GraphQueryError,
+    LineageTask, WorkflowDag,
+};
+
+/// The name of the projection (and of its checkpoint node).
+pub const PROJECTION: &str = "graph";
+
+/// Connections kept by the Bolt pool.
+const MAX_CONNECTIONS: usize = 8;
+
+/// The constraints the model relies on: every `MERGE` key is unique.
+const SCHEMA: &[&str] = &[
+    "CREATE CONSTRAINT agent_id IF NOT EXISTS FOR (a:Agent) REQUIRE a.id IS UNIQUE",
+    "CREATE CONSTRAINT task_id IF NOT EXISTS FOR (t:Task) REQUIRE t.id IS UNIQUE",
+    "CREATE CONSTRAINT workflow_id IF NOT EXISTS FOR (w:Workflow) REQUIRE w.id IS UNIQUE",
+    "CREATE CONSTRAINT checkpoint_projection IF NOT EXISTS FOR (c:Checkpoint) REQUIRE c.projection IS UNIQUE",
+];
+
+/// Where the graph server is.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GraphConfig {
+    /// Bolt URI, e.g. `bolt://127.0.0.1:7687`.
+    pub uri: String,
+    /// User name (`neo4j` on Neo4j, `root` on ArcadeDB).
+    pub user: String,
+    /// Password.
+    pub password: String,
+    /// Database name, e.g. `neurectomy` (always sent: servers differ in their default).
+    pub database: String,
+}
+
+impl std::fmt::Debug for GraphConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GraphConfig")
+            .field("uri", &self.uri)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("database", &self.database)
+            .finish()
+    }
+}
+
+/// The graph read model. Cheap to clone (the Bolt pool is shared).
+#[derive(Clone)]
+pub struct GraphModel {
+    graph: Graph,
+    config: GraphConfig,
+}
+
+impl std::fmt::Debug for GraphModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GraphModel")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a neo4rs error means the store (not the data) is the problem, so
+/// that retrying may succeed: I/O, the connection, authentication, transient
+/// server errors (deadlocks, conflicting transactions).
+pub(crate) fn is_transient(error: &neo4rs::Error) -> bool {
+    match error {
+        neo4rs::Error::IOError { .. }
+        | neo4rs::Error::ConnectionError
+        | neo4rs::Error::UrlParseError(_)
+        | neo4rs::Error::UnsupportedScheme(_)
+        | neo4rs::Error::InvalidDnsName(_)
+        | neo4rs::Error::InvalidConfig
+        | neo4rs::Error::UnsupportedVersion(_)
+        | neo4rs::Error::AuthenticationError(_) => true,
+        neo4rs::Error::Neo4j(e) => {
+            matches!(e.kind(), neo4rs::Neo4jErrorKind::Transient)
+                || matches!(
+                    e.kind(),
+                    neo4rs::Neo4jErrorKind::Client(
+                        neo4rs::Neo4jClientErrorKind::Security(_)
+                            | neo4rs::Neo4jClientErrorKind::SessionExpired
+                    )
+                )
+        }
+        // Failures reported at COMMIT arrive as text ("unexpected response
+        // for COMMIT: Failure(... code ...)").
+        neo4rs::Error::UnexpectedMessage(text) | neo4rs::Error::UnknownMessage(text) => {
+            text.contains("Neo.TransientError")
+        }
+        _ => false,
+    }
+}
+
+/// Runs `q` in `txn` and collects its rows.
+pub(crate) async fn collect(txn: &mut Txn, q: Query) -> Result<Vec<Row>, neo4rs::Error> {
+    let mut stream = txn.execute(q).await?;
+    let mut rows = Vec::new();
+    while let Some(row) = stream.next(txn.handle()).await? {
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// Ends a read-only transaction. What it read is read either way; a failed
+/// commit leaves nothing behind (the pool resets the connection).
+pub(crate) async fn finish(txn: Txn) {
+    let _ = txn.commit().await;
+}
+
+fn unavailable(doing: impl Into<String>) -> impl FnOnce(neo4rs::Error) -> ApplyError {
+    let doing = doing.into();
+    move |source| ApplyError::Unavailable {
+        store: "the graph",
+        doing,
+        source: Box::new(source),
+    }
+}
+
+impl GraphModel {
+    /// Connects to the graph server and makes sure the constraints exist.
+    pub async fn connect(config: GraphConfig) -> Result<Self, ApplyError> {
+        let where_ = format!("{} (database {})", config.uri, config.database);
+        let bolt = ConfigBuilder::default()
+            .uri(&config.uri)
+            .user(&config.user)
+            .password(&config.password)
+            .db(config.database.as_str())
+            .max_connections(MAX_CONNECTIONS)
+            .build()
+            .map_err(unavailable(format!(
+                "configuring the connection to {where_}"
+            )))?;
+        // Connecting is lazy: the first query below is what reaches the server.
+        let graph = Graph::connect(bolt)
+            .await
+            .map_err(unavailable(format!("connecting to {where_}")))?;
+        let model = Self { graph, config };
+        model.ensure_schema().await?;
+        Ok(model)
+    }
+
+    /// Creates the unique constraints the model relies on, if missing.
+    pub async fn ensure_schema(&self) -> Result<(), ApplyError> {
+        for statement in SCHEMA {
+            let doing = format!(
+                "creating the graph schema on {} (database {}): {statement}",
+                self.config.uri, self.config.database
+            );
+            // One transaction per schema statement (Neo4j refuses schema and
+            // data changes in one transaction); see `begin` for why not `run`.
+            let mut txn = self.begin().await.map_err(unavailable(doing.clone()))?;
+            txn.run(query(statement))
+                .await
+                .map_err(unavailable(doing.clone()))?;
+            txn.commit().await.map_err(unavailable(doing))?;
+        }
+        Ok(())
+    }
+
+    /// Starts a transaction. Everything here runs in explicit transactions:
+    /// neo4rs retries `Graph::run` / `Graph::execute` on connection failures
+    /// for up to 60 s, while a transaction fails at once, leaving retries to
+    /// the caller (the projector's backoff, the API's client).
+    pub(crate) async fn begin(&self) -> Result<Txn, neo4rs::Error> {
+        self.graph.start_txn().await
+    }
+
+    /// The Bolt client, for ad-hoc reads (tests, tools).
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// The settings it was connected with.
+    pub fn config(&self) -> &GraphConfig {
+        &self.config
+    }
+}
+
+impl ReadModel for GraphModel {
+    fn name(&self) -> &str {
+        PROJECTION
+    }
+
+    async fn checkpoint(&self) -> Result<i64, ApplyError> {
+        let mut txn = self
+            .begin()
+            .await
+            .map_err(unavailable("reading the checkpoint"))?;
+        let rows = collect(&mut txn, write::checkpoint_query())
+            .await
+            .map_err(unavailable("reading the checkpoint"))?;
+        finish(txn).await;
+        Ok(rows
+            .first()
+            .and_then(|r| r.get::<i64>("position").ok())
+            .unwrap_or(0))
+    }
+
+    async fn apply(&self, events: &[Projected]) -> Result<(), ApplyError> {
+        write::apply(self, events).await
+    }
+}

@@ -1,0 +1,345 @@
+//! Applying a batch: read the checkpoint and the prior state the batch
+//! needs, fold the events in order into final node properties and
+//! relationship changes, write them with a few `UNWIND $rows` statements and
+//! move the checkpoint, all in one transaction.
+//!
+//! Folding first is what makes batching correct: every event takes effect in
+//! order in memory, and what is written is only the end result (last value
+//! of each property, the final assignee edge of each task), which no
+//! reordering of the statements can change.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use domain::{AgentEvent, DomainEvent, TaskEvent, WorkflowEvent};
+use neo4rs::{query, BoltType, Query, Row, Txn};
+
+use super::fold::{
+    agent_id, int, rejected, task_id, text, workflow_id, AgentRow, Fold, Props, TaskRow,
+};
+use super::{collect, finish, is_transient, GraphModel, PROJECTION};
+use crate::model::{ApplyError, Projected};
+
+/// The stored checkpoint of this projection.
+pub(super) fn checkpoint_query() -> Query {
+    query("MATCH (c:Checkpoint {projection: $projection}) RETURN c.position AS position")
+        .param("projection", PROJECTION)
+}
+
+/// Why a transaction did not commit.
+enum Failure {
+    /// An event cannot be applied (found while folding).
+    Event(ApplyError),
+    /// The server failed a statement or the commit.
+    Store {
+        doing: String,
+        source: neo4rs::Error,
+    },
+}
+
+fn store(doing: impl Into<String>) -> impl FnOnce(neo4rs::Error) -> Failure {
+    let doing = doing.into();
+    move |source| Failure::Store { doing, source }
+}
+
+/// Applies `events`; see the module docs.
+pub(super) async fn apply(model: &GraphModel, events: &[Projected]) -> Result<(), ApplyError> {
+    let all: Vec<&Projected> = events.iter().collect();
+    let failure = match try_apply(model, &all).await {
+        Ok(()) => return Ok(()),
+        Err(failure) => failure,
+    };
+    match failure {
+        Failure::Event(error) => Err(error),
+        Failure::Store { doing, source } if is_transient(&source) => Err(ApplyError::Unavailable {
+            store: "the graph",
+            doing,
+            source: Box::new(source),
+        }),
+        Failure::Store { doing, source } => {
+            // The server refused the batch (a constraint, a statement it
+            // rejects). Nothing of it was written; apply the events one by
+            // one (each atomic with its checkpoint) to stop at the one it
+            // refuses, with that event's position.
+            if let [only] = all.as_slice() {
+                return Err(rejected(
+                    only,
+                    format!("the graph refused it while {doing}: {source}"),
+                ));
+            }
+            for p in &all {
+                match try_apply(model, &[*p]).await {
+                    Ok(()) => {}
+                    Err(Failure::Event(error)) => return Err(error),
+                    Err(Failure::Store { doing, source }) if is_transient(&source) => {
+                        return Err(ApplyError::Unavailable {
+                            store: "the graph",
+                            doing,
+                            source: Box::new(source),
+                        })
+                    }
+                    Err(Failure::Store { doing, source }) => {
+                        return Err(rejected(
+                            p,
+                            format!("the graph refused it while {doing}: {source}"),
+                        ))
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn fetch(txn: &mut Txn, q: Query, doing: &str) -> Result<Vec<Row>, Failure> {
+    collect(txn, q).await.map_err(store(doing))
+}
+
+async fn try_apply(model: &GraphModel, events: &[&Projected]) -> Result<(), Failure> {
+    let mut txn = model
+        .graph
+        .start_txn()
+        .await
+        .map_err(store("starting a transaction"))?;
+    // The runtime already skips what is at or below the checkpoint; the
+    // model checks again against the stored value (in the same transaction),
+    // so a batch handed to it twice is a no-op.
+    let checkpoint = fetch(&mut txn, checkpoint_query(), "reading the checkpoint")
+        .await?
+        .first()
+        .and_then(|r| r.get::<i64>("position").ok())
+        .unwrap_or(0);
+    let events: Vec<&Projected> = events
+        .iter()
+        .copied()
+        .filter(|p| p.recorded.position > checkpoint)
+        .collect();
+    let Some(last) = events.last().map(|p| p.recorded.position) else {
+        finish(txn).await;
+        return Ok(());
+    };
+    let mut fold = prior_state(&mut txn, &events).await?;
+    for p in &events {
+        fold.event(p).map_err(Failure::Event)?;
+    }
+    for (doing, statement) in statements(fold, last) {
+        txn.run(statement).await.map_err(store(doing))?;
+    }
+    txn.commit().await.map_err(store(format!(
+        "committing the batch ending at position {last}"
+    )))
+}
+
+/// Reads what the batch needs to know of entities it does not create.
+async fn prior_state(txn: &mut Txn, events: &[&Projected]) -> Result<Fold, Failure> {
+    let mut workflows = BTreeSet::new();
+    let mut tasks = BTreeSet::new();
+    let mut agents = BTreeSet::new();
+    for p in events {
+        match &p.event {
+            DomainEvent::Workflow(WorkflowEvent::WorkflowStarted { .. }) => {}
+            DomainEvent::Workflow(e) => {
+                workflows.insert(workflow_id(e));
+            }
+            DomainEvent::Agent(AgentEvent::AgentRegistered {
+                parent_agent_id, ..
+            }) => {
+                agents.extend(parent_agent_id.map(|id| id.to_string()));
+            }
+            DomainEvent::Agent(e) => {
+                agents.insert(agent_id(e));
+            }
+            DomainEvent::Task(e) => match e {
+                TaskEvent::TaskCreated {
+                    workflow_id,
+                    depends_on,
+                    ..
+                } => {
+                    workflows.insert(workflow_id.to_string());
+                    tasks.extend(depends_on.iter().map(ToString::to_string));
+                }
+                TaskEvent::TaskAssigned { task_id, agent_id }
+                | TaskEvent::TaskStarted { task_id, agent_id } => {
+                    tasks.insert(task_id.to_string());
+                    agents.insert(agent_id.to_string());
+                }
+                TaskEvent::TaskDelegated {
+                    task_id,
+                    from_agent_id,
+                    to_agent_id,
+                } => {
+                    tasks.insert(task_id.to_string());
+                    agents.insert(from_agent_id.to_string());
+                    agents.insert(to_agent_id.to_string());
+                }
+                other => {
+                    tasks.insert(task_id(other));
+                }
+            },
+        }
+    }
+    let mut fold = Fold::default();
+    if !workflows.is_empty() {
+        let q = query("UNWIND $ids AS id MATCH (w:Workflow {id: id}) RETURN w.id AS id")
+            .param("ids", workflows.into_iter().collect::<Vec<_>>());
+        for row in fetch(txn, q, "reading workflows").await? {
+            if let Ok(id) = row.get::<String>("id") {
+                fold.workflows.insert(id);
+            }
+        }
+    }
+    if !tasks.is_empty() {
+        let q = query(
+            "UNWIND $ids AS id MATCH (t:Task {id: id}) \
+             RETURN t.id AS id, t.state AS state, t.assignee AS assignee",
+        )
+        .param("ids", tasks.into_iter().collect::<Vec<_>>());
+        for row in fetch(txn, q, "reading tasks").await? {
+            let Ok(id) = row.get::<String>("id") else {
+                continue;
+            };
+            let state = row
+                .get::<Option<String>>("state")
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            let assignee = row.get::<Option<String>>("assignee").ok().flatten();
+            // Completing a task releases its assignee: read that agent too.
+            agents.extend(assignee.clone());
+            fold.tasks.insert(id, TaskRow { state, assignee });
+        }
+    }
+    if !agents.is_empty() {
+        let q = query("UNWIND $ids AS id MATCH (a:Agent {id: id}) RETURN a.id AS id, a.current_task AS current_task")
+            .param("ids", agents.into_iter().collect::<Vec<_>>());
+        for row in fetch(txn, q, "reading agents").await? {
+            let Ok(id) = row.get::<String>("id") else {
+                continue;
+            };
+            let current_task = row.get::<Option<String>>("current_task").ok().flatten();
+            fold.agents.insert(id, AgentRow { current_task });
+        }
+    }
+    Ok(fold)
+}
+
+/// The statements writing the folded batch, nodes before the
+/// relationships that match them, the checkpoint last.
+fn statements(fold: Fold, last: i64) -> Vec<(String, Query)> {
+    let mut out = Vec::new();
+    let mut push = |doing: &str, cypher: &str, rows: Vec<HashMap<String, BoltType>>| {
+        if !rows.is_empty() {
+            out.push((doing.to_owned(), query(cypher).param("rows", rows)));
+        }
+    };
+    let nodes = |props: BTreeMap<String, Props>| -> Vec<HashMap<String, BoltType>> {
+        props
+            .into_iter()
+            .map(|(id, props)| {
+                let props: HashMap<String, BoltType> =
+                    props.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+                row([("id", text(id)), ("props", BoltType::from(props))])
+            })
+            .collect()
+    };
+    let pairs = |pairs: Vec<(String, String)>,
+                 a: &'static str,
+                 b: &'static str|
+     -> Vec<HashMap<String, BoltType>> {
+        pairs
+            .into_iter()
+            .map(|(x, y)| row([(a, text(x)), (b, text(y))]))
+            .collect()
+    };
+    push(
+        "writing workflows",
+        "UNWIND $rows AS row MERGE (n:Workflow {id: row.id}) SET n += row.props",
+        nodes(fold.workflow_props),
+    );
+    push(
+        "writing agents",
+        "UNWIND $rows AS row MERGE (n:Agent {id: row.id}) SET n += row.props",
+        nodes(fold.agent_props),
+    );
+    push(
+        "writing tasks",
+        "UNWIND $rows AS row MERGE (n:Task {id: row.id}) SET n += row.props",
+        nodes(fold.task_props),
+    );
+    push(
+        "writing SPAWNED relationships",
+        "UNWIND $rows AS row MATCH (p:Agent {id: row.parent}) MATCH (c:Agent {id: row.child}) \
+         MERGE (p)-[:SPAWNED]->(c)",
+        pairs(fold.spawned, "parent", "child"),
+    );
+    push(
+        "writing PART_OF relationships",
+        "UNWIND $rows AS row MATCH (t:Task {id: row.task}) MATCH (w:Workflow {id: row.workflow}) \
+         MERGE (t)-[:PART_OF]->(w)",
+        pairs(fold.part_of, "task", "workflow"),
+    );
+    push(
+        "writing DEPENDS_ON relationships",
+        "UNWIND $rows AS row MATCH (t:Task {id: row.task}) MATCH (d:Task {id: row.dependency}) \
+         MERGE (t)-[:DEPENDS_ON]->(d)",
+        pairs(fold.depends_on, "task", "dependency"),
+    );
+    let replaced: Vec<HashMap<String, BoltType>> = fold
+        .assignment
+        .keys()
+        .map(|task| row([("task", text(task))]))
+        .collect();
+    push(
+        "removing replaced ASSIGNED_TO relationships",
+        "UNWIND $rows AS row MATCH (:Task {id: row.task})-[r:ASSIGNED_TO]->(:Agent) DELETE r",
+        replaced,
+    );
+    let assigned: Vec<HashMap<String, BoltType>> = fold
+        .assignment
+        .into_iter()
+        .filter_map(|(task, edge)| edge.map(|e| (task, e)))
+        .map(|(task, e)| {
+            row([
+                ("task", text(task)),
+                ("agent", text(e.agent)),
+                ("position", int(e.position)),
+                ("at", int(e.at)),
+            ])
+        })
+        .collect();
+    push(
+        "writing ASSIGNED_TO relationships",
+        "UNWIND $rows AS row MATCH (t:Task {id: row.task}) MATCH (a:Agent {id: row.agent}) \
+         CREATE (t)-[:ASSIGNED_TO {position: row.position, at: row.at}]->(a)",
+        assigned,
+    );
+    let delegated: Vec<HashMap<String, BoltType>> = fold
+        .delegations
+        .into_iter()
+        .map(|(task, from, e)| {
+            row([
+                ("task", text(task)),
+                ("from", text(from)),
+                ("to", text(e.agent)),
+                ("position", int(e.position)),
+                ("at", int(e.at)),
+            ])
+        })
+        .collect();
+    push(
+        "writing DELEGATED_TO relationships",
+        "UNWIND $rows AS row MATCH (t:Task {id: row.task}) MATCH (a:Agent {id: row.to}) \
+         MERGE (t)-[r:DELEGATED_TO {position: row.position}]->(a) SET r.from = row.from, r.at = row.at",
+        delegated,
+    );
+    out.push((
+        format!("moving the checkpoint to {last}"),
+        query("MERGE (c:Checkpoint {projection: $projection}) SET c.position = $position")
+            .param("projection", PROJECTION)
+            .param("position", last),
+    ));
+    out
+}
+
+fn row<const N: usize>(fields: [(&str, BoltType); N]) -> HashMap<String, BoltType> {
+    fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}

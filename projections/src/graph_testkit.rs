@@ -1,0 +1,211 @@
+//! Test isolation for the graph read model: a database of its own per test,
+//! created through ArcadeDB's HTTP server API and dropped when the fixture is
+//! dropped. Fails with the command that starts the graph server when it is
+//! unreachable; never skips.
+//!
+//! Settings come from the environment:
+//! - `NEURECTOMY_TEST_GRAPH_URI` (default `bolt://127.0.0.1:7687`)
+//! - `NEURECTOMY_TEST_GRAPH_PASSWORD` (default `neurectomy-dev`; user `root`)
+//! - `NEURECTOMY_TEST_GRAPH_HTTP` (default `127.0.0.1:2480`; the HTTP API
+//!   port `scripts/graph.sh up` used is in `.run/arcadedb.http-port`)
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use neo4rs::{query, BoltType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+use crate::graph::{GraphConfig, GraphModel};
+
+/// How to start the graph server on a development machine.
+pub const START_GRAPH: &str = "scripts/graph.sh up";
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// A graph read model on a fresh database, dropped on drop.
+#[derive(Debug)]
+pub struct TestGraph {
+    /// The model, connected to the database.
+    pub model: GraphModel,
+    /// The database's name.
+    pub database: String,
+    /// `host:port` of the server's HTTP API.
+    pub http: String,
+    password: String,
+}
+
+/// Sends one ArcadeDB server command (`create database x`) over plain
+/// HTTP/1.1; returns the status code and body.
+async fn server_command(
+    http: &str,
+    password: &str,
+    command: &str,
+) -> Result<(u16, String), String> {
+    use base64::Engine;
+    let body = serde_json::json!({ "command": command }).to_string();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("root:{password}"));
+    let request = format!(
+        "POST /api/v1/server HTTP/1.1\r\nHost: {http}\r\nAuthorization: Basic {auth}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(http).await?;
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| format!("the graph server's HTTP API at {http} did not answer `{command}` within 10 s"))?
+        .map_err(|e| {
+            format!("the graph server's HTTP API at {http} is not reachable ({e}). Start the graph server with: {START_GRAPH}")
+        })?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            format!("the graph server at {http} sent a malformed HTTP response: {response:?}")
+        })?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+impl TestGraph {
+    /// Creates a fresh database and connects a model to it.
+    pub async fn create() -> Result<Self, String> {
+        let uri = env_or("NEURECTOMY_TEST_GRAPH_URI", "bolt://127.0.0.1:7687");
+        let password = env_or("NEURECTOMY_TEST_GRAPH_PASSWORD", "neurectomy-dev");
+        let http = env_or("NEURECTOMY_TEST_GRAPH_HTTP", "127.0.0.1:2480");
+        let database = format!("test_{}", Uuid::new_v4().simple());
+        let (status, body) =
+            server_command(&http, &password, &format!("create database {database}")).await?;
+        if status != 200 {
+            return Err(format!(
+                "the graph server at {http} refused to create database {database} (HTTP {status}: {body}). \
+                 Is it ArcadeDB started by `{START_GRAPH}` with this password?"
+            ));
+        }
+        let config = GraphConfig {
+            uri: uri.clone(),
+            user: "root".to_owned(),
+            password: password.clone(),
+            database: database.clone(),
+        };
+        match GraphModel::connect(config).await {
+            Ok(model) => Ok(Self {
+                model,
+                database,
+                http,
+                password,
+            }),
+            Err(e) => {
+                let _ =
+                    std::thread::spawn(move || drop_database(&http, &password, &database)).join();
+                let cause = std::error::Error::source(&e)
+                    .map(|c| format!(": {c}"))
+                    .unwrap_or_default();
+                Err(format!(
+                    "the graph server at {uri} is not reachable over Bolt ({e}{cause}). Start it with: {START_GRAPH}"
+                ))
+            }
+        }
+    }
+
+    /// Every node and relationship with its properties, one line each,
+    /// sorted (for before/after comparisons of the whole graph).
+    pub async fn dump(&self) -> Result<Vec<String>, neo4rs::Error> {
+        let graph = self.model.graph();
+        let mut lines = Vec::new();
+        let mut nodes = graph
+            .execute(query(
+                "MATCH (n) RETURN labels(n) AS labels, properties(n) AS props",
+            ))
+            .await?;
+        while let Some(row) = nodes.next().await? {
+            let mut labels: Vec<String> = row
+                .get("labels")
+                .map_err(neo4rs::Error::DeserializationError)?;
+            labels.sort();
+            let props: BoltType = row
+                .get("props")
+                .map_err(neo4rs::Error::DeserializationError)?;
+            lines.push(format!("node {labels:?} {}", render(&props)));
+        }
+        let mut rels = graph
+            .execute(query(
+                "MATCH (a)-[r]->(b) RETURN coalesce(a.id, a.projection) AS a, type(r) AS type, \
+                 properties(r) AS props, coalesce(b.id, b.projection) AS b",
+            ))
+            .await?;
+        while let Some(row) = rels.next().await? {
+            let a: Option<String> = row.get("a").map_err(neo4rs::Error::DeserializationError)?;
+            let b: Option<String> = row.get("b").map_err(neo4rs::Error::DeserializationError)?;
+            let kind: String = row
+                .get("type")
+                .map_err(neo4rs::Error::DeserializationError)?;
+            let props: BoltType = row
+                .get("props")
+                .map_err(neo4rs::Error::DeserializationError)?;
+            lines.push(format!("rel {a:?} -[{kind} {}]-> {b:?}", render(&props)));
+        }
+        lines.sort();
+        Ok(lines)
+    }
+}
+
+/// A value as deterministic text (map keys sorted).
+fn render(value: &BoltType) -> String {
+    match value {
+        BoltType::Map(map) => {
+            let sorted: BTreeMap<String, String> = map
+                .value
+                .iter()
+                .map(|(k, v)| (k.value.clone(), render(v)))
+                .collect();
+            format!("{sorted:?}")
+        }
+        BoltType::List(list) => format!("{:?}", list.value.iter().map(render).collect::<Vec<_>>()),
+        BoltType::String(s) => format!("{:?}", s.value),
+        BoltType::Integer(i) => i.value.to_string(),
+        BoltType::Float(f) => f.value.to_string(),
+        BoltType::Boolean(b) => b.value.to_string(),
+        BoltType::Null(_) => "null".to_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Drops a database, on a runtime of its own (callers may be inside a
+/// blocked runtime or none at all). Best effort.
+fn drop_database(http: &str, password: &str, database: &str) {
+    if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        let _ = runtime.block_on(server_command(
+            http,
+            password,
+            &format!("drop database {database}"),
+        ));
+    }
+}
+
+impl Drop for TestGraph {
+    fn drop(&mut self) {
+        let (http, password, database) = (
+            self.http.clone(),
+            self.password.clone(),
+            self.database.clone(),
+        );
+        let handle = std::thread::spawn(move || drop_database(&http, &password, &database));
+        let _ = handle.join();
+    }
+}
