@@ -285,12 +285,17 @@ async fn relay_position(settings: &Settings) -> anyhow::Result<Option<(i64, u64)
     Ok(Some((position, last)))
 }
 
-/// Diffs the read models against the event store.
+/// Diffs the read models (Redis and the graph) against the event store, each
+/// up to its own checkpoint; fails if either disagrees.
 pub async fn verify(settings: &Settings) -> anyhow::Result<()> {
     use projections::ReadModel as _;
     let pool = connect_database(settings).await?;
     let store = EventStore::new(pool.clone());
     let live = connect_live(settings).await?;
+    let graph = connect_graph(settings).await?;
+
+    let mut summaries = Vec::new();
+    let mut disagreeing = Vec::new();
     let until = live
         .checkpoint()
         .await
@@ -299,16 +304,44 @@ pub async fn verify(settings: &Settings) -> anyhow::Result<()> {
         .await
         .context("verifying the Redis read model")?;
     for difference in &differences {
-        println!("{difference}");
+        println!("redis: {difference}");
     }
-    println!(
-        "redis: {} difference(s) up to position {until}",
+    summaries.push(format!(
+        "redis ({}): {} difference(s) up to position {until}",
+        settings.redis_prefix,
         differences.len()
-    );
+    ));
+    if !differences.is_empty() {
+        disagreeing.push("redis");
+    }
+
+    let until = graph
+        .checkpoint()
+        .await
+        .context("reading the graph checkpoint")?;
+    let differences = projections::verify::verify_graph(&store, &graph, until)
+        .await
+        .context("verifying the graph read model")?;
+    for difference in &differences {
+        println!("graph: {difference}");
+    }
+    summaries.push(format!(
+        "graph ({}): {} difference(s) up to position {until}",
+        settings.graph_database,
+        differences.len()
+    ));
+    if !differences.is_empty() {
+        disagreeing.push("graph");
+    }
+
+    for summary in &summaries {
+        println!("{summary}");
+    }
     pool.close().await;
     anyhow::ensure!(
-        differences.is_empty(),
-        "the Redis read model disagrees with the event store"
+        disagreeing.is_empty(),
+        "read model(s) disagreeing with the event store: {}",
+        disagreeing.join(", ")
     );
     Ok(())
 }

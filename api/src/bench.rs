@@ -63,6 +63,10 @@ pub async fn run(settings: &Settings, bench: BenchCommand) -> anyhow::Result<()>
             let results = relay(settings, &args).await?;
             (args, results)
         }
+        BenchCommand::Project(args) => {
+            let results = crate::bench_project::run(settings, &args).await?;
+            (args, results)
+        }
     };
     println!(
         "\n{:<44} {:>14} {:>9} {:>9} {:>10}",
@@ -82,13 +86,13 @@ pub async fn run(settings: &Settings, bench: BenchCommand) -> anyhow::Result<()>
 }
 
 /// A database created for one benchmark run and dropped after it.
-struct ScratchDatabase {
+pub(crate) struct ScratchDatabase {
     url: String,
-    pool: PgPool,
+    pub(crate) pool: PgPool,
 }
 
 impl ScratchDatabase {
-    async fn create(settings: &Settings, pool_size: u32) -> anyhow::Result<Self> {
+    pub(crate) async fn create(settings: &Settings, pool_size: u32) -> anyhow::Result<Self> {
         let base = settings
             .database_url
             .rsplit_once('/')
@@ -110,7 +114,7 @@ impl ScratchDatabase {
         Ok(Self { url, pool })
     }
 
-    async fn drop_database(self) {
+    pub(crate) async fn drop_database(self) {
         self.pool.close().await;
         if let Err(error) = Postgres::force_drop_database(&self.url).await {
             tracing::warn!(%error, "could not drop the scratch database");
@@ -118,25 +122,25 @@ impl ScratchDatabase {
     }
 }
 
-fn wants(args: &BenchArgs, name: &str) -> bool {
+pub(crate) fn wants(args: &BenchArgs, name: &str) -> bool {
     args.only.as_deref().is_none_or(|only| name.contains(only))
 }
 
 /// Keeps the median (by rate) of several runs of one scenario.
-fn median(mut runs: Vec<Figures>) -> Option<Figures> {
+pub(crate) fn median(mut runs: Vec<Figures>) -> Option<Figures> {
     runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
     let middle = runs.len() / 2;
     runs.into_iter().nth(middle)
 }
 
 #[allow(clippy::expect_used)]
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     // Microseconds from 1 µs to 60 s, 3 significant digits: constant, valid
     // bounds, so construction cannot fail.
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant histogram bounds are valid")
 }
 
-fn figures(
+pub(crate) fn figures(
     scenario: &str,
     unit: &'static str,
     count: u64,
@@ -198,7 +202,10 @@ where
 
 /// Creates `n` running tasks (workflow started, agent registered, each task
 /// created, assigned and started) through the handler.
-async fn running_tasks(handler: &CommandHandler, n: usize) -> anyhow::Result<Vec<TaskId>> {
+pub(crate) async fn running_tasks(
+    handler: &CommandHandler,
+    n: usize,
+) -> anyhow::Result<Vec<TaskId>> {
     let ctx = || CommandContext::new(Uuid::new_v4(), "bench", "bench");
     let workflow = WorkflowId::from_uuid(Uuid::new_v4());
     let agent = AgentId::from_uuid(Uuid::new_v4());

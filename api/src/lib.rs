@@ -17,6 +17,8 @@
 
 pub mod app;
 pub mod bench;
+pub mod bench_project;
+pub mod replay;
 pub mod settings;
 pub mod simulate;
 pub mod telemetry;
@@ -57,6 +59,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::All(args) => app::run_all(&cli.settings, args).await,
         Command::Simulate(args) => simulate::run(&cli.settings, args).await,
         Command::Project(args) => app::run_projectors(&cli.settings, args).await,
+        Command::Replay(args) => replay::run(&cli.settings, args).await,
         Command::Status => app::status(&cli.settings).await,
         Command::Verify => app::verify(&cli.settings).await,
         Command::Bench(bench) => bench::run(&cli.settings, bench).await,

@@ -36,6 +36,9 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Run the projectors (read-model builders) until SIGINT/SIGTERM.
     Project(ProjectArgs),
+    /// Rebuild a projection from the event store into a fresh namespace and
+    /// switch readers over atomically when it has caught up.
+    Replay(ReplayArgs),
     /// Show the relay's and each projection's checkpoint and lag.
     Status,
     /// Fold every stream of the event store and diff the result against the
@@ -53,6 +56,17 @@ pub enum Projection {
     Redis,
     /// The graph read model (Neo4j 5 / a Bolt server).
     Graph,
+}
+
+/// Options of `replay`.
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    /// The projection to rebuild.
+    #[arg(long)]
+    pub projection: Projection,
+    /// Events read and applied per batch.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_size: i64,
 }
 
 /// Options of `project`.
@@ -107,6 +121,8 @@ pub enum BenchCommand {
     Append(BenchArgs),
     /// Relay throughput (backlog drain) and commit → JetStream ack latency.
     Relay(BenchArgs),
+    /// Projection replay rates and end-to-end freshness.
+    Project(BenchArgs),
 }
 
 /// Options shared by the benchmarks.
@@ -325,7 +341,7 @@ impl Settings {
         projections::ProjectorConfig {
             stream_name: self.jetstream_stream.clone(),
             batch_size: self.projector_batch_size.max(1),
-            linger: Duration::from_millis(self.projector_linger_ms.max(1)),
+            linger: Duration::from_millis(self.projector_linger_ms),
             ..projections::ProjectorConfig::default()
         }
     }

@@ -429,8 +429,9 @@ async fn run_workflow(sim: &Sim, rng: &mut StdRng, task_count: usize) {
                     .await;
             }
         }
+        let mut progressed = false;
         for i in ready {
-            run_task(sim, rng, &mut tasks[i], correlation).await;
+            progressed |= run_task(sim, rng, &mut tasks[i], correlation).await;
             finished += 1;
             if Some(finished) == cancel_at {
                 let cancel = WorkflowCommand::CancelWorkflow {
@@ -451,6 +452,10 @@ async fn run_workflow(sim: &Sim, rng: &mut StdRng, task_count: usize) {
             if sim.shutdown.is_cancelled() {
                 return;
             }
+        }
+        if !progressed {
+            // No capable agent is active right now: wait for one to resume.
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     if sim.shutdown.is_cancelled() {
@@ -473,9 +478,10 @@ async fn run_workflow(sim: &Sim, rng: &mut StdRng, task_count: usize) {
 }
 
 /// Takes one ready task through assign → start → progress → complete/fail.
-async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: Uuid) {
+/// Returns whether it got as far as an assignment.
+async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: Uuid) -> bool {
     let Some(agent) = sim.pick_agent(rng, &task.capabilities, None) else {
-        return;
+        return false;
     };
     let id = task.id;
     if sim
@@ -489,7 +495,7 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
         .await
         .is_err()
     {
-        return; // the agent was paused meanwhile; try again next round
+        return false; // the agent was paused meanwhile; try again next round
     }
     let mut holder = agent;
     let mut started = sim
@@ -536,7 +542,7 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
         } else {
             task.state = SimTaskState::Dead;
         }
-        return;
+        return true;
     }
     let agent = holder;
     if rng.gen_bool(0.1) {
@@ -567,7 +573,7 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
         if sim.send(complete, correlation).await.is_ok() {
             task.state = SimTaskState::Completed;
         }
-        return;
+        return true;
     }
     let retryable = rng.gen_bool(0.8);
     let fail = TaskCommand::FailTask {
@@ -581,7 +587,7 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
         retryable,
     };
     if sim.send(fail, correlation).await.is_err() {
-        return;
+        return true;
     }
     if retryable && task.attempt < MAX_ATTEMPTS {
         if sim
@@ -594,6 +600,7 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
     } else {
         task.state = SimTaskState::Dead;
     }
+    true
 }
 
 /// Pauses and resumes random agents, and now and then fails and recovers one.

@@ -25,8 +25,10 @@
 //! - [`runtime`]: the projector loop (catch-up, JetStream consumer, status).
 //! - [`live`]: the Redis live-state read model and its change feed.
 //! - [`testkit`]: per-test Redis key prefixes.
+//! - [`graph`]: the graph read model (Bolt / Neo4j 5) and its queries.
+//! - [`graph_testkit`]: per-test graph databases.
 //! - [`verify`]: re-derives state from the event store and diffs it against
-//!   the Redis read model.
+//!   the Redis and graph read models.
 
 pub mod graph;
 pub mod graph_testkit;

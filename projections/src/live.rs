@@ -1,6 +1,15 @@
 //! The Redis live-state read model.
 //!
-//! Keys (all under a configurable prefix, e.g. `neurectomy:`):
+//! Keys live under a configurable prefix `P` (e.g. `neurectomy:`) and a
+//! *generation* `G`: `P` + `active` names the generation readers and the
+//! live projector use, and every key below is `P` + `G` + `:` + the name
+//! shown. `neurectomy replay` builds a new generation from the event store
+//! while the live one keeps serving, then switches `P` + `active` with one
+//! `SET` (atomic for readers) and deletes the old generation. A projector
+//! that finds the generation switched under it re-reads the checkpoint and
+//! catches up from there ([`ApplyError::Moved`]).
+//!
+//! Keys of a generation:
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -20,6 +29,7 @@
 //! comma-separated strings (ids and capability names contain no commas).
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
 
 use domain::{AgentEvent, AgentStatus, DomainEvent, TaskEvent, TaskStatus, WorkflowEvent};
 use redis::aio::ConnectionManager;
@@ -50,7 +60,15 @@ impl Default for LiveModelConfig {
 pub struct LiveModel {
     conn: ConnectionManager,
     config: LiveModelConfig,
+    /// The generation keys are built under. Follows `P` + `active` unless
+    /// pinned (a replay builds a generation that is not active yet).
+    generation: Arc<RwLock<String>>,
+    /// Whether `generation` is fixed rather than following the pointer.
+    pinned: bool,
 }
+
+/// The generation used when none was ever activated.
+pub const FIRST_GENERATION: &str = "g0";
 
 impl std::fmt::Debug for LiveModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -89,14 +107,135 @@ fn non_empty(value: Option<String>) -> Option<String> {
 }
 
 impl LiveModel {
-    /// Connects to Redis at `url`.
+    /// Connects to Redis at `url`, following the active generation.
     pub async fn connect(url: &str, config: LiveModelConfig) -> Result<Self, ApplyError> {
+        let model = Self::open(url, config, String::new(), false).await?;
+        model
+            .refresh()
+            .await
+            .map_err(unavailable("reading the active generation"))?;
+        Ok(model)
+    }
+
+    /// Connects to Redis at `url`, writing generation `generation` whether
+    /// or not it is active (to build it for a switch-over).
+    pub async fn connect_generation(
+        url: &str,
+        config: LiveModelConfig,
+        generation: &str,
+    ) -> Result<Self, ApplyError> {
+        Self::open(url, config, generation.to_owned(), true).await
+    }
+
+    async fn open(
+        url: &str,
+        config: LiveModelConfig,
+        generation: String,
+        pinned: bool,
+    ) -> Result<Self, ApplyError> {
         let client = redis::Client::open(url)
             .map_err(unavailable(format!("parsing the Redis URL {url}")))?;
         let conn = ConnectionManager::new(client)
             .await
             .map_err(unavailable(format!("connecting to {url}")))?;
-        Ok(Self { conn, config })
+        Ok(Self {
+            conn,
+            config,
+            generation: Arc::new(RwLock::new(generation)),
+            pinned,
+        })
+    }
+
+    /// The key naming the active generation.
+    pub fn pointer_key(&self) -> String {
+        format!("{}active", self.config.prefix)
+    }
+
+    /// The generation keys are currently built under.
+    pub fn generation(&self) -> String {
+        match self.generation.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn set_generation(&self, generation: &str) {
+        let mut current = match self.generation.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        generation.clone_into(&mut current);
+    }
+
+    /// Re-reads the active generation (creating the first one if none was
+    /// ever activated) unless pinned; returns the generation in use.
+    pub async fn refresh(&self) -> Result<String, redis::RedisError> {
+        if self.pinned {
+            return Ok(self.generation());
+        }
+        let mut conn = self.conn.clone();
+        let pointer = self.pointer_key();
+        let mut active: Option<String> = redis::cmd("GET")
+            .arg(&pointer)
+            .query_async(&mut conn)
+            .await?;
+        if active.is_none() {
+            // SET NX: of two first readers, one creates it, both read it.
+            let (set, now): (Option<String>, Option<String>) = redis::pipe()
+                .cmd("SET")
+                .arg(&pointer)
+                .arg(FIRST_GENERATION)
+                .arg("NX")
+                .cmd("GET")
+                .arg(&pointer)
+                .query_async(&mut conn)
+                .await?;
+            let _ = set;
+            active = now;
+        }
+        let active = active.unwrap_or_else(|| FIRST_GENERATION.to_owned());
+        self.set_generation(&active);
+        Ok(active)
+    }
+
+    /// Makes this model's generation the active one (one `SET`: readers
+    /// switch atomically). Returns the generation that was active before.
+    pub async fn activate(&self) -> Result<Option<String>, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(self.pointer_key())
+            .arg(self.generation())
+            .arg("GET")
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// Deletes every key of `generation`.
+    pub async fn drop_generation(&self, generation: &str) -> Result<u64, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let pattern = format!("{}{generation}:*", self.config.prefix);
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !keys.is_empty() {
+                deleted += redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async::<u64>(&mut conn)
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
     }
 
     /// The key prefix.
@@ -111,7 +250,18 @@ impl LiveModel {
 
     /// The full key for `suffix`.
     pub fn key(&self, suffix: &str) -> String {
-        format!("{}{suffix}", self.config.prefix)
+        format!("{}{}:{suffix}", self.config.prefix, self.generation())
+    }
+
+    /// The stored checkpoint of the current generation.
+    async fn stored_checkpoint(&self) -> Result<i64, ApplyError> {
+        let mut conn = self.conn.clone();
+        let value: Option<i64> = redis::cmd("GET")
+            .arg(self.key("checkpoint"))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable("reading the checkpoint"))?;
+        Ok(value.unwrap_or(0))
     }
 
     async fn prior_tasks(
@@ -712,20 +862,50 @@ impl ReadModel for LiveModel {
     }
 
     async fn checkpoint(&self) -> Result<i64, ApplyError> {
-        let mut conn = self.conn.clone();
-        let value: Option<i64> = redis::cmd("GET")
-            .arg(self.key("checkpoint"))
-            .query_async(&mut conn)
+        self.refresh()
             .await
-            .map_err(unavailable("reading the checkpoint"))?;
-        Ok(value.unwrap_or(0))
+            .map_err(unavailable("reading the active generation"))?;
+        self.stored_checkpoint().await
     }
 
     async fn apply(&self, events: &[Projected]) -> Result<(), ApplyError> {
+        self.apply_checked(None, events).await
+    }
+
+    async fn apply_after(&self, after: i64, events: &[Projected]) -> Result<(), ApplyError> {
+        self.apply_checked(Some(after), events).await
+    }
+}
+
+impl LiveModel {
+    /// Applies a batch; with `after`, refuses ([`ApplyError::Moved`]) when
+    /// the stored checkpoint is behind what the projector believes.
+    async fn apply_checked(
+        &self,
+        after: Option<i64>,
+        events: &[Projected],
+    ) -> Result<(), ApplyError> {
+        let before = self.generation();
+        let now = self
+            .refresh()
+            .await
+            .map_err(unavailable("reading the active generation"))?;
         // The runtime already skips what is at or below the checkpoint; the
         // model checks again against the stored value, so even a batch handed
         // to it twice (two projectors racing, a replayed batch) is a no-op.
-        let checkpoint = self.checkpoint().await?;
+        let checkpoint = self.stored_checkpoint().await?;
+        if let Some(after) = after {
+            if checkpoint < after {
+                return Err(ApplyError::Moved {
+                    store: "Redis",
+                    reason: if before == now {
+                        format!("its checkpoint is {checkpoint}, behind the projector's {after} (was it flushed?)")
+                    } else {
+                        format!("generation {now} replaced {before}")
+                    },
+                });
+            }
+        }
         let events: Vec<&Projected> = events
             .iter()
             .filter(|p| p.recorded.position > checkpoint)

@@ -29,6 +29,16 @@ pub enum ApplyError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The read model is not where the projector left it (it was wiped, or a
+    /// replay switched it to another generation): the projector must re-read
+    /// the checkpoint and catch up from there.
+    #[error("the {store} read model moved: {reason}")]
+    Moved {
+        /// Which store.
+        store: &'static str,
+        /// What was found.
+        reason: String,
+    },
     /// The event cannot be applied to the read model as it is (e.g. an
     /// update for an entity the model never saw). The projection stops.
     #[error("event at position {position} ({event_type}) cannot be applied: {reason}")]
@@ -53,4 +63,17 @@ pub trait ReadModel: Send + Sync + 'static {
     /// Applies `events` (positions strictly increasing, all above the
     /// checkpoint) and moves the checkpoint to the last one, atomically.
     fn apply(&self, events: &[Projected]) -> impl Future<Output = Result<(), ApplyError>> + Send;
+
+    /// Like [`ReadModel::apply`], for a projector that believes the
+    /// checkpoint is `after`. A model that can tell returns
+    /// [`ApplyError::Moved`] when its stored checkpoint is behind `after`
+    /// (applying would leave a gap); by default it just applies.
+    fn apply_after(
+        &self,
+        after: i64,
+        events: &[Projected],
+    ) -> impl Future<Output = Result<(), ApplyError>> + Send {
+        let _ = after;
+        self.apply(events)
+    }
 }

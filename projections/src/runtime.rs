@@ -21,7 +21,9 @@ pub struct ProjectorConfig {
     pub stream_name: String,
     /// Most events applied in one atomic write.
     pub batch_size: usize,
-    /// Longest wait for a batch to fill before applying what arrived.
+    /// Longest wait for a batch to fill before applying what arrived; zero
+    /// applies what is already buffered at once (lowest latency; under load
+    /// the client buffers whole pulls, so batches still form).
     pub linger: Duration,
     /// Longest wait between retries after transient failures.
     pub max_backoff: Duration,
@@ -32,7 +34,7 @@ impl Default for ProjectorConfig {
         Self {
             stream_name: "NEURECTOMY_EVENTS".to_owned(),
             batch_size: 500,
-            linger: Duration::from_millis(5),
+            linger: Duration::ZERO,
             max_backoff: Duration::from_secs(5),
         }
     }
@@ -153,7 +155,7 @@ impl<M: ReadModel> Projector<M> {
             match self.pass(&shutdown).await {
                 Interrupt::Shutdown => return Ok(()),
                 Interrupt::Gap => {
-                    tracing::info!("JetStream does not hold what the projection needs; catching up from the event store");
+                    tracing::info!("resuming from the read model's checkpoint: catching up from the event store");
                 }
                 Interrupt::Transient(error) => {
                     tracing::warn!(%error, "projection interrupted; retrying");
@@ -352,7 +354,7 @@ impl<M: ReadModel> Projector<M> {
         let mut delay = Duration::from_millis(50);
         loop {
             let started = Instant::now();
-            match self.model.apply(&projected).await {
+            match self.model.apply_after(checkpoint, &projected).await {
                 Ok(()) => {
                     tracing::debug!(
                         count,
@@ -377,6 +379,10 @@ impl<M: ReadModel> Projector<M> {
                         event_type,
                         reason,
                     }))
+                }
+                Err(error @ ApplyError::Moved { .. }) => {
+                    tracing::info!(%error, "re-reading the checkpoint");
+                    return Err(Interrupt::Gap);
                 }
                 Err(error @ ApplyError::Unavailable { .. }) => {
                     tracing::warn!(%error, "applying a batch failed; retrying");

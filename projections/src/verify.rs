@@ -1,20 +1,24 @@
 //! `verify`: folds every stream of the event store with `domain::evolve` and
-//! diffs the result against the Redis read model.
+//! diffs the result against a read model: the Redis live state
+//! ([`verify_live`]) or the graph ([`verify_graph`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use commands::EventStore;
 use domain::{AgentState, Aggregate, DomainEvent, TaskState, TaskStatus, WorkflowState};
+use neo4rs::{query, BoltType, Query, Row};
 use redis::AsyncCommands;
 
+use crate::graph::{collect, finish, GraphModel, GraphQueryError, PROJECTION};
 use crate::live::LiveModel;
 
 /// One field where the read model disagrees with the events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Difference {
-    /// Redis key.
+    /// What disagrees: a Redis key, or a graph node (`Task <id>`).
     pub key: String,
-    /// Field.
+    /// Field: a hash field, a node property, a relationship type, or `node`
+    /// for a node missing from (or extra in) the graph.
     pub field: String,
     /// What the events say.
     pub expected: String,
@@ -50,6 +54,9 @@ pub enum VerifyError {
     /// Reading Redis failed.
     #[error("reading Redis")]
     Redis(#[from] redis::RedisError),
+    /// Reading the graph failed.
+    #[error("reading the graph")]
+    Graph(#[from] GraphQueryError),
 }
 
 #[derive(Default)]
@@ -59,13 +66,9 @@ struct Folded {
     workflows: BTreeMap<String, WorkflowState>,
 }
 
-/// Folds the whole log up to `until` (inclusive) and compares it with the
-/// Redis read model. Returns every difference (empty = the model is right).
-pub async fn verify_live(
-    store: &EventStore,
-    model: &LiveModel,
-    until: i64,
-) -> Result<Vec<Difference>, VerifyError> {
+/// Folds every stream of the log up to `until` (inclusive) with the
+/// domain's `evolve`; keys are the aggregates' ids.
+async fn fold(store: &EventStore, until: i64) -> Result<Folded, VerifyError> {
     let mut folded = Folded::default();
     let mut after = 0;
     loop {
@@ -97,6 +100,17 @@ pub async fn verify_live(
         }
         after = last;
     }
+    Ok(folded)
+}
+
+/// Folds the whole log up to `until` (inclusive) and compares it with the
+/// Redis read model. Returns every difference (empty = the model is right).
+pub async fn verify_live(
+    store: &EventStore,
+    model: &LiveModel,
+    until: i64,
+) -> Result<Vec<Difference>, VerifyError> {
+    let folded = fold(store, until).await?;
 
     let mut conn = model.connection();
     let mut differences = Vec::new();
@@ -164,6 +178,300 @@ pub async fn verify_live(
                 &format!("tasks_{state}"),
                 expected.to_string(),
                 &actual,
+            );
+        }
+    }
+    Ok(differences)
+}
+
+/// A graph value as text: strings as they are, lists joined with `,`, null
+/// as the empty string (what the events' side renders for "none").
+fn render(value: &BoltType) -> String {
+    match value {
+        BoltType::String(s) => s.value.clone(),
+        BoltType::Integer(i) => i.value.to_string(),
+        BoltType::Float(f) => f.value.to_string(),
+        BoltType::Boolean(b) => b.value.to_string(),
+        BoltType::Null(_) => String::new(),
+        BoltType::List(list) => list.value.iter().map(render).collect::<Vec<_>>().join(","),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The graph's nodes of one label, by id: column → rendered value.
+type Nodes = BTreeMap<String, BTreeMap<String, String>>;
+/// Relationships of one type, by source id: target ids, sorted.
+type Edges = BTreeMap<String, Vec<String>>;
+
+/// What the verifier reads of the graph, in one read transaction.
+struct GraphState {
+    checkpoint: Option<String>,
+    agents: Nodes,
+    tasks: Nodes,
+    workflows: Nodes,
+    part_of: Edges,
+    assigned_to: Edges,
+    depends_on: Edges,
+}
+
+fn columns(row: &Row, names: &[&str], doing: &str) -> Result<Vec<String>, GraphQueryError> {
+    names
+        .iter()
+        .map(|name| {
+            row.get::<BoltType>(name)
+                .map(|v| render(&v))
+                .map_err(|source| GraphQueryError::Decode {
+                    doing: format!("{doing} (column {name})"),
+                    source,
+                })
+        })
+        .collect()
+}
+
+fn nodes(rows: &[Row], fields: &[&str], doing: &str) -> Result<Nodes, GraphQueryError> {
+    let mut names = vec!["id"];
+    names.extend_from_slice(fields);
+    let mut out = Nodes::new();
+    for row in rows {
+        let mut values = columns(row, &names, doing)?.into_iter();
+        let id = values.next().unwrap_or_default();
+        out.insert(
+            id,
+            fields.iter().map(|f| (*f).to_owned()).zip(values).collect(),
+        );
+    }
+    Ok(out)
+}
+
+fn edges(rows: &[Row], doing: &str) -> Result<Edges, GraphQueryError> {
+    let mut out = Edges::new();
+    for row in rows {
+        let [from, to]: [String; 2] = columns(row, &["from", "to"], doing)?
+            .try_into()
+            .unwrap_or_default();
+        out.entry(from).or_default().push(to);
+    }
+    for targets in out.values_mut() {
+        targets.sort();
+    }
+    Ok(out)
+}
+
+async fn read_graph(model: &GraphModel) -> Result<GraphState, GraphQueryError> {
+    let doing = "reading the graph for verification";
+    let unavailable = |source| GraphQueryError::Unavailable {
+        doing: doing.to_owned(),
+        source,
+    };
+    let queries: [Query; 7] = [
+        query("MATCH (c:Checkpoint {projection: $projection}) RETURN c.position AS position")
+            .param("projection", PROJECTION),
+        query(
+            "MATCH (n:Agent) RETURN n.id AS id, n.status AS status, n.name AS name, \
+             n.capabilities AS capabilities",
+        ),
+        query(
+            "MATCH (n:Task) RETURN n.id AS id, n.state AS state, n.workflow AS workflow, \
+             n.assignee AS assignee, n.attempt AS attempt, n.progress AS progress",
+        ),
+        query("MATCH (n:Workflow) RETURN n.id AS id, n.status AS status, n.name AS name"),
+        query("MATCH (t:Task)-[:PART_OF]->(w:Workflow) RETURN t.id AS from, w.id AS to"),
+        query("MATCH (t:Task)-[:ASSIGNED_TO]->(a:Agent) RETURN t.id AS from, a.id AS to"),
+        query("MATCH (t:Task)-[:DEPENDS_ON]->(d:Task) RETURN t.id AS from, d.id AS to"),
+    ];
+    // One transaction: the reads see one state of the graph.
+    let mut txn = model.begin().await.map_err(unavailable)?;
+    let mut results = Vec::with_capacity(queries.len());
+    for q in queries {
+        results.push(collect(&mut txn, q).await.map_err(unavailable)?);
+    }
+    finish(txn).await;
+    let [checkpoint, agents, tasks, workflows, part_of, assigned_to, depends_on]: [Vec<Row>; 7] =
+        results.try_into().unwrap_or_default();
+    let checkpoint = match checkpoint.first() {
+        Some(row) => columns(row, &["position"], doing)?.pop(),
+        None => None,
+    };
+    Ok(GraphState {
+        checkpoint,
+        agents: nodes(&agents, &["status", "name", "capabilities"], doing)?,
+        tasks: nodes(
+            &tasks,
+            &["state", "workflow", "assignee", "attempt", "progress"],
+            doing,
+        )?,
+        workflows: nodes(&workflows, &["status", "name"], doing)?,
+        part_of: edges(&part_of, doing)?,
+        assigned_to: edges(&assigned_to, doing)?,
+        depends_on: edges(&depends_on, doing)?,
+    })
+}
+
+/// Folds the whole log up to `until` (inclusive) and compares it with the
+/// graph read model, which should hold exactly the effects of the events up
+/// to `until` (its checkpoint is compared too):
+///
+/// - every agent: `status`, `name`, `capabilities`;
+/// - every task: `state`, `workflow`, `assignee`, `attempt`, `progress`, its
+///   `PART_OF` workflow, its `ASSIGNED_TO` agent (the task's assignee: none
+///   once retried, kept once finished) and its `DEPENDS_ON` targets (as a
+///   sorted set);
+/// - every workflow: `status`, `name`;
+/// - `Agent`, `Task` and `Workflow` nodes missing from the graph, or in the
+///   graph without events (field `node`).
+///
+/// Reads the graph with a handful of whole-label queries in one read
+/// transaction. Returns every difference (empty = the model is right).
+pub async fn verify_graph(
+    store: &EventStore,
+    model: &GraphModel,
+    until: i64,
+) -> Result<Vec<Difference>, VerifyError> {
+    let folded = fold(store, until).await?;
+    let mut graph = read_graph(model).await?;
+    let mut differences = Vec::new();
+    let mut differ = |key: &str, field: &str, expected: String, actual: String| {
+        if expected != actual {
+            differences.push(Difference {
+                key: key.to_owned(),
+                field: field.to_owned(),
+                expected,
+                actual,
+            });
+        }
+    };
+    // Present in the events, absent from the graph: one difference for the
+    // node, none for each of its fields.
+    let node =
+        |nodes: &mut Nodes, id: &str| -> Option<BTreeMap<String, String>> { nodes.remove(id) };
+    let field = |props: &BTreeMap<String, String>, name: &str| -> String {
+        props.get(name).cloned().unwrap_or_default()
+    };
+    let targets = |edges: &Edges, id: &str| -> String {
+        edges.get(id).map(|t| t.join(",")).unwrap_or_default()
+    };
+
+    differ(
+        &format!("Checkpoint {PROJECTION}"),
+        "position",
+        until.to_string(),
+        graph.checkpoint.clone().unwrap_or_else(|| "0".to_owned()),
+    );
+    for state in folded.agents.values() {
+        let Some(agent) = state.get() else { continue };
+        let id = agent.id.to_string();
+        let key = format!("Agent {id}");
+        let Some(props) = node(&mut graph.agents, &id) else {
+            differ(&key, "node", "present".to_owned(), "missing".to_owned());
+            continue;
+        };
+        differ(
+            &key,
+            "status",
+            agent.status.as_str().to_owned(),
+            field(&props, "status"),
+        );
+        differ(&key, "name", agent.name.clone(), field(&props, "name"));
+        differ(
+            &key,
+            "capabilities",
+            agent.capabilities.join(","),
+            field(&props, "capabilities"),
+        );
+    }
+    for state in folded.tasks.values() {
+        let Some(task) = state.get() else { continue };
+        let id = task.id.to_string();
+        let key = format!("Task {id}");
+        let Some(props) = node(&mut graph.tasks, &id) else {
+            differ(&key, "node", "present".to_owned(), "missing".to_owned());
+            continue;
+        };
+        let workflow = task.workflow_id.to_string();
+        let assignee = task.assignee.map(|a| a.to_string()).unwrap_or_default();
+        let depends_on: BTreeSet<String> =
+            task.depends_on.iter().map(ToString::to_string).collect();
+        let depended: BTreeSet<String> = graph
+            .depends_on
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        differ(
+            &key,
+            "state",
+            task.status.as_str().to_owned(),
+            field(&props, "state"),
+        );
+        differ(
+            &key,
+            "workflow",
+            workflow.clone(),
+            field(&props, "workflow"),
+        );
+        differ(&key, "PART_OF", workflow, targets(&graph.part_of, &id));
+        differ(
+            &key,
+            "assignee",
+            assignee.clone(),
+            field(&props, "assignee"),
+        );
+        differ(
+            &key,
+            "ASSIGNED_TO",
+            assignee,
+            targets(&graph.assigned_to, &id),
+        );
+        differ(
+            &key,
+            "attempt",
+            task.attempt.to_string(),
+            field(&props, "attempt"),
+        );
+        differ(
+            &key,
+            "progress",
+            task.progress.to_string(),
+            field(&props, "progress"),
+        );
+        differ(
+            &key,
+            "DEPENDS_ON",
+            depends_on.into_iter().collect::<Vec<_>>().join(","),
+            depended.into_iter().collect::<Vec<_>>().join(","),
+        );
+    }
+    for state in folded.workflows.values() {
+        let Some(workflow) = state.get() else {
+            continue;
+        };
+        let id = workflow.id.to_string();
+        let key = format!("Workflow {id}");
+        let Some(props) = node(&mut graph.workflows, &id) else {
+            differ(&key, "node", "present".to_owned(), "missing".to_owned());
+            continue;
+        };
+        differ(
+            &key,
+            "status",
+            workflow.status.as_str().to_owned(),
+            field(&props, "status"),
+        );
+        differ(&key, "name", workflow.name.clone(), field(&props, "name"));
+    }
+    // What is left was never created by an event up to `until`.
+    for (label, extra) in [
+        ("Agent", &graph.agents),
+        ("Task", &graph.tasks),
+        ("Workflow", &graph.workflows),
+    ] {
+        for id in extra.keys() {
+            differ(
+                &format!("{label} {id}"),
+                "node",
+                "absent".to_owned(),
+                "present".to_owned(),
             );
         }
     }

@@ -97,8 +97,23 @@ impl World {
             .unwrap();
     }
 
+    /// The head of the log once every committed event is readable: the
+    /// gap-safe horizon is cluster-wide, so another test's open transaction
+    /// can briefly hold it below events this test already committed.
     async fn head(&self) -> i64 {
-        self.store.head().await.unwrap().readable
+        let store = self.store.clone();
+        eventually(
+            "the log head to be readable",
+            Duration::from_secs(30),
+            || {
+                let store = store.clone();
+                async move {
+                    let head = store.head().await.unwrap();
+                    (head.readable >= head.written).then_some(head.written)
+                }
+            },
+        )
+        .await
     }
 
     async fn caught_up(&self) -> i64 {
@@ -149,7 +164,7 @@ async fn a_simulated_workload_verifies_clean_and_redelivery_changes_nothing() {
     world.simulate(3, 11).await;
     world.assert_verified().await;
     let agents: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}agent:*", world.redis.prefix))
+        .arg(world.redis.model.key("agent:*"))
         .query_async(&mut world.redis.model.connection())
         .await
         .unwrap();
@@ -305,5 +320,65 @@ async fn an_event_it_cannot_decode_stops_the_projection_at_its_position() {
         world.redis.model.checkpoint().await.unwrap(),
         status.checkpoint
     );
+    world.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_while_commands_flow_ends_with_the_live_state() {
+    let world = world().await;
+    let projector = world.projector();
+    let (stop, task) = world.spawn(&projector);
+    world.simulate(2, 21).await;
+    world.caught_up().await;
+    let first = world.redis.model.generation();
+
+    // Commands keep flowing while the replay builds a new generation.
+    let workload = {
+        let handler = CommandHandler::new(world.store.clone(), HandlerConfig::default());
+        let stop = world.stop.child_token();
+        tokio::spawn(async move {
+            let args = SimulateArgs {
+                agents: 6,
+                workflows: 3,
+                tasks_per_workflow: 5,
+                rate: 300,
+                duration: 3,
+                tenant: "acme".to_owned(),
+                seed: 22,
+            };
+            api::simulate::drive(handler, args, stop).await.unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let config = projections::LiveModelConfig {
+        prefix: world.redis.prefix.clone(),
+        ..projections::LiveModelConfig::default()
+    };
+    let summary =
+        api::replay::replay_redis_into(&world.store, &world.redis.url, config, 100, false)
+            .await
+            .unwrap();
+    assert_eq!(summary.previous.as_deref(), Some(first.as_str()));
+    assert_ne!(summary.generation, first);
+    assert!(
+        summary.deleted_keys > 0,
+        "the old generation was not deleted"
+    );
+    workload.await.unwrap();
+
+    // The live projector moved to the new generation and kept it current.
+    world.assert_verified().await;
+    assert_eq!(world.redis.model.generation(), summary.generation);
+    let leftovers: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}{first}:*", world.redis.prefix))
+        .query_async(&mut world.redis.model.connection())
+        .await
+        .unwrap();
+    assert!(
+        leftovers.len() <= 5,
+        "old generation keys left: {leftovers:?}"
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
     world.shutdown().await;
 }

@@ -224,7 +224,7 @@ async fn prior_state(txn: &mut Txn, events: &[&Projected]) -> Result<Fold, Failu
 
 /// The statements writing the folded batch, nodes before the
 /// relationships that match them, the checkpoint last.
-fn statements(fold: Fold, last: i64) -> Vec<(String, Query)> {
+pub(super) fn statements(fold: Fold, last: i64) -> Vec<(String, Query)> {
     let mut out = Vec::new();
     let mut push = |doing: &str, cypher: &str, rows: Vec<HashMap<String, BoltType>>| {
         if !rows.is_empty() {

@@ -1,0 +1,874 @@
+//! `neurectomy bench project`: projection replay rates and end-to-end
+//! freshness, measured in one run.
+//!
+//! - **Replay.** A realistic log (the workload simulator, unpaced, through the
+//!   real command handler) is preloaded into a scratch database. Each read
+//!   model then catches up from PostgreSQL through the projector runtime
+//!   (a [`Projector`] on an empty read model and an empty JetStream stream),
+//!   timed until it has applied the whole log. Redis is also timed applying
+//!   the pre-read, decoded log directly (the model alone). For the graph,
+//!   the statements the model sends are precomputed from its fold and sent
+//!   directly to another fresh database ("raw": the server alone); the
+//!   ratio of the two rates is reported.
+//! - **Freshness.** The relay and both projectors run in this process
+//!   against a scratch database, stream, Redis prefix and graph database;
+//!   paced writers send 500 `ReportTaskProgress` commands/s through the
+//!   handler. Each command's commit instant and position are recorded, and
+//!   so is every change of the relay's acknowledged position and of each
+//!   projector's checkpoint; latency is the time from a command's commit to
+//!   the first change that covers its position.
+//!
+//! Everything the run creates (databases, stream, Redis keys, graph
+//! databases) is removed at the end, also when a scenario fails.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use commands::{CommandContext, CommandHandler, EventStore, Relay, RelayConfig};
+use domain::{DomainEvent, TaskCommand, TaskId};
+use hdrhistogram::Histogram;
+use projections::graph::bench::{plan_replay, server_command};
+use projections::{
+    GraphModel, LiveModel, Projected, Projector, ProjectorConfig, ProjectorState, ProjectorStatus,
+    ReadModel,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::bench::{figures, histogram, median, running_tasks, wants, Figures, ScratchDatabase};
+use crate::settings::{BenchArgs, Settings, SimulateArgs};
+
+/// Scenario names.
+const REDIS_REPLAY: &str = "redis replay: projector catch-up from PostgreSQL";
+const REDIS_APPLY: &str = "redis replay: LiveModel::apply alone (log pre-read)";
+const GRAPH_REPLAY: &str = "graph replay: projector catch-up from PostgreSQL";
+const GRAPH_RAW: &str = "graph raw: the same statements, sent directly";
+const READ_ALONE: &str = "postgres: read_all + decode alone (no read model)";
+/// Redis replay target, events/s.
+const REDIS_REPLAY_TARGET: f64 = 50_000.0;
+/// Graph replay target, share of the server's raw rate.
+const GRAPH_RATIO_TARGET: f64 = 0.70;
+/// Commands per second of the freshness scenario.
+const FRESHNESS_RATE: u64 = 500;
+/// Freshness targets, p99 milliseconds.
+const REDIS_P99_TARGET_MS: f64 = 10.0;
+const GRAPH_P99_TARGET_MS: f64 = 250.0;
+/// Longest wait for a projector to catch up.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(900);
+
+/// Everything a run creates, removed by [`Scratch::cleanup`].
+struct Scratch {
+    nats: async_nats::Client,
+    graph_http: String,
+    databases: Vec<ScratchDatabase>,
+    streams: Vec<String>,
+    prefixes: Vec<String>,
+    graphs: Vec<String>,
+    /// Cancels every task spawned by the run.
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// `host:port` of ArcadeDB's HTTP API: `NEURECTOMY_GRAPH_HTTP`, or port 2480
+/// on the Bolt URI's host.
+fn graph_http(settings: &Settings) -> String {
+    if let Ok(http) = std::env::var("NEURECTOMY_GRAPH_HTTP") {
+        return http;
+    }
+    let rest = settings
+        .graph_uri
+        .split_once("://")
+        .map_or(settings.graph_uri.as_str(), |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => format!("[{}]", v6.split(']').next().unwrap_or(v6)),
+        None => authority
+            .split(':')
+            .next()
+            .unwrap_or("127.0.0.1")
+            .to_owned(),
+    };
+    format!("{host}:2480")
+}
+
+impl Scratch {
+    async fn new(settings: &Settings) -> anyhow::Result<Self> {
+        Ok(Self {
+            nats: crate::app::connect_nats(settings).await?,
+            graph_http: graph_http(settings),
+            databases: Vec::new(),
+            streams: Vec::new(),
+            prefixes: Vec::new(),
+            graphs: Vec::new(),
+            stop: CancellationToken::new(),
+            tasks: Vec::new(),
+        })
+    }
+
+    /// A scratch event store (migrated).
+    async fn store(&mut self, settings: &Settings, pool: u32) -> anyhow::Result<EventStore> {
+        let db = ScratchDatabase::create(settings, pool).await?;
+        let store = EventStore::new(db.pool.clone());
+        self.databases.push(db);
+        Ok(store)
+    }
+
+    /// A relay configuration on a scratch stream, and the stream (created).
+    async fn stream(
+        &mut self,
+        settings: &Settings,
+        store: &EventStore,
+        tag: &str,
+    ) -> anyhow::Result<RelayConfig> {
+        let id = Uuid::new_v4().simple().to_string();
+        let config = RelayConfig {
+            stream_name: format!("BENCH_PROJECT_{tag}_{id}"),
+            subject_prefix: format!("benchproject{id}.events"),
+            ..settings.relay_config()
+        };
+        self.streams.push(config.stream_name.clone());
+        Relay::new(store.clone(), self.nats.clone(), config.clone())
+            .ensure_stream()
+            .await
+            .context("creating the scratch JetStream stream")?;
+        Ok(config)
+    }
+
+    /// A Redis read model under a fresh prefix.
+    async fn live(&mut self, settings: &Settings) -> anyhow::Result<LiveModel> {
+        let prefix = format!(
+            "{}bench:{}:",
+            settings.redis_prefix,
+            Uuid::new_v4().simple()
+        );
+        self.prefixes.push(prefix.clone());
+        LiveModel::connect(
+            &settings.redis_url,
+            projections::LiveModelConfig {
+                prefix,
+                ..settings.live_config()
+            },
+        )
+        .await
+        .with_context(|| format!("connecting to Redis at {}", settings.redis_url))
+    }
+
+    /// A graph read model on a fresh database.
+    async fn graph(&mut self, settings: &Settings) -> anyhow::Result<GraphModel> {
+        let database = format!("bench_{}", Uuid::new_v4().simple());
+        let (status, body) = server_command(
+            &self.graph_http,
+            &settings.graph_user,
+            &settings.graph_password,
+            &format!("create database {database}"),
+        )
+        .await
+        .map_err(anyhow::Error::msg)
+        .context("creating a scratch graph database (set NEURECTOMY_GRAPH_HTTP to the HTTP API's host:port if it is not on port 2480)")?;
+        anyhow::ensure!(
+            status == 200,
+            "the graph server at {} refused to create database {database} (HTTP {status}: {body})",
+            self.graph_http
+        );
+        self.graphs.push(database.clone());
+        GraphModel::connect(projections::GraphConfig {
+            database: database.clone(),
+            ..settings.graph_config()
+        })
+        .await
+        .with_context(|| format!("connecting to graph database {database}"))
+    }
+
+    /// Removes everything, best effort, reporting what could not be removed.
+    async fn cleanup(self, settings: &Settings) {
+        self.stop.cancel();
+        for task in self.tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        for db in self.databases {
+            db.drop_database().await;
+        }
+        let js = async_nats::jetstream::new(self.nats.clone());
+        for stream in &self.streams {
+            if let Err(error) = js.delete_stream(stream).await {
+                tracing::warn!(%error, stream, "could not delete the scratch JetStream stream");
+            }
+        }
+        for prefix in self.prefixes {
+            let wiped = async {
+                let model = LiveModel::connect(
+                    &settings.redis_url,
+                    projections::LiveModelConfig {
+                        prefix: prefix.clone(),
+                        ..settings.live_config()
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                projections::testkit::TestRedis {
+                    model,
+                    prefix: prefix.clone(),
+                    url: settings.redis_url.clone(),
+                }
+                .wipe()
+                .await
+                .map_err(|e| e.to_string())
+            };
+            if let Err(error) = wiped.await {
+                tracing::warn!(%error, prefix, "could not delete the scratch Redis keys");
+            }
+        }
+        for database in self.graphs {
+            let dropped = server_command(
+                &self.graph_http,
+                &settings.graph_user,
+                &settings.graph_password,
+                &format!("drop database {database}"),
+            )
+            .await;
+            match dropped {
+                Ok((200, _)) => {}
+                Ok((status, body)) => {
+                    tracing::warn!(
+                        database,
+                        status,
+                        body,
+                        "could not drop the scratch graph database"
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(%error, database, "could not drop the scratch graph database");
+                }
+            }
+        }
+    }
+}
+
+/// Runs the scenarios, then removes what they created.
+pub async fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Figures>> {
+    let mut scratch = Scratch::new(settings).await?;
+    let result = scenarios(settings, args, &mut scratch).await;
+    eprintln!("removing the scratch databases, stream, Redis keys and graph databases…");
+    scratch.cleanup(settings).await;
+    result
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+async fn scenarios(
+    settings: &Settings,
+    args: &BenchArgs,
+    scratch: &mut Scratch,
+) -> anyhow::Result<Vec<Figures>> {
+    let mut results = Vec::new();
+    if [
+        READ_ALONE,
+        REDIS_REPLAY,
+        REDIS_APPLY,
+        GRAPH_REPLAY,
+        GRAPH_RAW,
+    ]
+    .iter()
+    .any(|name| wants(args, name))
+    {
+        results.extend(replays(settings, args, scratch).await?);
+    }
+    let freshness_name = "freshness";
+    if wants(args, freshness_name) {
+        results.extend(freshness(settings, args, scratch).await?);
+    }
+    Ok(results)
+}
+
+/// Preloads a realistic log with the simulator, unpaced, for `seconds`.
+async fn preload(
+    store: &EventStore,
+    settings: &Settings,
+    seconds: u64,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let handler = CommandHandler::new(store.clone(), settings.handler_config());
+    let simulation = SimulateArgs {
+        agents: 64,
+        workflows: 32,
+        tasks_per_workflow: 8,
+        rate: 0,
+        duration: seconds,
+        tenant: "bench".to_owned(),
+        seed: 42,
+    };
+    crate::simulate::drive(handler, simulation, stop.child_token())
+        .await
+        .context("preloading the log with the simulator")
+}
+
+/// The whole log, decoded, in batches of `batch_size`.
+async fn read_log(
+    store: &EventStore,
+    batch_size: usize,
+    per_batch: &mut Histogram<u64>,
+) -> anyhow::Result<Vec<Vec<Projected>>> {
+    let limit = i64::try_from(batch_size.max(1)).unwrap_or(500);
+    let mut batches = Vec::new();
+    let mut after = 0;
+    loop {
+        let t0 = Instant::now();
+        let batch = store.read_all(after, limit).await?;
+        let full = batch.len() as i64 == limit;
+        let Some(last) = batch.last().map(|e| e.position) else {
+            break;
+        };
+        let mut projected = Vec::with_capacity(batch.len());
+        for recorded in batch {
+            let event = DomainEvent::from_stored(
+                &recorded.event_type,
+                recorded.schema_version,
+                recorded.data.clone(),
+            )
+            .with_context(|| format!("decoding the event at position {}", recorded.position))?;
+            projected.push(Projected { recorded, event });
+        }
+        let _ = per_batch.record(t0.elapsed().as_micros().max(1) as u64);
+        batches.push(projected);
+        after = last;
+        if !full {
+            break;
+        }
+    }
+    Ok(batches)
+}
+
+/// Prints the event mix of the log.
+fn describe(batches: &[Vec<Projected>]) {
+    let mut counts = std::collections::BTreeMap::<&str, u64>::new();
+    let mut total = 0u64;
+    for p in batches.iter().flatten() {
+        *counts.entry(p.event.event_type()).or_default() += 1;
+        total += 1;
+    }
+    let mut mix: Vec<(&str, u64)> = counts.into_iter().collect();
+    mix.sort_by_key(|m| std::cmp::Reverse(m.1));
+    let mix: Vec<String> = mix
+        .iter()
+        .map(|(kind, n)| format!("{kind} {:.1}%", *n as f64 * 100.0 / total.max(1) as f64))
+        .collect();
+    eprintln!("log: {total} events: {}", mix.join(", "));
+}
+
+/// Runs a projector on `model` (empty) until it has applied `total` events
+/// from the store; returns (events, per-batch time, seconds).
+async fn catch_up<M: ReadModel>(
+    model: M,
+    store: &EventStore,
+    nats: &async_nats::Client,
+    config: ProjectorConfig,
+    total: u64,
+    stop: &CancellationToken,
+) -> anyhow::Result<(u64, Histogram<u64>, f64)> {
+    let projector = Arc::new(Projector::new(model, store.clone(), nats.clone(), config));
+    let mut status = projector.status();
+    let token = stop.child_token();
+    let started = Instant::now();
+    let task = tokio::spawn({
+        let projector = projector.clone();
+        let token = token.clone();
+        async move { projector.run(token).await }
+    });
+    let mut per_batch = histogram();
+    let mut last = (started, 0u64);
+    let deadline = tokio::time::Instant::from_std(started + CATCH_UP_LIMIT);
+    let outcome: anyhow::Result<u64> = loop {
+        let now = Instant::now();
+        let s = status.borrow_and_update().clone();
+        if s.applied > last.1 {
+            let _ = per_batch.record(now.duration_since(last.0).as_micros().max(1) as u64);
+            last = (now, s.applied);
+        }
+        if s.applied >= total {
+            break Ok(s.applied);
+        }
+        if s.state == ProjectorState::Stopped {
+            break Err(anyhow::anyhow!(
+                "projection {} stopped: {}",
+                s.name,
+                s.last_error.unwrap_or_default()
+            ));
+        }
+        match tokio::time::timeout_at(deadline, status.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break Err(anyhow::anyhow!("the projector ended early")),
+            Err(_) => {
+                break Err(anyhow::anyhow!(
+                    "projection {} applied {} of {total} events within {} s",
+                    s.name,
+                    s.applied,
+                    CATCH_UP_LIMIT.as_secs()
+                ))
+            }
+        }
+    };
+    let secs = started.elapsed().as_secs_f64();
+    token.cancel();
+    let joined = task.await.context("joining the projector")?;
+    let applied = outcome?;
+    joined?;
+    Ok((applied, per_batch, secs))
+}
+
+/// Applies pre-read batches to `model` directly; returns (events, per-batch time, seconds).
+async fn apply_directly<M: ReadModel>(
+    model: &M,
+    batches: &[Vec<Projected>],
+) -> anyhow::Result<(u64, Histogram<u64>, f64)> {
+    let mut per_batch = histogram();
+    let mut count = 0u64;
+    let started = Instant::now();
+    for batch in batches {
+        let t0 = Instant::now();
+        model.apply(batch).await?;
+        let _ = per_batch.record(t0.elapsed().as_micros().max(1) as u64);
+        count += batch.len() as u64;
+    }
+    Ok((count, per_batch, started.elapsed().as_secs_f64()))
+}
+
+/// The replay scenarios.
+async fn replays(
+    settings: &Settings,
+    args: &BenchArgs,
+    scratch: &mut Scratch,
+) -> anyhow::Result<Vec<Figures>> {
+    let seconds = args.seconds.clamp(1, 120);
+    let runs = args.runs.max(1);
+
+    let store = scratch.store(settings, args.pool.max(8)).await?;
+    eprintln!("preloading a realistic log: the simulator, unpaced, for {seconds}s…");
+    preload(&store, settings, seconds, &scratch.stop).await?;
+    let batch_size = settings.projector_batch_size.max(1);
+    let batches = read_log(&store, batch_size, &mut histogram()).await?;
+    describe(&batches);
+    let total: u64 = batches.iter().map(|b| b.len() as u64).sum();
+    anyhow::ensure!(total > 0, "the simulator wrote no events");
+    // An empty stream: the projectors catch up from PostgreSQL, then idle.
+    let relay_config = scratch.stream(settings, &store, "REPLAY").await?;
+    let projector_config = ProjectorConfig {
+        stream_name: relay_config.stream_name.clone(),
+        ..settings.projector_config()
+    };
+    let mut results = Vec::new();
+    // What the catch-up path spends reading: the same reads and decoding,
+    // with no read model, in batches of the projector's size (a second pass:
+    // the first one above also set the tuples' hint bits, as the first
+    // projector's reads would).
+    if wants(args, READ_ALONE) {
+        let mut figs = Vec::new();
+        for run in 0..runs {
+            eprintln!("running `{READ_ALONE}` ({}/{runs})…", run + 1);
+            let mut per_batch = histogram();
+            let started = Instant::now();
+            let read = read_log(&store, batch_size, &mut per_batch).await?;
+            let secs = started.elapsed().as_secs_f64();
+            let count = read.iter().map(|b| b.len() as u64).sum();
+            figs.push(figures(READ_ALONE, "ev/s", count, &per_batch, secs, 0));
+        }
+        results.extend(median(figs));
+    }
+
+    if wants(args, REDIS_REPLAY) {
+        let mut figs = Vec::new();
+        for run in 0..runs {
+            eprintln!(
+                "running `{REDIS_REPLAY}` ({}/{runs}), {total} events…",
+                run + 1
+            );
+            let model = scratch.live(settings).await?;
+            let (count, hist, secs) = catch_up(
+                model,
+                &store,
+                &scratch.nats,
+                projector_config.clone(),
+                total,
+                &scratch.stop,
+            )
+            .await?;
+            figs.push(figures(REDIS_REPLAY, "ev/s", count, &hist, secs, 0));
+        }
+        if let Some(mut f) = median(figs) {
+            f.scenario = format!(
+                "{REDIS_REPLAY} (target ≥ {REDIS_REPLAY_TARGET:.0} ev/s: {})",
+                verdict(f.rate >= REDIS_REPLAY_TARGET)
+            );
+            results.push(f);
+        }
+    }
+
+    if wants(args, REDIS_APPLY) {
+        let mut figs = Vec::new();
+        for run in 0..runs {
+            eprintln!("running `{REDIS_APPLY}` ({}/{runs})…", run + 1);
+            let model = scratch.live(settings).await?;
+            let (count, hist, secs) = apply_directly(&model, &batches).await?;
+            figs.push(figures(REDIS_APPLY, "ev/s", count, &hist, secs, 0));
+        }
+        results.extend(median(figs));
+    }
+
+    let want_graph = wants(args, GRAPH_REPLAY);
+    let want_raw = wants(args, GRAPH_RAW);
+    let planned_once = if want_raw {
+        // Checks the plan once up front (and that the log folds cleanly).
+        Some(plan_replay(&batches).context("folding the log for the raw graph writes")?)
+    } else {
+        None
+    };
+    let mut planned_once = planned_once;
+    let mut graph_runs = Vec::new();
+    let mut raw_runs = Vec::new();
+    for run in 0..runs {
+        if want_graph {
+            eprintln!(
+                "running `{GRAPH_REPLAY}` ({}/{runs}), {total} events…",
+                run + 1
+            );
+            let model = scratch.graph(settings).await?;
+            let (count, hist, secs) = catch_up(
+                model,
+                &store,
+                &scratch.nats,
+                projector_config.clone(),
+                total,
+                &scratch.stop,
+            )
+            .await?;
+            graph_runs.push(figures(GRAPH_REPLAY, "ev/s", count, &hist, secs, 0));
+        }
+        if want_raw {
+            let planned = match planned_once.take() {
+                Some(planned) => planned,
+                None => {
+                    plan_replay(&batches).context("folding the log for the raw graph writes")?
+                }
+            };
+            let statements: usize = planned.iter().map(|b| b.statements()).sum();
+            eprintln!(
+                "running `{GRAPH_RAW}` ({}/{runs}): {} transactions, {statements} statements…",
+                run + 1,
+                planned.len()
+            );
+            let model = scratch.graph(settings).await?;
+            let mut per_batch = histogram();
+            let mut count = 0u64;
+            let started = Instant::now();
+            for batch in planned {
+                let events = batch.events() as u64;
+                let t0 = Instant::now();
+                model.write_raw(batch).await?;
+                let _ = per_batch.record(t0.elapsed().as_micros().max(1) as u64);
+                count += events;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            raw_runs.push(figures(GRAPH_RAW, "ev/s", count, &per_batch, secs, 0));
+        }
+    }
+    let graph = median(graph_runs);
+    let raw = median(raw_runs);
+    if let Some(mut graph) = graph {
+        if let Some(raw) = &raw {
+            let ratio = graph.rate / raw.rate.max(1e-9);
+            graph.scenario = format!(
+                "{GRAPH_REPLAY} (= {:.0} % of raw; target ≥ {:.0} %: {})",
+                ratio * 100.0,
+                GRAPH_RATIO_TARGET * 100.0,
+                verdict(ratio >= GRAPH_RATIO_TARGET)
+            );
+        }
+        results.push(graph);
+    }
+    results.extend(raw);
+    Ok(results)
+}
+
+/// When a position became visible: (checkpoint, instant) at every change.
+type Timeline = Vec<(i64, Instant)>;
+
+/// Records every change of `rx`'s position until `stop`.
+fn record_timeline<T: Send + Sync + 'static>(
+    mut rx: watch::Receiver<T>,
+    position: fn(&T) -> i64,
+    timeline: Arc<Mutex<Timeline>>,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let now = Instant::now();
+            let at = position(&*rx.borrow_and_update());
+            {
+                let mut timeline = timeline.lock().unwrap_or_else(|p| p.into_inner());
+                if timeline.last().is_none_or(|(last, _)| *last < at) {
+                    timeline.push((at, now));
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+            }
+        }
+    })
+}
+
+/// Commit → visible latencies of `commits` against `timeline`; the number
+/// of commits never seen is returned too.
+fn latencies(commits: &[(i64, Instant)], timeline: &Timeline) -> (Histogram<u64>, u64) {
+    let mut hist = histogram();
+    let mut unseen = 0;
+    for (position, committed) in commits {
+        let index = timeline.partition_point(|(at, _)| at < position);
+        match timeline.get(index) {
+            Some((_, visible)) => {
+                // A change seen before the writer took its commit instant
+                // (the writer was descheduled) counts as immediate.
+                let micros = visible.saturating_duration_since(*committed).as_micros();
+                let _ = hist.record(micros.max(1) as u64);
+            }
+            None => unseen += 1,
+        }
+    }
+    (hist, unseen)
+}
+
+/// Waits until every receiver's position reaches `target`.
+async fn wait_for(
+    what: &str,
+    target: i64,
+    mut relay: watch::Receiver<commands::RelayProgress>,
+    projectors: &mut [watch::Receiver<ProjectorStatus>],
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + CATCH_UP_LIMIT;
+    loop {
+        let relay_at = relay.borrow_and_update().position;
+        let mut behind = Vec::new();
+        if relay_at < target {
+            behind.push(format!("relay at {relay_at}"));
+        }
+        for rx in projectors.iter_mut() {
+            let s = rx.borrow_and_update().clone();
+            anyhow::ensure!(
+                s.state != ProjectorState::Stopped,
+                "projection {} stopped: {}",
+                s.name,
+                s.last_error.unwrap_or_default()
+            );
+            if s.checkpoint < target {
+                behind.push(format!("{} at {}", s.name, s.checkpoint));
+            }
+        }
+        if behind.is_empty() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{what}: not at position {target} within {} s ({})",
+            CATCH_UP_LIMIT.as_secs(),
+            behind.join(", ")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The freshness scenario.
+async fn freshness(
+    settings: &Settings,
+    args: &BenchArgs,
+    scratch: &mut Scratch,
+) -> anyhow::Result<Vec<Figures>> {
+    let seconds = args.seconds.max(1);
+    let store = scratch.store(settings, args.pool.max(8)).await?;
+    let handler = CommandHandler::new(store.clone(), settings.handler_config());
+    eprintln!("setting up 1,000 running tasks for the freshness scenario…");
+    let tasks = Arc::new(running_tasks(&handler, 1_000).await?);
+
+    let relay_config = scratch.stream(settings, &store, "FRESH").await?;
+    let projector_config = ProjectorConfig {
+        stream_name: relay_config.stream_name.clone(),
+        ..settings.projector_config()
+    };
+    let stop = scratch.stop.child_token();
+    let relay = Relay::new(store.clone(), scratch.nats.clone(), relay_config);
+    let relay_progress = relay.progress();
+    scratch.tasks.push(tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            if let Err(error) = relay.run(stop).await {
+                tracing::error!(%error, "the bench relay failed");
+            }
+        }
+    }));
+    let live = Projector::new(
+        scratch.live(settings).await?,
+        store.clone(),
+        scratch.nats.clone(),
+        projector_config.clone(),
+    );
+    let graph = Projector::new(
+        scratch.graph(settings).await?,
+        store.clone(),
+        scratch.nats.clone(),
+        projector_config,
+    );
+    let mut statuses = [live.status(), graph.status()];
+    scratch.tasks.push(tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let _ = live.run(stop).await;
+        }
+    }));
+    scratch.tasks.push(tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let _ = graph.run(stop).await;
+        }
+    }));
+    let head = store.head().await?.readable;
+    eprintln!("waiting for the relay and both projectors to reach position {head}…");
+    wait_for("setting up", head, relay_progress.clone(), &mut statuses).await?;
+    // Let the projectors go live on JetStream (their status moves to Live
+    // once the consumer exists).
+    for rx in &mut statuses {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rx.borrow_and_update().state != ProjectorState::Live {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "projection {} did not go live within 30 s",
+                rx.borrow().name
+            );
+            let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+        }
+    }
+
+    let watching = stop.child_token();
+    let relay_timeline: Arc<Mutex<Timeline>> = Arc::default();
+    let redis_timeline: Arc<Mutex<Timeline>> = Arc::default();
+    let graph_timeline: Arc<Mutex<Timeline>> = Arc::default();
+    let watchers = [
+        record_timeline(
+            relay_progress.clone(),
+            |p| p.position,
+            relay_timeline.clone(),
+            watching.clone(),
+        ),
+        record_timeline(
+            statuses[0].clone(),
+            |s| s.checkpoint,
+            redis_timeline.clone(),
+            watching.clone(),
+        ),
+        record_timeline(
+            statuses[1].clone(),
+            |s| s.checkpoint,
+            graph_timeline.clone(),
+            watching.clone(),
+        ),
+    ];
+
+    eprintln!("running `freshness` at {FRESHNESS_RATE} commands/s for {seconds}s…");
+    // 4 writers, each paced at a quarter of the rate.
+    let writers = 4u64;
+    let interval = Duration::from_micros(1_000_000 * writers / FRESHNESS_RATE);
+    let commits: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::default();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let mut handles = Vec::new();
+    for writer in 0..writers {
+        let handler = handler.clone();
+        let tasks = tasks.clone();
+        let commits = commits.clone();
+        handles.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(writer);
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            while Instant::now() < deadline {
+                ticker.tick().await;
+                let task_id: TaskId = tasks[rng.gen_range(0..tasks.len())];
+                let command = TaskCommand::ReportTaskProgress {
+                    task_id,
+                    percent: rng.gen_range(0..=99),
+                    note: Some(format!("writer {writer}: step {}", rng.gen_range(0..1000))),
+                };
+                let ctx = CommandContext::new(Uuid::new_v4(), "bench", "bench");
+                let outcome = handler.execute(command.into(), &ctx).await?;
+                let committed = Instant::now();
+                commits
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((outcome.position, committed));
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for handle in handles {
+        handle.await.context("joining a writer")??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let commits = std::mem::take(&mut *commits.lock().unwrap_or_else(|p| p.into_inner()));
+    let last = commits.iter().map(|(p, _)| *p).max().unwrap_or(head);
+    wait_for("after the run", last, relay_progress, &mut statuses).await?;
+    watching.cancel();
+    for watcher in watchers {
+        let _ = watcher.await;
+    }
+    stop.cancel();
+
+    let count = commits.len() as u64;
+    let mut results = Vec::new();
+    for (name, timeline, target) in [
+        (
+            "freshness 500 cmd/s: commit → JetStream ack (relay)",
+            relay_timeline,
+            None,
+        ),
+        (
+            "freshness 500 cmd/s: commit → visible in Redis",
+            redis_timeline,
+            Some(REDIS_P99_TARGET_MS),
+        ),
+        (
+            "freshness 500 cmd/s: commit → visible in the graph",
+            graph_timeline,
+            Some(GRAPH_P99_TARGET_MS),
+        ),
+    ] {
+        let timeline = timeline.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (hist, unseen) = latencies(&commits, &timeline);
+        anyhow::ensure!(
+            unseen == 0,
+            "{name}: {unseen} command(s) were never seen as visible"
+        );
+        let mut f = figures(name, "cmd/s", count, &hist, secs, 0);
+        if let Some(target) = target {
+            f.scenario = format!(
+                "{name} (target p99 ≤ {target:.0} ms: {})",
+                verdict(f.p99_ms <= target)
+            );
+        }
+        results.push(f);
+    }
+    Ok(results)
+}

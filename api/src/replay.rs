@@ -1,0 +1,166 @@
+//! `neurectomy replay`: rebuilds a projection from the event store into a
+//! fresh namespace while the live one keeps serving, then switches over.
+//!
+//! Redis: the new generation is written under its own key namespace; when
+//! it has caught up with the log, the `active` pointer is switched with one
+//! `SET`, so readers move atomically. A live projector (in another process)
+//! notices the switch at its next batch and continues on the new generation
+//! from its checkpoint. The old generation is deleted afterwards.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use commands::EventStore;
+use indicatif::{ProgressBar, ProgressStyle};
+use projections::{LiveModel, Projected, ReadModel};
+use uuid::Uuid;
+
+use crate::settings::{Projection, ReplayArgs, Settings};
+
+/// Runs `neurectomy replay`.
+pub async fn run(settings: &Settings, args: ReplayArgs) -> anyhow::Result<()> {
+    match args.projection {
+        Projection::Redis => replay_redis(settings, args.batch_size.max(1)).await,
+        Projection::Graph => anyhow::bail!(
+            "replaying the graph projection into a fresh namespace is not implemented yet; \
+             to rebuild it in place, stop its projector, delete the graph's nodes and start it again \
+             (it catches up from the event store)"
+        ),
+    }
+}
+
+async fn replay_redis(settings: &Settings, batch_size: i64) -> anyhow::Result<()> {
+    let pool = crate::app::connect_database(settings).await?;
+    let store = EventStore::new(pool.clone());
+    let summary = replay_redis_into(
+        &store,
+        &settings.redis_url,
+        settings.live_config(),
+        batch_size,
+        true,
+    )
+    .await;
+    pool.close().await;
+    let summary = summary?;
+    println!(
+        "replayed {} event(s) in {:.1}s ({:.0} events/s); generation {} is now active (was {}); deleted {} key(s) of the old one",
+        summary.events,
+        summary.seconds,
+        summary.events as f64 / summary.seconds.max(1e-9),
+        summary.generation,
+        summary.previous.as_deref().unwrap_or("none"),
+        summary.deleted_keys,
+    );
+    Ok(())
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplaySummary {
+    /// Events applied.
+    pub events: u64,
+    /// Seconds taken (before the old generation was deleted).
+    pub seconds: f64,
+    /// The new, now active generation.
+    pub generation: String,
+    /// The generation that was active before.
+    pub previous: Option<String>,
+    /// Keys of the previous generation deleted.
+    pub deleted_keys: u64,
+}
+
+/// Rebuilds the Redis read model into a fresh generation from `store`,
+/// activates it, and deletes the previous one.
+pub async fn replay_redis_into(
+    store: &EventStore,
+    redis_url: &str,
+    config: projections::LiveModelConfig,
+    batch_size: i64,
+    show_progress: bool,
+) -> anyhow::Result<ReplaySummary> {
+    let live = LiveModel::connect(redis_url, config.clone())
+        .await
+        .context("connecting to Redis")?;
+    let old = live.generation();
+    let generation = format!("g{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let target = LiveModel::connect_generation(redis_url, config, &generation)
+        .await
+        .context("connecting to Redis for the new generation")?;
+
+    let total = store
+        .count_after(0, i64::MAX)
+        .await
+        .context("counting events")?;
+    let bar = if show_progress {
+        ProgressBar::new(u64::try_from(total).unwrap_or(0))
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} replay redis [{bar:40}] {pos}/{len} events · {per_sec} · ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    if show_progress {
+        eprintln!("replaying {total} event(s) into generation {generation} (live: {old})");
+    }
+
+    let started = Instant::now();
+    let mut checkpoint = 0;
+    let mut applied = 0u64;
+    loop {
+        let batch = store
+            .read_all(checkpoint, batch_size)
+            .await
+            .context("reading the event store")?;
+        let Some(last) = batch.last().map(|e| e.position) else {
+            break;
+        };
+        let count = batch.len();
+        let mut projected = Vec::with_capacity(count);
+        for recorded in batch {
+            let event = recorded.decode().with_context(|| {
+                format!(
+                    "decoding the event at position {} ({})",
+                    recorded.position, recorded.event_type
+                )
+            })?;
+            projected.push(Projected { recorded, event });
+        }
+        target
+            .apply(&projected)
+            .await
+            .with_context(|| format!("applying the batch ending at position {last}"))?;
+        checkpoint = last;
+        applied += count as u64;
+        bar.inc(count as u64);
+        if bar.length().is_some_and(|len| bar.position() > len) {
+            bar.set_length(bar.position());
+        }
+    }
+    bar.finish();
+
+    let previous = target
+        .activate()
+        .await
+        .context("switching the active generation")?;
+    let seconds = started.elapsed().as_secs_f64();
+    let mut deleted_keys = 0;
+    if let Some(previous) = previous.as_ref().filter(|p| **p != generation) {
+        // A live projector may still be finishing a batch on the old
+        // generation; give it a moment before deleting it.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        deleted_keys = target
+            .drop_generation(previous)
+            .await
+            .context("deleting the old generation")?;
+    }
+    Ok(ReplaySummary {
+        events: applied,
+        seconds,
+        generation,
+        previous,
+        deleted_keys,
+    })
+}
