@@ -72,3 +72,155 @@ impl Process {
         self.child.kill().await
     }
 }
+
+pub mod pipeline {
+    //! The write side running in-process for one test: an isolated
+    //! database, JetStream stream and relay, plus helpers to drive a
+    //! workload and to wait for read models. Shared by the projection tests.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use api::settings::SimulateArgs;
+    use commands::testkit::{eventually, TestDatabase, TestNats};
+    use commands::{CommandHandler, EventStore, HandlerConfig, Relay};
+    use projections::{Projector, ProjectorConfig, ProjectorError, ReadModel};
+    use tokio::task::JoinHandle;
+    use tokio_util::sync::CancellationToken;
+
+    /// A projector task and the token that stops it.
+    pub type Running = (CancellationToken, JoinHandle<Result<(), ProjectorError>>);
+
+    /// Database, JetStream stream and a running relay, isolated per test.
+    #[derive(Debug)]
+    pub struct Pipeline {
+        /// The test's database (dropped at the end).
+        pub db: TestDatabase,
+        /// The test's JetStream stream and subject prefix.
+        pub nats: TestNats,
+        /// The event store on `db`.
+        pub store: EventStore,
+        /// Cancels everything the test started.
+        pub stop: CancellationToken,
+        relay: JoinHandle<()>,
+    }
+
+    impl Pipeline {
+        /// Creates the database and stream and starts the relay; fails with
+        /// the service's start command when one is unreachable.
+        pub async fn start() -> Self {
+            let db = TestDatabase::create(8)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let nats = TestNats::create().await.unwrap_or_else(|e| panic!("{e}"));
+            let store = EventStore::new(db.pool.clone());
+            let stop = CancellationToken::new();
+            let relay = Relay::new(store.clone(), nats.client.clone(), nats.relay.clone());
+            relay.ensure_stream().await.unwrap();
+            let relay = tokio::spawn({
+                let stop = stop.clone();
+                async move { relay.run(stop).await.unwrap() }
+            });
+            Self {
+                db,
+                nats,
+                store,
+                stop,
+                relay,
+            }
+        }
+
+        /// A projector feeding `model` from this pipeline (batches of 200).
+        pub fn projector<M: ReadModel>(&self, model: M) -> Arc<Projector<M>> {
+            let config = ProjectorConfig {
+                stream_name: self.nats.relay.stream_name.clone(),
+                batch_size: 200,
+                ..ProjectorConfig::default()
+            };
+            Arc::new(Projector::new(
+                model,
+                self.store.clone(),
+                self.nats.client.clone(),
+                config,
+            ))
+        }
+
+        /// Runs a projector in a task of its own.
+        pub fn spawn<M: ReadModel>(&self, projector: &Arc<Projector<M>>) -> Running {
+            let stop = self.stop.child_token();
+            let projector = projector.clone();
+            let task = tokio::spawn({
+                let stop = stop.clone();
+                async move { projector.run(stop).await }
+            });
+            (stop, task)
+        }
+
+        /// The simulator settings the tests use (tenant `acme`).
+        pub fn workload(seconds: u64, rate: u32, seed: u64) -> SimulateArgs {
+            SimulateArgs {
+                agents: 8,
+                workflows: 3,
+                tasks_per_workflow: 6,
+                rate,
+                duration: seconds,
+                tenant: "acme".to_owned(),
+                seed,
+            }
+        }
+
+        /// Drives a workload to its end.
+        pub async fn simulate(&self, args: SimulateArgs) {
+            let handler = CommandHandler::new(self.store.clone(), HandlerConfig::default());
+            api::simulate::drive(handler, args, self.stop.child_token())
+                .await
+                .unwrap();
+        }
+
+        /// Drives a workload in the background.
+        pub fn spawn_simulation(&self, args: SimulateArgs) -> JoinHandle<()> {
+            let handler = CommandHandler::new(self.store.clone(), HandlerConfig::default());
+            let stop = self.stop.child_token();
+            tokio::spawn(async move { api::simulate::drive(handler, args, stop).await.unwrap() })
+        }
+
+        /// The head of the log once every committed event is readable: the
+        /// gap-safe horizon is cluster-wide, so another test's open
+        /// transaction can briefly hold it below events this test committed.
+        pub async fn head(&self) -> i64 {
+            let store = self.store.clone();
+            eventually(
+                "every written event to be readable",
+                Duration::from_secs(60),
+                || {
+                    let store = store.clone();
+                    async move {
+                        let head = store.head().await.unwrap();
+                        (head.readable >= head.written).then_some(head.written)
+                    }
+                },
+            )
+            .await
+        }
+
+        /// Waits until `model` has applied the whole log; returns the head.
+        pub async fn caught_up<M: ReadModel + Clone>(&self, model: &M) -> i64 {
+            let head = self.head().await;
+            let what = format!("the {} projection to catch up", model.name());
+            eventually(&what, Duration::from_secs(60), || {
+                let model = model.clone();
+                async move { (model.checkpoint().await.unwrap() >= head).then_some(()) }
+            })
+            .await;
+            head
+        }
+
+        /// Stops the relay and drops the database.
+        pub async fn shutdown(self) {
+            self.stop.cancel();
+            self.relay.await.unwrap();
+            drop(self.db);
+        }
+    }
+}

@@ -7,49 +7,30 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::settings::SimulateArgs;
-use commands::testkit::{eventually, TestDatabase, TestNats};
-use commands::{CommandHandler, EventStore, HandlerConfig, Relay};
+use commands::EventStore;
 use neo4rs::query;
+use neurectomy_e2e::pipeline::Pipeline;
 use projections::graph_testkit::TestGraph;
 use projections::verify::{verify_graph, Difference};
-use projections::{GraphModel, Projected, Projector, ProjectorConfig, ReadModel};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use projections::{GraphModel, Projected, Projector, ReadModel};
 
+/// The pipeline plus a graph database of the test's own.
 struct World {
-    db: TestDatabase,
-    nats: TestNats,
+    pipe: Pipeline,
     graph: TestGraph,
-    store: EventStore,
-    stop: CancellationToken,
-    relay: JoinHandle<()>,
+}
+
+impl std::ops::Deref for World {
+    type Target = Pipeline;
+    fn deref(&self) -> &Pipeline {
+        &self.pipe
+    }
 }
 
 async fn world() -> World {
-    let db = TestDatabase::create(8)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let nats = TestNats::create().await.unwrap_or_else(|e| panic!("{e}"));
+    let pipe = Pipeline::start().await;
     let graph = TestGraph::create().await.unwrap_or_else(|e| panic!("{e}"));
-    let store = EventStore::new(db.pool.clone());
-    let stop = CancellationToken::new();
-    let relay = Relay::new(store.clone(), nats.client.clone(), nats.relay.clone());
-    relay.ensure_stream().await.unwrap();
-    let relay = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            relay.run(stop).await.unwrap();
-        }
-    });
-    World {
-        db,
-        nats,
-        graph,
-        store,
-        stop,
-        relay,
-    }
+    World { pipe, graph }
 }
 
 /// Runs one Cypher write in its own transaction.
@@ -100,93 +81,20 @@ fn report(differences: &[Difference]) -> String {
 impl World {
     /// A projector on a model of its own (its own Bolt pool).
     async fn projector(&self) -> Arc<Projector<GraphModel>> {
-        let config = ProjectorConfig {
-            stream_name: self.nats.relay.stream_name.clone(),
-            batch_size: 200,
-            ..ProjectorConfig::default()
-        };
         let model = GraphModel::connect(self.graph.model.config().clone())
             .await
             .unwrap();
-        Arc::new(Projector::new(
-            model,
-            self.store.clone(),
-            self.nats.client.clone(),
-            config,
-        ))
-    }
-
-    fn spawn(
-        &self,
-        projector: &Arc<Projector<GraphModel>>,
-    ) -> (
-        CancellationToken,
-        JoinHandle<Result<(), projections::ProjectorError>>,
-    ) {
-        let stop = self.stop.child_token();
-        let projector = projector.clone();
-        let task = tokio::spawn({
-            let stop = stop.clone();
-            async move { projector.run(stop).await }
-        });
-        (stop, task)
-    }
-
-    fn args(seconds: u64, rate: u32, seed: u64) -> SimulateArgs {
-        SimulateArgs {
-            agents: 8,
-            workflows: 3,
-            tasks_per_workflow: 6,
-            rate,
-            duration: seconds,
-            tenant: "acme".to_owned(),
-            seed,
-        }
+        self.pipe.projector(model)
     }
 
     async fn simulate(&self, seconds: u64, seed: u64) {
-        let handler = CommandHandler::new(self.store.clone(), HandlerConfig::default());
-        api::simulate::drive(
-            handler,
-            Self::args(seconds, 400, seed),
-            self.stop.child_token(),
-        )
-        .await
-        .unwrap();
-    }
-
-    /// The end of the log once everything written is readable. (`readable`
-    /// trails transactions anywhere on the PostgreSQL cluster: taken alone,
-    /// it may stop short of events already committed and projected.)
-    async fn head(&self) -> i64 {
-        let store = self.store.clone();
-        eventually(
-            "every written event to be readable",
-            Duration::from_secs(60),
-            || {
-                let store = store.clone();
-                async move {
-                    let head = store.head().await.unwrap();
-                    (head.readable >= head.written).then_some(head.written)
-                }
-            },
-        )
-        .await
+        self.pipe
+            .simulate(Pipeline::workload(seconds, 400, seed))
+            .await;
     }
 
     async fn caught_up(&self) -> i64 {
-        let head = self.head().await;
-        let model = self.graph.model.clone();
-        eventually(
-            "the graph projection to catch up",
-            Duration::from_secs(60),
-            || {
-                let model = model.clone();
-                async move { (model.checkpoint().await.unwrap() >= head).then_some(()) }
-            },
-        )
-        .await;
-        head
+        self.pipe.caught_up(&self.graph.model).await
     }
 
     async fn verify(&self, until: i64) -> Vec<Difference> {
@@ -214,9 +122,7 @@ impl World {
     }
 
     async fn shutdown(self) {
-        self.stop.cancel();
-        self.relay.await.unwrap();
-        drop(self.db);
+        self.pipe.shutdown().await;
     }
 }
 
@@ -309,15 +215,7 @@ async fn a_simulated_workload_verifies_clean_and_redelivery_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projector_killed_mid_batch_recovers_to_the_same_graph() {
     let world = world().await;
-    let workload = {
-        let handler = CommandHandler::new(world.store.clone(), HandlerConfig::default());
-        let stop = world.stop.child_token();
-        tokio::spawn(async move {
-            api::simulate::drive(handler, World::args(4, 500, 5), stop)
-                .await
-                .unwrap();
-        })
-    };
+    let workload = world.spawn_simulation(Pipeline::workload(4, 500, 5));
     // One projector (one Bolt pool) throughout: its runs are dropped
     // mid-flight, leaving their connections to the pool as they are.
     let projector = world.projector().await;

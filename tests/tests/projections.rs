@@ -7,128 +7,43 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use api::settings::SimulateArgs;
-use commands::testkit::{eventually, TestDatabase, TestNats};
-use commands::{CommandHandler, EventStore, HandlerConfig, Relay};
+use neurectomy_e2e::pipeline::Pipeline;
 use projections::testkit::TestRedis;
 use projections::verify::verify_live;
-use projections::{LiveModel, Projected, Projector, ProjectorConfig, ProjectorState, ReadModel};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use projections::{LiveModel, Projected, Projector, ProjectorState, ReadModel};
 
+/// The pipeline plus a Redis read model of the test's own.
 struct World {
-    db: TestDatabase,
-    nats: TestNats,
+    pipe: Pipeline,
     redis: TestRedis,
-    store: EventStore,
-    stop: CancellationToken,
-    relay: JoinHandle<()>,
+}
+
+impl std::ops::Deref for World {
+    type Target = Pipeline;
+    fn deref(&self) -> &Pipeline {
+        &self.pipe
+    }
 }
 
 async fn world() -> World {
-    let db = TestDatabase::create(8)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let nats = TestNats::create().await.unwrap_or_else(|e| panic!("{e}"));
+    let pipe = Pipeline::start().await;
     let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
-    let store = EventStore::new(db.pool.clone());
-    let stop = CancellationToken::new();
-    let relay = Relay::new(store.clone(), nats.client.clone(), nats.relay.clone());
-    relay.ensure_stream().await.unwrap();
-    let relay = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            relay.run(stop).await.unwrap();
-        }
-    });
-    World {
-        db,
-        nats,
-        redis,
-        store,
-        stop,
-        relay,
-    }
+    World { pipe, redis }
 }
 
 impl World {
     fn projector(&self) -> Arc<Projector<LiveModel>> {
-        let config = ProjectorConfig {
-            stream_name: self.nats.relay.stream_name.clone(),
-            batch_size: 200,
-            ..ProjectorConfig::default()
-        };
-        Arc::new(Projector::new(
-            self.redis.model.clone(),
-            self.store.clone(),
-            self.nats.client.clone(),
-            config,
-        ))
-    }
-
-    fn spawn(
-        &self,
-        projector: &Arc<Projector<LiveModel>>,
-    ) -> (
-        CancellationToken,
-        JoinHandle<Result<(), projections::ProjectorError>>,
-    ) {
-        let stop = self.stop.child_token();
-        let projector = projector.clone();
-        let task = tokio::spawn({
-            let stop = stop.clone();
-            async move { projector.run(stop).await }
-        });
-        (stop, task)
+        self.pipe.projector(self.redis.model.clone())
     }
 
     async fn simulate(&self, seconds: u64, seed: u64) {
-        let handler = CommandHandler::new(self.store.clone(), HandlerConfig::default());
-        let args = SimulateArgs {
-            agents: 8,
-            workflows: 3,
-            tasks_per_workflow: 6,
-            rate: 400,
-            duration: seconds,
-            tenant: "acme".to_owned(),
-            seed,
-        };
-        api::simulate::drive(handler, args, self.stop.child_token())
-            .await
-            .unwrap();
-    }
-
-    /// The head of the log once every committed event is readable: the
-    /// gap-safe horizon is cluster-wide, so another test's open transaction
-    /// can briefly hold it below events this test already committed.
-    async fn head(&self) -> i64 {
-        let store = self.store.clone();
-        eventually(
-            "the log head to be readable",
-            Duration::from_secs(30),
-            || {
-                let store = store.clone();
-                async move {
-                    let head = store.head().await.unwrap();
-                    (head.readable >= head.written).then_some(head.written)
-                }
-            },
-        )
-        .await
+        self.pipe
+            .simulate(Pipeline::workload(seconds, 400, seed))
+            .await;
     }
 
     async fn caught_up(&self) -> i64 {
-        let head = self.head().await;
-        let model = self.redis.model.clone();
-        eventually(
-            "the Redis projection to catch up",
-            Duration::from_secs(60),
-            || {
-                let model = model.clone();
-                async move { (model.checkpoint().await.unwrap() >= head).then_some(()) }
-            },
-        )
-        .await;
-        head
+        self.pipe.caught_up(&self.redis.model).await
     }
 
     async fn assert_verified(&self) {
@@ -150,9 +65,7 @@ impl World {
     }
 
     async fn shutdown(self) {
-        self.stop.cancel();
-        self.relay.await.unwrap();
-        drop(self.db);
+        self.pipe.shutdown().await;
     }
 }
 
@@ -224,22 +137,7 @@ async fn a_simulated_workload_verifies_clean_and_redelivery_changes_nothing() {
 async fn a_projector_killed_mid_batch_recovers_to_the_same_state() {
     let world = world().await;
     let projector = world.projector();
-    let workload = {
-        let handler = CommandHandler::new(world.store.clone(), HandlerConfig::default());
-        let stop = world.stop.child_token();
-        tokio::spawn(async move {
-            let args = SimulateArgs {
-                agents: 8,
-                workflows: 3,
-                tasks_per_workflow: 6,
-                rate: 500,
-                duration: 4,
-                tenant: "acme".to_owned(),
-                seed: 5,
-            };
-            api::simulate::drive(handler, args, stop).await.unwrap();
-        })
-    };
+    let workload = world.spawn_simulation(Pipeline::workload(4, 500, 5));
     for round in 0..8u64 {
         let (_, task) = world.spawn(&projector);
         tokio::time::sleep(Duration::from_millis(150 + round * 37)).await;
@@ -333,22 +231,12 @@ async fn replay_while_commands_flow_ends_with_the_live_state() {
     let first = world.redis.model.generation();
 
     // Commands keep flowing while the replay builds a new generation.
-    let workload = {
-        let handler = CommandHandler::new(world.store.clone(), HandlerConfig::default());
-        let stop = world.stop.child_token();
-        tokio::spawn(async move {
-            let args = SimulateArgs {
-                agents: 6,
-                workflows: 3,
-                tasks_per_workflow: 5,
-                rate: 300,
-                duration: 3,
-                tenant: "acme".to_owned(),
-                seed: 22,
-            };
-            api::simulate::drive(handler, args, stop).await.unwrap();
-        })
-    };
+    let workload = world.spawn_simulation(SimulateArgs {
+        agents: 6,
+        workflows: 3,
+        tasks_per_workflow: 5,
+        ..Pipeline::workload(3, 300, 22)
+    });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let config = projections::LiveModelConfig {
         prefix: world.redis.prefix.clone(),
