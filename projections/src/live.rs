@@ -28,7 +28,7 @@
 //! crash leaves either all of a batch or none of it. Lists are stored as
 //! comma-separated strings (ids and capability names contain no commas).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use domain::{AgentEvent, AgentStatus, DomainEvent, TaskEvent, TaskStatus, WorkflowEvent};
@@ -264,28 +264,106 @@ impl LiveModel {
         Ok(value.unwrap_or(0))
     }
 
-    async fn prior_tasks(
+    /// Re-reads the active generation (as [`LiveModel::refresh`]) and its
+    /// stored checkpoint. In the usual case, the generation has not changed,
+    /// both are read in one round trip: the pointer and the checkpoint of the
+    /// generation last seen, which is the right checkpoint iff the pointer
+    /// still names that generation (it is in the same pipeline, so both
+    /// come from one moment). Otherwise it falls back to reading them in turn.
+    async fn generation_and_checkpoint(&self) -> Result<(String, i64), ApplyError> {
+        let known = self.generation();
+        if !self.pinned && !known.is_empty() {
+            let mut conn = self.conn.clone();
+            let (active, checkpoint): (Option<String>, Option<i64>) = redis::pipe()
+                .cmd("GET")
+                .arg(self.pointer_key())
+                .cmd("GET")
+                .arg(self.key("checkpoint"))
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable("reading the active generation and checkpoint"))?;
+            if active.as_deref() == Some(known.as_str()) {
+                return Ok((known, checkpoint.unwrap_or(0)));
+            }
+        }
+        let now = self
+            .refresh()
+            .await
+            .map_err(unavailable("reading the active generation"))?;
+        Ok((now, self.stored_checkpoint().await?))
+    }
+
+    /// Reads the prior state of the tasks and agents a batch touches: the
+    /// tasks and the agents named by events in one pipeline, then, only if
+    /// some are not among those, the assignees of the tasks (completing a
+    /// task updates its agent) in a second one.
+    ///
+    /// With `head`, the first pipeline also reads the active generation and
+    /// the checkpoint of the generation last seen (saving the round trip of
+    /// [`LiveModel::generation_and_checkpoint`]); it returns `None` when the
+    /// generation changed, as the rows were then read from the wrong one.
+    async fn prior_rows(
         &self,
-        ids: &BTreeSet<String>,
-    ) -> Result<HashMap<String, TaskRow>, ApplyError> {
-        let mut rows = HashMap::new();
-        if ids.is_empty() {
-            return Ok(rows);
+        head: bool,
+        task_ids: &BTreeSet<String>,
+        mut agent_ids: BTreeSet<String>,
+    ) -> Result<Option<PriorRows>, ApplyError> {
+        let mut tasks = HashMap::new();
+        let mut agents = HashMap::new();
+        if !head && task_ids.is_empty() && agent_ids.is_empty() {
+            return Ok(Some((0, tasks, agents)));
         }
         let mut pipe = redis::pipe();
-        for id in ids {
+        let known = self.generation();
+        if head {
+            pipe.cmd("GET").arg(self.pointer_key());
+            pipe.cmd("GET").arg(self.key("checkpoint"));
+        }
+        for id in task_ids {
             pipe.cmd("HMGET")
                 .arg(self.key(&format!("task:{id}")))
                 .arg(&["workflow", "state", "assignee"]);
         }
+        self.hmget_agents(&mut pipe, &agent_ids);
         let mut conn = self.conn.clone();
-        let found: Vec<(Option<String>, Option<String>, Option<String>)> = pipe
+        let found: Vec<redis::Value> = pipe
             .query_async(&mut conn)
             .await
-            .map_err(unavailable("reading tasks"))?;
-        for (id, (workflow, state, assignee)) in ids.iter().zip(found) {
+            .map_err(unavailable("reading tasks and agents"))?;
+        let mut found = found.into_iter();
+        let mut checkpoint = 0;
+        if head {
+            let mut next = || -> Result<Option<String>, ApplyError> {
+                redis::from_owned_redis_value(found.next().unwrap_or(redis::Value::Nil))
+                    .map_err(unavailable("reading the active generation and checkpoint"))
+            };
+            let (active, stored) = (next()?, next()?);
+            if !self.pinned && active.as_deref() != Some(known.as_str()) {
+                return Ok(None);
+            }
+            checkpoint = match stored {
+                Some(stored) => stored.parse().map_err(|_| ApplyError::Unavailable {
+                    store: "Redis",
+                    doing: "reading the checkpoint".to_owned(),
+                    source: format!("the checkpoint is not a number: {stored:?}").into(),
+                })?,
+                None => 0,
+            };
+        }
+        let rows: Vec<Vec<Option<String>>> = found
+            .map(redis::from_owned_redis_value)
+            .collect::<Result<_, _>>()
+            .map_err(unavailable("reading tasks and agents"))?;
+        let mut found = rows.into_iter();
+        for (id, row) in task_ids.iter().zip(found.by_ref()) {
+            let mut row = row.into_iter();
+            let (workflow, state, assignee) = (
+                row.next().flatten(),
+                row.next().flatten(),
+                row.next().flatten(),
+            );
             if let (Some(workflow), Some(state)) = (workflow, state) {
-                rows.insert(
+                tasks.insert(
                     id.clone(),
                     TaskRow {
                         workflow,
@@ -295,29 +373,41 @@ impl LiveModel {
                 );
             }
         }
-        Ok(rows)
+        Self::agent_rows(&mut agents, &agent_ids, found);
+        let assignees: BTreeSet<String> = tasks
+            .values()
+            .filter_map(|t| t.assignee.clone())
+            .filter(|a| !agent_ids.contains(a))
+            .collect();
+        if !assignees.is_empty() {
+            let mut pipe = redis::pipe();
+            self.hmget_agents(&mut pipe, &assignees);
+            let found: Vec<Vec<Option<String>>> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable("reading agents"))?;
+            Self::agent_rows(&mut agents, &assignees, found.into_iter());
+            agent_ids.extend(assignees);
+        }
+        Ok(Some((checkpoint, tasks, agents)))
     }
 
-    async fn prior_agents(
-        &self,
-        ids: &BTreeSet<String>,
-    ) -> Result<HashMap<String, AgentRow>, ApplyError> {
-        let mut rows = HashMap::new();
-        if ids.is_empty() {
-            return Ok(rows);
-        }
-        let mut pipe = redis::pipe();
+    fn hmget_agents(&self, pipe: &mut redis::Pipeline, ids: &BTreeSet<String>) {
         for id in ids {
             pipe.cmd("HMGET")
                 .arg(self.key(&format!("agent:{id}")))
                 .arg(&["status", "current_task"]);
         }
-        let mut conn = self.conn.clone();
-        let found: Vec<(Option<String>, Option<String>)> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable("reading agents"))?;
-        for (id, (status, current_task)) in ids.iter().zip(found) {
+    }
+
+    fn agent_rows(
+        rows: &mut HashMap<String, AgentRow>,
+        ids: &BTreeSet<String>,
+        found: impl Iterator<Item = Vec<Option<String>>>,
+    ) {
+        for (id, row) in ids.iter().zip(found) {
+            let mut row = row.into_iter();
+            let (status, current_task) = (row.next().flatten(), row.next().flatten());
             if let Some(status) = status {
                 rows.insert(
                     id.clone(),
@@ -328,9 +418,11 @@ impl LiveModel {
                 );
             }
         }
-        Ok(rows)
     }
 }
+
+/// The checkpoint and the prior task and agent rows of a batch.
+type PriorRows = (i64, HashMap<String, TaskRow>, HashMap<String, AgentRow>);
 
 /// Collects the ids whose prior state a batch needs.
 fn touched(events: &[&Projected]) -> (BTreeSet<String>, BTreeSet<String>) {
@@ -393,16 +485,187 @@ fn agent_id(event: &AgentEvent) -> String {
 
 /// Builds the writes of one batch into an atomic pipeline, tracking the
 /// state the batch itself changes.
+///
+/// Writes are not sent as planned: hash fields, counters, set memberships
+/// and sorted-set scores are coalesced per key in [`Writes`] and emitted
+/// once at the end (a batch touches the same few keys many times: a task's
+/// hash gets `last_position`, `state`, `assignee`… from every event). Only
+/// the change feed gets one `XADD` per event, in order, as it is per event.
 struct Planner<'a> {
     model: &'a LiveModel,
+    /// `P` + `G` + `:`, computed once per batch.
+    base: String,
     pipe: redis::Pipeline,
+    writes: Writes,
     tasks: HashMap<String, TaskRow>,
     agents: HashMap<String, AgentRow>,
 }
 
+/// The final effect of a batch's writes to one hash field.
+#[derive(Debug)]
+struct FieldWrite {
+    /// The value the batch sets, if any: `HSET` (`nx == false`) or
+    /// `HSETNX` (`nx == true`, only when the batch touches the field first
+    /// with `HSETNX`).
+    set: Option<(String, bool)>,
+    /// The sum of the `HINCRBY`s applied after `set` (kept even when zero:
+    /// `HINCRBY f 0` creates a missing field, as `+1` then `-1` would).
+    delta: Option<i64>,
+}
+
+/// A batch's writes coalesced per key. Applying them gives the same result
+/// as applying the planned commands one by one: commands on different keys
+/// commute, a later `HSET` of a field overrides what came before, `HINCRBY`s
+/// add up, an `HSETNX` after any write of the field is a no-op, and a set
+/// member's or sorted-set member's last write is its final state.
+#[derive(Debug, Default)]
+struct Writes {
+    /// Hash key → fields in the order the batch first touched them (hashes
+    /// have at most a few dozen fields, so a linear scan beats hashing).
+    hashes: HashMap<String, Vec<(String, FieldWrite)>>,
+    /// Set key → member → whether it ends up added (`SADD`) or removed.
+    sets: HashMap<String, BTreeMap<String, bool>>,
+    /// Sorted-set key → member → last score.
+    zsets: HashMap<String, BTreeMap<String, i64>>,
+}
+
+impl Writes {
+    fn field(&mut self, key: &str, field: &str) -> (&mut FieldWrite, bool) {
+        if !self.hashes.contains_key(key) {
+            self.hashes.insert(key.to_owned(), Vec::new());
+        }
+        let Some(fields) = self.hashes.get_mut(key) else {
+            unreachable!("inserted above")
+        };
+        let found = fields.iter().position(|(f, _)| f == field);
+        let fresh = found.is_none();
+        let index = found.unwrap_or_else(|| {
+            fields.push((
+                field.to_owned(),
+                FieldWrite {
+                    set: None,
+                    delta: None,
+                },
+            ));
+            fields.len() - 1
+        });
+        (&mut fields[index].1, fresh)
+    }
+
+    fn hset(&mut self, key: &str, field: &str, value: String) {
+        let (write, _) = self.field(key, field);
+        write.set = Some((value, false));
+        write.delta = None;
+    }
+
+    fn hsetnx(&mut self, key: &str, field: &str, value: String) {
+        let (write, fresh) = self.field(key, field);
+        // Written earlier in the batch: the field exists, HSETNX is a no-op.
+        if fresh {
+            write.set = Some((value, true));
+        }
+    }
+
+    fn hincrby(&mut self, key: &str, field: &str, by: i64) {
+        let (write, _) = self.field(key, field);
+        match &mut write.set {
+            // A plain HSET of an integer followed by HINCRBY: fold into the
+            // value (Redis would store the same decimal string).
+            Some((value, false)) if write.delta.is_none() => match value.parse::<i64>() {
+                Ok(n) if n.to_string() == *value && n.checked_add(by).is_some() => {
+                    *value = (n + by).to_string();
+                }
+                _ => write.delta = Some(by),
+            },
+            _ => write.delta = Some(write.delta.unwrap_or(0) + by),
+        }
+    }
+
+    fn sadd(&mut self, key: String, member: &str) {
+        self.sets
+            .entry(key)
+            .or_default()
+            .insert(member.to_owned(), true);
+    }
+
+    fn srem(&mut self, key: String, member: &str) {
+        self.sets
+            .entry(key)
+            .or_default()
+            .insert(member.to_owned(), false);
+    }
+
+    fn zadd(&mut self, key: String, member: &str, score: i64) {
+        self.zsets
+            .entry(key)
+            .or_default()
+            .insert(member.to_owned(), score);
+    }
+
+    /// Appends the coalesced commands to `pipe`.
+    fn emit(self, pipe: &mut redis::Pipeline) {
+        for (key, fields) in self.hashes {
+            let mut hset = redis::cmd("HSET");
+            hset.arg(&key);
+            let mut any = false;
+            for (field, write) in &fields {
+                match &write.set {
+                    Some((value, true)) => {
+                        pipe.cmd("HSETNX").arg(&key).arg(field).arg(value).ignore();
+                    }
+                    Some((value, false)) => {
+                        hset.arg(field).arg(value);
+                        any = true;
+                    }
+                    None => {}
+                }
+            }
+            if any {
+                pipe.add_command(hset).ignore();
+            }
+            for (field, write) in &fields {
+                if let Some(by) = write.delta {
+                    pipe.cmd("HINCRBY").arg(&key).arg(field).arg(by).ignore();
+                }
+            }
+        }
+        for (key, members) in self.sets {
+            let (added, removed): (Vec<_>, Vec<_>) =
+                members.into_iter().partition(|(_, added)| *added);
+            if !removed.is_empty() {
+                let mut cmd = redis::cmd("SREM");
+                cmd.arg(&key);
+                for (member, _) in removed {
+                    cmd.arg(member);
+                }
+                pipe.add_command(cmd).ignore();
+            }
+            if !added.is_empty() {
+                let mut cmd = redis::cmd("SADD");
+                cmd.arg(&key);
+                for (member, _) in added {
+                    cmd.arg(member);
+                }
+                pipe.add_command(cmd).ignore();
+            }
+        }
+        for (key, members) in self.zsets {
+            let mut cmd = redis::cmd("ZADD");
+            cmd.arg(&key);
+            for (member, score) in members {
+                cmd.arg(score).arg(member);
+            }
+            pipe.add_command(cmd).ignore();
+        }
+    }
+}
+
 impl Planner<'_> {
     fn key(&self, suffix: &str) -> String {
-        self.model.key(suffix)
+        let mut key = String::with_capacity(self.base.len() + suffix.len());
+        key.push_str(&self.base);
+        key.push_str(suffix);
+        key
     }
 
     fn rejected(p: &Projected, reason: String) -> ApplyError {
@@ -413,8 +676,10 @@ impl Planner<'_> {
         }
     }
 
-    fn hset(&mut self, key: String, fields: &[(&str, String)]) {
-        self.pipe.cmd("HSET").arg(key).arg(fields).ignore();
+    fn hset<const N: usize>(&mut self, key: String, fields: [(&str, String); N]) {
+        for (field, value) in fields {
+            self.writes.hset(&key, field, value);
+        }
     }
 
     /// Records that an agent was involved in an event.
@@ -422,18 +687,13 @@ impl Planner<'_> {
         let key = self.key(&format!("agent:{agent}"));
         self.hset(
             key,
-            &[
+            [
                 ("last_position", position.to_string()),
                 ("last_event_at", at_ms.to_string()),
             ],
         );
         let recent = self.key(&format!("agents:{tenant}:recent"));
-        self.pipe
-            .cmd("ZADD")
-            .arg(recent)
-            .arg(at_ms)
-            .arg(agent)
-            .ignore();
+        self.writes.zadd(recent, agent, at_ms);
     }
 
     fn move_task(&mut self, task: &str, to: TaskStatus) -> Option<()> {
@@ -443,22 +703,13 @@ impl Planner<'_> {
         let wf_key = self.key(&format!("workflow:{workflow}"));
         let from_set = self.key(&format!("workflow:{workflow}:tasks:{from}"));
         let to_set = self.key(&format!("workflow:{workflow}:tasks:{}", to.as_str()));
-        self.pipe.cmd("SREM").arg(from_set).arg(task).ignore();
-        self.pipe.cmd("SADD").arg(to_set).arg(task).ignore();
-        self.pipe
-            .cmd("HINCRBY")
-            .arg(&wf_key)
-            .arg(format!("tasks_{from}"))
-            .arg(-1)
-            .ignore();
-        self.pipe
-            .cmd("HINCRBY")
-            .arg(&wf_key)
-            .arg(format!("tasks_{}", to.as_str()))
-            .arg(1)
-            .ignore();
+        self.writes.srem(from_set, task);
+        self.writes.sadd(to_set, task);
+        self.writes.hincrby(&wf_key, &format!("tasks_{from}"), -1);
+        self.writes
+            .hincrby(&wf_key, &format!("tasks_{}", to.as_str()), 1);
         let task_key = self.key(&format!("task:{task}"));
-        self.hset(task_key, &[("state", to.as_str().to_owned())]);
+        self.hset(task_key, [("state", to.as_str().to_owned())]);
         Some(())
     }
 
@@ -473,7 +724,7 @@ impl Planner<'_> {
                 row.current_task = None;
             }
             let key = self.key(&format!("agent:{agent}"));
-            self.hset(key, &[("current_task", String::new())]);
+            self.hset(key, [("current_task", String::new())]);
         }
     }
 
@@ -482,7 +733,7 @@ impl Planner<'_> {
             row.current_task = Some(task.to_owned());
         }
         let key = self.key(&format!("agent:{agent}"));
-        self.hset(key, &[("current_task", task.to_owned())]);
+        self.hset(key, [("current_task", task.to_owned())]);
     }
 
     fn plan(&mut self, p: &Projected) -> Result<(), ApplyError> {
@@ -513,7 +764,10 @@ impl Planner<'_> {
             .arg("stream_version")
             .arg(p.recorded.stream_version)
             .arg("data")
-            .arg(p.recorded.data.to_string())
+            // The same compact JSON as `to_string()`, without going through
+            // `fmt` (cheaper for the larger payloads); a `Value` always
+            // serializes.
+            .arg(serde_json::to_vec(&p.recorded.data).unwrap_or_default())
             .ignore();
         Ok(())
     }
@@ -539,7 +793,7 @@ impl Planner<'_> {
         {
             self.hset(
                 key,
-                &[
+                [
                     ("id", id.clone()),
                     ("tenant", tenant.to_owned()),
                     ("name", name.clone()),
@@ -558,10 +812,10 @@ impl Planner<'_> {
                 ],
             );
             let by_status = self.key(&format!("agents:{tenant}:status:active"));
-            self.pipe.cmd("SADD").arg(by_status).arg(&id).ignore();
+            self.writes.sadd(by_status, &id);
             for capability in capabilities {
                 let set = self.key(&format!("agents:{tenant}:capability:{capability}"));
-                self.pipe.cmd("SADD").arg(set).arg(&id).ignore();
+                self.writes.sadd(set, &id);
             }
             self.agents.insert(
                 id.clone(),
@@ -593,11 +847,11 @@ impl Planner<'_> {
         let previous = std::mem::replace(&mut row.status, status.as_str().to_owned());
         let from = self.key(&format!("agents:{tenant}:status:{previous}"));
         let to = self.key(&format!("agents:{tenant}:status:{}", status.as_str()));
-        self.pipe.cmd("SREM").arg(from).arg(&id).ignore();
-        self.pipe.cmd("SADD").arg(to).arg(&id).ignore();
+        self.writes.srem(from, &id);
+        self.writes.sadd(to, &id);
         self.hset(
             key,
-            &[
+            [
                 ("status", status.as_str().to_owned()),
                 ("status_reason", reason),
             ],
@@ -630,7 +884,7 @@ impl Planner<'_> {
             let deps: Vec<String> = depends_on.iter().map(ToString::to_string).collect();
             self.hset(
                 key,
-                &[
+                [
                     ("id", id.clone()),
                     ("tenant", tenant.to_owned()),
                     ("workflow", workflow.clone()),
@@ -649,20 +903,10 @@ impl Planner<'_> {
                 ],
             );
             let set = self.key(&format!("workflow:{workflow}:tasks:pending"));
-            self.pipe.cmd("SADD").arg(set).arg(&id).ignore();
+            self.writes.sadd(set, &id);
             let wf_key = self.key(&format!("workflow:{workflow}"));
-            self.pipe
-                .cmd("HINCRBY")
-                .arg(&wf_key)
-                .arg("tasks_total")
-                .arg(1)
-                .ignore();
-            self.pipe
-                .cmd("HINCRBY")
-                .arg(&wf_key)
-                .arg("tasks_pending")
-                .arg(1)
-                .ignore();
+            self.writes.hincrby(&wf_key, "tasks_total", 1);
+            self.writes.hincrby(&wf_key, "tasks_pending", 1);
             self.tasks.insert(
                 id,
                 TaskRow {
@@ -679,7 +923,7 @@ impl Planner<'_> {
                 format!("task {id} is not in the read model"),
             ));
         };
-        self.hset(key.clone(), &[("last_position", position.to_string())]);
+        self.hset(key.clone(), [("last_position", position.to_string())]);
         let missing =
             |p: &Projected| Self::rejected(p, format!("task {id} vanished from the batch state"));
         match event {
@@ -688,7 +932,7 @@ impl Planner<'_> {
                 let agent = agent_id.to_string();
                 self.move_task(&id, TaskStatus::Assigned)
                     .ok_or_else(|| missing(p))?;
-                self.hset(key, &[("assignee", agent.clone())]);
+                self.hset(key, [("assignee", agent.clone())]);
                 if let Some(t) = self.tasks.get_mut(&id) {
                     t.assignee = Some(agent.clone());
                 }
@@ -698,7 +942,7 @@ impl Planner<'_> {
                 let agent = agent_id.to_string();
                 self.move_task(&id, TaskStatus::Running)
                     .ok_or_else(|| missing(p))?;
-                self.hset(key, &[("assignee", agent.clone())]);
+                self.hset(key, [("assignee", agent.clone())]);
                 if let Some(t) = self.tasks.get_mut(&id) {
                     t.assignee = Some(agent.clone());
                 }
@@ -708,7 +952,7 @@ impl Planner<'_> {
             TaskEvent::TaskProgressReported { percent, note, .. } => {
                 self.hset(
                     key,
-                    &[
+                    [
                         ("progress", percent.to_string()),
                         ("progress_note", note.clone().unwrap_or_default()),
                     ],
@@ -717,15 +961,10 @@ impl Planner<'_> {
             TaskEvent::TaskCompleted { .. } => {
                 self.move_task(&id, TaskStatus::Completed)
                     .ok_or_else(|| missing(p))?;
-                self.hset(key, &[("progress", "100".to_owned())]);
+                self.hset(key, [("progress", "100".to_owned())]);
                 if let Some(agent) = row.assignee {
                     let agent_key = self.key(&format!("agent:{agent}"));
-                    self.pipe
-                        .cmd("HINCRBY")
-                        .arg(agent_key)
-                        .arg("tasks_completed")
-                        .arg(1)
-                        .ignore();
+                    self.writes.hincrby(&agent_key, "tasks_completed", 1);
                     self.release_agent(&agent, &id);
                     self.touch_agent(tenant, &agent, position, at_ms);
                 }
@@ -733,15 +972,10 @@ impl Planner<'_> {
             TaskEvent::TaskFailed { error, .. } => {
                 self.move_task(&id, TaskStatus::Failed)
                     .ok_or_else(|| missing(p))?;
-                self.hset(key, &[("last_error", error.clone())]);
+                self.hset(key, [("last_error", error.clone())]);
                 if let Some(agent) = row.assignee {
                     let agent_key = self.key(&format!("agent:{agent}"));
-                    self.pipe
-                        .cmd("HINCRBY")
-                        .arg(agent_key)
-                        .arg("tasks_failed")
-                        .arg(1)
-                        .ignore();
+                    self.writes.hincrby(&agent_key, "tasks_failed", 1);
                     self.release_agent(&agent, &id);
                     self.touch_agent(tenant, &agent, position, at_ms);
                 }
@@ -751,7 +985,7 @@ impl Planner<'_> {
                     .ok_or_else(|| missing(p))?;
                 self.hset(
                     key,
-                    &[
+                    [
                         ("attempt", attempt.to_string()),
                         ("assignee", String::new()),
                         ("progress", "0".to_owned()),
@@ -775,7 +1009,7 @@ impl Planner<'_> {
                 ..
             } => {
                 let (from, to) = (from_agent_id.to_string(), to_agent_id.to_string());
-                self.hset(key, &[("assignee", to.clone())]);
+                self.hset(key, [("assignee", to.clone())]);
                 if let Some(t) = self.tasks.get_mut(&id) {
                     t.assignee = Some(to.clone());
                 }
@@ -797,7 +1031,7 @@ impl Planner<'_> {
             } => {
                 let id = workflow_id.to_string();
                 let key = self.key(&format!("workflow:{id}"));
-                let fields = vec![
+                let fields = [
                     ("id", id.clone()),
                     ("tenant", tenant.to_owned()),
                     ("name", name.clone()),
@@ -815,16 +1049,12 @@ impl Planner<'_> {
                     "failed",
                     "cancelled",
                 ] {
-                    self.pipe
-                        .cmd("HSETNX")
-                        .arg(&key)
-                        .arg(format!("tasks_{state}"))
-                        .arg(0)
-                        .ignore();
+                    self.writes
+                        .hsetnx(&key, &format!("tasks_{state}"), "0".to_owned());
                 }
-                self.hset(key, &fields);
+                self.hset(key, fields);
                 let set = self.key(&format!("workflows:{tenant}:status:running"));
-                self.pipe.cmd("SADD").arg(set).arg(&id).ignore();
+                self.writes.sadd(set, &id);
                 return;
             }
             WorkflowEvent::WorkflowCompleted { workflow_id } => {
@@ -842,7 +1072,7 @@ impl Planner<'_> {
         let key = self.key(&format!("workflow:{id}"));
         self.hset(
             key,
-            &[
+            [
                 ("status", status.to_owned()),
                 ("reason", reason),
                 ("last_position", position.to_owned()),
@@ -851,8 +1081,8 @@ impl Planner<'_> {
         // Only running workflows end, so the previous status is "running".
         let from = self.key(&format!("workflows:{tenant}:status:running"));
         let to = self.key(&format!("workflows:{tenant}:status:{status}"));
-        self.pipe.cmd("SREM").arg(from).arg(&id).ignore();
-        self.pipe.cmd("SADD").arg(to).arg(&id).ignore();
+        self.writes.srem(from, &id);
+        self.writes.sadd(to, &id);
     }
 }
 
@@ -862,10 +1092,7 @@ impl ReadModel for LiveModel {
     }
 
     async fn checkpoint(&self) -> Result<i64, ApplyError> {
-        self.refresh()
-            .await
-            .map_err(unavailable("reading the active generation"))?;
-        self.stored_checkpoint().await
+        Ok(self.generation_and_checkpoint().await?.1)
     }
 
     async fn apply(&self, events: &[Projected]) -> Result<(), ApplyError> {
@@ -886,14 +1113,26 @@ impl LiveModel {
         events: &[Projected],
     ) -> Result<(), ApplyError> {
         let before = self.generation();
-        let now = self
-            .refresh()
-            .await
-            .map_err(unavailable("reading the active generation"))?;
+        // Usually one round trip reads the generation, the checkpoint and the
+        // prior rows together; the rows are of every event handed in, also
+        // those at or below the checkpoint (the planner skips them, their rows
+        // are just not used). Should the generation have changed, read in turn.
+        let (first_tasks, first_agents) = touched(&events.iter().collect::<Vec<_>>());
+        let (now, checkpoint, prior) = match self
+            .prior_rows(!before.is_empty(), &first_tasks, first_agents)
+            .await?
+        {
+            Some((checkpoint, tasks, agents)) if !before.is_empty() => {
+                (before.clone(), checkpoint, Some((tasks, agents)))
+            }
+            _ => {
+                let (now, checkpoint) = self.generation_and_checkpoint().await?;
+                (now, checkpoint, None)
+            }
+        };
         // The runtime already skips what is at or below the checkpoint; the
         // model checks again against the stored value, so even a batch handed
         // to it twice (two projectors racing, a replayed batch) is a no-op.
-        let checkpoint = self.stored_checkpoint().await?;
         if let Some(after) = after {
             if checkpoint < after {
                 return Err(ApplyError::Moved {
@@ -913,14 +1152,21 @@ impl LiveModel {
         let Some(last) = events.last().map(|p| p.recorded.position) else {
             return Ok(());
         };
-        let (task_ids, mut agent_ids) = touched(&events);
-        let tasks = self.prior_tasks(&task_ids).await?;
-        // Assignees of touched tasks: completing a task updates its agent.
-        agent_ids.extend(tasks.values().filter_map(|t| t.assignee.clone()));
-        let agents = self.prior_agents(&agent_ids).await?;
+        let (tasks, agents) = match prior {
+            Some(prior) => prior,
+            None => {
+                let (task_ids, agent_ids) = touched(&events);
+                match self.prior_rows(false, &task_ids, agent_ids).await? {
+                    Some((_, tasks, agents)) => (tasks, agents),
+                    None => unreachable!("rows read without the head are always returned"),
+                }
+            }
+        };
         let mut planner = Planner {
             model: self,
+            base: format!("{}{now}:", self.config.prefix),
             pipe: redis::pipe(),
+            writes: Writes::default(),
             tasks,
             agents,
         };
@@ -928,6 +1174,8 @@ impl LiveModel {
         for p in &events {
             planner.plan(p)?;
         }
+        let writes = std::mem::take(&mut planner.writes);
+        writes.emit(&mut planner.pipe);
         planner
             .pipe
             .cmd("SET")

@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::model::{ApplyError, Projected, ReadModel};
 
+/// Batches read from the event store at once while catching up.
+const READ_AHEAD_BATCHES: usize = 4;
+
 /// Configuration of one projector.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProjectorConfig {
@@ -194,25 +197,66 @@ impl<M: ReadModel> Projector<M> {
         });
 
         // 1. Catch up from the event store (gap-safe) to its readable head.
-        let limit = i64::try_from(self.config.batch_size.max(1)).unwrap_or(500);
+        // The log is read in pages of several batches, and reading page n+1
+        // overlaps applying page n (they wait on different servers, and the
+        // read runs as its own task so that decoding rows can use another
+        // worker thread). Pages are large because a read's cost is not only
+        // per row: the gap-safe query has a fixed part per call. Page n+1 is
+        // read from page n's last position, which is where the checkpoint is
+        // once page n is applied, so what is applied and when the checkpoint
+        // moves are the same as reading batch by batch in turn: batches of at
+        // most `batch_size` are applied strictly in order, each after the
+        // previous one succeeded; a failed apply discards the read-ahead.
+        let batch_size = self.config.batch_size.max(1);
+        let limit = i64::try_from(batch_size * READ_AHEAD_BATCHES).unwrap_or(2000);
+        let mut read = self.store.read_all(checkpoint, limit).await;
         loop {
             if shutdown.is_cancelled() {
                 return Interrupt::Shutdown;
             }
-            let batch = match self.store.read_all(checkpoint, limit).await {
-                Ok(batch) => batch,
+            let page = match read {
+                Ok(page) => page,
                 Err(error) => return Interrupt::Transient(error.to_string()),
             };
-            let full = batch.len() as i64 == limit;
-            if let Some(last) = batch.last().map(|e| e.position) {
+            let full = page.len() as i64 == limit;
+            let Some(last) = page.last().map(|e| e.position) else {
+                break;
+            };
+            // Below a full page is the store's readable head: nothing to read
+            // ahead, apply it and go live.
+            let next = full.then(|| {
+                let store = self.store.clone();
+                tokio::spawn(async move { store.read_all(last, limit).await })
+            });
+            let mut page = page.into_iter().peekable();
+            while page.peek().is_some() {
+                if shutdown.is_cancelled() {
+                    if let Some(next) = next {
+                        next.abort();
+                    }
+                    return Interrupt::Shutdown;
+                }
+                let batch: Vec<RecordedEvent> = page.by_ref().take(batch_size).collect();
+                let Some(batch_last) = batch.last().map(|e| e.position) else {
+                    break;
+                };
                 if let Err(interrupt) = self.apply(batch, checkpoint, shutdown).await {
+                    if let Some(next) = next {
+                        next.abort();
+                    }
                     return interrupt;
                 }
-                checkpoint = last;
+                checkpoint = batch_last;
             }
-            if !full {
+            let Some(next) = next else {
                 break;
-            }
+            };
+            read = match next.await {
+                Ok(read) => read,
+                Err(error) => {
+                    return Interrupt::Transient(format!("reading the event store: {error}"))
+                }
+            };
         }
 
         // 2. Consume JetStream from the first message after the checkpoint.
