@@ -311,11 +311,12 @@ pub struct Settings {
         global = true
     )]
     pub projector_batch_size: usize,
-    /// Longest wait (ms) for a projector batch to fill before applying it.
+    /// Longest wait (ms) for a projector batch to fill before applying it
+    /// (0: apply what has arrived at once; under load batches still form).
     #[arg(
         long,
         env = "NEURECTOMY_PROJECTOR_LINGER_MS",
-        default_value_t = 5,
+        default_value_t = 0,
         global = true
     )]
     pub projector_linger_ms: u64,
