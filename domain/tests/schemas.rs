@@ -14,7 +14,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use jsonschema::Validator;
@@ -29,14 +29,22 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
-const SCHEMA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../event-schemas");
+/// `event-schemas/` of the checkout being tested. Resolved at run time
+/// (cargo sets `CARGO_MANIFEST_DIR` for test processes): a path baked in at
+/// compile time points into whichever checkout built the binary, which with a
+/// build cache shared between checkouts may be another one, or a deleted one.
+fn schema_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join("../event-schemas")
+}
 
 // ---------------------------------------------------------------------------
 // Schema loading and validation
 // ---------------------------------------------------------------------------
 
 fn schema_path(event_type: &str, version: i32) -> PathBuf {
-    Path::new(SCHEMA_DIR).join(format!("{event_type}.v{version}.json"))
+    schema_dir().join(format!("{event_type}.v{version}.json"))
 }
 
 fn load_schema(event_type: &str, version: i32) -> Value {
@@ -589,7 +597,7 @@ fn parse_schema_file_name(file_name: &str) -> Option<(String, i32)> {
 fn schema_files_match_event_types_exactly() {
     let mut found = BTreeSet::new();
     let mut stray = Vec::new();
-    for entry in std::fs::read_dir(SCHEMA_DIR).expect("event-schemas/ is readable") {
+    for entry in std::fs::read_dir(schema_dir()).expect("event-schemas/ is readable") {
         let entry = entry.unwrap();
         let file_name = entry.file_name().to_string_lossy().into_owned();
         if file_name == "README.md" {
