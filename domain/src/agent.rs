@@ -242,6 +242,19 @@ pub enum AgentEvent {
     },
 }
 
+impl AgentEvent {
+    /// The agent the event belongs to.
+    pub fn agent_id(&self) -> AgentId {
+        match self {
+            AgentEvent::AgentRegistered { agent_id, .. }
+            | AgentEvent::AgentPaused { agent_id, .. }
+            | AgentEvent::AgentResumed { agent_id }
+            | AgentEvent::AgentFailed { agent_id, .. }
+            | AgentEvent::AgentRetired { agent_id, .. } => *agent_id,
+        }
+    }
+}
+
 fn transition_error(id: AgentId, action: &'static str, status: AgentStatus) -> DomainError {
     DomainError::InvalidTransition {
         kind: AggregateKind::Agent,

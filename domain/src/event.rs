@@ -116,6 +116,15 @@ impl DomainEvent {
         }
     }
 
+    /// The stream the event belongs to.
+    pub fn stream_id(&self) -> crate::ids::StreamId {
+        match self {
+            DomainEvent::Agent(e) => e.agent_id().stream_id(),
+            DomainEvent::Task(e) => e.task_id().stream_id(),
+            DomainEvent::Workflow(e) => e.workflow_id().stream_id(),
+        }
+    }
+
     /// The kind of aggregate that emits it.
     pub fn kind(&self) -> AggregateKind {
         match self {

@@ -347,6 +347,23 @@ pub enum TaskEvent {
     },
 }
 
+impl TaskEvent {
+    /// The task the event belongs to.
+    pub fn task_id(&self) -> TaskId {
+        match self {
+            TaskEvent::TaskCreated { task_id, .. }
+            | TaskEvent::TaskAssigned { task_id, .. }
+            | TaskEvent::TaskStarted { task_id, .. }
+            | TaskEvent::TaskProgressReported { task_id, .. }
+            | TaskEvent::TaskCompleted { task_id, .. }
+            | TaskEvent::TaskFailed { task_id, .. }
+            | TaskEvent::TaskRetried { task_id, .. }
+            | TaskEvent::TaskCancelled { task_id, .. }
+            | TaskEvent::TaskDelegated { task_id, .. } => *task_id,
+        }
+    }
+}
+
 fn transition_error(id: TaskId, action: &'static str, status: TaskStatus) -> DomainError {
     DomainError::InvalidTransition {
         kind: AggregateKind::Task,

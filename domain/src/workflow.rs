@@ -168,6 +168,18 @@ pub enum WorkflowEvent {
     },
 }
 
+impl WorkflowEvent {
+    /// The workflow the event belongs to.
+    pub fn workflow_id(&self) -> WorkflowId {
+        match self {
+            WorkflowEvent::WorkflowStarted { workflow_id, .. }
+            | WorkflowEvent::WorkflowCompleted { workflow_id }
+            | WorkflowEvent::WorkflowFailed { workflow_id, .. }
+            | WorkflowEvent::WorkflowCancelled { workflow_id, .. } => *workflow_id,
+        }
+    }
+}
+
 impl Aggregate for WorkflowState {
     const KIND: AggregateKind = AggregateKind::Workflow;
     const SNAPSHOT_VERSION: i32 = 1;

@@ -28,8 +28,7 @@ use neurectomy_domain::validate;
 use neurectomy_domain::{
     AgentCommand, AgentEvent, AgentId, AgentKind, AgentState, AgentStatus, Aggregate,
     AggregateKind, Command, DomainError, DomainEvent, Related, StreamId, TaskCommand, TaskEvent,
-    TaskId, TaskState, TaskStatus, WorkflowCommand, WorkflowEvent, WorkflowId, WorkflowState,
-    WorkflowStatus,
+    TaskId, TaskState, TaskStatus, WorkflowCommand, WorkflowId, WorkflowState, WorkflowStatus,
 };
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -1038,32 +1037,7 @@ fn agents_targeted(event: &DomainEvent) -> Vec<AgentId> {
 
 /// The stream an event belongs to.
 fn stream_of(event: &DomainEvent) -> StreamId {
-    match event {
-        DomainEvent::Agent(e) => match e {
-            AgentEvent::AgentRegistered { agent_id, .. }
-            | AgentEvent::AgentPaused { agent_id, .. }
-            | AgentEvent::AgentResumed { agent_id }
-            | AgentEvent::AgentFailed { agent_id, .. }
-            | AgentEvent::AgentRetired { agent_id, .. } => agent_id.stream_id(),
-        },
-        DomainEvent::Task(e) => match e {
-            TaskEvent::TaskCreated { task_id, .. }
-            | TaskEvent::TaskAssigned { task_id, .. }
-            | TaskEvent::TaskStarted { task_id, .. }
-            | TaskEvent::TaskProgressReported { task_id, .. }
-            | TaskEvent::TaskCompleted { task_id, .. }
-            | TaskEvent::TaskFailed { task_id, .. }
-            | TaskEvent::TaskRetried { task_id, .. }
-            | TaskEvent::TaskCancelled { task_id, .. }
-            | TaskEvent::TaskDelegated { task_id, .. } => task_id.stream_id(),
-        },
-        DomainEvent::Workflow(e) => match e {
-            WorkflowEvent::WorkflowStarted { workflow_id, .. }
-            | WorkflowEvent::WorkflowCompleted { workflow_id }
-            | WorkflowEvent::WorkflowFailed { workflow_id, .. }
-            | WorkflowEvent::WorkflowCancelled { workflow_id, .. } => workflow_id.stream_id(),
-        },
-    }
+    event.stream_id()
 }
 
 /// Checks every invariant of a world.

@@ -432,7 +432,7 @@ fn touched(events: &[&Projected]) -> (BTreeSet<String>, BTreeSet<String>) {
         match &p.event {
             DomainEvent::Task(e) => {
                 if !matches!(e, TaskEvent::TaskCreated { .. }) {
-                    tasks.insert(task_id(e));
+                    tasks.insert(e.task_id().to_string());
                 }
                 match e {
                     TaskEvent::TaskAssigned { agent_id, .. }
@@ -451,36 +451,12 @@ fn touched(events: &[&Projected]) -> (BTreeSet<String>, BTreeSet<String>) {
                 }
             }
             DomainEvent::Agent(e) if !matches!(e, AgentEvent::AgentRegistered { .. }) => {
-                agents.insert(agent_id(e));
+                agents.insert(e.agent_id().to_string());
             }
             _ => {}
         }
     }
     (tasks, agents)
-}
-
-fn task_id(event: &TaskEvent) -> String {
-    match event {
-        TaskEvent::TaskCreated { task_id, .. }
-        | TaskEvent::TaskAssigned { task_id, .. }
-        | TaskEvent::TaskStarted { task_id, .. }
-        | TaskEvent::TaskProgressReported { task_id, .. }
-        | TaskEvent::TaskCompleted { task_id, .. }
-        | TaskEvent::TaskFailed { task_id, .. }
-        | TaskEvent::TaskRetried { task_id, .. }
-        | TaskEvent::TaskCancelled { task_id, .. }
-        | TaskEvent::TaskDelegated { task_id, .. } => task_id.to_string(),
-    }
-}
-
-fn agent_id(event: &AgentEvent) -> String {
-    match event {
-        AgentEvent::AgentRegistered { agent_id, .. }
-        | AgentEvent::AgentPaused { agent_id, .. }
-        | AgentEvent::AgentResumed { agent_id }
-        | AgentEvent::AgentFailed { agent_id, .. }
-        | AgentEvent::AgentRetired { agent_id, .. } => agent_id.to_string(),
-    }
 }
 
 /// Builds the writes of one batch into an atomic pipeline, tracking the
@@ -780,7 +756,7 @@ impl Planner<'_> {
         position: i64,
         at_ms: i64,
     ) -> Result<(), ApplyError> {
-        let id = agent_id(event);
+        let id = event.agent_id().to_string();
         let key = self.key(&format!("agent:{id}"));
         if let AgentEvent::AgentRegistered {
             name,
@@ -868,7 +844,7 @@ impl Planner<'_> {
         position: i64,
         at_ms: i64,
     ) -> Result<(), ApplyError> {
-        let id = task_id(event);
+        let id = event.task_id().to_string();
         let key = self.key(&format!("task:{id}"));
         if let TaskEvent::TaskCreated {
             workflow_id,

@@ -16,39 +16,6 @@ pub(super) fn rejected(p: &Projected, reason: String) -> ApplyError {
     }
 }
 
-pub(super) fn workflow_id(event: &WorkflowEvent) -> String {
-    match event {
-        WorkflowEvent::WorkflowStarted { workflow_id, .. }
-        | WorkflowEvent::WorkflowCompleted { workflow_id }
-        | WorkflowEvent::WorkflowFailed { workflow_id, .. }
-        | WorkflowEvent::WorkflowCancelled { workflow_id, .. } => workflow_id.to_string(),
-    }
-}
-
-pub(super) fn task_id(event: &TaskEvent) -> String {
-    match event {
-        TaskEvent::TaskCreated { task_id, .. }
-        | TaskEvent::TaskAssigned { task_id, .. }
-        | TaskEvent::TaskStarted { task_id, .. }
-        | TaskEvent::TaskProgressReported { task_id, .. }
-        | TaskEvent::TaskCompleted { task_id, .. }
-        | TaskEvent::TaskFailed { task_id, .. }
-        | TaskEvent::TaskRetried { task_id, .. }
-        | TaskEvent::TaskCancelled { task_id, .. }
-        | TaskEvent::TaskDelegated { task_id, .. } => task_id.to_string(),
-    }
-}
-
-pub(super) fn agent_id(event: &AgentEvent) -> String {
-    match event {
-        AgentEvent::AgentRegistered { agent_id, .. }
-        | AgentEvent::AgentPaused { agent_id, .. }
-        | AgentEvent::AgentResumed { agent_id }
-        | AgentEvent::AgentFailed { agent_id, .. }
-        | AgentEvent::AgentRetired { agent_id, .. } => agent_id.to_string(),
-    }
-}
-
 /// What the fold needs to know of a task.
 #[derive(Debug, Clone)]
 pub(super) struct TaskRow {
@@ -141,7 +108,7 @@ impl Fold {
         tenant: &str,
         position: i64,
     ) -> Result<(), ApplyError> {
-        let id = workflow_id(event);
+        let id = event.workflow_id().to_string();
         let (status, reason) = match event {
             WorkflowEvent::WorkflowStarted { name, .. } => {
                 self.workflows.insert(id.clone());
@@ -192,7 +159,7 @@ impl Fold {
         position: i64,
         at: i64,
     ) -> Result<(), ApplyError> {
-        let id = agent_id(event);
+        let id = event.agent_id().to_string();
         let (status, reason) = match event {
             AgentEvent::AgentRegistered {
                 name,
@@ -303,7 +270,7 @@ impl Fold {
         position: i64,
         at: i64,
     ) -> Result<(), ApplyError> {
-        let id = task_id(event);
+        let id = event.task_id().to_string();
         if let TaskEvent::TaskCreated {
             workflow_id,
             title,

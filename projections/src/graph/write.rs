@@ -13,9 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use domain::{AgentEvent, DomainEvent, TaskEvent, WorkflowEvent};
 use neo4rs::{query, BoltType, Query, Row, Txn};
 
-use super::fold::{
-    agent_id, int, rejected, task_id, text, workflow_id, AgentRow, Fold, Props, TaskRow,
-};
+use super::fold::{int, rejected, text, AgentRow, Fold, Props, TaskRow};
 use super::{collect, finish, is_transient, GraphModel, PROJECTION};
 use crate::model::{ApplyError, Projected};
 
@@ -138,7 +136,7 @@ async fn prior_state(txn: &mut Txn, events: &[&Projected]) -> Result<Fold, Failu
         match &p.event {
             DomainEvent::Workflow(WorkflowEvent::WorkflowStarted { .. }) => {}
             DomainEvent::Workflow(e) => {
-                workflows.insert(workflow_id(e));
+                workflows.insert(e.workflow_id().to_string());
             }
             DomainEvent::Agent(AgentEvent::AgentRegistered {
                 parent_agent_id, ..
@@ -146,7 +144,7 @@ async fn prior_state(txn: &mut Txn, events: &[&Projected]) -> Result<Fold, Failu
                 agents.extend(parent_agent_id.map(|id| id.to_string()));
             }
             DomainEvent::Agent(e) => {
-                agents.insert(agent_id(e));
+                agents.insert(e.agent_id().to_string());
             }
             DomainEvent::Task(e) => match e {
                 TaskEvent::TaskCreated {
@@ -172,7 +170,7 @@ async fn prior_state(txn: &mut Txn, events: &[&Projected]) -> Result<Fold, Failu
                     agents.insert(to_agent_id.to_string());
                 }
                 other => {
-                    tasks.insert(task_id(other));
+                    tasks.insert(other.task_id().to_string());
                 }
             },
         }
