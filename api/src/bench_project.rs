@@ -28,7 +28,8 @@ use anyhow::Context as _;
 use commands::{CommandContext, CommandHandler, EventStore, Relay, RelayConfig};
 use domain::{DomainEvent, TaskCommand, TaskId};
 use hdrhistogram::Histogram;
-use projections::graph::bench::{plan_replay, server_command};
+use projections::graph::admin::server_command;
+use projections::graph::bench::plan_replay;
 use projections::{
     GraphModel, LiveModel, Projected, Projector, ProjectorConfig, ProjectorState, ProjectorStatus,
     ReadModel,

@@ -10,10 +10,8 @@
 //!   port `scripts/graph.sh up` used is in `.run/arcadedb.http-port`)
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use neo4rs::{query, BoltType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 use crate::graph::{GraphConfig, GraphModel};
@@ -37,46 +35,16 @@ pub struct TestGraph {
     password: String,
 }
 
-/// Sends one ArcadeDB server command (`create database x`) over plain
-/// HTTP/1.1; returns the status code and body.
+/// Sends one server command as `root`; unreachable servers get the hint
+/// that starts the development server.
 async fn server_command(
     http: &str,
     password: &str,
     command: &str,
 ) -> Result<(u16, String), String> {
-    use base64::Engine;
-    let body = serde_json::json!({ "command": command }).to_string();
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("root:{password}"));
-    let request = format!(
-        "POST /api/v1/server HTTP/1.1\r\nHost: {http}\r\nAuthorization: Basic {auth}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(http).await?;
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let response = tokio::time::timeout(Duration::from_secs(10), exchange)
+    crate::graph::admin::server_command(http, "root", password, command)
         .await
-        .map_err(|_| format!("the graph server's HTTP API at {http} did not answer `{command}` within 10 s"))?
-        .map_err(|e| {
-            format!("the graph server's HTTP API at {http} is not reachable ({e}). Start the graph server with: {START_GRAPH}")
-        })?;
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            format!("the graph server at {http} sent a malformed HTTP response: {response:?}")
-        })?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+        .map_err(|e| format!("{e}. Start the graph server with: {START_GRAPH}"))
 }
 
 impl TestGraph {

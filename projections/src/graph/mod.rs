@@ -37,6 +37,7 @@
 //! label, unique `Checkpoint.projection`) are created at connect; no index
 //! on frequently updated properties such as `state`.
 
+pub mod admin;
 pub mod bench;
 mod fold;
 mod read;
