@@ -118,32 +118,39 @@ impl TestDatabase {
     }
 }
 
+/// Runs a clean-up future to completion from a `Drop` impl and waits for
+/// it: on a thread with a runtime of its own, because the test's runtime may
+/// be a current-thread runtime blocked in this very call. The future must not
+/// use anything driven by the test's runtime (open its own connections).
+pub fn clean_up<F>(cleanup: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let handle = std::thread::spawn(move || {
+        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            runtime.block_on(cleanup);
+        }
+    });
+    let _ = handle.join();
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        // Drop runs outside async context guarantees: do the clean-up on a
-        // thread with its own runtime, and wait for it so the database is
-        // gone when the test ends. Nothing owned by the test's runtime may be
-        // awaited there (the pool's sockets are driven by that runtime, whose
-        // thread is blocked in this join on a current-thread runtime):
-        // `WITH (FORCE)` ends the pool's sessions instead.
+        // Waits so the database is gone when the test ends. The pool's
+        // sessions are driven by the test's runtime: `WITH (FORCE)` ends them
+        // instead of closing the pool.
         let admin = self.admin.clone();
         let name = self.name.clone();
-        let handle = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                if let Ok(mut conn) = PgConnection::connect_with(&admin).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut conn)
-                        .await;
-                }
-            });
+        clean_up(async move {
+            if let Ok(mut conn) = PgConnection::connect_with(&admin).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await;
+            }
         });
-        let _ = handle.join();
     }
 }
 
@@ -203,29 +210,19 @@ impl TestNats {
 
 impl Drop for TestNats {
     fn drop(&mut self) {
-        // A connection of its own: `self.client` is driven by the test's
-        // runtime, which is blocked in this join on a current-thread runtime.
+        // A connection of its own: `self.client` is driven by the test's runtime.
         let url = self.url.clone();
         let stream = self.relay.stream_name.clone();
-        let handle = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                    let client = async_nats::connect(url.as_str()).await.ok()?;
-                    let js = async_nats::jetstream::new(client.clone());
-                    let _ = js.delete_stream(&stream).await;
-                    let _ = client.flush().await;
-                    Some(())
-                })
-                .await;
-            });
+        clean_up(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                let client = async_nats::connect(url.as_str()).await.ok()?;
+                let js = async_nats::jetstream::new(client.clone());
+                let _ = js.delete_stream(&stream).await;
+                let _ = client.flush().await;
+                Some(())
+            })
+            .await;
         });
-        let _ = handle.join();
     }
 }
 

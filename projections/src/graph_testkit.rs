@@ -76,8 +76,7 @@ impl TestGraph {
                 password,
             }),
             Err(e) => {
-                let _ =
-                    std::thread::spawn(move || drop_database(&http, &password, &database)).join();
+                drop_database(http, password, database);
                 let cause = std::error::Error::source(&e)
                     .map(|c| format!(": {c}"))
                     .unwrap_or_default();
@@ -151,29 +150,19 @@ fn render(value: &BoltType) -> String {
     }
 }
 
-/// Drops a database, on a runtime of its own (callers may be inside a
-/// blocked runtime or none at all). Best effort.
-fn drop_database(http: &str, password: &str, database: &str) {
-    if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        let _ = runtime.block_on(server_command(
-            http,
-            password,
-            &format!("drop database {database}"),
-        ));
-    }
+/// Drops a database from a `Drop` impl or an error path (best effort).
+fn drop_database(http: String, password: String, database: String) {
+    commands::testkit::clean_up(async move {
+        let _ = server_command(&http, &password, &format!("drop database {database}")).await;
+    });
 }
 
 impl Drop for TestGraph {
     fn drop(&mut self) {
-        let (http, password, database) = (
+        drop_database(
             self.http.clone(),
             self.password.clone(),
             self.database.clone(),
         );
-        let handle = std::thread::spawn(move || drop_database(&http, &password, &database));
-        let _ = handle.join();
     }
 }

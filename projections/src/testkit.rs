@@ -155,17 +155,9 @@ async fn dump(
 
 impl Drop for TestRedis {
     fn drop(&mut self) {
-        // A runtime of its own on a thread: the test's runtime may be a
-        // blocked current-thread runtime.
         let (url, prefix) = (self.url.clone(), self.prefix.clone());
-        let handle = std::thread::spawn(move || {
-            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                let _ = runtime.block_on(wipe(&url, &prefix));
-            }
+        commands::testkit::clean_up(async move {
+            let _ = wipe(&url, &prefix).await;
         });
-        let _ = handle.join();
     }
 }
