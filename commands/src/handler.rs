@@ -391,31 +391,32 @@ impl CommandHandler {
                 }
             }
         };
-        for (version, event_type, schema_version, data, position) in &loaded.events {
-            let event = DomainEvent::from_stored(event_type, *schema_version, data.clone())
-                .map_err(|source| {
-                    CommandError::from(ReadError::Decode {
-                        position: *position,
-                        stream_id: stream.to_owned(),
-                        source,
-                    })
-                })?;
+        let version = loaded.events.last().map_or(base_version, |e| e.version);
+        if loaded.tenant.is_some() {
+            tenant = loaded.tenant;
+        }
+        for stored in loaded.events {
+            let event =
+                DomainEvent::from_stored(&stored.event_type, stored.schema_version, stored.data)
+                    .map_err(|source| {
+                        CommandError::from(ReadError::Decode {
+                            position: stored.position,
+                            stream_id: stream.to_owned(),
+                            source,
+                        })
+                    })?;
             match A::from_domain(event) {
                 Some(event) => state.evolve(&event),
                 None => {
                     tracing::error!(
                         stream,
-                        version,
-                        event_type,
+                        version = stored.version,
+                        event_type = stored.event_type,
                         "event of another aggregate kind in stream"
                     );
                 }
             }
         }
-        if loaded.tenant.is_some() {
-            tenant = loaded.tenant.clone();
-        }
-        let version = loaded.events.last().map_or(base_version, |e| e.0);
         if let Some(tenant) = &tenant {
             self.cache.put(stream, version, tenant, state.clone());
         }

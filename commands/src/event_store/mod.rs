@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use append::{event_id, MAX_EVENTS_PER_APPEND};
-pub use read::{LoadedStream, LogHead};
+pub use read::{LoadedStream, LogHead, StoredEvent};
 
 /// The PostgreSQL channel on which appenders announce commits to relays in
 /// other processes (relays in the same process use [`EventStore::commits`]).

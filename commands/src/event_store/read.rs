@@ -16,14 +16,29 @@ const HEAD: &str = include_str!("sql/head.sql");
 const COUNT_AFTER: &str = include_str!("sql/count_after.sql");
 const READ_STREAM_AFTER: &str = include_str!("sql/read_stream_after.sql");
 
+/// One stored event, undecoded, as loading a stream returns it.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    /// Version in its stream.
+    pub version: i64,
+    /// Type name.
+    pub event_type: String,
+    /// Schema version of `data`.
+    pub schema_version: i32,
+    /// Payload as stored.
+    pub data: Value,
+    /// Global position.
+    pub position: i64,
+}
+
 /// A stream as the command handler needs it: the snapshot (if any) and the
 /// raw events after it.
 #[derive(Debug, Clone, Default)]
 pub struct LoadedStream {
     /// Snapshot state and its version.
     pub snapshot: Option<(i64, Value)>,
-    /// `(version, type, schema version, data, position)` of the events after it.
-    pub events: Vec<(i64, String, i32, Value, i64)>,
+    /// The events after the snapshot, in version order.
+    pub events: Vec<StoredEvent>,
     /// Tenant owning the stream, if it has any events.
     pub tenant: Option<String>,
 }
@@ -33,9 +48,36 @@ impl LoadedStream {
     pub fn version(&self) -> i64 {
         self.events
             .last()
-            .map(|e| e.0)
+            .map(|e| e.version)
             .or(self.snapshot.as_ref().map(|s| s.0))
             .unwrap_or(0)
+    }
+
+    /// Decodes rows in the layout of `load_stream.sql` (snapshot row first,
+    /// if any, then events).
+    fn from_rows(rows: Vec<PgRow>, stream_id: &str) -> Result<Self, ReadError> {
+        let mut loaded = LoadedStream::default();
+        for row in rows {
+            let decoded = (|| -> Result<(), sqlx::Error> {
+                let version: i64 = row.try_get(1)?;
+                let data: Value = row.try_get(4)?;
+                loaded.tenant = Some(row.try_get(5)?);
+                if row.try_get::<bool, _>(0)? {
+                    loaded.snapshot = Some((version, data));
+                } else {
+                    loaded.events.push(StoredEvent {
+                        version,
+                        event_type: row.try_get(2)?,
+                        schema_version: row.try_get(3)?,
+                        data,
+                        position: row.try_get(6)?,
+                    });
+                }
+                Ok(())
+            })();
+            decoded.map_err(db(format!("decoding stream {stream_id}")))?;
+        }
+        Ok(loaded)
     }
 }
 
@@ -67,29 +109,7 @@ impl EventStore {
             .fetch_all(&self.pool)
             .await
             .map_err(db(format!("loading stream {stream_id}")))?;
-        let mut loaded = LoadedStream::default();
-        for row in rows {
-            let decoded = (|| -> Result<(), sqlx::Error> {
-                let is_snapshot: bool = row.try_get(0)?;
-                let version: i64 = row.try_get(1)?;
-                let data: Value = row.try_get(4)?;
-                loaded.tenant = Some(row.try_get(5)?);
-                if is_snapshot {
-                    loaded.snapshot = Some((version, data));
-                } else {
-                    loaded.events.push((
-                        version,
-                        row.try_get(2)?,
-                        row.try_get(3)?,
-                        data,
-                        row.try_get(6)?,
-                    ));
-                }
-                Ok(())
-            })();
-            decoded.map_err(db(format!("decoding stream {stream_id}")))?;
-        }
-        Ok(loaded)
+        LoadedStream::from_rows(rows, stream_id)
     }
 
     /// The raw events of a stream after `version` (no snapshot), to bring a
@@ -107,22 +127,7 @@ impl EventStore {
             .map_err(db(format!(
                 "loading stream {stream_id} after version {version}"
             )))?;
-        let mut loaded = LoadedStream::default();
-        for row in rows {
-            let decoded = (|| -> Result<(), sqlx::Error> {
-                loaded.tenant = Some(row.try_get(4)?);
-                loaded.events.push((
-                    row.try_get(0)?,
-                    row.try_get(1)?,
-                    row.try_get(2)?,
-                    row.try_get(3)?,
-                    row.try_get(5)?,
-                ));
-                Ok(())
-            })();
-            decoded.map_err(db(format!("decoding stream {stream_id}")))?;
-        }
-        Ok(loaded)
+        LoadedStream::from_rows(rows, stream_id)
     }
 
     /// Reads versions `from..=to` of a stream, at most `limit` events.
