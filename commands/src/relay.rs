@@ -268,28 +268,26 @@ impl Relay {
         let mut backoff = Backoff::new(self.config.max_backoff);
         let mut report = Reporter::new(self.config.report_every);
 
-        let (mut position, mut sequence) = loop {
-            match self.synchronize(lock).await {
-                Ok(found) => break found,
-                Err(Sync::Lock(error)) => return TermEnd::LostLock(error),
-                Err(Sync::Other(error)) => {
-                    tracing::warn!(%error, "cannot synchronize with JetStream yet; retrying");
-                    if backoff.wait(shutdown).await.is_err() {
-                        return TermEnd::Shutdown;
-                    }
-                }
-            }
+        let (mut position, mut sequence) = match self.resync(lock, &mut backoff, shutdown).await {
+            Ok(found) => found,
+            Err(end) => return end,
         };
-        self.progress.send_modify(|p| {
-            p.position = position;
-            p.jetstream_sequence = sequence;
-        });
         tracing::info!(position, sequence, "relay resumes");
         let mut checkpointed = Instant::now();
 
         loop {
             if shutdown.is_cancelled() {
                 return TermEnd::Shutdown;
+            }
+            // JetStream itself records how far the relay got (its last
+            // message), so the PostgreSQL checkpoint is a fallback and need
+            // not cost a commit per batch. Writing it on the lock connection
+            // also proves the lock is still held.
+            if checkpointed.elapsed() >= self.config.checkpoint_every {
+                if let Err(error) = self.checkpoint(lock).await {
+                    return TermEnd::LostLock(error);
+                }
+                checkpointed = Instant::now();
             }
             wake.borrow_and_update();
             let limit = i64::try_from(self.config.batch_size).unwrap_or(1000);
@@ -305,12 +303,6 @@ impl Relay {
             };
             if batch.is_empty() {
                 report.maybe_log(&self.store, position).await;
-                if checkpointed.elapsed() >= self.config.checkpoint_every {
-                    if let Err(error) = self.checkpoint(lock).await {
-                        return TermEnd::LostLock(error);
-                    }
-                    checkpointed = Instant::now();
-                }
                 tokio::select! {
                     () = shutdown.cancelled() => return TermEnd::Shutdown,
                     _ = wake.changed() => {}
@@ -337,16 +329,6 @@ impl Relay {
                         p.jetstream_sequence = sequence;
                         p.published += count;
                     });
-                    // JetStream itself records how far the relay got (its last
-                    // message), so the PostgreSQL checkpoint is a fallback and
-                    // need not cost a commit per batch. Writing it on the lock
-                    // connection also proves the lock is still held.
-                    if checkpointed.elapsed() >= self.config.checkpoint_every {
-                        if let Err(error) = self.checkpoint(lock).await {
-                            return TermEnd::LostLock(error);
-                        }
-                        checkpointed = Instant::now();
-                    }
                     report.published(count);
                     tracing::debug!(
                         count,
@@ -360,20 +342,9 @@ impl Relay {
                     if backoff.wait(shutdown).await.is_err() {
                         return TermEnd::Shutdown;
                     }
-                    loop {
-                        match self.synchronize(lock).await {
-                            Ok(found) => {
-                                (position, sequence) = found;
-                                break;
-                            }
-                            Err(Sync::Lock(error)) => return TermEnd::LostLock(error),
-                            Err(Sync::Other(error)) => {
-                                tracing::warn!(%error, "cannot synchronize with JetStream yet; retrying");
-                                if backoff.wait(shutdown).await.is_err() {
-                                    return TermEnd::Shutdown;
-                                }
-                            }
-                        }
+                    match self.resync(lock, &mut backoff, shutdown).await {
+                        Ok(found) => (position, sequence) = found,
+                        Err(end) => return end,
                     }
                 }
             }
@@ -408,6 +379,34 @@ impl Relay {
             Err(error) => {
                 tracing::warn!(%error, "cannot LISTEN for commits; polling instead");
                 None
+            }
+        }
+    }
+
+    /// [`Relay::synchronize`], retried with backoff until it succeeds, and
+    /// published as progress; ends the term on a lost lock or shutdown.
+    async fn resync(
+        &self,
+        lock: &mut PgConnection,
+        backoff: &mut Backoff,
+        shutdown: &CancellationToken,
+    ) -> Result<(i64, u64), TermEnd> {
+        loop {
+            match self.synchronize(lock).await {
+                Ok((position, sequence)) => {
+                    self.progress.send_modify(|p| {
+                        p.position = position;
+                        p.jetstream_sequence = sequence;
+                    });
+                    return Ok((position, sequence));
+                }
+                Err(Sync::Lock(error)) => return Err(TermEnd::LostLock(error)),
+                Err(Sync::Other(error)) => {
+                    tracing::warn!(%error, "cannot synchronize with JetStream yet; retrying");
+                    if backoff.wait(shutdown).await.is_err() {
+                        return Err(TermEnd::Shutdown);
+                    }
+                }
             }
         }
     }
