@@ -468,43 +468,26 @@ async fn relay_scenarios(
         let total = 20_000 * seconds.min(15);
         eprintln!("preloading {total} events…");
         preload(&store, total).await?;
-        let config = relay_config("DRAIN");
-        let stream_name = config.stream_name.clone();
-        let relay = Relay::new(store.clone(), nats.clone(), config);
-        let mut progress = relay.progress();
-        let stop = CancellationToken::new();
         eprintln!("running `{name}`…");
         let started = Instant::now();
-        let task = tokio::spawn({
-            let stop = stop.clone();
-            async move { relay.run(stop).await }
-        });
+        let relay = BenchRelay::start(&store, &nats, relay_config("DRAIN"));
+        let mut progress = relay.progress.clone();
         while progress.borrow_and_update().published < total {
             if progress.changed().await.is_err() {
                 break;
             }
         }
         let secs = started.elapsed().as_secs_f64();
-        stop.cancel();
-        task.await.context("joining the relay")??;
         let published = progress.borrow().published;
+        relay.finish().await?;
         results.push(figures(name, "ev/s", published, &histogram(), secs, 0));
-        let _ = async_nats::jetstream::new(nats.clone())
-            .delete_stream(&stream_name)
-            .await;
     }
 
     let name = "relay: 2,000 events/s paced, commit → ack latency";
     if wants(args, name) {
-        let config = relay_config("PACED");
-        let stream_name = config.stream_name.clone();
-        let relay = Relay::new(store.clone(), nats.clone(), config);
-        let progress = relay.progress();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn({
-            let stop = stop.clone();
-            async move { relay.run(stop).await }
-        });
+        let relay = BenchRelay::start(&store, &nats, relay_config("PACED"));
+        let progress = relay.progress.clone();
+        let stop = relay.stop.clone();
         // Let the new relay catch up with anything already in the store.
         wait_caught_up(&store, progress.clone()).await?;
         eprintln!("running `{name}` for {seconds}s…");
@@ -552,29 +535,18 @@ async fn relay_scenarios(
         }
         let secs = started.elapsed().as_secs_f64();
         wait_caught_up(&store, progress.clone()).await?;
-        stop.cancel();
+        relay.finish().await?;
         let _ = watcher.await;
-        task.await.context("joining the relay")??;
         let hist = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut f = figures(name, "ev/s", count, &hist, secs, 0);
         f.count = hist.len();
         results.push(f);
-        let _ = async_nats::jetstream::new(nats.clone())
-            .delete_stream(&stream_name)
-            .await;
     }
 
     let name = "relay: under 8 batch writers at full speed";
     if wants(args, name) {
-        let config = relay_config("LOAD");
-        let stream_name = config.stream_name.clone();
-        let relay = Relay::new(store.clone(), nats.clone(), config);
-        let progress = relay.progress();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn({
-            let stop = stop.clone();
-            async move { relay.run(stop).await }
-        });
+        let relay = BenchRelay::start(&store, &nats, relay_config("LOAD"));
+        let progress = relay.progress.clone();
         wait_caught_up(&store, progress.clone()).await?;
         let before = progress.borrow().published;
         eprintln!("running `{name}` for {seconds}s…");
@@ -591,16 +563,49 @@ async fn relay_scenarios(
         })
         .await?;
         let published = progress.borrow().published - before;
-        stop.cancel();
-        task.await.context("joining the relay")??;
+        relay.finish().await?;
         let mut f = figures(name, "ev/s", published, &histogram(), secs, 0);
         f.scenario = format!("{name} (written {:.0} ev/s)", written as f64 / secs);
         results.push(f);
-        let _ = async_nats::jetstream::new(nats.clone())
-            .delete_stream(&stream_name)
-            .await;
     }
     Ok(results)
+}
+
+/// A relay running on a JetStream stream of its own for one scenario.
+struct BenchRelay {
+    progress: tokio::sync::watch::Receiver<commands::RelayProgress>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), commands::RelayError>>,
+    jetstream: async_nats::jetstream::Context,
+    stream_name: String,
+}
+
+impl BenchRelay {
+    fn start(store: &EventStore, nats: &async_nats::Client, config: RelayConfig) -> Self {
+        let stream_name = config.stream_name.clone();
+        let relay = Relay::new(store.clone(), nats.clone(), config);
+        let progress = relay.progress();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { relay.run(stop).await }
+        });
+        Self {
+            progress,
+            stop,
+            task,
+            jetstream: async_nats::jetstream::new(nats.clone()),
+            stream_name,
+        }
+    }
+
+    /// Stops the relay and deletes its stream.
+    async fn finish(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        let result = self.task.await.context("joining the relay");
+        let _ = self.jetstream.delete_stream(&self.stream_name).await;
+        result?.context("running the relay")
+    }
 }
 
 /// Waits until the relay has published everything readable now.

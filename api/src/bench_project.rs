@@ -534,13 +534,12 @@ async fn replays(
 
     let want_graph = wants(args, GRAPH_REPLAY);
     let want_raw = wants(args, GRAPH_RAW);
-    let planned_once = if want_raw {
-        // Checks the plan once up front (and that the log folds cleanly).
+    // Checks the plan once up front (and that the log folds cleanly).
+    let mut planned_once = if want_raw {
         Some(plan_replay(&batches).context("folding the log for the raw graph writes")?)
     } else {
         None
     };
-    let mut planned_once = planned_once;
     let mut graph_runs = Vec::new();
     let mut raw_runs = Vec::new();
     for run in 0..runs {
