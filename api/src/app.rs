@@ -230,30 +230,32 @@ pub async fn status(settings: &Settings) -> anyhow::Result<()> {
         Ok(None) => println!("relay {}: nothing published yet", settings.jetstream_stream),
         Err(error) => println!("relay {}: unknown ({error:#})", settings.jetstream_stream),
     }
-    let live = connect_live(settings).await?;
-    let checkpoint = live
-        .checkpoint()
-        .await
-        .context("reading the Redis checkpoint")?;
-    let lag = store.count_after(checkpoint, 10_000_000).await?;
-    println!(
-        "projection redis ({}): checkpoint {checkpoint}, {lag} event(s) behind",
-        settings.redis_prefix
-    );
-    match connect_graph(settings).await {
-        Ok(graph) => match graph.checkpoint().await {
-            Ok(checkpoint) => {
-                let lag = store.count_after(checkpoint, 10_000_000).await?;
-                println!(
-                    "projection graph ({}): checkpoint {checkpoint}, {lag} event(s) behind",
-                    settings.graph_database
-                );
-            }
-            Err(error) => println!("projection graph: unknown ({error})"),
-        },
-        Err(error) => println!("projection graph: unknown ({error:#})"),
-    }
+    // A projection that cannot be reached is reported, not fatal: status is
+    // what an operator runs when something is wrong.
+    let redis = async { Ok(connect_live(settings).await?.checkpoint().await?) };
+    print_projection(&store, "redis", &settings.redis_prefix, redis.await).await?;
+    let graph = async { Ok(connect_graph(settings).await?.checkpoint().await?) };
+    print_projection(&store, "graph", &settings.graph_database, graph.await).await?;
     pool.close().await;
+    Ok(())
+}
+
+/// One `status` line: a projection's checkpoint and lag, or why unknown.
+async fn print_projection(
+    store: &EventStore,
+    name: &str,
+    namespace: &str,
+    checkpoint: anyhow::Result<i64>,
+) -> anyhow::Result<()> {
+    match checkpoint {
+        Ok(checkpoint) => {
+            let lag = store.count_after(checkpoint, 10_000_000).await?;
+            println!(
+                "projection {name} ({namespace}): checkpoint {checkpoint}, {lag} event(s) behind"
+            );
+        }
+        Err(error) => println!("projection {name} ({namespace}): unknown ({error:#})"),
+    }
     Ok(())
 }
 
@@ -296,6 +298,22 @@ pub async fn verify(settings: &Settings) -> anyhow::Result<()> {
 
     let mut summaries = Vec::new();
     let mut disagreeing = Vec::new();
+    let mut report = |name: &'static str,
+                      namespace: &str,
+                      until: i64,
+                      differences: Vec<projections::verify::Difference>| {
+        for difference in &differences {
+            println!("{name}: {difference}");
+        }
+        summaries.push(format!(
+            "{name} ({namespace}): {} difference(s) up to position {until}",
+            differences.len()
+        ));
+        if !differences.is_empty() {
+            disagreeing.push(name);
+        }
+    };
+
     let until = live
         .checkpoint()
         .await
@@ -303,17 +321,7 @@ pub async fn verify(settings: &Settings) -> anyhow::Result<()> {
     let differences = projections::verify::verify_live(&store, &live, until)
         .await
         .context("verifying the Redis read model")?;
-    for difference in &differences {
-        println!("redis: {difference}");
-    }
-    summaries.push(format!(
-        "redis ({}): {} difference(s) up to position {until}",
-        settings.redis_prefix,
-        differences.len()
-    ));
-    if !differences.is_empty() {
-        disagreeing.push("redis");
-    }
+    report("redis", &settings.redis_prefix, until, differences);
 
     let until = graph
         .checkpoint()
@@ -322,17 +330,7 @@ pub async fn verify(settings: &Settings) -> anyhow::Result<()> {
     let differences = projections::verify::verify_graph(&store, &graph, until)
         .await
         .context("verifying the graph read model")?;
-    for difference in &differences {
-        println!("graph: {difference}");
-    }
-    summaries.push(format!(
-        "graph ({}): {} difference(s) up to position {until}",
-        settings.graph_database,
-        differences.len()
-    ));
-    if !differences.is_empty() {
-        disagreeing.push("graph");
-    }
+    report("graph", &settings.graph_database, until, differences);
 
     for summary in &summaries {
         println!("{summary}");
