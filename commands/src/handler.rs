@@ -151,25 +151,26 @@ impl CommandHandler {
             .to_owned();
         let command_hash = hex::encode(Sha256::digest(command_json.to_string().as_bytes()));
 
-        let mut last_conflict = (ExpectedVersion::Any, 0u64);
         // A caller-pinned version is checked against the store, not the cache.
         let mut freshness = if ctx.expected_version.is_some() {
             Freshness::Current
         } else {
             Freshness::Optimistic
         };
-        // Only attempts on verified state count against `max_attempts`: the
-        // first load may come from the cache unchecked, and a refusal or a
-        // conflict decided on it is a stale cache, not a lost race, so it is
-        // re-decided on current state for free (at most once per command).
         let max_attempts = self.config.max_attempts.max(1);
         let mut attempt = 0;
-        while attempt < max_attempts {
-            attempt += 1;
-            tracing::Span::current().record("attempts", attempt);
+        let (expected, actual) = loop {
             let loaded = self.load::<A>(&stream, freshness).await?;
             freshness = Freshness::Current;
+            // Only decisions on current state count against `max_attempts`:
+            // the first load may come from the cache unchecked, and a refusal
+            // or a conflict decided on it is a stale cache, not a lost race,
+            // so it is decided again on current state (once per command).
             let verified = loaded.verified;
+            if verified {
+                attempt += 1;
+            }
+            tracing::Span::current().record("attempts", attempt.max(1));
             if loaded.tenant.as_deref().is_some_and(|t| t != ctx.tenant) {
                 // Another tenant's stream is indistinguishable from a missing one.
                 return Err(DomainError::NotFound {
@@ -200,10 +201,7 @@ impl CommandHandler {
             let events = match loaded.state.decide(&command, &related) {
                 Ok(events) => events,
                 // Refused on a cached state: check again on the current one.
-                Err(_) if !verified => {
-                    attempt -= 1;
-                    continue;
-                }
+                Err(_) if !verified => continue,
                 Err(refusal) => {
                     // A retried command may be refused by the state it produced
                     // itself (e.g. completing a completed task): answer with the
@@ -266,22 +264,21 @@ impl CommandHandler {
                         position: last.1,
                         events: recorded,
                         replayed: false,
-                        attempts: attempt,
+                        attempts: attempt.max(1),
                     });
                 }
                 Err(AppendError::Conflict {
                     expected, actual, ..
                 }) => {
-                    last_conflict = (expected, actual);
                     self.cache.remove(&stream);
                     if ctx.expected_version.is_some() {
                         if let Some(done) = self.already_handled(ctx, &command_hash).await? {
                             return Ok(done);
                         }
-                        break;
+                        break (expected, actual);
                     }
-                    if !verified {
-                        attempt -= 1;
+                    if attempt >= max_attempts {
+                        break (expected, actual);
                     }
                     tracing::debug!(
                         attempt,
@@ -313,12 +310,12 @@ impl CommandHandler {
                     return Err(CommandError::Unavailable { source })
                 }
             }
-        }
+        };
         Err(CommandError::Conflict {
             stream_id: stream,
-            expected: ctx.expected_version.unwrap_or(last_conflict.0),
-            actual: last_conflict.1,
-            attempts: max_attempts,
+            expected: ctx.expected_version.unwrap_or(expected),
+            actual,
+            attempts: attempt.max(1),
         })
     }
 
