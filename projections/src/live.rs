@@ -106,6 +106,14 @@ fn non_empty(value: Option<String>) -> Option<String> {
     value.filter(|v| !v.is_empty())
 }
 
+/// The task counters of a workflow hash: `tasks_total` and one
+/// `tasks_<state>` per task status.
+pub fn workflow_task_counters() -> impl Iterator<Item = String> {
+    std::iter::once("total")
+        .chain(TaskStatus::ALL.iter().map(|s| s.as_str()))
+        .map(|state| format!("tasks_{state}"))
+}
+
 impl LiveModel {
     /// Connects to Redis at `url`, following the active generation.
     pub async fn connect(url: &str, config: LiveModelConfig) -> Result<Self, ApplyError> {
@@ -1015,18 +1023,9 @@ impl Planner<'_> {
                     ("reason", String::new()),
                     ("last_position", position.to_owned()),
                 ];
-                // Counters are HINCRBY'd by task events; HSETNX-like start at 0.
-                for state in [
-                    "total",
-                    "pending",
-                    "assigned",
-                    "running",
-                    "completed",
-                    "failed",
-                    "cancelled",
-                ] {
-                    self.writes
-                        .hsetnx(&key, &format!("tasks_{state}"), "0".to_owned());
+                // Counters are HINCRBY'd by task events; they start at 0.
+                for counter in workflow_task_counters() {
+                    self.writes.hsetnx(&key, &counter, "0".to_owned());
                 }
                 self.hset(key, fields);
                 let set = self.key(&format!("workflows:{tenant}:status:running"));

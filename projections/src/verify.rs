@@ -160,25 +160,13 @@ pub async fn verify_live(
         let actual: BTreeMap<String, String> = conn.hgetall(&key).await?;
         check(&key, "status", workflow.status.as_str().to_owned(), &actual);
         let per_workflow = counts.get(id);
-        for state in [
-            "total",
-            "pending",
-            "assigned",
-            "running",
-            "completed",
-            "failed",
-            "cancelled",
-        ] {
+        for counter in crate::live::workflow_task_counters() {
+            let state = counter.trim_start_matches("tasks_");
             let expected = per_workflow
                 .and_then(|c| c.get(state))
                 .copied()
                 .unwrap_or(0);
-            check(
-                &key,
-                &format!("tasks_{state}"),
-                expected.to_string(),
-                &actual,
-            );
+            check(&key, &counter, expected.to_string(), &actual);
         }
     }
     Ok(differences)
