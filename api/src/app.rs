@@ -120,7 +120,7 @@ pub async fn run_relay(settings: &Settings) -> anyhow::Result<()> {
     let store = EventStore::new(pool.clone());
     let relay = Relay::new(store, nats, settings.relay_config());
     let shutdown = shutdown_on_signal();
-    relay.run(shutdown).await.context("running the relay")?;
+    relay.run(shutdown).await;
     pool.close().await;
     Ok(())
 }
@@ -360,7 +360,7 @@ pub async fn run_all(settings: &Settings, args: AllArgs) -> anyhow::Result<()> {
         .ensure_stream()
         .await
         .context("ensuring the JetStream stream exists")?;
-    let mut relay_task = tokio::spawn({
+    let relay_task = tokio::spawn({
         let shutdown = shutdown.clone();
         async move { relay.run(shutdown).await }
     });
@@ -375,15 +375,7 @@ pub async fn run_all(settings: &Settings, args: AllArgs) -> anyhow::Result<()> {
         tokio::spawn(async move { crate::simulate::drive(handler, sim, shutdown).await })
     });
 
-    let mut relay_result = None;
-    tokio::select! {
-        () = shutdown.cancelled() => {}
-        // The relay only returns early on an unrecoverable error: stop all.
-        joined = &mut relay_task => {
-            relay_result = Some(joined);
-            shutdown.cancel();
-        }
-    }
+    shutdown.cancelled().await;
     if let Some(simulation) = simulation {
         match simulation.await {
             Ok(Ok(())) => {}
@@ -398,13 +390,8 @@ pub async fn run_all(settings: &Settings, args: AllArgs) -> anyhow::Result<()> {
             Err(error) => tracing::error!(%error, "a projector task panicked"),
         }
     }
-    let relay_result = match relay_result {
-        Some(joined) => joined,
-        None => relay_task.await,
-    };
+    let relay_result = relay_task.await;
     let _ = notifier.await;
     pool.close().await;
-    relay_result
-        .context("joining the relay task")?
-        .context("running the relay")
+    relay_result.context("joining the relay task")
 }

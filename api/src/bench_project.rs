@@ -715,11 +715,7 @@ async fn freshness(
     let relay_progress = relay.progress();
     scratch.tasks.push(tokio::spawn({
         let stop = stop.clone();
-        async move {
-            if let Err(error) = relay.run(stop).await {
-                tracing::error!(%error, "the bench relay failed");
-            }
-        }
+        async move { relay.run(stop).await }
     }));
     let live = Projector::new(
         scratch.live(settings).await?,

@@ -151,20 +151,10 @@ impl From<ReadError> for CommandError {
     }
 }
 
-/// The relay failed in a way it cannot recover from by retrying.
+/// Setting up the relay's JetStream stream failed. (Running the relay
+/// cannot fail: it retries every outage until shutdown.)
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    /// Could not reach PostgreSQL for leadership or checkpoints.
-    #[error("relay {relay}: PostgreSQL failed while {doing}")]
-    Database {
-        /// Relay (JetStream stream) name.
-        relay: String,
-        /// What it was doing.
-        doing: String,
-        /// The cause.
-        #[source]
-        source: sqlx::Error,
-    },
     /// Could not create or inspect the JetStream stream.
     #[error("relay {relay}: JetStream failed while {doing}: {message}")]
     JetStream {

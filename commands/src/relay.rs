@@ -201,11 +201,11 @@ impl Relay {
     /// Runs until `shutdown`: waits for leadership, then publishes. Survives
     /// NATS and PostgreSQL outages by retrying with capped backoff.
     #[tracing::instrument(name = "relay", skip_all, fields(stream = %self.config.stream_name))]
-    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), RelayError> {
+    pub async fn run(&self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(self.config.max_backoff);
         loop {
             let Some(mut lock) = self.acquire_leadership(&shutdown).await else {
-                return Ok(());
+                return;
             };
             tracing::info!("relay is the leader");
             self.progress.send_modify(|p| p.leader = true);
@@ -218,12 +218,12 @@ impl Relay {
                     }
                     // Closing the connection releases the advisory lock at once.
                     let _ = lock.close().await;
-                    return Ok(());
+                    return;
                 }
                 TermEnd::LostLock(error) => {
                     tracing::warn!(%error, "lost the leadership connection; standing by");
                     if backoff.wait(&shutdown).await.is_err() {
-                        return Ok(());
+                        return;
                     }
                 }
             }

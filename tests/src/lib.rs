@@ -120,7 +120,7 @@ pub mod pipeline {
             relay.ensure_stream().await.unwrap();
             let relay = tokio::spawn({
                 let stop = stop.clone();
-                async move { relay.run(stop).await.unwrap() }
+                async move { relay.run(stop).await }
             });
             Self {
                 db,
