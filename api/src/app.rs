@@ -62,6 +62,14 @@ pub async fn connect_nats(settings: &Settings) -> anyhow::Result<async_nats::Cli
 
 /// Creates the database if it is missing, then runs the migrations.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let pool = migrated_pool(settings).await?;
+    pool.close().await;
+    Ok(())
+}
+
+/// Creates the database if it is missing, connects, runs the migrations and
+/// returns the pool (start-up of `all` keeps using it).
+pub async fn migrated_pool(settings: &Settings) -> anyhow::Result<PgPool> {
     let url = &settings.database_url;
     let exists = Postgres::database_exists(url)
         .await
@@ -77,8 +85,7 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
         .await
         .context("running the event-store migrations")?;
     tracing::info!("event store migrated");
-    pool.close().await;
-    Ok(())
+    Ok(pool)
 }
 
 /// A token cancelled on SIGINT or SIGTERM.
@@ -347,8 +354,7 @@ pub async fn verify(settings: &Settings) -> anyhow::Result<()> {
 /// Runs every role in one process: migrations, the relay, the projectors
 /// and, optionally, the simulator.
 pub async fn run_all(settings: &Settings, args: AllArgs) -> anyhow::Result<()> {
-    migrate(settings).await?;
-    let pool = connect_database(settings).await?;
+    let pool = migrated_pool(settings).await?;
     let nats = connect_nats(settings).await?;
     let store = EventStore::new(pool.clone());
     let shutdown = shutdown_on_signal();
