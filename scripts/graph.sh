@@ -15,7 +15,7 @@
 #   NEURECTOMY_GRAPH_PASSWORD   neurectomy-dev          root password (8+ characters);
 #                                                       applied when the data folder is
 #                                                       first created, kept afterwards
-#   NEURECTOMY_GRAPH_DB         neurectomy              database created at startup
+#   NEURECTOMY_GRAPH_DATABASE   neurectomy              database created at startup
 #   NEURECTOMY_GRAPH_HTTP_PORT  2480 (the next free one up to 2489 if taken)
 #                                                       ArcadeDB's HTTP API, on 127.0.0.1;
 #                                                       the port in use is written to
@@ -29,7 +29,7 @@ ARCADEDB_VERSION="26.10.2.post1" # arcadedb-embedded on PyPI; logs "ArcadeDB Ser
 
 GRAPH_URI="${NEURECTOMY_GRAPH_URI:-bolt://127.0.0.1:7687}"
 GRAPH_PASSWORD="${NEURECTOMY_GRAPH_PASSWORD:-neurectomy-dev}"
-GRAPH_DB="${NEURECTOMY_GRAPH_DB:-neurectomy}"
+GRAPH_DB="${NEURECTOMY_GRAPH_DATABASE:-neurectomy}"
 HEAP="${NEURECTOMY_GRAPH_HEAP:-1g}"
 START_TIMEOUT="${NEURECTOMY_GRAPH_START_TIMEOUT:-90}"
 
