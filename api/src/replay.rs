@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use commands::EventStore;
 use indicatif::{ProgressBar, ProgressStyle};
-use projections::{LiveModel, Projected, ReadModel};
+use projections::{LiveModel, Projector, ProjectorConfig};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::settings::{Projection, ReplayArgs, Settings};
@@ -29,11 +30,13 @@ pub async fn run(settings: &Settings, args: ReplayArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn replay_redis(settings: &Settings, batch_size: i64) -> anyhow::Result<()> {
+async fn replay_redis(settings: &Settings, batch_size: usize) -> anyhow::Result<()> {
     let pool = crate::app::connect_database(settings).await?;
+    let nats = crate::app::connect_nats(settings).await?;
     let store = EventStore::new(pool.clone());
     let summary = replay_redis_into(
         &store,
+        &nats,
         &settings.redis_url,
         settings.live_config(),
         batch_size,
@@ -73,9 +76,10 @@ pub struct ReplaySummary {
 /// activates it, and deletes the previous one.
 pub async fn replay_redis_into(
     store: &EventStore,
+    nats: &async_nats::Client,
     redis_url: &str,
     config: projections::LiveModelConfig,
-    batch_size: i64,
+    batch_size: usize,
     show_progress: bool,
 ) -> anyhow::Result<ReplaySummary> {
     let live = LiveModel::connect(redis_url, config.clone())
@@ -106,39 +110,36 @@ pub async fn replay_redis_into(
         eprintln!("replaying {total} event(s) into generation {generation} (live: {old})");
     }
 
+    // The projector's own catch-up path (read-ahead, decoding, retries),
+    // on the pinned generation; the bar follows its status.
+    let projector = Projector::new(
+        target.clone(),
+        store.clone(),
+        nats.clone(),
+        ProjectorConfig {
+            batch_size,
+            ..ProjectorConfig::default()
+        },
+    );
+    let mut status = projector.status();
     let started = Instant::now();
-    let mut checkpoint = 0;
-    let mut applied = 0u64;
-    loop {
-        let batch = store
-            .read_all(checkpoint, batch_size)
-            .await
-            .context("reading the event store")?;
-        let Some(last) = batch.last().map(|e| e.position) else {
-            break;
-        };
-        let count = batch.len();
-        let mut projected = Vec::with_capacity(count);
-        for recorded in batch {
-            let event = recorded.decode().with_context(|| {
-                format!(
-                    "decoding the event at position {} ({})",
-                    recorded.position, recorded.event_type
-                )
-            })?;
-            projected.push(Projected { recorded, event });
+    let never = CancellationToken::new();
+    let catch_up = projector.catch_up(&never);
+    tokio::pin!(catch_up);
+    let reached = loop {
+        tokio::select! {
+            reached = &mut catch_up => break reached,
+            changed = status.changed() => if changed.is_ok() {
+                bar.set_position(status.borrow_and_update().applied);
+                if bar.length().is_some_and(|len| bar.position() > len) {
+                    bar.set_length(bar.position());
+                }
+            },
         }
-        target
-            .apply(&projected)
-            .await
-            .with_context(|| format!("applying the batch ending at position {last}"))?;
-        checkpoint = last;
-        applied += count as u64;
-        bar.inc(count as u64);
-        if bar.length().is_some_and(|len| bar.position() > len) {
-            bar.set_length(bar.position());
-        }
-    }
+    };
+    let checkpoint = reached.context("replaying the event store")?;
+    let applied = projector.status().borrow().applied;
+    tracing::debug!(checkpoint, applied, "replay caught up");
     bar.finish();
 
     let previous = target

@@ -66,7 +66,7 @@ pub struct ReplayArgs {
     pub projection: Projection,
     /// Events read and applied per batch.
     #[arg(long, default_value_t = 1000)]
-    pub batch_size: i64,
+    pub batch_size: usize,
 }
 
 /// Options of `project`.

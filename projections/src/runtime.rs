@@ -88,6 +88,14 @@ pub enum ProjectorError {
         /// Why.
         reason: String,
     },
+    /// A catch-up ([`Projector::catch_up`]) could not finish.
+    #[error("catching up projection {name} was interrupted: {reason}")]
+    Interrupted {
+        /// Projection.
+        name: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Why one pass of the loop ended.
@@ -184,19 +192,36 @@ impl<M: ReadModel> Projector<M> {
         }
     }
 
-    /// One pass: catch up from the store, then consume JetStream until
-    /// something interrupts.
-    async fn pass(&self, shutdown: &CancellationToken) -> Interrupt {
-        let mut checkpoint = match self.model.checkpoint().await {
-            Ok(checkpoint) => checkpoint,
-            Err(error) => return Interrupt::Transient(error.to_string()),
+    /// Applies the event store from the model's checkpoint up to its
+    /// readable head (the first half of every pass) and returns the
+    /// checkpoint reached. For rebuilds (`replay`): transient store failures
+    /// are retried as in a pass; shutdown or a failed read ends it with an
+    /// error.
+    pub async fn catch_up(&self, shutdown: &CancellationToken) -> Result<i64, ProjectorError> {
+        let interrupted = |reason: String| ProjectorError::Interrupted {
+            name: self.model.name().to_owned(),
+            reason,
         };
-        self.status.send_modify(|s| {
-            s.checkpoint = checkpoint;
-            s.state = ProjectorState::CatchingUp;
-        });
+        let checkpoint = self
+            .model
+            .checkpoint()
+            .await
+            .map_err(|error| interrupted(error.to_string()))?;
+        match self.catch_up_from(checkpoint, shutdown).await {
+            Ok(checkpoint) => Ok(checkpoint),
+            Err(Interrupt::Fatal(error)) => Err(error),
+            Err(Interrupt::Shutdown) => Err(interrupted("shutdown was requested".to_owned())),
+            Err(Interrupt::Gap) => Err(interrupted("the read model moved under it".to_owned())),
+            Err(Interrupt::Transient(reason)) => Err(interrupted(reason)),
+        }
+    }
 
-        // 1. Catch up from the event store (gap-safe) to its readable head.
+    /// Catches up from `checkpoint` to the store's readable head.
+    async fn catch_up_from(
+        &self,
+        mut checkpoint: i64,
+        shutdown: &CancellationToken,
+    ) -> Result<i64, Interrupt> {
         // The log is read in pages of several batches, and reading page n+1
         // overlaps applying page n (they wait on different servers, and the
         // read runs as its own task so that decoding rows can use another
@@ -212,11 +237,11 @@ impl<M: ReadModel> Projector<M> {
         let mut read = self.store.read_all(checkpoint, limit).await;
         loop {
             if shutdown.is_cancelled() {
-                return Interrupt::Shutdown;
+                return Err(Interrupt::Shutdown);
             }
             let page = match read {
                 Ok(page) => page,
-                Err(error) => return Interrupt::Transient(error.to_string()),
+                Err(error) => return Err(Interrupt::Transient(error.to_string())),
             };
             let full = page.len() as i64 == limit;
             let Some(last) = page.last().map(|e| e.position) else {
@@ -234,7 +259,7 @@ impl<M: ReadModel> Projector<M> {
                     if let Some(next) = next {
                         next.abort();
                     }
-                    return Interrupt::Shutdown;
+                    return Err(Interrupt::Shutdown);
                 }
                 let batch: Vec<RecordedEvent> = page.by_ref().take(batch_size).collect();
                 let Some(batch_last) = batch.last().map(|e| e.position) else {
@@ -244,7 +269,7 @@ impl<M: ReadModel> Projector<M> {
                     if let Some(next) = next {
                         next.abort();
                     }
-                    return interrupt;
+                    return Err(interrupt);
                 }
                 checkpoint = batch_last;
             }
@@ -254,10 +279,33 @@ impl<M: ReadModel> Projector<M> {
             read = match next.await {
                 Ok(read) => read,
                 Err(error) => {
-                    return Interrupt::Transient(format!("reading the event store: {error}"))
+                    return Err(Interrupt::Transient(format!(
+                        "reading the event store: {error}"
+                    )))
                 }
             };
         }
+
+        Ok(checkpoint)
+    }
+
+    /// One pass: catch up from the store, then consume JetStream until
+    /// something interrupts.
+    async fn pass(&self, shutdown: &CancellationToken) -> Interrupt {
+        let checkpoint = match self.model.checkpoint().await {
+            Ok(checkpoint) => checkpoint,
+            Err(error) => return Interrupt::Transient(error.to_string()),
+        };
+        self.status.send_modify(|s| {
+            s.checkpoint = checkpoint;
+            s.state = ProjectorState::CatchingUp;
+        });
+
+        // 1. Catch up from the event store (gap-safe) to its readable head.
+        let mut checkpoint = match self.catch_up_from(checkpoint, shutdown).await {
+            Ok(checkpoint) => checkpoint,
+            Err(interrupt) => return interrupt,
+        };
 
         // 2. Consume JetStream from the first message after the checkpoint.
         let (consumer, mut expected) = match self.position_consumer(checkpoint).await {

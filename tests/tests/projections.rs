@@ -242,10 +242,16 @@ async fn replay_while_commands_flow_ends_with_the_live_state() {
         prefix: world.redis.prefix.clone(),
         ..projections::LiveModelConfig::default()
     };
-    let summary =
-        api::replay::replay_redis_into(&world.store, &world.redis.url, config, 100, false)
-            .await
-            .unwrap();
+    let summary = api::replay::replay_redis_into(
+        &world.store,
+        &world.nats.client,
+        &world.redis.url,
+        config,
+        100,
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!(summary.previous.as_deref(), Some(first.as_str()));
     assert_ne!(summary.generation, first);
     assert!(
