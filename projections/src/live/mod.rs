@@ -1,0 +1,546 @@
+//! The Redis live-state read model.
+//!
+//! Keys live under a configurable prefix `P` (e.g. `neurectomy:`) and a
+//! *generation* `G`: `P` + `active` names the generation readers and the
+//! live projector use, and every key below is `P` + `G` + `:` + the name
+//! shown. `neurectomy replay` builds a new generation from the event store
+//! while the live one keeps serving, then switches `P` + `active` with one
+//! `SET` (atomic for readers) and deletes the old generation. A projector
+//! that finds the generation switched under it re-reads the checkpoint and
+//! catches up from there ([`ApplyError::Moved`]).
+//!
+//! Keys of a generation:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `agent:<id>` | hash | tenant, name, kind, model, capabilities, parent, status, status_reason, current_task, tasks_completed, tasks_failed, last_position, last_event_at |
+//! | `task:<id>` | hash | tenant, workflow, title, state, assignee, progress, progress_note, attempt, max_attempts, priority, required_capabilities, depends_on, last_error, last_position |
+//! | `workflow:<id>` | hash | tenant, name, status, reason, tasks_total, tasks_<state> per task state, last_position |
+//! | `agents:<tenant>:status:<status>` | set | agent ids by status |
+//! | `agents:<tenant>:capability:<cap>` | set | agent ids by capability |
+//! | `agents:<tenant>:recent` | sorted set | agent ids by last event time (ms) |
+//! | `workflow:<id>:tasks:<state>` | set | task ids of a workflow by state |
+//! | `workflows:<tenant>:status:<status>` | set | workflow ids by status |
+//! | `feed:<tenant>` | stream | change feed; entry id `<position>-0`, capped |
+//! | `checkpoint` | string | last applied global position |
+//!
+//! A batch is one `MULTI/EXEC` holding every change and the checkpoint, so a
+//! crash leaves either all of a batch or none of it. Lists are stored as
+//! comma-separated strings (ids and capability names contain no commas).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+
+use domain::{AgentEvent, DomainEvent, TaskEvent, TaskStatus};
+use redis::aio::ConnectionManager;
+
+use crate::model::{ApplyError, Projected, ReadModel};
+
+mod plan;
+mod writes;
+
+use plan::Planner;
+
+/// Settings of the Redis read model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveModelConfig {
+    /// Prefix of every key, e.g. `neurectomy:`.
+    pub prefix: String,
+    /// Approximate cap of each tenant's change feed.
+    pub feed_max_len: usize,
+}
+
+impl Default for LiveModelConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "neurectomy:".to_owned(),
+            feed_max_len: 100_000,
+        }
+    }
+}
+
+/// The Redis read model. Cheap to clone (the connection is multiplexed and
+/// reconnects by itself).
+#[derive(Clone)]
+pub struct LiveModel {
+    conn: ConnectionManager,
+    config: LiveModelConfig,
+    /// The generation keys are built under. Follows `P` + `active` unless
+    /// pinned (a replay builds a generation that is not active yet).
+    generation: Arc<RwLock<String>>,
+    /// Whether `generation` is fixed rather than following the pointer.
+    pinned: bool,
+}
+
+/// The generation used when none was ever activated.
+pub const FIRST_GENERATION: &str = "g0";
+
+impl std::fmt::Debug for LiveModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveModel")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(doing: impl Into<String>) -> impl FnOnce(redis::RedisError) -> ApplyError {
+    let doing = doing.into();
+    move |source| ApplyError::Unavailable {
+        store: "Redis",
+        doing,
+        source: Box::new(source),
+    }
+}
+
+/// What the model needs to know of a task to move it between states.
+#[derive(Debug, Clone)]
+struct TaskRow {
+    workflow: String,
+    state: String,
+    assignee: Option<String>,
+}
+
+/// What the model needs to know of an agent to move it between indexes.
+#[derive(Debug, Clone)]
+struct AgentRow {
+    status: String,
+    current_task: Option<String>,
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty())
+}
+
+/// The task counters of a workflow hash: `tasks_total` and one
+/// `tasks_<state>` per task status.
+pub fn workflow_task_counters() -> impl Iterator<Item = String> {
+    std::iter::once("total")
+        .chain(TaskStatus::ALL.iter().map(|s| s.as_str()))
+        .map(|state| format!("tasks_{state}"))
+}
+
+impl LiveModel {
+    /// Connects to Redis at `url`, following the active generation.
+    pub async fn connect(url: &str, config: LiveModelConfig) -> Result<Self, ApplyError> {
+        let model = Self::open(url, config, String::new(), false).await?;
+        model
+            .refresh()
+            .await
+            .map_err(unavailable("reading the active generation"))?;
+        Ok(model)
+    }
+
+    /// Connects to Redis at `url`, writing generation `generation` whether
+    /// or not it is active (to build it for a switch-over).
+    pub async fn connect_generation(
+        url: &str,
+        config: LiveModelConfig,
+        generation: &str,
+    ) -> Result<Self, ApplyError> {
+        Self::open(url, config, generation.to_owned(), true).await
+    }
+
+    async fn open(
+        url: &str,
+        config: LiveModelConfig,
+        generation: String,
+        pinned: bool,
+    ) -> Result<Self, ApplyError> {
+        let client = redis::Client::open(url)
+            .map_err(unavailable(format!("parsing the Redis URL {url}")))?;
+        let conn = ConnectionManager::new(client)
+            .await
+            .map_err(unavailable(format!("connecting to {url}")))?;
+        Ok(Self {
+            conn,
+            config,
+            generation: Arc::new(RwLock::new(generation)),
+            pinned,
+        })
+    }
+
+    /// The key naming the active generation.
+    pub fn pointer_key(&self) -> String {
+        format!("{}active", self.config.prefix)
+    }
+
+    /// The generation keys are currently built under.
+    pub fn generation(&self) -> String {
+        match self.generation.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn set_generation(&self, generation: &str) {
+        let mut current = match self.generation.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        generation.clone_into(&mut current);
+    }
+
+    /// Re-reads the active generation (creating the first one if none was
+    /// ever activated) unless pinned; returns the generation in use.
+    pub async fn refresh(&self) -> Result<String, redis::RedisError> {
+        if self.pinned {
+            return Ok(self.generation());
+        }
+        let mut conn = self.conn.clone();
+        let pointer = self.pointer_key();
+        let mut active: Option<String> = redis::cmd("GET")
+            .arg(&pointer)
+            .query_async(&mut conn)
+            .await?;
+        if active.is_none() {
+            // SET NX: of two first readers, one creates it, both read it.
+            let (set, now): (Option<String>, Option<String>) = redis::pipe()
+                .cmd("SET")
+                .arg(&pointer)
+                .arg(FIRST_GENERATION)
+                .arg("NX")
+                .cmd("GET")
+                .arg(&pointer)
+                .query_async(&mut conn)
+                .await?;
+            let _ = set;
+            active = now;
+        }
+        let active = active.unwrap_or_else(|| FIRST_GENERATION.to_owned());
+        self.set_generation(&active);
+        Ok(active)
+    }
+
+    /// Makes this model's generation the active one (one `SET`: readers
+    /// switch atomically). Returns the generation that was active before.
+    pub async fn activate(&self) -> Result<Option<String>, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(self.pointer_key())
+            .arg(self.generation())
+            .arg("GET")
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// Deletes every key of `generation`.
+    pub async fn drop_generation(&self, generation: &str) -> Result<u64, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let pattern = format!("{}{generation}:*", self.config.prefix);
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !keys.is_empty() {
+                deleted += redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async::<u64>(&mut conn)
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.config.prefix
+    }
+
+    /// A connection for reads (queries, verify).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// The full key for `suffix`.
+    pub fn key(&self, suffix: &str) -> String {
+        format!("{}{}:{suffix}", self.config.prefix, self.generation())
+    }
+
+    /// The stored checkpoint of the current generation.
+    async fn stored_checkpoint(&self) -> Result<i64, ApplyError> {
+        let mut conn = self.conn.clone();
+        let value: Option<i64> = redis::cmd("GET")
+            .arg(self.key("checkpoint"))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable("reading the checkpoint"))?;
+        Ok(value.unwrap_or(0))
+    }
+
+    /// Re-reads the active generation (as [`LiveModel::refresh`]) and its
+    /// stored checkpoint. In the usual case, the generation has not changed,
+    /// both are read in one round trip: the pointer and the checkpoint of the
+    /// generation last seen, which is the right checkpoint iff the pointer
+    /// still names that generation (it is in the same pipeline, so both
+    /// come from one moment). Otherwise it falls back to reading them in turn.
+    async fn generation_and_checkpoint(&self) -> Result<(String, i64), ApplyError> {
+        let known = self.generation();
+        if !self.pinned && !known.is_empty() {
+            let mut conn = self.conn.clone();
+            let (active, checkpoint): (Option<String>, Option<i64>) = redis::pipe()
+                .cmd("GET")
+                .arg(self.pointer_key())
+                .cmd("GET")
+                .arg(self.key("checkpoint"))
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable("reading the active generation and checkpoint"))?;
+            if active.as_deref() == Some(known.as_str()) {
+                return Ok((known, checkpoint.unwrap_or(0)));
+            }
+        }
+        let now = self
+            .refresh()
+            .await
+            .map_err(unavailable("reading the active generation"))?;
+        Ok((now, self.stored_checkpoint().await?))
+    }
+
+    /// Reads, in one round trip, the active generation, the checkpoint and
+    /// the prior task and agent rows (under the model's current
+    /// generation); agents found only as assignees of those tasks take a
+    /// second one.
+    async fn read_prior(
+        &self,
+        task_ids: &BTreeSet<String>,
+        agent_ids: &BTreeSet<String>,
+    ) -> Result<Prior, ApplyError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(self.pointer_key());
+        pipe.cmd("GET").arg(self.key("checkpoint"));
+        for id in task_ids {
+            pipe.cmd("HMGET")
+                .arg(self.key(&format!("task:{id}")))
+                .arg(&["workflow", "state", "assignee"]);
+        }
+        self.hmget_agents(&mut pipe, agent_ids);
+        let mut conn = self.conn.clone();
+        let found: Vec<redis::Value> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable("reading tasks and agents"))?;
+        let mut found = found.into_iter();
+        let mut next = || -> Result<Option<String>, ApplyError> {
+            redis::from_owned_redis_value(found.next().unwrap_or(redis::Value::Nil))
+                .map_err(unavailable("reading the active generation and checkpoint"))
+        };
+        let (active, stored) = (next()?, next()?);
+        let checkpoint = match stored {
+            Some(stored) => stored.parse().map_err(|_| ApplyError::Unavailable {
+                store: "Redis",
+                doing: "reading the checkpoint".to_owned(),
+                source: format!("the checkpoint is not a number: {stored:?}").into(),
+            })?,
+            None => 0,
+        };
+        let rows: Vec<Vec<Option<String>>> = found
+            .map(redis::from_owned_redis_value)
+            .collect::<Result<_, _>>()
+            .map_err(unavailable("reading tasks and agents"))?;
+        let mut rows = rows.into_iter();
+        let mut tasks = HashMap::new();
+        for (id, row) in task_ids.iter().zip(rows.by_ref()) {
+            let mut row = row.into_iter();
+            let (workflow, state, assignee) = (
+                row.next().flatten(),
+                row.next().flatten(),
+                row.next().flatten(),
+            );
+            if let (Some(workflow), Some(state)) = (workflow, state) {
+                tasks.insert(
+                    id.clone(),
+                    TaskRow {
+                        workflow,
+                        state,
+                        assignee: non_empty(assignee),
+                    },
+                );
+            }
+        }
+        let mut agents = HashMap::new();
+        Self::agent_rows(&mut agents, agent_ids, rows);
+        let assignees: BTreeSet<String> = tasks
+            .values()
+            .filter_map(|t| t.assignee.clone())
+            .filter(|a| !agent_ids.contains(a))
+            .collect();
+        if !assignees.is_empty() {
+            let mut pipe = redis::pipe();
+            self.hmget_agents(&mut pipe, &assignees);
+            let found: Vec<Vec<Option<String>>> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable("reading agents"))?;
+            Self::agent_rows(&mut agents, &assignees, found.into_iter());
+        }
+        Ok(Prior {
+            active,
+            checkpoint,
+            tasks,
+            agents,
+        })
+    }
+
+    fn hmget_agents(&self, pipe: &mut redis::Pipeline, ids: &BTreeSet<String>) {
+        for id in ids {
+            pipe.cmd("HMGET")
+                .arg(self.key(&format!("agent:{id}")))
+                .arg(&["status", "current_task"]);
+        }
+    }
+
+    fn agent_rows(
+        rows: &mut HashMap<String, AgentRow>,
+        ids: &BTreeSet<String>,
+        found: impl Iterator<Item = Vec<Option<String>>>,
+    ) {
+        for (id, row) in ids.iter().zip(found) {
+            let mut row = row.into_iter();
+            let (status, current_task) = (row.next().flatten(), row.next().flatten());
+            if let Some(status) = status {
+                rows.insert(
+                    id.clone(),
+                    AgentRow {
+                        status,
+                        current_task: non_empty(current_task),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// What a batch needs to know before it is planned.
+struct Prior {
+    /// The active generation (`None`: no pointer, e.g. Redis was flushed).
+    active: Option<String>,
+    /// The stored checkpoint of the model's generation.
+    checkpoint: i64,
+    /// Prior rows of the tasks the batch names.
+    tasks: HashMap<String, TaskRow>,
+    /// Prior rows of the agents the batch names or the tasks are assigned to.
+    agents: HashMap<String, AgentRow>,
+}
+
+/// Collects the ids whose prior state a batch needs.
+fn touched(events: &[&Projected]) -> (BTreeSet<String>, BTreeSet<String>) {
+    let mut tasks = BTreeSet::new();
+    let mut agents = BTreeSet::new();
+    for p in events {
+        match &p.event {
+            DomainEvent::Task(e) => {
+                if !matches!(e, TaskEvent::TaskCreated { .. }) {
+                    tasks.insert(e.task_id().to_string());
+                }
+                match e {
+                    TaskEvent::TaskAssigned { agent_id, .. }
+                    | TaskEvent::TaskStarted { agent_id, .. } => {
+                        agents.insert(agent_id.to_string());
+                    }
+                    TaskEvent::TaskDelegated {
+                        from_agent_id,
+                        to_agent_id,
+                        ..
+                    } => {
+                        agents.insert(from_agent_id.to_string());
+                        agents.insert(to_agent_id.to_string());
+                    }
+                    _ => {}
+                }
+            }
+            DomainEvent::Agent(e) if !matches!(e, AgentEvent::AgentRegistered { .. }) => {
+                agents.insert(e.agent_id().to_string());
+            }
+            _ => {}
+        }
+    }
+    (tasks, agents)
+}
+
+impl ReadModel for LiveModel {
+    fn name(&self) -> &str {
+        "redis"
+    }
+
+    async fn checkpoint(&self) -> Result<i64, ApplyError> {
+        Ok(self.generation_and_checkpoint().await?.1)
+    }
+
+    async fn apply(&self, events: &[Projected]) -> Result<(), ApplyError> {
+        self.apply_checked(None, events).await
+    }
+
+    async fn apply_after(&self, after: i64, events: &[Projected]) -> Result<(), ApplyError> {
+        self.apply_checked(Some(after), events).await
+    }
+}
+
+impl LiveModel {
+    /// Applies a batch; with `after`, refuses ([`ApplyError::Moved`]) when
+    /// the stored checkpoint is behind what the projector believes.
+    async fn apply_checked(
+        &self,
+        after: Option<i64>,
+        events: &[Projected],
+    ) -> Result<(), ApplyError> {
+        let before = self.generation();
+        let (task_ids, agent_ids) = touched(&events.iter().collect::<Vec<_>>());
+        // Usually one round trip reads the active generation, the checkpoint
+        // and the prior rows together. The rows are of every event handed
+        // in, also those at or below the checkpoint (the planner skips them).
+        let mut prior = self.read_prior(&task_ids, &agent_ids).await?;
+        if !self.pinned && prior.active.as_deref() != Some(before.as_str()) {
+            // The generation switched, or its pointer is gone (Redis was
+            // flushed): resolve it and read again under it.
+            self.refresh()
+                .await
+                .map_err(unavailable("reading the active generation"))?;
+            prior = self.read_prior(&task_ids, &agent_ids).await?;
+        }
+        let now = self.generation();
+        let checkpoint = prior.checkpoint;
+        // The runtime already skips what is at or below the checkpoint; the
+        // model checks again against the stored value, so even a batch handed
+        // to it twice (two projectors racing, a replayed batch) is a no-op.
+        if let Some(after) = after {
+            if checkpoint < after {
+                return Err(ApplyError::Moved {
+                    store: "Redis",
+                    reason: if before == now {
+                        format!("its checkpoint is {checkpoint}, behind the projector's {after} (was it flushed?)")
+                    } else {
+                        format!("generation {now} replaced {before}")
+                    },
+                });
+            }
+        }
+        let events: Vec<&Projected> = events
+            .iter()
+            .filter(|p| p.recorded.position > checkpoint)
+            .collect();
+        let Some(last) = events.last().map(|p| p.recorded.position) else {
+            return Ok(());
+        };
+        let mut planner = Planner::new(self, &now, prior.tasks, prior.agents);
+        for p in &events {
+            planner.plan(p)?;
+        }
+        let pipe = planner.finish(last);
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable(format!(
+                "applying a batch ending at position {last}"
+            )))
+    }
+}

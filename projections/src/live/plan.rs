@@ -1,0 +1,474 @@
+//! Planning a batch: every event becomes writes to the read model's keys,
+//! tracking the task and agent state the batch itself changes.
+
+use std::collections::HashMap;
+
+use domain::{AgentEvent, AgentStatus, DomainEvent, TaskEvent, TaskStatus, WorkflowEvent};
+
+use super::writes::Writes;
+use super::{workflow_task_counters, AgentRow, LiveModel, TaskRow};
+use crate::model::{ApplyError, Projected};
+
+/// Builds the writes of one batch into an atomic pipeline, tracking the
+/// state the batch itself changes.
+///
+/// Writes are not sent as planned: hash fields, counters, set memberships
+/// and sorted-set scores are coalesced per key in [`Writes`] and emitted
+/// once at the end (a batch touches the same few keys many times: a task's
+/// hash gets `last_position`, `state`, `assignee`… from every event). Only
+/// the change feed gets one `XADD` per event, in order, as it is per event.
+pub(super) struct Planner<'a> {
+    model: &'a LiveModel,
+    /// `P` + `G` + `:`, computed once per batch.
+    base: String,
+    pipe: redis::Pipeline,
+    writes: Writes,
+    tasks: HashMap<String, TaskRow>,
+    agents: HashMap<String, AgentRow>,
+}
+
+impl<'a> Planner<'a> {
+    /// A planner writing generation `generation` of `model`, starting from
+    /// the prior task and agent rows.
+    pub(super) fn new(
+        model: &'a LiveModel,
+        generation: &str,
+        tasks: HashMap<String, TaskRow>,
+        agents: HashMap<String, AgentRow>,
+    ) -> Self {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        Self {
+            model,
+            base: format!("{}{generation}:", model.config.prefix),
+            pipe,
+            writes: Writes::default(),
+            tasks,
+            agents,
+        }
+    }
+
+    /// The batch's `MULTI/EXEC`: the feed entries, the coalesced writes and
+    /// finally the checkpoint.
+    pub(super) fn finish(mut self, last: i64) -> redis::Pipeline {
+        let checkpoint = self.key("checkpoint");
+        self.writes.emit(&mut self.pipe);
+        self.pipe.cmd("SET").arg(checkpoint).arg(last).ignore();
+        self.pipe
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        let mut key = String::with_capacity(self.base.len() + suffix.len());
+        key.push_str(&self.base);
+        key.push_str(suffix);
+        key
+    }
+
+    fn rejected(p: &Projected, reason: String) -> ApplyError {
+        ApplyError::Rejected {
+            position: p.recorded.position,
+            event_type: p.recorded.event_type.clone(),
+            reason,
+        }
+    }
+
+    fn hset<const N: usize>(&mut self, key: String, fields: [(&str, String); N]) {
+        for (field, value) in fields {
+            self.writes.hset(&key, field, value);
+        }
+    }
+
+    /// Records that an agent was involved in an event.
+    fn touch_agent(&mut self, tenant: &str, agent: &str, position: i64, at_ms: i64) {
+        let key = self.key(&format!("agent:{agent}"));
+        self.hset(
+            key,
+            [
+                ("last_position", position.to_string()),
+                ("last_event_at", at_ms.to_string()),
+            ],
+        );
+        let recent = self.key(&format!("agents:{tenant}:recent"));
+        self.writes.zadd(recent, agent, at_ms);
+    }
+
+    fn move_task(&mut self, task: &str, to: TaskStatus) -> Option<()> {
+        let row = self.tasks.get_mut(task)?;
+        let from = std::mem::replace(&mut row.state, to.as_str().to_owned());
+        let workflow = row.workflow.clone();
+        let wf_key = self.key(&format!("workflow:{workflow}"));
+        let from_set = self.key(&format!("workflow:{workflow}:tasks:{from}"));
+        let to_set = self.key(&format!("workflow:{workflow}:tasks:{}", to.as_str()));
+        self.writes.srem(from_set, task);
+        self.writes.sadd(to_set, task);
+        self.writes.hincrby(&wf_key, &format!("tasks_{from}"), -1);
+        self.writes
+            .hincrby(&wf_key, &format!("tasks_{}", to.as_str()), 1);
+        let task_key = self.key(&format!("task:{task}"));
+        self.hset(task_key, [("state", to.as_str().to_owned())]);
+        Some(())
+    }
+
+    /// Clears `agent`'s current task if it is `task`.
+    fn release_agent(&mut self, agent: &str, task: &str) {
+        let holds = self
+            .agents
+            .get(agent)
+            .is_some_and(|a| a.current_task.as_deref() == Some(task));
+        if holds {
+            if let Some(row) = self.agents.get_mut(agent) {
+                row.current_task = None;
+            }
+            let key = self.key(&format!("agent:{agent}"));
+            self.hset(key, [("current_task", String::new())]);
+        }
+    }
+
+    fn occupy_agent(&mut self, agent: &str, task: &str) {
+        if let Some(row) = self.agents.get_mut(agent) {
+            row.current_task = Some(task.to_owned());
+        }
+        let key = self.key(&format!("agent:{agent}"));
+        self.hset(key, [("current_task", task.to_owned())]);
+    }
+
+    pub(super) fn plan(&mut self, p: &Projected) -> Result<(), ApplyError> {
+        let position = p.recorded.position;
+        let tenant = p.recorded.metadata.tenant.clone();
+        let at_ms = (p.recorded.metadata.occurred_at.unix_timestamp_nanos() / 1_000_000) as i64;
+        let pos = position.to_string();
+        match &p.event {
+            DomainEvent::Agent(event) => self.plan_agent(p, event, &tenant, position, at_ms)?,
+            DomainEvent::Task(event) => self.plan_task(p, event, &tenant, position, at_ms)?,
+            DomainEvent::Workflow(event) => self.plan_workflow(event, &tenant, &pos),
+        }
+        // The change feed: entry id = position, so subscribers resume by it.
+        let feed = self.key(&format!("feed:{tenant}"));
+        self.pipe
+            .cmd("XADD")
+            .arg(feed)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.model.config.feed_max_len)
+            .arg(format!("{position}-0"))
+            .arg("position")
+            .arg(&pos)
+            .arg("type")
+            .arg(&p.recorded.event_type)
+            .arg("stream_id")
+            .arg(&p.recorded.stream_id)
+            .arg("stream_version")
+            .arg(p.recorded.stream_version)
+            .arg("data")
+            // The same compact JSON as `to_string()`, without going through
+            // `fmt` (cheaper for the larger payloads); a `Value` always
+            // serializes.
+            .arg(serde_json::to_vec(&p.recorded.data).unwrap_or_default())
+            .ignore();
+        Ok(())
+    }
+
+    fn plan_agent(
+        &mut self,
+        p: &Projected,
+        event: &AgentEvent,
+        tenant: &str,
+        position: i64,
+        at_ms: i64,
+    ) -> Result<(), ApplyError> {
+        let id = event.agent_id().to_string();
+        let key = self.key(&format!("agent:{id}"));
+        if let AgentEvent::AgentRegistered {
+            name,
+            kind,
+            model,
+            capabilities,
+            parent_agent_id,
+            ..
+        } = event
+        {
+            self.hset(
+                key,
+                [
+                    ("id", id.clone()),
+                    ("tenant", tenant.to_owned()),
+                    ("name", name.clone()),
+                    ("kind", kind.as_str().to_owned()),
+                    ("model", model.clone().unwrap_or_default()),
+                    ("capabilities", capabilities.join(",")),
+                    (
+                        "parent",
+                        parent_agent_id.map(|p| p.to_string()).unwrap_or_default(),
+                    ),
+                    ("status", AgentStatus::Active.as_str().to_owned()),
+                    ("status_reason", String::new()),
+                    ("current_task", String::new()),
+                    ("tasks_completed", "0".to_owned()),
+                    ("tasks_failed", "0".to_owned()),
+                ],
+            );
+            let by_status = self.key(&format!("agents:{tenant}:status:active"));
+            self.writes.sadd(by_status, &id);
+            for capability in capabilities {
+                let set = self.key(&format!("agents:{tenant}:capability:{capability}"));
+                self.writes.sadd(set, &id);
+            }
+            self.agents.insert(
+                id.clone(),
+                AgentRow {
+                    status: AgentStatus::Active.as_str().to_owned(),
+                    current_task: None,
+                },
+            );
+            self.touch_agent(tenant, &id, position, at_ms);
+            return Ok(());
+        }
+        let (status, reason) = match event {
+            AgentEvent::AgentRegistered { .. } => return Ok(()),
+            AgentEvent::AgentPaused { reason, .. } => {
+                (AgentStatus::Paused, reason.clone().unwrap_or_default())
+            }
+            AgentEvent::AgentResumed { .. } => (AgentStatus::Active, String::new()),
+            AgentEvent::AgentFailed { reason, .. } => (AgentStatus::Failed, reason.clone()),
+            AgentEvent::AgentRetired { reason, .. } => {
+                (AgentStatus::Retired, reason.clone().unwrap_or_default())
+            }
+        };
+        let Some(row) = self.agents.get_mut(&id) else {
+            return Err(Self::rejected(
+                p,
+                format!("agent {id} is not in the read model"),
+            ));
+        };
+        let previous = std::mem::replace(&mut row.status, status.as_str().to_owned());
+        let from = self.key(&format!("agents:{tenant}:status:{previous}"));
+        let to = self.key(&format!("agents:{tenant}:status:{}", status.as_str()));
+        self.writes.srem(from, &id);
+        self.writes.sadd(to, &id);
+        self.hset(
+            key,
+            [
+                ("status", status.as_str().to_owned()),
+                ("status_reason", reason),
+            ],
+        );
+        self.touch_agent(tenant, &id, position, at_ms);
+        Ok(())
+    }
+
+    fn plan_task(
+        &mut self,
+        p: &Projected,
+        event: &TaskEvent,
+        tenant: &str,
+        position: i64,
+        at_ms: i64,
+    ) -> Result<(), ApplyError> {
+        let id = event.task_id().to_string();
+        let key = self.key(&format!("task:{id}"));
+        if let TaskEvent::TaskCreated {
+            workflow_id,
+            title,
+            required_capabilities,
+            depends_on,
+            priority,
+            max_attempts,
+            ..
+        } = event
+        {
+            let workflow = workflow_id.to_string();
+            let deps: Vec<String> = depends_on.iter().map(ToString::to_string).collect();
+            self.hset(
+                key,
+                [
+                    ("id", id.clone()),
+                    ("tenant", tenant.to_owned()),
+                    ("workflow", workflow.clone()),
+                    ("title", title.clone()),
+                    ("state", TaskStatus::Pending.as_str().to_owned()),
+                    ("assignee", String::new()),
+                    ("progress", "0".to_owned()),
+                    ("progress_note", String::new()),
+                    ("attempt", "1".to_owned()),
+                    ("max_attempts", max_attempts.to_string()),
+                    ("priority", priority.to_string()),
+                    ("required_capabilities", required_capabilities.join(",")),
+                    ("depends_on", deps.join(",")),
+                    ("last_error", String::new()),
+                    ("last_position", position.to_string()),
+                ],
+            );
+            let set = self.key(&format!("workflow:{workflow}:tasks:pending"));
+            self.writes.sadd(set, &id);
+            let wf_key = self.key(&format!("workflow:{workflow}"));
+            self.writes.hincrby(&wf_key, "tasks_total", 1);
+            self.writes.hincrby(&wf_key, "tasks_pending", 1);
+            self.tasks.insert(
+                id,
+                TaskRow {
+                    workflow,
+                    state: TaskStatus::Pending.as_str().to_owned(),
+                    assignee: None,
+                },
+            );
+            return Ok(());
+        }
+        let Some(row) = self.tasks.get(&id).cloned() else {
+            return Err(Self::rejected(
+                p,
+                format!("task {id} is not in the read model"),
+            ));
+        };
+        self.hset(key.clone(), [("last_position", position.to_string())]);
+        let missing =
+            |p: &Projected| Self::rejected(p, format!("task {id} vanished from the batch state"));
+        match event {
+            TaskEvent::TaskCreated { .. } => {}
+            TaskEvent::TaskAssigned { agent_id, .. } => {
+                let agent = agent_id.to_string();
+                self.move_task(&id, TaskStatus::Assigned)
+                    .ok_or_else(|| missing(p))?;
+                self.hset(key, [("assignee", agent.clone())]);
+                if let Some(t) = self.tasks.get_mut(&id) {
+                    t.assignee = Some(agent.clone());
+                }
+                self.touch_agent(tenant, &agent, position, at_ms);
+            }
+            TaskEvent::TaskStarted { agent_id, .. } => {
+                let agent = agent_id.to_string();
+                self.move_task(&id, TaskStatus::Running)
+                    .ok_or_else(|| missing(p))?;
+                self.hset(key, [("assignee", agent.clone())]);
+                if let Some(t) = self.tasks.get_mut(&id) {
+                    t.assignee = Some(agent.clone());
+                }
+                self.occupy_agent(&agent, &id);
+                self.touch_agent(tenant, &agent, position, at_ms);
+            }
+            TaskEvent::TaskProgressReported { percent, note, .. } => {
+                self.hset(
+                    key,
+                    [
+                        ("progress", percent.to_string()),
+                        ("progress_note", note.clone().unwrap_or_default()),
+                    ],
+                );
+            }
+            TaskEvent::TaskCompleted { .. } => {
+                self.move_task(&id, TaskStatus::Completed)
+                    .ok_or_else(|| missing(p))?;
+                self.hset(key, [("progress", "100".to_owned())]);
+                if let Some(agent) = row.assignee {
+                    let agent_key = self.key(&format!("agent:{agent}"));
+                    self.writes.hincrby(&agent_key, "tasks_completed", 1);
+                    self.release_agent(&agent, &id);
+                    self.touch_agent(tenant, &agent, position, at_ms);
+                }
+            }
+            TaskEvent::TaskFailed { error, .. } => {
+                self.move_task(&id, TaskStatus::Failed)
+                    .ok_or_else(|| missing(p))?;
+                self.hset(key, [("last_error", error.clone())]);
+                if let Some(agent) = row.assignee {
+                    let agent_key = self.key(&format!("agent:{agent}"));
+                    self.writes.hincrby(&agent_key, "tasks_failed", 1);
+                    self.release_agent(&agent, &id);
+                    self.touch_agent(tenant, &agent, position, at_ms);
+                }
+            }
+            TaskEvent::TaskRetried { attempt, .. } => {
+                self.move_task(&id, TaskStatus::Pending)
+                    .ok_or_else(|| missing(p))?;
+                self.hset(
+                    key,
+                    [
+                        ("attempt", attempt.to_string()),
+                        ("assignee", String::new()),
+                        ("progress", "0".to_owned()),
+                        ("progress_note", String::new()),
+                    ],
+                );
+                if let Some(t) = self.tasks.get_mut(&id) {
+                    t.assignee = None;
+                }
+            }
+            TaskEvent::TaskCancelled { .. } => {
+                self.move_task(&id, TaskStatus::Cancelled)
+                    .ok_or_else(|| missing(p))?;
+                if let Some(agent) = row.assignee {
+                    self.release_agent(&agent, &id);
+                }
+            }
+            TaskEvent::TaskDelegated {
+                from_agent_id,
+                to_agent_id,
+                ..
+            } => {
+                let (from, to) = (from_agent_id.to_string(), to_agent_id.to_string());
+                self.hset(key, [("assignee", to.clone())]);
+                if let Some(t) = self.tasks.get_mut(&id) {
+                    t.assignee = Some(to.clone());
+                }
+                if row.state == TaskStatus::Running.as_str() {
+                    self.release_agent(&from, &id);
+                    self.occupy_agent(&to, &id);
+                }
+                self.touch_agent(tenant, &from, position, at_ms);
+                self.touch_agent(tenant, &to, position, at_ms);
+            }
+        }
+        Ok(())
+    }
+
+    fn plan_workflow(&mut self, event: &WorkflowEvent, tenant: &str, position: &str) {
+        let (id, status, reason) = match event {
+            WorkflowEvent::WorkflowStarted {
+                workflow_id, name, ..
+            } => {
+                let id = workflow_id.to_string();
+                let key = self.key(&format!("workflow:{id}"));
+                let fields = [
+                    ("id", id.clone()),
+                    ("tenant", tenant.to_owned()),
+                    ("name", name.clone()),
+                    ("status", "running".to_owned()),
+                    ("reason", String::new()),
+                    ("last_position", position.to_owned()),
+                ];
+                // Counters are HINCRBY'd by task events; they start at 0.
+                for counter in workflow_task_counters() {
+                    self.writes.hsetnx(&key, &counter, "0".to_owned());
+                }
+                self.hset(key, fields);
+                let set = self.key(&format!("workflows:{tenant}:status:running"));
+                self.writes.sadd(set, &id);
+                return;
+            }
+            WorkflowEvent::WorkflowCompleted { workflow_id } => {
+                (workflow_id.to_string(), "completed", String::new())
+            }
+            WorkflowEvent::WorkflowFailed {
+                workflow_id,
+                reason,
+            } => (workflow_id.to_string(), "failed", reason.clone()),
+            WorkflowEvent::WorkflowCancelled {
+                workflow_id,
+                reason,
+            } => (workflow_id.to_string(), "cancelled", reason.clone()),
+        };
+        let key = self.key(&format!("workflow:{id}"));
+        self.hset(
+            key,
+            [
+                ("status", status.to_owned()),
+                ("reason", reason),
+                ("last_position", position.to_owned()),
+            ],
+        );
+        // Only running workflows end, so the previous status is "running".
+        let from = self.key(&format!("workflows:{tenant}:status:running"));
+        let to = self.key(&format!("workflows:{tenant}:status:{status}"));
+        self.writes.srem(from, &id);
+        self.writes.sadd(to, &id);
+    }
+}
