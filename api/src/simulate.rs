@@ -310,6 +310,16 @@ struct SimTask {
 
 const MAX_ATTEMPTS: u32 = 3;
 
+/// Indexes of the pending tasks whose dependencies' states satisfy `deps`.
+fn pending_where(tasks: &[SimTask], deps: impl Fn(&[SimTaskState]) -> bool) -> Vec<usize> {
+    (0..tasks.len())
+        .filter(|&i| {
+            let states: Vec<SimTaskState> = tasks[i].deps.iter().map(|&d| tasks[d].state).collect();
+            tasks[i].state == SimTaskState::Pending && deps(&states)
+        })
+        .collect()
+}
+
 async fn run_workflow(sim: &Sim, rng: &mut StdRng, task_count: usize) {
     let workflow = WorkflowId::from_uuid(Uuid::new_v4());
     let correlation = Uuid::new_v4();
@@ -379,24 +389,10 @@ async fn run_workflow(sim: &Sim, rng: &mut StdRng, task_count: usize) {
     let cancel_at = rng.gen_bool(0.05).then(|| rng.gen_range(0..task_count));
     let mut finished = 0;
     while !sim.shutdown.is_cancelled() {
-        let ready: Vec<usize> = (0..tasks.len())
-            .filter(|&i| {
-                tasks[i].state == SimTaskState::Pending
-                    && tasks[i]
-                        .deps
-                        .iter()
-                        .all(|&d| tasks[d].state == SimTaskState::Completed)
-            })
-            .collect();
-        let blocked_forever: Vec<usize> = (0..tasks.len())
-            .filter(|&i| {
-                tasks[i].state == SimTaskState::Pending
-                    && tasks[i]
-                        .deps
-                        .iter()
-                        .any(|&d| tasks[d].state == SimTaskState::Dead)
-            })
-            .collect();
+        let ready = pending_where(&tasks, |deps| {
+            deps.iter().all(|&d| d == SimTaskState::Completed)
+        });
+        let blocked_forever = pending_where(&tasks, |deps| deps.contains(&SimTaskState::Dead));
         for i in blocked_forever {
             let cancel = TaskCommand::CancelTask {
                 task_id: tasks[i].id,
