@@ -241,8 +241,18 @@ pub async fn status(settings: &Settings) -> anyhow::Result<()> {
     // what an operator runs when something is wrong.
     let redis = async { Ok(connect_live(settings).await?.checkpoint().await?) };
     print_projection(&store, "redis", &settings.redis_prefix, redis.await).await?;
-    let graph = async { Ok(connect_graph(settings).await?.checkpoint().await?) };
-    print_projection(&store, "graph", &settings.graph_database, graph.await).await?;
+    let graph = async {
+        let model = connect_graph(settings).await?;
+        let checkpoint = model.checkpoint().await?;
+        Ok((checkpoint, model.database(std::time::Duration::ZERO).await?))
+    };
+    let graph: anyhow::Result<(i64, String)> = graph.await;
+    let namespace = graph
+        .as_ref()
+        .map_or(settings.graph_database.clone(), |(_, db)| {
+            format!("database {db}")
+        });
+    print_projection(&store, "graph", &namespace, graph.map(|(c, _)| c)).await?;
     pool.close().await;
     Ok(())
 }
@@ -337,7 +347,11 @@ pub async fn verify(settings: &Settings) -> anyhow::Result<()> {
     let differences = projections::verify::verify_graph(&store, &graph, until)
         .await
         .context("verifying the graph read model")?;
-    report("graph", &settings.graph_database, until, differences);
+    let database = graph
+        .database(std::time::Duration::ZERO)
+        .await
+        .context("resolving the graph's active database")?;
+    report("graph", &format!("database {database}"), until, differences);
 
     for summary in &summaries {
         println!("{summary}");

@@ -75,34 +75,11 @@ struct Scratch {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// `host:port` of ArcadeDB's HTTP API: `NEURECTOMY_GRAPH_HTTP`, or port 2480
-/// on the Bolt URI's host.
-fn graph_http(settings: &Settings) -> String {
-    if let Ok(http) = std::env::var("NEURECTOMY_GRAPH_HTTP") {
-        return http;
-    }
-    let rest = settings
-        .graph_uri
-        .split_once("://")
-        .map_or(settings.graph_uri.as_str(), |(_, rest)| rest);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => format!("[{}]", v6.split(']').next().unwrap_or(v6)),
-        None => authority
-            .split(':')
-            .next()
-            .unwrap_or("127.0.0.1")
-            .to_owned(),
-    };
-    format!("{host}:2480")
-}
-
 impl Scratch {
     async fn new(settings: &Settings) -> anyhow::Result<Self> {
         Ok(Self {
             nats: crate::app::connect_nats(settings).await?,
-            graph_http: graph_http(settings),
+            graph_http: settings.graph_http(),
             databases: Vec::new(),
             streams: Vec::new(),
             prefixes: Vec::new(),

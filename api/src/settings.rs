@@ -303,6 +303,11 @@ pub struct Settings {
         global = true
     )]
     pub graph_database: String,
+    /// `host:port` of ArcadeDB's HTTP API, used to create and drop databases
+    /// (replay) when the server is not Neo4j; default: port 2480 on the
+    /// Bolt URI's host.
+    #[arg(long, env = "NEURECTOMY_GRAPH_HTTP", global = true)]
+    pub graph_http: Option<String>,
     /// Most events a projector applies in one atomic write.
     #[arg(
         long,
@@ -345,6 +350,29 @@ impl Settings {
             linger: Duration::from_millis(self.projector_linger_ms),
             ..projections::ProjectorConfig::default()
         }
+    }
+
+    /// `host:port` of ArcadeDB's HTTP API: `graph_http`, or port 2480 on
+    /// the Bolt URI's host.
+    pub fn graph_http(&self) -> String {
+        if let Some(http) = &self.graph_http {
+            return http.clone();
+        }
+        let rest = self
+            .graph_uri
+            .split_once("://")
+            .map_or(self.graph_uri.as_str(), |(_, rest)| rest);
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => format!("[{}]", v6.split(']').next().unwrap_or(v6)),
+            None => authority
+                .split(':')
+                .next()
+                .unwrap_or("127.0.0.1")
+                .to_owned(),
+        };
+        format!("{host}:2480")
     }
 
     /// The graph read-model configuration these settings describe.

@@ -89,13 +89,18 @@ impl TestGraph {
 
     /// Every node and relationship with its properties, one line each,
     /// sorted (for before/after comparisons of the whole graph).
+    /// Reads the database the home database's pointer names (a replay's).
     pub async fn dump(&self) -> Result<Vec<String>, neo4rs::Error> {
         let graph = self.model.graph();
+        let database = self.model.database(std::time::Duration::ZERO).await?;
         let mut lines = Vec::new();
         let mut nodes = graph
-            .execute(query(
-                "MATCH (n) RETURN labels(n) AS labels, properties(n) AS props",
-            ))
+            .execute_on(
+                &database,
+                query(
+                    "MATCH (n) WHERE NOT n:ReadModel RETURN labels(n) AS labels, properties(n) AS props",
+                ),
+            )
             .await?;
         while let Some(row) = nodes.next().await? {
             let mut labels: Vec<String> = row
@@ -108,10 +113,13 @@ impl TestGraph {
             lines.push(format!("node {labels:?} {}", render(&props)));
         }
         let mut rels = graph
-            .execute(query(
-                "MATCH (a)-[r]->(b) RETURN coalesce(a.id, a.projection) AS a, type(r) AS type, \
-                 properties(r) AS props, coalesce(b.id, b.projection) AS b",
-            ))
+            .execute_on(
+                &database,
+                query(
+                    "MATCH (a)-[r]->(b) RETURN coalesce(a.id, a.projection) AS a, type(r) AS type, \
+                     properties(r) AS props, coalesce(b.id, b.projection) AS b",
+                ),
+            )
             .await?;
         while let Some(row) = rels.next().await? {
             let a: Option<String> = row.get("a").map_err(neo4rs::Error::DeserializationError)?;
@@ -150,10 +158,27 @@ fn render(value: &BoltType) -> String {
     }
 }
 
-/// Drops a database from a `Drop` impl or an error path (best effort).
+/// Drops a database, and the databases replays made for it
+/// (`<database>-g…`), from a `Drop` impl or an error path (best effort).
 fn drop_database(http: String, password: String, database: String) {
     commands::testkit::clean_up(async move {
-        let _ = server_command(&http, &password, &format!("drop database {database}")).await;
+        let mut doomed = vec![database.clone()];
+        if let Ok((200, body)) = server_command(&http, &password, "list databases").await {
+            let listed: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let prefix = format!("{database}-g");
+            doomed.extend(
+                listed["result"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|name| name.as_str())
+                    .filter(|name| name.starts_with(&prefix))
+                    .map(str::to_owned),
+            );
+        }
+        for name in doomed {
+            let _ = server_command(&http, &password, &format!("drop database {name}")).await;
+        }
     });
 }
 

@@ -274,3 +274,75 @@ async fn a_wiped_graph_and_a_deleted_consumer_are_rebuilt() {
     assert_eq!(before, after, "the rebuilt graph differs");
     world.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_while_commands_flow_switches_to_a_database_with_the_live_state() {
+    let world = world().await;
+    let projector = world.projector().await;
+    let (stop, task) = world.spawn(&projector);
+    world.simulate(2, 31).await;
+    world.caught_up().await;
+    let home = world.graph.database.clone();
+
+    // Commands keep flowing while the replay builds a new database; the
+    // live projector keeps serving from the home database until the switch.
+    let workload = world.spawn_simulation(neurectomy_e2e::pipeline::Pipeline::workload(3, 300, 32));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let replay = |show| {
+        api::replay::replay_graph_into(
+            &world.store,
+            &world.nats.client,
+            world.graph.model.config().clone(),
+            &world.graph.http,
+            100,
+            show,
+        )
+    };
+    let first = replay(false).await.unwrap();
+    assert_eq!(first.previous.as_deref(), Some(home.as_str()));
+    assert!(first.generation.starts_with(&format!("{home}-g")));
+    assert!(first.deleted_keys > 0, "the home database was not emptied");
+    workload.await.unwrap();
+
+    // The live projector followed the pointer and kept the new one current.
+    world.assert_verified().await;
+    assert_eq!(
+        world.graph.model.database(Duration::ZERO).await.unwrap(),
+        first.generation
+    );
+    let mut rows = world
+        .graph
+        .model
+        .graph()
+        .execute_on(
+            &home,
+            query("MATCH (n) WHERE NOT n:ReadModel RETURN count(n) AS n"),
+        )
+        .await
+        .unwrap();
+    let left: i64 = rows.next().await.unwrap().unwrap().get("n").unwrap();
+    assert_eq!(left, 0, "nodes left in the abandoned home namespace");
+
+    // A second replay replaces the first database and drops it.
+    let second = replay(false).await.unwrap();
+    assert_eq!(second.previous.as_deref(), Some(first.generation.as_str()));
+    let (_, listed) = projections::graph::admin::server_command(
+        &world.graph.http,
+        "root",
+        &world.graph.model.config().password,
+        "list databases",
+    )
+    .await
+    .unwrap();
+    assert!(listed.contains(&second.generation), "{listed}");
+    assert!(!listed.contains(&first.generation), "not dropped: {listed}");
+    let until = world.assert_verified().await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let clean = world.clean_pass(until).await;
+    assert_eq!(
+        world.graph.dump().await.unwrap(),
+        clean.dump().await.unwrap()
+    );
+    world.shutdown().await;
+}

@@ -47,3 +47,59 @@ pub async fn server_command(
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// Creates database `name` on the graph server of `model`: Neo4j's
+/// `CREATE DATABASE` on the `system` database (Enterprise), or else
+/// ArcadeDB's HTTP API at `http`. The error names what both said.
+pub async fn create_database(
+    model: &super::GraphModel,
+    http: &str,
+    name: &str,
+) -> Result<(), String> {
+    administer(model, http, "create", name).await
+}
+
+/// Drops database `name`; see [`create_database`].
+pub async fn drop_database(
+    model: &super::GraphModel,
+    http: &str,
+    name: &str,
+) -> Result<(), String> {
+    administer(model, http, "drop", name).await
+}
+
+async fn administer(
+    model: &super::GraphModel,
+    http: &str,
+    verb: &str,
+    name: &str,
+) -> Result<(), String> {
+    let cypher = match verb {
+        "create" => "CREATE DATABASE $name IF NOT EXISTS WAIT",
+        _ => "DROP DATABASE $name IF EXISTS WAIT",
+    };
+    let neo4j = async {
+        let mut txn = model.graph().start_txn_on("system").await?;
+        txn.run(neo4rs::query(cypher).param("name", name)).await?;
+        txn.commit().await
+    };
+    let neo4j = match tokio::time::timeout(Duration::from_secs(60), neo4j).await {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer within 60 s".to_owned(),
+    };
+    let config = model.config();
+    match server_command(http, &config.user, &config.password, &format!("{verb} database {name}"))
+        .await
+    {
+        Ok((200, _)) => Ok(()),
+        Ok((status, body)) => Err(format!(
+            "the graph server cannot {verb} database {name}: over Bolt (Neo4j `{cypher}` on `system`): \
+             {neo4j}; over ArcadeDB's HTTP API at {http}: HTTP {status} {body}"
+        )),
+        Err(http_error) => Err(format!(
+            "the graph server cannot {verb} database {name}: over Bolt (Neo4j `{cypher}` on `system`): \
+             {neo4j}; {http_error}"
+        )),
+    }
+}

@@ -36,12 +36,27 @@
 //! leaves either all of a batch or none of it. Constraints (unique `id` per
 //! label, unique `Checkpoint.projection`) are created at connect; no index
 //! on frequently updated properties such as `state`.
+//!
+//! ## Namespaces
+//!
+//! The configured database is the *home* database. The read model lives in
+//! the home database itself until a replay (`neurectomy replay --projection
+//! graph`) rebuilds it into a database of its own (`<home>-g<id>`) and
+//! switches over by writing one pointer node in the home database,
+//! `(:ReadModel {projection: 'graph', database})`. Readers resolve the
+//! pointer (cached for [`READ_POINTER_TTL`]); the projector resolves it
+//! before every batch and, finding it moved, re-reads its checkpoint there
+//! ([`ApplyError::Moved`]).
 
 pub mod admin;
 pub mod bench;
 mod fold;
+mod namespace;
 mod read;
 mod write;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use neo4rs::{query, ConfigBuilder, Graph, Query, Row, Txn};
 
@@ -54,6 +69,9 @@ pub use read::{
 
 /// The name of the projection (and of its checkpoint node).
 pub const PROJECTION: &str = "graph";
+
+/// How long readers trust the resolved namespace pointer.
+pub const READ_POINTER_TTL: Duration = Duration::from_secs(1);
 
 /// Connections kept by the Bolt pool.
 const MAX_CONNECTIONS: usize = 8;
@@ -95,12 +113,14 @@ impl std::fmt::Debug for GraphConfig {
 pub struct GraphModel {
     graph: Graph,
     config: GraphConfig,
+    namespace: Arc<namespace::Namespace>,
 }
 
 impl std::fmt::Debug for GraphModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GraphModel")
             .field("config", &self.config)
+            .field("namespace", &self.namespace)
             .finish_non_exhaustive()
     }
 }
@@ -163,8 +183,19 @@ fn unavailable(doing: impl Into<String>) -> impl FnOnce(neo4rs::Error) -> ApplyE
 }
 
 impl GraphModel {
-    /// Connects to the graph server and makes sure the constraints exist.
+    /// Connects to the graph server, follows the home database's namespace
+    /// pointer, and makes sure the constraints exist there.
     pub async fn connect(config: GraphConfig) -> Result<Self, ApplyError> {
+        Self::open(config, None).await
+    }
+
+    /// Connects to one database of the graph server, ignoring the pointer:
+    /// what a replay writes its new namespace with.
+    pub async fn connect_database(config: GraphConfig, database: &str) -> Result<Self, ApplyError> {
+        Self::open(config, Some(database.to_owned())).await
+    }
+
+    async fn open(config: GraphConfig, pinned: Option<String>) -> Result<Self, ApplyError> {
         let where_ = format!("{} (database {})", config.uri, config.database);
         let bolt = ConfigBuilder::default()
             .uri(&config.uri)
@@ -180,7 +211,12 @@ impl GraphModel {
         let graph = Graph::connect(bolt)
             .await
             .map_err(unavailable(format!("connecting to {where_}")))?;
-        let model = Self { graph, config };
+        let namespace = Arc::new(namespace::Namespace::new(&config.database, pinned));
+        let model = Self {
+            graph,
+            config,
+            namespace,
+        };
         model.ensure_schema().await?;
         Ok(model)
     }
@@ -208,7 +244,8 @@ impl GraphModel {
     /// for up to 60 s, while a transaction fails at once, leaving retries to
     /// the caller (the projector's backoff, the API's client).
     pub(crate) async fn begin(&self) -> Result<Txn, neo4rs::Error> {
-        self.graph.start_txn().await
+        let database = self.database(READ_POINTER_TTL).await?;
+        self.graph.start_txn_on(database).await
     }
 
     /// The Bolt client, for ad-hoc reads (tests, tools).
@@ -228,8 +265,15 @@ impl ReadModel for GraphModel {
     }
 
     async fn checkpoint(&self) -> Result<i64, ApplyError> {
+        // The projector re-reads the checkpoint where the pointer is now.
+        let database = self
+            .database(Duration::ZERO)
+            .await
+            .map_err(unavailable("resolving the graph's namespace"))?;
+        self.namespace.set_writing(&database);
         let mut txn = self
-            .begin()
+            .graph
+            .start_txn_on(database)
             .await
             .map_err(unavailable("reading the checkpoint"))?;
         let rows = collect(&mut txn, write::checkpoint_query())
@@ -243,6 +287,10 @@ impl ReadModel for GraphModel {
     }
 
     async fn apply(&self, events: &[Projected]) -> Result<(), ApplyError> {
-        write::apply(self, events).await
+        write::apply(self, None, events).await
+    }
+
+    async fn apply_after(&self, after: i64, events: &[Projected]) -> Result<(), ApplyError> {
+        write::apply(self, Some(after), events).await
     }
 }

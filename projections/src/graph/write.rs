@@ -40,9 +40,18 @@ fn store(doing: impl Into<String>) -> impl FnOnce(neo4rs::Error) -> Failure {
 }
 
 /// Applies `events`; see the module docs.
-pub(super) async fn apply(model: &GraphModel, events: &[Projected]) -> Result<(), ApplyError> {
+///
+/// With `after` (what the projector believes the checkpoint is), a stored
+/// checkpoint behind it (the graph was wiped) is [`ApplyError::Moved`]: the
+/// projector catches up from the stored one instead of leaving a gap.
+pub(super) async fn apply(
+    model: &GraphModel,
+    after: Option<i64>,
+    events: &[Projected],
+) -> Result<(), ApplyError> {
     let all: Vec<&Projected> = events.iter().collect();
-    let failure = match try_apply(model, &all).await {
+    let database = model.database_for_batch().await?;
+    let failure = match try_apply(model, &database, after, &all).await {
         Ok(()) => return Ok(()),
         Err(failure) => failure,
     };
@@ -65,7 +74,7 @@ pub(super) async fn apply(model: &GraphModel, events: &[Projected]) -> Result<()
                 ));
             }
             for p in &all {
-                match try_apply(model, &[*p]).await {
+                match try_apply(model, &database, None, &[*p]).await {
                     Ok(()) => {}
                     Err(Failure::Event(error)) => return Err(error),
                     Err(Failure::Store { doing, source }) if is_transient(&source) => {
@@ -92,10 +101,15 @@ async fn fetch(txn: &mut Txn, q: Query, doing: &str) -> Result<Vec<Row>, Failure
     collect(txn, q).await.map_err(store(doing))
 }
 
-async fn try_apply(model: &GraphModel, events: &[&Projected]) -> Result<(), Failure> {
+async fn try_apply(
+    model: &GraphModel,
+    database: &str,
+    after: Option<i64>,
+    events: &[&Projected],
+) -> Result<(), Failure> {
     let mut txn = model
         .graph
-        .start_txn()
+        .start_txn_on(database)
         .await
         .map_err(store("starting a transaction"))?;
     // The runtime already skips what is at or below the checkpoint; the
@@ -106,6 +120,16 @@ async fn try_apply(model: &GraphModel, events: &[&Projected]) -> Result<(), Fail
         .first()
         .and_then(|r| r.get::<i64>("position").ok())
         .unwrap_or(0);
+    if let Some(after) = after.filter(|after| checkpoint < *after) {
+        finish(txn).await;
+        return Err(Failure::Event(ApplyError::Moved {
+            store: "graph",
+            reason: format!(
+                "its checkpoint in database {database} is {checkpoint}, behind the projector's {after} \
+                 (the graph was wiped or replaced)"
+            ),
+        }));
+    }
     let events: Vec<&Projected> = events
         .iter()
         .copied()
