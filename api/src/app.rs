@@ -153,6 +153,9 @@ async fn spawn_projectors(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<Result<(), projections::ProjectorError>>>> {
     let mut tasks = Vec::new();
+    // Projectors publish their state to Redis for `/readyz` and
+    // `projectionStatus` of API processes.
+    let reports = connect_live(settings).await?;
     if only.is_none_or(|p| p == Projection::Redis) {
         let model = connect_live(settings).await?;
         let projector = projections::Projector::new(
@@ -161,6 +164,11 @@ async fn spawn_projectors(
             nats.clone(),
             settings.projector_config(),
         );
+        tokio::spawn(crate::health::publish_status(
+            reports.clone(),
+            projector.status(),
+            shutdown.clone(),
+        ));
         let shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move { projector.run(shutdown).await }));
         tracing::info!(prefix = %settings.redis_prefix, "redis projector started");
@@ -173,6 +181,11 @@ async fn spawn_projectors(
             nats.clone(),
             settings.projector_config(),
         );
+        tokio::spawn(crate::health::publish_status(
+            reports.clone(),
+            projector.status(),
+            shutdown.clone(),
+        ));
         let shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move { projector.run(shutdown).await }));
         tracing::info!(uri = %settings.graph_uri, database = %settings.graph_database, "graph projector started");
@@ -387,6 +400,7 @@ pub async fn run_all(settings: &Settings, args: AllArgs) -> anyhow::Result<()> {
     tracing::info!(stream = %settings.jetstream_stream, "relay started");
 
     let projectors = spawn_projectors(settings, &store, &nats, None, &shutdown).await?;
+    let api = start_api(settings, &store, &nats, &shutdown).await?;
 
     let simulation = args.simulate.then(|| {
         let handler = CommandHandler::new(store.clone(), settings.handler_config());
@@ -410,8 +424,126 @@ pub async fn run_all(settings: &Settings, args: AllArgs) -> anyhow::Result<()> {
             Err(error) => tracing::error!(%error, "a projector task panicked"),
         }
     }
+    match api.task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::error!(%error, "the API server failed"),
+        Err(error) => tracing::error!(%error, "the API task panicked"),
+    }
     let relay_result = relay_task.await;
     let _ = notifier.await;
     pool.close().await;
     relay_result.context("joining the relay task")
+}
+
+/// A running API server.
+#[derive(Debug)]
+pub struct ApiServer {
+    /// The address it listens on.
+    pub addr: std::net::SocketAddr,
+    /// The server task; ends after `shutdown` once connections drained.
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts the GraphQL API on `settings.api.api_listen` until `shutdown`.
+pub async fn start_api(
+    settings: &Settings,
+    store: &EventStore,
+    nats: &async_nats::Client,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<ApiServer> {
+    crate::metrics::install();
+    let auth = settings
+        .api
+        .authenticator()
+        .context("configuring bearer-token verification")?;
+    let live = connect_live(settings).await?;
+    let graph = connect_graph(settings).await?;
+    // Readers follow replays of the Redis model (a new active generation).
+    tokio::spawn({
+        let live = live.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                if let Err(error) = live.refresh().await {
+                    tracing::debug!(%error, "could not re-read the active Redis generation");
+                }
+            }
+        }
+    });
+    let limits = settings.api.limits();
+    let feed = crate::graphql::subscriptions::Feed::start(
+        store.clone(),
+        live.clone(),
+        limits.subscriber_buffer,
+        shutdown.clone(),
+    );
+    let services = crate::graphql::Services {
+        store: store.clone(),
+        handler: CommandHandler::new(store.clone(), settings.handler_config()),
+        live,
+        graph,
+        feed,
+        limits,
+    };
+    let state = std::sync::Arc::new(crate::server::AppState {
+        schema: crate::graphql::schema(services.clone()),
+        auth,
+        services,
+        nats: nats.clone(),
+        config: settings.api.server_config(),
+    });
+    let listener = tokio::net::TcpListener::bind(&settings.api.api_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "listening on {} (NEURECTOMY_API_LISTEN)",
+                settings.api.api_listen
+            )
+        })?;
+    let addr = listener
+        .local_addr()
+        .context("reading the listening address")?;
+    let router = crate::server::router(state);
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    });
+    tracing::info!(%addr, "GraphQL API listening: http://{addr}/ (GraphiQL), /graphql, /graphql/ws");
+    Ok(ApiServer { addr, task })
+}
+
+/// Runs the API alone until a signal.
+pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
+    let pool = connect_database(settings).await?;
+    let nats = connect_nats(settings).await?;
+    let store = EventStore::new(pool.clone());
+    let shutdown = shutdown_on_signal();
+    // Wakes the relay (in another process) on the mutations' commits.
+    let notifier = store.spawn_commit_notifier(shutdown.clone());
+    let api = start_api(settings, &store, &nats, &shutdown).await?;
+    let served = api.task.await;
+    let _ = notifier.await;
+    pool.close().await;
+    served
+        .context("joining the API task")?
+        .context("serving the API")
+}
+
+/// Prints a token for local use.
+pub fn token(settings: &Settings, args: &crate::settings::TokenArgs) -> anyhow::Result<()> {
+    let auth = settings
+        .api
+        .authenticator()
+        .context("minting needs the key the API verifies with")?;
+    let token = auth
+        .mint(&args.subject, &args.tenant, &args.roles, args.ttl)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{token}");
+    Ok(())
 }

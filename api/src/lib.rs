@@ -16,9 +16,14 @@
 //! - [`telemetry`]: tracing subscriber set-up.
 
 pub mod app;
+pub mod auth;
 pub mod bench;
 pub mod bench_project;
+pub mod graphql;
+pub mod health;
+pub mod metrics;
 pub mod replay;
+pub mod server;
 pub mod settings;
 pub mod simulate;
 pub mod telemetry;
@@ -62,6 +67,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Replay(args) => replay::run(&cli.settings, args).await,
         Command::Status => app::status(&cli.settings).await,
         Command::Verify => app::verify(&cli.settings).await,
+        Command::Serve => app::serve(&cli.settings).await,
+        Command::Token(args) => app::token(&cli.settings, &args),
         Command::Bench(bench) => bench::run(&cli.settings, bench).await,
     }
 }

@@ -44,9 +44,176 @@ pub enum Command {
     /// Fold every stream of the event store and diff the result against the
     /// read models; exits non-zero if they disagree.
     Verify,
+    /// Run the GraphQL API alone (queries, mutations, subscriptions, audit).
+    Serve,
+    /// Mint a JWT for local use (HS256, with NEURECTOMY_JWT_SECRET).
+    Token(TokenArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// Options of `token`.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// Roles to grant (repeat or comma-separate): viewer, operator, auditor.
+    #[arg(long = "role", value_delimiter = ',', default_value = "operator")]
+    pub roles: Vec<crate::auth::Role>,
+    /// The tenant whose data the token sees.
+    #[arg(long)]
+    pub tenant: String,
+    /// Subject (recorded as the actor of commands).
+    #[arg(long, default_value = "dev")]
+    pub subject: String,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    pub ttl: u64,
+}
+
+/// Settings of the GraphQL API (`serve`, `all`).
+#[derive(Debug, Clone, Args)]
+pub struct ApiSettings {
+    /// Address the API listens on.
+    #[arg(
+        long,
+        env = "NEURECTOMY_API_LISTEN",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    pub api_listen: String,
+    /// HS256 secret for bearer tokens (32+ bytes).
+    #[arg(
+        long,
+        env = "NEURECTOMY_JWT_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+    /// PEM file with an RS256 public key for bearer tokens (optional).
+    #[arg(long, env = "NEURECTOMY_JWT_PUBLIC_KEY", global = true)]
+    pub jwt_public_key: Option<std::path::PathBuf>,
+    /// Longest wait (ms) of a read for `atLeastPosition` before `STALE`.
+    #[arg(
+        long,
+        env = "NEURECTOMY_API_CONSISTENCY_TIMEOUT_MS",
+        default_value_t = 5_000,
+        global = true
+    )]
+    pub api_consistency_timeout_ms: u64,
+    /// Query depth limit.
+    #[arg(
+        long,
+        env = "NEURECTOMY_API_MAX_DEPTH",
+        default_value_t = 12,
+        global = true
+    )]
+    pub api_max_depth: usize,
+    /// Query complexity limit.
+    #[arg(
+        long,
+        env = "NEURECTOMY_API_MAX_COMPLEXITY",
+        default_value_t = 2_000,
+        global = true
+    )]
+    pub api_max_complexity: usize,
+    /// Largest page (`first`) of a connection or the event log.
+    #[arg(
+        long,
+        env = "NEURECTOMY_API_MAX_PAGE",
+        default_value_t = 500,
+        global = true
+    )]
+    pub api_max_page: usize,
+    /// Allow introspection (`true`/`false`).
+    #[arg(long, env = "NEURECTOMY_API_INTROSPECTION", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub api_introspection: bool,
+    /// Largest request body, bytes.
+    #[arg(
+        long,
+        env = "NEURECTOMY_API_BODY_LIMIT",
+        default_value_t = 262_144,
+        global = true
+    )]
+    pub api_body_limit: usize,
+    /// Largest WebSocket message, bytes.
+    #[arg(
+        long,
+        env = "NEURECTOMY_API_WS_MESSAGE_LIMIT",
+        default_value_t = 65_536,
+        global = true
+    )]
+    pub api_ws_message_limit: usize,
+    /// Time (ms) a WebSocket client has to send `connection_init`.
+    #[arg(
+        long,
+        env = "NEURECTOMY_API_WS_INIT_TIMEOUT_MS",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub api_ws_init_timeout_ms: u64,
+    /// Origins allowed by CORS, comma-separated (`*` for any; empty: none).
+    #[arg(
+        long,
+        env = "NEURECTOMY_API_CORS_ORIGINS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub api_cors_origins: Vec<String>,
+    /// Messages buffered per subscriber before a slow one is cut off.
+    #[arg(
+        long,
+        env = "NEURECTOMY_API_SUBSCRIBER_BUFFER",
+        default_value_t = 1_024,
+        global = true
+    )]
+    pub api_subscriber_buffer: usize,
+}
+
+impl ApiSettings {
+    /// The GraphQL limits these settings describe.
+    pub fn limits(&self) -> crate::graphql::ApiLimits {
+        crate::graphql::ApiLimits {
+            consistency_timeout: Duration::from_millis(self.api_consistency_timeout_ms),
+            max_page: self.api_max_page.max(1),
+            max_depth: self.api_max_depth.max(1),
+            max_complexity: self.api_max_complexity.max(1),
+            introspection: self.api_introspection,
+            subscriber_buffer: self.api_subscriber_buffer.max(1),
+        }
+    }
+
+    /// The HTTP settings these settings describe.
+    pub fn server_config(&self) -> crate::server::ServerConfig {
+        crate::server::ServerConfig {
+            body_limit: self.api_body_limit.max(1),
+            ws_message_limit: self.api_ws_message_limit.max(64),
+            ws_init_timeout: Duration::from_millis(self.api_ws_init_timeout_ms.max(1)),
+            cors_origins: self
+                .api_cors_origins
+                .iter()
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
+        }
+    }
+
+    /// The token verifier these settings describe.
+    pub fn authenticator(&self) -> anyhow::Result<crate::auth::Authenticator> {
+        use anyhow::Context as _;
+        let pem = self
+            .jwt_public_key
+            .as_ref()
+            .map(|path| {
+                std::fs::read(path).with_context(|| {
+                    format!("reading NEURECTOMY_JWT_PUBLIC_KEY {}", path.display())
+                })
+            })
+            .transpose()?;
+        Ok(crate::auth::Authenticator::new(
+            self.jwt_secret.as_deref(),
+            pem.as_deref(),
+        )?)
+    }
 }
 
 /// Which projections to run.
@@ -325,6 +492,9 @@ pub struct Settings {
         global = true
     )]
     pub projector_linger_ms: u64,
+    /// The GraphQL API.
+    #[command(flatten)]
+    pub api: ApiSettings,
     /// Logging.
     #[command(flatten)]
     pub log: LogSettings,

@@ -39,6 +39,7 @@ pub mod testkit;
 pub mod verify;
 
 pub use graph::{GraphConfig, GraphModel, GraphQueryError};
+pub use live::read::{Entity, Fields};
 pub use live::{LiveModel, LiveModelConfig};
 pub use model::{ApplyError, Projected, ReadModel};
 pub use runtime::{Projector, ProjectorConfig, ProjectorError, ProjectorState, ProjectorStatus};

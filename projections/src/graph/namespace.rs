@@ -93,6 +93,18 @@ impl GraphModel {
         Ok(database)
     }
 
+    /// The checkpoint readers see (the database the pointer names, as
+    /// resolved for reads).
+    pub async fn read_checkpoint(&self) -> Result<i64, neo4rs::Error> {
+        let mut txn = self.begin().await?;
+        let rows = collect(&mut txn, super::write::checkpoint_query()).await?;
+        super::finish(txn).await;
+        Ok(rows
+            .first()
+            .and_then(|r| r.get::<i64>("position").ok())
+            .unwrap_or(0))
+    }
+
     /// What the pointer in the home database names, if there is one.
     async fn pointer(&self) -> Result<Option<String>, neo4rs::Error> {
         let mut txn = self

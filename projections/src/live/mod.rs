@@ -37,6 +37,7 @@ use redis::aio::ConnectionManager;
 use crate::model::{ApplyError, Projected, ReadModel};
 
 mod plan;
+pub mod read;
 mod writes;
 
 use plan::Planner;

@@ -1,0 +1,242 @@
+//! The GraphQL schema: queries on the read models (Redis, the graph),
+//! mutations (one per domain command), subscriptions fed by the change
+//! feed, and audit queries on the event store.
+//!
+//! Every resolver takes the caller's [`Principal`] from the request data:
+//! the tenant scopes what it reads and writes (another tenant's ids read as
+//! absent), and its roles decide what it may do (`FORBIDDEN` otherwise).
+//! Errors carry `extensions.code`.
+
+pub mod audit;
+pub mod mutations;
+pub mod reads;
+pub mod subscriptions;
+pub mod types;
+
+use std::fmt::Display;
+use std::time::Duration;
+
+use async_graphql::{
+    Context, ErrorExtensions, InputValueError, InputValueResult, MergedObject, Scalar, ScalarType,
+    Value,
+};
+use commands::{CommandHandler, EventStore};
+use projections::{GraphModel, LiveModel};
+
+use crate::auth::{Principal, Role};
+
+/// The schema type.
+pub type ApiSchema = async_graphql::Schema<Query, mutations::Mutation, subscriptions::Subscription>;
+
+/// All queries.
+#[derive(MergedObject, Default)]
+pub struct Query(reads::ReadQuery, audit::AuditQuery);
+
+/// Limits and timeouts of the API.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    /// How long a read waits for `atLeastPosition` before `STALE`.
+    pub consistency_timeout: Duration,
+    /// Largest page of a connection or of the event log.
+    pub max_page: usize,
+    /// Query depth limit.
+    pub max_depth: usize,
+    /// Query complexity limit.
+    pub max_complexity: usize,
+    /// Whether introspection is allowed.
+    pub introspection: bool,
+    /// Messages buffered per subscriber before it is cut off.
+    pub subscriber_buffer: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        Self {
+            consistency_timeout: Duration::from_secs(5),
+            max_page: 500,
+            max_depth: 12,
+            max_complexity: 2_000,
+            introspection: true,
+            subscriber_buffer: 1_024,
+        }
+    }
+}
+
+/// What resolvers use: the event store, the command handler and the read
+/// models. Shared by every request (schema data).
+#[derive(Clone)]
+pub struct Services {
+    /// The event store (audit queries, subscription catch-up).
+    pub store: EventStore,
+    /// Commands (mutations).
+    pub handler: CommandHandler,
+    /// The Redis read model.
+    pub live: LiveModel,
+    /// The graph read model.
+    pub graph: GraphModel,
+    /// The change feed shared by the subscribers of this process.
+    pub feed: subscriptions::Feed,
+    /// Limits.
+    pub limits: ApiLimits,
+}
+
+/// Per-request data beside the principal.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMeta {
+    /// `X-Min-Position`: every read waits for this position.
+    pub min_position: Option<i64>,
+    /// The caller's W3C `traceparent`, carried onto the events it causes.
+    pub traceparent: Option<String>,
+}
+
+/// Builds the schema with its limits.
+pub fn schema(services: Services) -> ApiSchema {
+    let limits = services.limits.clone();
+    let mut builder = async_graphql::Schema::build(
+        Query::default(),
+        mutations::Mutation,
+        subscriptions::Subscription,
+    )
+    .limit_depth(limits.max_depth)
+    .limit_complexity(limits.max_complexity)
+    .limit_recursive_depth(64)
+    .limit_directives(16)
+    .extension(crate::metrics::ResolverTiming);
+    if !limits.introspection {
+        builder = builder.disable_introspection();
+    }
+    builder.data(services).finish()
+}
+
+/// A GraphQL error with `extensions.code`.
+pub fn error(code: &'static str, message: impl Display) -> async_graphql::Error {
+    async_graphql::Error::new(message.to_string()).extend_with(|_, e| e.set("code", code))
+}
+
+/// The services of the schema.
+pub fn services<'a>(ctx: &Context<'a>) -> &'a Services {
+    // `schema` always puts them in; a schema built otherwise is a bug.
+    ctx.data_unchecked::<Services>()
+}
+
+/// The caller, if allowed what `role` allows: `UNAUTHENTICATED` without a
+/// principal, `FORBIDDEN` without the role.
+pub fn caller<'a>(ctx: &Context<'a>, role: Role) -> async_graphql::Result<&'a Principal> {
+    let principal = ctx.data_opt::<Principal>().ok_or_else(|| {
+        error(
+            "UNAUTHENTICATED",
+            "no valid bearer token; `neurectomy token` mints one",
+        )
+    })?;
+    if principal.may(role) {
+        Ok(principal)
+    } else {
+        Err(error(
+            "FORBIDDEN",
+            format!(
+                "this needs the `{}` role; the token grants {}",
+                role.as_str(),
+                principal
+                    .roles
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ))
+    }
+}
+
+/// A global event-store position. Serialized as a string of digits (64-bit
+/// values exceed what JSON numbers carry exactly in JavaScript); accepted as
+/// a string or an integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position(pub i64);
+
+#[Scalar(name = "Position")]
+impl ScalarType for Position {
+    fn parse(value: Value) -> InputValueResult<Self> {
+        let parsed = match &value {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.parse().ok(),
+            _ => None,
+        };
+        match parsed {
+            Some(p) if p >= 0 => Ok(Position(p)),
+            _ => Err(InputValueError::custom(
+                "a position is a non-negative 64-bit integer (as a string or a number)",
+            )),
+        }
+    }
+
+    fn to_value(&self) -> Value {
+        Value::String(self.0.to_string())
+    }
+}
+
+/// Which read model a resolver reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadModelKind {
+    /// Redis.
+    Live,
+    /// The graph.
+    Graph,
+}
+
+/// Read-your-writes: waits until the read model has applied the larger of
+/// `at_least` and the request's `X-Min-Position`, up to the configured
+/// timeout; `STALE` if it does not get there.
+pub async fn consistent(
+    ctx: &Context<'_>,
+    model: ReadModelKind,
+    at_least: Option<Position>,
+) -> async_graphql::Result<()> {
+    let header = ctx.data_opt::<RequestMeta>().and_then(|m| m.min_position);
+    let Some(wanted) = at_least.map(|p| p.0).max(header) else {
+        return Ok(());
+    };
+    let services = services(ctx);
+    let deadline = tokio::time::Instant::now() + services.limits.consistency_timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let reached = match model {
+            ReadModelKind::Live => services
+                .live
+                .read_checkpoint()
+                .await
+                .map_err(|e| unavailable("Redis", e))?,
+            ReadModelKind::Graph => services
+                .graph
+                .read_checkpoint()
+                .await
+                .map_err(|e| unavailable("the graph", e))?,
+        };
+        if reached >= wanted {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() + pause > deadline {
+            let name = match model {
+                ReadModelKind::Live => "redis",
+                ReadModelKind::Graph => "graph",
+            };
+            return Err(error(
+                "STALE",
+                format!(
+                    "the {name} projection has applied position {reached}, not yet {wanted}, after {} ms; retry, or read without atLeastPosition",
+                    services.limits.consistency_timeout.as_millis()
+                ),
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(25));
+    }
+}
+
+/// `UNAVAILABLE`: a store failed.
+pub fn unavailable(store: &str, e: impl Display) -> async_graphql::Error {
+    tracing::warn!(%e, store, "read failed");
+    error(
+        "UNAVAILABLE",
+        format!("{store} is unavailable ({e}); retry later"),
+    )
+}

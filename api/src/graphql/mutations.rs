@@ -1,0 +1,602 @@
+//! Mutations: one per domain command. Each takes an optional `commandId`
+//! (idempotency: a retry with the same id returns the first run's events
+//! and writes nothing), `expectedVersion` (optimistic concurrency: the
+//! stream must be at exactly this version) and `correlationId`, and returns
+//! the stream, its new version, the global position and the events written.
+//! The caller needs the `operator` role; the command runs in its tenant.
+
+// A resolver's arguments are the mutation's GraphQL arguments.
+#![allow(clippy::too_many_arguments)]
+
+use async_graphql::{Context, Enum, Json, Object, SimpleObject, ID};
+use commands::{CommandContext, CommandError, CommandOutcome, ExpectedVersion};
+use domain::{
+    AgentCommand, AgentId, AgentKind, Command, TaskCommand, TaskId, WorkflowCommand, WorkflowId,
+};
+use uuid::Uuid;
+
+use super::types::Event;
+use super::{caller, error, services, Position, RequestMeta};
+use crate::auth::Role;
+
+/// What a command did.
+#[derive(Debug, Clone, SimpleObject)]
+pub struct CommandResult {
+    /// The stream written (`agent-…`, `task-…`, `workflow-…`).
+    pub stream_id: String,
+    /// The stream's version after the command.
+    pub version: i64,
+    /// Global position of the command's last event: pass it as
+    /// `atLeastPosition` to read your write.
+    pub position: Position,
+    /// The events written.
+    pub events: Vec<Event>,
+    /// True when this command id had run before: these are the events of
+    /// that run, and nothing new was written.
+    pub replayed: bool,
+    /// The command id (generated when not given).
+    pub command_id: ID,
+}
+
+/// Kinds of agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+pub enum AgentKindInput {
+    /// A language-model agent.
+    Llm,
+    /// A tool.
+    Tool,
+    /// A person.
+    Human,
+}
+
+/// Options every mutation takes.
+struct Options {
+    command_id: Option<ID>,
+    expected_version: Option<i64>,
+    correlation_id: Option<ID>,
+}
+
+fn uuid_arg(name: &str, value: &str) -> async_graphql::Result<Uuid> {
+    Uuid::parse_str(value.trim()).map_err(|_| {
+        error(
+            "VALIDATION",
+            format!("`{name}` must be a UUID, not {value:?}"),
+        )
+    })
+}
+
+fn agent_id(name: &str, value: &str) -> async_graphql::Result<AgentId> {
+    Ok(AgentId::from_uuid(uuid_arg(name, value)?))
+}
+
+fn task_id(name: &str, value: &str) -> async_graphql::Result<TaskId> {
+    Ok(TaskId::from_uuid(uuid_arg(name, value)?))
+}
+
+fn workflow_id(name: &str, value: &str) -> async_graphql::Result<WorkflowId> {
+    Ok(WorkflowId::from_uuid(uuid_arg(name, value)?))
+}
+
+fn new_or(name: &str, value: Option<&ID>) -> async_graphql::Result<Uuid> {
+    value.map_or_else(|| Ok(Uuid::new_v4()), |v| uuid_arg(name, v))
+}
+
+/// A command error as a GraphQL error with its code.
+pub fn command_error(e: &CommandError) -> async_graphql::Error {
+    match e {
+        CommandError::Unavailable { .. } => {
+            tracing::warn!(error = %e, "command failed: event store unavailable");
+            error(
+                "UNAVAILABLE",
+                "the event store is unavailable; retry with the same commandId",
+            )
+        }
+        CommandError::Corrupt { .. } => {
+            tracing::error!(error = ?e, "command failed: stored history unreadable");
+            error(
+                "INTERNAL",
+                "stored history cannot be read; an operator has been told (see the server log)",
+            )
+        }
+        other => error(other.code(), other),
+    }
+}
+
+async fn run(
+    ctx: &Context<'_>,
+    command: Command,
+    options: Options,
+) -> async_graphql::Result<CommandResult> {
+    let who = caller(ctx, Role::Operator)?;
+    let command_id = new_or("commandId", options.command_id.as_ref())?;
+    let mut context = CommandContext::new(command_id, who.subject.clone(), who.tenant.clone());
+    if let Some(correlation) = &options.correlation_id {
+        context.correlation_id = Some(uuid_arg("correlationId", correlation)?);
+    }
+    context.expected_version = match options.expected_version {
+        None => None,
+        Some(v) if v >= 0 => Some(ExpectedVersion::Exact(v.unsigned_abs())),
+        Some(v) => {
+            return Err(error(
+                "VALIDATION",
+                format!("`expectedVersion` must be 0 (no stream yet) or more, not {v}"),
+            ))
+        }
+    };
+    context.traceparent = ctx
+        .data_opt::<RequestMeta>()
+        .and_then(|m| m.traceparent.clone());
+    let command_type = command.name();
+    let started = std::time::Instant::now();
+    let outcome = services(ctx).handler.execute(command, &context).await;
+    crate::metrics::command(
+        command_type,
+        started.elapsed(),
+        outcome.as_ref().err().map(CommandError::code),
+    );
+    let outcome: CommandOutcome = outcome.map_err(|e| command_error(&e))?;
+    Ok(CommandResult {
+        stream_id: outcome.stream_id,
+        version: outcome.version,
+        position: Position(outcome.position),
+        events: outcome.events.iter().map(Event::from).collect(),
+        replayed: outcome.replayed,
+        command_id: ID(command_id.to_string()),
+    })
+}
+
+/// All mutations.
+#[derive(Default)]
+pub struct Mutation;
+
+#[Object]
+impl Mutation {
+    /// Registers an agent. `id` defaults to a new UUID.
+    async fn register_agent(
+        &self,
+        ctx: &Context<'_>,
+        id: Option<ID>,
+        name: String,
+        kind: AgentKindInput,
+        model: Option<String>,
+        #[graphql(default)] capabilities: Vec<String>,
+        parent_agent_id: Option<ID>,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command = AgentCommand::RegisterAgent {
+            agent_id: AgentId::from_uuid(new_or("id", id.as_ref())?),
+            name,
+            kind: match kind {
+                AgentKindInput::Llm => AgentKind::Llm,
+                AgentKindInput::Tool => AgentKind::Tool,
+                AgentKindInput::Human => AgentKind::Human,
+            },
+            model,
+            capabilities,
+            parent_agent_id: parent_agent_id
+                .map(|p| agent_id("parentAgentId", &p))
+                .transpose()?,
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Agent(command), options).await
+    }
+
+    /// Pauses an active agent.
+    async fn pause_agent(
+        &self,
+        ctx: &Context<'_>,
+        agent_id: ID,
+        reason: Option<String>,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command = AgentCommand::PauseAgent {
+            agent_id: self::agent_id("agentId", &agent_id)?,
+            reason,
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Agent(command), options).await
+    }
+
+    /// Makes a paused or failed agent active again.
+    async fn resume_agent(
+        &self,
+        ctx: &Context<'_>,
+        agent_id: ID,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command = AgentCommand::ResumeAgent {
+            agent_id: self::agent_id("agentId", &agent_id)?,
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Agent(command), options).await
+    }
+
+    /// Records that an agent broke.
+    async fn fail_agent(
+        &self,
+        ctx: &Context<'_>,
+        agent_id: ID,
+        reason: String,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command = AgentCommand::FailAgent {
+            agent_id: self::agent_id("agentId", &agent_id)?,
+            reason,
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Agent(command), options).await
+    }
+
+    /// Retires an agent for good.
+    async fn retire_agent(
+        &self,
+        ctx: &Context<'_>,
+        agent_id: ID,
+        reason: Option<String>,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command = AgentCommand::RetireAgent {
+            agent_id: self::agent_id("agentId", &agent_id)?,
+            reason,
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Agent(command), options).await
+    }
+
+    /// Starts a workflow. `id` defaults to a new UUID.
+    async fn start_workflow(
+        &self,
+        ctx: &Context<'_>,
+        id: Option<ID>,
+        name: String,
+        metadata: Option<Json<serde_json::Value>>,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command = WorkflowCommand::StartWorkflow {
+            workflow_id: WorkflowId::from_uuid(new_or("id", id.as_ref())?),
+            name,
+            metadata: metadata.map_or(serde_json::Value::Null, |m| m.0),
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Workflow(command), options).await
+    }
+
+    /// Completes a running workflow.
+    async fn complete_workflow(
+        &self,
+        ctx: &Context<'_>,
+        workflow_id: ID,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command = WorkflowCommand::CompleteWorkflow {
+            workflow_id: self::workflow_id("workflowId", &workflow_id)?,
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Workflow(command), options).await
+    }
+
+    /// Records that a workflow failed.
+    async fn fail_workflow(
+        &self,
+        ctx: &Context<'_>,
+        workflow_id: ID,
+        reason: String,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command = WorkflowCommand::FailWorkflow {
+            workflow_id: self::workflow_id("workflowId", &workflow_id)?,
+            reason,
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Workflow(command), options).await
+    }
+
+    /// Cancels a running workflow.
+    async fn cancel_workflow(
+        &self,
+        ctx: &Context<'_>,
+        workflow_id: ID,
+        reason: String,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command = WorkflowCommand::CancelWorkflow {
+            workflow_id: self::workflow_id("workflowId", &workflow_id)?,
+            reason,
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Workflow(command), options).await
+    }
+
+    /// Creates a task in a running workflow. `id` defaults to a new UUID.
+    async fn create_task(
+        &self,
+        ctx: &Context<'_>,
+        id: Option<ID>,
+        workflow_id: ID,
+        title: String,
+        input: Option<Json<serde_json::Value>>,
+        #[graphql(default)] required_capabilities: Vec<String>,
+        #[graphql(default)] depends_on: Vec<ID>,
+        #[graphql(default = 50)] priority: i32,
+        #[graphql(default = 3)] max_attempts: i32,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let priority = u8::try_from(priority)
+            .ok()
+            .filter(|p| *p <= 100)
+            .ok_or_else(|| {
+                error(
+                    "VALIDATION",
+                    format!("`priority` must be 0–100, not {priority}"),
+                )
+            })?;
+        let max_attempts = u32::try_from(max_attempts).map_err(|_| {
+            error(
+                "VALIDATION",
+                format!("`maxAttempts` must be 1–100, not {max_attempts}"),
+            )
+        })?;
+        let command = TaskCommand::CreateTask {
+            task_id: TaskId::from_uuid(new_or("id", id.as_ref())?),
+            workflow_id: self::workflow_id("workflowId", &workflow_id)?,
+            title,
+            input: input.map_or(serde_json::Value::Null, |i| i.0),
+            required_capabilities,
+            depends_on: depends_on
+                .iter()
+                .map(|d| task_id("dependsOn", d))
+                .collect::<Result<_, _>>()?,
+            priority,
+            max_attempts,
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Task(command), options).await
+    }
+
+    /// Gives a pending task to an active agent with the capabilities.
+    async fn assign_task(
+        &self,
+        ctx: &Context<'_>,
+        task_id: ID,
+        agent_id: ID,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command = TaskCommand::AssignTask {
+            task_id: self::task_id("taskId", &task_id)?,
+            agent_id: self::agent_id("agentId", &agent_id)?,
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Task(command), options).await
+    }
+
+    /// Starts an assigned task whose dependencies completed.
+    async fn start_task(
+        &self,
+        ctx: &Context<'_>,
+        task_id: ID,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command = TaskCommand::StartTask {
+            task_id: self::task_id("taskId", &task_id)?,
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Task(command), options).await
+    }
+
+    /// Reports progress (0–100) of a running task.
+    async fn report_task_progress(
+        &self,
+        ctx: &Context<'_>,
+        task_id: ID,
+        percent: i32,
+        note: Option<String>,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let percent = u8::try_from(percent)
+            .ok()
+            .filter(|p| *p <= 100)
+            .ok_or_else(|| {
+                error(
+                    "VALIDATION",
+                    format!("`percent` must be 0–100, not {percent}"),
+                )
+            })?;
+        let command = TaskCommand::ReportTaskProgress {
+            task_id: self::task_id("taskId", &task_id)?,
+            percent,
+            note,
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Task(command), options).await
+    }
+
+    /// Completes a running task with its output.
+    async fn complete_task(
+        &self,
+        ctx: &Context<'_>,
+        task_id: ID,
+        output: Option<Json<serde_json::Value>>,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command = TaskCommand::CompleteTask {
+            task_id: self::task_id("taskId", &task_id)?,
+            output: output.map_or(serde_json::Value::Null, |o| o.0),
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Task(command), options).await
+    }
+
+    /// Records that an assigned or running task failed.
+    async fn fail_task(
+        &self,
+        ctx: &Context<'_>,
+        task_id: ID,
+        error: String,
+        #[graphql(default = true)] retryable: bool,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command = TaskCommand::FailTask {
+            task_id: self::task_id("taskId", &task_id)?,
+            error,
+            retryable,
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Task(command), options).await
+    }
+
+    /// Puts a retryable failed task back to pending.
+    async fn retry_task(
+        &self,
+        ctx: &Context<'_>,
+        task_id: ID,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command = TaskCommand::RetryTask {
+            task_id: self::task_id("taskId", &task_id)?,
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Task(command), options).await
+    }
+
+    /// Abandons a task that has not finished.
+    async fn cancel_task(
+        &self,
+        ctx: &Context<'_>,
+        task_id: ID,
+        reason: String,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command = TaskCommand::CancelTask {
+            task_id: self::task_id("taskId", &task_id)?,
+            reason,
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Task(command), options).await
+    }
+
+    /// Hands a task from its assignee to another active, capable agent.
+    async fn delegate_task(
+        &self,
+        ctx: &Context<'_>,
+        task_id: ID,
+        from_agent_id: ID,
+        to_agent_id: ID,
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command = TaskCommand::DelegateTask {
+            task_id: self::task_id("taskId", &task_id)?,
+            from_agent_id: agent_id("fromAgentId", &from_agent_id)?,
+            to_agent_id: agent_id("toAgentId", &to_agent_id)?,
+        };
+        let options = Options {
+            command_id,
+            expected_version,
+            correlation_id,
+        };
+        run(ctx, Command::Task(command), options).await
+    }
+}

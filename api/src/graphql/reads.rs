@@ -1,0 +1,586 @@
+//! Queries on the read models: entities and pages from Redis, structure
+//! from the graph, and the projections' status. No event-store reads here
+//! but the log head for `projectionStatus`.
+
+use async_graphql::connection::{Connection, Edge, OpaqueCursor};
+use async_graphql::{Context, Enum, InputObject, Object, SimpleObject};
+use projections::Entity;
+
+use super::types::{Agent, Task, Workflow};
+use super::{caller, consistent, error, services, unavailable, Position, ReadModelKind};
+use crate::auth::Role;
+
+/// Agent statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+pub enum AgentStatus {
+    /// Takes work.
+    Active,
+    /// Paused by an operator.
+    Paused,
+    /// Failed.
+    Failed,
+    /// Retired for good.
+    Retired,
+}
+
+impl AgentStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            AgentStatus::Active => "active",
+            AgentStatus::Paused => "paused",
+            AgentStatus::Failed => "failed",
+            AgentStatus::Retired => "retired",
+        }
+    }
+}
+
+/// Task states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+pub enum TaskState {
+    /// Waiting for an assignee.
+    Pending,
+    /// Assigned, not started.
+    Assigned,
+    /// Running.
+    Running,
+    /// Completed.
+    Completed,
+    /// Failed (attempts exhausted or not retried).
+    Failed,
+    /// Cancelled.
+    Cancelled,
+}
+
+impl TaskState {
+    fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Assigned => "assigned",
+            TaskState::Running => "running",
+            TaskState::Completed => "completed",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Which agents `agents` lists.
+#[derive(Debug, Clone, Default, InputObject)]
+pub struct AgentFilter {
+    /// Only agents in this status.
+    pub status: Option<AgentStatus>,
+    /// Only agents with this capability.
+    pub capability: Option<String>,
+}
+
+/// A task of a workflow's DAG.
+#[derive(Debug, Clone, SimpleObject)]
+pub struct DagTask {
+    /// Task id.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// State.
+    pub state: String,
+    /// Assignee.
+    pub assignee_id: Option<String>,
+}
+
+/// A dependency edge: `from` depends on `to`.
+#[derive(Debug, Clone, SimpleObject)]
+pub struct DagEdge {
+    /// The dependent task.
+    pub from: String,
+    /// The task it waits for.
+    pub to: String,
+}
+
+/// A workflow's DAG (from the graph).
+#[derive(Debug, Clone, SimpleObject)]
+pub struct WorkflowGraph {
+    /// Workflow id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Status.
+    pub status: String,
+    /// Tasks.
+    pub tasks: Vec<DagTask>,
+    /// Dependencies.
+    pub edges: Vec<DagEdge>,
+}
+
+/// A task waiting for unfinished dependencies.
+#[derive(Debug, Clone, SimpleObject)]
+pub struct BlockedTask {
+    /// Task id.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// State.
+    pub state: String,
+    /// The unfinished tasks it waits for.
+    pub blocked_by: Vec<String>,
+}
+
+/// One delegation of a task.
+#[derive(Debug, Clone, SimpleObject)]
+pub struct Delegation {
+    /// The agent that handed it on.
+    pub from_agent_id: String,
+    /// The agent it went to.
+    pub to_agent_id: String,
+    /// Position of the delegation event.
+    pub position: Position,
+    /// When (epoch milliseconds).
+    pub at: i64,
+}
+
+/// A task in an agent's neighbourhood.
+#[derive(Debug, Clone, SimpleObject)]
+pub struct NeighbourTask {
+    /// Task id.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// State.
+    pub state: String,
+    /// Workflow.
+    pub workflow_id: String,
+    /// Whether the agent holds it now.
+    pub current: bool,
+}
+
+/// An agent's neighbourhood (from the graph).
+#[derive(Debug, Clone, SimpleObject)]
+pub struct AgentNeighbourhood {
+    /// Agent id.
+    pub id: String,
+    /// Tasks it holds or held.
+    pub tasks: Vec<NeighbourTask>,
+    /// Agents working on the same workflows.
+    pub collaborator_ids: Vec<String>,
+    /// The agent that spawned it.
+    pub parent_id: Option<String>,
+    /// Agents it spawned.
+    pub children_ids: Vec<String>,
+}
+
+/// A task upstream of another.
+#[derive(Debug, Clone, SimpleObject)]
+pub struct LineageTask {
+    /// Task id.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// State.
+    pub state: String,
+    /// Shortest dependency distance (1 = direct).
+    pub depth: i64,
+}
+
+/// A projection's progress.
+#[derive(Debug, Clone, SimpleObject)]
+pub struct ProjectionStatus {
+    /// `redis` or `graph`.
+    pub name: String,
+    /// Last applied position.
+    pub checkpoint: Position,
+    /// The head of the event log.
+    pub head: Position,
+    /// Events committed but not applied yet.
+    pub lag: i64,
+    /// What its projector last reported: `starting`, `catching_up`,
+    /// `live`, `retrying`, `stopped`, or `unknown` (no report in 30 s).
+    pub state: String,
+    /// The projector's last error, if any.
+    pub last_error: Option<String>,
+}
+
+/// Lag is counted up to this many events.
+const LAG_CAP: i64 = 10_000_000;
+
+fn graph_error(e: projections::GraphQueryError) -> async_graphql::Error {
+    unavailable("the graph", e)
+}
+
+fn not_found(what: &str, id: &str) -> async_graphql::Error {
+    error("NOT_FOUND", format!("{what} {id} does not exist"))
+}
+
+/// Page size: `first` (default 50) within `1..=max`.
+fn page_size(first: Option<i32>, max: usize) -> async_graphql::Result<usize> {
+    match first {
+        None => Ok(50.min(max)),
+        Some(n) if n >= 1 && usize::try_from(n).is_ok_and(|n| n <= max) => {
+            Ok(usize::try_from(n).unwrap_or(max))
+        }
+        Some(n) => Err(error(
+            "VALIDATION",
+            format!("`first` must be between 1 and {max}, not {n}"),
+        )),
+    }
+}
+
+/// A page of sorted `ids` after the cursor.
+fn page(
+    ids: &[String],
+    after: Option<String>,
+    size: usize,
+) -> async_graphql::Result<(Vec<String>, bool, bool)> {
+    let start = match after {
+        None => 0,
+        Some(cursor) => {
+            let OpaqueCursor(last) =
+                <OpaqueCursor<String> as async_graphql::connection::CursorType>::decode_cursor(
+                    &cursor,
+                )
+                .map_err(|_| error("VALIDATION", "`after` is not a cursor this API returned"))?;
+            ids.partition_point(|id| *id <= last)
+        }
+    };
+    let end = (start + size).min(ids.len());
+    Ok((ids[start..end].to_vec(), start > 0, end < ids.len()))
+}
+
+/// Queries on the read models.
+#[derive(Default)]
+pub struct ReadQuery;
+
+#[Object]
+impl ReadQuery {
+    /// An agent by id (Redis).
+    async fn agent(
+        &self,
+        ctx: &Context<'_>,
+        id: String,
+        at_least_position: Option<Position>,
+    ) -> async_graphql::Result<Option<Agent>> {
+        let who = caller(ctx, Role::Viewer)?;
+        consistent(ctx, ReadModelKind::Live, at_least_position).await?;
+        let fields = services(ctx)
+            .live
+            .entity(Entity::Agent, &who.tenant, &id)
+            .await
+            .map_err(|e| unavailable("Redis", e))?;
+        Ok(fields.map(|f| Agent::from_fields(&id, &f)))
+    }
+
+    /// Agents by status and capability, by id (Redis).
+    #[graphql(complexity = "first.unwrap_or(50).max(0) as usize * child_complexity")]
+    async fn agents(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<AgentFilter>,
+        first: Option<i32>,
+        after: Option<String>,
+        at_least_position: Option<Position>,
+    ) -> async_graphql::Result<Connection<OpaqueCursor<String>, Agent>> {
+        let who = caller(ctx, Role::Viewer)?;
+        consistent(ctx, ReadModelKind::Live, at_least_position).await?;
+        let services = services(ctx);
+        let size = page_size(first, services.limits.max_page)?;
+        let filter = filter.unwrap_or_default();
+        let ids = services
+            .live
+            .agent_ids(
+                &who.tenant,
+                filter.status.map(AgentStatus::as_str),
+                filter.capability.as_deref(),
+            )
+            .await
+            .map_err(|e| unavailable("Redis", e))?;
+        let (ids, previous, next) = page(&ids, after, size)?;
+        let rows = services
+            .live
+            .entities(Entity::Agent, &who.tenant, &ids)
+            .await
+            .map_err(|e| unavailable("Redis", e))?;
+        let mut connection = Connection::new(previous, next);
+        for (id, row) in ids.iter().zip(rows) {
+            if let Some(fields) = row {
+                connection.edges.push(Edge::new(
+                    OpaqueCursor(id.clone()),
+                    Agent::from_fields(id, &fields),
+                ));
+            }
+        }
+        Ok(connection)
+    }
+
+    /// A task by id (Redis).
+    async fn task(
+        &self,
+        ctx: &Context<'_>,
+        id: String,
+        at_least_position: Option<Position>,
+    ) -> async_graphql::Result<Option<Task>> {
+        let who = caller(ctx, Role::Viewer)?;
+        consistent(ctx, ReadModelKind::Live, at_least_position).await?;
+        let fields = services(ctx)
+            .live
+            .entity(Entity::Task, &who.tenant, &id)
+            .await
+            .map_err(|e| unavailable("Redis", e))?;
+        Ok(fields.map(|f| Task::from_fields(&id, &f)))
+    }
+
+    /// A workflow's tasks, optionally in one state, by id (Redis).
+    #[graphql(complexity = "first.unwrap_or(50).max(0) as usize * child_complexity")]
+    async fn tasks(
+        &self,
+        ctx: &Context<'_>,
+        workflow_id: String,
+        state: Option<TaskState>,
+        first: Option<i32>,
+        after: Option<String>,
+        at_least_position: Option<Position>,
+    ) -> async_graphql::Result<Connection<OpaqueCursor<String>, Task>> {
+        let who = caller(ctx, Role::Viewer)?;
+        consistent(ctx, ReadModelKind::Live, at_least_position).await?;
+        let services = services(ctx);
+        let size = page_size(first, services.limits.max_page)?;
+        // The workflow must be the caller's: its task sets are keyed by id only.
+        let workflow = services
+            .live
+            .entity(Entity::Workflow, &who.tenant, &workflow_id)
+            .await
+            .map_err(|e| unavailable("Redis", e))?;
+        if workflow.is_none() {
+            return Err(not_found("workflow", &workflow_id));
+        }
+        let ids = services
+            .live
+            .task_ids(&workflow_id, state.map(TaskState::as_str))
+            .await
+            .map_err(|e| unavailable("Redis", e))?;
+        let (ids, previous, next) = page(&ids, after, size)?;
+        let rows = services
+            .live
+            .entities(Entity::Task, &who.tenant, &ids)
+            .await
+            .map_err(|e| unavailable("Redis", e))?;
+        let mut connection = Connection::new(previous, next);
+        for (id, row) in ids.iter().zip(rows) {
+            if let Some(fields) = row {
+                connection.edges.push(Edge::new(
+                    OpaqueCursor(id.clone()),
+                    Task::from_fields(id, &fields),
+                ));
+            }
+        }
+        Ok(connection)
+    }
+
+    /// A workflow with its progress counts (Redis).
+    async fn workflow(
+        &self,
+        ctx: &Context<'_>,
+        id: String,
+        at_least_position: Option<Position>,
+    ) -> async_graphql::Result<Option<Workflow>> {
+        let who = caller(ctx, Role::Viewer)?;
+        consistent(ctx, ReadModelKind::Live, at_least_position).await?;
+        let fields = services(ctx)
+            .live
+            .entity(Entity::Workflow, &who.tenant, &id)
+            .await
+            .map_err(|e| unavailable("Redis", e))?;
+        Ok(fields.map(|f| Workflow::from_fields(&id, &f)))
+    }
+
+    /// A workflow's tasks and dependencies (the graph).
+    async fn workflow_graph(
+        &self,
+        ctx: &Context<'_>,
+        id: String,
+        at_least_position: Option<Position>,
+    ) -> async_graphql::Result<Option<WorkflowGraph>> {
+        let who = caller(ctx, Role::Viewer)?;
+        consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
+        let dag = services(ctx)
+            .graph
+            .workflow_dag(&who.tenant, &id)
+            .await
+            .map_err(graph_error)?;
+        Ok(dag.map(|d| WorkflowGraph {
+            id: d.id,
+            name: d.name,
+            status: d.status,
+            tasks: d
+                .tasks
+                .into_iter()
+                .map(|t| DagTask {
+                    id: t.id,
+                    title: t.title,
+                    state: t.state,
+                    assignee_id: t.assignee,
+                })
+                .collect(),
+            edges: d
+                .edges
+                .into_iter()
+                .map(|e| DagEdge {
+                    from: e.from,
+                    to: e.to,
+                })
+                .collect(),
+        }))
+    }
+
+    /// Tasks of a workflow waiting for unfinished dependencies (the graph).
+    async fn blocked_tasks(
+        &self,
+        ctx: &Context<'_>,
+        workflow_id: String,
+        at_least_position: Option<Position>,
+    ) -> async_graphql::Result<Vec<BlockedTask>> {
+        let who = caller(ctx, Role::Viewer)?;
+        consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
+        let blocked = services(ctx)
+            .graph
+            .blocked_tasks(&who.tenant, &workflow_id)
+            .await
+            .map_err(graph_error)?
+            .ok_or_else(|| not_found("workflow", &workflow_id))?;
+        Ok(blocked
+            .into_iter()
+            .map(|b| BlockedTask {
+                id: b.id,
+                title: b.title,
+                state: b.state,
+                blocked_by: b.blocked_by,
+            })
+            .collect())
+    }
+
+    /// The delegations of a task, in order (the graph).
+    async fn delegation_chain(
+        &self,
+        ctx: &Context<'_>,
+        task_id: String,
+        at_least_position: Option<Position>,
+    ) -> async_graphql::Result<Vec<Delegation>> {
+        let who = caller(ctx, Role::Viewer)?;
+        consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
+        let chain = services(ctx)
+            .graph
+            .delegation_chain(&who.tenant, &task_id)
+            .await
+            .map_err(graph_error)?
+            .ok_or_else(|| not_found("task", &task_id))?;
+        Ok(chain
+            .into_iter()
+            .map(|d| Delegation {
+                from_agent_id: d.from,
+                to_agent_id: d.to,
+                position: Position(d.position),
+                at: d.at,
+            })
+            .collect())
+    }
+
+    /// An agent's tasks, collaborators, parent and children (the graph).
+    async fn agent_neighbourhood(
+        &self,
+        ctx: &Context<'_>,
+        id: String,
+        at_least_position: Option<Position>,
+    ) -> async_graphql::Result<Option<AgentNeighbourhood>> {
+        let who = caller(ctx, Role::Viewer)?;
+        consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
+        let n = services(ctx)
+            .graph
+            .agent_neighbourhood(&who.tenant, &id)
+            .await
+            .map_err(graph_error)?;
+        Ok(n.map(|n| AgentNeighbourhood {
+            id: n.id,
+            tasks: n
+                .tasks
+                .into_iter()
+                .map(|t| NeighbourTask {
+                    id: t.id,
+                    title: t.title,
+                    state: t.state,
+                    workflow_id: t.workflow,
+                    current: t.current,
+                })
+                .collect(),
+            collaborator_ids: n.collaborators,
+            parent_id: n.parent,
+            children_ids: n.children,
+        }))
+    }
+
+    /// Everything upstream of a task, nearest first (the graph).
+    async fn task_lineage(
+        &self,
+        ctx: &Context<'_>,
+        id: String,
+        at_least_position: Option<Position>,
+    ) -> async_graphql::Result<Vec<LineageTask>> {
+        let who = caller(ctx, Role::Viewer)?;
+        consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
+        let lineage = services(ctx)
+            .graph
+            .task_lineage(&who.tenant, &id)
+            .await
+            .map_err(graph_error)?
+            .ok_or_else(|| not_found("task", &id))?;
+        Ok(lineage
+            .into_iter()
+            .map(|t| LineageTask {
+                id: t.id,
+                title: t.title,
+                state: t.state,
+                depth: t.depth,
+            })
+            .collect())
+    }
+
+    /// Each projection's checkpoint, lag behind the log and state.
+    async fn projection_status(
+        &self,
+        ctx: &Context<'_>,
+    ) -> async_graphql::Result<Vec<ProjectionStatus>> {
+        caller(ctx, Role::Viewer)?;
+        let services = services(ctx);
+        let head = services
+            .store
+            .head()
+            .await
+            .map_err(|e| unavailable("the event store", e))?
+            .readable;
+        let live = services
+            .live
+            .read_checkpoint()
+            .await
+            .map_err(|e| unavailable("Redis", e))?;
+        let graph = services
+            .graph
+            .read_checkpoint()
+            .await
+            .map_err(|e| unavailable("the graph", e))?;
+        let mut out = Vec::new();
+        for (name, checkpoint) in [("redis", live), ("graph", graph)] {
+            let lag = services
+                .store
+                .count_after(checkpoint, LAG_CAP)
+                .await
+                .map_err(|e| unavailable("the event store", e))?;
+            let report = crate::health::projector_report(&services.live, name)
+                .await
+                .map_err(|e| unavailable("Redis", e))?;
+            out.push(ProjectionStatus {
+                name: name.to_owned(),
+                checkpoint: Position(checkpoint),
+                head: Position(head),
+                lag,
+                state: report.state,
+                last_error: report.last_error,
+            });
+        }
+        Ok(out)
+    }
+}

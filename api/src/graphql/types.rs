@@ -1,0 +1,279 @@
+//! GraphQL output types: entities read from Redis (built from their stored
+//! hashes), graph results, and events.
+
+use async_graphql::{Json, SimpleObject};
+use commands::RecordedEvent;
+use projections::Fields;
+
+use super::Position;
+
+fn text(fields: &Fields, name: &str) -> String {
+    fields.get(name).cloned().unwrap_or_default()
+}
+
+fn optional(fields: &Fields, name: &str) -> Option<String> {
+    fields.get(name).filter(|v| !v.is_empty()).cloned()
+}
+
+fn number(fields: &Fields, name: &str) -> i64 {
+    fields.get(name).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn list(fields: &Fields, name: &str) -> Vec<String> {
+    fields
+        .get(name)
+        .map(|v| {
+            v.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An agent (from the Redis read model).
+#[derive(Debug, Clone, SimpleObject)]
+pub struct Agent {
+    /// Agent id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// `llm`, `tool` or `human`.
+    pub kind: String,
+    /// Model name (LLM agents).
+    pub model: Option<String>,
+    /// Capabilities.
+    pub capabilities: Vec<String>,
+    /// The agent that spawned it.
+    pub parent_id: Option<String>,
+    /// `active`, `paused`, `failed` or `retired`.
+    pub status: String,
+    /// Why it is paused, failed or retired.
+    pub status_reason: Option<String>,
+    /// The task it holds (assigned or running).
+    pub current_task_id: Option<String>,
+    /// Tasks it completed.
+    pub tasks_completed: i64,
+    /// Tasks it failed.
+    pub tasks_failed: i64,
+    /// Position of the last event about it.
+    pub last_position: Position,
+    /// Time of the last event about it (epoch milliseconds).
+    pub last_event_at: i64,
+}
+
+impl Agent {
+    /// From its stored hash.
+    pub fn from_fields(id: &str, f: &Fields) -> Self {
+        Self {
+            id: id.to_owned(),
+            name: text(f, "name"),
+            kind: text(f, "kind"),
+            model: optional(f, "model"),
+            capabilities: list(f, "capabilities"),
+            parent_id: optional(f, "parent"),
+            status: text(f, "status"),
+            status_reason: optional(f, "status_reason"),
+            current_task_id: optional(f, "current_task"),
+            tasks_completed: number(f, "tasks_completed"),
+            tasks_failed: number(f, "tasks_failed"),
+            last_position: Position(number(f, "last_position")),
+            last_event_at: number(f, "last_event_at"),
+        }
+    }
+}
+
+/// A task (from the Redis read model).
+#[derive(Debug, Clone, SimpleObject)]
+pub struct Task {
+    /// Task id.
+    pub id: String,
+    /// Its workflow.
+    pub workflow_id: String,
+    /// Title.
+    pub title: String,
+    /// `pending`, `assigned`, `running`, `completed`, `failed` or `cancelled`.
+    pub state: String,
+    /// The agent holding it.
+    pub assignee_id: Option<String>,
+    /// Progress in percent.
+    pub progress: i64,
+    /// The last progress note.
+    pub progress_note: Option<String>,
+    /// Attempt number (1-based).
+    pub attempt: i64,
+    /// Attempts allowed.
+    pub max_attempts: i64,
+    /// Priority (higher first).
+    pub priority: i64,
+    /// Capabilities an assignee needs.
+    pub required_capabilities: Vec<String>,
+    /// Tasks it depends on.
+    pub depends_on: Vec<String>,
+    /// The last failure's message.
+    pub last_error: Option<String>,
+    /// Position of the last event about it.
+    pub last_position: Position,
+}
+
+impl Task {
+    /// From its stored hash.
+    pub fn from_fields(id: &str, f: &Fields) -> Self {
+        Self {
+            id: id.to_owned(),
+            workflow_id: text(f, "workflow"),
+            title: text(f, "title"),
+            state: text(f, "state"),
+            assignee_id: optional(f, "assignee"),
+            progress: number(f, "progress"),
+            progress_note: optional(f, "progress_note"),
+            attempt: number(f, "attempt"),
+            max_attempts: number(f, "max_attempts"),
+            priority: number(f, "priority"),
+            required_capabilities: list(f, "required_capabilities"),
+            depends_on: list(f, "depends_on"),
+            last_error: optional(f, "last_error"),
+            last_position: Position(number(f, "last_position")),
+        }
+    }
+}
+
+/// Task counts of a workflow by state.
+#[derive(Debug, Clone, SimpleObject)]
+pub struct WorkflowProgress {
+    /// All tasks.
+    pub total: i64,
+    /// Pending.
+    pub pending: i64,
+    /// Assigned.
+    pub assigned: i64,
+    /// Running.
+    pub running: i64,
+    /// Completed.
+    pub completed: i64,
+    /// Failed.
+    pub failed: i64,
+    /// Cancelled.
+    pub cancelled: i64,
+    /// Completed share of all tasks, 0–100.
+    pub percent_complete: f64,
+}
+
+/// A workflow (from the Redis read model).
+#[derive(Debug, Clone, SimpleObject)]
+pub struct Workflow {
+    /// Workflow id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// `running`, `completed`, `failed` or `cancelled`.
+    pub status: String,
+    /// Why it failed or was cancelled.
+    pub reason: Option<String>,
+    /// Task counts.
+    pub progress: WorkflowProgress,
+    /// Position of the last event about it.
+    pub last_position: Position,
+}
+
+impl Workflow {
+    /// From its stored hash.
+    pub fn from_fields(id: &str, f: &Fields) -> Self {
+        let total = number(f, "tasks_total");
+        let completed = number(f, "tasks_completed");
+        Self {
+            id: id.to_owned(),
+            name: text(f, "name"),
+            status: text(f, "status"),
+            reason: optional(f, "reason"),
+            progress: WorkflowProgress {
+                total,
+                pending: number(f, "tasks_pending"),
+                assigned: number(f, "tasks_assigned"),
+                running: number(f, "tasks_running"),
+                completed,
+                failed: number(f, "tasks_failed"),
+                cancelled: number(f, "tasks_cancelled"),
+                percent_complete: if total > 0 {
+                    completed as f64 * 100.0 / total as f64
+                } else {
+                    0.0
+                },
+            },
+            last_position: Position(number(f, "last_position")),
+        }
+    }
+}
+
+/// Metadata of a stored event.
+#[derive(Debug, Clone, SimpleObject)]
+pub struct EventMetadata {
+    /// The event's id.
+    pub event_id: String,
+    /// The command that produced it (the idempotency key).
+    pub command_id: String,
+    /// The command's type.
+    pub command_type: String,
+    /// Correlation id: follows one intent across aggregates.
+    pub correlation_id: String,
+    /// Causation id.
+    pub causation_id: String,
+    /// Who issued the command.
+    pub actor: String,
+    /// When the command was decided (RFC 3339).
+    pub occurred_at: String,
+    /// When the store recorded it (RFC 3339).
+    pub recorded_at: String,
+    /// W3C traceparent of the command.
+    pub traceparent: Option<String>,
+}
+
+/// A stored event.
+#[derive(Debug, Clone, SimpleObject)]
+pub struct Event {
+    /// Global position.
+    pub position: Position,
+    /// Stream id (`agent-…`, `task-…`, `workflow-…`).
+    pub stream_id: String,
+    /// Version within the stream (1-based).
+    pub version: i64,
+    /// Type name, e.g. `TaskAssigned`.
+    #[graphql(name = "type")]
+    pub event_type: String,
+    /// Schema version of the payload as stored.
+    pub schema_version: i32,
+    /// Payload.
+    pub data: Json<serde_json::Value>,
+    /// Metadata.
+    pub metadata: EventMetadata,
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+impl From<&RecordedEvent> for Event {
+    fn from(e: &RecordedEvent) -> Self {
+        let m = &e.metadata;
+        Self {
+            position: Position(e.position),
+            stream_id: e.stream_id.clone(),
+            version: e.stream_version,
+            event_type: e.event_type.clone(),
+            schema_version: e.schema_version,
+            data: Json(e.data.clone()),
+            metadata: EventMetadata {
+                event_id: m.event_id.to_string(),
+                command_id: m.command_id.to_string(),
+                command_type: m.command_type.clone(),
+                correlation_id: m.correlation_id.to_string(),
+                causation_id: m.causation_id.to_string(),
+                actor: m.actor.clone(),
+                occurred_at: rfc3339(m.occurred_at),
+                recorded_at: rfc3339(e.recorded_at),
+                traceparent: m.traceparent.clone(),
+            },
+        }
+    }
+}

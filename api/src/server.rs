@@ -1,0 +1,594 @@
+//! The HTTP server: GraphQL over HTTP (`POST`/`GET /graphql`), GraphQL
+//! over WebSocket (`/graphql/ws`: `graphql-transport-ws` and the legacy
+//! `graphql-ws`), GraphiQL at `/`, `/healthz`, `/readyz` and `/metrics`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_graphql::http::{GraphiQLSource, WebSocketProtocols, WsMessage};
+use async_graphql::{BatchRequest, BatchResponse, Data};
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures::{SinkExt as _, StreamExt as _};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::auth::{AuthError, Authenticator, Principal};
+use crate::graphql::{ApiSchema, RequestMeta, Services};
+
+/// Settings of the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest request body, bytes.
+    pub body_limit: usize,
+    /// Largest WebSocket message, bytes.
+    pub ws_message_limit: usize,
+    /// How long a WebSocket client has to send `connection_init`.
+    pub ws_init_timeout: Duration,
+    /// Origins allowed by CORS (`*` for any; empty: no CORS headers).
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            body_limit: 256 * 1024,
+            ws_message_limit: 64 * 1024,
+            ws_init_timeout: Duration::from_secs(10),
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+/// What the handlers share.
+pub struct AppState {
+    /// The schema.
+    pub schema: ApiSchema,
+    /// Token verification.
+    pub auth: Authenticator,
+    /// The services (for readiness).
+    pub services: Services,
+    /// NATS (for readiness).
+    pub nats: async_nats::Client,
+    /// HTTP settings.
+    pub config: ServerConfig,
+}
+
+/// The router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let config = state.config.clone();
+    let mut router = Router::new()
+        .route("/", get(graphiql))
+        .route("/graphql", get(graphql_get).post(graphql_post))
+        .route("/graphql/ws", get(websocket))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(config.body_limit))
+        .with_state(state);
+    if !config.cors_origins.is_empty() {
+        let origins = if config.cors_origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(
+                config
+                    .cors_origins
+                    .iter()
+                    .filter_map(|o| HeaderValue::from_str(o).ok()),
+            )
+        };
+        router = router.layer(
+            CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+                .allow_headers([
+                    header::AUTHORIZATION,
+                    header::CONTENT_TYPE,
+                    header::ACCEPT,
+                    header::HeaderName::from_static("x-min-position"),
+                    header::HeaderName::from_static("traceparent"),
+                ])
+                .max_age(Duration::from_secs(600)),
+        );
+    }
+    router
+}
+
+const GRAPHQL_RESPONSE: &str = "application/graphql-response+json";
+
+/// An error response outside GraphQL execution, in GraphQL's error shape.
+fn request_error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Response {
+    crate::metrics::graphql_errors([code]);
+    let body = serde_json::json!({
+        "errors": [{ "message": message.to_string(), "extensions": { "code": code } }]
+    });
+    let mut response = (status, body.to_string()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
+}
+
+fn auth_error(e: &AuthError) -> Response {
+    request_error(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", e)
+}
+
+/// The request's data: the principal and `X-Min-Position`/`traceparent`.
+fn request_data(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(Principal, RequestMeta), Box<Response>> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().map_err(|_| AuthError::Malformed))
+        .transpose()
+        .map_err(|e| Box::new(auth_error(&e)))?;
+    let principal = state
+        .auth
+        .verify_header(authorization)
+        .map_err(|e| Box::new(auth_error(&e)))?;
+    let min_position = match headers.get("x-min-position") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .filter(|p| *p >= 0)
+                .ok_or_else(|| {
+                    Box::new(request_error(
+                        StatusCode::BAD_REQUEST,
+                        "BAD_REQUEST",
+                        "X-Min-Position must be a non-negative integer position",
+                    ))
+                })?,
+        ),
+    };
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    Ok((
+        principal,
+        RequestMeta {
+            min_position,
+            traceparent,
+        },
+    ))
+}
+
+fn wants_graphql_response(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains(GRAPHQL_RESPONSE))
+}
+
+async fn execute(
+    state: &AppState,
+    headers: &HeaderMap,
+    request: BatchRequest,
+    route: &'static str,
+    started: Instant,
+) -> Response {
+    let (principal, meta) = match request_data(state, headers) {
+        Ok(data) => data,
+        Err(response) => {
+            crate::metrics::http(route, response.status().as_u16(), started.elapsed());
+            return *response;
+        }
+    };
+    let request = request.data(principal).data(meta);
+    let response = state.schema.execute_batch(request).await;
+    let codes: Vec<String> = match &response {
+        BatchResponse::Single(r) => error_codes(r),
+        BatchResponse::Batch(rs) => rs.iter().flat_map(error_codes).collect(),
+    };
+    crate::metrics::graphql_errors(codes.iter().map(String::as_str));
+    let graphql_response = wants_graphql_response(headers);
+    // With application/graphql-response+json, a request that did not
+    // execute (parse or validation errors: no data) is a 400.
+    let request_failed = match &response {
+        BatchResponse::Single(r) => r.data == async_graphql::Value::Null && r.is_err(),
+        BatchResponse::Batch(_) => false,
+    };
+    let status = if graphql_response && request_failed {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::OK
+    };
+    let body = match serde_json::to_string(&response) {
+        Ok(body) => body,
+        Err(e) => {
+            return request_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "INTERNAL",
+                format!("the response could not be encoded: {e}"),
+            )
+        }
+    };
+    let mut http = (status, body).into_response();
+    http.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(if graphql_response {
+            GRAPHQL_RESPONSE
+        } else {
+            "application/json"
+        }),
+    );
+    crate::metrics::http(route, status.as_u16(), started.elapsed());
+    http
+}
+
+fn error_codes(response: &async_graphql::Response) -> Vec<String> {
+    response
+        .errors
+        .iter()
+        .map(|e| {
+            e.extensions
+                .as_ref()
+                .and_then(|x| x.get("code"))
+                .and_then(|v| match v {
+                    async_graphql::Value::String(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| "GRAPHQL_VALIDATION_FAILED".to_owned())
+        })
+        .collect()
+}
+
+async fn graphql_post(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type.starts_with("application/json")
+        && !content_type.starts_with("application/graphql-response+json")
+    {
+        crate::metrics::http("graphql", 415, started.elapsed());
+        return request_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "BAD_REQUEST",
+            format!("send the request as application/json, not {content_type:?}"),
+        );
+    }
+    let request: BatchRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            crate::metrics::http("graphql", 400, started.elapsed());
+            return request_error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                format!("the body is not a GraphQL request (JSON with a \"query\" string): {e}"),
+            );
+        }
+    };
+    execute(&state, &headers, request, "graphql", started).await
+}
+
+async fn graphql_get(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let started = Instant::now();
+    let request = match async_graphql::http::parse_query_string(query.as_deref().unwrap_or("")) {
+        Ok(request) => request,
+        Err(e) => {
+            crate::metrics::http("graphql", 400, started.elapsed());
+            return request_error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                format!("the query string is not a GraphQL request (?query=…&variables=…): {e}"),
+            );
+        }
+    };
+    // GET never changes anything (GraphQL over HTTP): mutations need POST.
+    if let Ok(document) = async_graphql::parser::parse_query(&request.query) {
+        let mutation = document.operations.iter().any(|(name, op)| {
+            let selected = match (&request.operation_name, name) {
+                (Some(wanted), Some(name)) => wanted.as_str() == name.as_str(),
+                (None, _) => true,
+                (Some(_), None) => false,
+            };
+            selected && op.node.ty == async_graphql::parser::types::OperationType::Mutation
+        });
+        if mutation {
+            crate::metrics::http("graphql", 405, started.elapsed());
+            let mut response = request_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "BAD_REQUEST",
+                "mutations are not allowed over GET; use POST",
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return response;
+        }
+    }
+    execute(
+        &state,
+        &headers,
+        BatchRequest::Single(request),
+        "graphql",
+        started,
+    )
+    .await
+}
+
+async fn graphiql() -> Html<String> {
+    Html(
+        GraphiQLSource::build()
+            .endpoint("/graphql")
+            .subscription_endpoint("/graphql/ws")
+            .title("Neurectomy GraphQL")
+            .finish(),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    // Projection lag is computed at scrape time.
+    let services = &state.services;
+    if let Ok(head) = services.store.head().await {
+        if let Ok(checkpoint) = services.live.read_checkpoint().await {
+            let lag = services
+                .store
+                .count_after(checkpoint, 10_000_000)
+                .await
+                .unwrap_or(-1);
+            crate::metrics::projection("redis", checkpoint, lag);
+        }
+        if let Ok(checkpoint) = services.graph.read_checkpoint().await {
+            let lag = services
+                .store
+                .count_after(checkpoint, 10_000_000)
+                .await
+                .unwrap_or(-1);
+            crate::metrics::projection("graph", checkpoint, lag);
+        }
+        let _ = head;
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let services = &state.services;
+    let timeout = Duration::from_secs(2);
+    let check = |r: Result<Result<(), String>, tokio::time::error::Elapsed>| match r {
+        Ok(Ok(())) => "ok".to_owned(),
+        Ok(Err(e)) => e,
+        Err(_) => format!("no answer within {} s", timeout.as_secs()),
+    };
+    let postgres = check(
+        tokio::time::timeout(timeout, async {
+            services
+                .store
+                .head()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await,
+    );
+    let nats = match state.nats.connection_state() {
+        async_nats::connection::State::Connected => "ok".to_owned(),
+        other => format!("{other:?}"),
+    };
+    let redis = check(
+        tokio::time::timeout(timeout, async {
+            services
+                .live
+                .read_checkpoint()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await,
+    );
+    let graph = check(
+        tokio::time::timeout(timeout, async {
+            services
+                .graph
+                .read_checkpoint()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await,
+    );
+    let mut projections = serde_json::Map::new();
+    let mut stopped = false;
+    for name in ["redis", "graph"] {
+        let state = match crate::health::projector_report(&services.live, name).await {
+            Ok(report) => {
+                stopped |= report.state == "stopped";
+                report.state
+            }
+            Err(e) => e.to_string(),
+        };
+        projections.insert(name.to_owned(), serde_json::Value::String(state));
+    }
+    let ready = [&postgres, &nats, &redis, &graph]
+        .iter()
+        .all(|s| *s == "ok")
+        && !stopped;
+    let body = serde_json::json!({
+        "ready": ready,
+        "postgres": postgres,
+        "nats": nats,
+        "redis": redis,
+        "graph": graph,
+        "projections": projections,
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn websocket(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let protocol = headers
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|protocols| {
+            protocols
+                .split(',')
+                .find_map(|p| p.trim().parse::<WebSocketProtocols>().ok())
+        });
+    let Some(protocol) = protocol else {
+        return request_error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            "request the `graphql-transport-ws` (or legacy `graphql-ws`) subprotocol",
+        );
+    };
+    let limit = state.config.ws_message_limit;
+    upgrade
+        .protocols(["graphql-transport-ws", "graphql-ws"])
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| serve_websocket(state, socket, protocol))
+}
+
+/// The token in a `connection_init` payload: `authorization` (or
+/// `Authorization`) as `Bearer <token>`, or `token`.
+fn payload_token(payload: &serde_json::Value) -> Option<String> {
+    ["authorization", "Authorization"]
+        .iter()
+        .find_map(|k| payload.get(k).and_then(|v| v.as_str()).map(str::to_owned))
+        .or_else(|| {
+            payload
+                .get("token")
+                .and_then(|v| v.as_str())
+                .map(|t| format!("Bearer {t}"))
+        })
+}
+
+async fn serve_websocket(state: Arc<AppState>, socket: WebSocket, protocol: WebSocketProtocols) {
+    crate::metrics::websocket(1.0);
+    let (mut sink, mut source) = socket.split();
+    let (to_graphql, from_client) = futures::channel::mpsc::channel::<Vec<u8>>(16);
+    let initialised = Arc::new(AtomicBool::new(false));
+
+    let auth = state.auth.clone();
+    let graphql = async_graphql::http::WebSocket::new(state.schema.clone(), from_client, protocol)
+        .on_connection_init(move |payload| {
+            let verified = payload_token(&payload)
+                .ok_or(AuthError::Missing)
+                .and_then(|t| auth.verify_header(Some(&t)));
+            async move {
+                let principal = verified.map_err(|e| async_graphql::Error::new(e.to_string()))?;
+                let mut data = Data::default();
+                data.insert(principal);
+                Ok(data)
+            }
+        })
+        .keepalive_timeout(Duration::from_secs(60));
+    futures::pin_mut!(graphql);
+
+    let init_deadline = tokio::time::sleep(state.config.ws_init_timeout);
+    futures::pin_mut!(init_deadline);
+    let mut to_graphql = to_graphql;
+    let close = |code: u16, reason: String| {
+        Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }))
+    };
+    loop {
+        tokio::select! {
+            incoming = source.next() => {
+                let data = match incoming {
+                    Some(Ok(Message::Text(text))) => text.as_str().as_bytes().to_vec(),
+                    Some(Ok(Message::Binary(bytes))) => bytes.to_vec(),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(_))) | None => break,
+                    Some(Err(error)) => {
+                        // Oversized messages and broken frames end up here.
+                        tracing::debug!(%error, "websocket receive failed");
+                        let _ = sink.send(close(1009, format!("message refused: {error}"))).await;
+                        break;
+                    }
+                };
+                if !initialised.load(Ordering::Relaxed) {
+                    // Authenticate `connection_init` here, so that a bad
+                    // token closes with 4403 (graphql-transport-ws).
+                    let message: Option<serde_json::Value> = serde_json::from_slice(&data).ok();
+                    if message.as_ref().and_then(|m| m.get("type")).and_then(|t| t.as_str()) == Some("connection_init") {
+                        let payload = message
+                            .as_ref()
+                            .and_then(|m| m.get("payload"))
+                            .cloned()
+                            .unwrap_or_default();
+                        let verified = payload_token(&payload)
+                            .ok_or(AuthError::Missing)
+                            .and_then(|t| state.auth.verify_header(Some(&t)));
+                        if let Err(e) = verified {
+                            let _ = sink.send(close(4403, format!("Forbidden: {e}"))).await;
+                            break;
+                        }
+                        initialised.store(true, Ordering::Relaxed);
+                    }
+                }
+                if to_graphql.send(data).await.is_err() {
+                    break;
+                }
+            }
+            outgoing = graphql.next() => match outgoing {
+                Some(WsMessage::Text(text)) => {
+                    if sink.send(Message::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                }
+                Some(WsMessage::Close(code, reason)) => {
+                    let _ = sink.send(close(code, reason)).await;
+                    break;
+                }
+                None => break,
+            },
+            () = &mut init_deadline, if !initialised.load(Ordering::Relaxed) => {
+                let _ = sink
+                    .send(close(4408, "Connection initialisation timeout".to_owned()))
+                    .await;
+                break;
+            }
+        }
+    }
+    let _ = sink.close().await;
+    crate::metrics::websocket(-1.0);
+}

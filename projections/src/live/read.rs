@@ -1,0 +1,157 @@
+//! Reads of the Redis read model, for the API: single entities, id lists
+//! from the indexes, and pages of entities, each scoped by tenant (an
+//! entity of another tenant reads as absent).
+
+use std::collections::HashMap;
+
+use domain::TaskStatus;
+
+use super::LiveModel;
+
+/// A hash as stored: field → value.
+pub type Fields = HashMap<String, String>;
+
+/// Agent statuses, as stored in the index keys.
+const AGENT_STATUSES: [&str; 4] = ["active", "paused", "failed", "retired"];
+
+/// Which entity a hash holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entity {
+    /// `agent:<id>`.
+    Agent,
+    /// `task:<id>`.
+    Task,
+    /// `workflow:<id>`.
+    Workflow,
+}
+
+impl Entity {
+    fn prefix(self) -> &'static str {
+        match self {
+            Entity::Agent => "agent",
+            Entity::Task => "task",
+            Entity::Workflow => "workflow",
+        }
+    }
+}
+
+impl LiveModel {
+    /// The hash of one entity, if it exists and belongs to `tenant`.
+    pub async fn entity(
+        &self,
+        entity: Entity,
+        tenant: &str,
+        id: &str,
+    ) -> Result<Option<Fields>, redis::RedisError> {
+        let mut conn = self.connection();
+        let fields: Fields = redis::cmd("HGETALL")
+            .arg(self.key(&format!("{}:{id}", entity.prefix())))
+            .query_async(&mut conn)
+            .await?;
+        Ok(Some(fields).filter(|f| f.get("tenant").is_some_and(|t| t == tenant)))
+    }
+
+    /// The hashes of `ids` in order (absent or another tenant's: `None`),
+    /// in one round trip.
+    pub async fn entities(
+        &self,
+        entity: Entity,
+        tenant: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<Fields>>, redis::RedisError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HGETALL")
+                .arg(self.key(&format!("{}:{id}", entity.prefix())));
+        }
+        let mut conn = self.connection();
+        let rows: Vec<Fields> = pipe.query_async(&mut conn).await?;
+        Ok(rows
+            .into_iter()
+            .map(|f| Some(f).filter(|f| f.get("tenant").is_some_and(|t| t == tenant)))
+            .collect())
+    }
+
+    /// Ids of the tenant's agents with `status` and `capability` (either
+    /// optional), sorted.
+    pub async fn agent_ids(
+        &self,
+        tenant: &str,
+        status: Option<&str>,
+        capability: Option<&str>,
+    ) -> Result<Vec<String>, redis::RedisError> {
+        let mut conn = self.connection();
+        let by_status = |s: &str| self.key(&format!("agents:{tenant}:status:{s}"));
+        let mut ids: Vec<String> = match (status, capability) {
+            (Some(status), Some(cap)) => {
+                redis::cmd("SINTER")
+                    .arg(by_status(status))
+                    .arg(self.key(&format!("agents:{tenant}:capability:{cap}")))
+                    .query_async(&mut conn)
+                    .await?
+            }
+            (Some(status), None) => {
+                redis::cmd("SMEMBERS")
+                    .arg(by_status(status))
+                    .query_async(&mut conn)
+                    .await?
+            }
+            (None, Some(cap)) => {
+                redis::cmd("SMEMBERS")
+                    .arg(self.key(&format!("agents:{tenant}:capability:{cap}")))
+                    .query_async(&mut conn)
+                    .await?
+            }
+            (None, None) => {
+                let keys: Vec<String> = AGENT_STATUSES.iter().map(|s| by_status(s)).collect();
+                redis::cmd("SUNION")
+                    .arg(keys)
+                    .query_async(&mut conn)
+                    .await?
+            }
+        };
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Ids of a workflow's tasks in `state` (or in any state), sorted.
+    pub async fn task_ids(
+        &self,
+        workflow: &str,
+        state: Option<&str>,
+    ) -> Result<Vec<String>, redis::RedisError> {
+        let mut conn = self.connection();
+        let key = |s: &str| self.key(&format!("workflow:{workflow}:tasks:{s}"));
+        let mut ids: Vec<String> = match state {
+            Some(state) => {
+                redis::cmd("SMEMBERS")
+                    .arg(key(state))
+                    .query_async(&mut conn)
+                    .await?
+            }
+            None => {
+                let keys: Vec<String> = TaskStatus::ALL.iter().map(|s| key(s.as_str())).collect();
+                redis::cmd("SUNION")
+                    .arg(keys)
+                    .query_async(&mut conn)
+                    .await?
+            }
+        };
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// The checkpoint readers see (the active generation's), without
+    /// resolving the generation again.
+    pub async fn read_checkpoint(&self) -> Result<i64, redis::RedisError> {
+        let mut conn = self.connection();
+        let value: Option<i64> = redis::cmd("GET")
+            .arg(self.key("checkpoint"))
+            .query_async(&mut conn)
+            .await?;
+        Ok(value.unwrap_or(0))
+    }
+}
