@@ -279,6 +279,18 @@ async fn graphql_post(
             );
         }
     };
+    let empty = match &request {
+        BatchRequest::Single(r) => r.query.trim().is_empty(),
+        BatchRequest::Batch(rs) => rs.is_empty() || rs.iter().any(|r| r.query.trim().is_empty()),
+    };
+    if empty {
+        crate::metrics::http("graphql", 400, started.elapsed());
+        return request_error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            "the request has no \"query\"",
+        );
+    }
     execute(&state, &headers, request, "graphql", started).await
 }
 
@@ -545,10 +557,17 @@ async fn serve_websocket(state: Arc<AppState>, socket: WebSocket, protocol: WebS
                         break;
                     }
                 };
+                let message: Option<serde_json::Value> = serde_json::from_slice(&data).ok();
+                if message.as_ref().and_then(|m| m.get("type")).and_then(|t| t.as_str()).is_none() {
+                    // Not a protocol message: 4400 (graphql-transport-ws).
+                    let _ = sink
+                        .send(close(4400, "Invalid message received: not a JSON object with a \"type\"".to_owned()))
+                        .await;
+                    break;
+                }
                 if !initialised.load(Ordering::Relaxed) {
                     // Authenticate `connection_init` here, so that a bad
                     // token closes with 4403 (graphql-transport-ws).
-                    let message: Option<serde_json::Value> = serde_json::from_slice(&data).ok();
                     if message.as_ref().and_then(|m| m.get("type")).and_then(|t| t.as_str()) == Some("connection_init") {
                         let payload = message
                             .as_ref()

@@ -224,3 +224,189 @@ pub mod pipeline {
         }
     }
 }
+
+pub mod api {
+    //! The GraphQL API running in-process on a real port for one test, on
+    //! the test's own database, JetStream stream, Redis prefix and graph
+    //! database, with both projectors running.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use api::auth::{Authenticator, Role};
+    use api::graphql::{ApiLimits, Services};
+    use api::server::{AppState, ServerConfig};
+    use commands::{CommandHandler, HandlerConfig};
+    use projections::graph_testkit::TestGraph;
+    use projections::testkit::TestRedis;
+    use projections::GraphModel;
+    use serde_json::{json, Value};
+    use tokio::task::JoinHandle;
+
+    use crate::pipeline::{Pipeline, Running};
+
+    /// The HS256 secret of test tokens.
+    pub const SECRET: &str = "test-secret-test-secret-test-secret!";
+
+    /// Pipeline, read models, projectors and the API server.
+    pub struct TestApi {
+        /// Store, relay and stream.
+        pub pipe: Pipeline,
+        /// The Redis read model (its own prefix).
+        pub redis: TestRedis,
+        /// The graph read model (its own database).
+        pub graph: TestGraph,
+        /// Where the API listens.
+        pub addr: SocketAddr,
+        /// Mints tokens for the tests.
+        pub auth: Authenticator,
+        /// HTTP client.
+        pub http: reqwest::Client,
+        projectors: Vec<Running>,
+        server: JoinHandle<std::io::Result<()>>,
+    }
+
+    impl std::ops::Deref for TestApi {
+        type Target = Pipeline;
+        fn deref(&self) -> &Pipeline {
+            &self.pipe
+        }
+    }
+
+    impl TestApi {
+        /// Everything with default limits.
+        pub async fn start() -> Self {
+            Self::start_with(ApiLimits::default(), ServerConfig::default()).await
+        }
+
+        /// Everything with the given limits.
+        pub async fn start_with(limits: ApiLimits, config: ServerConfig) -> Self {
+            api::metrics::install();
+            let pipe = Pipeline::start().await;
+            let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
+            let graph = TestGraph::create().await.unwrap_or_else(|e| panic!("{e}"));
+            let graph_projector = GraphModel::connect(graph.model.config().clone())
+                .await
+                .unwrap();
+            let projectors = vec![
+                pipe.spawn(&pipe.projector(redis.model.clone())),
+                pipe.spawn(&pipe.projector(graph_projector)),
+            ];
+            let auth = Authenticator::new(Some(SECRET), None).unwrap();
+            let feed = api::graphql::subscriptions::Feed::start(
+                pipe.store.clone(),
+                redis.model.clone(),
+                limits.subscriber_buffer,
+                pipe.stop.clone(),
+            );
+            let services = Services {
+                store: pipe.store.clone(),
+                handler: CommandHandler::new(pipe.store.clone(), HandlerConfig::default()),
+                live: redis.model.clone(),
+                graph: graph.model.clone(),
+                feed,
+                limits,
+            };
+            let state = Arc::new(AppState {
+                schema: api::graphql::schema(services.clone()),
+                auth: auth.clone(),
+                services,
+                nats: pipe.nats.client.clone(),
+                config,
+            });
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let stop = pipe.stop.clone();
+            let server = tokio::spawn(async move {
+                axum::serve(listener, api::server::router(state))
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+            });
+            Self {
+                pipe,
+                redis,
+                graph,
+                addr,
+                auth,
+                http: reqwest::Client::new(),
+                projectors,
+                server,
+            }
+        }
+
+        /// A token for `tenant` with `roles`.
+        pub fn token(&self, tenant: &str, roles: &[Role]) -> String {
+            self.auth.mint("tester", tenant, roles, 600).unwrap()
+        }
+
+        /// `http://addr/path`.
+        pub fn url(&self, path: &str) -> String {
+            format!("http://{}{path}", self.addr)
+        }
+
+        /// POSTs a GraphQL request; returns the status and the JSON body.
+        pub async fn graphql(
+            &self,
+            token: Option<&str>,
+            query: &str,
+            variables: Value,
+        ) -> (u16, Value) {
+            let mut request = self
+                .http
+                .post(self.url("/graphql"))
+                .json(&json!({ "query": query, "variables": variables }));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let body = response.json().await.unwrap_or(Value::Null);
+            (status, body)
+        }
+
+        /// Runs `query` and returns `data`, failing on any error.
+        pub async fn data(&self, token: &str, query: &str, variables: Value) -> Value {
+            let (status, body) = self.graphql(Some(token), query, variables).await;
+            assert_eq!(status, 200, "{body}");
+            assert!(body.get("errors").is_none(), "unexpected errors: {body}");
+            body["data"].clone()
+        }
+
+        /// Runs `query` and returns its first error's code and message.
+        pub async fn error(
+            &self,
+            token: Option<&str>,
+            query: &str,
+            variables: Value,
+        ) -> (String, String) {
+            let (_, body) = self.graphql(token, query, variables).await;
+            let error = &body["errors"][0];
+            assert!(!error.is_null(), "expected an error: {body}");
+            (
+                error["extensions"]["code"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned(),
+                error["message"].as_str().unwrap_or("").to_owned(),
+            )
+        }
+
+        /// Waits until both read models have applied the log's head.
+        pub async fn caught_up(&self) -> i64 {
+            let head = self.pipe.caught_up(&self.redis.model).await;
+            self.pipe.caught_up(&self.graph.model).await.max(head)
+        }
+
+        /// Stops projectors and the server, then the pipeline.
+        pub async fn shutdown(self) {
+            self.pipe.stop.cancel();
+            for (stop, task) in self.projectors {
+                stop.cancel();
+                let _ = task.await;
+            }
+            let _ = self.server.await;
+            self.pipe.shutdown().await;
+        }
+    }
+}

@@ -50,7 +50,7 @@ pub struct Agent {
     pub status: String,
     /// Why it is paused, failed or retired.
     pub status_reason: Option<String>,
-    /// The task it holds (assigned or running).
+    /// The task it is running.
     pub current_task_id: Option<String>,
     /// Tasks it completed.
     pub tasks_completed: i64,
