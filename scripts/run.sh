@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: services up, release build, database
-# created and migrated, then `neurectomy all` (relay) in the background and
-# `neurectomy simulate` in the foreground so you watch events flow; at the end
-# `neurectomy status` shows the relay's and the Redis projection's positions.
-# Ctrl-C stops both. Extra arguments go to `neurectomy simulate`
-# (e.g. --duration 30 --rate 500).
+# created and migrated, then `neurectomy all --simulate` (API, relay,
+# projectors and a gentle simulated workload in one process). When the API
+# is ready it prints a token, a sample query and the GraphiQL address, and
+# keeps serving until Ctrl-C. Extra arguments go to `neurectomy all`
+# (e.g. --rate 200 --duration 60 for the simulator).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/neurectomy/target}"
 export NEURECTOMY_DATABASE_URL="${NEURECTOMY_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/neurectomy}"
 export NEURECTOMY_NATS_URL="${NEURECTOMY_NATS_URL:-nats://127.0.0.1:4222}"
+export NEURECTOMY_API_LISTEN="${NEURECTOMY_API_LISTEN:-127.0.0.1:8080}"
+export NEURECTOMY_SIM_RATE="${NEURECTOMY_SIM_RATE:-20}"
+export NEURECTOMY_SIM_TENANT="${NEURECTOMY_SIM_TENANT:-demo}"
 
 scripts/services.sh up
 scripts/graph.sh up
@@ -18,14 +21,53 @@ echo "[run] building neurectomy (release)…" >&2
 cargo build --release --locked -p neurectomy-api
 bin="$CARGO_TARGET_DIR/release/neurectomy"
 
-"$bin" migrate
 mkdir -p .run
-"$bin" all > .run/all.log 2>&1 &
+# A development signing secret, made once per checkout (production sets
+# NEURECTOMY_JWT_SECRET or NEURECTOMY_JWT_PUBLIC_KEY itself).
+if [ -z "${NEURECTOMY_JWT_SECRET:-}" ]; then
+  if [ ! -s .run/jwt-secret ]; then
+    (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > .run/jwt-secret)
+  fi
+  NEURECTOMY_JWT_SECRET="$(cat .run/jwt-secret)"
+  export NEURECTOMY_JWT_SECRET
+fi
+
+"$bin" migrate
+"$bin" all --simulate "$@" > .run/all.log 2>&1 &
 all_pid=$!
-trap 'kill -TERM "$all_pid" 2>/dev/null || true; wait "$all_pid" 2>/dev/null || true; echo "[run] stopped; relay log in .run/all.log" >&2' EXIT
-echo "[run] neurectomy all is running (pid $all_pid, log .run/all.log); starting the simulator — Ctrl-C to stop" >&2
-"$bin" simulate "$@" || true
-# Give the relay and the projector a moment to catch up, then show where
-# everything stands: the log's head, the relay (JetStream) and Redis.
-sleep 2
-"$bin" status || true
+trap 'kill -TERM "$all_pid" 2>/dev/null || true; wait "$all_pid" 2>/dev/null || true; echo "[run] stopped; log in .run/all.log" >&2' EXIT
+
+base="http://$NEURECTOMY_API_LISTEN"
+for _ in $(seq 1 120); do
+  if curl -fsS "$base/readyz" > /dev/null 2>&1; then break; fi
+  if ! kill -0 "$all_pid" 2>/dev/null; then
+    echo "[run] neurectomy all exited; the end of .run/all.log:" >&2
+    tail -n 20 .run/all.log >&2
+    exit 1
+  fi
+  sleep 0.5
+done
+curl -fsS "$base/readyz" > /dev/null || { echo "[run] the API did not become ready; see .run/all.log" >&2; exit 1; }
+
+token="$("$bin" token --tenant "$NEURECTOMY_SIM_TENANT" --role operator,auditor)"
+echo "$token" > .run/token
+cat <<MSG
+
+[run] Neurectomy is serving (API, relay, projectors and a simulator at $NEURECTOMY_SIM_RATE commands/s; log .run/all.log).
+
+  GraphiQL:      $base/   (add the header  {"Authorization": "Bearer <token>"})
+  GraphQL:       $base/graphql      WebSocket: ws://$NEURECTOMY_API_LISTEN/graphql/ws
+  Token (tenant $NEURECTOMY_SIM_TENANT, operator + auditor; also in .run/token):
+
+$token
+
+  Try:
+  curl -s $base/graphql -H "Authorization: Bearer \$(cat .run/token)" -H 'Content-Type: application/json' \\
+       -d '{"query":"{ agents(first: 3) { edges { node { id name status capabilities } } } projectionStatus { name lag } }"}'
+
+MSG
+curl -s "$base/graphql" -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
+  -d '{"query":"{ agents(first: 3) { edges { node { id name status capabilities } } } projectionStatus { name lag } }"}'
+echo
+echo "[run] Ctrl-C stops everything." >&2
+wait "$all_pid"
