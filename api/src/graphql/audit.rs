@@ -1,15 +1,315 @@
-//! Audit queries on the event store (history, time travel, the event log).
+//! Audit queries on the event store, the source of truth (not the read
+//! models): a stream's history with full metadata, an aggregate's state at
+//! a version or a point in time rebuilt by replaying its events, and the
+//! tenant's global event log, filtered by type or correlation id.
+//!
+//! Contracts:
+//! - Every query needs the `auditor` role (`FORBIDDEN` otherwise) and reads
+//!   only the caller's tenant: the store filters by tenant in SQL, so another
+//!   tenant's stream is `NOT_FOUND` and its events never appear in a log.
+//! - `eventLog` is gap-safe (the horizon of the store's `read_all`): paging
+//!   with `after: next` never skips an event and never repeats one, even
+//!   while appends commit out of position order.
+//! - `agentAt`, `taskAt` and `workflowAt` fold events with the domain's
+//!   `evolve` from version 1 and ignore snapshots: what they show is derived
+//!   from the stored events alone.
+//! - Malformed input is `VALIDATION` with what to send instead; an
+//!   unreachable store is `UNAVAILABLE`; stored history that does not decode
+//!   is `INTERNAL` (logged here, once).
 
-use async_graphql::Object;
+mod replay;
+mod types;
 
-/// Audit queries.
+use async_graphql::{Context, Json, Object, ID};
+use commands::ReadError;
+use domain::event::EVENT_TYPES;
+use domain::{AgentState, StreamId, TaskState, WorkflowState};
+use uuid::Uuid;
+
+use self::replay::{folded_to_nothing, rebuild, state_json, Rebuilt};
+pub use self::types::{
+    AgentAt, EventLogPage, Replayed, StreamHistory, TaskAt, WorkflowAt, WorkflowStatus,
+};
+use super::reads::{AgentStatus, TaskState as TaskStatus};
+use super::types::Event;
+use super::{caller, error, services, unavailable, Position};
+use crate::auth::Role;
+
+/// Page size of `streamHistory` and `eventLog` when `first` is not given.
+const DEFAULT_PAGE: usize = 50;
+
+/// `VALIDATION`: the input is malformed; `message` says what to send.
+fn validation(message: impl std::fmt::Display) -> async_graphql::Error {
+    error("VALIDATION", message)
+}
+
+/// A read failure as a client error: `UNAVAILABLE` when PostgreSQL failed,
+/// `INTERNAL` (logged, details hidden) when stored history is unreadable.
+fn store_error(e: ReadError) -> async_graphql::Error {
+    match e {
+        ReadError::Database { .. } => unavailable("the event store", e),
+        corrupt => corrupt_history(&corrupt),
+    }
+}
+
+/// `INTERNAL`: stored history cannot be interpreted. Logged here (the one
+/// boundary that sees it), with its cause; the client gets no internals.
+fn corrupt_history(e: &dyn std::error::Error) -> async_graphql::Error {
+    tracing::error!(error = %e, source = ?e.source(), "audit read: stored history cannot be read");
+    error(
+        "INTERNAL",
+        "stored history cannot be read; an operator has been told (see the server log)",
+    )
+}
+
+/// `first` (default [`DEFAULT_PAGE`]) within `1..=max`.
+fn page_size(first: Option<i32>, max: usize) -> async_graphql::Result<usize> {
+    match first {
+        None => Ok(DEFAULT_PAGE.min(max)),
+        Some(n) => match usize::try_from(n) {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(validation(format!(
+                "`first` must be between 1 and {max}, not {n}"
+            ))),
+        },
+    }
+}
+
+/// Checks event type names against the types this build knows.
+fn event_types(types: Option<Vec<String>>) -> async_graphql::Result<Option<Vec<String>>> {
+    let Some(types) = types else {
+        return Ok(None);
+    };
+    if types.is_empty() {
+        return Err(validation(
+            "`types` is empty: name at least one event type, or omit it for every type",
+        ));
+    }
+    for name in &types {
+        if !EVENT_TYPES.iter().any(|(known, _, _)| known == name) {
+            let known: Vec<&str> = EVENT_TYPES.iter().map(|(t, _, _)| *t).collect();
+            return Err(validation(format!(
+                "unknown event type {name:?}; known types: {}",
+                known.join(", ")
+            )));
+        }
+    }
+    Ok(Some(types))
+}
+
+/// Audit queries (the `auditor` role).
 #[derive(Default)]
 pub struct AuditQuery;
 
 #[Object]
 impl AuditQuery {
-    /// Placeholder until the audit queries land.
-    async fn audit_version(&self) -> i32 {
-        1
+    /// A stream's events with full metadata (actor, command, correlation,
+    /// causation, times), versions `fromVersion..=toVersion` (default: from
+    /// 1 to the end), at most `first` per page.
+    async fn stream_history(
+        &self,
+        ctx: &Context<'_>,
+        stream_id: String,
+        from_version: Option<i64>,
+        to_version: Option<i64>,
+        first: Option<i32>,
+    ) -> async_graphql::Result<StreamHistory> {
+        let who = caller(ctx, Role::Auditor)?;
+        let services = services(ctx);
+        let stream = StreamId::parse(stream_id.trim()).map_err(validation)?;
+        let size = page_size(first, services.limits.max_page)?;
+        let from = from_version.unwrap_or(1);
+        let to = to_version.unwrap_or(i64::MAX);
+        for (name, value) in [("fromVersion", from), ("toVersion", to)] {
+            if value < 1 {
+                return Err(validation(format!(
+                    "`{name}` must be 1 (the first event) or more, not {value}"
+                )));
+            }
+        }
+        if from > to {
+            return Err(validation(format!(
+                "`fromVersion` ({from}) is after `toVersion` ({to}); ask for fromVersion <= toVersion"
+            )));
+        }
+        let name = stream.to_string();
+        // One more than the page, to tell whether the range goes on.
+        let limit = i64::try_from(size).unwrap_or(i64::MAX - 1) + 1;
+        let mut events = services
+            .store
+            .read_stream_of_tenant(&who.tenant, &name, from, to, limit)
+            .await
+            .map_err(store_error)?;
+        // Read after the events, so it is never below the last one returned.
+        let current = services
+            .store
+            .stream_version_of_tenant(&who.tenant, &name)
+            .await
+            .map_err(store_error)?;
+        if current == 0 {
+            return Err(error("NOT_FOUND", format!("stream {name} does not exist")));
+        }
+        let has_more = events.len() > size;
+        events.truncate(size);
+        Ok(StreamHistory {
+            kind: stream.kind().to_string(),
+            stream_id: name,
+            current_version: current,
+            events: events.iter().map(Event::from).collect(),
+            has_more,
+        })
+    }
+
+    /// An agent as it was after `version`, or after the last event recorded
+    /// at or before `asOf` (RFC 3339), or now (neither), rebuilt by
+    /// replaying its events. `id` is the agent's UUID (or `agent-<uuid>`).
+    async fn agent_at(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        version: Option<i64>,
+        as_of: Option<String>,
+    ) -> async_graphql::Result<AgentAt> {
+        let Rebuilt { state, replayed } = rebuild::<AgentState>(ctx, &id, version, as_of).await?;
+        let json = state_json(&state)?;
+        let agent = state.get().ok_or_else(|| folded_to_nothing(&replayed))?;
+        Ok(AgentAt {
+            id: agent.id.to_string(),
+            name: agent.name.clone(),
+            kind: agent.kind.as_str().to_owned(),
+            model: agent.model.clone(),
+            capabilities: agent.capabilities.clone(),
+            parent_id: agent.parent_agent_id.map(|p| p.to_string()),
+            status: match agent.status {
+                domain::AgentStatus::Active => AgentStatus::Active,
+                domain::AgentStatus::Paused => AgentStatus::Paused,
+                domain::AgentStatus::Failed => AgentStatus::Failed,
+                domain::AgentStatus::Retired => AgentStatus::Retired,
+            },
+            status_reason: agent.status_reason.clone(),
+            state: json,
+            replayed,
+        })
+    }
+
+    /// A task as it was after `version`, or after the last event recorded
+    /// at or before `asOf` (RFC 3339), or now (neither), rebuilt by
+    /// replaying its events. `id` is the task's UUID (or `task-<uuid>`).
+    async fn task_at(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        version: Option<i64>,
+        as_of: Option<String>,
+    ) -> async_graphql::Result<TaskAt> {
+        let Rebuilt { state, replayed } = rebuild::<TaskState>(ctx, &id, version, as_of).await?;
+        let json = state_json(&state)?;
+        let task = state.get().ok_or_else(|| folded_to_nothing(&replayed))?;
+        Ok(TaskAt {
+            id: task.id.to_string(),
+            workflow_id: task.workflow_id.to_string(),
+            title: task.title.clone(),
+            status: match task.status {
+                domain::TaskStatus::Pending => TaskStatus::Pending,
+                domain::TaskStatus::Assigned => TaskStatus::Assigned,
+                domain::TaskStatus::Running => TaskStatus::Running,
+                domain::TaskStatus::Completed => TaskStatus::Completed,
+                domain::TaskStatus::Failed => TaskStatus::Failed,
+                domain::TaskStatus::Cancelled => TaskStatus::Cancelled,
+            },
+            assignee_id: task.assignee.map(|a| a.to_string()),
+            input: Json(task.input.clone()),
+            output: task.output.clone().map(Json),
+            required_capabilities: task.required_capabilities.clone(),
+            depends_on: task.depends_on.iter().map(ToString::to_string).collect(),
+            priority: i32::from(task.priority),
+            progress: i32::from(task.progress),
+            progress_note: task.progress_note.clone(),
+            attempt: i64::from(task.attempt),
+            max_attempts: i64::from(task.max_attempts),
+            last_error: task.last_error.clone(),
+            retryable: task.retryable,
+            cancel_reason: task.cancel_reason.clone(),
+            state: json,
+            replayed,
+        })
+    }
+
+    /// A workflow as it was after `version`, or after the last event
+    /// recorded at or before `asOf` (RFC 3339), or now (neither), rebuilt by
+    /// replaying its events. `id` is the workflow's UUID (or
+    /// `workflow-<uuid>`).
+    async fn workflow_at(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        version: Option<i64>,
+        as_of: Option<String>,
+    ) -> async_graphql::Result<WorkflowAt> {
+        let Rebuilt { state, replayed } =
+            rebuild::<WorkflowState>(ctx, &id, version, as_of).await?;
+        let json = state_json(&state)?;
+        let workflow = state.get().ok_or_else(|| folded_to_nothing(&replayed))?;
+        Ok(WorkflowAt {
+            id: workflow.id.to_string(),
+            name: workflow.name.clone(),
+            status: match workflow.status {
+                domain::WorkflowStatus::Running => WorkflowStatus::Running,
+                domain::WorkflowStatus::Completed => WorkflowStatus::Completed,
+                domain::WorkflowStatus::Failed => WorkflowStatus::Failed,
+                domain::WorkflowStatus::Cancelled => WorkflowStatus::Cancelled,
+            },
+            reason: workflow.reason.clone(),
+            metadata: Json(workflow.metadata.clone()),
+            state: json,
+            replayed,
+        })
+    }
+
+    /// The tenant's events in global order after `after` (default: from the
+    /// start), at most `first`, optionally only of `types` (e.g.
+    /// `["TaskAssigned"]`) and of one `correlationId` (one intent followed
+    /// across agents, tasks and workflows). Gap-safe: continue with
+    /// `after: next`; nothing is skipped or repeated.
+    // No complexity multiplier: events are plain data read in one statement,
+    // and `first` is bounded by the page limit.
+    async fn event_log(
+        &self,
+        ctx: &Context<'_>,
+        after: Option<Position>,
+        first: Option<i32>,
+        types: Option<Vec<String>>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<EventLogPage> {
+        let who = caller(ctx, Role::Auditor)?;
+        let services = services(ctx);
+        let size = page_size(first, services.limits.max_page)?;
+        let types = event_types(types)?;
+        let correlation = correlation_id
+            .map(|c| {
+                Uuid::parse_str(c.trim()).map_err(|_| {
+                    validation(format!(
+                        "`correlationId` must be a UUID (as returned in event metadata), not {:?}",
+                        c.as_str()
+                    ))
+                })
+            })
+            .transpose()?;
+        let after = after.unwrap_or(Position(0));
+        // One more than the page, to tell whether more are readable now.
+        let limit = i64::try_from(size).unwrap_or(i64::MAX - 1) + 1;
+        let mut events = services
+            .store
+            .read_log_of_tenant(&who.tenant, after.0, limit, types.as_deref(), correlation)
+            .await
+            .map_err(store_error)?;
+        let has_more = events.len() > size;
+        events.truncate(size);
+        let next = events.last().map_or(after, |e| Position(e.position));
+        Ok(EventLogPage {
+            events: events.iter().map(Event::from).collect(),
+            next,
+            has_more,
+        })
     }
 }

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod audit_reads;
 mod gap_safety;
 mod handler;
 mod relay;
