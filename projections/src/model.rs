@@ -57,6 +57,15 @@ pub trait ReadModel: Send + Sync + 'static {
     /// The projection's name (`redis`, `graph`); names its JetStream consumer.
     fn name(&self) -> &str;
 
+    /// Most events the model takes in one atomic write while the projector
+    /// catches up from the event store, if more than the projector's batch
+    /// size suits it: a catch-up has a backlog rather than a latency to keep
+    /// low, and a model whose writes have a fixed cost, or merge writes to
+    /// the same keys, applies larger batches faster.
+    fn catch_up_batch_size(&self) -> Option<usize> {
+        None
+    }
+
     /// The last position applied (0 when the model is empty).
     fn checkpoint(&self) -> impl Future<Output = Result<i64, ApplyError>> + Send;
 

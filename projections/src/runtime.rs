@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, consumer::DeliverPolicy};
 use commands::relay::HEADER_POSITION;
-use commands::{EventStore, RecordedEvent};
+use commands::{EventStore, ReadError, RecordedEvent};
 use domain::DomainEvent;
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -14,8 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::model::{ApplyError, Projected, ReadModel};
 
-/// Batches read from the event store at once while catching up.
-const READ_AHEAD_BATCHES: usize = 4;
+/// Catch-up batches read from the event store at once. One: with catch-up
+/// batches of thousands of events, a read's fixed cost is already spread
+/// thin, and a larger first page (which nothing overlaps) costs more than
+/// it saves.
+const BATCHES_PER_PAGE: usize = 1;
 
 /// Configuration of one projector.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +111,58 @@ enum Interrupt {
     Transient(String),
     /// Stop for good.
     Fatal(ProjectorError),
+}
+
+/// A page of the log, decoded up to its first event that does not decode.
+struct Page {
+    /// Rows read.
+    read: i64,
+    /// Position of the last row read.
+    last: Option<i64>,
+    /// The events before the first that does not decode, in order.
+    events: Vec<Projected>,
+    /// The first event that does not decode, and why (the rest is dropped).
+    undecodable: Option<(RecordedEvent, String)>,
+}
+
+impl Page {
+    /// Reads at most `limit` events after `after` and decodes them.
+    async fn read(store: &EventStore, after: i64, limit: i64) -> Result<Page, ReadError> {
+        let rows = store.read_all(after, limit).await?;
+        let read = rows.len() as i64;
+        let last = rows.last().map(|e| e.position);
+        Ok(Page {
+            read,
+            last,
+            ..Page::decode(rows)
+        })
+    }
+
+    /// Decodes events in order, stopping at the first that does not decode.
+    fn decode(rows: impl IntoIterator<Item = RecordedEvent>) -> Page {
+        let rows = rows.into_iter();
+        let mut events = Vec::with_capacity(rows.size_hint().0);
+        let mut undecodable = None;
+        for recorded in rows {
+            match DomainEvent::from_stored(
+                &recorded.event_type,
+                recorded.schema_version,
+                recorded.data.clone(),
+            ) {
+                Ok(event) => events.push(Projected { recorded, event }),
+                Err(error) => {
+                    undecodable = Some((recorded, error.to_string()));
+                    break;
+                }
+            }
+        }
+        Page {
+            read: 0,
+            last: None,
+            events,
+            undecodable,
+        }
+    }
 }
 
 /// Drives one read model.
@@ -222,19 +277,25 @@ impl<M: ReadModel> Projector<M> {
         mut checkpoint: i64,
         shutdown: &CancellationToken,
     ) -> Result<i64, Interrupt> {
-        // The log is read in pages of several batches, and reading page n+1
+        // The log is read in pages of catch-up batches, and reading page n+1
         // overlaps applying page n (they wait on different servers, and the
-        // read runs as its own task so that decoding rows can use another
-        // worker thread). Pages are large because a read's cost is not only
-        // per row: the gap-safe query has a fixed part per call. Page n+1 is
-        // read from page n's last position, which is where the checkpoint is
-        // once page n is applied, so what is applied and when the checkpoint
-        // moves are the same as reading batch by batch in turn: batches of at
-        // most `batch_size` are applied strictly in order, each after the
-        // previous one succeeded; a failed apply discards the read-ahead.
-        let batch_size = self.config.batch_size.max(1);
-        let limit = i64::try_from(batch_size * READ_AHEAD_BATCHES).unwrap_or(2000);
-        let mut read = self.store.read_all(checkpoint, limit).await;
+        // read, with the decoding of its events, runs as its own task so that
+        // it can use another worker thread). Pages are large because a read's
+        // cost is not only per row: the gap-safe query has a fixed part per
+        // call. Page n+1 is read from page n's last position, which is where
+        // the checkpoint is once page n is applied, so what is applied and
+        // when the checkpoint moves are the same as reading batch by batch in
+        // turn: batches of at most the catch-up batch size are applied
+        // strictly in order, each after the previous one succeeded; a failed
+        // apply discards the read-ahead.
+        let batch_size = self
+            .model
+            .catch_up_batch_size()
+            .unwrap_or(0)
+            .max(self.config.batch_size)
+            .max(1);
+        let limit = i64::try_from(batch_size * BATCHES_PER_PAGE).unwrap_or(2000);
+        let mut read = Page::read(&self.store, checkpoint, limit).await;
         loop {
             if shutdown.is_cancelled() {
                 return Err(Interrupt::Shutdown);
@@ -243,32 +304,46 @@ impl<M: ReadModel> Projector<M> {
                 Ok(page) => page,
                 Err(error) => return Err(Interrupt::Transient(error.to_string())),
             };
-            let full = page.len() as i64 == limit;
-            let Some(last) = page.last().map(|e| e.position) else {
+            let Some(last) = page.last else {
                 break;
             };
             // Below a full page is the store's readable head: nothing to read
-            // ahead, apply it and go live.
-            let next = full.then(|| {
+            // ahead, apply it and go live. The next page is decoded in its
+            // task too, so decoding overlaps applying as well.
+            let next = (page.read == limit).then(|| {
                 let store = self.store.clone();
-                tokio::spawn(async move { store.read_all(last, limit).await })
+                tokio::spawn(async move { Page::read(&store, last, limit).await })
             });
-            let mut page = page.into_iter().peekable();
-            while page.peek().is_some() {
+            let abort = |next: Option<tokio::task::JoinHandle<_>>| {
+                if let Some(next) = next {
+                    next.abort();
+                }
+            };
+            let decoded = page.events.len();
+            let mut events = page.events.into_iter();
+            let mut start = 0;
+            while start < decoded || page.undecodable.is_some() {
                 if shutdown.is_cancelled() {
-                    if let Some(next) = next {
-                        next.abort();
-                    }
+                    abort(next);
                     return Err(Interrupt::Shutdown);
                 }
-                let batch: Vec<RecordedEvent> = page.by_ref().take(batch_size).collect();
-                let Some(batch_last) = batch.last().map(|e| e.position) else {
+                // The batch holding an event that does not decode is not
+                // applied (as when batches are decoded one by one).
+                if let Some(bad) = page
+                    .undecodable
+                    .as_ref()
+                    .filter(|_| start + batch_size > decoded)
+                {
+                    abort(next);
+                    return Err(self.undecodable(bad));
+                }
+                let batch: Vec<Projected> = events.by_ref().take(batch_size).collect();
+                start += batch_size;
+                let Some(batch_last) = batch.last().map(|p| p.recorded.position) else {
                     break;
                 };
-                if let Err(interrupt) = self.apply(batch, checkpoint, shutdown).await {
-                    if let Some(next) = next {
-                        next.abort();
-                    }
+                if let Err(interrupt) = self.apply_decoded(batch, checkpoint, shutdown).await {
+                    abort(next);
                     return Err(interrupt);
                 }
                 checkpoint = batch_last;
@@ -418,27 +493,32 @@ impl<M: ReadModel> Projector<M> {
         checkpoint: i64,
         shutdown: &CancellationToken,
     ) -> Result<(), Interrupt> {
-        let mut projected = Vec::with_capacity(batch.len());
-        for recorded in batch {
-            if recorded.position <= checkpoint {
-                continue;
-            }
-            match DomainEvent::from_stored(
-                &recorded.event_type,
-                recorded.schema_version,
-                recorded.data.clone(),
-            ) {
-                Ok(event) => projected.push(Projected { recorded, event }),
-                Err(error) => {
-                    return Err(Interrupt::Fatal(ProjectorError::Stopped {
-                        name: self.model.name().to_owned(),
-                        position: recorded.position,
-                        event_type: recorded.event_type.clone(),
-                        reason: error.to_string(),
-                    }))
-                }
-            }
+        let page = Page::decode(batch.into_iter().filter(|r| r.position > checkpoint));
+        if let Some(bad) = &page.undecodable {
+            return Err(self.undecodable(bad));
         }
+        self.apply_decoded(page.events, checkpoint, shutdown).await
+    }
+
+    /// Stops the projection at an event that does not decode.
+    fn undecodable(&self, (recorded, reason): &(RecordedEvent, String)) -> Interrupt {
+        Interrupt::Fatal(ProjectorError::Stopped {
+            name: self.model.name().to_owned(),
+            position: recorded.position,
+            event_type: recorded.event_type.clone(),
+            reason: reason.clone(),
+        })
+    }
+
+    /// Applies one decoded batch, retrying transient failures until they
+    /// pass or shutdown.
+    async fn apply_decoded(
+        &self,
+        mut projected: Vec<Projected>,
+        checkpoint: i64,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Interrupt> {
+        projected.retain(|p| p.recorded.position > checkpoint);
         let Some(last) = projected.last().map(|p| p.recorded.position) else {
             return Ok(());
         };

@@ -6,10 +6,11 @@
 
 use serde_json::Value;
 use sqlx::postgres::PgRow;
+use sqlx::types::Json;
 use sqlx::Row;
 
 use super::EventStore;
-use crate::envelope::RecordedEvent;
+use crate::envelope::{EventMetadata, RecordedEvent};
 use crate::error::ReadError;
 
 const LOAD_STREAM: &str = include_str!("sql/load_stream.sql");
@@ -281,8 +282,31 @@ impl EventStore {
 }
 
 /// Decodes a full event row (the column order of `read_stream.sql`).
+///
+/// The metadata is parsed straight from the column's JSON into
+/// [`EventMetadata`] (not through a `Value` tree: it is the larger half of
+/// a row, and catch-up reads the whole log).
 fn recorded(row: &PgRow) -> Result<RecordedEvent, ReadError> {
     let position: i64 = row.try_get(0).map_err(db("decoding an event row"))?;
+    let metadata = match row.try_get::<Json<EventMetadata>, _>(7) {
+        Ok(Json(metadata)) => metadata,
+        Err(sqlx::Error::ColumnDecode { index, source }) => {
+            return Err(match source.downcast::<serde_json::Error>() {
+                Ok(source) => ReadError::Metadata {
+                    position,
+                    source: *source,
+                },
+                Err(source) => db(format!("decoding the event at position {position}"))(
+                    sqlx::Error::ColumnDecode { index, source },
+                ),
+            })
+        }
+        Err(error) => {
+            return Err(db(format!("decoding the event at position {position}"))(
+                error,
+            ))
+        }
+    };
     let decoded = (|| -> Result<_, sqlx::Error> {
         Ok((
             row.try_get::<String, _>(1)?,
@@ -291,22 +315,11 @@ fn recorded(row: &PgRow) -> Result<RecordedEvent, ReadError> {
             row.try_get::<String, _>(4)?,
             row.try_get::<i32, _>(5)?,
             row.try_get::<Value, _>(6)?,
-            row.try_get::<Value, _>(7)?,
             row.try_get::<time::OffsetDateTime, _>(8)?,
         ))
     })();
-    let (
-        stream_id,
-        stream_version,
-        event_id,
-        event_type,
-        schema_version,
-        data,
-        metadata,
-        recorded_at,
-    ) = decoded.map_err(db(format!("decoding the event at position {position}")))?;
-    let metadata = serde_json::from_value(metadata)
-        .map_err(|source| ReadError::Metadata { position, source })?;
+    let (stream_id, stream_version, event_id, event_type, schema_version, data, recorded_at) =
+        decoded.map_err(db(format!("decoding the event at position {position}")))?;
     Ok(RecordedEvent {
         position,
         stream_id,

@@ -29,7 +29,7 @@
 //! comma-separated strings (ids and capability names contain no commas).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use domain::{AgentEvent, DomainEvent, TaskEvent, TaskStatus};
 use redis::aio::ConnectionManager;
@@ -71,6 +71,58 @@ pub struct LiveModel {
     generation: Arc<RwLock<String>>,
     /// Whether `generation` is fixed rather than following the pointer.
     pinned: bool,
+    /// The task and agent rows as the last batch applied through this model
+    /// (or a clone) left them; see [`Carried`].
+    carried: Arc<Mutex<Option<Carried>>>,
+}
+
+/// The task and agent rows a batch's planner ended with, kept for the next
+/// batch so that it reads from Redis only the rows it has not seen.
+///
+/// The read model is a function of the log: the rows under generation
+/// `generation` at checkpoint `checkpoint` are the same whoever wrote them.
+/// So they are used only when the next batch's read (in the same round trip
+/// as its misses) finds that generation active (or pinned) with that
+/// checkpoint; any other writer in between moved the checkpoint.
+struct Carried {
+    /// The generation the rows are of.
+    generation: String,
+    /// The checkpoint they are at.
+    checkpoint: i64,
+    /// Task rows by id (only tasks that exist).
+    tasks: HashMap<String, TaskRow>,
+    /// Agent rows by id (only agents that exist).
+    agents: HashMap<String, AgentRow>,
+}
+
+/// Events per atomic write while catching up (see
+/// [`ReadModel::catch_up_batch_size`]).
+const CATCH_UP_BATCH: usize = 2000;
+
+/// Most task rows carried from one batch to the next; beyond it, finished
+/// tasks are dropped first, then everything.
+const CARRIED_TASKS: usize = 20_000;
+/// Most agent rows carried from one batch to the next.
+const CARRIED_AGENTS: usize = 20_000;
+
+impl Carried {
+    /// Keeps the rows within their bounds.
+    fn bounded(mut self) -> Self {
+        if self.tasks.len() > CARRIED_TASKS {
+            // Completed and cancelled tasks accept no further event.
+            self.tasks.retain(|_, t| {
+                t.state != TaskStatus::Completed.as_str()
+                    && t.state != TaskStatus::Cancelled.as_str()
+            });
+            if self.tasks.len() > CARRIED_TASKS {
+                self.tasks.clear();
+            }
+        }
+        if self.agents.len() > CARRIED_AGENTS {
+            self.agents.clear();
+        }
+        self
+    }
 }
 
 /// The generation used when none was ever activated.
@@ -94,7 +146,7 @@ fn unavailable(doing: impl Into<String>) -> impl FnOnce(redis::RedisError) -> Ap
 }
 
 /// What the model needs to know of a task to move it between states.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct TaskRow {
     workflow: String,
     state: String,
@@ -102,7 +154,7 @@ struct TaskRow {
 }
 
 /// What the model needs to know of an agent to move it between indexes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct AgentRow {
     status: String,
     current_task: Option<String>,
@@ -157,6 +209,7 @@ impl LiveModel {
             config,
             generation: Arc::new(RwLock::new(generation)),
             pinned,
+            carried: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -308,88 +361,134 @@ impl LiveModel {
     }
 
     /// Reads, in one round trip, the active generation, the checkpoint and
-    /// the prior task and agent rows (under the model's current
-    /// generation); agents found only as assignees of those tasks take a
-    /// second one.
+    /// the prior task and agent rows (under the model's current generation);
+    /// agents found only as assignees of those tasks take a second one.
+    ///
+    /// Rows found in `carried` are not read again when the checkpoint read
+    /// along shows they are current (see [`Carried`]); when it shows they
+    /// are not, every row is read afresh. Unless the model is pinned, the
+    /// rows are only meaningful when `active` names the model's generation
+    /// (the caller re-reads otherwise).
     async fn read_prior(
         &self,
         task_ids: &BTreeSet<String>,
         agent_ids: &BTreeSet<String>,
+        carried: Option<Carried>,
     ) -> Result<Prior, ApplyError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(self.pointer_key());
-        pipe.cmd("GET").arg(self.key("checkpoint"));
-        for id in task_ids {
-            pipe.cmd("HMGET")
-                .arg(self.key(&format!("task:{id}")))
-                .arg(&["workflow", "state", "assignee"]);
-        }
-        self.hmget_agents(&mut pipe, agent_ids);
+        let generation = self.generation();
+        let mut carried = carried.filter(|c| c.generation == generation);
         let mut conn = self.conn.clone();
-        let found: Vec<redis::Value> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable("reading tasks and agents"))?;
-        let mut found = found.into_iter();
-        let mut next = || -> Result<Option<String>, ApplyError> {
-            redis::from_owned_redis_value(found.next().unwrap_or(redis::Value::Nil))
-                .map_err(unavailable("reading the active generation and checkpoint"))
-        };
-        let (active, stored) = (next()?, next()?);
-        let checkpoint = match stored {
-            Some(stored) => stored.parse().map_err(|_| ApplyError::Unavailable {
-                store: "Redis",
-                doing: "reading the checkpoint".to_owned(),
-                source: format!("the checkpoint is not a number: {stored:?}").into(),
-            })?,
-            None => 0,
-        };
-        let rows: Vec<Vec<Option<String>>> = found
-            .map(redis::from_owned_redis_value)
-            .collect::<Result<_, _>>()
-            .map_err(unavailable("reading tasks and agents"))?;
-        let mut rows = rows.into_iter();
-        let mut tasks = HashMap::new();
-        for (id, row) in task_ids.iter().zip(rows.by_ref()) {
-            let mut row = row.into_iter();
-            let (workflow, state, assignee) = (
-                row.next().flatten(),
-                row.next().flatten(),
-                row.next().flatten(),
-            );
-            if let (Some(workflow), Some(state)) = (workflow, state) {
-                tasks.insert(
-                    id.clone(),
-                    TaskRow {
-                        workflow,
-                        state,
-                        assignee: non_empty(assignee),
-                    },
-                );
-            }
-        }
-        let mut agents = HashMap::new();
-        Self::agent_rows(&mut agents, agent_ids, rows);
-        let assignees: BTreeSet<String> = tasks
-            .values()
-            .filter_map(|t| t.assignee.clone())
-            .filter(|a| !agent_ids.contains(a))
-            .collect();
-        if !assignees.is_empty() {
+        loop {
+            let (mut tasks, mut agents, carried_at) = match carried.take() {
+                Some(c) => (c.tasks, c.agents, Some(c.checkpoint)),
+                None => (HashMap::new(), HashMap::new(), None),
+            };
+            let task_misses: Vec<&String> = task_ids
+                .iter()
+                .filter(|id| !tasks.contains_key(*id))
+                .collect();
+            let agent_misses: BTreeSet<String> = agent_ids
+                .iter()
+                .filter(|id| !agents.contains_key(*id))
+                .cloned()
+                .collect();
             let mut pipe = redis::pipe();
-            self.hmget_agents(&mut pipe, &assignees);
-            let found: Vec<Vec<Option<String>>> = pipe
+            pipe.cmd("GET").arg(self.pointer_key());
+            pipe.cmd("GET").arg(self.key("checkpoint"));
+            for id in &task_misses {
+                pipe.cmd("HMGET")
+                    .arg(self.key(&format!("task:{id}")))
+                    .arg(&["workflow", "state", "assignee"]);
+            }
+            self.hmget_agents(&mut pipe, &agent_misses);
+            let found: Vec<redis::Value> = pipe
                 .query_async(&mut conn)
                 .await
-                .map_err(unavailable("reading agents"))?;
-            Self::agent_rows(&mut agents, &assignees, found.into_iter());
+                .map_err(unavailable("reading tasks and agents"))?;
+            let mut found = found.into_iter();
+            let mut next = || -> Result<Option<String>, ApplyError> {
+                redis::from_owned_redis_value(found.next().unwrap_or(redis::Value::Nil))
+                    .map_err(unavailable("reading the active generation and checkpoint"))
+            };
+            let (active, stored) = (next()?, next()?);
+            let checkpoint = match stored {
+                Some(stored) => stored.parse().map_err(|_| ApplyError::Unavailable {
+                    store: "Redis",
+                    doing: "reading the checkpoint".to_owned(),
+                    source: format!("the checkpoint is not a number: {stored:?}").into(),
+                })?,
+                None => 0,
+            };
+            let current = self.pinned || active.as_deref() == Some(generation.as_str());
+            if let Some(at) = carried_at {
+                if current && at != checkpoint {
+                    // Someone else wrote this generation since: forget the
+                    // carried rows and read every row.
+                    continue;
+                }
+            }
+            let rows: Vec<Vec<Option<String>>> = found
+                .map(redis::from_owned_redis_value)
+                .collect::<Result<_, _>>()
+                .map_err(unavailable("reading tasks and agents"))?;
+            let mut rows = rows.into_iter();
+            for (id, row) in task_misses.into_iter().zip(rows.by_ref()) {
+                let mut row = row.into_iter();
+                let (workflow, state, assignee) = (
+                    row.next().flatten(),
+                    row.next().flatten(),
+                    row.next().flatten(),
+                );
+                if let (Some(workflow), Some(state)) = (workflow, state) {
+                    tasks.insert(
+                        id.clone(),
+                        TaskRow {
+                            workflow,
+                            state,
+                            assignee: non_empty(assignee),
+                        },
+                    );
+                }
+            }
+            Self::agent_rows(&mut agents, &agent_misses, rows);
+            let assignees: BTreeSet<String> = task_ids
+                .iter()
+                .filter_map(|id| tasks.get(id)?.assignee.clone())
+                .filter(|a| !agents.contains_key(a) && !agent_misses.contains(a))
+                .collect();
+            if !assignees.is_empty() {
+                let mut pipe = redis::pipe();
+                self.hmget_agents(&mut pipe, &assignees);
+                let found: Vec<Vec<Option<String>>> = pipe
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable("reading agents"))?;
+                Self::agent_rows(&mut agents, &assignees, found.into_iter());
+            }
+            return Ok(Prior {
+                active,
+                checkpoint,
+                tasks,
+                agents,
+            });
         }
-        Ok(Prior {
-            active,
-            checkpoint,
-            tasks,
-            agents,
-        })
+    }
+
+    /// Takes the rows carried from the last batch, if any.
+    fn take_carried(&self) -> Option<Carried> {
+        match self.carried.lock() {
+            Ok(mut c) => c.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
+    }
+
+    /// Keeps `carried` for the next batch.
+    fn keep_carried(&self, carried: Carried) {
+        let carried = Some(carried.bounded());
+        match self.carried.lock() {
+            Ok(mut c) => *c = carried,
+            Err(poisoned) => *poisoned.into_inner() = carried,
+        }
     }
 
     fn hmget_agents(&self, pipe: &mut redis::Pipeline, ids: &BTreeSet<String>) {
@@ -427,9 +526,10 @@ struct Prior {
     active: Option<String>,
     /// The stored checkpoint of the model's generation.
     checkpoint: i64,
-    /// Prior rows of the tasks the batch names.
+    /// Prior rows of the tasks the batch names (and any carried ones).
     tasks: HashMap<String, TaskRow>,
-    /// Prior rows of the agents the batch names or the tasks are assigned to.
+    /// Prior rows of the agents the batch names or the tasks are assigned to
+    /// (and any carried ones).
     agents: HashMap<String, AgentRow>,
 }
 
@@ -473,6 +573,15 @@ impl ReadModel for LiveModel {
         "redis"
     }
 
+    /// Catch-up batches of 2,000 events: a batch's fixed cost (its round
+    /// trips and checkpoint) is spread thinner and more writes to the same
+    /// keys merge (a task's whole life often falls within one batch), for
+    /// about a fifth less CPU per event in Redis than batches of 500. The
+    /// `MULTI/EXEC` of such a batch keeps Redis busy for a few milliseconds.
+    fn catch_up_batch_size(&self) -> Option<usize> {
+        Some(CATCH_UP_BATCH)
+    }
+
     async fn checkpoint(&self) -> Result<i64, ApplyError> {
         Ok(self.generation_and_checkpoint().await?.1)
     }
@@ -497,16 +606,20 @@ impl LiveModel {
         let before = self.generation();
         let (task_ids, agent_ids) = touched(&events.iter().collect::<Vec<_>>());
         // Usually one round trip reads the active generation, the checkpoint
-        // and the prior rows together. The rows are of every event handed
-        // in, also those at or below the checkpoint (the planner skips them).
-        let mut prior = self.read_prior(&task_ids, &agent_ids).await?;
+        // and the prior rows the last batch did not leave. The rows are of
+        // every event handed in, also those at or below the checkpoint (the
+        // planner skips them). Until the batch is applied, nothing is
+        // carried: a failure or a cancelled apply leaves the next batch to
+        // read every row.
+        let carried = self.take_carried();
+        let mut prior = self.read_prior(&task_ids, &agent_ids, carried).await?;
         if !self.pinned && prior.active.as_deref() != Some(before.as_str()) {
             // The generation switched, or its pointer is gone (Redis was
             // flushed): resolve it and read again under it.
             self.refresh()
                 .await
                 .map_err(unavailable("reading the active generation"))?;
-            prior = self.read_prior(&task_ids, &agent_ids).await?;
+            prior = self.read_prior(&task_ids, &agent_ids, None).await?;
         }
         let now = self.generation();
         let checkpoint = prior.checkpoint;
@@ -530,18 +643,33 @@ impl LiveModel {
             .filter(|p| p.recorded.position > checkpoint)
             .collect();
         let Some(last) = events.last().map(|p| p.recorded.position) else {
+            self.keep_carried(Carried {
+                generation: now,
+                checkpoint,
+                tasks: prior.tasks,
+                agents: prior.agents,
+            });
             return Ok(());
         };
         let mut planner = Planner::new(self, &now, prior.tasks, prior.agents);
-        for p in &events {
+        for p in events {
             planner.plan(p)?;
         }
-        let pipe = planner.finish(last);
+        let planned = planner.finish(last);
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn)
+        planned
+            .pipe
+            .query_async::<()>(&mut conn)
             .await
             .map_err(unavailable(format!(
                 "applying a batch ending at position {last}"
-            )))
+            )))?;
+        self.keep_carried(Carried {
+            generation: now,
+            checkpoint: last,
+            tasks: planned.tasks,
+            agents: planned.agents,
+        });
+        Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! tracking the task and agent state the batch itself changes.
 
 use std::collections::HashMap;
+use std::io::Write as _;
 
 use domain::{AgentEvent, AgentStatus, DomainEvent, TaskEvent, TaskStatus, WorkflowEvent};
 
@@ -15,16 +16,53 @@ use crate::model::{ApplyError, Projected};
 /// Writes are not sent as planned: hash fields, counters, set memberships
 /// and sorted-set scores are coalesced per key in [`Writes`] and emitted
 /// once at the end (a batch touches the same few keys many times: a task's
-/// hash gets `last_position`, `state`, `assignee`… from every event). Only
-/// the change feed gets one `XADD` per event, in order, as it is per event.
+/// hash gets `last_position`, `state`, `assignee`… from every event). The
+/// change feed gets one `XADD` per event, in order, except for entries its
+/// cap would trim within the same batch, and one `XTRIM` per tenant.
 pub(super) struct Planner<'a> {
     model: &'a LiveModel,
     /// `P` + `G` + `:`, computed once per batch.
     base: String,
-    pipe: redis::Pipeline,
     writes: Writes,
     tasks: HashMap<String, TaskRow>,
     agents: HashMap<String, AgentRow>,
+    /// Each tenant's feed entries of the batch, in order.
+    feeds: HashMap<&'a str, Vec<&'a Projected>>,
+}
+
+/// What a planned batch leaves: its atomic pipeline and the task and agent
+/// rows as they are once it is applied.
+pub(super) struct Planned {
+    pub(super) pipe: redis::Pipeline,
+    pub(super) tasks: HashMap<String, TaskRow>,
+    pub(super) agents: HashMap<String, AgentRow>,
+}
+
+/// A feed entry's id, `<position>-0`, written straight into the command.
+struct EntryId(i64);
+
+impl redis::ToRedisArgs for EntryId {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        // Writing to the command's buffer cannot fail.
+        let _ = write!(out.writer_for_next_arg(), "{}-0", self.0);
+    }
+}
+
+/// A payload as compact JSON (as `to_string()` gives), serialized straight
+/// into the command's buffer.
+struct JsonArg<'a>(&'a serde_json::Value);
+
+impl redis::ToRedisArgs for JsonArg<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        // A `Value` always serializes, and the buffer takes every byte.
+        let _ = serde_json::to_writer(out.writer_for_next_arg(), self.0);
+    }
 }
 
 impl<'a> Planner<'a> {
@@ -36,31 +74,69 @@ impl<'a> Planner<'a> {
         tasks: HashMap<String, TaskRow>,
         agents: HashMap<String, AgentRow>,
     ) -> Self {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
         Self {
             model,
             base: format!("{}{generation}:", model.config.prefix),
-            pipe,
             writes: Writes::default(),
             tasks,
             agents,
+            feeds: HashMap::new(),
         }
     }
 
-    /// The batch's `MULTI/EXEC`: the feed entries, the coalesced writes and
+    /// The batch's `MULTI/EXEC`: the coalesced writes, the feed entries and
     /// finally the checkpoint.
-    pub(super) fn finish(mut self, last: i64) -> redis::Pipeline {
-        let checkpoint = self.key("checkpoint");
-        self.writes.emit(&mut self.pipe);
-        self.pipe.cmd("SET").arg(checkpoint).arg(last).ignore();
-        self.pipe
+    pub(super) fn finish(self, last: i64) -> Planned {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let checkpoint = self.key(&["checkpoint"]);
+        let cap = self.model.config.feed_max_len;
+        for (tenant, entries) in &self.feeds {
+            let feed = self.key(&["feed:", tenant]);
+            // Entries beyond the cap would be trimmed at once: an exact trim
+            // keeps the batch's last `cap` entries, so only those are added.
+            let kept = &entries[entries.len().saturating_sub(cap)..];
+            for p in kept {
+                let r = &p.recorded;
+                let mut xadd = redis::Cmd::with_capacity(
+                    13,
+                    feed.len() + r.event_type.len() + r.stream_id.len() + 384,
+                );
+                xadd.arg("XADD")
+                    .arg(&feed)
+                    .arg(EntryId(r.position))
+                    .arg("position")
+                    .arg(r.position)
+                    .arg("type")
+                    .arg(&r.event_type)
+                    .arg("stream_id")
+                    .arg(&r.stream_id)
+                    .arg("stream_version")
+                    .arg(r.stream_version)
+                    .arg("data")
+                    .arg(JsonArg(&r.data));
+                pipe.add_command(xadd);
+            }
+            // One trim per tenant and batch rather than one per entry.
+            pipe.cmd("XTRIM").arg(&feed).arg("MAXLEN").arg("~").arg(cap);
+        }
+        self.writes.emit(&mut pipe);
+        pipe.cmd("SET").arg(checkpoint).arg(last);
+        Planned {
+            pipe,
+            tasks: self.tasks,
+            agents: self.agents,
+        }
     }
 
-    fn key(&self, suffix: &str) -> String {
-        let mut key = String::with_capacity(self.base.len() + suffix.len());
+    /// The full key of `P` + `G` + `:` + the concatenation of `parts`.
+    fn key(&self, parts: &[&str]) -> String {
+        let len = self.base.len() + parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut key = String::with_capacity(len);
         key.push_str(&self.base);
-        key.push_str(suffix);
+        for part in parts {
+            key.push_str(part);
+        }
         key
     }
 
@@ -73,14 +149,15 @@ impl<'a> Planner<'a> {
     }
 
     fn hset<const N: usize>(&mut self, key: String, fields: [(&str, String); N]) {
+        let hash = self.writes.hash(key);
         for (field, value) in fields {
-            self.writes.hset(&key, field, value);
+            hash.set(field, value);
         }
     }
 
     /// Records that an agent was involved in an event.
     fn touch_agent(&mut self, tenant: &str, agent: &str, position: i64, at_ms: i64) {
-        let key = self.key(&format!("agent:{agent}"));
+        let key = self.key(&["agent:", agent]);
         self.hset(
             key,
             [
@@ -88,7 +165,7 @@ impl<'a> Planner<'a> {
                 ("last_event_at", at_ms.to_string()),
             ],
         );
-        let recent = self.key(&format!("agents:{tenant}:recent"));
+        let recent = self.key(&["agents:", tenant, ":recent"]);
         self.writes.zadd(recent, agent, at_ms);
     }
 
@@ -96,15 +173,15 @@ impl<'a> Planner<'a> {
         let row = self.tasks.get_mut(task)?;
         let from = std::mem::replace(&mut row.state, to.as_str().to_owned());
         let workflow = row.workflow.clone();
-        let wf_key = self.key(&format!("workflow:{workflow}"));
-        let from_set = self.key(&format!("workflow:{workflow}:tasks:{from}"));
-        let to_set = self.key(&format!("workflow:{workflow}:tasks:{}", to.as_str()));
+        let wf_key = self.key(&["workflow:", &workflow]);
+        let from_set = self.key(&["workflow:", &workflow, ":tasks:", &from]);
+        let to_set = self.key(&["workflow:", &workflow, ":tasks:", to.as_str()]);
         self.writes.srem(from_set, task);
         self.writes.sadd(to_set, task);
-        self.writes.hincrby(&wf_key, &format!("tasks_{from}"), -1);
-        self.writes
-            .hincrby(&wf_key, &format!("tasks_{}", to.as_str()), 1);
-        let task_key = self.key(&format!("task:{task}"));
+        let counters = self.writes.hash(wf_key);
+        counters.incr(&format!("tasks_{from}"), -1);
+        counters.incr(&format!("tasks_{}", to.as_str()), 1);
+        let task_key = self.key(&["task:", task]);
         self.hset(task_key, [("state", to.as_str().to_owned())]);
         Some(())
     }
@@ -119,7 +196,7 @@ impl<'a> Planner<'a> {
             if let Some(row) = self.agents.get_mut(agent) {
                 row.current_task = None;
             }
-            let key = self.key(&format!("agent:{agent}"));
+            let key = self.key(&["agent:", agent]);
             self.hset(key, [("current_task", String::new())]);
         }
     }
@@ -128,43 +205,23 @@ impl<'a> Planner<'a> {
         if let Some(row) = self.agents.get_mut(agent) {
             row.current_task = Some(task.to_owned());
         }
-        let key = self.key(&format!("agent:{agent}"));
+        let key = self.key(&["agent:", agent]);
         self.hset(key, [("current_task", task.to_owned())]);
     }
 
-    pub(super) fn plan(&mut self, p: &Projected) -> Result<(), ApplyError> {
+    pub(super) fn plan(&mut self, p: &'a Projected) -> Result<(), ApplyError> {
         let position = p.recorded.position;
-        let tenant = p.recorded.metadata.tenant.clone();
+        let tenant = p.recorded.metadata.tenant.as_str();
         let at_ms = (p.recorded.metadata.occurred_at.unix_timestamp_nanos() / 1_000_000) as i64;
-        let pos = position.to_string();
         match &p.event {
-            DomainEvent::Agent(event) => self.plan_agent(p, event, &tenant, position, at_ms)?,
-            DomainEvent::Task(event) => self.plan_task(p, event, &tenant, position, at_ms)?,
-            DomainEvent::Workflow(event) => self.plan_workflow(event, &tenant, &pos),
+            DomainEvent::Agent(event) => self.plan_agent(p, event, tenant, position, at_ms)?,
+            DomainEvent::Task(event) => self.plan_task(p, event, tenant, position, at_ms)?,
+            DomainEvent::Workflow(event) => {
+                self.plan_workflow(event, tenant, &position.to_string());
+            }
         }
         // The change feed: entry id = position, so subscribers resume by it.
-        let feed = self.key(&format!("feed:{tenant}"));
-        self.pipe
-            .cmd("XADD")
-            .arg(feed)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.model.config.feed_max_len)
-            .arg(format!("{position}-0"))
-            .arg("position")
-            .arg(&pos)
-            .arg("type")
-            .arg(&p.recorded.event_type)
-            .arg("stream_id")
-            .arg(&p.recorded.stream_id)
-            .arg("stream_version")
-            .arg(p.recorded.stream_version)
-            .arg("data")
-            // The same compact JSON as `to_string()`, without going through
-            // `fmt` (cheaper for the larger payloads); a `Value` always
-            // serializes.
-            .arg(serde_json::to_vec(&p.recorded.data).unwrap_or_default())
-            .ignore();
+        self.feeds.entry(tenant).or_default().push(p);
         Ok(())
     }
 
@@ -177,7 +234,7 @@ impl<'a> Planner<'a> {
         at_ms: i64,
     ) -> Result<(), ApplyError> {
         let id = event.agent_id().to_string();
-        let key = self.key(&format!("agent:{id}"));
+        let key = self.key(&["agent:", &id]);
         if let AgentEvent::AgentRegistered {
             name,
             kind,
@@ -207,10 +264,10 @@ impl<'a> Planner<'a> {
                     ("tasks_failed", "0".to_owned()),
                 ],
             );
-            let by_status = self.key(&format!("agents:{tenant}:status:active"));
+            let by_status = self.key(&["agents:", tenant, ":status:active"]);
             self.writes.sadd(by_status, &id);
             for capability in capabilities {
-                let set = self.key(&format!("agents:{tenant}:capability:{capability}"));
+                let set = self.key(&["agents:", tenant, ":capability:", capability]);
                 self.writes.sadd(set, &id);
             }
             self.agents.insert(
@@ -241,8 +298,8 @@ impl<'a> Planner<'a> {
             ));
         };
         let previous = std::mem::replace(&mut row.status, status.as_str().to_owned());
-        let from = self.key(&format!("agents:{tenant}:status:{previous}"));
-        let to = self.key(&format!("agents:{tenant}:status:{}", status.as_str()));
+        let from = self.key(&["agents:", tenant, ":status:", &previous]);
+        let to = self.key(&["agents:", tenant, ":status:", status.as_str()]);
         self.writes.srem(from, &id);
         self.writes.sadd(to, &id);
         self.hset(
@@ -265,7 +322,7 @@ impl<'a> Planner<'a> {
         at_ms: i64,
     ) -> Result<(), ApplyError> {
         let id = event.task_id().to_string();
-        let key = self.key(&format!("task:{id}"));
+        let key = self.key(&["task:", &id]);
         if let TaskEvent::TaskCreated {
             workflow_id,
             title,
@@ -298,11 +355,11 @@ impl<'a> Planner<'a> {
                     ("last_position", position.to_string()),
                 ],
             );
-            let set = self.key(&format!("workflow:{workflow}:tasks:pending"));
+            let set = self.key(&["workflow:", &workflow, ":tasks:pending"]);
             self.writes.sadd(set, &id);
-            let wf_key = self.key(&format!("workflow:{workflow}"));
-            self.writes.hincrby(&wf_key, "tasks_total", 1);
-            self.writes.hincrby(&wf_key, "tasks_pending", 1);
+            let counters = self.writes.hash(self.key(&["workflow:", &workflow]));
+            counters.incr("tasks_total", 1);
+            counters.incr("tasks_pending", 1);
             self.tasks.insert(
                 id,
                 TaskRow {
@@ -359,8 +416,8 @@ impl<'a> Planner<'a> {
                     .ok_or_else(|| missing(p))?;
                 self.hset(key, [("progress", "100".to_owned())]);
                 if let Some(agent) = row.assignee {
-                    let agent_key = self.key(&format!("agent:{agent}"));
-                    self.writes.hincrby(&agent_key, "tasks_completed", 1);
+                    let agent_key = self.key(&["agent:", &agent]);
+                    self.writes.hash(agent_key).incr("tasks_completed", 1);
                     self.release_agent(&agent, &id);
                     self.touch_agent(tenant, &agent, position, at_ms);
                 }
@@ -370,8 +427,8 @@ impl<'a> Planner<'a> {
                     .ok_or_else(|| missing(p))?;
                 self.hset(key, [("last_error", error.clone())]);
                 if let Some(agent) = row.assignee {
-                    let agent_key = self.key(&format!("agent:{agent}"));
-                    self.writes.hincrby(&agent_key, "tasks_failed", 1);
+                    let agent_key = self.key(&["agent:", &agent]);
+                    self.writes.hash(agent_key).incr("tasks_failed", 1);
                     self.release_agent(&agent, &id);
                     self.touch_agent(tenant, &agent, position, at_ms);
                 }
@@ -426,7 +483,7 @@ impl<'a> Planner<'a> {
                 workflow_id, name, ..
             } => {
                 let id = workflow_id.to_string();
-                let key = self.key(&format!("workflow:{id}"));
+                let key = self.key(&["workflow:", &id]);
                 let fields = [
                     ("id", id.clone()),
                     ("tenant", tenant.to_owned()),
@@ -436,11 +493,14 @@ impl<'a> Planner<'a> {
                     ("last_position", position.to_owned()),
                 ];
                 // Counters are HINCRBY'd by task events; they start at 0.
+                let hash = self.writes.hash(key);
                 for counter in workflow_task_counters() {
-                    self.writes.hsetnx(&key, &counter, "0".to_owned());
+                    hash.set_nx(&counter, "0".to_owned());
                 }
-                self.hset(key, fields);
-                let set = self.key(&format!("workflows:{tenant}:status:running"));
+                for (field, value) in fields {
+                    hash.set(field, value);
+                }
+                let set = self.key(&["workflows:", tenant, ":status:running"]);
                 self.writes.sadd(set, &id);
                 return;
             }
@@ -456,7 +516,7 @@ impl<'a> Planner<'a> {
                 reason,
             } => (workflow_id.to_string(), "cancelled", reason.clone()),
         };
-        let key = self.key(&format!("workflow:{id}"));
+        let key = self.key(&["workflow:", &id]);
         self.hset(
             key,
             [
@@ -466,8 +526,8 @@ impl<'a> Planner<'a> {
             ],
         );
         // Only running workflows end, so the previous status is "running".
-        let from = self.key(&format!("workflows:{tenant}:status:running"));
-        let to = self.key(&format!("workflows:{tenant}:status:{status}"));
+        let from = self.key(&["workflows:", tenant, ":status:running"]);
+        let to = self.key(&["workflows:", tenant, ":status:", status]);
         self.writes.srem(from, &id);
         self.writes.sadd(to, &id);
     }

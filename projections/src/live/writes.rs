@@ -14,56 +14,50 @@ struct FieldWrite {
     delta: Option<i64>,
 }
 
-/// A batch's writes coalesced per key. Applying them gives the same result
-/// as applying the planned commands one by one: commands on different keys
-/// commute, a later `HSET` of a field overrides what came before, `HINCRBY`s
-/// add up, an `HSETNX` after any write of the field is a no-op, and a set
-/// member's or sorted-set member's last write is its final state.
+/// The writes of a batch to one hash, field by field in the order the batch
+/// first touched them (hashes have at most a few dozen fields, so a linear
+/// scan beats hashing).
 #[derive(Debug, Default)]
-pub(super) struct Writes {
-    /// Hash key → fields in the order the batch first touched them (hashes
-    /// have at most a few dozen fields, so a linear scan beats hashing).
-    hashes: HashMap<String, Vec<(String, FieldWrite)>>,
-    /// Set key → member → whether it ends up added (`SADD`) or removed.
-    sets: HashMap<String, BTreeMap<String, bool>>,
-    /// Sorted-set key → member → last score.
-    zsets: HashMap<String, BTreeMap<String, i64>>,
+pub(super) struct HashWrites {
+    fields: Vec<(String, FieldWrite)>,
 }
 
-impl Writes {
-    fn field(&mut self, key: &str, field: &str) -> (&mut FieldWrite, bool) {
-        let fields = self.hashes.entry(key.to_owned()).or_default();
-        let found = fields.iter().position(|(f, _)| f == field);
+impl HashWrites {
+    fn field(&mut self, field: &str) -> (&mut FieldWrite, bool) {
+        let found = self.fields.iter().position(|(f, _)| f == field);
         let fresh = found.is_none();
         let index = found.unwrap_or_else(|| {
-            fields.push((
+            self.fields.push((
                 field.to_owned(),
                 FieldWrite {
                     set: None,
                     delta: None,
                 },
             ));
-            fields.len() - 1
+            self.fields.len() - 1
         });
-        (&mut fields[index].1, fresh)
+        (&mut self.fields[index].1, fresh)
     }
 
-    pub(super) fn hset(&mut self, key: &str, field: &str, value: String) {
-        let (write, _) = self.field(key, field);
+    /// `HSET key field value`.
+    pub(super) fn set(&mut self, field: &str, value: String) {
+        let (write, _) = self.field(field);
         write.set = Some((value, false));
         write.delta = None;
     }
 
-    pub(super) fn hsetnx(&mut self, key: &str, field: &str, value: String) {
-        let (write, fresh) = self.field(key, field);
+    /// `HSETNX key field value`.
+    pub(super) fn set_nx(&mut self, field: &str, value: String) {
+        let (write, fresh) = self.field(field);
         // Written earlier in the batch: the field exists, HSETNX is a no-op.
         if fresh {
             write.set = Some((value, true));
         }
     }
 
-    pub(super) fn hincrby(&mut self, key: &str, field: &str, by: i64) {
-        let (write, _) = self.field(key, field);
+    /// `HINCRBY key field by`.
+    pub(super) fn incr(&mut self, field: &str, by: i64) {
+        let (write, _) = self.field(field);
         match &mut write.set {
             // A plain HSET of an integer followed by HINCRBY: fold into the
             // value (Redis would store the same decimal string).
@@ -76,38 +70,68 @@ impl Writes {
             _ => write.delta = Some(write.delta.unwrap_or(0) + by),
         }
     }
+}
+
+/// A batch's writes coalesced per key. Applying them gives the same result
+/// as applying the planned commands one by one: commands on different keys
+/// commute, a later `HSET` of a field overrides what came before, `HINCRBY`s
+/// add up, an `HSETNX` after any write of the field is a no-op, and a set
+/// member's or sorted-set member's last write is its final state.
+#[derive(Debug, Default)]
+pub(super) struct Writes {
+    /// Hash key → its fields' writes.
+    hashes: HashMap<String, HashWrites>,
+    /// Set key → member → whether it ends up added (`SADD`) or removed.
+    sets: HashMap<String, BTreeMap<String, bool>>,
+    /// Sorted-set key → member → last score.
+    zsets: HashMap<String, BTreeMap<String, i64>>,
+}
+
+impl Writes {
+    /// The writes to hash `key` (the key is only kept the first time).
+    pub(super) fn hash(&mut self, key: String) -> &mut HashWrites {
+        self.hashes.entry(key).or_default()
+    }
 
     pub(super) fn sadd(&mut self, key: String, member: &str) {
-        self.sets
-            .entry(key)
-            .or_default()
-            .insert(member.to_owned(), true);
+        Self::member(&mut self.sets, key, member, true);
     }
 
     pub(super) fn srem(&mut self, key: String, member: &str) {
-        self.sets
-            .entry(key)
-            .or_default()
-            .insert(member.to_owned(), false);
+        Self::member(&mut self.sets, key, member, false);
     }
 
     pub(super) fn zadd(&mut self, key: String, member: &str, score: i64) {
-        self.zsets
-            .entry(key)
-            .or_default()
-            .insert(member.to_owned(), score);
+        Self::member(&mut self.zsets, key, member, score);
     }
 
-    /// Appends the coalesced commands to `pipe`.
+    fn member<V>(
+        keys: &mut HashMap<String, BTreeMap<String, V>>,
+        key: String,
+        member: &str,
+        value: V,
+    ) {
+        let members = keys.entry(key).or_default();
+        match members.get_mut(member) {
+            Some(current) => *current = value,
+            None => {
+                members.insert(member.to_owned(), value);
+            }
+        }
+    }
+
+    /// Appends the coalesced commands to `pipe` (an atomic pipeline whose
+    /// replies are not looked at, so nothing is marked ignored).
     pub(super) fn emit(self, pipe: &mut redis::Pipeline) {
-        for (key, fields) in self.hashes {
-            let mut hset = redis::cmd("HSET");
-            hset.arg(&key);
+        for (key, hash) in self.hashes {
+            let fields = hash.fields;
+            let mut hset = redis::Cmd::with_capacity(2 + 2 * fields.len(), 64 * fields.len());
+            hset.arg("HSET").arg(&key);
             let mut any = false;
             for (field, write) in &fields {
                 match &write.set {
                     Some((value, true)) => {
-                        pipe.cmd("HSETNX").arg(&key).arg(field).arg(value).ignore();
+                        pipe.cmd("HSETNX").arg(&key).arg(field).arg(value);
                     }
                     Some((value, false)) => {
                         hset.arg(field).arg(value);
@@ -117,11 +141,11 @@ impl Writes {
                 }
             }
             if any {
-                pipe.add_command(hset).ignore();
+                pipe.add_command(hset);
             }
             for (field, write) in &fields {
                 if let Some(by) = write.delta {
-                    pipe.cmd("HINCRBY").arg(&key).arg(field).arg(by).ignore();
+                    pipe.cmd("HINCRBY").arg(&key).arg(field).arg(by);
                 }
             }
         }
@@ -134,7 +158,7 @@ impl Writes {
                 for (member, _) in removed {
                     cmd.arg(member);
                 }
-                pipe.add_command(cmd).ignore();
+                pipe.add_command(cmd);
             }
             if !added.is_empty() {
                 let mut cmd = redis::cmd("SADD");
@@ -142,7 +166,7 @@ impl Writes {
                 for (member, _) in added {
                     cmd.arg(member);
                 }
-                pipe.add_command(cmd).ignore();
+                pipe.add_command(cmd);
             }
         }
         for (key, members) in self.zsets {
@@ -151,7 +175,7 @@ impl Writes {
             for (member, score) in members {
                 cmd.arg(score).arg(member);
             }
-            pipe.add_command(cmd).ignore();
+            pipe.add_command(cmd);
         }
     }
 }
