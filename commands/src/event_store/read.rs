@@ -15,6 +15,8 @@ const EVENTS_OF_COMMAND: &str = include_str!("sql/events_of_command.sql");
 const HEAD: &str = include_str!("sql/head.sql");
 const COUNT_AFTER: &str = include_str!("sql/count_after.sql");
 const READ_STREAM_AFTER: &str = include_str!("sql/read_stream_after.sql");
+const READ_TENANT: &str = include_str!("sql/read_tenant.sql");
+const READ_POSITIONS: &str = include_str!("sql/read_positions.sql");
 
 /// One stored event, undecoded, as loading a stream returns it.
 #[derive(Debug, Clone)]
@@ -159,6 +161,53 @@ impl EventStore {
             .fetch_all(&self.pool)
             .await
             .map_err(db(format!("reading the global log after position {after}")))?;
+        rows.iter().map(recorded).collect()
+    }
+
+    /// Reads one tenant's events after `after` up to `until` (inclusive),
+    /// at most `limit`, only of `types` if given, gap-safely: only events
+    /// below the horizon of finished transactions are returned, so a reader
+    /// continuing after the last one returned misses nothing. Fewer than
+    /// `limit` events means the range is exhausted up to the horizon (which
+    /// is at or above `until` when `until` came from [`EventStore::head`]'s
+    /// `readable`).
+    pub async fn read_tenant(
+        &self,
+        tenant: &str,
+        after: i64,
+        until: i64,
+        limit: i64,
+        types: Option<&[String]>,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        let rows = sqlx::query(READ_TENANT)
+            .bind(tenant)
+            .bind(after)
+            .bind(until)
+            .bind(limit)
+            .bind(types)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db(format!(
+                "reading tenant {tenant}'s events after position {after}"
+            )))?;
+        rows.iter().map(recorded).collect()
+    }
+
+    /// The events at `positions` (any order), in position order; positions
+    /// not in the log are left out. For readers that learnt of positions
+    /// elsewhere (the change feed) and need the whole events.
+    pub async fn read_positions(&self, positions: &[i64]) -> Result<Vec<RecordedEvent>, ReadError> {
+        if positions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(READ_POSITIONS)
+            .bind(positions)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db(format!(
+                "reading {} event(s) by position",
+                positions.len()
+            )))?;
         rows.iter().map(recorded).collect()
     }
 
