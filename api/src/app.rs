@@ -478,9 +478,11 @@ pub async fn start_api(
     let feed = crate::graphql::subscriptions::Feed::start(
         store.clone(),
         live.clone(),
+        &settings.redis_url,
         limits.subscriber_buffer,
         shutdown.clone(),
-    );
+    )
+    .context("starting the subscriptions' change feed")?;
     let services = crate::graphql::Services {
         store: store.clone(),
         handler: CommandHandler::new(store.clone(), settings.handler_config()),

@@ -297,9 +297,11 @@ pub mod api {
             let feed = api::graphql::subscriptions::Feed::start(
                 pipe.store.clone(),
                 redis.model.clone(),
+                &redis.url,
                 limits.subscriber_buffer,
                 pipe.stop.clone(),
-            );
+            )
+            .unwrap();
             let services = Services {
                 store: pipe.store.clone(),
                 handler: CommandHandler::new(pipe.store.clone(), HandlerConfig::default()),

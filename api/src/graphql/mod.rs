@@ -8,6 +8,7 @@
 //! Errors carry `extensions.code`.
 
 pub mod audit;
+pub mod feed;
 pub mod mutations;
 pub mod reads;
 pub mod subscriptions;

@@ -24,6 +24,7 @@ const READ_STREAM_OF_TENANT: &str = include_str!("sql/read_stream_of_tenant.sql"
 const STREAM_VERSION_OF_TENANT: &str = include_str!("sql/stream_version_of_tenant.sql");
 const READ_LOG_OF_TENANT: &str = include_str!("sql/read_log_of_tenant.sql");
 const READ_LOG_OF_CORRELATION: &str = include_str!("sql/read_log_of_correlation.sql");
+const READ_POSITIONS: &str = include_str!("sql/read_positions.sql");
 
 /// One stored event, undecoded, as loading a stream returns it.
 #[derive(Debug, Clone)]
@@ -241,6 +242,45 @@ impl EventStore {
         let rows = query.fetch_all(&self.pool).await.map_err(db(format!(
             "reading the log of a tenant after position {after}"
         )))?;
+        rows.iter().map(recorded).collect()
+    }
+
+    /// One tenant's events after `after` up to `until` (inclusive), at most
+    /// `limit`, only of `types` if given, gap-safely (see
+    /// [`EventStore::read_log_of_tenant`]). Fewer than `limit` events means
+    /// the range is exhausted up to the horizon (at or above `until` when
+    /// `until` came from [`EventStore::head`]'s `readable`).
+    pub async fn read_tenant(
+        &self,
+        tenant: &str,
+        after: i64,
+        until: i64,
+        limit: i64,
+        types: Option<&[String]>,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        let mut events = self
+            .read_log_of_tenant(tenant, after, limit, types, None)
+            .await?;
+        // Positions increase: what lies beyond `until` is a suffix.
+        events.retain(|e| e.position <= until);
+        Ok(events)
+    }
+
+    /// The events at `positions` (any order), in position order; positions
+    /// not in the log are left out. For readers that learnt of positions
+    /// elsewhere (the change feed) and need the whole events.
+    pub async fn read_positions(&self, positions: &[i64]) -> Result<Vec<RecordedEvent>, ReadError> {
+        if positions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(READ_POSITIONS)
+            .bind(positions)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db(format!(
+                "reading {} event(s) by position",
+                positions.len()
+            )))?;
         rows.iter().map(recorded).collect()
     }
 

@@ -1,0 +1,784 @@
+//! The change feed shared by every subscriber of one process.
+//!
+//! One upstream task per process reads the Redis change feeds
+//! (`feed:<tenant>`, written by the Redis projector in the same
+//! `MULTI/EXEC` as the state it describes) of the tenants that have
+//! subscribers: one blocking `XREAD` over all their keys, on a connection of
+//! its own, re-issued when the set of tenants changes (`CLIENT UNBLOCK`
+//! wakes it). Each change is read once and fanned out in memory as an
+//! [`Arc`]'d message on the tenant's two [`broadcast`] channels (events,
+//! agent states), each holding at most `buffer` messages: a subscriber that
+//! falls further behind sees `Lagged` and is closed by its stream; memory
+//! never grows with a slow subscriber.
+//!
+//! Contracts:
+//! - Per tenant, messages are published in increasing position order, and
+//!   every message published after a subscriber joined (and its tenant was
+//!   armed, [`Feed::join`]) reaches it unless it lags; every message
+//!   published before has a position at or below the event store's readable
+//!   head read afterwards. Subscribers rely on this for a gap-free seam:
+//!   join, read the head, catch up from the store to it, then go live
+//!   skipping what the catch-up covered.
+//! - When in doubt (the Redis generation switched under the reader, or the
+//!   capped feed was trimmed past the reader's cursor) the missed range is
+//!   read from the event store instead, so no position is skipped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use commands::{EventStore, ReadError, RecordedEvent};
+use projections::{Entity, LiveModel};
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamId, StreamReadReply};
+use tokio::sync::{broadcast, watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::types::{Agent, Event};
+
+/// Entries read per key and `XREAD`.
+const READ_COUNT: usize = 256;
+/// How long one `XREAD` blocks when nothing arrives.
+const BLOCK: Duration = Duration::from_secs(5);
+/// How long a subscriber waits for the upstream to start reading its tenant.
+const ARM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Events read from the store per page when filling a gap.
+const FILL_PAGE: i64 = 1_000;
+/// Task → workflow entries kept before the cache is cleared.
+const WORKFLOW_CACHE: usize = 100_000;
+
+/// Why the feed cannot serve a subscriber.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    /// Redis failed or is unreachable.
+    #[error("Redis failed while {doing}")]
+    Redis {
+        /// What the feed was doing.
+        doing: String,
+        /// The cause.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// The event store failed.
+    #[error("the event store failed")]
+    Store(#[from] ReadError),
+    /// The Redis URL does not parse.
+    #[error("the Redis URL is invalid")]
+    Url(#[source] redis::RedisError),
+    /// The upstream did not start reading the tenant's changes in time.
+    #[error("the change feed did not start reading tenant {tenant}'s changes within {seconds} s")]
+    NotReady {
+        /// The tenant.
+        tenant: String,
+        /// The timeout.
+        seconds: u64,
+    },
+    /// The server is shutting down.
+    #[error("the change feed has stopped (the server is shutting down)")]
+    Stopped,
+}
+
+fn redis_failed(doing: impl Into<String>) -> impl FnOnce(redis::RedisError) -> FeedError {
+    let doing = doing.into();
+    move |source| FeedError::Redis { doing, source }
+}
+
+/// One event as fanned out: built once, shared by every subscriber.
+#[derive(Debug)]
+pub struct EventMessage {
+    /// Its global position.
+    pub position: i64,
+    /// The event, as the schema shows it.
+    pub event: Arc<Event>,
+    /// The workflow it belongs to (its own stream's, or its task's), if known.
+    pub workflow: Option<String>,
+}
+
+/// An agent's state after a change: read from Redis once, shared.
+#[derive(Debug)]
+pub struct AgentMessage {
+    /// Position of the (last) event of the change.
+    pub position: i64,
+    /// The agent's state as Redis held it right after.
+    pub agent: Arc<Agent>,
+}
+
+/// The channels of one tenant with subscribers.
+struct Slot {
+    /// Events, in position order.
+    events: broadcast::Sender<Arc<EventMessage>>,
+    /// Agent states, in position order.
+    agents: broadcast::Sender<Arc<AgentMessage>>,
+    /// Live [`Subscriber`] guards of the tenant.
+    subscribers: usize,
+    /// Set once the upstream has a cursor for the tenant (see [`Feed::join`]).
+    armed: watch::Sender<bool>,
+}
+
+struct Inner {
+    store: EventStore,
+    live: LiveModel,
+    buffer: usize,
+    /// Tenants with subscribers. A std mutex: held for map operations only,
+    /// never across an await.
+    slots: Mutex<HashMap<String, Slot>>,
+    /// Wakes the upstream when a tenant gains its first subscriber.
+    changed: Notify,
+    /// Task id → workflow id (from `TaskCreated`, else the task hash).
+    workflows: Mutex<HashMap<String, String>>,
+    shutdown: CancellationToken,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding it leaves plain maps in a usable state.
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// The change feed shared by the subscribers of this process. Cheap to clone.
+#[derive(Clone)]
+pub struct Feed {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Feed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feed")
+            .field("buffer", &self.inner.buffer)
+            .field("tenants", &lock(&self.inner.slots).len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Feed::join`] returns: the membership and the tenant's event and
+/// agent-state receivers (a subscriber drops the one it does not need, so
+/// the upstream only reads what someone listens to).
+pub type Joined = (
+    Subscriber,
+    broadcast::Receiver<Arc<EventMessage>>,
+    broadcast::Receiver<Arc<AgentMessage>>,
+);
+
+/// A subscriber's membership of its tenant's channels: while any exists the
+/// upstream reads the tenant's feed. Counts in `neurectomy_subscriptions`.
+pub struct Subscriber {
+    inner: Arc<Inner>,
+    tenant: String,
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        crate::metrics::subscription(-1.0);
+        let mut slots = lock(&self.inner.slots);
+        if let Some(slot) = slots.get_mut(&self.tenant) {
+            slot.subscribers = slot.subscribers.saturating_sub(1);
+            if slot.subscribers == 0 {
+                slots.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+impl Feed {
+    /// Starts the shared upstream reader (until `shutdown`), on a Redis
+    /// connection of its own to `redis_url` (its `XREAD` blocks).
+    pub fn start(
+        store: EventStore,
+        live: LiveModel,
+        redis_url: &str,
+        buffer: usize,
+        shutdown: CancellationToken,
+    ) -> Result<Self, FeedError> {
+        let client = redis::Client::open(redis_url).map_err(FeedError::Url)?;
+        let inner = Arc::new(Inner {
+            store,
+            live,
+            buffer: buffer.max(1),
+            slots: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+            workflows: Mutex::new(HashMap::new()),
+            shutdown,
+        });
+        tokio::spawn(upstream(inner.clone(), client));
+        Ok(Self { inner })
+    }
+
+    /// The event store the feed falls back to.
+    pub fn store(&self) -> &EventStore {
+        &self.inner.store
+    }
+
+    /// Messages buffered per subscriber.
+    pub fn buffer(&self) -> usize {
+        self.inner.buffer
+    }
+
+    /// Joins `tenant`'s channels and waits until the upstream reads its
+    /// feed. Every message published from then on reaches the receivers;
+    /// every one published before is at or below the store's readable head
+    /// as read after this returns.
+    #[tracing::instrument(skip(self), err)]
+    pub async fn join(&self, tenant: &str) -> Result<Joined, FeedError> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(FeedError::Stopped);
+        }
+        let (events, agents, mut armed, new) = {
+            let mut slots = lock(&self.inner.slots);
+            let new = !slots.contains_key(tenant);
+            let slot = slots.entry(tenant.to_owned()).or_insert_with(|| Slot {
+                events: broadcast::channel(self.inner.buffer).0,
+                agents: broadcast::channel(self.inner.buffer).0,
+                subscribers: 0,
+                armed: watch::channel(false).0,
+            });
+            slot.subscribers += 1;
+            crate::metrics::subscription(1.0);
+            (
+                slot.events.subscribe(),
+                slot.agents.subscribe(),
+                slot.armed.subscribe(),
+                new,
+            )
+        };
+        let subscriber = Subscriber {
+            inner: self.inner.clone(),
+            tenant: tenant.to_owned(),
+        };
+        if new {
+            self.inner.changed.notify_one();
+        }
+        let waited = tokio::time::timeout(ARM_TIMEOUT, armed.wait_for(|a| *a))
+            .await
+            .map(|r| r.is_ok());
+        match waited {
+            Ok(true) => Ok((subscriber, events, agents)),
+            Ok(false) => Err(FeedError::Stopped),
+            Err(_) => Err(FeedError::NotReady {
+                tenant: tenant.to_owned(),
+                seconds: ARM_TIMEOUT.as_secs(),
+            }),
+        }
+    }
+
+    /// The workflow each event belongs to: its stream's for `workflow-…`,
+    /// its task's for `task-…` (from `TaskCreated`, a shared cache, else
+    /// the tenant's task hashes in one round trip).
+    pub async fn workflows(
+        &self,
+        tenant: &str,
+        events: &[RecordedEvent],
+    ) -> Result<Vec<Option<String>>, FeedError> {
+        self.inner.workflows(tenant, events).await
+    }
+}
+
+impl Inner {
+    async fn workflows(
+        &self,
+        tenant: &str,
+        events: &[RecordedEvent],
+    ) -> Result<Vec<Option<String>>, FeedError> {
+        let mut found: Vec<Option<String>> = Vec::with_capacity(events.len());
+        let mut missing: Vec<String> = Vec::new();
+        {
+            let mut cache = lock(&self.workflows);
+            for event in events {
+                let workflow = match event.stream_id.split_once('-') {
+                    Some(("workflow", id)) => Some(id.to_owned()),
+                    Some(("task", id)) => {
+                        if event.event_type == "TaskCreated" {
+                            if let Some(w) = event.data.get("workflow_id").and_then(|w| w.as_str())
+                            {
+                                if cache.len() >= WORKFLOW_CACHE {
+                                    cache.clear();
+                                }
+                                cache.insert(id.to_owned(), w.to_owned());
+                            }
+                        }
+                        let known = cache.get(id).cloned();
+                        if known.is_none() && !missing.iter().any(|m| m == id) {
+                            missing.push(id.to_owned());
+                        }
+                        known
+                    }
+                    _ => None,
+                };
+                found.push(workflow);
+            }
+        }
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        let rows = self
+            .live
+            .entities(Entity::Task, tenant, &missing)
+            .await
+            .map_err(redis_failed("reading the workflows of tasks"))?;
+        let mut cache = lock(&self.workflows);
+        for (id, row) in missing.iter().zip(rows) {
+            if let Some(workflow) = row.and_then(|r| r.get("workflow").cloned()) {
+                cache.insert(id.clone(), workflow);
+            }
+        }
+        for (event, workflow) in events.iter().zip(found.iter_mut()) {
+            if workflow.is_none() {
+                if let Some(("task", id)) = event.stream_id.split_once('-') {
+                    *workflow = cache.get(id).cloned();
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The key of `tenant`'s feed in the current generation.
+    fn key(&self, tenant: &str) -> String {
+        self.live.key(&format!("feed:{tenant}"))
+    }
+
+    /// Closes every channel (their subscribers' streams end).
+    fn close(&self) {
+        lock(&self.slots).clear();
+    }
+}
+
+/// Position of a feed entry id `<position>-0`.
+fn entry_position(id: &str) -> Option<i64> {
+    id.split_once('-').map_or(id, |(p, _)| p).parse().ok()
+}
+
+/// The upstream: reads, reconnecting after failures, until shutdown.
+async fn upstream(inner: Arc<Inner>, client: redis::Client) {
+    let mut reader = Reader {
+        cursors: HashMap::new(),
+        generation: inner.live.generation(),
+    };
+    let mut pause = Duration::from_millis(100);
+    while !inner.shutdown.is_cancelled() {
+        match reader.run(&inner, &client).await {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(error = %error, cause = ?std::error::Error::source(&error), "the subscriptions' change feed failed; reconnecting");
+                tokio::select! {
+                    () = inner.shutdown.cancelled() => break,
+                    () = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    inner.close();
+    tracing::debug!("the subscriptions' change feed stopped");
+}
+
+/// The upstream's own state: where it is in each tenant's feed.
+struct Reader {
+    /// Tenant → last position read (published or known covered).
+    cursors: HashMap<String, i64>,
+    /// The Redis generation the cursors were read in.
+    generation: String,
+}
+
+impl Reader {
+    /// Reads until shutdown (`Ok`) or a failure (`Err`; cursors are kept,
+    /// so a reconnected reader continues where this one stopped).
+    async fn run(&mut self, inner: &Inner, client: &redis::Client) -> Result<(), FeedError> {
+        let config =
+            redis::AsyncConnectionConfig::new().set_connection_timeout(Duration::from_secs(5));
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(redis_failed("connecting the change-feed reader"))?;
+        let id: i64 = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_failed("reading the reader's client id"))?;
+        loop {
+            if inner.shutdown.is_cancelled() {
+                return Ok(());
+            }
+            self.sync(inner, &mut conn).await?;
+            self.follow_generation(inner, &mut conn).await?;
+            if self.cursors.is_empty() {
+                tokio::select! {
+                    () = inner.shutdown.cancelled() => return Ok(()),
+                    () = inner.changed.notified() => continue,
+                }
+            }
+            let Some(reply) = self.read(inner, &mut conn, id).await? else {
+                continue;
+            };
+            for stream in reply.keys {
+                let Some(tenant) = self
+                    .cursors
+                    .keys()
+                    .find(|t| inner.key(t) == stream.key)
+                    .cloned()
+                else {
+                    continue;
+                };
+                self.deliver(inner, &mut conn, &tenant, &stream.key, stream.ids)
+                    .await?;
+            }
+        }
+    }
+
+    /// Follows the set of tenants with subscribers: drops the cursors of
+    /// tenants without, starts new ones at their feed's end, and arms them.
+    async fn sync(
+        &mut self,
+        inner: &Inner,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<(), FeedError> {
+        let tenants: Vec<(String, bool)> = lock(&inner.slots)
+            .iter()
+            .map(|(t, s)| (t.clone(), *s.armed.borrow()))
+            .collect();
+        self.cursors
+            .retain(|t, _| tenants.iter().any(|(tenant, _)| tenant == t));
+        for (tenant, armed) in tenants {
+            if !self.cursors.contains_key(&tenant) {
+                let tail = tail(conn, &inner.key(&tenant)).await?;
+                tracing::debug!(%tenant, tail, "following a tenant's change feed");
+                self.cursors.insert(tenant.clone(), tail);
+            }
+            if !armed {
+                if let Some(slot) = lock(&inner.slots).get(&tenant) {
+                    slot.armed.send_replace(true);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a replay switched the Redis generation, continues in the new
+    /// one: what the new feed holds up to its end is read from the store.
+    async fn follow_generation(
+        &mut self,
+        inner: &Inner,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<(), FeedError> {
+        let now = inner.live.generation();
+        if now == self.generation {
+            return Ok(());
+        }
+        tracing::info!(from = %self.generation, to = %now, "the Redis generation switched; the change feed follows");
+        let tenants: Vec<String> = self.cursors.keys().cloned().collect();
+        for tenant in tenants {
+            let tail = tail(conn, &inner.key(&tenant)).await?;
+            let cursor = self.cursors.get(&tenant).copied().unwrap_or(0);
+            if tail > cursor {
+                fill(inner, &tenant, cursor, tail).await?;
+                self.cursors.insert(tenant, tail);
+            }
+        }
+        self.generation = now;
+        Ok(())
+    }
+
+    /// One blocking `XREAD` over the tenants' feeds; `None` when it timed
+    /// out, was woken to re-issue (a new tenant), or the server stops.
+    async fn read(
+        &self,
+        inner: &Inner,
+        conn: &mut MultiplexedConnection,
+        id: i64,
+    ) -> Result<Option<StreamReadReply>, FeedError> {
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(READ_COUNT)
+            .arg("BLOCK")
+            .arg(BLOCK.as_millis() as u64)
+            .arg("STREAMS");
+        let tenants: Vec<(&String, &i64)> = self.cursors.iter().collect();
+        for (tenant, _) in &tenants {
+            cmd.arg(inner.key(tenant));
+        }
+        for (_, cursor) in &tenants {
+            cmd.arg(format!("{cursor}-0"));
+        }
+        let read = cmd.query_async::<Option<StreamReadReply>>(conn);
+        tokio::pin!(read);
+        // Why not just drop the read on a change: the connection would stay
+        // blocked until Redis answers it. `CLIENT UNBLOCK` (on another
+        // connection) makes it answer now; it is retried until it lands,
+        // since it may overtake the `XREAD` it should unblock.
+        let mut wake = false;
+        loop {
+            tokio::select! {
+                biased;
+                reply = &mut read => {
+                    return reply.map_err(redis_failed("reading the change feeds"));
+                }
+                () = inner.shutdown.cancelled() => return Ok(None),
+                () = inner.changed.notified(), if !wake => wake = true,
+                () = tokio::time::sleep(Duration::from_millis(20)), if wake => {}
+            }
+            let mut other = inner.live.connection();
+            let unblocked: i64 = redis::cmd("CLIENT")
+                .arg("UNBLOCK")
+                .arg(id)
+                .query_async(&mut other)
+                .await
+                .map_err(redis_failed("waking the change-feed reader"))?;
+            if unblocked == 1 {
+                wake = false;
+            }
+        }
+    }
+
+    /// Publishes entries read from `tenant`'s feed.
+    async fn deliver(
+        &mut self,
+        inner: &Inner,
+        conn: &mut MultiplexedConnection,
+        tenant: &str,
+        key: &str,
+        entries: Vec<StreamId>,
+    ) -> Result<(), FeedError> {
+        let cursor = self.cursors.get(tenant).copied().unwrap_or(0);
+        if entries.len() >= READ_COUNT {
+            // Behind by a full page: the capped feed may have been trimmed
+            // past the cursor. Whatever lies between the cursor and the
+            // oldest entry left comes from the store.
+            if let Some(oldest) = head_entry(conn, key).await? {
+                if oldest > cursor + 1 {
+                    fill(inner, tenant, cursor, oldest - 1).await?;
+                }
+            }
+        }
+        let mut changes = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            let Some(position) = entry_position(&entry.id) else {
+                tracing::warn!(id = %entry.id, "a change-feed entry without a position; skipped");
+                continue;
+            };
+            if position <= cursor {
+                continue;
+            }
+            changes.push(Change {
+                position,
+                event_type: entry.get("type").unwrap_or_default(),
+                stream_id: entry.get("stream_id").unwrap_or_default(),
+                data: entry
+                    .get::<Vec<u8>>("data")
+                    .and_then(|d| serde_json::from_slice(&d).ok())
+                    .unwrap_or_default(),
+            });
+        }
+        tracing::trace!(
+            tenant,
+            cursor,
+            entries = entries.len(),
+            changes = changes.len(),
+            "read from the change feed"
+        );
+        publish(inner, tenant, &changes, None).await?;
+        if let Some(last) = changes.last() {
+            self.cursors.insert(tenant.to_owned(), last.position);
+        }
+        Ok(())
+    }
+}
+
+/// What a feed entry says (the payload, not the metadata).
+struct Change {
+    position: i64,
+    event_type: String,
+    stream_id: String,
+    data: serde_json::Value,
+}
+
+impl Change {
+    fn from_recorded(e: &RecordedEvent) -> Self {
+        Self {
+            position: e.position,
+            event_type: e.event_type.clone(),
+            stream_id: e.stream_id.clone(),
+            data: e.data.clone(),
+        }
+    }
+}
+
+/// Position of the last entry of a feed (0 if empty or absent).
+async fn tail(conn: &mut MultiplexedConnection, key: &str) -> Result<i64, FeedError> {
+    let ids: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        .arg(key)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await
+        .map_err(redis_failed(format!("reading the end of {key}")))?;
+    Ok(ids
+        .first()
+        .and_then(|(id, _)| entry_position(id))
+        .unwrap_or(0))
+}
+
+/// Position of the first (oldest) entry of a feed.
+async fn head_entry(conn: &mut MultiplexedConnection, key: &str) -> Result<Option<i64>, FeedError> {
+    let ids: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await
+        .map_err(redis_failed(format!("reading the start of {key}")))?;
+    Ok(ids.first().and_then(|(id, _)| entry_position(id)))
+}
+
+/// Publishes `tenant`'s events in `(after, until]` from the event store (a
+/// range the feed cannot vouch for).
+async fn fill(inner: &Inner, tenant: &str, after: i64, until: i64) -> Result<(), FeedError> {
+    tracing::info!(
+        tenant,
+        after,
+        until,
+        "filling the change feed from the event store"
+    );
+    let mut after = after;
+    while after < until {
+        let page = inner
+            .store
+            .read_tenant(tenant, after, until, FILL_PAGE, None)
+            .await?;
+        let changes: Vec<Change> = page.iter().map(Change::from_recorded).collect();
+        publish(inner, tenant, &changes, Some(&page)).await?;
+        match page.last() {
+            Some(last) if page.len() as i64 == FILL_PAGE => after = last.position,
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
+/// Fans `changes` (in position order) out to the tenant's subscribers:
+/// events (whole, from `recorded` or the store, once) if anyone listens for
+/// events, agent states (each agent's hash read once per batch) if anyone
+/// listens for agents.
+async fn publish(
+    inner: &Inner,
+    tenant: &str,
+    changes: &[Change],
+    recorded: Option<&[RecordedEvent]>,
+) -> Result<(), FeedError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let Some((events, agents)) = lock(&inner.slots)
+        .get(tenant)
+        .map(|s| (s.events.clone(), s.agents.clone()))
+    else {
+        return Ok(());
+    };
+    if events.receiver_count() > 0 {
+        let loaded;
+        let records = match recorded {
+            Some(records) => records,
+            None => {
+                let positions: Vec<i64> = changes.iter().map(|c| c.position).collect();
+                loaded = inner.store.read_positions(&positions).await?;
+                &loaded[..]
+            }
+        };
+        // The feed is per tenant; checking again costs nothing and keeps
+        // one tenant's events out of another's channel whatever happens.
+        let records: Vec<RecordedEvent> = records
+            .iter()
+            .filter(|r| r.metadata.tenant == tenant)
+            .cloned()
+            .collect();
+        let workflows = inner.workflows(tenant, &records).await?;
+        for (record, workflow) in records.iter().zip(workflows) {
+            // An error only means no receiver is left.
+            let _ = events.send(Arc::new(EventMessage {
+                position: record.position,
+                event: Arc::new(Event::from(record)),
+                workflow,
+            }));
+        }
+    }
+    if agents.receiver_count() > 0 {
+        publish_agents(inner, tenant, changes, &agents).await?;
+    }
+    Ok(())
+}
+
+/// Which agents' hashes `changes` touched, by the last position touching
+/// each; reads each hash once and publishes it.
+async fn publish_agents(
+    inner: &Inner,
+    tenant: &str,
+    changes: &[Change],
+    agents: &broadcast::Sender<Arc<AgentMessage>>,
+) -> Result<(), FeedError> {
+    let mut touched: BTreeMap<String, i64> = BTreeMap::new();
+    // Completions, failures and cancellations name no agent: their task's
+    // assignee (kept in the task hash) is the one released.
+    let mut released: Vec<(String, i64)> = Vec::new();
+    for change in changes {
+        if let Some(("agent", id)) = change.stream_id.split_once('-') {
+            touched.insert(id.to_owned(), change.position);
+        }
+        for field in ["agent_id", "from_agent_id", "to_agent_id"] {
+            if let Some(id) = change.data.get(field).and_then(|v| v.as_str()) {
+                touched.insert(id.to_owned(), change.position);
+            }
+        }
+        if matches!(
+            change.event_type.as_str(),
+            "TaskCompleted" | "TaskFailed" | "TaskCancelled"
+        ) {
+            if let Some(("task", id)) = change.stream_id.split_once('-') {
+                released.push((id.to_owned(), change.position));
+            }
+        }
+    }
+    if !released.is_empty() {
+        let ids: Vec<String> = released.iter().map(|(id, _)| id.clone()).collect();
+        let rows = inner
+            .live
+            .entities(Entity::Task, tenant, &ids)
+            .await
+            .map_err(redis_failed("reading the assignees of tasks"))?;
+        for ((_, position), row) in released.iter().zip(rows) {
+            if let Some(agent) = row.and_then(|r| r.get("assignee").cloned()) {
+                if !agent.is_empty() {
+                    let at = touched.entry(agent).or_insert(*position);
+                    *at = (*at).max(*position);
+                }
+            }
+        }
+    }
+    if touched.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = touched.keys().cloned().collect();
+    let rows = inner
+        .live
+        .entities(Entity::Agent, tenant, &ids)
+        .await
+        .map_err(redis_failed("reading changed agents"))?;
+    let mut messages: Vec<AgentMessage> = ids
+        .iter()
+        .zip(rows)
+        .filter_map(|(id, row)| {
+            let fields = row?;
+            Some(AgentMessage {
+                position: touched.get(id).copied().unwrap_or(0),
+                agent: Arc::new(Agent::from_fields(id, &fields)),
+            })
+        })
+        .collect();
+    messages.sort_by_key(|m| m.position);
+    for message in messages {
+        let _ = agents.send(Arc::new(message));
+    }
+    Ok(())
+}
