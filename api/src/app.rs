@@ -497,6 +497,7 @@ pub async fn start_api(
         services,
         nats: nats.clone(),
         config: settings.api.server_config(),
+        shutdown: shutdown.clone(),
     });
     let listener = tokio::net::TcpListener::bind(&settings.api.api_listen)
         .await

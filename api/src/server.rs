@@ -57,6 +57,8 @@ pub struct AppState {
     pub nats: async_nats::Client,
     /// HTTP settings.
     pub config: ServerConfig,
+    /// Cancelled at shutdown: open WebSockets close with 1001 (going away).
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The router.
@@ -600,6 +602,13 @@ async fn serve_websocket(state: Arc<AppState>, socket: WebSocket, protocol: WebS
                 }
                 None => break,
             },
+            () = state.shutdown.cancelled() => {
+                // Clients resume by position on another replica or after restart.
+                let _ = sink
+                    .send(close(1001, "going away: the server is shutting down; resubscribe with afterPosition".to_owned()))
+                    .await;
+                break;
+            }
             () = &mut init_deadline, if !initialised.load(Ordering::Relaxed) => {
                 let _ = sink
                     .send(close(4408, "Connection initialisation timeout".to_owned()))

@@ -316,6 +316,7 @@ pub mod api {
                 services,
                 nats: pipe.nats.client.clone(),
                 config,
+                shutdown: pipe.stop.clone(),
             });
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
