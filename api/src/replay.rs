@@ -26,58 +26,43 @@ pub async fn run(settings: &Settings, args: ReplayArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn replay_graph(settings: &Settings, batch_size: usize) -> anyhow::Result<()> {
+/// Connects to the store, runs `replay`, prints its summary.
+async fn replay_with<F, Fut>(settings: &Settings, replay: F, describe: &str) -> anyhow::Result<()>
+where
+    F: FnOnce(EventStore, async_nats::Client) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ReplaySummary>>,
+{
     let pool = crate::app::connect_database(settings).await?;
     let nats = crate::app::connect_nats(settings).await?;
-    let store = EventStore::new(pool.clone());
-    let summary = replay_graph_into(
-        &store,
-        &nats,
-        settings.graph_config(),
-        &settings.graph_http(),
-        batch_size,
-        true,
-    )
-    .await;
+    let summary = replay(EventStore::new(pool.clone()), nats).await;
     pool.close().await;
-    let summary = summary?;
+    let s = summary?;
     println!(
-        "replayed {} event(s) in {:.1}s ({:.0} events/s); database {} is now active (was {}, now removed; {} node(s) deleted from the home database)",
-        summary.events,
-        summary.seconds,
-        summary.events as f64 / summary.seconds.max(1e-9),
-        summary.generation,
-        summary.previous.as_deref().unwrap_or("none"),
-        summary.deleted_keys,
+        "replayed {} event(s) in {:.1}s ({:.0} events/s); {describe} {} is now active (was {}); {} key(s)/node(s) of the old one deleted",
+        s.events,
+        s.seconds,
+        s.events as f64 / s.seconds.max(1e-9),
+        s.generation,
+        s.previous.as_deref().unwrap_or("none"),
+        s.deleted_keys,
     );
     Ok(())
 }
 
+async fn replay_graph(settings: &Settings, batch_size: usize) -> anyhow::Result<()> {
+    let replay = |store: EventStore, nats: async_nats::Client| async move {
+        let (config, http) = (settings.graph_config(), settings.graph_http());
+        replay_graph_into(&store, &nats, config, &http, batch_size, true).await
+    };
+    replay_with(settings, replay, "graph database").await
+}
+
 async fn replay_redis(settings: &Settings, batch_size: usize) -> anyhow::Result<()> {
-    let pool = crate::app::connect_database(settings).await?;
-    let nats = crate::app::connect_nats(settings).await?;
-    let store = EventStore::new(pool.clone());
-    let summary = replay_redis_into(
-        &store,
-        &nats,
-        &settings.redis_url,
-        settings.live_config(),
-        batch_size,
-        true,
-    )
-    .await;
-    pool.close().await;
-    let summary = summary?;
-    println!(
-        "replayed {} event(s) in {:.1}s ({:.0} events/s); generation {} is now active (was {}); deleted {} key(s) of the old one",
-        summary.events,
-        summary.seconds,
-        summary.events as f64 / summary.seconds.max(1e-9),
-        summary.generation,
-        summary.previous.as_deref().unwrap_or("none"),
-        summary.deleted_keys,
-    );
-    Ok(())
+    let replay = |store: EventStore, nats: async_nats::Client| async move {
+        let config = settings.live_config();
+        replay_redis_into(&store, &nats, &settings.redis_url, config, batch_size, true).await
+    };
+    replay_with(settings, replay, "Redis generation").await
 }
 
 /// What a replay did.

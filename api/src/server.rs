@@ -389,51 +389,28 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// `ok`, the error, or that it timed out.
+async fn probe<T, E: std::fmt::Display>(
+    timeout: Duration,
+    check: impl std::future::Future<Output = Result<T, E>>,
+) -> String {
+    match tokio::time::timeout(timeout, check).await {
+        Ok(Ok(_)) => "ok".to_owned(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {} s", timeout.as_secs()),
+    }
+}
+
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let services = &state.services;
     let timeout = Duration::from_secs(2);
-    let check = |r: Result<Result<(), String>, tokio::time::error::Elapsed>| match r {
-        Ok(Ok(())) => "ok".to_owned(),
-        Ok(Err(e)) => e,
-        Err(_) => format!("no answer within {} s", timeout.as_secs()),
-    };
-    let postgres = check(
-        tokio::time::timeout(timeout, async {
-            services
-                .store
-                .head()
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
-        .await,
-    );
+    let postgres = probe(timeout, services.store.head()).await;
     let nats = match state.nats.connection_state() {
         async_nats::connection::State::Connected => "ok".to_owned(),
         other => format!("{other:?}"),
     };
-    let redis = check(
-        tokio::time::timeout(timeout, async {
-            services
-                .live
-                .read_checkpoint()
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
-        .await,
-    );
-    let graph = check(
-        tokio::time::timeout(timeout, async {
-            services
-                .graph
-                .read_checkpoint()
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
-        .await,
-    );
+    let redis = probe(timeout, services.live.read_checkpoint()).await;
+    let graph = probe(timeout, services.graph.read_checkpoint()).await;
     let mut projections = serde_json::Map::new();
     let mut stopped = false;
     for name in ["redis", "graph"] {

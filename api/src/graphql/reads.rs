@@ -243,6 +243,34 @@ fn page(
     Ok((ids[start..end].to_vec(), start > 0, end < ids.len()))
 }
 
+/// A page of the entities with sorted `ids` after the cursor, as a
+/// connection (entities gone or of another tenant are left out).
+async fn connection<T: async_graphql::OutputType>(
+    services: &super::Services,
+    entity: Entity,
+    tenant: &str,
+    ids: &[String],
+    after: Option<String>,
+    size: usize,
+    node: fn(&str, &projections::Fields) -> T,
+) -> async_graphql::Result<Connection<OpaqueCursor<String>, T>> {
+    let (ids, previous, next) = page(ids, after, size)?;
+    let rows = services
+        .live
+        .entities(entity, tenant, &ids)
+        .await
+        .map_err(|e| unavailable("Redis", e))?;
+    let mut connection = Connection::new(previous, next);
+    for (id, row) in ids.iter().zip(rows) {
+        if let Some(fields) = row {
+            connection
+                .edges
+                .push(Edge::new(OpaqueCursor(id.clone()), node(id, &fields)));
+        }
+    }
+    Ok(connection)
+}
+
 /// Queries on the read models.
 #[derive(Default)]
 pub struct ReadQuery;
@@ -290,22 +318,16 @@ impl ReadQuery {
             )
             .await
             .map_err(|e| unavailable("Redis", e))?;
-        let (ids, previous, next) = page(&ids, after, size)?;
-        let rows = services
-            .live
-            .entities(Entity::Agent, &who.tenant, &ids)
-            .await
-            .map_err(|e| unavailable("Redis", e))?;
-        let mut connection = Connection::new(previous, next);
-        for (id, row) in ids.iter().zip(rows) {
-            if let Some(fields) = row {
-                connection.edges.push(Edge::new(
-                    OpaqueCursor(id.clone()),
-                    Agent::from_fields(id, &fields),
-                ));
-            }
-        }
-        Ok(connection)
+        connection(
+            services,
+            Entity::Agent,
+            &who.tenant,
+            &ids,
+            after,
+            size,
+            Agent::from_fields,
+        )
+        .await
     }
 
     /// A task by id (Redis).
@@ -354,22 +376,16 @@ impl ReadQuery {
             .task_ids(&workflow_id, state.map(TaskState::as_str))
             .await
             .map_err(|e| unavailable("Redis", e))?;
-        let (ids, previous, next) = page(&ids, after, size)?;
-        let rows = services
-            .live
-            .entities(Entity::Task, &who.tenant, &ids)
-            .await
-            .map_err(|e| unavailable("Redis", e))?;
-        let mut connection = Connection::new(previous, next);
-        for (id, row) in ids.iter().zip(rows) {
-            if let Some(fields) = row {
-                connection.edges.push(Edge::new(
-                    OpaqueCursor(id.clone()),
-                    Task::from_fields(id, &fields),
-                ));
-            }
-        }
-        Ok(connection)
+        connection(
+            services,
+            Entity::Task,
+            &who.tenant,
+            &ids,
+            after,
+            size,
+            Task::from_fields,
+        )
+        .await
     }
 
     /// A workflow with its progress counts (Redis).
