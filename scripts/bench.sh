@@ -3,7 +3,9 @@
 #   1. the hardware limit: pgbench running our append's INSERT (benches/pgbench),
 #   2. the peer: cqrs-es + postgres-es under our command scenarios
 #      (benches/peer-cqrs-es),
-#   3. ours: `neurectomy bench append` and `neurectomy bench relay`.
+#   3. ours: `neurectomy bench append` and `neurectomy bench relay`,
+#   4. the API: `neurectomy bench api` (wrk against a spawned `neurectomy serve`,
+#      its RSS, 10,000 WebSocket subscriptions); wrk is installed if missing.
 # Everything is built first, so no build competes with a measurement. Each
 # part creates its own scratch database and drops it.
 #
@@ -24,6 +26,12 @@ export PG_URL="${PG_URL:-${NEURECTOMY_DATABASE_URL%/*}}"
 
 scripts/services.sh up
 scripts/graph.sh up
+
+if ! command -v wrk >/dev/null 2>&1; then
+  echo "[bench] installing wrk (HTTP load generator of \`bench api\`)…"
+  if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get install -y wrk || { $sudo apt-get update && $sudo apt-get install -y wrk; }
+fi
 
 echo "[bench] building neurectomy and the peer harness (release)…"
 cargo build --release --locked -p neurectomy-api
@@ -49,3 +57,7 @@ echo "== ours: neurectomy bench append"
 echo
 echo "== ours: neurectomy bench relay"
 "$CARGO_TARGET_DIR/release/neurectomy" bench relay --seconds "$seconds"
+
+echo
+echo "== ours: neurectomy bench api"
+"$CARGO_TARGET_DIR/release/neurectomy" bench api --seconds "$seconds"

@@ -55,6 +55,8 @@ pub struct Figures {
 /// Runs a benchmark sub-command.
 pub async fn run(settings: &Settings, bench: BenchCommand) -> anyhow::Result<()> {
     let (args, results) = match bench {
+        // Its figures are memory and ratios as well as rates: a table of its own.
+        BenchCommand::Api(args) => return crate::bench_api::run(settings, &args).await,
         BenchCommand::Append(args) => {
             let results = append(settings, &args).await?;
             (args, results)

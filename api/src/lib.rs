@@ -18,6 +18,7 @@
 pub mod app;
 pub mod auth;
 pub mod bench;
+pub mod bench_api;
 pub mod bench_project;
 pub mod graphql;
 pub mod health;
