@@ -473,6 +473,10 @@ async fn websocket(
         .protocols(["graphql-transport-ws", "graphql-ws"])
         .max_message_size(limit)
         .max_frame_size(limit)
+        // Small per-connection buffers: one process holds ~10,000 sockets
+        // (tungstenite's defaults are 128 KiB each way).
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024)
         .on_upgrade(move |socket| serve_websocket(state, socket, protocol))
 }
 
