@@ -126,19 +126,36 @@ pub async fn verify_live(
                 });
             }
         };
+    // The projector may keep running while this reads: an entity whose
+    // last event lies after `until` is not compared (the model moved on).
+    let moved = |actual: &BTreeMap<String, String>| {
+        actual
+            .get("last_position")
+            .and_then(|p| p.parse::<i64>().ok())
+            .is_some_and(|p| p > until)
+    };
     for (id, state) in &folded.agents {
         let Some(agent) = state.get() else { continue };
         let key = model.key(&format!("agent:{id}"));
         let actual: BTreeMap<String, String> = conn.hgetall(&key).await?;
+        if moved(&actual) {
+            continue;
+        }
         check(&key, "status", agent.status.as_str().to_owned(), &actual);
         check(&key, "name", agent.name.clone(), &actual);
         check(&key, "capabilities", agent.capabilities.join(","), &actual);
     }
+    // Workflows whose counters a task event after `until` already changed.
+    let mut moved_workflows = std::collections::BTreeSet::new();
     let mut counts: BTreeMap<String, BTreeMap<&'static str, i64>> = BTreeMap::new();
     for (id, state) in &folded.tasks {
         let Some(task) = state.get() else { continue };
         let key = model.key(&format!("task:{id}"));
         let actual: BTreeMap<String, String> = conn.hgetall(&key).await?;
+        if moved(&actual) {
+            moved_workflows.insert(task.workflow_id.to_string());
+            continue;
+        }
         check(&key, "state", task.status.as_str().to_owned(), &actual);
         check(&key, "workflow", task.workflow_id.to_string(), &actual);
         check(&key, "attempt", task.attempt.to_string(), &actual);
@@ -158,6 +175,30 @@ pub async fn verify_live(
         };
         let key = model.key(&format!("workflow:{id}"));
         let actual: BTreeMap<String, String> = conn.hgetall(&key).await?;
+        if moved(&actual) || moved_workflows.contains(id) {
+            continue;
+        }
+        // Tasks the model has beyond the fold: created after `until` (the
+        // model moved on; skip the counters) or extra (a real difference).
+        let members: Vec<String> = redis::cmd("SUNION")
+            .arg(
+                TaskStatus::ALL
+                    .iter()
+                    .map(|s| model.key(&format!("workflow:{id}:tasks:{}", s.as_str())))
+                    .collect::<Vec<_>>(),
+            )
+            .query_async(&mut conn)
+            .await?;
+        let mut later = false;
+        for task in members.iter().filter(|t| !folded.tasks.contains_key(*t)) {
+            let position: Option<i64> = conn
+                .hget(model.key(&format!("task:{task}")), "last_position")
+                .await?;
+            later |= position.is_some_and(|p| p > until);
+        }
+        if later {
+            continue;
+        }
         check(&key, "status", workflow.status.as_str().to_owned(), &actual);
         let per_workflow = counts.get(id);
         for counter in crate::live::workflow_task_counters() {
@@ -339,12 +380,17 @@ pub async fn verify_graph(
         edges.get(id).map(|t| t.join(",")).unwrap_or_default()
     };
 
-    differ(
-        &format!("Checkpoint {PROJECTION}"),
-        "position",
-        until.to_string(),
-        graph.checkpoint.clone().unwrap_or_else(|| "0".to_owned()),
-    );
+    // A checkpoint above `until` means the projector applied more since it
+    // was read (it cannot hold events the store lacks); below, it lost some.
+    let stored = graph.checkpoint.clone().unwrap_or_else(|| "0".to_owned());
+    if stored.parse::<i64>().map_or(true, |c| c < until) {
+        differ(
+            &format!("Checkpoint {PROJECTION}"),
+            "position",
+            until.to_string(),
+            stored,
+        );
+    }
     for state in folded.agents.values() {
         let Some(agent) = state.get() else { continue };
         let id = agent.id.to_string();
@@ -464,4 +510,107 @@ pub async fn verify_graph(
         }
     }
     Ok(differences)
+}
+
+/// What [`confirmed`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirmed {
+    /// The checkpoint the last pass verified up to.
+    pub until: i64,
+    /// Differences found in every pass (same key and field).
+    pub differences: Vec<Difference>,
+    /// Differences of the first pass that later passes did not find again:
+    /// the read model moved on while it was being read.
+    pub transient: usize,
+}
+
+/// Verifies a model that may be changing (its projector running): runs
+/// `pass` (read the checkpoint, verify up to it) up to `passes` times and
+/// keeps the differences found in every pass. A read model that is wrong
+/// stays wrong at each checkpoint; one read while its projector applied a
+/// batch past the checkpoint differs only in that pass. With the projector
+/// idle, one pass is exact (and a clean pass ends the loop).
+pub async fn confirmed<E, F, Fut>(passes: usize, mut pass: F) -> Result<Confirmed, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(i64, Vec<Difference>), E>>,
+{
+    let (mut until, first) = pass().await?;
+    let mut differences = first.clone();
+    for _ in 1..passes.max(1) {
+        if differences.is_empty() {
+            break;
+        }
+        let (next_until, next) = pass().await?;
+        until = next_until;
+        let again: std::collections::BTreeSet<(&str, &str)> = next
+            .iter()
+            .map(|d| (d.key.as_str(), d.field.as_str()))
+            .collect();
+        // Keep the latest reading of each persisting difference.
+        differences = next
+            .iter()
+            .filter(|d| {
+                differences
+                    .iter()
+                    .any(|p| p.key == d.key && p.field == d.field)
+                    && again.contains(&(d.key.as_str(), d.field.as_str()))
+            })
+            .cloned()
+            .collect();
+    }
+    let transient = first
+        .iter()
+        .filter(|d| {
+            !differences
+                .iter()
+                .any(|c| c.key == d.key && c.field == d.field)
+        })
+        .count();
+    Ok(Confirmed {
+        until,
+        differences,
+        transient,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(key: &str, field: &str, actual: &str) -> Difference {
+        Difference {
+            key: key.to_owned(),
+            field: field.to_owned(),
+            expected: "x".to_owned(),
+            actual: actual.to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn only_differences_found_in_every_pass_are_confirmed() {
+        let passes = std::sync::Mutex::new(vec![
+            vec![d("a", "f", "3")],
+            vec![d("a", "f", "4"), d("c", "f", "1")],
+            vec![d("a", "f", "5"), d("b", "f", "1")],
+        ]);
+        let found = confirmed(3, || {
+            let next = passes.lock().unwrap().remove(0);
+            async move { Ok::<_, ()>((7, next)) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(found.differences, vec![d("a", "f", "5")]);
+        assert_eq!(found.transient, 0);
+
+        let passes = std::sync::Mutex::new(vec![vec![d("a", "f", "1"), d("b", "g", "2")], vec![]]);
+        let found = confirmed(3, || {
+            let next = passes.lock().unwrap().remove(0);
+            async move { Ok::<_, ()>((9, next)) }
+        })
+        .await
+        .unwrap();
+        assert!(found.differences.is_empty());
+        assert_eq!((found.until, found.transient), (9, 2));
+    }
 }
