@@ -55,7 +55,8 @@ cat <<MSG
 
 [run] Neurectomy is serving (API, relay, projectors and a simulator at $NEURECTOMY_SIM_RATE commands/s; log .run/all.log).
 
-  GraphiQL:      $base/   (add the header  {"Authorization": "Bearer <token>"})
+  GraphiQL:      $base/?token=$token
+                 (the token is filled in for queries, mutations and subscriptions)
   GraphQL:       $base/graphql      WebSocket: ws://$NEURECTOMY_API_LISTEN/graphql/ws
   Token (tenant $NEURECTOMY_SIM_TENANT, operator + auditor; also in .run/token):
 

@@ -346,14 +346,37 @@ async fn graphql_get(
     .await
 }
 
-async fn graphiql() -> Html<String> {
-    Html(
-        GraphiQLSource::build()
-            .endpoint("/graphql")
-            .subscription_endpoint("/graphql/ws")
-            .title("Neurectomy GraphQL")
-            .finish(),
-    )
+/// GraphiQL. `/?token=<jwt>` pre-fills the bearer token for queries and
+/// mutations (a header) and for subscriptions (the `connection_init`
+/// payload): a development convenience; the page is static otherwise.
+async fn graphiql(
+    axum::extract::Query(params): axum::extract::Query<GraphiqlParams>,
+) -> Html<String> {
+    // A JWT is base64url segments and dots; anything else is ignored, so
+    // nothing but a token ever reaches the page's script.
+    let token = params.token.filter(|t| {
+        !t.is_empty()
+            && t.len() <= 4096
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    });
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut source = GraphiQLSource::build()
+        .endpoint("/graphql")
+        .subscription_endpoint("/graphql/ws")
+        .title("Neurectomy GraphQL");
+    if let Some(bearer) = bearer.as_deref() {
+        source = source
+            .header("Authorization", bearer)
+            .ws_connection_param("authorization", bearer);
+    }
+    Html(source.finish())
+}
+
+/// Query parameters of the GraphiQL page.
+#[derive(Debug, serde::Deserialize)]
+struct GraphiqlParams {
+    token: Option<String>,
 }
 
 async fn healthz() -> &'static str {

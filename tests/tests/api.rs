@@ -594,6 +594,33 @@ async fn bad_requests_get_protocol_errors_and_the_server_keeps_serving() {
         let response = api.http.get(api.url(path)).send().await.unwrap();
         assert_eq!(response.status().as_u16(), 200, "{path}");
     }
+    // GraphiQL takes a token for its requests and its socket; nothing else.
+    let page = api
+        .http
+        .get(api.url("/"))
+        .query(&[("token", token.as_str())])
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        page.matches(&format!("Bearer {token}")).count(),
+        2,
+        "{page}"
+    );
+    let page = api
+        .http
+        .get(api.url("/"))
+        .query(&[("token", "x\"</script><script>alert(1)")])
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!page.contains("alert(1)"), "{page}");
     let metrics = api
         .http
         .get(api.url("/metrics"))
