@@ -15,6 +15,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt as _, StreamExt as _};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
@@ -497,8 +498,11 @@ async fn websocket(
         .max_message_size(limit)
         .max_frame_size(limit)
         // Small per-connection buffers: one process holds ~10,000 sockets
-        // (tungstenite's defaults are 128 KiB each way).
-        .read_buffer_size(4 * 1024)
+        // (tungstenite's defaults are 128 KiB each way). The read buffer is
+        // allocated up front for every socket and kept for its lifetime,
+        // while client messages are small (`subscribe`, `ping`, `complete`);
+        // a larger frame grows it to the frame's length as needed.
+        .read_buffer_size(512)
         .write_buffer_size(4 * 1024)
         .on_upgrade(move |socket| serve_websocket(state, socket, protocol))
 }
@@ -517,18 +521,36 @@ fn payload_token(payload: &serde_json::Value) -> Option<String> {
         })
 }
 
-async fn serve_websocket(state: Arc<AppState>, socket: WebSocket, protocol: WebSocketProtocols) {
+/// Splits the socket before the connection's future is built: an `async fn`
+/// keeps its arguments in its state for its whole life, and the unsplit
+/// socket is large (one process holds ~10,000 of these futures).
+fn serve_websocket(
+    state: Arc<AppState>,
+    socket: WebSocket,
+    protocol: WebSocketProtocols,
+) -> impl std::future::Future<Output = ()> + Send {
+    let (sink, source) = socket.split();
+    serve_split_websocket(state, sink, source, protocol)
+}
+
+async fn serve_split_websocket(
+    state: Arc<AppState>,
+    mut sink: SplitSink<WebSocket, Message>,
+    mut source: SplitStream<WebSocket>,
+    protocol: WebSocketProtocols,
+) {
     crate::metrics::websocket(1.0);
-    let (mut sink, mut source) = socket.split();
     let (to_graphql, from_client) = futures::channel::mpsc::channel::<Vec<u8>>(16);
     let initialised = Arc::new(AtomicBool::new(false));
 
-    let auth = state.auth.clone();
+    // The shared state, not a clone of the (large) authenticator: the
+    // callback is kept inline in every connection's future.
+    let init_state = state.clone();
     let graphql = async_graphql::http::WebSocket::new(state.schema.clone(), from_client, protocol)
         .on_connection_init(move |payload| {
             let verified = payload_token(&payload)
                 .ok_or(AuthError::Missing)
-                .and_then(|t| auth.verify_header(Some(&t)));
+                .and_then(|t| init_state.auth.verify_header(Some(&t)));
             async move {
                 let principal = verified.map_err(|e| async_graphql::Error::new(e.to_string()))?;
                 let mut data = Data::default();

@@ -88,15 +88,21 @@ impl Subscription {
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<AgentUpdate>>> {
         let who = caller(ctx, Role::Viewer)?;
         let feed = services(ctx).feed.clone();
-        let (subscriber, _, agents) = feed.join(&who.tenant).await.map_err(feed_error)?;
+        // Set-up futures (join, Redis, store) are boxed, here and below: the
+        // resolver's future lives inline in async-graphql's per-subscription
+        // stream for as long as the subscription, so its size is paid by
+        // each of ~10,000 subscribers; boxed, it is freed once set up.
+        let (subscriber, _, agents) = Box::pin(feed.join(&who.tenant)).await.map_err(feed_error)?;
         let mut snapshot = VecDeque::new();
         let mut floor = 0;
         if let Some(after) = after_position {
-            let fields = services(ctx)
-                .live
-                .entity(projections::Entity::Agent, &who.tenant, &id)
-                .await
-                .map_err(|e| unavailable("Redis", e))?;
+            let fields = Box::pin(services(ctx).live.entity(
+                projections::Entity::Agent,
+                &who.tenant,
+                &id,
+            ))
+            .await
+            .map_err(|e| unavailable("Redis", e))?;
             floor = after.0;
             if let Some(fields) = fields {
                 let agent = Agent::from_fields(&id, &fields);
@@ -136,21 +142,25 @@ impl Subscription {
         let feed = services.feed.clone();
         let filter = filter.unwrap_or_default();
         let status = filter.status.map(status_name);
-        let (subscriber, _, agents) = feed.join(&who.tenant).await.map_err(feed_error)?;
+        let (subscriber, _, agents) = Box::pin(feed.join(&who.tenant)).await.map_err(feed_error)?;
         let mut snapshot = Vec::new();
         let mut floor = 0;
         if let Some(after) = after_position {
             floor = after.0;
-            let ids = services
-                .live
-                .agent_ids(&who.tenant, status, filter.capability.as_deref())
-                .await
-                .map_err(|e| unavailable("Redis", e))?;
-            let rows = services
-                .live
-                .entities(projections::Entity::Agent, &who.tenant, &ids)
-                .await
-                .map_err(|e| unavailable("Redis", e))?;
+            let ids = Box::pin(services.live.agent_ids(
+                &who.tenant,
+                status,
+                filter.capability.as_deref(),
+            ))
+            .await
+            .map_err(|e| unavailable("Redis", e))?;
+            let rows = Box::pin(services.live.entities(
+                projections::Entity::Agent,
+                &who.tenant,
+                &ids,
+            ))
+            .await
+            .map_err(|e| unavailable("Redis", e))?;
             for (id, row) in ids.iter().zip(rows) {
                 let Some(fields) = row else { continue };
                 let agent = Agent::from_fields(id, &fields);
@@ -371,13 +381,11 @@ async fn event_subscription(
     wanted: EventWanted,
     after: Option<Position>,
 ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<Arc<Event>>>> {
-    let (subscriber, events, _) = feed.join(&tenant).await.map_err(feed_error)?;
+    let (subscriber, events, _) = Box::pin(feed.join(&tenant)).await.map_err(feed_error)?;
     let catch_up = match after {
         Some(after) => {
             // Read after joining: see the module docs.
-            let head = feed
-                .store()
-                .head()
+            let head = Box::pin(feed.store().head())
                 .await
                 .map_err(|e| unavailable("the event store", e))?;
             Some((after.0, head.readable))
