@@ -549,10 +549,28 @@ impl Reader {
                 }
             }
         }
+        if let Some(foreign) = entries.iter().find(|e| entry_position(&e.id).is_none()) {
+            // The projector writes every entry with its position as the id;
+            // this one came from elsewhere, so the page cannot be trusted:
+            // its range is delivered from the event store instead.
+            let until = match entries.iter().filter_map(|e| entry_position(&e.id)).max() {
+                Some(last) => last,
+                None => inner.store.head().await?.readable,
+            };
+            tracing::error!(
+                key,
+                id = %foreign.id,
+                "the change feed holds an entry the projector did not write; delivering positions {cursor}..={until} from the event store"
+            );
+            if until > cursor {
+                fill(inner, tenant, cursor, until).await?;
+                self.cursors.insert(tenant.to_owned(), until);
+            }
+            return Ok(());
+        }
         let mut changes = Vec::with_capacity(entries.len());
         for entry in &entries {
             let Some(position) = entry_position(&entry.id) else {
-                tracing::warn!(id = %entry.id, "a change-feed entry without a position; skipped");
                 continue;
             };
             if position <= cursor {
