@@ -311,57 +311,13 @@ impl Scratch {
             database.drop_database().await;
         }
         if let Some(stream) = &self.stream {
-            let js = async_nats::jetstream::new(self.nats.clone());
-            if let Err(error) = js.delete_stream(stream).await {
-                tracing::warn!(%error, stream, "could not delete the scratch JetStream stream");
-            }
+            crate::bench_project::delete_scratch_stream(&self.nats, stream).await;
         }
-        if let Some(prefix) = self.prefix {
-            let wiped = async {
-                let model = LiveModel::connect(
-                    &settings.redis_url,
-                    projections::LiveModelConfig {
-                        prefix: prefix.clone(),
-                        ..settings.live_config()
-                    },
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-                projections::testkit::TestRedis {
-                    model,
-                    prefix: prefix.clone(),
-                    url: settings.redis_url.clone(),
-                }
-                .wipe()
-                .await
-                .map_err(|e| e.to_string())
-            };
-            if let Err(error) = wiped.await {
-                tracing::warn!(%error, prefix, "could not delete the scratch Redis keys");
-            }
+        if let Some(prefix) = &self.prefix {
+            crate::bench_project::wipe_scratch_prefix(settings, prefix).await;
         }
-        if let Some(database) = self.graph {
-            let dropped = server_command(
-                &self.graph_http,
-                &settings.graph_user,
-                &settings.graph_password,
-                &format!("drop database {database}"),
-            )
-            .await;
-            match dropped {
-                Ok((200, _)) => {}
-                Ok((status, body)) => {
-                    tracing::warn!(
-                        database,
-                        status,
-                        body,
-                        "could not drop the scratch graph database"
-                    );
-                }
-                Err(error) => {
-                    tracing::warn!(%error, database, "could not drop the scratch graph database");
-                }
-            }
+        if let Some(database) = &self.graph {
+            crate::bench_project::drop_scratch_graph(settings, &self.graph_http, database).await;
         }
     }
 }

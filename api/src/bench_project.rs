@@ -178,58 +178,14 @@ impl Scratch {
         for db in self.databases {
             db.drop_database().await;
         }
-        let js = async_nats::jetstream::new(self.nats.clone());
         for stream in &self.streams {
-            if let Err(error) = js.delete_stream(stream).await {
-                tracing::warn!(%error, stream, "could not delete the scratch JetStream stream");
-            }
+            delete_scratch_stream(&self.nats, stream).await;
         }
-        for prefix in self.prefixes {
-            let wiped = async {
-                let model = LiveModel::connect(
-                    &settings.redis_url,
-                    projections::LiveModelConfig {
-                        prefix: prefix.clone(),
-                        ..settings.live_config()
-                    },
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-                projections::testkit::TestRedis {
-                    model,
-                    prefix: prefix.clone(),
-                    url: settings.redis_url.clone(),
-                }
-                .wipe()
-                .await
-                .map_err(|e| e.to_string())
-            };
-            if let Err(error) = wiped.await {
-                tracing::warn!(%error, prefix, "could not delete the scratch Redis keys");
-            }
+        for prefix in &self.prefixes {
+            wipe_scratch_prefix(settings, prefix).await;
         }
-        for database in self.graphs {
-            let dropped = server_command(
-                &self.graph_http,
-                &settings.graph_user,
-                &settings.graph_password,
-                &format!("drop database {database}"),
-            )
-            .await;
-            match dropped {
-                Ok((200, _)) => {}
-                Ok((status, body)) => {
-                    tracing::warn!(
-                        database,
-                        status,
-                        body,
-                        "could not drop the scratch graph database"
-                    );
-                }
-                Err(error) => {
-                    tracing::warn!(%error, database, "could not drop the scratch graph database");
-                }
-            }
+        for database in &self.graphs {
+            drop_scratch_graph(settings, &self.graph_http, database).await;
         }
     }
 }
@@ -844,4 +800,64 @@ async fn freshness(
         results.push(f);
     }
     Ok(results)
+}
+
+/// Deletes a scratch JetStream stream (best effort, logged).
+pub(crate) async fn delete_scratch_stream(nats: &async_nats::Client, stream: &str) {
+    let js = async_nats::jetstream::new(nats.clone());
+    if let Err(error) = js.delete_stream(stream).await {
+        tracing::warn!(%error, stream, "could not delete the scratch JetStream stream");
+    }
+}
+
+/// Deletes every Redis key under a scratch prefix (best effort, logged).
+pub(crate) async fn wipe_scratch_prefix(settings: &Settings, prefix: &str) {
+    let wiped = async {
+        let model = LiveModel::connect(
+            &settings.redis_url,
+            projections::LiveModelConfig {
+                prefix: prefix.to_owned(),
+                ..settings.live_config()
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        projections::testkit::TestRedis {
+            model,
+            prefix: prefix.to_owned(),
+            url: settings.redis_url.clone(),
+        }
+        .wipe()
+        .await
+        .map_err(|e| e.to_string())
+    };
+    if let Err(error) = wiped.await {
+        tracing::warn!(%error, prefix, "could not delete the scratch Redis keys");
+    }
+}
+
+/// Drops a scratch graph database through ArcadeDB's HTTP API at `http`
+/// (best effort, logged).
+pub(crate) async fn drop_scratch_graph(settings: &Settings, http: &str, database: &str) {
+    let dropped = server_command(
+        http,
+        &settings.graph_user,
+        &settings.graph_password,
+        &format!("drop database {database}"),
+    )
+    .await;
+    match dropped {
+        Ok((200, _)) => {}
+        Ok((status, body)) => {
+            tracing::warn!(
+                database,
+                status,
+                body,
+                "could not drop the scratch graph database"
+            );
+        }
+        Err(error) => {
+            tracing::warn!(%error, database, "could not drop the scratch graph database");
+        }
+    }
 }
