@@ -462,6 +462,8 @@ pub struct ApiServer {
     pub addr: std::net::SocketAddr,
     /// The server task; ends after `shutdown` once connections drained.
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Its shared subscription executions.
+    pub hub: crate::ws::Hub,
 }
 
 /// Starts the GraphQL API on `settings.api.api_listen` until `shutdown`.
@@ -511,8 +513,10 @@ pub async fn start_api(
         feed,
         limits,
     };
+    let schema = crate::graphql::schema(services.clone());
     let state = std::sync::Arc::new(crate::server::AppState {
-        schema: crate::graphql::schema(services.clone()),
+        hub: crate::ws::Hub::new(schema.clone(), services.feed.buffer()),
+        schema,
         auth,
         services,
         nats: nats.clone(),
@@ -530,6 +534,7 @@ pub async fn start_api(
     let addr = listener
         .local_addr()
         .context("reading the listening address")?;
+    let hub = state.hub.clone();
     let router = crate::server::router(state);
     let stop = shutdown.clone();
     let task = tokio::spawn(async move {
@@ -538,7 +543,7 @@ pub async fn start_api(
             .await
     });
     tracing::info!(%addr, "GraphQL API listening: http://{addr}/ (GraphiQL), /graphql, /graphql/ws");
-    Ok(ApiServer { addr, task })
+    Ok(ApiServer { addr, task, hub })
 }
 
 /// Runs the API alone until a signal.

@@ -28,6 +28,7 @@ pub mod server;
 pub mod settings;
 pub mod simulate;
 pub mod telemetry;
+pub mod ws;
 
 use settings::{Cli, Command};
 

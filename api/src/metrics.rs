@@ -10,7 +10,9 @@
 //! | `neurectomy_commands_total` | counter | command, outcome (`ok` or an error code) |
 //! | `neurectomy_command_seconds` | histogram | command |
 //! | `neurectomy_websocket_connections` | gauge | |
-//! | `neurectomy_subscriptions` | gauge | |
+//! | `neurectomy_subscriptions` | gauge | | (clients' subscriptions)
+//! | `neurectomy_subscription_executions` | gauge | shared (`true`: one execution serves every client with the same subscription) |
+//! | `neurectomy_feed_subscribers` | gauge | | (executions reading the change feed)
 //! | `neurectomy_subscription_drops_total` | counter | reason |
 //! | `neurectomy_projection_checkpoint` | gauge | projection |
 //! | `neurectomy_projection_lag_events` | gauge | projection |
@@ -85,6 +87,18 @@ pub fn websocket(delta: f64) {
 /// A subscription started (+1) or ended (-1).
 pub fn subscription(delta: f64) {
     metrics::gauge!("neurectomy_subscriptions").increment(delta);
+}
+
+/// A subscription execution started (+1) or ended (-1); `shared` when
+/// it serves every client holding the same subscription.
+pub fn subscription_execution(shared: bool, delta: f64) {
+    let shared = if shared { "true" } else { "false" };
+    metrics::gauge!("neurectomy_subscription_executions", "shared" => shared).increment(delta);
+}
+
+/// An execution joined (+1) or left (-1) the change feed.
+pub fn feed_subscriber(delta: f64) {
+    metrics::gauge!("neurectomy_feed_subscribers").increment(delta);
 }
 
 /// A subscriber was cut off.

@@ -2,21 +2,19 @@
 //! over WebSocket (`/graphql/ws`: `graphql-transport-ws` and the legacy
 //! `graphql-ws`), GraphiQL at `/`, `/healthz`, `/readyz` and `/metrics`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_graphql::http::{GraphiQLSource, WebSocketProtocols, WsMessage};
-use async_graphql::{BatchRequest, BatchResponse, Data};
+use async_graphql::http::{GraphiQLSource, WebSocketProtocols};
+use async_graphql::{BatchRequest, BatchResponse};
 use axum::body::Bytes;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt as _, StreamExt as _};
+use futures::StreamExt as _;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{AuthError, Authenticator, Principal};
@@ -60,6 +58,8 @@ pub struct AppState {
     pub config: ServerConfig,
     /// Cancelled at shutdown: open WebSockets close with 1001 (going away).
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Shared subscription executions (GraphQL over WebSocket).
+    pub hub: crate::ws::Hub,
 }
 
 /// The router.
@@ -507,20 +507,6 @@ async fn websocket(
         .on_upgrade(move |socket| serve_websocket(state, socket, protocol))
 }
 
-/// The token in a `connection_init` payload: `authorization` (or
-/// `Authorization`) as `Bearer <token>`, or `token`.
-fn payload_token(payload: &serde_json::Value) -> Option<String> {
-    ["authorization", "Authorization"]
-        .iter()
-        .find_map(|k| payload.get(k).and_then(|v| v.as_str()).map(str::to_owned))
-        .or_else(|| {
-            payload
-                .get("token")
-                .and_then(|v| v.as_str())
-                .map(|t| format!("Bearer {t}"))
-        })
-}
-
 /// Splits the socket before the connection's future is built: an `async fn`
 /// keeps its arguments in its state for its whole life, and the unsplit
 /// socket is large (one process holds ~10,000 of these futures).
@@ -530,119 +516,5 @@ fn serve_websocket(
     protocol: WebSocketProtocols,
 ) -> impl std::future::Future<Output = ()> + Send {
     let (sink, source) = socket.split();
-    serve_split_websocket(state, sink, source, protocol)
-}
-
-async fn serve_split_websocket(
-    state: Arc<AppState>,
-    mut sink: SplitSink<WebSocket, Message>,
-    mut source: SplitStream<WebSocket>,
-    protocol: WebSocketProtocols,
-) {
-    crate::metrics::websocket(1.0);
-    let (to_graphql, from_client) = futures::channel::mpsc::channel::<Vec<u8>>(16);
-    let initialised = Arc::new(AtomicBool::new(false));
-
-    // The shared state, not a clone of the (large) authenticator: the
-    // callback is kept inline in every connection's future.
-    let init_state = state.clone();
-    let graphql = async_graphql::http::WebSocket::new(state.schema.clone(), from_client, protocol)
-        .on_connection_init(move |payload| {
-            let verified = payload_token(&payload)
-                .ok_or(AuthError::Missing)
-                .and_then(|t| init_state.auth.verify_header(Some(&t)));
-            async move {
-                let principal = verified.map_err(|e| async_graphql::Error::new(e.to_string()))?;
-                let mut data = Data::default();
-                data.insert(principal);
-                Ok(data)
-            }
-        })
-        .keepalive_timeout(Duration::from_secs(60));
-    futures::pin_mut!(graphql);
-
-    let init_deadline = tokio::time::sleep(state.config.ws_init_timeout);
-    futures::pin_mut!(init_deadline);
-    let mut to_graphql = to_graphql;
-    let close = |code: u16, reason: String| {
-        Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        }))
-    };
-    loop {
-        tokio::select! {
-            incoming = source.next() => {
-                let data = match incoming {
-                    Some(Ok(Message::Text(text))) => text.as_str().as_bytes().to_vec(),
-                    Some(Ok(Message::Binary(bytes))) => bytes.to_vec(),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(Message::Close(_))) | None => break,
-                    Some(Err(error)) => {
-                        // Oversized messages and broken frames end up here.
-                        tracing::debug!(%error, "websocket receive failed");
-                        let _ = sink.send(close(1009, format!("message refused: {error}"))).await;
-                        break;
-                    }
-                };
-                let message: Option<serde_json::Value> = serde_json::from_slice(&data).ok();
-                if message.as_ref().and_then(|m| m.get("type")).and_then(|t| t.as_str()).is_none() {
-                    // Not a protocol message: 4400 (graphql-transport-ws).
-                    let _ = sink
-                        .send(close(4400, "Invalid message received: not a JSON object with a \"type\"".to_owned()))
-                        .await;
-                    break;
-                }
-                if !initialised.load(Ordering::Relaxed) {
-                    // Authenticate `connection_init` here, so that a bad
-                    // token closes with 4403 (graphql-transport-ws).
-                    if message.as_ref().and_then(|m| m.get("type")).and_then(|t| t.as_str()) == Some("connection_init") {
-                        let payload = message
-                            .as_ref()
-                            .and_then(|m| m.get("payload"))
-                            .cloned()
-                            .unwrap_or_default();
-                        let verified = payload_token(&payload)
-                            .ok_or(AuthError::Missing)
-                            .and_then(|t| state.auth.verify_header(Some(&t)));
-                        if let Err(e) = verified {
-                            let _ = sink.send(close(4403, format!("Forbidden: {e}"))).await;
-                            break;
-                        }
-                        initialised.store(true, Ordering::Relaxed);
-                    }
-                }
-                if to_graphql.send(data).await.is_err() {
-                    break;
-                }
-            }
-            outgoing = graphql.next() => match outgoing {
-                Some(WsMessage::Text(text)) => {
-                    if sink.send(Message::Text(text.into())).await.is_err() {
-                        break;
-                    }
-                }
-                Some(WsMessage::Close(code, reason)) => {
-                    let _ = sink.send(close(code, reason)).await;
-                    break;
-                }
-                None => break,
-            },
-            () = state.shutdown.cancelled() => {
-                // Clients resume by position on another replica or after restart.
-                let _ = sink
-                    .send(close(1001, "going away: the server is shutting down; resubscribe with afterPosition".to_owned()))
-                    .await;
-                break;
-            }
-            () = &mut init_deadline, if !initialised.load(Ordering::Relaxed) => {
-                let _ = sink
-                    .send(close(4408, "Connection initialisation timeout".to_owned()))
-                    .await;
-                break;
-            }
-        }
-    }
-    let _ = sink.close().await;
-    crate::metrics::websocket(-1.0);
+    crate::ws::serve(state, sink, source, protocol)
 }

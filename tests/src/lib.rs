@@ -310,8 +310,10 @@ pub mod api {
                 feed,
                 limits,
             };
+            let schema = api::graphql::schema(services.clone());
             let state = Arc::new(AppState {
-                schema: api::graphql::schema(services.clone()),
+                hub: api::ws::Hub::new(schema.clone(), services.feed.buffer()),
+                schema,
                 auth: auth.clone(),
                 services,
                 nats: pipe.nats.client.clone(),

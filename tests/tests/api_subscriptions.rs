@@ -37,6 +37,7 @@ struct World {
     _graph: TestGraph,
     _projector: Running,
     addr: SocketAddr,
+    hub: api::ws::Hub,
     auth: api::auth::Authenticator,
     handler: CommandHandler,
 }
@@ -97,6 +98,7 @@ async fn world(subscriber_buffer: usize) -> World {
         _graph: graph,
         _projector: running,
         addr: server.addr,
+        hub: server.hub,
         auth,
         handler,
     }
@@ -708,5 +710,151 @@ async fn a_tenant_sees_nothing_of_another() {
     assert!(others.is_empty(), "tenant B received {others:?}");
     a.close().await;
     b.close().await;
+    world.shutdown().await;
+}
+
+/// Waits until the API runs `n` shared subscription executions.
+async fn executions(world: &World, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while world.hub.executions() != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expected {n} shared executions, the API runs {}",
+            world.hub.executions()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_of_the_same_live_subscription_share_one_execution() {
+    let world = world(256).await;
+    let agent = world.register("acme", &[]).await;
+    let start = world.pipe.caught_up(&world.redis.model).await;
+    let live = "subscription { events { position type data } }";
+
+    // Three clients that read, one that does not (a small receive window),
+    // all with the same live subscription; another tenant with the same
+    // document; and one resuming client, which runs on its own.
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        let mut client = world.connect("acme").await;
+        client.subscribe("live", live, json!({})).await;
+        readers.push(client);
+    }
+    let token = world.token("acme");
+    let mut slow = Client::connect(world.addr, &token, Some(16 * 1024)).await;
+    slow.subscribe("live", live, json!({})).await;
+    let mut other = world.connect("tenant-b").await;
+    other.subscribe("live", live, json!({})).await;
+    let mut resuming = world.connect("acme").await;
+    resuming
+        .subscribe("log", EVENTS, json!({"after": start.to_string()}))
+        .await;
+    executions(&world, 2).await;
+
+    // Every client sees a first change (the executions are live).
+    let warm = world.pause("acme", &agent).await;
+    for client in readers.iter_mut().chain([&mut slow]) {
+        let data = client.next_of("live", &mut Vec::new()).await;
+        assert_eq!(position(&data["events"]["position"]), warm);
+    }
+
+    // A burst far beyond the socket buffers and the subscriber buffer,
+    // while the readers read.
+    let reading: Vec<_> = readers
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut others = Vec::new();
+                loop {
+                    let data = client.next_of("live", &mut others).await;
+                    let p = position(&data["events"]["position"]);
+                    got.push(p);
+                    if data["events"]["type"] == "AgentResumed" {
+                        return (client, got);
+                    }
+                }
+            })
+        })
+        .collect();
+    let metadata = json!({"blob": "x".repeat(60 * 1024)});
+    for _ in 0..40 {
+        let batch = (0..10).map(|_| world.start_workflow("acme", metadata.clone()));
+        futures::future::join_all(batch).await;
+    }
+    let last = world.resume("acme", &agent).await;
+    let expected = world.positions("acme", warm).await;
+    assert_eq!(expected.last(), Some(&last));
+
+    // Each reader got every change once, in order.
+    let mut readers = Vec::new();
+    for task in reading {
+        let (client, got) = tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("a reader did not see the last change")
+            .unwrap();
+        assert_eq!(
+            got, expected,
+            "a client of the shared execution missed or repeated changes"
+        );
+        readers.push(client);
+    }
+    // The resuming client got the whole log after its position, alone.
+    let log = read_events(&mut resuming, "log", Some(last), usize::MAX).await;
+    assert_eq!(log, world.positions("acme", start).await);
+
+    // The slow client alone was cut off, with the last position it was sent.
+    let mut got = Vec::new();
+    let error = loop {
+        match slow.reply(Duration::from_secs(30)).await {
+            Reply::Next(_, data) => got.push(position(&data["events"]["position"])),
+            Reply::Error(_, errors) => break errors,
+            Reply::Complete(_) => panic!("completed without an error after {} events", got.len()),
+        }
+    };
+    assert_eq!(
+        error[0]["extensions"]["code"], "SUBSCRIBER_TOO_SLOW",
+        "{error}"
+    );
+    let resume_at = got.last().copied().unwrap_or(warm);
+    let message = error[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("afterPosition: \"{resume_at}\"")),
+        "the error names the last position sent {resume_at}: {message}"
+    );
+    assert!(got.len() < expected.len(), "not cut off: {}", got.len());
+    assert_eq!(
+        got[..],
+        expected[..got.len()],
+        "what it was sent is in order"
+    );
+    match slow.reply(Duration::from_secs(10)).await {
+        Reply::Complete(id) => assert_eq!(id, "live"),
+        other => panic!("expected complete, got {other:?}"),
+    }
+    // The other tenant saw none of it.
+    assert!(
+        other.receive(Duration::from_millis(300)).await.is_none(),
+        "another tenant's client received acme's events"
+    );
+
+    // The execution ends with its last client; a new client starts another.
+    slow.close().await;
+    for client in readers {
+        client.close().await;
+    }
+    resuming.close().await;
+    executions(&world, 1).await;
+    let mut late = world.connect("acme").await;
+    late.subscribe("live", live, json!({})).await;
+    executions(&world, 2).await;
+    let paused = world.pause("acme", &agent).await;
+    let data = late.next_of("live", &mut Vec::new()).await;
+    assert_eq!(position(&data["events"]["position"]), paused);
+    late.close().await;
+    other.close().await;
+    executions(&world, 0).await;
     world.shutdown().await;
 }

@@ -162,7 +162,7 @@ pub type Joined = (
 );
 
 /// A subscriber's membership of its tenant's channels: while any exists the
-/// upstream reads the tenant's feed. Counts in `neurectomy_subscriptions`.
+/// upstream reads the tenant's feed. Counts in `neurectomy_feed_subscribers`.
 pub struct Subscriber {
     inner: Arc<Inner>,
     tenant: String,
@@ -170,7 +170,7 @@ pub struct Subscriber {
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
-        crate::metrics::subscription(-1.0);
+        crate::metrics::feed_subscriber(-1.0);
         let mut slots = lock(&self.inner.slots);
         if let Some(slot) = slots.get_mut(&self.tenant) {
             slot.subscribers = slot.subscribers.saturating_sub(1);
@@ -234,7 +234,7 @@ impl Feed {
                 armed: watch::channel(false).0,
             });
             slot.subscribers += 1;
-            crate::metrics::subscription(1.0);
+            crate::metrics::feed_subscriber(1.0);
             (
                 slot.events.subscribe(),
                 slot.agents.subscribe(),

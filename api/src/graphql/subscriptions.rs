@@ -25,6 +25,7 @@
 //! (the tenant of its token), and catch-up reads filter by tenant.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use async_graphql::{Context, SimpleObject, Subscription as SubscriptionDerive};
@@ -43,6 +44,26 @@ const PAGE: i64 = 256;
 /// How many times a replay outrun by the live feed starts over from where it
 /// stopped before the subscriber is treated as too slow.
 const MAX_CATCH_UPS: u32 = 3;
+
+/// The position of the last message a subscription's stream yielded, for
+/// the transport: a subscription shared by several clients tags each
+/// serialized message with it (the client's selection may not include the
+/// position), so that a client cut off as too slow learns where to resume.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveredPosition(pub Arc<AtomicI64>);
+
+impl DeliveredPosition {
+    /// The last position yielded (0 before the first).
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(tracker: &Option<Self>, position: i64) {
+        if let Some(tracker) = tracker {
+            tracker.0.store(position, Ordering::Relaxed);
+        }
+    }
+}
 
 /// An agent's state after a change.
 #[derive(Debug, Clone, SimpleObject)]
@@ -124,6 +145,7 @@ impl Subscription {
             floor,
             delivered: after_position.map_or(0, |p| p.0),
             buffer: feed.buffer(),
+            tracker: ctx.data_opt::<DeliveredPosition>().cloned(),
             done: false,
         }))
     }
@@ -186,6 +208,7 @@ impl Subscription {
             floor,
             delivered: after_position.map_or(0, |p| p.0),
             buffer: feed.buffer(),
+            tracker: ctx.data_opt::<DeliveredPosition>().cloned(),
             done: false,
         }))
     }
@@ -201,6 +224,7 @@ impl Subscription {
         let who = caller(ctx, Role::Viewer)?;
         event_subscription(
             services(ctx).feed.clone(),
+            ctx.data_opt::<DeliveredPosition>().cloned(),
             who.tenant.clone(),
             EventWanted {
                 types: None,
@@ -222,6 +246,7 @@ impl Subscription {
         let who = caller(ctx, Role::Viewer)?;
         event_subscription(
             services(ctx).feed.clone(),
+            ctx.data_opt::<DeliveredPosition>().cloned(),
             who.tenant.clone(),
             EventWanted {
                 types,
@@ -273,6 +298,7 @@ struct AgentSub {
     /// The last position delivered (or `afterPosition`).
     delivered: i64,
     buffer: usize,
+    tracker: Option<DeliveredPosition>,
     done: bool,
 }
 
@@ -283,6 +309,7 @@ impl AgentSub {
         }
         if let Some(update) = self.pending.pop_front() {
             self.delivered = update.position.0;
+            DeliveredPosition::set(&self.tracker, self.delivered);
             return Some(Ok(update));
         }
         loop {
@@ -292,6 +319,7 @@ impl AgentSub {
                         continue;
                     }
                     self.delivered = m.position;
+                    DeliveredPosition::set(&self.tracker, self.delivered);
                     return Some(Ok(AgentUpdate {
                         position: Position(m.position),
                         agent: m.agent.clone(),
@@ -318,7 +346,7 @@ fn agent_stream(sub: AgentSub) -> impl Stream<Item = async_graphql::Result<Agent
 }
 
 /// `SUBSCRIBER_TOO_SLOW`, resumable from `delivered`.
-fn too_slow(missed: u64, buffer: usize, delivered: i64) -> async_graphql::Error {
+pub(crate) fn too_slow(missed: u64, buffer: usize, delivered: i64) -> async_graphql::Error {
     crate::metrics::subscription_drop("too_slow");
     tracing::info!(
         missed,
@@ -372,11 +400,13 @@ struct EventSub {
     /// Whether a live message was taken since the last replay.
     live_since_catch_up: bool,
     catch_ups: u32,
+    tracker: Option<DeliveredPosition>,
     done: bool,
 }
 
 async fn event_subscription(
     feed: Feed,
+    tracker: Option<DeliveredPosition>,
     tenant: String,
     wanted: EventWanted,
     after: Option<Position>,
@@ -404,6 +434,7 @@ async fn event_subscription(
         delivered: after.map_or(0, |p| p.0),
         live_since_catch_up: after.is_none(),
         catch_ups: 0,
+        tracker,
         done: false,
     };
     Ok(futures::stream::unfold(sub, |mut sub| async move {
@@ -420,6 +451,7 @@ impl EventSub {
             }
             if let Some(event) = self.page.pop_front() {
                 self.delivered = event.position.0;
+                DeliveredPosition::set(&self.tracker, self.delivered);
                 return Some(Ok(event));
             }
             if let Some((after, until)) = self.catch_up {
@@ -441,6 +473,7 @@ impl EventSub {
                         .matches(&m.event.event_type, m.workflow.as_deref())
                     {
                         self.delivered = m.position;
+                        DeliveredPosition::set(&self.tracker, self.delivered);
                         return Some(Ok(m.event.clone()));
                     }
                 }
