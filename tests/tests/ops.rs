@@ -687,6 +687,30 @@ async fn sigterm_under_load_loses_nothing_and_restarts_cleanly() {
     .unwrap();
     assert_eq!(broken, 0, "streams with gaps");
 
+    // The relay stopped after a whole batch: its final checkpoint is the
+    // position of the last message in JetStream.
+    let stream_name = scratch.nats.relay.stream_name.clone();
+    let js = scratch.nats.jetstream();
+    let stream = js.get_stream(&stream_name).await.unwrap();
+    let last = stream.get_info().await.unwrap().state.last_sequence;
+    let published: i64 = stream
+        .get_raw_message(last)
+        .await
+        .unwrap()
+        .headers
+        .get(HEADER_POSITION)
+        .unwrap()
+        .as_str()
+        .parse()
+        .unwrap();
+    let (checkpoint,): (i64,) =
+        sqlx::query_as("SELECT position FROM relay_checkpoints WHERE relay = $1")
+            .bind(&stream_name)
+            .fetch_one(&scratch.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(checkpoint, published, "the relay's final checkpoint");
+
     // Restart: the relay publishes the rest, the projectors apply it.
     let mut again = Process::spawn("all (restarted)", scratch.command(&["all"], &settings));
     again.address("GraphQL API listening").await;
@@ -695,8 +719,6 @@ async fn sigterm_under_load_loses_nothing_and_restarts_cleanly() {
         .fetch_one(&scratch.db.pool)
         .await
         .unwrap();
-    let js = scratch.nats.jetstream();
-    let stream_name = scratch.nats.relay.stream_name.clone();
     eventually(
         "JetStream to hold every event, the last at the head",
         Duration::from_secs(60),
