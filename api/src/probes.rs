@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 pub const PROBE_EVERY: Duration = Duration::from_secs(5);
 /// How long a probe may take before its dependency counts as down.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Most events a projection-lag sample counts.
-const LAG_CAP: i64 = 10_000_000;
+/// Most events a projection-lag sample counts (a count walks the index).
+const LAG_CAP: i64 = 1_000_000;
 
 /// What a process probes; `None`: a dependency it does not use.
 #[derive(Clone, Default)]
