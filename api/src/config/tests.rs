@@ -589,3 +589,22 @@ fn the_output_reads_back_as_the_same_configuration() {
         }
     }
 }
+
+#[test]
+fn the_example_file_is_the_output_with_nothing_set_and_loads() {
+    let example = include_str!("../../../deploy/neurectomy.example.toml");
+    let defaults = World::default().ok(&["config"]).effective.to_toml();
+    assert!(
+        example == defaults,
+        "deploy/neurectomy.example.toml is out of date; regenerate it with \
+         `neurectomy config > deploy/neurectomy.example.toml` (no NEURECTOMY_* variables set)"
+    );
+    let loaded =
+        World::default()
+            .file("example.toml", example)
+            .ok(&["--config", "example.toml", "serve"]);
+    for setting in &Catalog::of(&Cli::command()).settings {
+        let (values, _) = value(&loaded, setting.key.key);
+        assert_eq!(values, setting.defaults, "{}", setting.key.key);
+    }
+}
