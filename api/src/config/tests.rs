@@ -608,3 +608,22 @@ fn the_example_file_is_the_output_with_nothing_set_and_loads() {
         assert_eq!(values, setting.defaults, "{}", setting.key.key);
     }
 }
+
+#[test]
+fn the_readme_documents_every_setting() {
+    let readme = include_str!("../../../README.md");
+    for setting in &Catalog::of(&Cli::command()).settings {
+        let default = match setting.defaults.as_slice() {
+            [] => "none".to_owned(),
+            values => format!("`{}`", values.join(",")),
+        };
+        let row = format!(
+            "| `{}` | `{}` | `{}` | {default} |",
+            setting.key.key, setting.flag, setting.key.env
+        );
+        assert!(
+            readme.contains(&row),
+            "README.md has no row starting `{row}`"
+        );
+    }
+}
