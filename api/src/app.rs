@@ -611,6 +611,7 @@ pub async fn start_api(
     let state = std::sync::Arc::new(crate::server::AppState {
         hub: crate::ws::Hub::new(schema.clone(), services.feed.buffer()),
         schema,
+        documents: Default::default(),
         auth,
         services,
         nats: nats.clone(),

@@ -7,7 +7,8 @@
 //! subscribe, `operator` may also run mutations, `auditor` may also run the
 //! audit queries (history, time travel, the event log).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -113,6 +114,59 @@ pub struct Authenticator {
     rs256: Option<DecodingKey>,
     validation_hs: Validation,
     validation_rs: Validation,
+    verified: Arc<Verified>,
+}
+
+/// Seconds a token is accepted after its `exp`.
+const LEEWAY: u64 = 5;
+
+/// Tokens verified recently, by their text: a client sends the same token
+/// with every request, and checking its signature and claims again each
+/// time is a large part of a small query's cost. A hit is the very token
+/// verified before; only its expiry is checked again. Bounded: starts over
+/// at [`Verified::ENTRIES`] tokens.
+#[derive(Default)]
+struct Verified {
+    tokens: Mutex<HashMap<String, (Principal, u64)>>,
+}
+
+impl Verified {
+    const ENTRIES: usize = 4_096;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Principal, u64)>> {
+        // Held for a lookup or an insert only; a panic leaves a usable map.
+        match self.tokens.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The principal of `token` if verified before and not expired by `now`.
+    fn get(&self, token: &str, now: u64) -> Option<Principal> {
+        let mut tokens = self.lock();
+        match tokens.get(token) {
+            Some((principal, until)) if now <= *until => Some(principal.clone()),
+            Some(_) => {
+                tokens.remove(token);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn insert(&self, token: &str, principal: Principal, until: u64) {
+        let mut tokens = self.lock();
+        if tokens.len() >= Self::ENTRIES {
+            tokens.clear();
+        }
+        tokens.insert(token.to_owned(), (principal, until));
+    }
+}
+
+fn now_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -140,7 +194,7 @@ pub enum KeyError {
 
 fn validation(algorithm: Algorithm) -> Validation {
     let mut v = Validation::new(algorithm);
-    v.leeway = 5;
+    v.leeway = LEEWAY;
     v.validate_exp = true;
     v.set_required_spec_claims(&["exp", "sub"]);
     v
@@ -170,11 +224,24 @@ impl Authenticator {
             rs256,
             validation_hs: validation(Algorithm::HS256),
             validation_rs: validation(Algorithm::RS256),
+            verified: Arc::default(),
         })
     }
 
     /// Verifies a token and returns who it names.
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        let now = now_seconds();
+        if let Some(principal) = self.verified.get(token, now) {
+            return Ok(principal);
+        }
+        let (principal, exp) = self.check(token)?;
+        self.verified
+            .insert(token, principal.clone(), exp.saturating_add(LEEWAY));
+        Ok(principal)
+    }
+
+    /// Checks a token's signature and claims: who it names, and its `exp`.
+    fn check(&self, token: &str) -> Result<(Principal, u64), AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::Invalid(format!("not a JWT ({e})")))?;
         let (key, validation) = match header.alg {
@@ -208,11 +275,12 @@ impl Authenticator {
                 "the token grants no role (`roles`: viewer, operator, auditor)".into(),
             ));
         }
-        Ok(Principal {
+        let principal = Principal {
             subject: claims.sub,
             tenant: claims.tenant,
             roles,
-        })
+        };
+        Ok((principal, claims.exp))
     }
 
     /// Verifies the value of an `Authorization` header.
@@ -238,9 +306,7 @@ impl Authenticator {
                 "minting needs NEURECTOMY_JWT_SECRET (HS256)".into(),
             ));
         };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = now_seconds();
         let claims = Claims {
             sub: subject.to_owned(),
             tenant: tenant.to_owned(),
@@ -257,6 +323,21 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_verified_token_is_remembered_until_it_expires() {
+        let verified = Verified::default();
+        let principal = Principal {
+            subject: "s".into(),
+            tenant: "t".into(),
+            roles: BTreeSet::from([Role::Viewer]),
+        };
+        verified.insert("token", principal.clone(), 100);
+        assert_eq!(verified.get("token", 100), Some(principal));
+        assert_eq!(verified.get("token", 101), None, "expired");
+        assert_eq!(verified.get("token", 50), None, "dropped once expired");
+        assert_eq!(verified.get("other", 50), None);
+    }
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 

@@ -8,6 +8,9 @@
 //!
 //! - [`settings`]: the one settings struct, from flags and `NEURECTOMY_*`
 //!   environment variables, documented in `--help`.
+//! - [`config`]: layers flags, environment variables, the TOML file of
+//!   `--config` and the defaults, validates the result, and prints it
+//!   (`neurectomy config`).
 //! - [`app`]: builds pools and clients once, runs migrations, and runs the
 //!   relay (and, later, projectors and the API) under one cancellation token.
 //! - [`simulate`]: a realistic orchestration workload through the real
@@ -23,6 +26,7 @@ pub mod auth;
 pub mod bench;
 pub mod bench_api;
 pub mod bench_project;
+pub mod config;
 pub mod graphql;
 pub mod health;
 pub mod metrics;
@@ -37,11 +41,25 @@ pub mod ws;
 
 use settings::{Cli, Command};
 
-/// The whole program: parse the command line, initialise telemetry, run the
-/// sub-command on a multi-threaded runtime, and map the result to an exit code.
+/// The whole program: parse the command line and the configuration,
+/// initialise telemetry, run the sub-command on a multi-threaded runtime,
+/// and map the result to an exit code (2: the command line or the
+/// configuration is invalid).
 pub fn main() -> std::process::ExitCode {
-    use clap::Parser as _;
-    let cli = Cli::parse();
+    let loaded = match config::load(std::env::args_os(), &config::process_env) {
+        Ok(loaded) => loaded,
+        // Usage errors, --help and --version: clap prints them and exits.
+        Err(config::LoadError::Cli(error)) => error.exit(),
+        Err(config::LoadError::Config(error)) => {
+            // Telemetry is not up yet (its settings may be the bad ones).
+            eprintln!("error: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if let Command::Config(args) = &loaded.cli.command {
+        return print_config(&loaded.effective, args);
+    }
+    let cli = loaded.cli;
     telemetry::init(&cli.settings.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -66,6 +84,32 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
+/// `neurectomy config`: the configuration has been validated; print it
+/// unless only a check was asked for.
+fn print_config(
+    effective: &config::Effective,
+    args: &settings::ConfigArgs,
+) -> std::process::ExitCode {
+    use std::io::Write as _;
+    if args.check {
+        return std::process::ExitCode::SUCCESS;
+    }
+    match std::io::stdout()
+        .lock()
+        .write_all(effective.to_toml().as_bytes())
+    {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // `neurectomy config | head` is fine.
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: writing the configuration: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the sub-command chosen on the command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -80,5 +124,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => app::serve(&cli.settings).await,
         Command::Token(args) => app::token(&cli.settings, &args),
         Command::Bench(bench) => bench::run(&cli.settings, bench).await,
+        // Printed by `main` before telemetry starts; nothing to run.
+        Command::Config(_) => Ok(()),
     }
 }

@@ -60,6 +60,8 @@ pub struct AppState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Shared subscription executions (GraphQL over WebSocket).
     pub hub: crate::ws::Hub,
+    /// Parsed documents of recent queries.
+    pub documents: crate::graphql::DocumentCache,
 }
 
 /// The router.
@@ -192,7 +194,11 @@ async fn execute(
             return *response;
         }
     };
-    let request = request.data(principal).data(meta);
+    let mut request = request.data(principal).data(meta);
+    match &mut request {
+        BatchRequest::Single(r) => state.documents.prepare(r),
+        BatchRequest::Batch(rs) => rs.iter_mut().for_each(|r| state.documents.prepare(r)),
+    }
     let response = state.schema.execute_batch(request).await;
     let codes: Vec<String> = match &response {
         BatchResponse::Single(r) => error_codes(r),
@@ -315,7 +321,7 @@ async fn graphql_get(
         }
     };
     // GET never changes anything (GraphQL over HTTP): mutations need POST.
-    if let Ok(document) = async_graphql::parser::parse_query(&request.query) {
+    if let Some(document) = state.documents.parsed(&request.query) {
         let mutation = document.operations.iter().any(|(name, op)| {
             let selected = match (&request.operation_name, name) {
                 (Some(wanted), Some(name)) => wanted.as_str() == name.as_str(),

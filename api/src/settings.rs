@@ -1,5 +1,8 @@
 //! The one settings struct. Every setting is a flag with an environment
-//! variable and a local default, documented in `neurectomy --help`.
+//! variable and a local default, documented in `neurectomy --help`; it can
+//! also be set in the TOML file named by `--config`. [`crate::config`] layers
+//! flag > environment variable > file > default and validates the result:
+//! parse the command line with [`crate::config::load`], not `Cli::parse`.
 
 use std::time::Duration;
 
@@ -14,6 +17,16 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     propagate_version = true
 )]
 pub struct Cli {
+    /// TOML configuration file (the shape `neurectomy config` prints);
+    /// flags and environment variables override what it sets. No file is
+    /// read unless one is named.
+    #[arg(
+        long = "config",
+        env = "NEURECTOMY_CONFIG",
+        value_name = "FILE",
+        global = true
+    )]
+    pub config: Option<std::path::PathBuf>,
     /// Settings shared by every sub-command.
     #[command(flatten)]
     pub settings: Settings,
@@ -51,6 +64,18 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Print the effective configuration as TOML (the shape `--config`
+    /// reads), each value's source in a comment, secrets redacted.
+    Config(ConfigArgs),
+}
+
+/// Options of `config`.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// Only validate the configuration: print nothing but errors; the exit
+    /// code says whether it is valid.
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// Options of `token`.

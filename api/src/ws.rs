@@ -494,6 +494,11 @@ pub async fn serve(
     futures::pin_mut!(init_deadline);
     let keepalive = tokio::time::sleep(KEEPALIVE);
     futures::pin_mut!(keepalive);
+    // One waiter for the whole connection: a new `cancelled()` future per
+    // loop turn would register and deregister under the token's lock on
+    // every message, which 10,000 connections woken together contend for.
+    let shutdown = state.shutdown.cancelled();
+    futures::pin_mut!(shutdown);
     loop {
         let flow = tokio::select! {
             incoming = source.next() => {
@@ -509,7 +514,7 @@ pub async fn serve(
                     Outgoing::Ended(id) => send(&mut sink, complete_message(&id)).await,
                 }
             }
-            () = state.shutdown.cancelled() => Flow::Close(
+            () = &mut shutdown => Flow::Close(
                 1001,
                 "going away: the server is shutting down; resubscribe with afterPosition".to_owned(),
             ),

@@ -314,6 +314,7 @@ pub mod api {
             let state = Arc::new(AppState {
                 hub: api::ws::Hub::new(schema.clone(), services.feed.buffer()),
                 schema,
+                documents: Default::default(),
                 auth: auth.clone(),
                 services,
                 nats: pipe.nats.client.clone(),

@@ -15,6 +15,8 @@ pub mod subscriptions;
 pub mod types;
 
 use std::fmt::Display;
+
+use async_graphql::parser::types::ExecutableDocument;
 use std::time::Duration;
 
 use async_graphql::{
@@ -107,6 +109,60 @@ pub fn schema(services: Services) -> ApiSchema {
         builder = builder.disable_introspection();
     }
     builder.data(services).finish()
+}
+
+/// Parsed documents by query text, shared by the requests of a process:
+/// clients send the same few documents with different variables, and
+/// parsing is the largest single cost of a small query. Bounded: queries
+/// longer than [`DocumentCache::LONGEST`] bytes are not kept, and the cache
+/// starts over when it holds [`DocumentCache::ENTRIES`] documents. Only
+/// parsing is skipped; every request is still validated (depth, complexity,
+/// variables) by the schema.
+#[derive(Debug, Default)]
+pub struct DocumentCache {
+    entries: std::sync::Mutex<std::collections::HashMap<String, ExecutableDocument>>,
+}
+
+impl DocumentCache {
+    /// Documents kept at most.
+    pub const ENTRIES: usize = 1_000;
+    /// Longest query text kept, bytes.
+    pub const LONGEST: usize = 16 * 1024;
+
+    /// The parsed document of `query`, from the cache or parsed now (and
+    /// kept); `None` if it does not parse (execution reports why).
+    pub fn parsed(&self, query: &str) -> Option<ExecutableDocument> {
+        if query.len() > Self::LONGEST {
+            return async_graphql::parser::parse_query(query).ok();
+        }
+        if let Some(document) = self.lock().get(query) {
+            return Some(document.clone());
+        }
+        let document = async_graphql::parser::parse_query(query).ok()?;
+        let mut entries = self.lock();
+        if entries.len() >= Self::ENTRIES {
+            entries.clear();
+        }
+        entries.insert(query.to_owned(), document.clone());
+        Some(document)
+    }
+
+    /// Gives `request` its parsed document, so the schema does not parse it.
+    pub fn prepare(&self, request: &mut async_graphql::Request) {
+        if let Some(document) = self.parsed(&request.query) {
+            request.set_parsed_query(document);
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, ExecutableDocument>> {
+        // Held for a lookup or an insert only; a panic leaves a usable map.
+        match self.entries.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
 }
 
 /// A GraphQL error with `extensions.code`.

@@ -286,9 +286,15 @@ impl ReadQuery {
     ) -> async_graphql::Result<Option<Agent>> {
         let who = caller(ctx, Role::Viewer)?;
         consistent(ctx, ReadModelKind::Live, at_least_position).await?;
+        let selection = ctx.look_ahead();
+        let wanted: Vec<&str> = Agent::STORED
+            .iter()
+            .filter(|(field, _)| selection.field(field).exists())
+            .map(|(_, stored)| *stored)
+            .collect();
         let fields = services(ctx)
             .live
-            .entity(Entity::Agent, &who.tenant, &id)
+            .entity_fields(Entity::Agent, &who.tenant, &id, &wanted)
             .await
             .map_err(|e| unavailable("Redis", e))?;
         Ok(fields.map(|f| Agent::from_fields(&id, &f)))

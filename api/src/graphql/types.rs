@@ -63,6 +63,23 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Its GraphQL fields and the hash fields they are built from (`id` is
+    /// the key): a query reads only what it selects (`HMGET`).
+    pub const STORED: &'static [(&'static str, &'static str)] = &[
+        ("name", "name"),
+        ("kind", "kind"),
+        ("model", "model"),
+        ("capabilities", "capabilities"),
+        ("parentId", "parent"),
+        ("status", "status"),
+        ("statusReason", "status_reason"),
+        ("currentTaskId", "current_task"),
+        ("tasksCompleted", "tasks_completed"),
+        ("tasksFailed", "tasks_failed"),
+        ("lastPosition", "last_position"),
+        ("lastEventAt", "last_event_at"),
+    ];
+
     /// From its stored hash.
     pub fn from_fields(id: &str, f: &Fields) -> Self {
         Self {
@@ -275,5 +292,43 @@ impl From<&RecordedEvent> for Event {
                 traceparent: m.traceparent.clone(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_graphql::OutputType as _;
+
+    /// Every GraphQL field of `Agent` but `id` is in [`Agent::STORED`],
+    /// and each maps to a hash field `from_fields` reads.
+    #[test]
+    fn agent_fields_are_all_stored() {
+        let mut registry = async_graphql::registry::Registry::default();
+        Agent::create_type_info(&mut registry);
+        let Some(meta) = registry.types.get("Agent") else {
+            panic!("Agent is not registered");
+        };
+        let all: Vec<String> = match meta {
+            async_graphql::registry::MetaType::Object { fields, .. } => {
+                fields.keys().cloned().collect()
+            }
+            _ => panic!("Agent is not an object"),
+        };
+        for name in all.iter().filter(|n| *n != "id") {
+            let stored = Agent::STORED.iter().find(|(gql, _)| gql == name);
+            let Some((_, hash_field)) = stored else {
+                panic!("Agent.{name} is not in Agent::STORED: agent(id) would never read it");
+            };
+            let mut hash = Fields::new();
+            hash.insert((*hash_field).to_owned(), "7".to_owned());
+            let agent = Agent::from_fields("a", &hash);
+            let value = serde_json::to_value(format!("{agent:?}")).unwrap_or_default();
+            assert!(
+                value.as_str().is_some_and(|d| d.contains('7')),
+                "from_fields ignores the hash field {hash_field} of Agent.{name}"
+            );
+        }
+        assert_eq!(all.len(), Agent::STORED.len() + 1, "{all:?}");
     }
 }

@@ -51,6 +51,35 @@ impl LiveModel {
         Ok(Some(fields).filter(|f| f.get("tenant").is_some_and(|t| t == tenant)))
     }
 
+    /// Only `names` of an entity's hash (and whether it is the tenant's),
+    /// in one `HMGET`: `None` if absent or another tenant's.
+    pub async fn entity_fields(
+        &self,
+        entity: Entity,
+        tenant: &str,
+        id: &str,
+        names: &[&str],
+    ) -> Result<Option<Fields>, redis::RedisError> {
+        let mut conn = self.connection();
+        let mut values: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.key(&format!("{}:{id}", entity.prefix())))
+            .arg("tenant")
+            .arg(names)
+            .query_async(&mut conn)
+            .await?;
+        let mut values = values.drain(..);
+        if values.next().flatten().as_deref() != Some(tenant) {
+            return Ok(None);
+        }
+        Ok(Some(
+            names
+                .iter()
+                .zip(values)
+                .filter_map(|(name, value)| Some(((*name).to_owned(), value?)))
+                .collect(),
+        ))
+    }
+
     /// The hashes of `ids` in order (absent or another tenant's: `None`),
     /// in one round trip.
     pub async fn entities(
