@@ -1,6 +1,7 @@
 //! Start-up and shutdown: one place builds pools and clients, runs
 //! migrations and ensures the JetStream stream exists; one cancellation token
-//! (cancelled by SIGINT/SIGTERM) stops every task, and every task is joined.
+//! (cancelled by SIGINT/SIGTERM) stops every task, and every task is joined
+//! within the shutdown deadline (the sequence is in [`crate::shutdown`]).
 
 use std::time::Duration;
 
@@ -88,47 +89,79 @@ pub async fn migrated_pool(settings: &Settings) -> anyhow::Result<PgPool> {
     Ok(pool)
 }
 
-/// A token cancelled on SIGINT or SIGTERM.
+/// A token cancelled on SIGINT or SIGTERM (a second signal exits at once).
 pub fn shutdown_on_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let trigger = token.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term = match tokio::signal::unix::signal(
-                tokio::signal::unix::SignalKind::terminate(),
-            ) {
-                Ok(term) => term,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the process");
-                    let _ = ctrl_c.await;
-                    trigger.cancel();
-                    return;
-                }
-            };
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
+    crate::shutdown::on_signal(crate::shutdown::Workers::default())
+}
+
+/// Serves `/metrics` on `NEURECTOMY_METRICS_LISTEN`, if set, until `shutdown`.
+pub async fn start_metrics(
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
+    let Some(address) = &settings.metrics_listen else {
+        return Ok(None);
+    };
+    crate::metrics::install();
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("listening on {address} (NEURECTOMY_METRICS_LISTEN)"))?;
+    let addr = listener
+        .local_addr()
+        .context("reading the metrics listener's address")?;
+    tracing::info!(%addr, "metrics listening: http://{addr}/metrics");
+    Ok(Some(tokio::spawn(crate::metrics::serve(
+        listener,
+        shutdown.clone(),
+    ))))
+}
+
+/// Joins the metrics listener, if any.
+async fn join_metrics(metrics: Option<tokio::task::JoinHandle<std::io::Result<()>>>) {
+    if let Some(task) = metrics {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "the metrics listener failed"),
+            Err(error) => tracing::warn!(%error, "the metrics listener panicked"),
         }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        tracing::info!("shutdown requested");
-        trigger.cancel();
-    });
-    token
+    }
+}
+
+/// Sends what the NATS client still buffers (the projectors' last
+/// acknowledgements) before the process exits.
+async fn flush_nats(nats: &async_nats::Client) {
+    match tokio::time::timeout(Duration::from_secs(5), nats.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "could not flush NATS at shutdown"),
+        Err(_) => tracing::warn!("flushing NATS at shutdown timed out"),
+    }
 }
 
 /// Runs the relay alone until a signal.
 pub async fn run_relay(settings: &Settings) -> anyhow::Result<()> {
+    crate::metrics::install();
     let pool = connect_database(settings).await?;
     let nats = connect_nats(settings).await?;
     let store = EventStore::new(pool.clone());
-    let relay = Relay::new(store, nats, settings.relay_config());
-    let shutdown = shutdown_on_signal();
-    relay.run(shutdown).await;
-    pool.close().await;
+    let relay = Relay::new(store, nats.clone(), settings.relay_config());
+    let workers = crate::shutdown::Workers::default();
+    workers.add("relay", relay.in_hand());
+    let shutdown = crate::shutdown::on_signal(workers.clone());
+    let metrics = start_metrics(settings, &shutdown).await?;
+    let probes = crate::probes::Probes {
+        postgres: Some(pool.clone()),
+        nats: Some(nats.clone()),
+        ..Default::default()
+    };
+    let probing = tokio::spawn(probes.run(shutdown.clone()));
+    let run = async {
+        relay.run(shutdown.clone()).await;
+        let _ = probing.await;
+        join_metrics(metrics).await;
+        flush_nats(&nats).await;
+        pool.close().await;
+    };
+    crate::shutdown::drain(&shutdown, settings.shutdown_deadline(), &workers, run).await?;
     Ok(())
 }
 
@@ -144,18 +177,25 @@ pub async fn connect_live(settings: &Settings) -> anyhow::Result<projections::Li
         })
 }
 
-/// Spawns the projectors selected by `only`, returning their tasks.
+/// Projector tasks.
+type ProjectorTasks = Vec<tokio::task::JoinHandle<Result<(), projections::ProjectorError>>>;
+
+/// Spawns the projectors selected by `only`, returning their tasks; adds
+/// them to `workers` (shutdown reports) and what they use to `probes`.
 async fn spawn_projectors(
     settings: &Settings,
     store: &EventStore,
     nats: &async_nats::Client,
     only: Option<Projection>,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<Result<(), projections::ProjectorError>>>> {
+    workers: &crate::shutdown::Workers,
+    probes: &mut crate::probes::Probes,
+) -> anyhow::Result<ProjectorTasks> {
     let mut tasks = Vec::new();
     // Projectors publish their state to Redis for `/readyz` and
     // `projectionStatus` of API processes.
     let reports = connect_live(settings).await?;
+    probes.redis = Some(reports.clone());
     if only.is_none_or(|p| p == Projection::Redis) {
         let model = connect_live(settings).await?;
         let projector = projections::Projector::new(
@@ -169,12 +209,15 @@ async fn spawn_projectors(
             projector.status(),
             shutdown.clone(),
         ));
+        workers.add("projector redis", projector.in_hand());
+        probes.projections.push(("redis", projector.status()));
         let shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move { projector.run(shutdown).await }));
         tracing::info!(prefix = %settings.redis_prefix, "redis projector started");
     }
     if only.is_none_or(|p| p == Projection::Graph) {
         let model = connect_graph(settings).await?;
+        probes.graph = Some(model.clone());
         let projector = projections::Projector::new(
             model,
             store.clone(),
@@ -186,6 +229,8 @@ async fn spawn_projectors(
             projector.status(),
             shutdown.clone(),
         ));
+        workers.add("projector graph", projector.in_hand());
+        probes.projections.push(("graph", projector.status()));
         let shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move { projector.run(shutdown).await }));
         tracing::info!(uri = %settings.graph_uri, database = %settings.graph_database, "graph projector started");
@@ -206,23 +251,49 @@ pub async fn connect_graph(settings: &Settings) -> anyhow::Result<projections::G
 /// Runs the projectors until a signal (or until one stops on an event it
 /// cannot apply).
 pub async fn run_projectors(settings: &Settings, args: ProjectArgs) -> anyhow::Result<()> {
+    crate::metrics::install();
     let pool = connect_database(settings).await?;
     let nats = connect_nats(settings).await?;
     let store = EventStore::new(pool.clone());
-    let shutdown = shutdown_on_signal();
-    let tasks = spawn_projectors(settings, &store, &nats, args.only, &shutdown).await?;
-    let mut failure = None;
-    for task in tasks {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                shutdown.cancel();
-                failure = Some(anyhow::Error::from(error));
+    let workers = crate::shutdown::Workers::default();
+    let shutdown = crate::shutdown::on_signal(workers.clone());
+    let metrics = start_metrics(settings, &shutdown).await?;
+    let mut probes = crate::probes::Probes {
+        postgres: Some(pool.clone()),
+        nats: Some(nats.clone()),
+        ..Default::default()
+    };
+    let tasks = spawn_projectors(
+        settings,
+        &store,
+        &nats,
+        args.only,
+        &shutdown,
+        &workers,
+        &mut probes,
+    )
+    .await?;
+    let probing = tokio::spawn(probes.run(shutdown.clone()));
+    let run = async {
+        let mut failure = None;
+        for task in tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    shutdown.cancel();
+                    failure = Some(anyhow::Error::from(error));
+                }
+                Err(error) => failure = Some(anyhow::anyhow!("a projector task panicked: {error}")),
             }
-            Err(error) => failure = Some(anyhow::anyhow!("a projector task panicked: {error}")),
         }
-    }
-    pool.close().await;
+        let _ = probing.await;
+        join_metrics(metrics).await;
+        flush_nats(&nats).await;
+        pool.close().await;
+        failure
+    };
+    let failure =
+        crate::shutdown::drain(&shutdown, settings.shutdown_deadline(), &workers, run).await?;
     failure.map_or(Ok(()), Err)
 }
 
@@ -404,11 +475,13 @@ pub async fn run_all(settings: &Settings, args: AllArgs) -> anyhow::Result<()> {
     let pool = migrated_pool(settings).await?;
     let nats = connect_nats(settings).await?;
     let store = EventStore::new(pool.clone());
-    let shutdown = shutdown_on_signal();
+    let workers = crate::shutdown::Workers::default();
+    let shutdown = crate::shutdown::on_signal(workers.clone());
     // Wakes relays in other processes (e.g. a standby) on our commits.
     let notifier = store.spawn_commit_notifier(shutdown.clone());
 
     let relay = Relay::new(store.clone(), nats.clone(), settings.relay_config());
+    workers.add("relay", relay.in_hand());
     relay
         .ensure_stream()
         .await
@@ -419,8 +492,21 @@ pub async fn run_all(settings: &Settings, args: AllArgs) -> anyhow::Result<()> {
     });
     tracing::info!(stream = %settings.jetstream_stream, "relay started");
 
-    let projectors = spawn_projectors(settings, &store, &nats, None, &shutdown).await?;
+    // The API's probes cover every dependency, and it computes the
+    // projections' lag at scrape time.
+    let mut probes = crate::probes::Probes::default();
+    let projectors = spawn_projectors(
+        settings,
+        &store,
+        &nats,
+        None,
+        &shutdown,
+        &workers,
+        &mut probes,
+    )
+    .await?;
     let api = start_api(settings, &store, &nats, &shutdown).await?;
+    let metrics = start_metrics(settings, &shutdown).await?;
 
     let simulation = args.simulate.then(|| {
         let handler = CommandHandler::new(store.clone(), settings.handler_config());
@@ -430,29 +516,37 @@ pub async fn run_all(settings: &Settings, args: AllArgs) -> anyhow::Result<()> {
     });
 
     shutdown.cancelled().await;
-    if let Some(simulation) = simulation {
-        match simulation.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::error!("simulator failed: {error:#}"),
-            Err(error) => tracing::error!(%error, "simulator task panicked"),
+    let stop = async {
+        if let Some(simulation) = simulation {
+            match simulation.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::error!("simulator failed: {error:#}"),
+                Err(error) => tracing::error!(%error, "simulator task panicked"),
+            }
         }
-    }
-    for projector in projectors {
-        match projector.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::error!("{error}"),
-            Err(error) => tracing::error!(%error, "a projector task panicked"),
+        for projector in projectors {
+            match projector.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::error!("{error}"),
+                Err(error) => tracing::error!(%error, "a projector task panicked"),
+            }
         }
-    }
-    match api.task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::error!(%error, "the API server failed"),
-        Err(error) => tracing::error!(%error, "the API task panicked"),
-    }
-    let relay_result = relay_task.await;
-    let _ = notifier.await;
-    pool.close().await;
-    relay_result.context("joining the relay task")
+        match api.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "the API server failed"),
+            Err(error) => tracing::error!(%error, "the API task panicked"),
+        }
+        crate::shutdown::quiesce().await;
+        join_metrics(metrics).await;
+        let relay_result = relay_task.await;
+        let _ = notifier.await;
+        flush_nats(&nats).await;
+        pool.close().await;
+        relay_result
+    };
+    crate::shutdown::drain(&shutdown, settings.shutdown_deadline(), &workers, stop)
+        .await?
+        .context("joining the relay task")
 }
 
 /// A running API server.
@@ -536,7 +630,18 @@ pub async fn start_api(
         .local_addr()
         .context("reading the listening address")?;
     let hub = state.hub.clone();
-    let router = crate::server::router(state);
+    tokio::spawn(
+        crate::probes::Probes {
+            postgres: Some(store.pool().clone()),
+            nats: Some(nats.clone()),
+            redis: Some(state.services.live.clone()),
+            graph: Some(state.services.graph.clone()),
+            projections: Vec::new(),
+        }
+        .run(shutdown.clone()),
+    );
+    let router = crate::server::router(state)
+        .layer(axum::middleware::from_fn(crate::shutdown::track_request));
     let stop = shutdown.clone();
     let task = tokio::spawn(async move {
         axum::serve(listener, router)
@@ -552,14 +657,22 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
     let pool = connect_database(settings).await?;
     let nats = connect_nats(settings).await?;
     let store = EventStore::new(pool.clone());
-    let shutdown = shutdown_on_signal();
+    let workers = crate::shutdown::Workers::default();
+    let shutdown = crate::shutdown::on_signal(workers.clone());
     // Wakes the relay (in another process) on the mutations' commits.
     let notifier = store.spawn_commit_notifier(shutdown.clone());
     let api = start_api(settings, &store, &nats, &shutdown).await?;
-    let served = api.task.await;
-    let _ = notifier.await;
-    pool.close().await;
-    served
+    let metrics = start_metrics(settings, &shutdown).await?;
+    let run = async {
+        let served = api.task.await;
+        crate::shutdown::quiesce().await;
+        join_metrics(metrics).await;
+        let _ = notifier.await;
+        pool.close().await;
+        served
+    };
+    crate::shutdown::drain(&shutdown, settings.shutdown_deadline(), &workers, run)
+        .await?
         .context("joining the API task")?
         .context("serving the API")
 }

@@ -17,6 +17,9 @@
 //!   command handler.
 //! - [`bench`]: `neurectomy bench append|relay`.
 //! - [`telemetry`]: tracing subscriber set-up.
+//! - [`metrics`], [`probes`]: the Prometheus series and the periodic
+//!   dependency probes behind `neurectomy_dependency_up`.
+//! - [`shutdown`]: signals, what is in flight, the shutdown deadline.
 
 pub mod app;
 pub mod auth;
@@ -27,9 +30,11 @@ pub mod config;
 pub mod graphql;
 pub mod health;
 pub mod metrics;
+pub mod probes;
 pub mod replay;
 pub mod server;
 pub mod settings;
+pub mod shutdown;
 pub mod simulate;
 pub mod telemetry;
 pub mod ws;
@@ -66,7 +71,10 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Tasks a passed shutdown deadline left behind must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // Logged once, here at the boundary, with its whole cause chain.

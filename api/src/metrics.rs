@@ -1,21 +1,10 @@
 //! Prometheus metrics: one process-wide recorder (the `metrics` facade),
-//! rendered as text at `/metrics`.
-//!
-//! | metric | type | labels |
-//! |---|---|---|
-//! | `neurectomy_http_requests_total` | counter | route, status |
-//! | `neurectomy_http_request_seconds` | histogram | route |
-//! | `neurectomy_graphql_resolver_seconds` | histogram | field (top-level fields) |
-//! | `neurectomy_graphql_errors_total` | counter | code |
-//! | `neurectomy_commands_total` | counter | command, outcome (`ok` or an error code) |
-//! | `neurectomy_command_seconds` | histogram | command |
-//! | `neurectomy_websocket_connections` | gauge | |
-//! | `neurectomy_subscriptions` | gauge | | (clients' subscriptions)
-//! | `neurectomy_subscription_executions` | gauge | shared (`true`: one execution serves every client with the same subscription) |
-//! | `neurectomy_feed_subscribers` | gauge | | (executions reading the change feed)
-//! | `neurectomy_subscription_drops_total` | counter | reason |
-//! | `neurectomy_projection_checkpoint` | gauge | projection |
-//! | `neurectomy_projection_lag_events` | gauge | projection |
+//! rendered as text at `/metrics` (the API's port, or
+//! `NEURECTOMY_METRICS_LISTEN` for the relay and projector roles, see
+//! [`serve`]). The README's "Metrics" section lists every series with its
+//! type, labels and meaning. Series of the write and read side
+//! (`neurectomy_append*`, `neurectomy_relay_*`, `neurectomy_projector_*`)
+//! are recorded in `commands` and `projections` through the same facade.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -30,13 +19,25 @@ const BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// Batch-size buckets, events (`neurectomy_projector_batch_events`).
+const EVENT_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+];
+
 /// Installs the recorder once per process; returns its handle (`None` if
 /// another recorder was installed first, e.g. by an embedding program).
 pub fn install() -> Option<&'static PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
+            // Without buckets a histogram is rendered as a summary.
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("neurectomy_projector_batch_events".to_owned()),
+                        EVENT_BUCKETS,
+                    )
+                })
                 .ok()?;
             match builder.install_recorder() {
                 Ok(handle) => Some(handle),
@@ -47,6 +48,15 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             }
         })
         .as_ref()
+}
+
+/// Drains recorded histogram samples into their buckets (rendering does
+/// too): run periodically ([`crate::probes`]) so that memory stays bounded
+/// when nothing scrapes. Nothing to do before [`install`].
+pub fn upkeep() {
+    if let Some(Some(handle)) = HANDLE.get() {
+        handle.run_upkeep();
+    }
 }
 
 /// The metrics as Prometheus text.
@@ -111,6 +121,51 @@ pub fn projection(name: &'static str, checkpoint: i64, lag: i64) {
     metrics::gauge!("neurectomy_projection_checkpoint", "projection" => name)
         .set(checkpoint as f64);
     metrics::gauge!("neurectomy_projection_lag_events", "projection" => name).set(lag as f64);
+}
+
+/// Change-feed entries read together, `took` after the read, were
+/// published to the in-memory channels (`neurectomy_feed_fanout_seconds`,
+/// one sample per entry).
+pub fn feed_fanout(entries: usize, took: Duration) {
+    if entries > 0 {
+        metrics::histogram!("neurectomy_feed_fanout_seconds")
+            .record_many(took.as_secs_f64(), entries);
+    }
+}
+
+/// Whether a dependency answered its last probe (`neurectomy_dependency_up`).
+pub fn dependency_up(dependency: &'static str, up: bool) {
+    metrics::gauge!("neurectomy_dependency_up", "dependency" => dependency).set(if up {
+        1.0
+    } else {
+        0.0
+    });
+}
+
+/// Serves `/metrics` (and `/healthz`) on `listener` until `shutdown`: the
+/// metrics endpoint of the roles without the API (`relay`, `project`).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let router = axum::Router::new()
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    render(),
+                )
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
 }
 
 /// Times top-level GraphQL fields (`neurectomy_graphql_resolver_seconds`).

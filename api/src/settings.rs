@@ -566,6 +566,21 @@ pub struct Settings {
         global = true
     )]
     pub projector_linger_ms: u64,
+    /// Address where `relay` and `project` serve `/metrics` and `/healthz`
+    /// for Prometheus, e.g. `0.0.0.0:9464` (unset: none). `serve` and `all`
+    /// serve `/metrics` on the API's address, and here too when set.
+    #[arg(long, env = "NEURECTOMY_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<String>,
+    /// Longest time (ms) from SIGTERM/SIGINT to exit: in-flight requests,
+    /// commands and batches finish within it; past it, the process logs
+    /// what was still in flight and exits with status 1.
+    #[arg(
+        long,
+        env = "NEURECTOMY_SHUTDOWN_DEADLINE_MS",
+        default_value_t = 25_000,
+        global = true
+    )]
+    pub shutdown_deadline_ms: u64,
     /// The GraphQL API.
     #[command(flatten)]
     pub api: ApiSettings,
@@ -575,6 +590,11 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The shutdown deadline these settings describe.
+    pub fn shutdown_deadline(&self) -> Duration {
+        Duration::from_millis(self.shutdown_deadline_ms)
+    }
+
     /// The relay configuration these settings describe.
     pub fn relay_config(&self) -> commands::RelayConfig {
         commands::RelayConfig {

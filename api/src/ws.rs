@@ -487,6 +487,7 @@ pub async fn serve(
     protocol: WebSocketProtocols,
 ) {
     crate::metrics::websocket(1.0);
+    let _open = crate::shutdown::WEBSOCKETS.enter();
     let mut principal: Option<Principal> = None;
     let mut subscriptions = Subscriptions::default();
     let init_deadline = tokio::time::sleep(state.config.ws_init_timeout);

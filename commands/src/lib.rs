@@ -26,6 +26,7 @@
 //! - [`event_store`]: PostgreSQL append, reads, snapshots (SQL in `.sql` files).
 //! - [`handler`]: load → decide → append with bounded retries.
 //! - [`relay`]: the outbox relay to JetStream, with leadership and checkpoints.
+//! - [`in_hand`]: the batch a worker holds (what a shutdown waits for).
 //! - [`error`]: the error enums of each operation.
 //! - [`testkit`]: per-test isolated databases and JetStream streams.
 
@@ -34,6 +35,7 @@ pub mod envelope;
 pub mod error;
 pub mod event_store;
 pub mod handler;
+pub mod in_hand;
 pub mod relay;
 pub mod testkit;
 
@@ -41,6 +43,7 @@ pub use envelope::{CommandContext, EventMetadata, ExpectedVersion, NewEvent, Rec
 pub use error::{AppendError, CommandError, ReadError, RelayError};
 pub use event_store::EventStore;
 pub use handler::{CommandHandler, CommandOutcome, HandlerConfig};
+pub use in_hand::InHand;
 pub use relay::{Relay, RelayConfig, RelayProgress};
 
 /// Runs the embedded sqlx migrations (`migrations/` at the repository root).

@@ -19,6 +19,14 @@
 //!   PostgreSQL `NOTIFY` from other processes, and otherwise polls.
 //! - **Throughput.** A batch is published without waiting (pipelined), then
 //!   every acknowledgement is awaited before the checkpoint moves.
+//! - **Shutdown.** Cancellation is seen between batches only: the batch in
+//!   hand is published and acknowledged, the checkpoint written, the lock
+//!   released. [`Relay::in_hand`] tells a shutdown what it still holds.
+//! - **Metrics.** `neurectomy_relay_publish_seconds` (per batch, from the
+//!   first send to the last ack) and, while leading,
+//!   `neurectomy_relay_lag_events` (events committed after the last one
+//!   acknowledged, sampled about every [`LAG_SAMPLE_EVERY`]; 0 once it steps
+//!   down).
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::envelope::RecordedEvent;
 use crate::error::RelayError;
 use crate::event_store::{EventStore, COMMIT_CHANNEL};
+use crate::in_hand::InHand;
 
 const CHECKPOINT_GET: &str = include_str!("event_store/sql/relay_checkpoint_get.sql");
 const CHECKPOINT_PUT: &str = include_str!("event_store/sql/relay_checkpoint_put.sql");
@@ -51,6 +60,12 @@ pub const HEADER_SCHEMA_VERSION: &str = "Neurectomy-Schema-Version";
 pub const HEADER_TENANT: &str = "Neurectomy-Tenant";
 /// W3C trace context header.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
+
+/// How often the leading relay samples its lag (`neurectomy_relay_lag_events`)
+/// at most.
+pub const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// Most events a lag sample counts (the count walks the index).
+const LAG_CAP: i64 = 1_000_000;
 
 /// Configuration of one relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +155,8 @@ pub struct Relay {
     jetstream: jetstream::Context,
     config: RelayConfig,
     progress: watch::Sender<RelayProgress>,
+    /// The batch being published, for shutdown reports.
+    in_hand: InHand,
 }
 
 impl Relay {
@@ -154,7 +171,13 @@ impl Relay {
             jetstream,
             config,
             progress,
+            in_hand: InHand::default(),
         }
+    }
+
+    /// Events of the batch being published now (0 between batches).
+    pub fn in_hand(&self) -> InHand {
+        self.in_hand.clone()
     }
 
     /// Progress updates, one per acknowledged batch.
@@ -209,7 +232,15 @@ impl Relay {
             };
             tracing::info!("relay is the leader");
             self.progress.send_modify(|p| p.leader = true);
+            let sampling = CancellationToken::new();
+            let sampler = tokio::spawn(sample_lag(
+                self.store.clone(),
+                self.progress.subscribe(),
+                sampling.clone(),
+            ));
             let end = self.lead(&mut lock, &shutdown).await;
+            sampling.cancel();
+            let _ = sampler.await;
             self.progress.send_modify(|p| p.leader = false);
             match end {
                 TermEnd::Shutdown => {
@@ -318,8 +349,13 @@ impl Relay {
             }
 
             let started = Instant::now();
-            match self.publish(&batch, sequence).await {
+            let holding = self.in_hand.hold(batch.len());
+            let published = self.publish(&batch, sequence).await;
+            drop(holding);
+            match published {
                 Ok(last_sequence) => {
+                    metrics::histogram!("neurectomy_relay_publish_seconds")
+                        .record(started.elapsed().as_secs_f64());
                     backoff.reset();
                     position = batch.last().map_or(position, |e| e.position);
                     sequence = last_sequence;
@@ -525,6 +561,36 @@ enum Sync {
     Lock(sqlx::Error),
     /// JetStream is unreachable or inconsistent.
     Other(String),
+}
+
+/// Samples the leader's lag every [`LAG_SAMPLE_EVERY`] until `stop` (the
+/// end of the leadership term), then reports 0: only the leader's counts.
+/// A task of its own, so that counting never delays a batch.
+async fn sample_lag(
+    store: EventStore,
+    progress: watch::Receiver<RelayProgress>,
+    stop: CancellationToken,
+) {
+    let gauge = metrics::gauge!("neurectomy_relay_lag_events");
+    let mut pause = LAG_SAMPLE_EVERY;
+    loop {
+        // The first sample waits too: until the term has resynchronized,
+        // the position is not known.
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(pause) => {}
+        }
+        let position = progress.borrow().position;
+        let started = Instant::now();
+        match store.count_after(position, LAG_CAP).await {
+            Ok(lag) => gauge.set(lag as f64),
+            Err(error) => tracing::debug!(%error, "could not sample the relay's lag"),
+        }
+        // Counting a large backlog walks many index entries: sample less
+        // often then, so that it never costs more than ~5 % of a core.
+        pause = LAG_SAMPLE_EVERY.max(started.elapsed() * 20);
+    }
+    gauge.set(0.0);
 }
 
 async fn recv(listener: &mut Option<PgListener>) -> Result<(), sqlx::Error> {

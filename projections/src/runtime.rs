@@ -1,12 +1,17 @@
 //! The projector loop: catch up from the event store, then consume the
 //! JetStream stream from the first message after the checkpoint, applying
 //! batches in order and acknowledging them only once applied.
+//!
+//! Shutdown is seen between batches: the batch in hand is applied (with its
+//! checkpoint) and acknowledged first ([`Projector::in_hand`] reports it).
+//! Each applied batch records `neurectomy_projector_batch_events` and
+//! `neurectomy_projector_apply_seconds` (label `projection`).
 
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, consumer::DeliverPolicy};
 use commands::relay::HEADER_POSITION;
-use commands::{EventStore, ReadError, RecordedEvent};
+use commands::{EventStore, InHand, ReadError, RecordedEvent};
 use domain::DomainEvent;
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -172,6 +177,8 @@ pub struct Projector<M> {
     jetstream: jetstream::Context,
     config: ProjectorConfig,
     status: watch::Sender<ProjectorStatus>,
+    /// The batch being applied and acknowledged, for shutdown reports.
+    in_hand: InHand,
 }
 
 impl<M: ReadModel> Projector<M> {
@@ -196,7 +203,14 @@ impl<M: ReadModel> Projector<M> {
             jetstream: jetstream::new(client),
             config,
             status,
+            in_hand: InHand::default(),
         }
+    }
+
+    /// Events of the batch being applied and acknowledged now (0 between
+    /// batches).
+    pub fn in_hand(&self) -> InHand {
+        self.in_hand.clone()
     }
 
     /// Status updates.
@@ -342,6 +356,7 @@ impl<M: ReadModel> Projector<M> {
                 let Some(batch_last) = batch.last().map(|p| p.recorded.position) else {
                     break;
                 };
+                let _holding = self.in_hand.hold(batch.len());
                 if let Err(interrupt) = self.apply_decoded(batch, checkpoint, shutdown).await {
                     abort(next);
                     return Err(interrupt);
@@ -419,6 +434,8 @@ impl<M: ReadModel> Projector<M> {
                     Err(_) => break,
                 }
             }
+            // Held until the batch is acknowledged (or abandoned).
+            let _holding = self.in_hand.hold(received.len());
             let mut batch = Vec::new();
             let mut last_message = None;
             for message in received {
@@ -528,10 +545,16 @@ impl<M: ReadModel> Projector<M> {
             let started = Instant::now();
             match self.model.apply_after(checkpoint, &projected).await {
                 Ok(()) => {
+                    let took = started.elapsed();
+                    let projection = self.model.name().to_owned();
+                    metrics::histogram!("neurectomy_projector_batch_events", "projection" => projection.clone())
+                        .record(count as f64);
+                    metrics::histogram!("neurectomy_projector_apply_seconds", "projection" => projection)
+                        .record(took.as_secs_f64());
                     tracing::debug!(
                         count,
                         last,
-                        elapsed_us = started.elapsed().as_micros() as u64,
+                        elapsed_us = took.as_micros() as u64,
                         "batch applied"
                     );
                     self.status.send_modify(|s| {

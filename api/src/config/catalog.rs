@@ -249,6 +249,16 @@ pub(crate) const KEYS: &[Key] = &[
     key("NEURECTOMY_LOG", "log.filter", Check::LogFilter),
     key("NEURECTOMY_LOG_FORMAT", "log.format", Check::Any),
     key(
+        "NEURECTOMY_METRICS_LISTEN",
+        "metrics.listen",
+        Check::HostPort,
+    ),
+    key(
+        "NEURECTOMY_SHUTDOWN_DEADLINE_MS",
+        "shutdown.deadline_ms",
+        Check::Millis { min: 1 },
+    ),
+    key(
         "NEURECTOMY_SIM_AGENTS",
         "simulate.agents",
         Check::AtLeast(1),

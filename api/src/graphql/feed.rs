@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use commands::{EventStore, ReadError, RecordedEvent};
 use projections::{Entity, LiveModel};
@@ -410,6 +410,7 @@ impl Reader {
             let Some(reply) = self.read(inner, &mut conn, id).await? else {
                 continue;
             };
+            let read_at = Instant::now();
             for stream in reply.keys {
                 let Some(tenant) = self
                     .cursors
@@ -419,7 +420,7 @@ impl Reader {
                 else {
                     continue;
                 };
-                self.deliver(inner, &mut conn, &tenant, &stream.key, stream.ids)
+                self.deliver(inner, &mut conn, &tenant, &stream.key, stream.ids, read_at)
                     .await?;
             }
         }
@@ -529,7 +530,7 @@ impl Reader {
         }
     }
 
-    /// Publishes entries read from `tenant`'s feed.
+    /// Publishes entries read from `tenant`'s feed at `read_at`.
     async fn deliver(
         &mut self,
         inner: &Inner,
@@ -537,6 +538,7 @@ impl Reader {
         tenant: &str,
         key: &str,
         entries: Vec<StreamId>,
+        read_at: Instant,
     ) -> Result<(), FeedError> {
         let cursor = self.cursors.get(tenant).copied().unwrap_or(0);
         if entries.len() >= READ_COUNT {
@@ -594,6 +596,7 @@ impl Reader {
             "read from the change feed"
         );
         publish(inner, tenant, &changes, None).await?;
+        crate::metrics::feed_fanout(changes.len(), read_at.elapsed());
         if let Some(last) = changes.last() {
             self.cursors.insert(tenant.to_owned(), last.position);
         }

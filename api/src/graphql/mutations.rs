@@ -128,7 +128,19 @@ async fn run(
         .and_then(|m| m.traceparent.clone());
     let command_type = command.name();
     let started = std::time::Instant::now();
-    let outcome = services(ctx).handler.execute(command, &context).await;
+    // A task of its own: the command runs to its end even if the request is
+    // dropped, and a shutdown waits for it (see `crate::shutdown`).
+    let handler = services(ctx).handler.clone();
+    let outcome =
+        crate::shutdown::spawn_command(async move { handler.execute(command, &context).await })
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "a command task failed");
+                error(
+                    "INTERNAL",
+                    "the command failed unexpectedly; see the server log",
+                )
+            })?;
     crate::metrics::command(
         command_type,
         started.elapsed(),

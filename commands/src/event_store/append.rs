@@ -1,5 +1,7 @@
 //! Appending events with optimistic concurrency.
 
+use std::time::{Duration, Instant};
+
 use serde_json::Value;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgExecutor, Row};
@@ -127,6 +129,19 @@ impl EventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<Vec<RecordedEvent>, AppendError> {
+        let started = Instant::now();
+        let result = self.append_unmetered(stream_id, expected, events).await;
+        record_append(&result, started.elapsed());
+        result
+    }
+
+    /// [`EventStore::append`] without its metrics.
+    async fn append_unmetered(
+        &self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<RecordedEvent>, AppendError> {
         let batch = Batch::new(&events)?;
         let required = expected.required().map(to_i64);
         let mut attempt = 0;
@@ -204,6 +219,24 @@ impl EventStore {
             .await?;
         Ok(u64::try_from(version).unwrap_or(0))
     }
+}
+
+/// `neurectomy_appends_total{outcome}`, `neurectomy_appended_events_total`
+/// and `neurectomy_append_seconds`.
+fn record_append(result: &Result<Vec<RecordedEvent>, AppendError>, took: Duration) {
+    let outcome = match result {
+        Ok(events) => {
+            metrics::counter!("neurectomy_appended_events_total").increment(events.len() as u64);
+            "ok"
+        }
+        Err(AppendError::Conflict { .. }) => "conflict",
+        // The command ran before: its retry appends nothing.
+        Err(AppendError::DuplicateEvent { .. }) => "duplicate",
+        Err(AppendError::BadBatch { .. }) => "invalid",
+        Err(AppendError::Database { .. }) => "error",
+    };
+    metrics::counter!("neurectomy_appends_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("neurectomy_append_seconds").record(took.as_secs_f64());
 }
 
 /// Pairs the returned rows with the events appended.
