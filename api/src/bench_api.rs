@@ -1377,9 +1377,10 @@ impl Delivery {
         let ms = |q: f64| self.latencies.value_at_quantile(q) as f64 / 1000.0;
         let p99 = ms(0.99);
         let mut detail = format!(
-            "received by {} of {wanted} ({} subscribed); p50 {:.1} ms, max {:.1} ms; the mutation took {:.1} ms",
+            "received by {} of {wanted} ({} subscribed); first {:.1} ms, p50 {:.1} ms, max {:.1} ms; the mutation took {:.1} ms",
             self.received,
             self.subscribed,
+            self.latencies.min() as f64 / 1000.0,
             ms(0.5),
             self.latencies.max() as f64 / 1000.0,
             self.mutation_ms
