@@ -73,6 +73,26 @@ impl Process {
     }
 }
 
+/// The head of `store`'s log once every committed event is readable: the
+/// gap-safe horizon is cluster-wide, so another test's open transaction can
+/// briefly hold it below events this test committed. Panics (failing the
+/// test) if PostgreSQL fails.
+#[allow(clippy::unwrap_used)]
+pub async fn readable_head(store: &commands::EventStore) -> i64 {
+    commands::testkit::eventually(
+        "every written event to be readable",
+        std::time::Duration::from_secs(60),
+        || {
+            let store = store.clone();
+            async move {
+                let head = store.head().await.unwrap();
+                (head.readable >= head.written).then_some(head.written)
+            }
+        },
+    )
+    .await
+}
+
 pub mod pipeline {
     //! The write side running in-process for one test: an isolated
     //! database, JetStream stream and relay, plus helpers to drive a
@@ -189,19 +209,7 @@ pub mod pipeline {
         /// gap-safe horizon is cluster-wide, so another test's open
         /// transaction can briefly hold it below events this test committed.
         pub async fn head(&self) -> i64 {
-            let store = self.store.clone();
-            eventually(
-                "every written event to be readable",
-                Duration::from_secs(60),
-                || {
-                    let store = store.clone();
-                    async move {
-                        let head = store.head().await.unwrap();
-                        (head.readable >= head.written).then_some(head.written)
-                    }
-                },
-            )
-            .await
+            crate::readable_head(&self.store).await
         }
 
         /// Waits until `model` has applied the whole log; returns the head.

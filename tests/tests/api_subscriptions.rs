@@ -466,6 +466,25 @@ async fn every_subscription_delivers_with_positions() {
     world.shutdown().await;
 }
 
+/// Reads what a client that did not keep up was still sent (`events`
+/// positions) and the error that cut it off, which must be
+/// `SUBSCRIBER_TOO_SLOW`.
+async fn cut_off(slow: &mut Client) -> (Vec<i64>, Value) {
+    let mut got = Vec::new();
+    let error = loop {
+        match slow.reply(Duration::from_secs(30)).await {
+            Reply::Next(_, data) => got.push(position(&data["events"]["position"])),
+            Reply::Error(_, errors) => break errors,
+            Reply::Complete(_) => panic!("completed without an error after {} events", got.len()),
+        }
+    };
+    assert_eq!(
+        error[0]["extensions"]["code"], "SUBSCRIBER_TOO_SLOW",
+        "{error}"
+    );
+    (got, error)
+}
+
 /// Reads `events` positions on `client` until `until` is reached or
 /// `stop_after` messages arrived.
 async fn read_events(
@@ -598,18 +617,7 @@ async fn a_subscriber_that_cannot_keep_up_is_cut_off_with_a_resumable_error() {
     assert_eq!(position(&seen["agentUpdated"]["position"]), last);
 
     // Now the slow client reads: what the sockets held, then the error.
-    let mut got = Vec::new();
-    let error = loop {
-        match slow.reply(Duration::from_secs(30)).await {
-            Reply::Next(_, data) => got.push(position(&data["events"]["position"])),
-            Reply::Error(_, errors) => break errors,
-            Reply::Complete(_) => panic!("completed without an error after {} events", got.len()),
-        }
-    };
-    assert_eq!(
-        error[0]["extensions"]["code"], "SUBSCRIBER_TOO_SLOW",
-        "{error}"
-    );
+    let (got, error) = cut_off(&mut slow).await;
     let message = error[0]["message"].as_str().unwrap();
     let resume_at = *got.last().unwrap();
     assert!(
@@ -806,18 +814,7 @@ async fn clients_of_the_same_live_subscription_share_one_execution() {
     assert_eq!(log, world.positions("acme", start).await);
 
     // The slow client alone was cut off, with the last position it was sent.
-    let mut got = Vec::new();
-    let error = loop {
-        match slow.reply(Duration::from_secs(30)).await {
-            Reply::Next(_, data) => got.push(position(&data["events"]["position"])),
-            Reply::Error(_, errors) => break errors,
-            Reply::Complete(_) => panic!("completed without an error after {} events", got.len()),
-        }
-    };
-    assert_eq!(
-        error[0]["extensions"]["code"], "SUBSCRIBER_TOO_SLOW",
-        "{error}"
-    );
+    let (got, error) = cut_off(&mut slow).await;
     let resume_at = got.last().copied().unwrap_or(warm);
     let message = error[0]["message"].as_str().unwrap();
     assert!(

@@ -93,19 +93,7 @@ impl Scratch {
 
     /// The log's head, once every written event is readable.
     async fn head(&self) -> i64 {
-        let store = commands::EventStore::new(self.db.pool.clone());
-        eventually(
-            "every written event to be readable",
-            Duration::from_secs(60),
-            || {
-                let store = store.clone();
-                async move {
-                    let head = store.head().await.unwrap();
-                    (head.readable >= head.written).then_some(head.written)
-                }
-            },
-        )
-        .await
+        neurectomy_e2e::readable_head(&commands::EventStore::new(self.db.pool.clone())).await
     }
 }
 
@@ -224,6 +212,32 @@ async fn graphql(
         .await?
         .json()
         .await
+}
+
+/// `serve` with `settings`, and a request that waits in its resolver (for a
+/// position never reached) until the process ends; the request's task
+/// ends with the transport error when the process is gone.
+async fn serve_with_a_waiting_request(
+    scratch: &Scratch,
+    settings: &[(&str, &str)],
+) -> (
+    Process,
+    tokio::task::JoinHandle<Result<Value, reqwest::Error>>,
+) {
+    let api = Process::spawn("serve", scratch.command(&["serve"], settings));
+    let addr = api.address("GraphQL API listening").await;
+    let token = token();
+    let waiting = tokio::spawn(async move {
+        graphql(
+            &reqwest::Client::new(),
+            addr,
+            &token,
+            "query($id: String!) { agent(id: $id, atLeastPosition: \"999999999999\") { id } }",
+            json!({"id": Uuid::new_v4().to_string()}),
+        )
+        .await
+    });
+    (api, waiting)
 }
 
 const REGISTER: &str = "mutation($id: ID!, $command: ID!) { registerAgent(id: $id, name: \"worker\", kind: TOOL, capabilities: [\"ops\"], commandId: $command) { streamId version position events { type } } }";
@@ -792,19 +806,7 @@ async fn a_passed_deadline_or_a_second_signal_reports_what_was_in_flight() {
         // A read for a position nobody writes waits this long.
         ("NEURECTOMY_API_CONSISTENCY_TIMEOUT_MS", "20000"),
     ];
-    let mut api = Process::spawn("serve", scratch.command(&["serve"], &settings));
-    let addr = api.address("GraphQL API listening").await;
-    let token = token();
-    let waiting = tokio::spawn(async move {
-        graphql(
-            &reqwest::Client::new(),
-            addr,
-            &token,
-            "query($id: String!) { agent(id: $id, atLeastPosition: \"999999999999\") { id } }",
-            json!({"id": Uuid::new_v4().to_string()}),
-        )
-        .await
-    });
+    let (mut api, waiting) = serve_with_a_waiting_request(&scratch, &settings).await;
     // Nothing outside the process shows that the request has reached the
     // resolver (where it waits); a request not yet read when the signal
     // comes would be dropped with its idle connection, and the process
@@ -836,19 +838,7 @@ async fn a_passed_deadline_or_a_second_signal_reports_what_was_in_flight() {
         ("NEURECTOMY_SHUTDOWN_DEADLINE_MS", "60000"),
         ("NEURECTOMY_API_CONSISTENCY_TIMEOUT_MS", "60000"),
     ];
-    let mut api = Process::spawn("serve", scratch.command(&["serve"], &settings));
-    let addr = api.address("GraphQL API listening").await;
-    let token = self::token();
-    let waiting = tokio::spawn(async move {
-        graphql(
-            &reqwest::Client::new(),
-            addr,
-            &token,
-            "query($id: String!) { agent(id: $id, atLeastPosition: \"999999999999\") { id } }",
-            json!({"id": Uuid::new_v4().to_string()}),
-        )
-        .await
-    });
+    let (mut api, waiting) = serve_with_a_waiting_request(&scratch, &settings).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     api.terminate();
     let log = api.log.clone();
