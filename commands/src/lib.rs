@@ -27,6 +27,8 @@
 //! - [`handler`]: load → decide → append with bounded retries.
 //! - [`relay`]: the outbox relay to JetStream, with leadership and checkpoints.
 //! - [`error`]: the error enums of each operation.
+//! - [`trace`]: W3C `traceparent` helpers that link the spans of one change
+//!   across tasks and processes.
 //! - [`testkit`]: per-test isolated databases and JetStream streams.
 
 mod cache;
@@ -36,6 +38,7 @@ pub mod event_store;
 pub mod handler;
 pub mod relay;
 pub mod testkit;
+pub mod trace;
 
 pub use envelope::{CommandContext, EventMetadata, ExpectedVersion, NewEvent, RecordedEvent};
 pub use error::{AppendError, CommandError, ReadError, RelayError};
