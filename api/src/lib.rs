@@ -13,7 +13,8 @@
 //! - [`simulate`]: a realistic orchestration workload through the real
 //!   command handler.
 //! - [`bench`]: `neurectomy bench append|relay`.
-//! - [`telemetry`]: tracing subscriber set-up.
+//! - [`telemetry`]: logs (text or JSON, with trace ids) and spans, exported
+//!   over OTLP when an endpoint is configured.
 
 pub mod app;
 pub mod auth;
@@ -37,7 +38,7 @@ use settings::{Cli, Command};
 pub fn main() -> std::process::ExitCode {
     use clap::Parser as _;
     let cli = Cli::parse();
-    telemetry::init(&cli.settings.log);
+    let telemetry = telemetry::init(&cli.settings.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -48,14 +49,19 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let code = match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // Logged once, here at the boundary, with its whole cause chain.
             tracing::error!("{error:#}");
             std::process::ExitCode::FAILURE
         }
+    };
+    // The spans of the last moments, before the process is gone.
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown();
     }
+    code
 }
 
 /// Runs the sub-command chosen on the command line.
