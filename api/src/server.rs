@@ -192,8 +192,9 @@ async fn execute(
             return *response;
         }
     };
+    let span = crate::telemetry::operation_span(meta.traceparent.as_deref(), &request);
     let request = request.data(principal).data(meta);
-    let response = state.schema.execute_batch(request).await;
+    let response = tracing::Instrument::instrument(state.schema.execute_batch(request), span).await;
     let codes: Vec<String> = match &response {
         BatchResponse::Single(r) => error_codes(r),
         BatchResponse::Batch(rs) => rs.iter().flat_map(error_codes).collect(),
