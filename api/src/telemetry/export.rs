@@ -333,6 +333,9 @@ impl Exporter {
         let mut due: Option<tokio::time::Instant> = None;
         loop {
             let deadline = due.unwrap_or_else(tokio::time::Instant::now);
+            // `batch` holds fewer than `self.batch` spans here: a full one
+            // is exported at once.
+            let room = self.batch - batch.len();
             tokio::select! {
                 biased;
                 request = self.requests.recv() => {
@@ -353,7 +356,7 @@ impl Exporter {
                         return;
                     }
                 }
-                received = self.queued.recv_many(&mut batch, self.batch) => {
+                received = self.queued.recv_many(&mut batch, room) => {
                     if received == 0 {
                         // Every sender is gone: the provider was dropped.
                         self.drain(&mut batch).await;
