@@ -443,6 +443,12 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
     use opentelemetry_sdk::trace::SdkTracerProvider;
     use std::time::Instant;
     use tracing_subscriber::layer::SubscriberExt as _;
@@ -491,6 +497,70 @@ mod tests {
         ]);
         assert_eq!(config.unwrap().protocol, OtlpProtocol::HttpProtobuf);
         assert_eq!(warnings.len(), 1, "{warnings:?}");
+    }
+
+    /// Names of the spans a gRPC collector received.
+    #[derive(Clone, Default)]
+    struct Received(Arc<Mutex<Vec<(String, String)>>>);
+
+    #[tonic::async_trait]
+    impl TraceService for Received {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let mut received = self.0.lock().unwrap();
+            for resource in request.into_inner().resource_spans {
+                let service = resource
+                    .resource
+                    .iter()
+                    .flat_map(|r| &r.attributes)
+                    .find(|a| a.key == "service.name")
+                    .and_then(|a| a.value.as_ref()?.value.as_ref())
+                    .map(|v| format!("{v:?}"))
+                    .unwrap_or_default();
+                for scope in resource.scope_spans {
+                    for span in scope.spans {
+                        received.push((service.clone(), span.name));
+                    }
+                }
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spans_reach_a_grpc_collector() {
+        let received = Received::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(received.clone()))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let config = OtlpConfig::new(Some(format!("http://{addr}")), OtlpProtocol::Grpc);
+        let resource = Resource::builder_empty()
+            .with_service_name("grpc-test")
+            .build();
+        let queue = ExportQueue::start(config, resource).unwrap();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(queue)
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info_span!("over.grpc").in_scope(|| {});
+        });
+        tokio::task::spawn_blocking(move || provider.force_flush())
+            .await
+            .unwrap()
+            .unwrap();
+        let received = received.0.lock().unwrap().clone();
+        assert_eq!(received.len(), 1, "{received:?}");
+        assert_eq!(received[0].1, "over.grpc");
+        assert!(received[0].0.contains("grpc-test"), "{received:?}");
+        server.abort();
     }
 
     /// A collector that takes connections and never answers: every export
