@@ -14,6 +14,7 @@
 //! | `neurectomy_subscription_executions` | gauge | shared (`true`: one execution serves every client with the same subscription) |
 //! | `neurectomy_feed_subscribers` | gauge | | (executions reading the change feed)
 //! | `neurectomy_subscription_drops_total` | counter | reason |
+//! | `neurectomy_otlp_dropped_spans_total` | counter | | (spans not exported: queue full or export failed; see `crate::telemetry`)
 //! | `neurectomy_projection_checkpoint` | gauge | projection |
 //! | `neurectomy_projection_lag_events` | gauge | projection |
 
