@@ -12,13 +12,27 @@
 //! (via `tracing-opentelemetry`). Without that layer installed (tests,
 //! embedding programs) spans have no context: [`current`] is `None` and
 //! nothing breaks. Stages that fan out per event open a span only for
-//! contexts marked *sampled* ([`follow`]): an unsampled trace is recorded
-//! nowhere, so its spans would only cost.
+//! contexts marked *sampled*, and only in a process that exports spans
+//! ([`follow`], [`set_recording`]): other spans would be recorded nowhere
+//! and only cost. Where no span is opened, a stage passes the sampled
+//! context it received on, so the trace continues in later processes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
 };
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+/// Whether this process exports sampled spans (see [`set_recording`]).
+static RECORDING: AtomicBool = AtomicBool::new(false);
+
+/// Declares whether this process exports sampled spans; set once by the
+/// telemetry set-up. Until then (and without export) [`follow`] opens no
+/// spans.
+pub fn set_recording(recording: bool) {
+    RECORDING.store(recording, Ordering::Relaxed);
+}
 
 /// Parses a W3C `traceparent` (`00-<trace id>-<parent id>-<flags>`);
 /// `None` unless it is valid (known layout, non-zero ids).
@@ -95,11 +109,15 @@ pub fn continue_from(span: &tracing::Span, traceparent: &str) -> bool {
 }
 
 /// A span made by `make` as a child of `traceparent`, when that is a
-/// sampled context; `None` otherwise (nothing is created).
+/// sampled context and this process exports spans; `None` otherwise
+/// (nothing is created).
 pub fn follow(
     traceparent: Option<&str>,
     make: impl FnOnce() -> tracing::Span,
 ) -> Option<tracing::Span> {
+    if !RECORDING.load(Ordering::Relaxed) {
+        return None;
+    }
     let context = parse(traceparent?)?;
     if !context.is_sampled() {
         return None;

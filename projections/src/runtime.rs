@@ -583,7 +583,8 @@ impl<M: ReadModel> Projector<M> {
     /// Spans of a batch: one for the batch (linked to the events' traces),
     /// and one per event of a sampled trace, a child of the event's context
     /// that lasts until the batch is applied (dropped by the caller). Each
-    /// such event carries its span's context to what the model writes.
+    /// such event carries its span's context (else its own, if sampled) to
+    /// what the model writes.
     fn trace(&self, projected: &mut [Projected]) -> (tracing::Span, Vec<tracing::Span>) {
         let name = self.model.name();
         let batch = tracing::info_span!(
@@ -596,6 +597,11 @@ impl<M: ReadModel> Projector<M> {
         let mut spans = Vec::new();
         for p in projected.iter_mut() {
             let recorded = &p.recorded;
+            // Without a span of its own (not exported here) the event's
+            // sampled context goes on as is.
+            if commands::trace::sampled(recorded.metadata.traceparent.as_deref()) {
+                p.traceparent.clone_from(&recorded.metadata.traceparent);
+            }
             let Some(span) =
                 commands::trace::follow(recorded.metadata.traceparent.as_deref(), || {
                     tracing::info_span!(

@@ -707,11 +707,13 @@ async fn publish(
         return Ok(());
     };
     // One span per change of a sampled trace, in that trace, until it is in
-    // the subscribers' channels; messages carry its context to delivery.
+    // the subscribers' channels; messages carry its context to delivery
+    // (or the change's own when no span is opened: spans not exported).
     let mut spans = Vec::new();
     let mut traces: Vec<(i64, String)> = Vec::new();
     for change in changes {
-        let Some(span) = commands::trace::follow(change.traceparent.as_deref(), || {
+        let traced = change.traceparent.as_deref();
+        let Some(span) = commands::trace::follow(traced, || {
             tracing::info_span!(
                 parent: None,
                 "feed.fanout",
@@ -720,6 +722,9 @@ async fn publish(
                 event_type = %change.event_type,
             )
         }) else {
+            if let Some(traceparent) = traced.filter(|t| commands::trace::sampled(Some(t))) {
+                traces.push((change.position, traceparent.to_owned()));
+            }
             continue;
         };
         if let Some(traceparent) = commands::trace::traceparent_of(&span) {

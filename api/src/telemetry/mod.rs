@@ -207,6 +207,8 @@ pub fn install(log: &LogSettings, otlp: Option<OtlpConfig>) -> Result<Telemetry,
         let _ = provider.shutdown();
         return Err(TelemetryError::AlreadyInstalled(error));
     }
+    // Per-event spans only where they are exported.
+    commands::trace::set_recording(dropped.is_some());
     Ok(Telemetry { provider, dropped })
 }
 
