@@ -235,20 +235,22 @@ impl ExportQueue {
         }
     }
 
-    /// Sends a control request and waits for its answer.
-    fn request(&self, make: fn(std::sync::mpsc::SyncSender<bool>) -> Control) -> OTelSdkResult {
+    /// Sends a control request and waits at most `wait` for its answer.
+    fn request(
+        &self,
+        make: fn(std::sync::mpsc::SyncSender<bool>) -> Control,
+        wait: Duration,
+    ) -> OTelSdkResult {
         let (answer, answered) = std::sync::mpsc::sync_channel(1);
         self.control.try_send(make(answer)).map_err(|e| {
             OTelSdkError::InternalFailure(format!("the export thread is busy or gone: {e}"))
         })?;
-        match answered.recv_timeout(self.wait) {
+        match answered.recv_timeout(wait) {
             Ok(true) => Ok(()),
             Ok(false) => Err(OTelSdkError::InternalFailure(
                 "some spans could not be exported".to_owned(),
             )),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                Err(OTelSdkError::Timeout(self.wait))
-            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(OTelSdkError::Timeout(wait)),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 Err(OTelSdkError::AlreadyShutdown)
             }
@@ -267,11 +269,13 @@ impl opentelemetry_sdk::trace::SpanProcessor for ExportQueue {
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        self.request(Control::Flush)
+        self.request(Control::Flush, self.wait)
     }
 
-    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        let result = self.request(Control::Shutdown);
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        // At exit, the caller's bound wins: a stuck collector must not hold
+        // the process past its grace period.
+        let result = self.request(Control::Shutdown, timeout.min(self.wait));
         let thread = match self.thread.lock() {
             Ok(mut thread) => thread.take(),
             Err(poisoned) => poisoned.into_inner().take(),

@@ -103,9 +103,11 @@ impl Telemetry {
             .map_or(0, |d| d.load(Ordering::Relaxed))
     }
 
-    /// Exports what is left and stops exporting (at process exit).
+    /// Exports what is left and stops exporting (at process exit), within
+    /// 3 s: an unresponsive collector must not hold the process past its
+    /// grace period.
     pub fn shutdown(&self) {
-        if let Err(error) = self.provider.shutdown_with_timeout(Duration::from_secs(5)) {
+        if let Err(error) = self.provider.shutdown_with_timeout(Duration::from_secs(3)) {
             // The subscriber may be gone by now.
             eprintln!("warning: exporting the last spans failed: {error}");
         }
