@@ -278,7 +278,7 @@ async fn read_log(
                 recorded.data.clone(),
             )
             .with_context(|| format!("decoding the event at position {}", recorded.position))?;
-            projected.push(Projected { recorded, event });
+            projected.push(Projected::new(recorded, event));
         }
         let _ = per_batch.record(t0.elapsed().as_micros().max(1) as u64);
         batches.push(projected);

@@ -16,7 +16,8 @@
 //! - [`simulate`]: a realistic orchestration workload through the real
 //!   command handler.
 //! - [`bench`]: `neurectomy bench append|relay`.
-//! - [`telemetry`]: tracing subscriber set-up.
+//! - [`telemetry`]: logs (text or JSON, with trace ids) and spans, exported
+//!   over OTLP when an endpoint is configured.
 //! - [`metrics`], [`probes`]: the Prometheus series and the periodic
 //!   dependency probes behind `neurectomy_dependency_up`.
 //! - [`shutdown`]: signals, what is in flight, the shutdown deadline.
@@ -60,7 +61,7 @@ pub fn main() -> std::process::ExitCode {
         return print_config(&loaded.effective, args);
     }
     let cli = loaded.cli;
-    telemetry::init(&cli.settings.log);
+    let telemetry = telemetry::init(&cli.settings.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -74,14 +75,19 @@ pub fn main() -> std::process::ExitCode {
     let result = runtime.block_on(run(cli));
     // Tasks a passed shutdown deadline left behind must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    match result {
+    let code = match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // Logged once, here at the boundary, with its whole cause chain.
             tracing::error!("{error:#}");
             std::process::ExitCode::FAILURE
         }
+    };
+    // The spans of the last moments, before the process is gone.
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown();
     }
+    code
 }
 
 /// `neurectomy config`: the configuration has been validated; print it

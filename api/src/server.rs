@@ -194,12 +194,13 @@ async fn execute(
             return *response;
         }
     };
+    let span = crate::telemetry::operation_span(meta.traceparent.as_deref(), &request);
     let mut request = request.data(principal).data(meta);
     match &mut request {
         BatchRequest::Single(r) => state.documents.prepare(r),
         BatchRequest::Batch(rs) => rs.iter_mut().for_each(|r| state.documents.prepare(r)),
     }
-    let response = state.schema.execute_batch(request).await;
+    let response = tracing::Instrument::instrument(state.schema.execute_batch(request), span).await;
     let codes: Vec<String> = match &response {
         BatchResponse::Single(r) => error_codes(r),
         BatchResponse::Batch(rs) => rs.iter().flat_map(error_codes).collect(),

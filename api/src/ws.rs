@@ -41,7 +41,7 @@ use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::auth::{AuthError, Principal, Role};
-use crate::graphql::subscriptions::{too_slow, DeliveredPosition};
+use crate::graphql::subscriptions::{too_slow, DeliveredPosition, DeliverySpan};
 use crate::graphql::ApiSchema;
 use crate::server::AppState;
 
@@ -172,12 +172,17 @@ impl Hub {
             }
             None => {
                 let execution = Execution::start(false);
+                let delivery = DeliverySpan::default();
                 self.inner
                     .schema
-                    .execute_stream(request.data(principal.clone()))
+                    .execute_stream(request.data(principal.clone()).data(delivery.clone()))
                     .map(move |response| {
                         let _running = &execution;
-                        next_message(protocol, &id_json, &payload(&response))
+                        let message = || next_message(protocol, &id_json, &payload(&response));
+                        match delivery.take() {
+                            Some(span) => span.in_scope(message),
+                            None => message(),
+                        }
                     })
                     .boxed()
             }
@@ -200,14 +205,17 @@ impl Hub {
         let (tx, rx) = broadcast::channel(self.inner.buffer);
         let position = DeliveredPosition::default();
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let stream = self
-            .inner
-            .schema
-            .execute_stream(request.data(principal.clone()).data(position.clone()));
+        let delivery = DeliverySpan::default();
+        let stream = self.inner.schema.execute_stream(
+            request
+                .data(principal.clone())
+                .data(position.clone())
+                .data(delivery.clone()),
+        );
         let task = tokio::spawn(run_group(
             stream,
             tx.clone(),
-            position.clone(),
+            (position.clone(), delivery),
             Arc::downgrade(&self.inner),
             key.clone(),
             id,
@@ -231,19 +239,28 @@ impl Hub {
 async fn run_group(
     stream: impl Stream<Item = Response> + Send + 'static,
     tx: broadcast::Sender<Arc<Frame>>,
-    position: DeliveredPosition,
+    (position, delivery): (DeliveredPosition, DeliverySpan),
     hub: Weak<HubInner>,
     key: GroupKey,
     id: u64,
 ) {
     futures::pin_mut!(stream);
     while let Some(response) = stream.next().await {
-        let frame = Frame::Next {
-            payload: payload(&response).into_boxed_str(),
-            position: position.get(),
+        let send = || {
+            let frame = Frame::Next {
+                payload: payload(&response).into_boxed_str(),
+                position: position.get(),
+            };
+            // No receiver: the last client is leaving and aborts this task.
+            let _ = tx.send(Arc::new(frame));
         };
-        // No receiver: the last client is leaving and aborts this task.
-        let _ = tx.send(Arc::new(frame));
+        match delivery.take() {
+            Some(span) => {
+                span.record("subscribers", tx.receiver_count());
+                span.in_scope(send);
+            }
+            None => send(),
+        }
     }
     // Ended: clients that come now start a new execution; those joined get
     // `complete`. (The Arc is dropped after the lock is released: dropping

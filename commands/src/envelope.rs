@@ -53,7 +53,9 @@ pub struct CommandContext {
     pub actor: String,
     /// The tenant whose data this is; streams never cross tenants.
     pub tenant: String,
-    /// W3C trace context of the caller, carried onto the events.
+    /// W3C trace context of a caller without a span of its own: the
+    /// command's span continues it, and the events carry the command span's
+    /// context (this one as is when spans are not traced).
     pub traceparent: Option<String>,
     /// Version the caller requires; `None` lets the handler retry on conflict.
     pub expected_version: Option<ExpectedVersion>,
@@ -96,7 +98,8 @@ pub struct EventMetadata {
     /// When the command was decided (handler clock).
     #[serde(with = "time::serde::rfc3339")]
     pub occurred_at: OffsetDateTime,
-    /// W3C traceparent of the command, if traced.
+    /// W3C traceparent of the command's span, if traced: later stages
+    /// (relay, projectors, subscriptions) continue its trace.
     pub traceparent: Option<String>,
 }
 

@@ -130,6 +130,14 @@ impl CommandHandler {
             command_id = %ctx.command_id,
             attempts = tracing::field::Empty,
         );
+        // Inside a traced caller (the API's operation span) the command span
+        // is its child; a caller without a span of its own passes its
+        // context in the command context instead.
+        if let Some(traceparent) = ctx.traceparent.as_deref() {
+            if crate::trace::current().is_none() {
+                crate::trace::continue_from(&span, traceparent);
+            }
+        }
         self.handle_in_span::<A>(command, ctx, stream)
             .instrument(span)
             .await
@@ -159,6 +167,9 @@ impl CommandHandler {
         };
         let max_attempts = self.config.max_attempts.max(1);
         let mut attempt = 0;
+        // The events carry the command span's context (not the caller's), so
+        // what happens to them downstream continues this trace under it.
+        let traceparent = crate::trace::current().or_else(|| ctx.traceparent.clone());
         let (expected, actual) = loop {
             let loaded = self.load::<A>(&stream, freshness).await?;
             freshness = Freshness::Current;
@@ -198,7 +209,9 @@ impl CommandHandler {
             }
 
             let related = self.related(&loaded.state, &command, &ctx.tenant).await?;
-            let events = match loaded.state.decide(&command, &related) {
+            let decided =
+                tracing::info_span!("decide").in_scope(|| loaded.state.decide(&command, &related));
+            let events = match decided {
                 Ok(events) => events,
                 // Refused on a cached state: check again on the current one.
                 Err(_) if !verified => continue,
@@ -235,7 +248,7 @@ impl CommandHandler {
                             actor: ctx.actor.clone(),
                             tenant: ctx.tenant.clone(),
                             occurred_at: now,
-                            traceparent: ctx.traceparent.clone(),
+                            traceparent: traceparent.clone(),
                         },
                     }
                 })
@@ -352,6 +365,7 @@ impl CommandHandler {
 
     /// Folds a stream into aggregate state: from the cache (optimistic), from
     /// the cache plus newer events, or from the snapshot plus its tail.
+    #[tracing::instrument(name = "load", skip(self), fields(kind = %A::KIND))]
     async fn load<A: Aggregate>(
         &self,
         stream: &str,

@@ -28,6 +28,8 @@
 //! - [`relay`]: the outbox relay to JetStream, with leadership and checkpoints.
 //! - [`in_hand`]: the batch a worker holds (what a shutdown waits for).
 //! - [`error`]: the error enums of each operation.
+//! - [`trace`]: W3C `traceparent` helpers that link the spans of one change
+//!   across tasks and processes.
 //! - [`testkit`]: per-test isolated databases and JetStream streams.
 
 mod cache;
@@ -38,6 +40,7 @@ pub mod handler;
 pub mod in_hand;
 pub mod relay;
 pub mod testkit;
+pub mod trace;
 
 pub use envelope::{CommandContext, EventMetadata, ExpectedVersion, NewEvent, RecordedEvent};
 pub use error::{AppendError, CommandError, ReadError, RelayError};

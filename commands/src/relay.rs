@@ -502,7 +502,22 @@ impl Relay {
     /// the last message.
     async fn publish(&self, batch: &[RecordedEvent], sequence: u64) -> Result<u64, PublishFailure> {
         let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(batch.len());
+        // One span per event of a sampled trace, from its send to the batch's
+        // acknowledgements (they end when dropped), in the event's trace.
+        let mut spans = Vec::new();
         for (offset, event) in batch.iter().enumerate() {
+            spans.extend(crate::trace::follow(
+                event.metadata.traceparent.as_deref(),
+                || {
+                    tracing::info_span!(
+                        parent: None,
+                        "relay.publish",
+                        "otel.kind" = "producer",
+                        position = event.position,
+                        event_type = %event.event_type,
+                    )
+                },
+            ));
             let subject = format!(
                 "{}.{}.{}",
                 self.config.subject_prefix,
@@ -551,6 +566,7 @@ impl Relay {
                 });
             }
         }
+        drop(spans);
         Ok(expected)
     }
 }

@@ -13,6 +13,22 @@ pub struct Projected {
     pub recorded: RecordedEvent,
     /// The decoded event.
     pub event: DomainEvent,
+    /// W3C `traceparent` of this event's projection (the projector's span
+    /// for it), when its trace is sampled: what a model writes for later
+    /// stages (the Redis change feed) carries it, so they continue the
+    /// trace. Set by the runtime; `None` elsewhere.
+    pub traceparent: Option<String>,
+}
+
+impl Projected {
+    /// An event to project, untraced.
+    pub fn new(recorded: RecordedEvent, event: DomainEvent) -> Self {
+        Self {
+            recorded,
+            event,
+            traceparent: None,
+        }
+    }
 }
 
 /// Why a batch was not applied.

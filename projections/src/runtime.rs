@@ -16,6 +16,8 @@ use domain::DomainEvent;
 use futures::StreamExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::model::{ApplyError, Projected, ReadModel};
 
@@ -154,7 +156,7 @@ impl Page {
                 recorded.schema_version,
                 recorded.data.clone(),
             ) {
-                Ok(event) => events.push(Projected { recorded, event }),
+                Ok(event) => events.push(Projected::new(recorded, event)),
                 Err(error) => {
                     undecodable = Some((recorded, error.to_string()));
                     break;
@@ -540,10 +542,16 @@ impl<M: ReadModel> Projector<M> {
             return Ok(());
         };
         let count = projected.len() as u64;
+        let (batch_span, _event_spans) = self.trace(&mut projected);
         let mut delay = Duration::from_millis(50);
         loop {
             let started = Instant::now();
-            match self.model.apply_after(checkpoint, &projected).await {
+            let applied = self
+                .model
+                .apply_after(checkpoint, &projected)
+                .instrument(batch_span.clone())
+                .await;
+            match applied {
                 Ok(()) => {
                     let took = started.elapsed();
                     let projection = self.model.name().to_owned();
@@ -593,6 +601,51 @@ impl<M: ReadModel> Projector<M> {
                 }
             }
         }
+    }
+
+    /// Spans of a batch: one for the batch (linked to the events' traces),
+    /// and one per event of a sampled trace, a child of the event's context
+    /// that lasts until the batch is applied (dropped by the caller). Each
+    /// such event carries its span's context (else its own, if sampled) to
+    /// what the model writes.
+    fn trace(&self, projected: &mut [Projected]) -> (tracing::Span, Vec<tracing::Span>) {
+        let name = self.model.name();
+        let batch = tracing::info_span!(
+            "projector.apply_batch",
+            projection = %name,
+            count = projected.len(),
+            first = projected.first().map_or(0, |p| p.recorded.position),
+            last = projected.last().map_or(0, |p| p.recorded.position),
+        );
+        let mut spans = Vec::new();
+        for p in projected.iter_mut() {
+            let recorded = &p.recorded;
+            // Without a span of its own (not exported here) the event's
+            // sampled context goes on as is.
+            if commands::trace::sampled(recorded.metadata.traceparent.as_deref()) {
+                p.traceparent.clone_from(&recorded.metadata.traceparent);
+            }
+            let Some(span) =
+                commands::trace::follow(recorded.metadata.traceparent.as_deref(), || {
+                    tracing::info_span!(
+                        parent: None,
+                        "projector.apply",
+                        "otel.kind" = "consumer",
+                        projection = %name,
+                        position = recorded.position,
+                        event_type = %recorded.event_type,
+                    )
+                })
+            else {
+                continue;
+            };
+            p.traceparent = commands::trace::traceparent_of(&span);
+            if let Some(context) = p.traceparent.as_deref().and_then(commands::trace::parse) {
+                batch.add_link(context);
+            }
+            spans.push(span);
+        }
+        (batch, spans)
     }
 
     /// (Re)creates the durable consumer so that it delivers from the first

@@ -78,7 +78,7 @@ fn at(position: i64, event: DomainEvent) -> Projected {
         },
         recorded_at: occurred_at,
     };
-    Projected { recorded, event }
+    Projected::new(recorded, event)
 }
 
 fn workflow(n: u128, name: &str) -> DomainEvent {

@@ -53,9 +53,9 @@ async fn events(store: &EventStore, until: i64) -> Vec<Projected> {
             batch
                 .into_iter()
                 .take_while(|recorded| recorded.position <= until)
-                .map(|recorded| Projected {
-                    event: recorded.decode().unwrap(),
-                    recorded,
+                .map(|recorded| {
+                    let event = recorded.decode().unwrap();
+                    Projected::new(recorded, event)
                 }),
         );
         if last >= until {

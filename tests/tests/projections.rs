@@ -114,9 +114,9 @@ async fn a_simulated_workload_verifies_clean_and_redelivery_changes_nothing() {
     let events = world.store.read_all(0, 400).await.unwrap();
     let batch: Vec<Projected> = events
         .into_iter()
-        .map(|recorded| Projected {
-            event: recorded.decode().unwrap(),
-            recorded,
+        .map(|recorded| {
+            let event = recorded.decode().unwrap();
+            Projected::new(recorded, event)
         })
         .collect();
     for chunk in batch.chunks(100) {
@@ -286,9 +286,9 @@ async fn decoded_log(world: &World) -> Vec<Projected> {
         .await
         .unwrap()
         .into_iter()
-        .map(|recorded| Projected {
-            event: recorded.decode().unwrap(),
-            recorded,
+        .map(|recorded| {
+            let event = recorded.decode().unwrap();
+            Projected::new(recorded, event)
         })
         .collect()
 }

@@ -92,6 +92,9 @@ pub struct EventMessage {
     pub event: Arc<Event>,
     /// The workflow it belongs to (its own stream's, or its task's), if known.
     pub workflow: Option<String>,
+    /// W3C `traceparent` of its fan-out, when its trace is sampled: the
+    /// delivery to subscribers continues the trace from there.
+    pub traceparent: Option<String>,
 }
 
 /// An agent's state after a change: read from Redis once, shared.
@@ -101,6 +104,8 @@ pub struct AgentMessage {
     pub position: i64,
     /// The agent's state as Redis held it right after.
     pub agent: Arc<Agent>,
+    /// W3C `traceparent` of the fan-out of that change, when sampled.
+    pub traceparent: Option<String>,
 }
 
 /// The channels of one tenant with subscribers.
@@ -586,6 +591,8 @@ impl Reader {
                     .get::<Vec<u8>>("data")
                     .and_then(|d| serde_json::from_slice(&d).ok())
                     .unwrap_or_default(),
+                // Absent from entries of untraced changes (and older ones).
+                traceparent: entry.get("traceparent"),
             });
         }
         tracing::trace!(
@@ -610,6 +617,9 @@ struct Change {
     event_type: String,
     stream_id: String,
     data: serde_json::Value,
+    /// The trace context the change continues (its projection's, or its
+    /// command's when read from the store).
+    traceparent: Option<String>,
 }
 
 impl Change {
@@ -619,6 +629,7 @@ impl Change {
             event_type: e.event_type.clone(),
             stream_id: e.stream_id.clone(),
             data: e.data.clone(),
+            traceparent: e.metadata.traceparent.clone(),
         }
     }
 }
@@ -698,6 +709,32 @@ async fn publish(
     else {
         return Ok(());
     };
+    // One span per change of a sampled trace, in that trace, until it is in
+    // the subscribers' channels; messages carry its context to delivery
+    // (or the change's own when no span is opened: spans not exported).
+    let mut spans = Vec::new();
+    let mut traces: Vec<(i64, String)> = Vec::new();
+    for change in changes {
+        let traced = change.traceparent.as_deref();
+        let Some(span) = commands::trace::follow(traced, || {
+            tracing::info_span!(
+                parent: None,
+                "feed.fanout",
+                tenant,
+                position = change.position,
+                event_type = %change.event_type,
+            )
+        }) else {
+            if let Some(traceparent) = traced.filter(|t| commands::trace::sampled(Some(t))) {
+                traces.push((change.position, traceparent.to_owned()));
+            }
+            continue;
+        };
+        if let Some(traceparent) = commands::trace::traceparent_of(&span) {
+            traces.push((change.position, traceparent));
+        }
+        spans.push(span);
+    }
     if events.receiver_count() > 0 {
         let loaded;
         let records = match recorded {
@@ -722,13 +759,23 @@ async fn publish(
                 position: record.position,
                 event: Arc::new(Event::from(record)),
                 workflow,
+                traceparent: trace_at(&traces, record.position),
             }));
         }
     }
     if agents.receiver_count() > 0 {
-        publish_agents(inner, tenant, changes, &agents).await?;
+        publish_agents(inner, tenant, changes, &agents, &traces).await?;
     }
+    drop(spans);
     Ok(())
+}
+
+/// The fan-out context of the change at `position`, if traced.
+fn trace_at(traces: &[(i64, String)], position: i64) -> Option<String> {
+    traces
+        .iter()
+        .find(|(p, _)| *p == position)
+        .map(|(_, t)| t.clone())
 }
 
 /// Which agents' hashes `changes` touched, by the last position touching
@@ -738,6 +785,7 @@ async fn publish_agents(
     tenant: &str,
     changes: &[Change],
     agents: &broadcast::Sender<Arc<AgentMessage>>,
+    traces: &[(i64, String)],
 ) -> Result<(), FeedError> {
     let mut touched: BTreeMap<String, i64> = BTreeMap::new();
     // Completions, failures and cancellations name no agent: their task's
@@ -791,9 +839,11 @@ async fn publish_agents(
         .zip(rows)
         .filter_map(|(id, row)| {
             let fields = row?;
+            let position = touched.get(id).copied().unwrap_or(0);
             Some(AgentMessage {
-                position: touched.get(id).copied().unwrap_or(0),
+                position,
                 agent: Arc::new(Agent::from_fields(id, &fields)),
+                traceparent: trace_at(traces, position),
             })
         })
         .collect();

@@ -26,7 +26,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_graphql::{Context, SimpleObject, Subscription as SubscriptionDerive};
 use futures::Stream;
@@ -61,6 +61,47 @@ impl DeliveredPosition {
     fn set(tracker: &Option<Self>, position: i64) {
         if let Some(tracker) = tracker {
             tracker.0.store(position, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The span of delivering the message a subscription's stream yields, for
+/// the transport: a live message of a sampled trace opens it (a child of
+/// its fan-out), the transport takes it once the message is resolved and
+/// ends it when the message is on its way to the clients.
+#[derive(Debug, Clone, Default)]
+pub struct DeliverySpan(Arc<Mutex<Option<tracing::Span>>>);
+
+impl DeliverySpan {
+    /// Opens the delivery span of a live message whose fan-out has
+    /// `traceparent`, if that is sampled.
+    fn start(tracker: &Option<Self>, traceparent: Option<&str>, position: i64) {
+        let Some(tracker) = tracker else {
+            return;
+        };
+        let Some(span) = commands::trace::follow(traceparent, || {
+            tracing::info_span!(
+                parent: None,
+                "subscription.deliver",
+                position,
+                subscribers = tracing::field::Empty,
+            )
+        }) else {
+            return;
+        };
+        *tracker.slot() = Some(span);
+    }
+
+    /// The span of the message just yielded, if it has one.
+    pub fn take(&self) -> Option<tracing::Span> {
+        self.slot().take()
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<tracing::Span>> {
+        // Held for a swap only; a panic leaves an `Option` usable.
+        match self.0.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
         }
     }
 }
@@ -146,6 +187,7 @@ impl Subscription {
             delivered: after_position.map_or(0, |p| p.0),
             buffer: feed.buffer(),
             tracker: ctx.data_opt::<DeliveredPosition>().cloned(),
+            delivery: ctx.data_opt::<DeliverySpan>().cloned(),
             done: false,
         }))
     }
@@ -209,6 +251,7 @@ impl Subscription {
             delivered: after_position.map_or(0, |p| p.0),
             buffer: feed.buffer(),
             tracker: ctx.data_opt::<DeliveredPosition>().cloned(),
+            delivery: ctx.data_opt::<DeliverySpan>().cloned(),
             done: false,
         }))
     }
@@ -224,7 +267,10 @@ impl Subscription {
         let who = caller(ctx, Role::Viewer)?;
         event_subscription(
             services(ctx).feed.clone(),
-            ctx.data_opt::<DeliveredPosition>().cloned(),
+            (
+                ctx.data_opt::<DeliveredPosition>().cloned(),
+                ctx.data_opt::<DeliverySpan>().cloned(),
+            ),
             who.tenant.clone(),
             EventWanted {
                 types: None,
@@ -246,7 +292,10 @@ impl Subscription {
         let who = caller(ctx, Role::Viewer)?;
         event_subscription(
             services(ctx).feed.clone(),
-            ctx.data_opt::<DeliveredPosition>().cloned(),
+            (
+                ctx.data_opt::<DeliveredPosition>().cloned(),
+                ctx.data_opt::<DeliverySpan>().cloned(),
+            ),
             who.tenant.clone(),
             EventWanted {
                 types,
@@ -299,6 +348,7 @@ struct AgentSub {
     delivered: i64,
     buffer: usize,
     tracker: Option<DeliveredPosition>,
+    delivery: Option<DeliverySpan>,
     done: bool,
 }
 
@@ -320,6 +370,7 @@ impl AgentSub {
                     }
                     self.delivered = m.position;
                     DeliveredPosition::set(&self.tracker, self.delivered);
+                    DeliverySpan::start(&self.delivery, m.traceparent.as_deref(), m.position);
                     return Some(Ok(AgentUpdate {
                         position: Position(m.position),
                         agent: m.agent.clone(),
@@ -401,12 +452,13 @@ struct EventSub {
     live_since_catch_up: bool,
     catch_ups: u32,
     tracker: Option<DeliveredPosition>,
+    delivery: Option<DeliverySpan>,
     done: bool,
 }
 
 async fn event_subscription(
     feed: Feed,
-    tracker: Option<DeliveredPosition>,
+    (tracker, delivery): (Option<DeliveredPosition>, Option<DeliverySpan>),
     tenant: String,
     wanted: EventWanted,
     after: Option<Position>,
@@ -435,6 +487,7 @@ async fn event_subscription(
         live_since_catch_up: after.is_none(),
         catch_ups: 0,
         tracker,
+        delivery,
         done: false,
     };
     Ok(futures::stream::unfold(sub, |mut sub| async move {
@@ -474,6 +527,7 @@ impl EventSub {
                     {
                         self.delivered = m.position;
                         DeliveredPosition::set(&self.tracker, self.delivered);
+                        DeliverySpan::start(&self.delivery, m.traceparent.as_deref(), m.position);
                         return Some(Ok(m.event.clone()));
                     }
                 }

@@ -21,7 +21,7 @@
 //! | `agents:<tenant>:recent` | sorted set | agent ids by last event time (ms) |
 //! | `workflow:<id>:tasks:<state>` | set | task ids of a workflow by state |
 //! | `workflows:<tenant>:status:<status>` | set | workflow ids by status |
-//! | `feed:<tenant>` | stream | change feed; entry id `<position>-0`, capped |
+//! | `feed:<tenant>` | stream | change feed; entry id `<position>-0`, capped; fields position, type, stream_id, stream_version, data and, when traced, traceparent (of the event's projection) |
 //! | `checkpoint` | string | last applied global position |
 //!
 //! A batch is one `MULTI/EXEC` holding every change and the checkpoint, so a

@@ -99,8 +99,8 @@ impl<'a> Planner<'a> {
             for p in kept {
                 let r = &p.recorded;
                 let mut xadd = redis::Cmd::with_capacity(
-                    13,
-                    feed.len() + r.event_type.len() + r.stream_id.len() + 384,
+                    15,
+                    feed.len() + r.event_type.len() + r.stream_id.len() + 448,
                 );
                 xadd.arg("XADD")
                     .arg(&feed)
@@ -115,6 +115,10 @@ impl<'a> Planner<'a> {
                     .arg(r.stream_version)
                     .arg("data")
                     .arg(JsonArg(&r.data));
+                // Optional: readers of older entries find none.
+                if let Some(traceparent) = &p.traceparent {
+                    xadd.arg("traceparent").arg(traceparent);
+                }
                 pipe.add_command(xadd);
             }
             // One trim per tenant and batch rather than one per entry.
