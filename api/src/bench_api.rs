@@ -1293,9 +1293,13 @@ async fn hold(
     if seen.send((index, Seen::Subscribed)).await.is_err() {
         return;
     }
+    // One waiter for the connection's life, not one per message: 10,000
+    // clients woken together would contend for the token's lock.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let message = tokio::select! {
-            () = stop.cancelled() => break,
+            () = &mut stopped => break,
             message = socket.next() => message,
         };
         let report = match message {

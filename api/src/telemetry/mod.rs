@@ -170,7 +170,14 @@ pub fn install(log: &LogSettings, otlp: Option<OtlpConfig>) -> Result<Telemetry,
     let spans = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("neurectomy"))
         .with_threads(false)
-        .with_filter(tracing_subscriber::filter::filter_fn(traced));
+        // The level filter gives the layer a max level (INFO): callsites
+        // below it are disabled outright, and the `log` bridge drops
+        // dependencies' debug/trace records before formatting them (a bare
+        // `filter_fn` would have every callsite of every crate evaluated).
+        .with_filter(tracing_subscriber::filter::FilterExt::and(
+            tracing_subscriber::filter::LevelFilter::INFO,
+            tracing_subscriber::filter::filter_fn(traced),
+        ));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (json, text) = match log.format {
         LogFormat::Json => (
