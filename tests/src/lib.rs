@@ -233,6 +233,49 @@ pub mod pipeline {
     }
 }
 
+/// The settings of an API started as in production (`api::app::start_api`)
+/// on `pipe`'s database and stream, `redis`'s prefix and `graph`'s
+/// database, listening on a free port, with the HS256 `secret`; `extra`
+/// flags (before the `serve` sub-command) on top.
+#[allow(clippy::unwrap_used)]
+pub fn api_cli(
+    pipe: &pipeline::Pipeline,
+    redis: &projections::testkit::TestRedis,
+    graph: &projections::graph_testkit::TestGraph,
+    secret: &str,
+    extra: &[&str],
+) -> ::api::settings::Cli {
+    use clap::Parser as _;
+    let graph_uri = std::env::var("NEURECTOMY_TEST_GRAPH_URI")
+        .unwrap_or_else(|_| "bolt://127.0.0.1:7687".to_owned());
+    let graph_password = std::env::var("NEURECTOMY_TEST_GRAPH_PASSWORD")
+        .unwrap_or_else(|_| "neurectomy-dev".to_owned());
+    let mut args = vec![
+        "neurectomy",
+        "--database-url",
+        &pipe.db.url,
+        "--nats-url",
+        &pipe.nats.url,
+        "--redis-url",
+        &redis.url,
+        "--redis-prefix",
+        &redis.prefix,
+        "--graph-uri",
+        &graph_uri,
+        "--graph-password",
+        &graph_password,
+        "--graph-database",
+        &graph.database,
+        "--api-listen",
+        "127.0.0.1:0",
+        "--jwt-secret",
+        secret,
+    ];
+    args.extend_from_slice(extra);
+    args.push("serve");
+    ::api::settings::Cli::try_parse_from(args).unwrap()
+}
+
 pub mod api {
     //! The GraphQL API running in-process on a real port for one test, on
     //! the test's own database, JetStream stream, Redis prefix and graph

@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use api::auth::Role;
-use clap::Parser as _;
 use commands::{CommandContext, CommandHandler, HandlerConfig};
 use domain::{
     AgentCommand, AgentId, AgentKind, Command, TaskCommand, TaskId, WorkflowCommand, WorkflowId,
@@ -52,36 +51,14 @@ async fn world(subscriber_buffer: usize) -> World {
     let graph = TestGraph::create().await.unwrap_or_else(|e| panic!("{e}"));
     let projector = pipe.projector(redis.model.clone());
     let running = pipe.spawn(&projector);
-    let graph_uri = std::env::var("NEURECTOMY_TEST_GRAPH_URI")
-        .unwrap_or_else(|_| "bolt://127.0.0.1:7687".to_owned());
-    let graph_password = std::env::var("NEURECTOMY_TEST_GRAPH_PASSWORD")
-        .unwrap_or_else(|_| "neurectomy-dev".to_owned());
     let buffer = subscriber_buffer.to_string();
-    let cli = api::settings::Cli::try_parse_from([
-        "neurectomy",
-        "--database-url",
-        &pipe.db.url,
-        "--nats-url",
-        &pipe.nats.url,
-        "--redis-url",
-        &redis.url,
-        "--redis-prefix",
-        &redis.prefix,
-        "--graph-uri",
-        &graph_uri,
-        "--graph-password",
-        &graph_password,
-        "--graph-database",
-        &graph.database,
-        "--api-listen",
-        "127.0.0.1:0",
-        "--jwt-secret",
+    let cli = neurectomy_e2e::api_cli(
+        &pipe,
+        &redis,
+        &graph,
         SECRET,
-        "--api-subscriber-buffer",
-        &buffer,
-        "serve",
-    ])
-    .unwrap();
+        &["--api-subscriber-buffer", &buffer],
+    );
     let server = api::app::start_api(
         &cli.settings,
         &pipe.store,

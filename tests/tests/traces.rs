@@ -24,7 +24,6 @@ use api::telemetry::{OtlpConfig, OtlpProtocol};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
-use clap::Parser as _;
 use commands::{CommandContext, CommandHandler, HandlerConfig};
 use domain::{AgentCommand, AgentId, AgentKind, Command};
 use futures::{SinkExt as _, StreamExt as _};
@@ -170,33 +169,7 @@ async fn world() -> World {
     let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
     let graph = TestGraph::create().await.unwrap_or_else(|e| panic!("{e}"));
     let projector = pipe.spawn(&pipe.projector(redis.model.clone()));
-    let graph_uri = std::env::var("NEURECTOMY_TEST_GRAPH_URI")
-        .unwrap_or_else(|_| "bolt://127.0.0.1:7687".to_owned());
-    let graph_password = std::env::var("NEURECTOMY_TEST_GRAPH_PASSWORD")
-        .unwrap_or_else(|_| "neurectomy-dev".to_owned());
-    let cli = api::settings::Cli::try_parse_from([
-        "neurectomy",
-        "--database-url",
-        &pipe.db.url,
-        "--nats-url",
-        &pipe.nats.url,
-        "--redis-url",
-        &redis.url,
-        "--redis-prefix",
-        &redis.prefix,
-        "--graph-uri",
-        &graph_uri,
-        "--graph-password",
-        &graph_password,
-        "--graph-database",
-        &graph.database,
-        "--api-listen",
-        "127.0.0.1:0",
-        "--jwt-secret",
-        SECRET,
-        "serve",
-    ])
-    .unwrap();
+    let cli = neurectomy_e2e::api_cli(&pipe, &redis, &graph, SECRET, &[]);
     let server = api::app::start_api(
         &cli.settings,
         &pipe.store,
