@@ -33,7 +33,10 @@ if [ -z "${NEURECTOMY_JWT_SECRET:-}" ]; then
 fi
 
 "$bin" migrate
-"$bin" all --simulate "$@" > .run/all.log 2>&1 &
+# In a session of its own: Ctrl-C (SIGINT to the terminal's process group)
+# reaches only this script, whose exit trap forwards exactly one SIGTERM, so
+# the process shuts down gracefully (a second signal would force it out).
+setsid "$bin" all --simulate "$@" > .run/all.log 2>&1 &
 all_pid=$!
 trap 'kill -TERM "$all_pid" 2>/dev/null || true; wait "$all_pid" 2>/dev/null || true; echo "[run] stopped; log in .run/all.log" >&2' EXIT
 
