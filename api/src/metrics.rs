@@ -6,6 +6,8 @@
 //! (`neurectomy_append*`, `neurectomy_relay_*`, `neurectomy_projector_*`)
 //! are recorded in `commands` and `projections` through the same facade.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -75,10 +77,43 @@ pub fn command(command: &'static str, took: Duration, error_code: Option<&'stati
 
 /// Records one HTTP request.
 pub fn http(route: &'static str, status: u16, took: Duration) {
-    metrics::counter!("neurectomy_http_requests_total", "route" => route, "status" => status.to_string())
-        .increment(1);
-    metrics::histogram!("neurectomy_http_request_seconds", "route" => route)
-        .record(took.as_secs_f64());
+    let (requests, seconds) = cached(&HTTP, (route, status), || {
+        (
+            metrics::counter!("neurectomy_http_requests_total", "route" => route, "status" => status.to_string()),
+            metrics::histogram!("neurectomy_http_request_seconds", "route" => route),
+        )
+    });
+    requests.increment(1);
+    seconds.record(took.as_secs_f64());
+}
+
+type HttpHandles = (metrics::Counter, metrics::Histogram);
+
+thread_local! {
+    /// Handles of the per-request series, per worker thread: the macros
+    /// build and look up a labelled key (and format the status) on every
+    /// call, a visible share of a small request's CPU. Bounded by the
+    /// routes, statuses and top-level fields of the schema.
+    static HTTP: RefCell<HashMap<(&'static str, u16), HttpHandles>> = RefCell::default();
+    static RESOLVERS: RefCell<HashMap<String, metrics::Histogram>> = RefCell::default();
+}
+
+/// The handles under `key`, registered by `register` the first time (and
+/// not kept before [`install`]: the recorder would not be the one that
+/// renders).
+fn cached<K, V>(
+    cache: &'static std::thread::LocalKey<RefCell<HashMap<K, V>>>,
+    key: K,
+    register: impl FnOnce() -> V,
+) -> V
+where
+    K: std::hash::Hash + Eq,
+    V: Clone,
+{
+    if !matches!(HANDLE.get(), Some(Some(_))) {
+        return register();
+    }
+    cache.with_borrow_mut(|map| map.entry(key).or_insert_with(register).clone())
 }
 
 /// Records GraphQL errors by code.
@@ -168,34 +203,18 @@ pub async fn serve(
         .await
 }
 
-/// Times top-level GraphQL fields (`neurectomy_graphql_resolver_seconds`).
-pub struct ResolverTiming;
-
-impl async_graphql::extensions::ExtensionFactory for ResolverTiming {
-    fn create(&self) -> std::sync::Arc<dyn async_graphql::extensions::Extension> {
-        std::sync::Arc::new(ResolverTimingExtension)
-    }
-}
-
-struct ResolverTimingExtension;
-
-#[async_graphql::async_trait::async_trait]
-impl async_graphql::extensions::Extension for ResolverTimingExtension {
-    async fn resolve(
-        &self,
-        ctx: &async_graphql::extensions::ExtensionContext<'_>,
-        info: async_graphql::extensions::ResolveInfo<'_>,
-        next: async_graphql::extensions::NextResolve<'_>,
-    ) -> async_graphql::ServerResult<Option<async_graphql::Value>> {
-        // Top-level fields only: nested fields are plain struct reads.
-        if info.path_node.parent.is_some() {
-            return next.run(ctx, info).await;
+/// Records how long a top-level GraphQL field took to resolve
+/// (`neurectomy_graphql_resolver_seconds`).
+pub fn resolver(field: &str, took: Duration) {
+    let registered = matches!(HANDLE.get(), Some(Some(_)));
+    let cached = RESOLVERS.with_borrow(|map| map.get(field).cloned());
+    let histogram = cached.unwrap_or_else(|| {
+        let histogram =
+            metrics::histogram!("neurectomy_graphql_resolver_seconds", "field" => field.to_owned());
+        if registered {
+            RESOLVERS.with_borrow_mut(|map| map.insert(field.to_owned(), histogram.clone()));
         }
-        let field = info.name.to_owned();
-        let started = std::time::Instant::now();
-        let result = next.run(ctx, info).await;
-        metrics::histogram!("neurectomy_graphql_resolver_seconds", "field" => field)
-            .record(started.elapsed().as_secs_f64());
-        result
-    }
+        histogram
+    });
+    histogram.record(took.as_secs_f64());
 }

@@ -490,6 +490,36 @@ async fn bad_requests_get_protocol_errors_and_the_server_keeps_serving() {
         );
     }
 
+    // A document the schema has accepted is not validated again unless its
+    // variables need it: a bad variable gets the same error before and
+    // after the document was accepted, and complexity that depends on a
+    // variable is counted for each request.
+    let by_id = "query($id: ID!) { agent(id: $id) { id status } }";
+    let refused = |body: &Value| {
+        assert_eq!(body["data"], Value::Null, "{body}");
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error: {body}"))
+            .to_owned()
+    };
+    let (_, cold) = api
+        .graphql(Some(&token), by_id, json!({ "id": {"not": "an id"} }))
+        .await;
+    let cold = refused(&cold);
+    assert!(cold.contains("Invalid value"), "{cold}");
+    let (status, body) = api.graphql(Some(&token), by_id, json!({ "id": "x" })).await;
+    assert_eq!(status, 200);
+    assert!(body.get("errors").is_none(), "{body}");
+    for bad in [json!({"not": "an id"}), json!([1.5])] {
+        let (_, warm) = api.graphql(Some(&token), by_id, json!({ "id": bad })).await;
+        assert_eq!(refused(&warm), cold, "{bad}");
+    }
+    let paged = "query($n: Int) { agents(first: $n) { edges { node { id name kind model capabilities status } } } }";
+    let (_, body) = api.graphql(Some(&token), paged, json!({ "n": 2 })).await;
+    assert!(body.get("errors").is_none(), "{body}");
+    let (_, body) = api.graphql(Some(&token), paged, json!({ "n": 500 })).await;
+    assert!(refused(&body).to_lowercase().contains("complex"), "{body}");
+
     // Depth and complexity bombs.
     let deep = "{ agentNeighbourhood(id: \"x\") { tasks { id } } projectionStatus { name } agents { edges { node { id } pageInfo: __typename } pageInfo { hasNextPage } } }".to_owned();
     let (_, body) = api.graphql(Some(&token), &deep, json!({})).await;

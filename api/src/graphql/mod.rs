@@ -8,6 +8,7 @@
 //! Errors carry `extensions.code`.
 
 pub mod audit;
+mod extension;
 pub mod feed;
 pub mod mutations;
 pub mod reads;
@@ -104,7 +105,7 @@ pub fn schema(services: Services) -> ApiSchema {
     .limit_complexity(limits.max_complexity)
     .limit_recursive_depth(64)
     .limit_directives(16)
-    .extension(crate::metrics::ResolverTiming);
+    .extension(extension::ApiExtension::default());
     if !limits.introspection {
         builder = builder.disable_introspection();
     }
@@ -116,8 +117,8 @@ pub fn schema(services: Services) -> ApiSchema {
 /// parsing is the largest single cost of a small query. Bounded: queries
 /// longer than [`DocumentCache::LONGEST`] bytes are not kept, and the cache
 /// starts over when it holds [`DocumentCache::ENTRIES`] documents. Only
-/// parsing is skipped; every request is still validated (depth, complexity,
-/// variables) by the schema.
+/// parsing is skipped here; the schema's extension decides whether the
+/// document must be validated again (see `extension`).
 #[derive(Debug, Default)]
 pub struct DocumentCache {
     entries: std::sync::Mutex<std::collections::HashMap<String, ExecutableDocument>>,
