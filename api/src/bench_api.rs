@@ -388,7 +388,16 @@ async fn scenarios(
             format!("≤ {IDLE_RSS_TARGET_MIB:.0} MiB"),
             mib(idle.rss_kib) <= IDLE_RSS_TARGET_MIB,
         )
-        .detail(idle.describe()),
+        .detail({
+            let exe = args
+                .server_binary
+                .clone()
+                .or_else(|| std::env::current_exe().ok());
+            match exe.as_deref().and_then(link_order) {
+                Some(order) => format!("{}; {order}", idle.describe()),
+                None => idle.describe(),
+            }
+        }),
     );
 
     if want_http {
@@ -785,6 +794,40 @@ impl Memory {
             self.threads
         )
     }
+}
+
+/// How much of the link order (`api/link/neurectomy.order`, see
+/// `api/build.rs`) `binary` has: the functions it names that the binary
+/// lacks (renamed by a dependency, feature or compiler change) are laid out
+/// anywhere, and idle RSS grows; `scripts/link-order.sh` makes it anew.
+/// `None` outside the source tree or without `nm`.
+fn link_order(binary: &Path) -> Option<String> {
+    let order = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/link/neurectomy.order"
+    ))
+    .ok()?;
+    let listing = std::process::Command::new("nm")
+        .arg("--defined-only")
+        .arg(binary)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let symbols: std::collections::HashSet<&str> = listing
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(2))
+        .collect();
+    let wanted: Vec<&str> = order.lines().filter(|l| !l.is_empty()).collect();
+    let found = wanted.iter().filter(|name| symbols.contains(*name)).count();
+    let mut note = format!(
+        "link order: {found} of {} functions in the binary",
+        wanted.len()
+    );
+    if found * 10 < wanted.len() * 9 {
+        note.push_str(" (stale: run scripts/link-order.sh)");
+    }
+    Some(note)
 }
 
 fn mib(kib: u64) -> f64 {

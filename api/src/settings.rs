@@ -327,11 +327,14 @@ pub struct BenchApiArgs {
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
     /// Repeat each wrk run this many times (alternating the endpoints) and
-    /// report the median run of each.
-    #[arg(long, default_value_t = 1)]
+    /// report the median run of each (the machines are shared and noisy).
+    #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// HTTP connections wrk keeps open (`wrk -c`), the same for both endpoints.
-    #[arg(long, default_value_t = 32)]
+    /// HTTP connections wrk keeps open (`wrk -c`), the same for both
+    /// endpoints. The `agent(id)` ratio depends on it: more requests in
+    /// flight put more commands in each write of the multiplexed Redis
+    /// connection (the README's Performance section has 32, 64 and 128).
+    #[arg(long, default_value_t = 64)]
     pub connections: u32,
     /// wrk threads (`wrk -t`); wrk shares the machine's cores with the API.
     #[arg(long, default_value_t = 1)]
