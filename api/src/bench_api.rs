@@ -31,6 +31,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1151,8 +1152,50 @@ enum Seen {
     Subscribed,
     /// Could not subscribe, or the server ended the subscription.
     Failed(String),
-    /// A `next` message arrived at this instant, at this position.
-    Next(Instant, Option<i64>),
+}
+
+/// Each subscriber's latest `next`: when it arrived and its position,
+/// written by the subscriber's task and read by the collector. Not a
+/// message per `next`: 10,000 channel sends, and the collector's wake-ups,
+/// would compete for the two cores with the delivery they time.
+struct Arrivals {
+    base: Instant,
+    /// Nanoseconds after `base`, plus one (0: none yet).
+    at: Vec<AtomicU64>,
+    /// The position ([`Arrivals::NO_POSITION`] if the `next` had none).
+    position: Vec<AtomicI64>,
+}
+
+impl Arrivals {
+    const NO_POSITION: i64 = i64::MIN;
+
+    fn new(n: usize) -> Self {
+        Self {
+            base: Instant::now(),
+            at: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            position: (0..n).map(|_| AtomicI64::new(Self::NO_POSITION)).collect(),
+        }
+    }
+
+    fn record(&self, index: usize, at: Instant, position: Option<i64>) {
+        let nanos = at.saturating_duration_since(self.base).as_nanos() as u64 + 1;
+        self.position[index].store(position.unwrap_or(Self::NO_POSITION), Ordering::Relaxed);
+        // Release: whoever sees the time sees the position.
+        self.at[index].store(nanos, Ordering::Release);
+    }
+
+    /// The latest `next` of subscriber `index`: when, and its position.
+    fn get(&self, index: usize) -> Option<(Instant, Option<i64>)> {
+        let nanos = self.at[index].load(Ordering::Acquire);
+        if nanos == 0 {
+            return None;
+        }
+        let position = self.position[index].load(Ordering::Relaxed);
+        Some((
+            self.base + Duration::from_nanos(nanos - 1),
+            (position != Self::NO_POSITION).then_some(position),
+        ))
+    }
 }
 
 /// The WebSocket scenario; failures become "not available" rows.
@@ -1363,6 +1406,7 @@ async fn hold(
     index: usize,
     connecting: Arc<Semaphore>,
     seen: mpsc::Sender<(usize, Seen)>,
+    arrivals: Arc<Arrivals>,
     stop: CancellationToken,
 ) {
     let subscribed = {
@@ -1405,9 +1449,7 @@ async fn hold(
                 // The common case read cheaply (10,000 clients share the
                 // API's two cores); anything else through the full parse.
                 if let Some(position) = plain_next(text.as_str()) {
-                    if seen.send((index, Seen::Next(at, position))).await.is_err() {
-                        break;
-                    }
+                    arrivals.record(index, at, position);
                     continue;
                 }
                 let value: Value = serde_json::from_str(text.as_str()).unwrap_or_default();
@@ -1423,7 +1465,8 @@ async fn hold(
                                 Value::String(s) => s.parse().ok(),
                                 other => other.as_i64(),
                             });
-                        Some(Seen::Next(at, position))
+                        arrivals.record(index, at, position);
+                        None
                     }
                     Some("ping") => {
                         let pong = json!({"type": "pong"}).to_string();
@@ -1528,6 +1571,7 @@ async fn subscribers(
         token: api.token.clone(),
     });
     let agent_id: Arc<str> = Arc::from(agent);
+    let arrivals = Arc::new(Arrivals::new(n));
     eprintln!(
         "opening {n} WebSocket subscriptions ({} handshakes at a time)…",
         args.connect_concurrency.max(1)
@@ -1541,11 +1585,12 @@ async fn subscribers(
             index,
             connecting.clone(),
             tx.clone(),
+            arrivals.clone(),
             stop.clone(),
         )));
     }
     drop(tx);
-    let outcome = deliver(n, api, agent, &mut rx, started).await;
+    let outcome = deliver(n, api, agent, &mut rx, &arrivals, started).await;
     stop.cancel();
     eprintln!("closing the subscriptions…");
     for client in clients {
@@ -1559,13 +1604,13 @@ async fn deliver(
     api: &Api,
     agent: &str,
     rx: &mut mpsc::Receiver<(usize, Seen)>,
+    arrivals: &Arrivals,
     started: Instant,
 ) -> anyhow::Result<(Memory, Delivery)> {
     let mut subscribed = vec![false; n];
     let mut subscribed_count = 0;
     let mut failed = 0;
     let mut first_failure: Option<String> = None;
-    let mut early = 0;
     let deadline = started + Duration::from_secs(120 + n as u64 / 50);
     while subscribed_count + failed < n {
         let Ok(Some((index, seen))) = tokio::time::timeout_at(deadline.into(), rx.recv()).await
@@ -1594,7 +1639,6 @@ async fn deliver(
                 failed += 1;
                 first_failure.get_or_insert(why);
             }
-            Seen::Next(..) => early += 1,
         }
     }
     anyhow::ensure!(
@@ -1618,10 +1662,12 @@ async fn deliver(
                 }
                 first_failure.get_or_insert(why);
             }
-            Seen::Next(..) => early += 1,
             Seen::Subscribed => {}
         }
     }
+    // `next`s before the change (none expected: a live subscription sends
+    // nothing until something changes).
+    let early = (0..n).filter(|&i| arrivals.get(i).is_some()).count();
     let rss = memory(api.pid)?;
     eprintln!(
         "API RSS with {} subscriptions: {:.1} MiB; pausing agent {agent}…",
@@ -1644,34 +1690,38 @@ async fn deliver(
         })
         .with_context(|| format!("pauseAgent failed (HTTP {status}): {answer}"))?;
 
-    let mut latencies = histogram();
-    let mut received = vec![false; n];
-    let mut received_count = 0;
     let waiting = subscribed.iter().filter(|s| **s).count();
     let until = tokio::time::Instant::from_std(answered + DELIVERY_LIMIT);
-    while received_count < waiting {
-        let Ok(Some((index, seen))) = tokio::time::timeout_at(until, rx.recv()).await else {
-            break;
-        };
-        match seen {
-            Seen::Next(at, at_position) => {
-                if at_position.is_some_and(|p| p < position) {
-                    // An older change (or a snapshot): not ours.
-                    early += 1;
-                } else if subscribed[index] && !std::mem::replace(&mut received[index], true) {
-                    // Arrivals before the response count as immediate.
-                    let micros = at.saturating_duration_since(answered).as_micros();
-                    let _ = latencies.record(micros.max(1) as u64);
-                    received_count += 1;
-                }
-            }
-            Seen::Failed(why) => {
+    // The subscribers record their arrivals themselves; look every 2 ms
+    // (the times are theirs, so looking adds nothing to them).
+    let ours = |i: usize| {
+        arrivals
+            .get(i)
+            .filter(|(_, at_position)| at_position.is_none_or(|p| p >= position))
+    };
+    loop {
+        while let Ok((index, seen)) = rx.try_recv() {
+            if let Seen::Failed(why) = seen {
                 if std::mem::take(&mut subscribed[index]) {
                     lost += 1;
                 }
                 first_failure.get_or_insert(why);
             }
-            Seen::Subscribed => {}
+        }
+        let pending = (0..n).any(|i| subscribed[i] && ours(i).is_none());
+        if !pending || tokio::time::Instant::now() >= until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut latencies = histogram();
+    let mut received_count = 0;
+    for i in (0..n).filter(|&i| subscribed[i]) {
+        if let Some((at, _)) = ours(i) {
+            // Arrivals before the response count as immediate.
+            let micros = at.saturating_duration_since(answered).as_micros();
+            let _ = latencies.record(micros.max(1) as u64);
+            received_count += 1;
         }
     }
     Ok((
@@ -1691,6 +1741,22 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arrivals_keep_each_subscribers_latest_next() {
+        let arrivals = Arrivals::new(3);
+        assert!(arrivals.get(0).is_none());
+        let first = Instant::now();
+        arrivals.record(0, first, Some(7));
+        arrivals.record(1, first, None);
+        let later = first + Duration::from_millis(5);
+        arrivals.record(0, later, Some(9));
+        let (at, position) = arrivals.get(0).unwrap();
+        assert_eq!(position, Some(9));
+        assert!(at.duration_since(later) < Duration::from_micros(1));
+        assert_eq!(arrivals.get(1).map(|(_, p)| p), Some(None));
+        assert!(arrivals.get(2).is_none());
+    }
 
     #[test]
     fn plain_next_reads_the_position_and_leaves_the_rest_to_the_full_parse() {
