@@ -287,6 +287,10 @@ impl Aggregate for AgentState {
         command.agent_id().stream_id()
     }
 
+    fn creates(command: &AgentCommand) -> bool {
+        matches!(command, AgentCommand::RegisterAgent { .. })
+    }
+
     fn related(&self, command: &AgentCommand) -> Vec<StreamId> {
         match command {
             AgentCommand::RegisterAgent {

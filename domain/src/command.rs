@@ -32,6 +32,9 @@ pub trait Aggregate:
 
     /// The stream a command writes to.
     fn stream_of(command: &Self::Command) -> StreamId;
+    /// Whether the command creates its aggregate (its stream must not
+    /// exist yet): registering, creating, starting.
+    fn creates(command: &Self::Command) -> bool;
     /// Other streams whose current state `decide` needs (e.g. the agent a task
     /// is assigned to, the dependencies of a task that starts).
     fn related(&self, command: &Self::Command) -> Vec<StreamId>;

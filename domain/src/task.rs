@@ -424,6 +424,10 @@ impl Aggregate for TaskState {
         command.task_id().stream_id()
     }
 
+    fn creates(command: &TaskCommand) -> bool {
+        matches!(command, TaskCommand::CreateTask { .. })
+    }
+
     fn related(&self, command: &TaskCommand) -> Vec<StreamId> {
         match command {
             TaskCommand::CreateTask {

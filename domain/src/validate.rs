@@ -97,7 +97,9 @@ pub fn capabilities(field: &'static str, values: &[String]) -> Result<Vec<String
     Ok(set.into_iter().collect())
 }
 
-/// A JSON document within [`MAX_JSON_BYTES`] when serialized.
+/// A JSON document within [`MAX_JSON_BYTES`] when serialized, without the
+/// NUL character in any string or key (JSON allows `\u0000`; the event
+/// store's `jsonb` does not, so such a document could never be stored).
 pub fn json(field: &'static str, value: &Value) -> Result<(), DomainError> {
     let size = serde_json::to_vec(value)
         .map(|v| v.len())
@@ -108,7 +110,42 @@ pub fn json(field: &'static str, value: &Value) -> Result<(), DomainError> {
             format!("is {size} bytes of JSON; the limit is {MAX_JSON_BYTES}"),
         ));
     }
+    if let Some(path) = nul_at(value, &mut String::new()) {
+        return Err(DomainError::validation(
+            field,
+            format!(
+                "contains the NUL character (\\u0000) at {path}, which cannot be stored; remove it"
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// Where a string or key containing NUL is (`$`, `$.key`, `$[3]`), if any.
+fn nul_at(value: &Value, path: &mut String) -> Option<String> {
+    match value {
+        Value::String(s) if s.contains('\0') => Some(format!("${path}")),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+            let len = path.len();
+            path.push_str(&format!("[{i}]"));
+            let found = nul_at(item, path);
+            path.truncate(len);
+            found
+        }),
+        Value::Object(map) => map.iter().find_map(|(key, item)| {
+            let len = path.len();
+            path.push('.');
+            path.push_str(&key.replace('\0', "\\u0000"));
+            let found = if key.contains('\0') {
+                Some(format!("${path} (the key)"))
+            } else {
+                nul_at(item, path)
+            };
+            path.truncate(len);
+            found
+        }),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -135,5 +172,19 @@ mod tests {
         let big = Value::String("x".repeat(MAX_JSON_BYTES));
         assert!(json("input", &big).is_err());
         assert!(json("input", &serde_json::json!({"k": 1})).is_ok());
+    }
+
+    #[test]
+    fn json_with_nul_is_refused_with_where_it_is() {
+        for (value, at) in [
+            (serde_json::json!("a\u{0}b"), "at $,"),
+            (serde_json::json!({"k": ["x", "a\u{0}"]}), "at $.k[1],"),
+            (serde_json::json!({"a\u{0}": 1}), "(the key)"),
+        ] {
+            let err = json("metadata", &value).unwrap_err();
+            assert_eq!(err.code(), "VALIDATION");
+            assert!(err.to_string().contains(at), "{err}");
+        }
+        assert!(json("metadata", &serde_json::json!({"k": "a\\u0000"})).is_ok());
     }
 }

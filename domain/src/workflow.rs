@@ -190,6 +190,10 @@ impl Aggregate for WorkflowState {
         command.workflow_id().stream_id()
     }
 
+    fn creates(command: &WorkflowCommand) -> bool {
+        matches!(command, WorkflowCommand::StartWorkflow { .. })
+    }
+
     fn related(&self, _command: &WorkflowCommand) -> Vec<StreamId> {
         Vec::new()
     }
