@@ -404,7 +404,7 @@ fn progress_events(count: usize) -> Vec<NewEvent> {
             schema_version: 1,
             data: json!({"task_id": task_id, "percent": (index * 10) % 100, "note": NOTE}),
             metadata: EventMetadata {
-                event_id: commands::event_store::event_id(command_id, index),
+                event_id: commands::event_store::event_id("bench", command_id, index),
                 command_id,
                 command_type: "ReportTaskProgress".to_owned(),
                 command_hash: String::new(),

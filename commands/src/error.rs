@@ -33,6 +33,16 @@ pub enum AppendError {
         /// The limit.
         max: usize,
     },
+    /// PostgreSQL refused the data itself (a value it cannot store, such
+    /// as a NUL character in JSON, or one over its limits): retrying cannot
+    /// help; the input must change.
+    #[error("PostgreSQL refused the events for {stream_id}: {reason}")]
+    Refused {
+        /// The stream.
+        stream_id: String,
+        /// PostgreSQL's words, with its SQLSTATE.
+        reason: String,
+    },
     /// The database failed or is unreachable.
     #[error("PostgreSQL failed while appending to {stream_id}")]
     Database {

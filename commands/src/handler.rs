@@ -15,7 +15,8 @@ use tracing::Instrument;
 use crate::cache::StateCache;
 use crate::envelope::{CommandContext, EventMetadata, ExpectedVersion, NewEvent, RecordedEvent};
 use crate::error::{AppendError, CommandError, ReadError};
-use crate::event_store::{event_id, EventStore};
+use crate::event_store::EventStore;
+use crate::idempotency::event_id;
 
 /// Tuning of the command handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,13 +184,17 @@ impl CommandHandler {
             }
             tracing::Span::current().record("attempts", attempt.max(1));
             if loaded.tenant.as_deref().is_some_and(|t| t != ctx.tenant) {
-                // Another tenant's stream is indistinguishable from a missing one.
-                return Err(DomainError::NotFound {
-                    kind: A::KIND,
-                    id: stream
-                        .split_once('-')
-                        .map_or(stream.as_str(), |(_, id)| id)
-                        .to_owned(),
+                // Another tenant's stream is indistinguishable from a missing
+                // one, and a creation's id that is taken is taken, whoever
+                // took it (ids are UUIDs: the collision tells nothing).
+                let id = stream
+                    .split_once('-')
+                    .map_or(stream.as_str(), |(_, id)| id)
+                    .to_owned();
+                return Err(if A::creates(&command) {
+                    DomainError::AlreadyExists { kind: A::KIND, id }
+                } else {
+                    DomainError::NotFound { kind: A::KIND, id }
                 }
                 .into());
             }
@@ -239,7 +244,7 @@ impl CommandHandler {
                         schema_version: event.schema_version(),
                         data: event.to_data(),
                         metadata: EventMetadata {
-                            event_id: event_id(ctx.command_id, index),
+                            event_id: event_id(&ctx.tenant, ctx.command_id, index),
                             command_id: ctx.command_id,
                             command_type: command_type.clone(),
                             command_hash: command_hash.clone(),
@@ -319,6 +324,9 @@ impl CommandHandler {
                         ),
                     })
                 }
+                Err(AppendError::Refused { reason, .. }) => {
+                    return Err(CommandError::Malformed { reason })
+                }
                 Err(AppendError::Database { source, .. }) => {
                     return Err(CommandError::Unavailable { source })
                 }
@@ -339,7 +347,10 @@ impl CommandHandler {
         ctx: &CommandContext,
         command_hash: &str,
     ) -> Result<Option<CommandOutcome>, CommandError> {
-        let events = self.store.events_of_command(ctx.command_id).await?;
+        let events = self
+            .store
+            .events_of_command(&ctx.tenant, ctx.command_id)
+            .await?;
         let Some(first) = events.first() else {
             return Ok(None);
         };

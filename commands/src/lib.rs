@@ -8,10 +8,15 @@
 //! - **Optimistic concurrency.** Every append names the version it expects;
 //!   a mismatch is [`AppendError::Conflict`] and writes nothing. Streams never
 //!   get a duplicate version or a gap.
-//! - **Idempotency.** Event ids derive from the command id (UUID v5), so a
-//!   command retried with the same id appends nothing and returns the first
-//!   result; the same id with different content is
-//!   [`CommandError::CommandIdReused`].
+//! - **Idempotency.** Event ids derive from the tenant and the command id
+//!   (UUID v5), and so does the id of an aggregate a creation makes when the
+//!   caller names none, so a command retried with the same id appends
+//!   nothing and returns the first result; the same id with different
+//!   content is [`CommandError::CommandIdReused`]. Command ids are scoped by
+//!   tenant: another tenant's command of the same id is another command.
+//! - **Bad input writes nothing and is the caller's error.** Data that
+//!   PostgreSQL itself refuses is [`CommandError::Malformed`] (`VALIDATION`),
+//!   never `UNAVAILABLE`: retrying it cannot succeed.
 //! - **Gap-safe global order.** [`EventStore::read_all`] only returns events of
 //!   transactions older than every transaction still running, so a reader
 //!   that has seen position `p` never later finds an event below `p`.
@@ -25,6 +30,7 @@
 //! - [`envelope`]: stored event shapes, metadata and expected versions.
 //! - [`event_store`]: PostgreSQL append, reads, snapshots (SQL in `.sql` files).
 //! - [`handler`]: load → decide → append with bounded retries.
+//! - [`idempotency`]: the event and aggregate ids derived from a command.
 //! - [`relay`]: the outbox relay to JetStream, with leadership and checkpoints.
 //! - [`in_hand`]: the batch a worker holds (what a shutdown waits for).
 //! - [`error`]: the error enums of each operation.
@@ -37,6 +43,7 @@ pub mod envelope;
 pub mod error;
 pub mod event_store;
 pub mod handler;
+pub mod idempotency;
 pub mod in_hand;
 pub mod relay;
 pub mod testkit;

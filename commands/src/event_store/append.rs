@@ -109,6 +109,29 @@ fn classify(
         {
             Ok(Attempt::Raced)
         }
+        // Class 22 (data exception: a value PostgreSQL cannot store, such
+        // as `\u0000` in jsonb) and 54 (program limit exceeded: a value too
+        // large to index): the data is at fault, not the database.
+        Err(sqlx::Error::Database(db))
+            if db
+                .code()
+                .is_some_and(|code| code.starts_with("22") || code.starts_with("54")) =>
+        {
+            tracing::warn!(
+                stream_id,
+                code = db.code().as_deref().unwrap_or(""),
+                error = db.message(),
+                "PostgreSQL refused an append's data"
+            );
+            Err(AppendError::Refused {
+                stream_id: stream_id.to_owned(),
+                reason: format!(
+                    "{} (SQLSTATE {})",
+                    db.message(),
+                    db.code().as_deref().unwrap_or("?")
+                ),
+            })
+        }
         Err(source) => Err(AppendError::Database {
             stream_id: stream_id.to_owned(),
             source,
@@ -224,6 +247,7 @@ impl EventStore {
 /// `neurectomy_appends_total{outcome}`, `neurectomy_appended_events_total`
 /// and `neurectomy_append_seconds`.
 fn record_append(result: &Result<Vec<RecordedEvent>, AppendError>, took: Duration) {
+    super::note_duration("append", took);
     let outcome = match result {
         Ok(events) => {
             metrics::counter!("neurectomy_appended_events_total").increment(events.len() as u64);
@@ -232,7 +256,7 @@ fn record_append(result: &Result<Vec<RecordedEvent>, AppendError>, took: Duratio
         Err(AppendError::Conflict { .. }) => "conflict",
         // The command ran before: its retry appends nothing.
         Err(AppendError::DuplicateEvent { .. }) => "duplicate",
-        Err(AppendError::BadBatch { .. }) => "invalid",
+        Err(AppendError::BadBatch { .. } | AppendError::Refused { .. }) => "invalid",
         Err(AppendError::Database { .. }) => "error",
     };
     metrics::counter!("neurectomy_appends_total", "outcome" => outcome).increment(1);
@@ -277,14 +301,4 @@ fn recorded(
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// The deterministic id of the `index`-th event of a command: UUID v5 in a
-/// namespace of our own, so retries of a command produce the same ids.
-pub fn event_id(command_id: Uuid, index: usize) -> Uuid {
-    const NAMESPACE: Uuid = Uuid::from_u128(0x6e65_7572_6563_746f_6d79_2d65_7665_6e74);
-    let mut name = [0u8; 24];
-    name[..16].copy_from_slice(command_id.as_bytes());
-    name[16..].copy_from_slice(&(index as u64).to_be_bytes());
-    Uuid::new_v5(&NAMESPACE, &name)
 }

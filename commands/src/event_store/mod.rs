@@ -12,8 +12,25 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use append::{event_id, MAX_EVENTS_PER_APPEND};
+pub use crate::idempotency::event_id;
+pub use append::MAX_EVENTS_PER_APPEND;
 pub use read::{LoadedStream, LogHead, StoredEvent};
+
+/// Statements slower than this are logged at warn, by name and duration
+/// ([`note_duration`]); a process should turn sqlx's own statement log off
+/// (it prints the whole SQL text, ~1.5 KB for an append, every time).
+pub const SLOW_STATEMENT: Duration = Duration::from_secs(1);
+
+/// Logs `statement` (a name) if it took [`SLOW_STATEMENT`] or longer.
+pub(crate) fn note_duration(statement: &'static str, took: Duration) {
+    if took >= SLOW_STATEMENT {
+        tracing::warn!(
+            statement,
+            took_ms = took.as_millis() as u64,
+            "slow PostgreSQL statement"
+        );
+    }
+}
 
 /// The PostgreSQL channel on which appenders announce commits to relays in
 /// other processes (relays in the same process use [`EventStore::commits`]).

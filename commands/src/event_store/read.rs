@@ -163,12 +163,14 @@ impl EventStore {
     /// an event is returned only once every transaction that could still
     /// commit a lower position has finished. Positions increase strictly.
     pub async fn read_all(&self, after: i64, limit: i64) -> Result<Vec<RecordedEvent>, ReadError> {
+        let started = std::time::Instant::now();
         let rows = sqlx::query(READ_ALL)
             .bind(after)
             .bind(limit)
             .fetch_all(&self.pool)
             .await
             .map_err(db(format!("reading the global log after position {after}")))?;
+        super::note_duration("read_all", started.elapsed());
         rows.iter().map(recorded).collect()
     }
 
@@ -284,14 +286,19 @@ impl EventStore {
         rows.iter().map(recorded).collect()
     }
 
-    /// Every event a command produced, in order (empty if it never ran).
+    /// Every event command `command_id` of `tenant` produced, in order
+    /// (empty if it never ran; another tenant's command of the same id is
+    /// not this one).
     pub async fn events_of_command(
         &self,
+        tenant: &str,
         command_id: uuid::Uuid,
     ) -> Result<Vec<RecordedEvent>, ReadError> {
         let rows = sqlx::query(EVENTS_OF_COMMAND)
-            .bind(super::event_id(command_id, 0))
+            .bind(crate::idempotency::event_id(tenant, command_id, 0))
             .bind(command_id)
+            .bind(tenant)
+            .bind(crate::idempotency::legacy_event_id(command_id, 0))
             .fetch_all(&self.pool)
             .await
             .map_err(db(format!("looking up command {command_id}")))?;

@@ -546,7 +546,7 @@ async fn v1_agent_registrations_are_upcast_on_load() {
     let stream = agent.stream_id().to_string();
     let command_id = Uuid::new_v4();
     let metadata = EventMetadata {
-        event_id: event_store::event_id(command_id, 0),
+        event_id: event_store::event_id(TENANT, command_id, 0),
         command_id,
         command_type: "RegisterAgent".into(),
         command_hash: "0".repeat(64),

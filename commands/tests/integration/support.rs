@@ -49,7 +49,7 @@ pub const TENANT: &str = "tenant-a";
 /// Metadata for the `index`-th event of `command_id`.
 pub fn metadata(command_id: Uuid, index: usize, tenant: &str) -> EventMetadata {
     EventMetadata {
-        event_id: event_store::event_id(command_id, index),
+        event_id: event_store::event_id(tenant, command_id, index),
         command_id,
         command_type: "TestCommand".to_owned(),
         command_hash: "0".repeat(64),
