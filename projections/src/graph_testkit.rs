@@ -67,6 +67,7 @@ impl TestGraph {
             user: "root".to_owned(),
             password: password.clone(),
             database: database.clone(),
+            timeout: std::time::Duration::from_secs(10),
         };
         match GraphModel::connect(config).await {
             Ok(model) => Ok(Self {

@@ -573,6 +573,7 @@ async fn an_unreachable_server_is_unavailable_not_rejected() {
         user: "root".to_owned(),
         password: "x".to_owned(),
         database: "nothing".to_owned(),
+        timeout: std::time::Duration::from_secs(5),
     };
     let err = neurectomy_projections::GraphModel::connect(config)
         .await

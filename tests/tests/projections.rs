@@ -307,6 +307,7 @@ impl World {
             projections::LiveModelConfig {
                 prefix: self.redis.prefix.clone(),
                 feed_max_len,
+                ..projections::LiveModelConfig::default()
             },
         )
         .await

@@ -55,7 +55,8 @@ mod namespace;
 mod read;
 mod write;
 
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use neo4rs::{query, ConfigBuilder, Graph, Query, Row, Txn};
@@ -95,6 +96,11 @@ pub struct GraphConfig {
     pub password: String,
     /// Database name, e.g. `neurectomy` (always sent: servers differ in their default).
     pub database: String,
+    /// Longest a unit of work may take: a query with its results, a
+    /// batch's transaction, a connection (neo4rs has no timeouts of its
+    /// own). Past it the call fails as unavailable and the connection pool
+    /// is replaced.
+    pub timeout: Duration,
 }
 
 impl std::fmt::Debug for GraphConfig {
@@ -104,6 +110,7 @@ impl std::fmt::Debug for GraphConfig {
             .field("user", &self.user)
             .field("password", &"<redacted>")
             .field("database", &self.database)
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
@@ -111,7 +118,9 @@ impl std::fmt::Debug for GraphConfig {
 /// The graph read model. Cheap to clone (the Bolt pool is shared).
 #[derive(Clone)]
 pub struct GraphModel {
-    graph: Graph,
+    /// The Bolt client and its pool; replaced after a timeout (see
+    /// [`GraphModel::bounded`]).
+    graph: Arc<RwLock<Graph>>,
     config: GraphConfig,
     namespace: Arc<namespace::Namespace>,
 }
@@ -157,6 +166,18 @@ pub(crate) fn is_transient(error: &neo4rs::Error) -> bool {
     }
 }
 
+/// A Bolt client for `config` (its pool connects lazily).
+async fn client(config: &GraphConfig) -> Result<Graph, neo4rs::Error> {
+    let bolt = ConfigBuilder::default()
+        .uri(&config.uri)
+        .user(&config.user)
+        .password(&config.password)
+        .db(config.database.as_str())
+        .max_connections(MAX_CONNECTIONS)
+        .build()?;
+    Graph::connect(bolt).await
+}
+
 /// Runs `q` in `txn` and collects its rows.
 pub(crate) async fn collect(txn: &mut Txn, q: Query) -> Result<Vec<Row>, neo4rs::Error> {
     let mut stream = txn.execute(q).await?;
@@ -197,28 +218,60 @@ impl GraphModel {
 
     async fn open(config: GraphConfig, pinned: Option<String>) -> Result<Self, ApplyError> {
         let where_ = format!("{} (database {})", config.uri, config.database);
-        let bolt = ConfigBuilder::default()
-            .uri(&config.uri)
-            .user(&config.user)
-            .password(&config.password)
-            .db(config.database.as_str())
-            .max_connections(MAX_CONNECTIONS)
-            .build()
-            .map_err(unavailable(format!(
-                "configuring the connection to {where_}"
-            )))?;
         // Connecting is lazy: the first query below is what reaches the server.
-        let graph = Graph::connect(bolt)
+        let graph = client(&config)
             .await
             .map_err(unavailable(format!("connecting to {where_}")))?;
         let namespace = Arc::new(namespace::Namespace::new(&config.database, pinned));
         let model = Self {
-            graph,
+            graph: Arc::new(RwLock::new(graph)),
             config,
             namespace,
         };
         model.ensure_schema().await?;
         Ok(model)
+    }
+
+    /// Runs `work` (a unit of graph work: a transaction and its queries)
+    /// within the configured timeout. Past it, the work is dropped, the
+    /// connection pool is replaced — a connection cut off in the middle of
+    /// an answer would be out of step with the server, and neo4rs would
+    /// hand it to the next caller — and the call fails with a timed-out
+    /// I/O error (transient: the projector retries, the API answers
+    /// `UNAVAILABLE`).
+    pub async fn bounded<T>(
+        &self,
+        doing: &str,
+        work: impl Future<Output = Result<T, neo4rs::Error>>,
+    ) -> Result<T, neo4rs::Error> {
+        match tokio::time::timeout(self.config.timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(self.timed_out(doing).await),
+        }
+    }
+
+    /// Replaces the connection pool after a timeout; the error to return.
+    async fn timed_out(&self, doing: &str) -> neo4rs::Error {
+        let ms = self.config.timeout.as_millis();
+        tracing::warn!(
+            uri = %self.config.uri,
+            timeout_ms = ms as u64,
+            doing,
+            "the graph server did not answer in time; replacing the Bolt connections"
+        );
+        match client(&self.config).await {
+            Ok(fresh) => match self.graph.write() {
+                Ok(mut graph) => *graph = fresh,
+                Err(poisoned) => *poisoned.into_inner() = fresh,
+            },
+            Err(error) => tracing::warn!(%error, "could not set up new Bolt connections"),
+        }
+        neo4rs::Error::IOError {
+            detail: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the graph server did not answer within {ms} ms while {doing}"),
+            ),
+        }
     }
 
     /// Creates the unique constraints the model relies on, if missing.
@@ -230,11 +283,13 @@ impl GraphModel {
             );
             // One transaction per schema statement (Neo4j refuses schema and
             // data changes in one transaction); see `begin` for why not `run`.
-            let mut txn = self.begin().await.map_err(unavailable(doing.clone()))?;
-            txn.run(query(statement))
-                .await
-                .map_err(unavailable(doing.clone()))?;
-            txn.commit().await.map_err(unavailable(doing))?;
+            self.bounded(&doing, async {
+                let mut txn = self.begin().await?;
+                txn.run(query(statement)).await?;
+                txn.commit().await
+            })
+            .await
+            .map_err(unavailable(doing.clone()))?;
         }
         Ok(())
     }
@@ -245,12 +300,16 @@ impl GraphModel {
     /// the caller (the projector's backoff, the API's client).
     pub(crate) async fn begin(&self) -> Result<Txn, neo4rs::Error> {
         let database = self.database(READ_POINTER_TTL).await?;
-        self.graph.start_txn_on(database).await
+        self.graph().start_txn_on(database).await
     }
 
-    /// The Bolt client, for ad-hoc reads (tests, tools).
-    pub fn graph(&self) -> &Graph {
-        &self.graph
+    /// The Bolt client (its pool is replaced after a timeout), for ad-hoc
+    /// reads (tests, tools).
+    pub fn graph(&self) -> Graph {
+        match self.graph.read() {
+            Ok(graph) => graph.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// The settings it was connected with.
@@ -266,20 +325,18 @@ impl ReadModel for GraphModel {
 
     async fn checkpoint(&self) -> Result<i64, ApplyError> {
         // The projector re-reads the checkpoint where the pointer is now.
-        let database = self
-            .database(Duration::ZERO)
+        let doing = "reading the checkpoint";
+        let rows = self
+            .bounded(doing, async {
+                let database = self.database(Duration::ZERO).await?;
+                self.namespace.set_writing(&database);
+                let mut txn = self.graph().start_txn_on(database).await?;
+                let rows = collect(&mut txn, write::checkpoint_query()).await?;
+                finish(txn).await;
+                Ok(rows)
+            })
             .await
-            .map_err(unavailable("resolving the graph's namespace"))?;
-        self.namespace.set_writing(&database);
-        let mut txn = self
-            .graph
-            .start_txn_on(database)
-            .await
-            .map_err(unavailable("reading the checkpoint"))?;
-        let rows = collect(&mut txn, write::checkpoint_query())
-            .await
-            .map_err(unavailable("reading the checkpoint"))?;
-        finish(txn).await;
+            .map_err(unavailable(doing))?;
         Ok(rows
             .first()
             .and_then(|r| r.get::<i64>("position").ok())
@@ -287,10 +344,30 @@ impl ReadModel for GraphModel {
     }
 
     async fn apply(&self, events: &[Projected]) -> Result<(), ApplyError> {
-        write::apply(self, None, events).await
+        self.apply_bounded(None, events).await
     }
 
     async fn apply_after(&self, after: i64, events: &[Projected]) -> Result<(), ApplyError> {
-        write::apply(self, Some(after), events).await
+        self.apply_bounded(Some(after), events).await
+    }
+}
+
+impl GraphModel {
+    /// [`write::apply`] within the timeout (see [`GraphModel::bounded`]):
+    /// a batch cut off is not committed, so it is retried whole.
+    async fn apply_bounded(
+        &self,
+        after: Option<i64>,
+        events: &[Projected],
+    ) -> Result<(), ApplyError> {
+        let doing = "applying a batch";
+        match tokio::time::timeout(self.config.timeout, write::apply(self, after, events)).await {
+            Ok(result) => result,
+            Err(_) => Err(ApplyError::Unavailable {
+                store: "the graph",
+                doing: doing.to_owned(),
+                source: Box::new(self.timed_out(doing).await),
+            }),
+        }
     }
 }

@@ -96,9 +96,14 @@ impl GraphModel {
     /// The checkpoint readers see (the database the pointer names, as
     /// resolved for reads).
     pub async fn read_checkpoint(&self) -> Result<i64, neo4rs::Error> {
-        let mut txn = self.begin().await?;
-        let rows = collect(&mut txn, super::write::checkpoint_query()).await?;
-        super::finish(txn).await;
+        let rows = self
+            .bounded("reading the checkpoint", async {
+                let mut txn = self.begin().await?;
+                let rows = collect(&mut txn, super::write::checkpoint_query()).await?;
+                super::finish(txn).await;
+                Ok(rows)
+            })
+            .await?;
         Ok(rows
             .first()
             .and_then(|r| r.get::<i64>("position").ok())
@@ -108,7 +113,7 @@ impl GraphModel {
     /// What the pointer in the home database names, if there is one.
     async fn pointer(&self) -> Result<Option<String>, neo4rs::Error> {
         let mut txn = self
-            .graph
+            .graph()
             .start_txn_on(self.namespace.home.as_str())
             .await?;
         let rows = collect(
@@ -152,7 +157,7 @@ impl GraphModel {
     pub async fn activate(&self) -> Result<String, neo4rs::Error> {
         let target = self.database(Duration::ZERO).await?;
         let mut txn = self
-            .graph
+            .graph()
             .start_txn_on(self.namespace.home.as_str())
             .await?;
         let rows = collect(
@@ -180,7 +185,7 @@ impl GraphModel {
     pub async fn clear_database(&self, database: &str) -> Result<u64, neo4rs::Error> {
         let mut deleted = 0u64;
         loop {
-            let mut txn = self.graph.start_txn_on(database).await?;
+            let mut txn = self.graph().start_txn_on(database).await?;
             let rows = collect(
                 &mut txn,
                 query(&format!(

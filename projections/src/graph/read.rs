@@ -164,13 +164,17 @@ impl GraphModel {
             doing: doing.to_owned(),
             source,
         };
-        let mut txn = self.begin().await.map_err(unavailable)?;
-        let mut out: [Vec<Row>; N] = std::array::from_fn(|_| Vec::new());
-        for (slot, q) in out.iter_mut().zip(queries) {
-            *slot = collect(&mut txn, q).await.map_err(unavailable)?;
-        }
-        finish(txn).await;
-        Ok(out)
+        self.bounded(doing, async {
+            let mut txn = self.begin().await?;
+            let mut out: [Vec<Row>; N] = std::array::from_fn(|_| Vec::new());
+            for (slot, q) in out.iter_mut().zip(queries) {
+                *slot = collect(&mut txn, q).await?;
+            }
+            finish(txn).await;
+            Ok(out)
+        })
+        .await
+        .map_err(unavailable)
     }
 
     /// A query returning a row if a node of `label` with `id` exists in

@@ -108,7 +108,7 @@ async fn try_apply(
     events: &[&Projected],
 ) -> Result<(), Failure> {
     let mut txn = model
-        .graph
+        .graph()
         .start_txn_on(database)
         .await
         .map_err(store("starting a transaction"))?;

@@ -49,6 +49,10 @@ pub struct LiveModelConfig {
     pub prefix: String,
     /// Approximate cap of each tenant's change feed.
     pub feed_max_len: usize,
+    /// How long one connection attempt may take.
+    pub connect_timeout: std::time::Duration,
+    /// How long a command may wait for its reply.
+    pub response_timeout: std::time::Duration,
 }
 
 impl Default for LiveModelConfig {
@@ -56,7 +60,27 @@ impl Default for LiveModelConfig {
         Self {
             prefix: "neurectomy:".to_owned(),
             feed_max_len: 100_000,
+            connect_timeout: std::time::Duration::from_secs(1),
+            response_timeout: std::time::Duration::from_secs(2),
         }
+    }
+}
+
+impl LiveModelConfig {
+    /// How a connection to Redis is kept: every command answered within
+    /// `response_timeout`; a dropped connection is re-established in the
+    /// background with a few attempts of at most `connect_timeout` each,
+    /// 250 ms apart, which commands issued meanwhile wait for — so during
+    /// an outage a command fails within about a second or two instead of
+    /// waiting out the client's default backoff (up to a minute per
+    /// attempt), and once Redis is back the next command reconnects.
+    pub fn connection_manager(&self) -> redis::aio::ConnectionManagerConfig {
+        redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(self.connect_timeout)
+            .set_response_timeout(self.response_timeout)
+            .set_number_of_retries(2)
+            .set_factor(2)
+            .set_max_delay(250)
     }
 }
 
@@ -201,7 +225,7 @@ impl LiveModel {
     ) -> Result<Self, ApplyError> {
         let client = redis::Client::open(url)
             .map_err(unavailable(format!("parsing the Redis URL {url}")))?;
-        let conn = ConnectionManager::new(client)
+        let conn = ConnectionManager::new_with_config(client, config.connection_manager())
             .await
             .map_err(unavailable(format!("connecting to {url}")))?;
         Ok(Self {
@@ -303,6 +327,11 @@ impl LiveModel {
             }
             cursor = next;
         }
+    }
+
+    /// The settings it was connected with.
+    pub fn config(&self) -> &LiveModelConfig {
+        &self.config
     }
 
     /// The key prefix.

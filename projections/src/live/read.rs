@@ -175,6 +175,16 @@ impl LiveModel {
 
     /// The checkpoint readers see (the active generation's), without
     /// resolving the generation again.
+    /// The stored checkpoint, or `None` when there is none: the model is
+    /// empty (nothing applied yet, or Redis lost its data).
+    pub async fn checkpoint_if_any(&self) -> Result<Option<i64>, redis::RedisError> {
+        let mut conn = self.connection();
+        redis::cmd("GET")
+            .arg(self.key("checkpoint"))
+            .query_async(&mut conn)
+            .await
+    }
+
     pub async fn read_checkpoint(&self) -> Result<i64, redis::RedisError> {
         let mut conn = self.connection();
         let value: Option<i64> = redis::cmd("GET")
