@@ -3,12 +3,14 @@
 //! (cancelled by SIGINT/SIGTERM) stops every task, and every task is joined
 //! within the shutdown deadline (the sequence is in [`crate::shutdown`]).
 
+use std::str::FromStr as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use commands::{CommandHandler, EventStore, Relay};
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::ConnectOptions as _;
 use sqlx::{PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
 
@@ -30,10 +32,30 @@ pub fn redact(url: &str) -> String {
 
 /// Connects to the event store (the database must exist).
 pub async fn connect_database(settings: &Settings) -> anyhow::Result<PgPool> {
+    let statement_timeout = Duration::from_millis(settings.database_statement_timeout_ms);
+    pool(settings, Some(statement_timeout).filter(|t| !t.is_zero())).await
+}
+
+/// A pool of at most `database_pool_size` connections: getting one (and
+/// connecting) waits at most `database_timeout_ms`, and with
+/// `statement_timeout` the server cancels any statement running longer.
+async fn pool(settings: &Settings, statement_timeout: Option<Duration>) -> anyhow::Result<PgPool> {
+    let mut options = PgConnectOptions::from_str(&settings.database_url).with_context(|| {
+        format!(
+            "reading the PostgreSQL URL {}",
+            redact(&settings.database_url)
+        )
+    })?;
+    if let Some(timeout) = statement_timeout {
+        options = options.options([("statement_timeout", timeout.as_millis().to_string())]);
+    }
+    // sqlx's statement log prints whole statements (the append's is ~1.5
+    // KB) on every slow one; the store logs slow statements by name.
+    options = options.disable_statement_logging();
     PgPoolOptions::new()
         .max_connections(settings.database_pool_size.max(1))
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(&settings.database_url)
+        .acquire_timeout(Duration::from_millis(settings.database_timeout_ms.max(1)))
+        .connect_with(options)
         .await
         .with_context(|| {
             format!(
@@ -45,11 +67,16 @@ pub async fn connect_database(settings: &Settings) -> anyhow::Result<PgPool> {
 
 /// Connects to NATS; the client reconnects by itself after outages.
 pub async fn connect_nats(settings: &Settings) -> anyhow::Result<async_nats::Client> {
+    let timeout = Duration::from_millis(settings.nats_timeout_ms.max(1));
     let connect = async_nats::ConnectOptions::new()
         .name("neurectomy")
-        .connection_timeout(Duration::from_secs(5))
+        .connection_timeout(timeout)
+        .request_timeout(Some(timeout))
+        // The client's default waits up to seconds between attempts; a
+        // server that is back is noticed within a second.
+        .reconnect_delay_callback(|attempts| Duration::from_millis(100 * attempts.min(10) as u64))
         .connect(&settings.nats_url);
-    tokio::time::timeout(Duration::from_secs(10), connect)
+    tokio::time::timeout(timeout * 2, connect)
         .await
         .map_err(|_| anyhow::anyhow!("timed out"))
         .and_then(|r| r.map_err(anyhow::Error::from))
@@ -81,12 +108,15 @@ pub async fn migrated_pool(settings: &Settings) -> anyhow::Result<PgPool> {
             .with_context(|| format!("creating the database at {}", redact(url)))?;
         tracing::info!(url = %redact(url), "created the database");
     }
-    let pool = connect_database(settings).await?;
-    commands::migrate(&pool)
+    // Migrations run without the statement timeout: building an index on
+    // a large table may take longer.
+    let migrating = pool(settings, None).await?;
+    commands::migrate(&migrating)
         .await
         .context("running the event-store migrations")?;
+    migrating.close().await;
     tracing::info!("event store migrated");
-    Ok(pool)
+    connect_database(settings).await
 }
 
 /// A token cancelled on SIGINT or SIGTERM (a second signal exits at once).
@@ -300,16 +330,23 @@ pub async fn run_projectors(settings: &Settings, args: ProjectArgs) -> anyhow::R
 /// Prints the relay's and the projections' checkpoints and lag.
 pub async fn status(settings: &Settings) -> anyhow::Result<()> {
     use projections::ReadModel as _;
-    let pool = connect_database(settings).await?;
-    let store = EventStore::new(pool.clone());
-    let head = store.head().await.context("reading the head of the log")?;
+    // Each part answers within its own deadline: status is what an operator
+    // runs when something is down, so a dependency that hangs is reported
+    // as such, not waited for.
+    let postgres = async {
+        let pool = connect_database(settings).await?;
+        let store = EventStore::new(pool.clone());
+        let head = store.head().await.context("reading the head of the log")?;
+        Ok((store, head))
+    };
+    let (store, head) = within("PostgreSQL", postgres).await?;
     println!(
         "event store: head position {} (readable {})",
         head.written, head.readable
     );
     // JetStream's last message is the relay's primary record (the
     // PostgreSQL checkpoint trails it by up to a second).
-    let relayed = relay_position(settings).await;
+    let relayed = within("NATS", relay_position(settings)).await;
     match relayed {
         Ok(Some((position, sequence))) => {
             let lag = store.count_after(position, 10_000_000).await?;
@@ -321,24 +358,41 @@ pub async fn status(settings: &Settings) -> anyhow::Result<()> {
         Ok(None) => println!("relay {}: nothing published yet", settings.jetstream_stream),
         Err(error) => println!("relay {}: unknown ({error:#})", settings.jetstream_stream),
     }
-    // A projection that cannot be reached is reported, not fatal: status is
-    // what an operator runs when something is wrong.
+    // A projection that cannot be reached is reported, not fatal.
     let redis = async { Ok(connect_live(settings).await?.checkpoint().await?) };
-    print_projection(&store, "redis", &settings.redis_prefix, redis.await).await?;
+    let redis = within("Redis", redis).await;
+    print_projection(&store, "redis", &settings.redis_prefix, redis).await?;
     let graph = async {
         let model = connect_graph(settings).await?;
         let checkpoint = model.checkpoint().await?;
         Ok((checkpoint, model.database(std::time::Duration::ZERO).await?))
     };
-    let graph: anyhow::Result<(i64, String)> = graph.await;
+    let graph: anyhow::Result<(i64, String)> = within("the graph", graph).await;
     let namespace = graph
         .as_ref()
         .map_or(settings.graph_database.clone(), |(_, db)| {
             format!("database {db}")
         });
     print_projection(&store, "graph", &namespace, graph.map(|(c, _)| c)).await?;
-    pool.close().await;
+    store.pool().close().await;
     Ok(())
+}
+
+/// How long `status` waits for each dependency.
+const STATUS_DEADLINE: Duration = Duration::from_secs(5);
+
+/// `work` within [`STATUS_DEADLINE`]; past it, an error naming `what`.
+async fn within<T>(
+    what: &str,
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(STATUS_DEADLINE, work).await {
+        Ok(result) => result,
+        Err(_) => Err(anyhow::anyhow!(
+            "{what} did not answer within {} s",
+            STATUS_DEADLINE.as_secs()
+        )),
+    }
 }
 
 /// One `status` line: a projection's checkpoint and lag, or why unknown.

@@ -58,6 +58,10 @@ pub struct Principal {
     pub tenant: String,
     /// Roles granted.
     pub roles: BTreeSet<Role>,
+    /// When the token stops being accepted (its `exp` plus the leeway),
+    /// seconds since the Unix epoch: a WebSocket opened with it is closed
+    /// then.
+    pub expires_at: u64,
 }
 
 impl Principal {
@@ -118,7 +122,7 @@ pub struct Authenticator {
 }
 
 /// Seconds a token is accepted after its `exp`.
-const LEEWAY: u64 = 5;
+pub const LEEWAY: u64 = 5;
 
 /// Tokens verified recently, by their text: a client sends the same token
 /// with every request, and checking its signature and claims again each
@@ -275,10 +279,21 @@ impl Authenticator {
                 "the token grants no role (`roles`: viewer, operator, auditor)".into(),
             ));
         }
+        // The tenant and subject are stored with every event (text
+        // columns, which refuse NUL) and scope every key: a token naming
+        // them with control characters is refused here, not by the store.
+        for (claim, value) in [("tenant", &claims.tenant), ("sub", &claims.sub)] {
+            if value.chars().any(char::is_control) || value.len() > 256 {
+                return Err(AuthError::Invalid(format!(
+                    "the `{claim}` claim must be at most 256 bytes without control characters"
+                )));
+            }
+        }
         let principal = Principal {
             subject: claims.sub,
             tenant: claims.tenant,
             roles,
+            expires_at: claims.exp.saturating_add(LEEWAY),
         };
         Ok((principal, claims.exp))
     }
@@ -301,19 +316,31 @@ impl Authenticator {
         roles: &[Role],
         ttl_seconds: u64,
     ) -> Result<String, AuthError> {
+        let exp = now_seconds().saturating_add(ttl_seconds);
+        self.mint_expiring_at(subject, tenant, roles, exp)
+    }
+
+    /// Mints an HS256 token whose `exp` is `exp` (seconds since the Unix
+    /// epoch; it is accepted until [`LEEWAY`] seconds after).
+    pub fn mint_expiring_at(
+        &self,
+        subject: &str,
+        tenant: &str,
+        roles: &[Role],
+        exp: u64,
+    ) -> Result<String, AuthError> {
         let Some((key, _)) = &self.hs256 else {
             return Err(AuthError::Invalid(
                 "minting needs NEURECTOMY_JWT_SECRET (HS256)".into(),
             ));
         };
-        let now = now_seconds();
         let claims = Claims {
             sub: subject.to_owned(),
             tenant: tenant.to_owned(),
             roles: roles.to_vec(),
             role: None,
-            exp: now + ttl_seconds,
-            iat: now,
+            exp,
+            iat: now_seconds(),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)
             .map_err(|e| AuthError::Invalid(e.to_string()))
@@ -331,6 +358,7 @@ mod tests {
             subject: "s".into(),
             tenant: "t".into(),
             roles: BTreeSet::from([Role::Viewer]),
+            expires_at: 100,
         };
         verified.insert("token", principal.clone(), 100);
         assert_eq!(verified.get("token", 100), Some(principal));

@@ -58,14 +58,13 @@ use crate::bench::{histogram, ScratchDatabase};
 use crate::settings::{BenchApiArgs, Settings};
 
 /// The query of the HTTP scenario: one agent, read from Redis.
-pub const AGENT_QUERY: &str =
-    "query($id: String!){ agent(id: $id) { id name status capabilities } }";
+pub const AGENT_QUERY: &str = "query($id: ID!){ agent(id: $id) { id name status capabilities } }";
 /// The cheapest authenticated GraphQL request (no read model): context for
 /// where `agent(id)`'s time goes.
 pub const TYPENAME_QUERY: &str = "{ __typename }";
 /// The subscription every WebSocket holds (one agent's changes).
 pub const SUBSCRIPTION: &str =
-    "subscription($id: String!){ agentUpdated(id: $id) { position agent { id status } } }";
+    "subscription($id: ID!){ agentUpdated(id: $id) { position agent { id status } } }";
 /// The field of [`SUBSCRIPTION`] whose `position` a `next` message carries.
 pub const SUBSCRIPTION_FIELD: &str = "agentUpdated";
 /// The state change delivered to every subscriber.

@@ -29,6 +29,8 @@ pub struct ServerConfig {
     pub ws_message_limit: usize,
     /// How long a WebSocket client has to send `connection_init`.
     pub ws_init_timeout: Duration,
+    /// Most subscriptions one WebSocket may hold at once.
+    pub ws_max_subscriptions: usize,
     /// Origins allowed by CORS (`*` for any; empty: no CORS headers).
     pub cors_origins: Vec<String>,
 }
@@ -39,6 +41,7 @@ impl Default for ServerConfig {
             body_limit: 256 * 1024,
             ws_message_limit: 64 * 1024,
             ws_init_timeout: Duration::from_secs(10),
+            ws_max_subscriptions: 200,
             cors_origins: Vec::new(),
         }
     }
@@ -392,26 +395,22 @@ async fn healthz() -> &'static str {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    // Projection lag is computed at scrape time.
+    // Projection lag is computed at scrape time, each read within the
+    // readiness timeout (a scrape never hangs on a dependency).
     let services = &state.services;
-    if let Ok(head) = services.store.head().await {
-        if let Ok(checkpoint) = services.live.read_checkpoint().await {
-            let lag = services
-                .store
-                .count_after(checkpoint, 10_000_000)
-                .await
-                .unwrap_or(-1);
-            crate::metrics::projection("redis", checkpoint, lag);
-        }
-        if let Ok(checkpoint) = services.graph.read_checkpoint().await {
-            let lag = services
-                .store
-                .count_after(checkpoint, 10_000_000)
-                .await
-                .unwrap_or(-1);
-            crate::metrics::projection("graph", checkpoint, lag);
-        }
-        let _ = head;
+    let lag = |checkpoint| {
+        probe(
+            READY_TIMEOUT,
+            services.store.count_after(checkpoint, 10_000_000),
+        )
+    };
+    if let Ok(checkpoint) = probe(READY_TIMEOUT, services.live.read_checkpoint()).await {
+        let lag = lag(checkpoint).await.unwrap_or(-1);
+        crate::metrics::projection("redis", checkpoint, lag);
+    }
+    if let Ok(checkpoint) = probe(READY_TIMEOUT, services.graph.read_checkpoint()).await {
+        let lag = lag(checkpoint).await.unwrap_or(-1);
+        crate::metrics::projection("graph", checkpoint, lag);
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -420,44 +419,84 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// How long `/readyz` waits for each dependency (all are asked at once, so
+/// this bounds the whole answer).
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// `ok`, the error, or that it timed out.
 async fn probe<T, E: std::fmt::Display>(
     timeout: Duration,
     check: impl std::future::Future<Output = Result<T, E>>,
-) -> String {
+) -> Result<T, String> {
     match tokio::time::timeout(timeout, check).await {
-        Ok(Ok(_)) => "ok".to_owned(),
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("no answer within {} s", timeout.as_secs()),
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", timeout.as_secs())),
     }
 }
 
+fn shown<T>(result: &Result<T, String>) -> String {
+    match result {
+        Ok(_) => "ok".to_owned(),
+        Err(e) => e.clone(),
+    }
+}
+
+/// Ready: every dependency answers, the Redis read model has its
+/// checkpoint (unless the log is empty: a model that lost its data is being
+/// rebuilt, and reads would answer from nothing), and every projection
+/// reports `live` (a projector catching up, retrying or stopped means reads
+/// are behind). Every check runs at once, each within [`READY_TIMEOUT`].
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let services = &state.services;
-    let timeout = Duration::from_secs(2);
-    let postgres = probe(timeout, services.store.head()).await;
+    let reports = async {
+        let (redis, graph) = tokio::join!(
+            crate::health::projector_report(&services.live, "redis"),
+            crate::health::projector_report(&services.live, "graph"),
+        );
+        Ok::<_, redis::RedisError>([("redis", redis?), ("graph", graph?)])
+    };
+    let (head, redis, graph, reports) = tokio::join!(
+        probe(READY_TIMEOUT, services.store.head()),
+        probe(READY_TIMEOUT, services.live.checkpoint_if_any()),
+        probe(READY_TIMEOUT, services.graph.read_checkpoint()),
+        probe(READY_TIMEOUT, reports),
+    );
     let nats = match state.nats.connection_state() {
         async_nats::connection::State::Connected => "ok".to_owned(),
         other => format!("{other:?}"),
     };
-    let redis = probe(timeout, services.live.read_checkpoint()).await;
-    let graph = probe(timeout, services.graph.read_checkpoint()).await;
+    let redis = match (&redis, &head) {
+        (Ok(None), Ok(head)) if head.readable > 0 => Err(
+            "the read model has no checkpoint (Redis lost its data?); the projector rebuilds it"
+                .to_owned(),
+        ),
+        _ => redis,
+    };
     let mut projections = serde_json::Map::new();
-    let mut stopped = false;
-    for name in ["redis", "graph"] {
-        let state = match crate::health::projector_report(&services.live, name).await {
-            Ok(report) => {
-                stopped |= report.state == "stopped";
-                report.state
+    let mut live = true;
+    match &reports {
+        Ok(reports) => {
+            for (name, report) in reports {
+                live &= report.state == "live";
+                projections.insert(
+                    (*name).to_owned(),
+                    serde_json::Value::String(report.state.clone()),
+                );
             }
-            Err(e) => e.to_string(),
-        };
-        projections.insert(name.to_owned(), serde_json::Value::String(state));
+        }
+        Err(e) => {
+            live = false;
+            for name in ["redis", "graph"] {
+                projections.insert(name.to_owned(), serde_json::Value::String(e.clone()));
+            }
+        }
     }
+    let (postgres, redis, graph) = (shown(&head), shown(&redis), shown(&graph));
     let ready = [&postgres, &nats, &redis, &graph]
         .iter()
         .all(|s| *s == "ok")
-        && !stopped;
+        && live;
     let body = serde_json::json!({
         "ready": ready,
         "postgres": postgres,

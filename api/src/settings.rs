@@ -125,7 +125,7 @@ pub struct ApiSettings {
         global = true
     )]
     pub api_consistency_timeout_ms: u64,
-    /// Query depth limit.
+    /// Deepest nesting of fields in a query (introspection does not count).
     #[arg(
         long,
         env = "NEURECTOMY_API_MAX_DEPTH",
@@ -133,14 +133,25 @@ pub struct ApiSettings {
         global = true
     )]
     pub api_max_depth: usize,
-    /// Query complexity limit.
+    /// Query complexity limit: a field counts 1, a field with `first: n`
+    /// counts n times its selection (introspection does not count); must
+    /// allow a full page (`api.max_page`) of agents with every field.
     #[arg(
         long,
         env = "NEURECTOMY_API_MAX_COMPLEXITY",
-        default_value_t = 2_000,
+        default_value_t = 20_000,
         global = true
     )]
     pub api_max_complexity: usize,
+    /// Most field selections a GraphQL document may have once its fragment
+    /// spreads are expanded (refused before validation otherwise).
+    #[arg(
+        long,
+        env = "NEURECTOMY_API_MAX_FIELDS",
+        default_value_t = 2_000,
+        global = true
+    )]
+    pub api_max_fields: usize,
     /// Largest page (`first`) of a connection or the event log.
     #[arg(
         long,
@@ -176,6 +187,15 @@ pub struct ApiSettings {
         global = true
     )]
     pub api_ws_init_timeout_ms: u64,
+    /// Most subscriptions one WebSocket may hold at once (more are refused
+    /// with the protocol's `error` message).
+    #[arg(
+        long,
+        env = "NEURECTOMY_API_WS_MAX_SUBSCRIPTIONS",
+        default_value_t = 200,
+        global = true
+    )]
+    pub api_ws_max_subscriptions: usize,
     /// Origins allowed by CORS, comma-separated (`*` for any; empty: none).
     #[arg(
         long,
@@ -202,6 +222,7 @@ impl ApiSettings {
             max_page: self.api_max_page.max(1),
             max_depth: self.api_max_depth.max(1),
             max_complexity: self.api_max_complexity.max(1),
+            max_fields: self.api_max_fields.max(1),
             introspection: self.api_introspection,
             subscriber_buffer: self.api_subscriber_buffer.max(1),
         }
@@ -213,6 +234,7 @@ impl ApiSettings {
             body_limit: self.api_body_limit.max(1),
             ws_message_limit: self.api_ws_message_limit.max(64),
             ws_init_timeout: Duration::from_millis(self.api_ws_init_timeout_ms.max(1)),
+            ws_max_subscriptions: self.api_ws_max_subscriptions.max(1),
             cors_origins: self
                 .api_cors_origins
                 .iter()
@@ -434,6 +456,24 @@ pub struct Settings {
         global = true
     )]
     pub database_pool_size: u32,
+    /// Longest wait (ms) for a PostgreSQL connection: connecting, or a free
+    /// one from the pool; past it the call fails as unavailable.
+    #[arg(
+        long,
+        env = "NEURECTOMY_DATABASE_TIMEOUT_MS",
+        default_value_t = 3_000,
+        global = true
+    )]
+    pub database_timeout_ms: u64,
+    /// Longest a PostgreSQL statement may run (ms; the server's
+    /// `statement_timeout`, 0 for none); `migrate` runs without it.
+    #[arg(
+        long,
+        env = "NEURECTOMY_DATABASE_STATEMENT_TIMEOUT_MS",
+        default_value_t = 30_000,
+        global = true
+    )]
+    pub database_statement_timeout_ms: u64,
     /// NATS server URL (JetStream must be enabled).
     #[arg(
         long,
@@ -442,6 +482,16 @@ pub struct Settings {
         global = true
     )]
     pub nats_url: String,
+    /// Longest wait (ms) for NATS: connecting, and each request or
+    /// JetStream acknowledgement; a lost connection is retried every
+    /// 100 ms to 1 s.
+    #[arg(
+        long,
+        env = "NEURECTOMY_NATS_TIMEOUT_MS",
+        default_value_t = 5_000,
+        global = true
+    )]
+    pub nats_timeout_ms: u64,
     /// JetStream stream the relay publishes to (created if missing).
     #[arg(
         long,
@@ -514,6 +564,22 @@ pub struct Settings {
         global = true
     )]
     pub redis_prefix: String,
+    /// Longest a connection attempt to Redis may take (ms).
+    #[arg(
+        long,
+        env = "NEURECTOMY_REDIS_CONNECT_TIMEOUT_MS",
+        default_value_t = 1_000,
+        global = true
+    )]
+    pub redis_connect_timeout_ms: u64,
+    /// Longest a Redis command may wait for its reply (ms).
+    #[arg(
+        long,
+        env = "NEURECTOMY_REDIS_TIMEOUT_MS",
+        default_value_t = 2_000,
+        global = true
+    )]
+    pub redis_timeout_ms: u64,
     /// Bolt URI of the graph read model (Neo4j 5, or ArcadeDB's Bolt server in development).
     #[arg(
         long,
@@ -547,6 +613,17 @@ pub struct Settings {
         global = true
     )]
     pub graph_database: String,
+    /// Longest a unit of graph work may take (ms): a query, a batch's
+    /// transaction, connecting. Past it the call fails as unavailable and
+    /// the Bolt connections are replaced (one cut off mid-answer would be
+    /// out of step).
+    #[arg(
+        long,
+        env = "NEURECTOMY_GRAPH_TIMEOUT_MS",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub graph_timeout_ms: u64,
     /// `host:port` of ArcadeDB's HTTP API, used to create and drop databases
     /// (replay) when the server is not Neo4j; default: port 2480 on the
     /// Bolt URI's host.
@@ -649,6 +726,7 @@ impl Settings {
             user: self.graph_user.clone(),
             password: self.graph_password.clone(),
             database: self.graph_database.clone(),
+            timeout: Duration::from_millis(self.graph_timeout_ms.max(1)),
         }
     }
 
@@ -656,6 +734,8 @@ impl Settings {
     pub fn live_config(&self) -> projections::LiveModelConfig {
         projections::LiveModelConfig {
             prefix: self.redis_prefix.clone(),
+            connect_timeout: Duration::from_millis(self.redis_connect_timeout_ms.max(1)),
+            response_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
             ..projections::LiveModelConfig::default()
         }
     }

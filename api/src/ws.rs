@@ -20,9 +20,24 @@
 //!
 //! Protocol errors close the socket with the codes of graphql-transport-ws:
 //! 4400 (not a protocol message), 4401 (`subscribe` before the
-//! `connection_ack`), 4403 (bad token in `connection_init`), 4408 (no
-//! `connection_init` in time), 4409 (an id already in use), 4429 (a second
-//! `connection_init`); 1009 for an oversized message and 1001 at shutdown.
+//! `connection_ack`), 4403 (bad token in `connection_init`, or the token
+//! expired while the socket was open), 4408 (no `connection_init` in time),
+//! 4409 (an id already in use), 4429 (a second `connection_init`); 1009
+//! for an oversized message and 1001 at shutdown. A close frame's reason is
+//! cut to [`MAX_CLOSE_REASON`] bytes on a character boundary (RFC 6455
+//! §5.5: a control frame carries at most 125 bytes, two of them the code).
+//!
+//! A subscription refused before it executes — a document that does not
+//! parse, does not validate or is over the limits — is answered with the
+//! protocol's `error` message (no `complete` follows); errors while it runs
+//! arrive in `next` payloads. A socket holding `ws_max_subscriptions`
+//! subscriptions gets `error` (code `TOO_MANY_SUBSCRIPTIONS`) for the next.
+//!
+//! A token is good for as long as it is valid: when it expires the socket
+//! is closed with 4403, which graphql-ws clients retry — with a fresh token
+//! from their `connectionParams` function, resubscribing with
+//! `afterPosition` = their last position, they miss nothing.
+//!
 //! The server pings every [`KEEPALIVE`] (`ka` in the legacy protocol).
 
 use std::collections::HashMap;
@@ -47,6 +62,22 @@ use crate::server::AppState;
 
 /// How often the server pings an idle client.
 pub const KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Longest close reason, bytes: a close frame's payload is at most 125
+/// bytes, two of which are the code (RFC 6455 §5.5).
+pub const MAX_CLOSE_REASON: usize = 123;
+
+/// `reason` cut to [`MAX_CLOSE_REASON`] bytes on a character boundary.
+pub fn close_reason(reason: &str) -> &str {
+    if reason.len() <= MAX_CLOSE_REASON {
+        return reason;
+    }
+    let mut end = MAX_CLOSE_REASON;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Held for map operations only; a panic leaves the map usable.
@@ -95,8 +126,32 @@ struct GroupKey {
 enum Frame {
     /// A result, serialized, and the position the execution had yielded.
     Next { payload: Box<str>, position: i64 },
+    /// The request was refused before it executed: its errors, serialized.
+    Refused { errors: Box<str> },
     /// The execution ended.
     Complete,
+}
+
+/// What a subscription's stream yields to its connection.
+pub(crate) enum Item {
+    /// A message to send.
+    Message(String),
+    /// An `error` message to send; the subscription is over (no
+    /// `complete`).
+    Refused(String),
+}
+
+/// The errors of `response` as a JSON array if it refused the request
+/// before execution (no data; only parse, validation or limit errors).
+fn refused(response: &Response) -> Option<String> {
+    let before_execution = response.data == async_graphql::Value::Null
+        && !response.errors.is_empty()
+        && response.errors.iter().all(crate::graphql::is_request_error);
+    before_execution.then(|| {
+        serde_json::to_string(&response.errors).unwrap_or_else(|_| {
+            r#"[{"message":"the request was refused","extensions":{"code":"GRAPHQL_VALIDATION_FAILED"}}]"#.to_owned()
+        })
+    })
 }
 
 /// A shared execution; ends (its task is aborted) when its last client goes.
@@ -150,7 +205,7 @@ impl Hub {
         id: &str,
         request: Request,
         principal: &Principal,
-    ) -> BoxStream<'static, String> {
+    ) -> BoxStream<'static, Item> {
         let id_json: Arc<str> = match serde_json::to_string(id) {
             Ok(json) => json.into(),
             Err(_) => Arc::from("\"\""),
@@ -173,16 +228,22 @@ impl Hub {
             None => {
                 let execution = Execution::start(false);
                 let delivery = DeliverySpan::default();
+                let mut first = true;
                 self.inner
                     .schema
                     .execute_stream(request.data(principal.clone()).data(delivery.clone()))
                     .map(move |response| {
                         let _running = &execution;
+                        if std::mem::take(&mut first) {
+                            if let Some(errors) = refused(&response) {
+                                return Item::Refused(error_message(protocol, &id_json, &errors));
+                            }
+                        }
                         let message = || next_message(protocol, &id_json, &payload(&response));
-                        match delivery.take() {
+                        Item::Message(match delivery.take() {
                             Some(span) => span.in_scope(message),
                             None => message(),
-                        }
+                        })
                     })
                     .boxed()
             }
@@ -245,7 +306,16 @@ async fn run_group(
     id: u64,
 ) {
     futures::pin_mut!(stream);
+    let mut first = true;
     while let Some(response) = stream.next().await {
+        if std::mem::take(&mut first) {
+            if let Some(errors) = refused(&response) {
+                let _ = tx.send(Arc::new(Frame::Refused {
+                    errors: errors.into_boxed_str(),
+                }));
+                break;
+            }
+        }
         let send = || {
             let frame = Frame::Next {
                 payload: payload(&response).into_boxed_str(),
@@ -263,8 +333,8 @@ async fn run_group(
         }
     }
     // Ended: clients that come now start a new execution; those joined get
-    // `complete`. (The Arc is dropped after the lock is released: dropping
-    // the last one takes the lock.)
+    // `complete` (or have had `error`). (The Arc is dropped after the lock
+    // is released: dropping the last one takes the lock.)
     if let Some(hub) = hub.upgrade() {
         let current = lock(&hub.groups).get(&key).and_then(Weak::upgrade);
         if current.as_ref().is_some_and(|g| g.id == id) {
@@ -340,7 +410,7 @@ fn shared_stream(
     sub: SharedSub,
     protocol: WebSocketProtocols,
     id_json: Arc<str>,
-) -> BoxStream<'static, String> {
+) -> BoxStream<'static, Item> {
     futures::stream::unfold((sub, id_json), move |(mut sub, id_json)| async move {
         if sub.done {
             return None;
@@ -349,7 +419,11 @@ fn shared_stream(
             Ok(frame) => match &*frame {
                 Frame::Next { payload, position } => {
                     sub.delivered = sub.delivered.max(*position);
-                    next_message(protocol, &id_json, payload)
+                    Item::Message(next_message(protocol, &id_json, payload))
+                }
+                Frame::Refused { errors } => {
+                    sub.done = true;
+                    Item::Refused(error_message(protocol, &id_json, errors))
                 }
                 Frame::Complete => return None,
             },
@@ -357,7 +431,7 @@ fn shared_stream(
                 sub.done = true;
                 let error = too_slow(missed, sub.buffer, sub.delivered);
                 let response = Response::from_errors(vec![error.into_server_error(Pos::default())]);
-                next_message(protocol, &id_json, &payload(&response))
+                Item::Message(next_message(protocol, &id_json, &payload(&response)))
             }
             Err(RecvError::Closed) => return None,
         };
@@ -409,6 +483,21 @@ fn next_message(protocol: WebSocketProtocols, id_json: &str, payload: &str) -> S
     message
 }
 
+/// `error` carrying `errors` (a JSON array of GraphQL errors). The legacy
+/// protocol's `error` carries one error object.
+fn error_message(protocol: WebSocketProtocols, id_json: &str, errors: &str) -> String {
+    let payload = match protocol {
+        WebSocketProtocols::GraphQLWS => errors.to_owned(),
+        WebSocketProtocols::SubscriptionsTransportWS => {
+            match serde_json::from_str::<Vec<serde_json::Value>>(errors) {
+                Ok(mut all) if !all.is_empty() => all.swap_remove(0).to_string(),
+                _ => errors.to_owned(),
+            }
+        }
+    };
+    format!(r#"{{"type":"error","id":{id_json},"payload":{payload}}}"#)
+}
+
 fn complete_message(id: &str) -> String {
     serde_json::json!({"type": "complete", "id": id}).to_string()
 }
@@ -430,12 +519,13 @@ fn payload_token(payload: &serde_json::Value) -> Option<String> {
 /// A connection's subscriptions, polled in turn.
 #[derive(Default)]
 struct Subscriptions {
-    items: Vec<(String, BoxStream<'static, String>)>,
+    items: Vec<(String, BoxStream<'static, Item>)>,
     turn: usize,
 }
 
 enum Outgoing {
-    /// A message of a subscription.
+    /// A message of a subscription (for a refused one, its `error`; it is
+    /// removed).
     Message(String),
     /// A subscription ended (removed): send `complete`.
     Ended(String),
@@ -446,7 +536,11 @@ impl Subscriptions {
         self.items.iter().any(|(i, _)| i == id)
     }
 
-    fn insert(&mut self, id: String, stream: BoxStream<'static, String>) {
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    fn insert(&mut self, id: String, stream: BoxStream<'static, Item>) {
         crate::metrics::subscription(1.0);
         self.items.push((id, stream));
     }
@@ -464,8 +558,13 @@ impl Subscriptions {
         for k in 0..n {
             let index = (self.turn + k) % n;
             match self.items[index].1.poll_next_unpin(cx) {
-                Poll::Ready(Some(message)) => {
+                Poll::Ready(Some(Item::Message(message))) => {
                     self.turn = index + 1;
+                    return Poll::Ready(Outgoing::Message(message));
+                }
+                Poll::Ready(Some(Item::Refused(message))) => {
+                    drop(self.items.swap_remove(index));
+                    crate::metrics::subscription(-1.0);
                     return Poll::Ready(Outgoing::Message(message));
                 }
                 Poll::Ready(None) => {
@@ -509,6 +608,9 @@ pub async fn serve(
     let mut subscriptions = Subscriptions::default();
     let init_deadline = tokio::time::sleep(state.config.ws_init_timeout);
     futures::pin_mut!(init_deadline);
+    // Armed by `connection_init`: when the token stops being valid.
+    let expiry = tokio::time::sleep(FOREVER);
+    futures::pin_mut!(expiry);
     let keepalive = tokio::time::sleep(KEEPALIVE);
     futures::pin_mut!(keepalive);
     // One waiter for the whole connection: a new `cancelled()` future per
@@ -519,11 +621,16 @@ pub async fn serve(
     loop {
         let flow = tokio::select! {
             incoming = source.next() => {
-                match receive(&state, protocol, incoming, &mut principal, &mut subscriptions) {
+                let before = principal.is_some();
+                let flow = match receive(&state, protocol, incoming, &mut principal, &mut subscriptions) {
                     Ok(Some(reply)) => send(&mut sink, reply).await,
                     Ok(None) => Flow::Continue,
                     Err(flow) => flow,
+                };
+                if let (false, Some(p)) = (before, &principal) {
+                    expiry.as_mut().reset(tokio::time::Instant::now() + until(p.expires_at));
                 }
+                flow
             }
             outgoing = futures::future::poll_fn(|cx| subscriptions.poll_next(cx)) => {
                 match outgoing {
@@ -538,6 +645,10 @@ pub async fn serve(
             () = &mut init_deadline, if principal.is_none() => Flow::Close(
                 4408,
                 "Connection initialisation timeout".to_owned(),
+            ),
+            () = &mut expiry, if principal.is_some() => Flow::Close(
+                4403,
+                "Forbidden: the token expired; reconnect with a fresh one and resubscribe with afterPosition".to_owned(),
             ),
             () = &mut keepalive => {
                 keepalive.as_mut().reset(tokio::time::Instant::now() + KEEPALIVE);
@@ -557,7 +668,7 @@ pub async fn serve(
             Flow::Close(code, reason) => {
                 let frame = CloseFrame {
                     code,
-                    reason: reason.into(),
+                    reason: close_reason(&reason).into(),
                 };
                 let _ = sink.send(Message::Close(Some(frame))).await;
                 break;
@@ -568,6 +679,20 @@ pub async fn serve(
     drop(subscriptions);
     let _ = sink.close().await;
     crate::metrics::websocket(-1.0);
+}
+
+/// A wait that does not end (in the life of a socket).
+const FOREVER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The time from now until `expires_at` (seconds since the Unix epoch), at
+/// most [`FOREVER`].
+fn until(expires_at: u64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(expires_at)
+        .saturating_sub(now)
+        .min(FOREVER)
 }
 
 async fn send(sink: &mut SplitSink<WebSocket, Message>, text: String) -> Flow {
@@ -631,6 +756,15 @@ fn receive(
                     format!("Subscriber for {id} already exists"),
                 ));
             }
+            let limit = state.config.ws_max_subscriptions;
+            if subscriptions.len() >= limit {
+                let id_json = serde_json::to_string(&id).unwrap_or_else(|_| "\"\"".to_owned());
+                let errors = serde_json::json!([{
+                    "message": format!("this connection already holds {limit} subscriptions, the most one connection may; complete one first or open another connection"),
+                    "extensions": {"code": "TOO_MANY_SUBSCRIPTIONS"},
+                }]);
+                return Ok(Some(error_message(protocol, &id_json, &errors.to_string())));
+            }
             let stream = state.hub.subscribe(protocol, &id, payload, principal);
             subscriptions.insert(id, stream);
             Ok(None)
@@ -652,6 +786,7 @@ mod tests {
 
     fn principal(tenant: &str) -> Principal {
         Principal {
+            expires_at: u64::MAX,
             subject: "t".to_owned(),
             tenant: tenant.to_owned(),
             roles: BTreeSet::from([Role::Viewer]),
@@ -664,7 +799,7 @@ mod tests {
 
     #[test]
     fn live_subscriptions_share_resuming_ones_do_not() {
-        let q = "subscription($id: String!){ agentUpdated(id: $id) { position } }";
+        let q = "subscription($id: ID!){ agentUpdated(id: $id) { position } }";
         let a = shared_key(
             &request(q, serde_json::json!({"id": "a"})),
             &principal("t1"),
@@ -699,6 +834,34 @@ mod tests {
                 "{own}"
             );
         }
+    }
+
+    #[test]
+    fn close_reasons_fit_a_control_frame_and_keep_whole_characters() {
+        assert_eq!(close_reason("short"), "short");
+        let long = "é".repeat(100); // 200 bytes
+        let cut = close_reason(&long);
+        assert!(cut.len() <= MAX_CLOSE_REASON && cut.len() >= MAX_CLOSE_REASON - 1);
+        assert!(cut.chars().all(|c| c == 'é'));
+        let ascii = "x".repeat(300);
+        assert_eq!(close_reason(&ascii).len(), MAX_CLOSE_REASON);
+    }
+
+    #[test]
+    fn error_messages_carry_the_errors_in_each_protocol() {
+        let errors = r#"[{"message":"bad","extensions":{"code":"GRAPHQL_VALIDATION_FAILED"}}]"#;
+        let text = error_message(WebSocketProtocols::GraphQLWS, "\"7\"", errors);
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        assert_eq!(value["type"], "error");
+        assert_eq!(value["id"], "7");
+        assert_eq!(value["payload"][0]["message"], "bad");
+        let legacy = error_message(
+            WebSocketProtocols::SubscriptionsTransportWS,
+            "\"7\"",
+            errors,
+        );
+        let value: serde_json::Value = serde_json::from_str(&legacy).unwrap_or_default();
+        assert_eq!(value["payload"]["message"], "bad");
     }
 
     #[test]

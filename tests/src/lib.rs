@@ -9,6 +9,8 @@
 
 use std::process::Stdio;
 
+pub mod ws;
+
 use tokio::process::{Child, Command};
 
 /// A child `neurectomy` process, killed when dropped.
@@ -340,10 +342,17 @@ pub mod api {
             let graph_projector = GraphModel::connect(graph.model.config().clone())
                 .await
                 .unwrap();
-            let projectors = vec![
-                pipe.spawn(&pipe.projector(redis.model.clone())),
-                pipe.spawn(&pipe.projector(graph_projector)),
-            ];
+            let redis_projector = pipe.projector(redis.model.clone());
+            let graph_projector = pipe.projector(graph_projector);
+            // As in production: projectors publish their state for /readyz.
+            for status in [redis_projector.status(), graph_projector.status()] {
+                tokio::spawn(api::health::publish_status(
+                    redis.model.clone(),
+                    status,
+                    pipe.stop.clone(),
+                ));
+            }
+            let projectors = vec![pipe.spawn(&redis_projector), pipe.spawn(&graph_projector)];
             let auth = Authenticator::new(Some(SECRET), None).unwrap();
             let feed = api::graphql::subscriptions::Feed::start(
                 pipe.store.clone(),

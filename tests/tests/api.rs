@@ -150,7 +150,7 @@ async fn mutations_write_and_every_query_reads_them_back() {
     let data = api
         .data(
             &token,
-            "query($a: String!, $p: Position) { agent(id: $a, atLeastPosition: $p) { name kind model capabilities status currentTaskId tasksCompleted lastPosition } }",
+            "query($a: ID!, $p: Position) { agent(id: $a, atLeastPosition: $p) { name kind model capabilities status currentTaskId tasksCompleted lastPosition } }",
             json!({ "a": s.agents[1], "p": vars["p"] }),
         )
         .await;
@@ -162,7 +162,7 @@ async fn mutations_write_and_every_query_reads_them_back() {
     // Delegated while assigned: it holds the task but is not running it.
     assert_eq!(agent["currentTaskId"], Value::Null);
     let data = api
-        .data(&token, "query($a: String!, $p: Position) { agent(id: $a, atLeastPosition: $p) { tasksCompleted currentTaskId } }", json!({ "a": s.agents[0], "p": vars["p"] }))
+        .data(&token, "query($a: ID!, $p: Position) { agent(id: $a, atLeastPosition: $p) { tasksCompleted currentTaskId } }", json!({ "a": s.agents[0], "p": vars["p"] }))
         .await;
     assert_eq!(data["agent"]["tasksCompleted"], 1);
     assert_eq!(data["agent"]["currentTaskId"], Value::Null);
@@ -170,7 +170,7 @@ async fn mutations_write_and_every_query_reads_them_back() {
     let data = api
         .data(
             &token,
-            "query($t: String!, $b: String!, $w: String!, $p: Position) {
+            "query($t: ID!, $b: ID!, $w: ID!, $p: Position) {
                task(id: $t, atLeastPosition: $p) { title state progress progressNote assigneeId attempt maxAttempts dependsOn }
                delegated: task(id: $b) { state assigneeId }
                workflow(id: $w) { name status progress { total pending assigned running completed percentComplete } }
@@ -201,7 +201,7 @@ async fn mutations_write_and_every_query_reads_them_back() {
     // The next page holds the rest, without overlap.
     let cursor = data["all"]["pageInfo"]["endCursor"].clone();
     let next = api
-        .data(&token, "query($w: String!, $c: String) { tasks(workflowId: $w, first: 2, after: $c) { edges { node { id } } pageInfo { hasNextPage hasPreviousPage } } }", json!({ "w": s.workflow, "c": cursor }))
+        .data(&token, "query($w: ID!, $c: String) { tasks(workflowId: $w, first: 2, after: $c) { edges { node { id } } pageInfo { hasNextPage hasPreviousPage } } }", json!({ "w": s.workflow, "c": cursor }))
         .await;
     let mut seen: Vec<String> = data["all"]["edges"]
         .as_array()
@@ -236,7 +236,7 @@ async fn mutations_write_and_every_query_reads_them_back() {
     let data = api
         .data(
             &token,
-            "query($w: String!, $b: String!, $c: String!, $a: String!, $p: Position) {
+            "query($w: ID!, $b: ID!, $c: ID!, $a: ID!, $p: Position) {
                workflowGraph(id: $w, atLeastPosition: $p) { name tasks { id state } edges { from to } }
                blockedTasks(workflowId: $w, atLeastPosition: $p) { id blockedBy }
                delegationChain(taskId: $b, atLeastPosition: $p) { fromAgentId toAgentId position }
@@ -342,7 +342,7 @@ async fn tenants_are_isolated_and_roles_enforced() {
     let data = api
         .data(
             &other,
-            "query($a: String!, $t: String!, $w: String!) { agent(id: $a) { id } task(id: $t) { id } workflow(id: $w) { id } workflowGraph(id: $w) { id } agentNeighbourhood(id: $a) { id } agents { edges { node { id } } } }",
+            "query($a: ID!, $t: ID!, $w: ID!) { agent(id: $a) { id } task(id: $t) { id } workflow(id: $w) { id } workflowGraph(id: $w) { id } agentNeighbourhood(id: $a) { id } agents { edges { node { id } } } }",
             json!({ "a": s.agents[0], "t": s.tasks[0], "w": s.workflow }),
         )
         .await;
@@ -381,7 +381,7 @@ async fn tenants_are_isolated_and_roles_enforced() {
     let data = api
         .data(
             &viewer,
-            "query($a: String!) { agent(id: $a) { name } }",
+            "query($a: ID!) { agent(id: $a) { name } }",
             json!({ "a": s.agents[0] }),
         )
         .await;
@@ -466,7 +466,7 @@ async fn bad_requests_get_protocol_errors_and_the_server_keeps_serving() {
     for query in [
         "{ agents { edges { cursor } }",
         "{ agent(id: \"x\") { nope } }",
-        "{ agent(id: 5) { id } }",
+        "{ agent(id: [5]) { id } }",
         "{ agents(first: \"many\") { edges { cursor } } }",
     ] {
         let body = json!({ "query": query }).to_string();
@@ -507,7 +507,10 @@ async fn bad_requests_get_protocol_errors_and_the_server_keeps_serving() {
         .await;
     let cold = refused(&cold);
     assert!(cold.contains("Invalid value"), "{cold}");
-    let (status, body) = api.graphql(Some(&token), by_id, json!({ "id": "x" })).await;
+    let some_id = Uuid::new_v4().to_string();
+    let (status, body) = api
+        .graphql(Some(&token), by_id, json!({ "id": some_id }))
+        .await;
     assert_eq!(status, 200);
     assert!(body.get("errors").is_none(), "{body}");
     for bad in [json!({"not": "an id"}), json!([1.5])] {
@@ -527,8 +530,7 @@ async fn bad_requests_get_protocol_errors_and_the_server_keeps_serving() {
         body.get("errors").is_none() || body["data"] != Value::Null,
         "a shallow query was refused: {body}"
     );
-    let bomb =
-        "{ __schema { types { fields { type { ofType { ofType { ofType { name } } } } } } } }";
+    let bomb = "{ agents { edges { node { a { b { c { d } } } } } } }";
     let (_, body) = api.graphql(Some(&token), bomb, json!({})).await;
     assert!(
         body["errors"][0]["message"]
@@ -575,7 +577,7 @@ async fn bad_requests_get_protocol_errors_and_the_server_keeps_serving() {
     let (code, message) = api
         .error(
             Some(&token),
-            "query($p: Position) { agent(id: \"x\", atLeastPosition: $p) { id } }",
+            "query($p: Position) { agent(id: \"0b7e6a4e-1c2d-4f5a-9b8c-3d2e1f0a9b8c\", atLeastPosition: $p) { id } }",
             json!({ "p": far }),
         )
         .await;

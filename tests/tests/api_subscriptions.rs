@@ -16,15 +16,11 @@ use commands::{CommandContext, CommandHandler, HandlerConfig};
 use domain::{
     AgentCommand, AgentId, AgentKind, Command, TaskCommand, TaskId, WorkflowCommand, WorkflowId,
 };
-use futures::{SinkExt as _, StreamExt as _};
 use neurectomy_e2e::pipeline::{Pipeline, Running};
+use neurectomy_e2e::ws::{Client, Reply};
 use projections::graph_testkit::TestGraph;
 use projections::testkit::TestRedis;
 use serde_json::{json, Value};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 use uuid::Uuid;
 
 const SECRET: &str = "subscription-tests-secret-of-at-least-32-bytes";
@@ -193,133 +189,6 @@ impl World {
 }
 
 /// A `graphql-transport-ws` client speaking the protocol by hand.
-struct Client {
-    ws: WebSocketStream<TcpStream>,
-}
-
-/// One `next`, `error` or `complete` of a subscription.
-#[derive(Debug)]
-enum Reply {
-    Next(String, Value),
-    Error(String, Value),
-    Complete(String),
-}
-
-impl Client {
-    /// Connects (optionally with a small, fixed receive buffer) and
-    /// initialises the connection with `token`.
-    async fn connect(addr: SocketAddr, token: &str, receive_buffer: Option<u32>) -> Self {
-        let socket = TcpSocket::new_v4().unwrap();
-        if let Some(size) = receive_buffer {
-            socket.set_recv_buffer_size(size).unwrap();
-        }
-        let stream = socket.connect(addr).await.unwrap();
-        let mut request = format!("ws://{addr}/graphql/ws")
-            .into_client_request()
-            .unwrap();
-        request.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            "graphql-transport-ws".parse().unwrap(),
-        );
-        let (ws, _) = tokio_tungstenite::client_async(request, stream)
-            .await
-            .unwrap();
-        let mut client = Self { ws };
-        client
-            .send(json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {token}")}}))
-            .await;
-        let ack = client.receive(Duration::from_secs(10)).await.unwrap();
-        assert_eq!(ack["type"], "connection_ack", "got {ack}");
-        client
-    }
-
-    async fn send(&mut self, message: Value) {
-        self.ws
-            .send(Message::text(message.to_string()))
-            .await
-            .unwrap();
-    }
-
-    async fn subscribe(&mut self, id: &str, query: &str, variables: Value) {
-        self.send(json!({
-            "id": id,
-            "type": "subscribe",
-            "payload": {"query": query, "variables": variables}
-        }))
-        .await;
-    }
-
-    /// The next protocol message (answering pings), or `None` on timeout.
-    async fn receive(&mut self, timeout: Duration) -> Option<Value> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let message = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .ok()?;
-            match message {
-                Some(Ok(Message::Text(text))) => {
-                    let value: Value = serde_json::from_str(text.as_str()).unwrap();
-                    if value["type"] == "ping" {
-                        self.send(json!({"type": "pong"})).await;
-                        continue;
-                    }
-                    return Some(value);
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    panic!("the server closed the connection: {frame:?}")
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => panic!("websocket failed: {e}"),
-                None => panic!("the server closed the connection"),
-            }
-        }
-    }
-
-    /// The next reply of any subscription; panics after `timeout`.
-    async fn reply(&mut self, timeout: Duration) -> Reply {
-        let message = self
-            .receive(timeout)
-            .await
-            .unwrap_or_else(|| panic!("no message within {timeout:?}"));
-        let id = message["id"].as_str().unwrap_or_default().to_owned();
-        match message["type"].as_str() {
-            Some("next") if message["payload"]["errors"].is_null() => {
-                Reply::Next(id, message["payload"]["data"].clone())
-            }
-            Some("next") => Reply::Error(id, message["payload"]["errors"].clone()),
-            Some("error") => Reply::Error(id, message["payload"].clone()),
-            Some("complete") => Reply::Complete(id),
-            _ => panic!("unexpected message {message}"),
-        }
-    }
-
-    /// The next data of subscription `id`, first from `others` (replies
-    /// of other subscriptions read earlier), which keeps what it reads of
-    /// other subscriptions.
-    async fn next_of(&mut self, id: &str, others: &mut Vec<Reply>) -> Value {
-        let earlier = others.iter().position(|r| match r {
-            Reply::Next(i, _) | Reply::Error(i, _) | Reply::Complete(i) => i == id,
-        });
-        let mut reply = match earlier {
-            Some(index) => others.remove(index),
-            None => self.reply(Duration::from_secs(20)).await,
-        };
-        loop {
-            match reply {
-                Reply::Next(i, data) if i == id => return data,
-                Reply::Error(i, errors) if i == id => panic!("subscription {id} failed: {errors}"),
-                Reply::Complete(i) if i == id => panic!("subscription {id} completed"),
-                other => others.push(other),
-            }
-            reply = self.reply(Duration::from_secs(20)).await;
-        }
-    }
-
-    async fn close(mut self) {
-        let _ = self.ws.close(None).await;
-    }
-}
-
 fn position(value: &Value) -> i64 {
     value
         .as_str()
@@ -345,7 +214,7 @@ async fn every_subscription_delivers_with_positions() {
     client
         .subscribe(
             "one",
-            "subscription($id: String!, $now: Position) { agentUpdated(id: $id, afterPosition: $now) { position agent { id status capabilities lastPosition } } }",
+            "subscription($id: ID!, $now: Position) { agentUpdated(id: $id, afterPosition: $now) { position agent { id status capabilities lastPosition } } }",
             json!({"id": agent, "now": now}),
         )
         .await;
@@ -359,7 +228,7 @@ async fn every_subscription_delivers_with_positions() {
     client
         .subscribe(
             "flow",
-            "subscription($w: String!) { workflowEvents(workflowId: $w, afterPosition: \"0\") { position type streamId } }",
+            "subscription($w: ID!) { workflowEvents(workflowId: $w, afterPosition: \"0\") { position type streamId } }",
             json!({"w": workflow}),
         )
         .await;
@@ -432,7 +301,7 @@ async fn every_subscription_delivers_with_positions() {
     client
         .subscribe(
             "again",
-            "subscription($id: String!) { agentUpdated(id: $id, afterPosition: \"0\") { position agent { status } } }",
+            "subscription($id: ID!) { agentUpdated(id: $id, afterPosition: \"0\") { position agent { status } } }",
             json!({"id": agent}),
         )
         .await;
@@ -572,7 +441,7 @@ async fn a_subscriber_that_cannot_keep_up_is_cut_off_with_a_resumable_error() {
     observer
         .subscribe(
             "one",
-            "subscription($id: String!, $start: Position) { agentUpdated(id: $id, afterPosition: $start) { position } }",
+            "subscription($id: ID!, $start: Position) { agentUpdated(id: $id, afterPosition: $start) { position } }",
             json!({"id": agent, "start": start.to_string()}),
         )
         .await;
@@ -655,14 +524,14 @@ async fn a_tenant_sees_nothing_of_another() {
     .await;
     b.subscribe(
         "theirs",
-        "subscription($id: String!) { agentUpdated(id: $id, afterPosition: \"0\") { position } }",
+        "subscription($id: ID!) { agentUpdated(id: $id, afterPosition: \"0\") { position } }",
         json!({"id": theirs}),
     )
     .await;
     let workflow = Uuid::new_v4().to_string();
     b.subscribe(
         "flow",
-        "subscription($w: String!) { workflowEvents(workflowId: $w, afterPosition: \"0\") { position } }",
+        "subscription($w: ID!) { workflowEvents(workflowId: $w, afterPosition: \"0\") { position } }",
         json!({"w": workflow}),
     )
     .await;

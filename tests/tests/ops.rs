@@ -232,7 +232,7 @@ async fn serve_with_a_waiting_request(
             &reqwest::Client::new(),
             addr,
             &token,
-            "query($id: String!) { agent(id: $id, atLeastPosition: \"999999999999\") { id } }",
+            "query($id: ID!) { agent(id: $id, atLeastPosition: \"999999999999\") { id } }",
             json!({"id": Uuid::new_v4().to_string()}),
         )
         .await

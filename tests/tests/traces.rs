@@ -263,7 +263,7 @@ async fn one_trace_links_a_mutation_to_the_subscriber_that_saw_it() {
         "id": "agent",
         "type": "subscribe",
         "payload": {
-            "query": "subscription($id: String!) { agentUpdated(id: $id) { position agent { status } } }",
+            "query": "subscription($id: ID!) { agentUpdated(id: $id) { position agent { status } } }",
             "variables": {"id": agent.to_string()},
         }
     });

@@ -116,11 +116,26 @@ pub(crate) const KEYS: &[Key] = &[
         "database.pool_size",
         Check::AtLeast(1),
     ),
+    key(
+        "NEURECTOMY_DATABASE_TIMEOUT_MS",
+        "database.timeout_ms",
+        Check::Millis { min: 1 },
+    ),
+    key(
+        "NEURECTOMY_DATABASE_STATEMENT_TIMEOUT_MS",
+        "database.statement_timeout_ms",
+        Check::Millis { min: 0 },
+    ),
     secret(
         "NEURECTOMY_NATS_URL",
         "nats.url",
         Check::Url(UrlKind::Nats),
         Secret::UrlPassword { token: true },
+    ),
+    key(
+        "NEURECTOMY_NATS_TIMEOUT_MS",
+        "nats.timeout_ms",
+        Check::Millis { min: 1 },
     ),
     key(
         "NEURECTOMY_JETSTREAM_STREAM",
@@ -161,6 +176,16 @@ pub(crate) const KEYS: &[Key] = &[
     ),
     key("NEURECTOMY_REDIS_PREFIX", "redis.prefix", Check::Any),
     key(
+        "NEURECTOMY_REDIS_CONNECT_TIMEOUT_MS",
+        "redis.connect_timeout_ms",
+        Check::Millis { min: 1 },
+    ),
+    key(
+        "NEURECTOMY_REDIS_TIMEOUT_MS",
+        "redis.timeout_ms",
+        Check::Millis { min: 1 },
+    ),
+    key(
         "NEURECTOMY_GRAPH_URI",
         "graph.uri",
         Check::Url(UrlKind::Bolt),
@@ -176,6 +201,11 @@ pub(crate) const KEYS: &[Key] = &[
         "NEURECTOMY_GRAPH_DATABASE",
         "graph.database",
         Check::NonEmpty,
+    ),
+    key(
+        "NEURECTOMY_GRAPH_TIMEOUT_MS",
+        "graph.timeout_ms",
+        Check::Millis { min: 1 },
     ),
     key("NEURECTOMY_GRAPH_HTTP", "graph.http", Check::HostPort),
     key(
@@ -215,6 +245,11 @@ pub(crate) const KEYS: &[Key] = &[
         "api.max_complexity",
         Check::AtLeast(1),
     ),
+    key(
+        "NEURECTOMY_API_MAX_FIELDS",
+        "api.max_fields",
+        Check::AtLeast(1),
+    ),
     key("NEURECTOMY_API_MAX_PAGE", "api.max_page", Check::AtLeast(1)),
     key(
         "NEURECTOMY_API_INTROSPECTION",
@@ -235,6 +270,11 @@ pub(crate) const KEYS: &[Key] = &[
         "NEURECTOMY_API_WS_INIT_TIMEOUT_MS",
         "api.ws_init_timeout_ms",
         Check::Millis { min: 1 },
+    ),
+    key(
+        "NEURECTOMY_API_WS_MAX_SUBSCRIPTIONS",
+        "api.ws_max_subscriptions",
+        Check::AtLeast(1),
     ),
     key(
         "NEURECTOMY_API_CORS_ORIGINS",

@@ -312,6 +312,7 @@ where
             errors.push(invalid(setting, resolved.source.clone(), reason));
         }
     }
+    errors.extend(limits_agree(&catalog, &values, &cli));
     match ConfigError::from_list(errors) {
         Some(error) => Err(error.into()),
         None => Ok(Loaded {
@@ -319,6 +320,34 @@ where
             effective: Effective { catalog, values },
         }),
     }
+}
+
+/// The complexity limit must allow one full page of agents with every
+/// field: otherwise the page limit could not be reached.
+fn limits_agree(catalog: &Catalog, values: &[Resolved], cli: &Cli) -> Option<ConfigError> {
+    let api = &cli.settings.api;
+    let agent_fields: Vec<&str> = crate::graphql::types::Agent::STORED
+        .iter()
+        .map(|(field, _)| *field)
+        .collect();
+    let needed =
+        crate::graphql::limits::full_page_complexity(api.api_max_page.max(1), &agent_fields);
+    if api.api_max_complexity as u64 >= needed {
+        return None;
+    }
+    let (setting, resolved) = catalog
+        .settings
+        .iter()
+        .zip(values)
+        .find(|(setting, _)| setting.key.key == "api.max_complexity")?;
+    Some(invalid(
+        setting,
+        resolved.source.clone(),
+        format!(
+            "{} is below {needed}, what one full page (api.max_page = {}) of agents with every field counts; raise it, or lower api.max_page",
+            api.api_max_complexity, api.api_max_page
+        ),
+    ))
 }
 
 fn invalid(setting: &Setting, source: Source, reason: String) -> ConfigError {

@@ -115,7 +115,7 @@ fn a_flag_beats_the_environment_which_beats_the_file_which_beats_the_default() {
     let world = World::default()
         .file(
             "n.toml",
-            "[api]\nmax_depth = 20\nmax_page = 30\nmax_complexity = 40\n",
+            "[api]\nmax_depth = 20\nmax_page = 30\nmax_complexity = 4000\n",
         )
         .env("NEURECTOMY_API_MAX_DEPTH", "21")
         .env("NEURECTOMY_API_MAX_PAGE", "31");
@@ -123,7 +123,7 @@ fn a_flag_beats_the_environment_which_beats_the_file_which_beats_the_default() {
     let api = &loaded.cli.settings.api;
     assert_eq!(
         (api.api_max_depth, api.api_max_page, api.api_max_complexity),
-        (22, 31, 40)
+        (22, 31, 4000)
     );
     assert_eq!(api.api_body_limit, 262_144);
     assert_eq!(
@@ -136,12 +136,28 @@ fn a_flag_beats_the_environment_which_beats_the_file_which_beats_the_default() {
     );
     assert_eq!(
         one(&loaded, "api.max_complexity"),
-        ("40".into(), Source::File("n.toml".into()))
+        ("4000".into(), Source::File("n.toml".into()))
     );
     assert_eq!(
         one(&loaded, "api.body_limit"),
         ("262144".into(), Source::Default)
     );
+}
+
+#[test]
+fn the_complexity_limit_must_allow_a_full_page() {
+    let world = World::default().env("NEURECTOMY_API_MAX_COMPLEXITY", "100");
+    let error = match world.load(&["serve"]) {
+        Ok(_) => panic!("a complexity limit below one full page was accepted"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        error.contains("NEURECTOMY_API_MAX_COMPLEXITY (api.max_complexity)")
+            && error.contains("api.max_page = 500"),
+        "{error}"
+    );
+    // With smaller pages, the same limit is enough.
+    world.env("NEURECTOMY_API_MAX_PAGE", "4").ok(&["serve"]);
 }
 
 #[test]

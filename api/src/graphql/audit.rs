@@ -23,7 +23,7 @@ mod types;
 use async_graphql::{Context, Json, Object, ID};
 use commands::ReadError;
 use domain::event::EVENT_TYPES;
-use domain::{AgentState, StreamId, TaskState, WorkflowState};
+use domain::{AgentState, TaskState, WorkflowState};
 use uuid::Uuid;
 
 use self::replay::{folded_to_nothing, rebuild, state_json, Rebuilt};
@@ -32,7 +32,7 @@ pub use self::types::{
 };
 use super::reads::{AgentStatus, TaskState as TaskStatus};
 use super::types::Event;
-use super::{caller, error, services, unavailable, Position};
+use super::{caller, error, services, unavailable, DateTime, Position};
 use crate::auth::Role;
 
 /// Page size of `streamHistory` and `eventLog` when `first` is not given.
@@ -109,14 +109,14 @@ impl AuditQuery {
     async fn stream_history(
         &self,
         ctx: &Context<'_>,
-        stream_id: String,
+        stream_id: ID,
         from_version: Option<i64>,
         to_version: Option<i64>,
         first: Option<i32>,
     ) -> async_graphql::Result<StreamHistory> {
         let who = caller(ctx, Role::Auditor)?;
         let services = services(ctx);
-        let stream = StreamId::parse(stream_id.trim()).map_err(validation)?;
+        let stream = super::ids::stream("streamId", &stream_id)?;
         let size = page_size(first, services.limits.max_page)?;
         let from = from_version.unwrap_or(1);
         let to = to_version.unwrap_or(i64::MAX);
@@ -153,7 +153,7 @@ impl AuditQuery {
         events.truncate(size);
         Ok(StreamHistory {
             kind: stream.kind().to_string(),
-            stream_id: name,
+            stream_id: ID(name),
             current_version: current,
             events: events.iter().map(Event::from).collect(),
             has_more,
@@ -168,18 +168,18 @@ impl AuditQuery {
         ctx: &Context<'_>,
         id: ID,
         version: Option<i64>,
-        as_of: Option<String>,
+        as_of: Option<DateTime>,
     ) -> async_graphql::Result<AgentAt> {
         let Rebuilt { state, replayed } = rebuild::<AgentState>(ctx, &id, version, as_of).await?;
         let json = state_json(&state)?;
         let agent = state.get().ok_or_else(|| folded_to_nothing(&replayed))?;
         Ok(AgentAt {
-            id: agent.id.to_string(),
+            id: ID(agent.id.to_string()),
             name: agent.name.clone(),
             kind: agent.kind.as_str().to_owned(),
             model: agent.model.clone(),
             capabilities: agent.capabilities.clone(),
-            parent_id: agent.parent_agent_id.map(|p| p.to_string()),
+            parent_id: agent.parent_agent_id.map(|p| ID(p.to_string())),
             status: match agent.status {
                 domain::AgentStatus::Active => AgentStatus::Active,
                 domain::AgentStatus::Paused => AgentStatus::Paused,
@@ -200,14 +200,14 @@ impl AuditQuery {
         ctx: &Context<'_>,
         id: ID,
         version: Option<i64>,
-        as_of: Option<String>,
+        as_of: Option<DateTime>,
     ) -> async_graphql::Result<TaskAt> {
         let Rebuilt { state, replayed } = rebuild::<TaskState>(ctx, &id, version, as_of).await?;
         let json = state_json(&state)?;
         let task = state.get().ok_or_else(|| folded_to_nothing(&replayed))?;
         Ok(TaskAt {
-            id: task.id.to_string(),
-            workflow_id: task.workflow_id.to_string(),
+            id: ID(task.id.to_string()),
+            workflow_id: ID(task.workflow_id.to_string()),
             title: task.title.clone(),
             status: match task.status {
                 domain::TaskStatus::Pending => TaskStatus::Pending,
@@ -217,11 +217,11 @@ impl AuditQuery {
                 domain::TaskStatus::Failed => TaskStatus::Failed,
                 domain::TaskStatus::Cancelled => TaskStatus::Cancelled,
             },
-            assignee_id: task.assignee.map(|a| a.to_string()),
+            assignee_id: task.assignee.map(|a| ID(a.to_string())),
             input: Json(task.input.clone()),
             output: task.output.clone().map(Json),
             required_capabilities: task.required_capabilities.clone(),
-            depends_on: task.depends_on.iter().map(ToString::to_string).collect(),
+            depends_on: task.depends_on.iter().map(|d| ID(d.to_string())).collect(),
             priority: i32::from(task.priority),
             progress: i32::from(task.progress),
             progress_note: task.progress_note.clone(),
@@ -244,14 +244,14 @@ impl AuditQuery {
         ctx: &Context<'_>,
         id: ID,
         version: Option<i64>,
-        as_of: Option<String>,
+        as_of: Option<DateTime>,
     ) -> async_graphql::Result<WorkflowAt> {
         let Rebuilt { state, replayed } =
             rebuild::<WorkflowState>(ctx, &id, version, as_of).await?;
         let json = state_json(&state)?;
         let workflow = state.get().ok_or_else(|| folded_to_nothing(&replayed))?;
         Ok(WorkflowAt {
-            id: workflow.id.to_string(),
+            id: ID(workflow.id.to_string()),
             name: workflow.name.clone(),
             status: match workflow.status {
                 domain::WorkflowStatus::Running => WorkflowStatus::Running,

@@ -1,24 +1,33 @@
-//! The schema's one extension: it times top-level resolvers and does not
-//! validate again a document the schema has already accepted.
+//! The schema's one extension: it measures every document against the
+//! API's limits before anything else walks it (see [`super::limits`]),
+//! gives parse and validation errors their codes, times top-level
+//! resolvers, and does not validate again a document the schema has
+//! already accepted.
 //!
 //! Validation walks the whole document with some twenty rules; for a small
 //! query that is a tenth of the API's CPU, and clients send the same few
 //! documents over and over with different variables. Whether a document is
-//! valid depends on the document, the operation chosen and the schema, except
-//! for two things that depend on the variables:
-//! - the variables' values must fit the arguments they are used in, and
-//! - a field whose complexity is computed from its arguments (`first × …`)
-//!   may count differently.
+//! valid depends on the document, the operation chosen and the schema, and
+//! on one thing of the request: its variables' values must fit the
+//! arguments they are used in. (What a document costs may depend on its
+//! variables too — `first: $n` — which is why the limits are measured on
+//! every request, before this cache is consulted.)
 //!
 //! So once `(query, operation)` has passed full validation, a later request
 //! for it reuses the result if its variables pass a strict check of their
 //! own: every variable the operation declares is given, not null, and fits
 //! its declared type (scalars, enums and lists of them; input objects are
-//! not checked here). A document whose complexity may depend on variables,
-//! and any request whose variables this check does not accept, goes through
-//! full validation, which gives the usual error. The check may refuse a
-//! request full validation would accept (that only costs the full walk); it
-//! never accepts one that full validation would refuse.
+//! not checked here). Any request whose variables this check does not
+//! accept goes through full validation, which gives the usual error. The
+//! check may refuse a request full validation would accept (that only
+//! costs the full walk); it never accepts one that full validation would
+//! refuse.
+//!
+//! Errors found before execution carry `extensions.code`:
+//! `GRAPHQL_PARSE_FAILED`, `GRAPHQL_VALIDATION_FAILED`, or the limit's own
+//! (`QUERY_TOO_LARGE`, `QUERY_TOO_DEEP`, `QUERY_TOO_COMPLEX`); the
+//! WebSocket transport answers a subscription refused with one of these
+//! with the protocol's `error` message ([`is_request_error`]).
 //!
 //! One extension, not two: with any extension installed every field's
 //! resolution passes through the chain, and each member costs every field a
@@ -32,35 +41,62 @@ use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextPrepareRequest, NextResolve,
     NextValidation, ResolveInfo,
 };
-use async_graphql::parser::types::{
-    BaseType, DocumentOperations, ExecutableDocument, OperationDefinition, Selection, SelectionSet,
-    Type,
-};
+use async_graphql::parser::types::{BaseType, ExecutableDocument, OperationDefinition, Type};
 use async_graphql::registry::{MetaType, Registry};
 use async_graphql::{ServerError, ServerResult, ValidationResult, Value, Variables};
+
+use super::limits::{self, Limits};
 
 /// Which document and operation a request runs (the key of the cache).
 type Key = (String, Option<String>);
 
+/// Codes of errors found before execution.
+const PARSE_FAILED: &str = "GRAPHQL_PARSE_FAILED";
+const VALIDATION_FAILED: &str = "GRAPHQL_VALIDATION_FAILED";
+
+/// Whether `error` refused the request before it executed (a parse or
+/// validation error, or a limit): the codes this extension gives.
+pub fn is_request_error(error: &ServerError) -> bool {
+    matches!(
+        error.extensions.as_ref().and_then(|x| x.get("code")),
+        Some(Value::String(code)) if matches!(
+            code.as_str(),
+            PARSE_FAILED | VALIDATION_FAILED | "QUERY_TOO_LARGE" | "QUERY_TOO_DEEP" | "QUERY_TOO_COMPLEX"
+        )
+    )
+}
+
+/// `error` with `extensions.code` set to `code`, unless it has one.
+fn with_code(mut error: ServerError, code: &str) -> ServerError {
+    let extensions = error.extensions.get_or_insert_with(Default::default);
+    if extensions.get("code").is_none() {
+        extensions.set("code", code);
+    }
+    error
+}
+
 /// The extension factory, shared by the requests of a schema.
-#[derive(Default)]
 pub struct ApiExtension {
+    limits: Limits,
     accepted: Arc<Accepted>,
+}
+
+impl ApiExtension {
+    /// The extension measuring documents against `limits`.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            accepted: Arc::default(),
+        }
+    }
 }
 
 /// Documents that passed full validation.
 #[derive(Default)]
 struct Accepted {
-    entries: Mutex<HashMap<Key, Entry>>,
-    /// Names of fields whose complexity is computed from their arguments.
-    complexity_fields: OnceLock<HashSet<String>>,
-}
-
-#[derive(Clone, Copy)]
-struct Entry {
-    result: ValidationResult,
-    /// Complexity may depend on variables: validate every time.
-    varies: bool,
+    entries: Mutex<HashMap<Key, ValidationResult>>,
+    /// Names of fields that take a page size (a `first` argument).
+    paged: OnceLock<HashSet<String>>,
 }
 
 impl Accepted {
@@ -69,7 +105,7 @@ impl Accepted {
     /// Longest query text kept, bytes.
     const LONGEST: usize = 16 * 1024;
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Key, ValidationResult>> {
         // Held for a lookup or an insert only; a panic leaves a usable map.
         match self.entries.lock() {
             Ok(guard) => guard,
@@ -77,28 +113,30 @@ impl Accepted {
         }
     }
 
-    fn complexity_fields(&self, registry: &Registry) -> &HashSet<String> {
-        self.complexity_fields.get_or_init(|| {
-            registry
-                .types
-                .values()
-                .filter_map(|ty| match ty {
-                    MetaType::Object { fields, .. } | MetaType::Interface { fields, .. } => {
-                        Some(fields)
-                    }
-                    _ => None,
-                })
-                .flat_map(|fields| fields.values())
-                .filter(|field| field.compute_complexity.is_some())
-                .map(|field| field.name.clone())
-                .collect()
-        })
+    fn paged(&self, registry: &Registry) -> &HashSet<String> {
+        self.paged.get_or_init(|| paged_fields(registry))
     }
+}
+
+/// Names of the schema's fields that take a page size (`first`).
+pub fn paged_fields(registry: &Registry) -> HashSet<String> {
+    registry
+        .types
+        .values()
+        .filter_map(|ty| match ty {
+            MetaType::Object { fields, .. } | MetaType::Interface { fields, .. } => Some(fields),
+            _ => None,
+        })
+        .flat_map(|fields| fields.values())
+        .filter(|field| field.args.contains_key("first"))
+        .map(|field| field.name.clone())
+        .collect()
 }
 
 impl ExtensionFactory for ApiExtension {
     fn create(&self) -> Arc<dyn Extension> {
         Arc::new(RequestExtension {
+            limits: self.limits,
             accepted: self.accepted.clone(),
             state: Mutex::new(State::default()),
         })
@@ -107,12 +145,15 @@ impl ExtensionFactory for ApiExtension {
 
 /// The extension of one request.
 struct RequestExtension {
+    limits: Limits,
     accepted: Arc<Accepted>,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
+    /// The operation the request names.
+    operation: Option<String>,
     /// The request's key (`None`: not cacheable).
     key: Option<Key>,
     /// A result reused for this request (its variables passed the check).
@@ -136,9 +177,38 @@ impl Extension for RequestExtension {
         request: async_graphql::Request,
         next: NextPrepareRequest<'_>,
     ) -> ServerResult<async_graphql::Request> {
-        let request = next.run(ctx, request).await?;
+        let mut request = next.run(ctx, request).await?;
+        // Before anything walks the document — async-graphql's own
+        // recursion check, run with parsing, follows every fragment spread
+        // without memoising, as validation and execution do: a document
+        // over the limits is refused here. (The parse, kept in the request,
+        // is not repeated; a document that does not parse is left to the
+        // parse stage, which reports why.)
+        let variables = std::mem::take(&mut request.variables);
+        let operation = request.operation_name.take();
+        let measured = match request.parsed_query() {
+            Ok(document) => limits::check(
+                document,
+                operation.as_deref(),
+                &variables,
+                self.accepted.paged(&ctx.schema_env.registry),
+                &self.limits,
+            )
+            .map(|_| ()),
+            Err(_) => Ok(()),
+        };
+        request.variables = variables;
+        request.operation_name = operation;
+        if let Err(refused) = measured {
+            return Err(with_code(
+                ServerError::new(refused.to_string(), None),
+                refused.code(),
+            ));
+        }
+        let mut state = self.state();
+        state.operation.clone_from(&request.operation_name);
         if request.query.len() <= Accepted::LONGEST {
-            self.state().key = Some((request.query.clone(), request.operation_name.clone()));
+            state.key = Some((request.query.clone(), request.operation_name.clone()));
         }
         Ok(request)
     }
@@ -150,20 +220,20 @@ impl Extension for RequestExtension {
         variables: &Variables,
         next: NextParseQuery<'_>,
     ) -> ServerResult<ExecutableDocument> {
-        let document = next.run(ctx, query, variables).await?;
+        let document = next
+            .run(ctx, query, variables)
+            .await
+            .map_err(|e| with_code(e, PARSE_FAILED))?;
+        let registry = &ctx.schema_env.registry;
         let mut state = self.state();
-        let entry = match &state.key {
+        let accepted = match &state.key {
             Some(key) if key.0 == query => self.accepted.lock().get(key).copied(),
             _ => None,
         };
-        if let Some(entry) = entry {
-            let operation = state
-                .key
-                .as_ref()
-                .and_then(|(_, name)| operation(&document, name.as_deref()));
-            let registry = &ctx.schema_env.registry;
-            if !entry.varies && operation.is_some_and(|op| variables_fit(registry, op, variables)) {
-                state.reuse = Some(entry.result);
+        if let Some(result) = accepted {
+            let operation = limits::operation(&document, state.operation.as_deref());
+            if operation.is_some_and(|op| variables_fit(registry, op, variables)) {
+                state.reuse = Some(result);
             }
         }
         Ok(document)
@@ -177,21 +247,19 @@ impl Extension for RequestExtension {
         if let Some(result) = self.state().reuse {
             return Ok(result);
         }
-        let result = next.run(ctx).await?;
+        let result = next.run(ctx).await.map_err(|errors| {
+            errors
+                .into_iter()
+                .map(|e| with_code(e, VALIDATION_FAILED))
+                .collect::<Vec<_>>()
+        })?;
         let key = self.state().key.take();
         if let Some(key) = key {
-            let varies = {
-                // Parsing again is rare (once per new document); the
-                // document itself is not handed to this hook.
-                let fields = self.accepted.complexity_fields(&ctx.schema_env.registry);
-                async_graphql::parser::parse_query(&key.0)
-                    .map_or(true, |document| complexity_may_vary(&document, fields))
-            };
             let mut entries = self.accepted.lock();
             if entries.len() >= Accepted::ENTRIES {
                 entries.clear();
             }
-            entries.insert(key, Entry { result, varies });
+            entries.insert(key, result);
         }
         Ok(result)
     }
@@ -211,22 +279,6 @@ impl Extension for RequestExtension {
         let result = next.run(ctx, info).await;
         crate::metrics::resolver(field, started.elapsed());
         result
-    }
-}
-
-/// The operation a request runs: the one named, or the only one.
-fn operation<'a>(
-    document: &'a ExecutableDocument,
-    name: Option<&str>,
-) -> Option<&'a OperationDefinition> {
-    match (&document.operations, name) {
-        (DocumentOperations::Single(op), None) => Some(&op.node),
-        (DocumentOperations::Single(_), Some(_)) => None,
-        (DocumentOperations::Multiple(ops), Some(name)) => ops.get(name).map(|op| &op.node),
-        (DocumentOperations::Multiple(ops), None) if ops.len() == 1 => {
-            ops.values().next().map(|op| &op.node)
-        }
-        (DocumentOperations::Multiple(_), None) => None,
     }
 }
 
@@ -269,41 +321,6 @@ fn fits(registry: &Registry, ty: &Type, value: &Value) -> bool {
     }
 }
 
-/// Whether the document's complexity may depend on its variables: it uses
-/// variables and selects a field whose complexity is computed from its
-/// arguments.
-fn complexity_may_vary(document: &ExecutableDocument, fields: &HashSet<String>) -> bool {
-    let uses_variables = document
-        .operations
-        .iter()
-        .any(|(_, op)| !op.node.variable_definitions.is_empty());
-    if !uses_variables || fields.is_empty() {
-        return false;
-    }
-    document
-        .operations
-        .iter()
-        .any(|(_, op)| selects_any(&op.node.selection_set.node, fields))
-        || document
-            .fragments
-            .values()
-            .any(|fragment| selects_any(&fragment.node.selection_set.node, fields))
-}
-
-fn selects_any(set: &SelectionSet, fields: &HashSet<String>) -> bool {
-    set.items.iter().any(|selection| match &selection.node {
-        Selection::Field(field) => {
-            fields.contains(field.node.name.node.as_str())
-                || selects_any(&field.node.selection_set.node, fields)
-        }
-        Selection::InlineFragment(fragment) => {
-            selects_any(&fragment.node.selection_set.node, fields)
-        }
-        // Fragment definitions are checked on their own.
-        Selection::FragmentSpread(_) => false,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,33 +330,9 @@ mod tests {
     }
 
     #[test]
-    fn complexity_varies_only_with_variables_and_a_computed_field() {
-        let fields: HashSet<String> = ["agents".to_owned()].into();
-        let cases = [
-            ("query($id: ID!) { agent(id: $id) { id } }", false),
-            ("{ agents(first: 5) { edges { node { id } } } }", false),
-            ("query($n: Int) { agents(first: $n) { edges { node { id } } } }", true),
-            (
-                "query($n: Int) { ...F } fragment F on Query { agents(first: $n) { edges { node { id } } } }",
-                true,
-            ),
-            (
-                "query($id: ID!) { agent(id: $id) { ... on Agent { id } } }",
-                false,
-            ),
-        ];
-        for (query, varies) in cases {
-            assert_eq!(
-                complexity_may_vary(&document(query), &fields),
-                varies,
-                "{query}"
-            );
-        }
-    }
-
-    #[test]
     fn operation_is_the_named_one_or_the_only_one() {
         let two = document("query A { a } query B { b }");
+        let operation = limits::operation;
         assert!(operation(&two, None).is_none());
         assert!(operation(&two, Some("B")).is_some());
         assert!(operation(&two, Some("C")).is_none());

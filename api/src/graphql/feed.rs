@@ -369,7 +369,8 @@ async fn upstream(inner: Arc<Inner>, client: redis::Client) {
                     () = inner.shutdown.cancelled() => break,
                     () = tokio::time::sleep(pause) => {}
                 }
-                pause = (pause * 2).min(Duration::from_secs(5));
+                // At most a second apart: Redis back is noticed at once.
+                pause = (pause * 2).min(Duration::from_secs(1));
             }
         }
     }
@@ -389,8 +390,12 @@ impl Reader {
     /// Reads until shutdown (`Ok`) or a failure (`Err`; cursors are kept,
     /// so a reconnected reader continues where this one stopped).
     async fn run(&mut self, inner: &Inner, client: &redis::Client) -> Result<(), FeedError> {
-        let config =
-            redis::AsyncConnectionConfig::new().set_connection_timeout(Duration::from_secs(5));
+        // The blocking `XREAD` may take `BLOCK`; past that plus the reply
+        // timeout, Redis is not answering: the reader reconnects.
+        let timeouts = inner.live.config();
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(timeouts.connect_timeout)
+            .set_response_timeout(BLOCK + timeouts.response_timeout);
         let mut conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await

@@ -9,7 +9,10 @@
 
 pub mod audit;
 mod extension;
+pub use extension::is_request_error;
 pub mod feed;
+pub mod ids;
+pub mod limits;
 pub mod mutations;
 pub mod reads;
 pub mod subscriptions;
@@ -43,10 +46,13 @@ pub struct ApiLimits {
     pub consistency_timeout: Duration,
     /// Largest page of a connection or of the event log.
     pub max_page: usize,
-    /// Query depth limit.
+    /// Query depth limit (introspection aside).
     pub max_depth: usize,
-    /// Query complexity limit.
+    /// Query complexity limit (a field counts 1, a page of `first` counts
+    /// `first` times its selection; introspection aside).
     pub max_complexity: usize,
+    /// Most field selections a document may expand to.
+    pub max_fields: usize,
     /// Whether introspection is allowed.
     pub introspection: bool,
     /// Messages buffered per subscriber before it is cut off.
@@ -59,9 +65,22 @@ impl Default for ApiLimits {
             consistency_timeout: Duration::from_secs(5),
             max_page: 500,
             max_depth: 12,
-            max_complexity: 2_000,
+            max_complexity: 20_000,
+            max_fields: 2_000,
             introspection: true,
             subscriber_buffer: 1_024,
+        }
+    }
+}
+
+impl ApiLimits {
+    /// The limits a document is measured against.
+    pub fn document(&self) -> limits::Limits {
+        limits::Limits {
+            max_fields: self.max_fields,
+            max_depth: self.max_depth,
+            max_complexity: self.max_complexity,
+            max_page: self.max_page,
         }
     }
 }
@@ -101,11 +120,12 @@ pub fn schema(services: Services) -> ApiSchema {
         mutations::Mutation,
         subscriptions::Subscription,
     )
-    .limit_depth(limits.max_depth)
-    .limit_complexity(limits.max_complexity)
+    // Depth and complexity are measured by the extension, before
+    // validation (async-graphql's own limits walk fragments inline, count
+    // introspection and name no numbers).
     .limit_recursive_depth(64)
     .limit_directives(16)
-    .extension(extension::ApiExtension::default());
+    .extension(extension::ApiExtension::new(limits.document()));
     if !limits.introspection {
         builder = builder.disable_introspection();
     }
@@ -229,6 +249,55 @@ impl ScalarType for Position {
 
     fn to_value(&self) -> Value {
         Value::String(self.0.to_string())
+    }
+}
+
+/// A point in time: an RFC 3339 string with a time zone, e.g.
+/// `2026-11-24T12:00:00.123Z` (written in UTC; read with any offset).
+/// GraphQL's `Int` is 32-bit, so times are never epoch numbers here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DateTime(pub time::OffsetDateTime);
+
+impl DateTime {
+    /// From epoch milliseconds (as the read models store times).
+    pub fn from_millis(ms: i64) -> Self {
+        let nanos = i128::from(ms) * 1_000_000;
+        Self(
+            time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+        )
+    }
+}
+
+#[Scalar(
+    name = "DateTime",
+    specified_by_url = "https://datatracker.ietf.org/doc/html/rfc3339"
+)]
+impl ScalarType for DateTime {
+    fn parse(value: Value) -> InputValueResult<Self> {
+        let parsed = match &value {
+            Value::String(s) => time::OffsetDateTime::parse(
+                s.trim(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .ok(),
+            _ => None,
+        };
+        parsed.map(DateTime).ok_or_else(|| {
+            InputValueError::custom(
+                "a DateTime is an RFC 3339 string with a time zone, such as 2026-11-24T12:00:00Z or 2026-11-24T13:00:00.5+01:00",
+            )
+        })
+    }
+
+    fn to_value(&self) -> Value {
+        let utc = self.0.to_offset(time::UtcOffset::UTC);
+        // Formatting fails only outside years 0–9999, which no stored time
+        // reaches; the number of seconds is still a time then.
+        Value::String(
+            utc.format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|_| utc.unix_timestamp().to_string()),
+        )
     }
 }
 

@@ -4,6 +4,12 @@
 //! stream must be at exactly this version) and `correlationId`, and returns
 //! the stream, its new version, the global position and the events written.
 //! The caller needs the `operator` role; the command runs in its tenant.
+//!
+//! A creation (`registerAgent`, `startWorkflow`, `createTask`) without an
+//! `id` creates the aggregate whose id follows from the tenant and the
+//! command id ([`commands::idempotency::new_aggregate_id`]), so a retried
+//! request is the same command and gets the first run's result. Ids follow
+//! the rule of [`super::ids`].
 
 // A resolver's arguments are the mutation's GraphQL arguments.
 #![allow(clippy::too_many_arguments)]
@@ -11,19 +17,20 @@
 use async_graphql::{Context, Enum, Json, Object, SimpleObject, ID};
 use commands::{CommandContext, CommandError, CommandOutcome, ExpectedVersion};
 use domain::{
-    AgentCommand, AgentId, AgentKind, Command, TaskCommand, TaskId, WorkflowCommand, WorkflowId,
+    AgentCommand, AgentId, AgentKind, AggregateKind, Command, TaskCommand, TaskId, WorkflowCommand,
+    WorkflowId,
 };
 use uuid::Uuid;
 
 use super::types::Event;
-use super::{caller, error, services, Position, RequestMeta};
+use super::{caller, error, ids, services, Position, RequestMeta};
 use crate::auth::Role;
 
 /// What a command did.
 #[derive(Debug, Clone, SimpleObject)]
 pub struct CommandResult {
     /// The stream written (`agent-…`, `task-…`, `workflow-…`).
-    pub stream_id: String,
+    pub stream_id: ID,
     /// The stream's version after the command.
     pub version: i64,
     /// Global position of the command's last event: pass it as
@@ -49,36 +56,52 @@ pub enum AgentKindInput {
     Human,
 }
 
-/// Options every mutation takes.
+/// Options every mutation takes, checked.
 struct Options {
-    command_id: Option<ID>,
+    /// The command id given, or a new one.
+    command_id: Uuid,
     expected_version: Option<i64>,
-    correlation_id: Option<ID>,
+    correlation_id: Option<Uuid>,
 }
 
-fn uuid_arg(name: &str, value: &str) -> async_graphql::Result<Uuid> {
-    Uuid::parse_str(value.trim()).map_err(|_| {
-        error(
-            "VALIDATION",
-            format!("`{name}` must be a UUID, not {value:?}"),
-        )
-    })
-}
+impl Options {
+    fn new(
+        command_id: Option<ID>,
+        expected_version: Option<i64>,
+        correlation_id: Option<ID>,
+    ) -> async_graphql::Result<Self> {
+        Ok(Self {
+            command_id: match command_id {
+                Some(id) => ids::uuid("commandId", &id)?,
+                None => Uuid::new_v4(),
+            },
+            expected_version,
+            correlation_id: correlation_id
+                .map(|c| ids::uuid("correlationId", &c))
+                .transpose()?,
+        })
+    }
 
-fn agent_id(name: &str, value: &str) -> async_graphql::Result<AgentId> {
-    Ok(AgentId::from_uuid(uuid_arg(name, value)?))
-}
-
-fn task_id(name: &str, value: &str) -> async_graphql::Result<TaskId> {
-    Ok(TaskId::from_uuid(uuid_arg(name, value)?))
-}
-
-fn workflow_id(name: &str, value: &str) -> async_graphql::Result<WorkflowId> {
-    Ok(WorkflowId::from_uuid(uuid_arg(name, value)?))
-}
-
-fn new_or(name: &str, value: Option<&ID>) -> async_graphql::Result<Uuid> {
-    value.map_or_else(|| Ok(Uuid::new_v4()), |v| uuid_arg(name, v))
+    /// The id of the aggregate a creation makes: `given`, or the one that
+    /// follows from the caller's tenant and the command id.
+    fn created(
+        &self,
+        ctx: &Context<'_>,
+        kind: AggregateKind,
+        given: Option<&ID>,
+    ) -> async_graphql::Result<Uuid> {
+        match given {
+            Some(id) => ids::entity(kind, "id", id),
+            None => {
+                let who = caller(ctx, Role::Operator)?;
+                Ok(commands::idempotency::new_aggregate_id(
+                    &who.tenant,
+                    self.command_id,
+                    kind,
+                ))
+            }
+        }
+    }
 }
 
 /// A command error as a GraphQL error with its code.
@@ -108,11 +131,9 @@ async fn run(
     options: Options,
 ) -> async_graphql::Result<CommandResult> {
     let who = caller(ctx, Role::Operator)?;
-    let command_id = new_or("commandId", options.command_id.as_ref())?;
+    let command_id = options.command_id;
     let mut context = CommandContext::new(command_id, who.subject.clone(), who.tenant.clone());
-    if let Some(correlation) = &options.correlation_id {
-        context.correlation_id = Some(uuid_arg("correlationId", correlation)?);
-    }
+    context.correlation_id = options.correlation_id;
     context.expected_version = match options.expected_version {
         None => None,
         Some(v) if v >= 0 => Some(ExpectedVersion::Exact(v.unsigned_abs())),
@@ -148,7 +169,7 @@ async fn run(
     );
     let outcome: CommandOutcome = outcome.map_err(|e| command_error(&e))?;
     Ok(CommandResult {
-        stream_id: outcome.stream_id,
+        stream_id: ID(outcome.stream_id),
         version: outcome.version,
         position: Position(outcome.position),
         events: outcome.events.iter().map(Event::from).collect(),
@@ -163,7 +184,8 @@ pub struct Mutation;
 
 #[Object]
 impl Mutation {
-    /// Registers an agent. `id` defaults to a new UUID.
+    /// Registers an agent. Without an `id`, its id follows from the tenant
+    /// and the command id (a retry names the same agent).
     async fn register_agent(
         &self,
         ctx: &Context<'_>,
@@ -177,8 +199,14 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let command = AgentCommand::RegisterAgent {
-            agent_id: AgentId::from_uuid(new_or("id", id.as_ref())?),
+            agent_id: AgentId::from_uuid(options.created(
+                ctx,
+                AggregateKind::Agent,
+                id.as_ref(),
+            )?),
             name,
             kind: match kind {
                 AgentKindInput::Llm => AgentKind::Llm,
@@ -188,13 +216,8 @@ impl Mutation {
             model,
             capabilities,
             parent_agent_id: parent_agent_id
-                .map(|p| agent_id("parentAgentId", &p))
+                .map(|p| ids::agent("parentAgentId", &p))
                 .transpose()?,
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
         };
         run(ctx, Command::Agent(command), options).await
     }
@@ -209,14 +232,11 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let command = AgentCommand::PauseAgent {
-            agent_id: self::agent_id("agentId", &agent_id)?,
+            agent_id: ids::agent("agentId", &agent_id)?,
             reason,
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
         };
         run(ctx, Command::Agent(command), options).await
     }
@@ -230,13 +250,10 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let command = AgentCommand::ResumeAgent {
-            agent_id: self::agent_id("agentId", &agent_id)?,
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
+            agent_id: ids::agent("agentId", &agent_id)?,
         };
         run(ctx, Command::Agent(command), options).await
     }
@@ -251,14 +268,11 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let command = AgentCommand::FailAgent {
-            agent_id: self::agent_id("agentId", &agent_id)?,
+            agent_id: ids::agent("agentId", &agent_id)?,
             reason,
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
         };
         run(ctx, Command::Agent(command), options).await
     }
@@ -273,19 +287,17 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let command = AgentCommand::RetireAgent {
-            agent_id: self::agent_id("agentId", &agent_id)?,
+            agent_id: ids::agent("agentId", &agent_id)?,
             reason,
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
         };
         run(ctx, Command::Agent(command), options).await
     }
 
-    /// Starts a workflow. `id` defaults to a new UUID.
+    /// Starts a workflow. Without an `id`, its id follows from the tenant
+    /// and the command id (a retry names the same workflow).
     async fn start_workflow(
         &self,
         ctx: &Context<'_>,
@@ -296,15 +308,16 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let command = WorkflowCommand::StartWorkflow {
-            workflow_id: WorkflowId::from_uuid(new_or("id", id.as_ref())?),
+            workflow_id: WorkflowId::from_uuid(options.created(
+                ctx,
+                AggregateKind::Workflow,
+                id.as_ref(),
+            )?),
             name,
             metadata: metadata.map_or(serde_json::Value::Null, |m| m.0),
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
         };
         run(ctx, Command::Workflow(command), options).await
     }
@@ -318,13 +331,10 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let command = WorkflowCommand::CompleteWorkflow {
-            workflow_id: self::workflow_id("workflowId", &workflow_id)?,
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
+            workflow_id: ids::workflow("workflowId", &workflow_id)?,
         };
         run(ctx, Command::Workflow(command), options).await
     }
@@ -339,14 +349,11 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let command = WorkflowCommand::FailWorkflow {
-            workflow_id: self::workflow_id("workflowId", &workflow_id)?,
+            workflow_id: ids::workflow("workflowId", &workflow_id)?,
             reason,
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
         };
         run(ctx, Command::Workflow(command), options).await
     }
@@ -361,19 +368,17 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let command = WorkflowCommand::CancelWorkflow {
-            workflow_id: self::workflow_id("workflowId", &workflow_id)?,
+            workflow_id: ids::workflow("workflowId", &workflow_id)?,
             reason,
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
         };
         run(ctx, Command::Workflow(command), options).await
     }
 
-    /// Creates a task in a running workflow. `id` defaults to a new UUID.
+    /// Creates a task in a running workflow. Without an `id`, its id follows
+    /// from the tenant and the command id (a retry names the same task).
     async fn create_task(
         &self,
         ctx: &Context<'_>,
@@ -389,6 +394,8 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let priority = u8::try_from(priority)
             .ok()
             .filter(|p| *p <= 100)
@@ -405,22 +412,17 @@ impl Mutation {
             )
         })?;
         let command = TaskCommand::CreateTask {
-            task_id: TaskId::from_uuid(new_or("id", id.as_ref())?),
-            workflow_id: self::workflow_id("workflowId", &workflow_id)?,
+            task_id: TaskId::from_uuid(options.created(ctx, AggregateKind::Task, id.as_ref())?),
+            workflow_id: ids::workflow("workflowId", &workflow_id)?,
             title,
             input: input.map_or(serde_json::Value::Null, |i| i.0),
             required_capabilities,
             depends_on: depends_on
                 .iter()
-                .map(|d| task_id("dependsOn", d))
+                .map(|d| ids::task("dependsOn", d))
                 .collect::<Result<_, _>>()?,
             priority,
             max_attempts,
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
         };
         run(ctx, Command::Task(command), options).await
     }
@@ -435,14 +437,11 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let command = TaskCommand::AssignTask {
-            task_id: self::task_id("taskId", &task_id)?,
-            agent_id: self::agent_id("agentId", &agent_id)?,
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
+            task_id: ids::task("taskId", &task_id)?,
+            agent_id: ids::agent("agentId", &agent_id)?,
         };
         run(ctx, Command::Task(command), options).await
     }
@@ -456,13 +455,10 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let command = TaskCommand::StartTask {
-            task_id: self::task_id("taskId", &task_id)?,
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
+            task_id: ids::task("taskId", &task_id)?,
         };
         run(ctx, Command::Task(command), options).await
     }
@@ -478,6 +474,8 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let percent = u8::try_from(percent)
             .ok()
             .filter(|p| *p <= 100)
@@ -488,14 +486,9 @@ impl Mutation {
                 )
             })?;
         let command = TaskCommand::ReportTaskProgress {
-            task_id: self::task_id("taskId", &task_id)?,
+            task_id: ids::task("taskId", &task_id)?,
             percent,
             note,
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
         };
         run(ctx, Command::Task(command), options).await
     }
@@ -510,14 +503,11 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let command = TaskCommand::CompleteTask {
-            task_id: self::task_id("taskId", &task_id)?,
+            task_id: ids::task("taskId", &task_id)?,
             output: output.map_or(serde_json::Value::Null, |o| o.0),
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
         };
         run(ctx, Command::Task(command), options).await
     }
@@ -533,15 +523,12 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let command = TaskCommand::FailTask {
-            task_id: self::task_id("taskId", &task_id)?,
+            task_id: ids::task("taskId", &task_id)?,
             error,
             retryable,
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
         };
         run(ctx, Command::Task(command), options).await
     }
@@ -555,13 +542,10 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let command = TaskCommand::RetryTask {
-            task_id: self::task_id("taskId", &task_id)?,
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
+            task_id: ids::task("taskId", &task_id)?,
         };
         run(ctx, Command::Task(command), options).await
     }
@@ -576,14 +560,11 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let command = TaskCommand::CancelTask {
-            task_id: self::task_id("taskId", &task_id)?,
+            task_id: ids::task("taskId", &task_id)?,
             reason,
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
         };
         run(ctx, Command::Task(command), options).await
     }
@@ -599,15 +580,12 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
+        caller(ctx, Role::Operator)?;
+        let options = Options::new(command_id, expected_version, correlation_id)?;
         let command = TaskCommand::DelegateTask {
-            task_id: self::task_id("taskId", &task_id)?,
-            from_agent_id: agent_id("fromAgentId", &from_agent_id)?,
-            to_agent_id: agent_id("toAgentId", &to_agent_id)?,
-        };
-        let options = Options {
-            command_id,
-            expected_version,
-            correlation_id,
+            task_id: ids::task("taskId", &task_id)?,
+            from_agent_id: ids::agent("fromAgentId", &from_agent_id)?,
+            to_agent_id: ids::agent("toAgentId", &to_agent_id)?,
         };
         run(ctx, Command::Task(command), options).await
     }

@@ -3,11 +3,13 @@
 //! but the log head for `projectionStatus`.
 
 use async_graphql::connection::{Connection, Edge, OpaqueCursor};
-use async_graphql::{Context, Enum, InputObject, Object, SimpleObject};
+use async_graphql::{Context, Enum, InputObject, Object, SimpleObject, ID};
 use projections::Entity;
 
 use super::types::{Agent, Task, Workflow};
-use super::{caller, consistent, error, services, unavailable, Position, ReadModelKind};
+use super::{
+    caller, consistent, error, ids, services, unavailable, DateTime, Position, ReadModelKind,
+};
 use crate::auth::Role;
 
 /// Agent statuses.
@@ -77,29 +79,29 @@ pub struct AgentFilter {
 #[derive(Debug, Clone, SimpleObject)]
 pub struct DagTask {
     /// Task id.
-    pub id: String,
+    pub id: ID,
     /// Title.
     pub title: String,
     /// State.
     pub state: String,
     /// Assignee.
-    pub assignee_id: Option<String>,
+    pub assignee_id: Option<ID>,
 }
 
 /// A dependency edge: `from` depends on `to`.
 #[derive(Debug, Clone, SimpleObject)]
 pub struct DagEdge {
     /// The dependent task.
-    pub from: String,
+    pub from: ID,
     /// The task it waits for.
-    pub to: String,
+    pub to: ID,
 }
 
 /// A workflow's DAG (from the graph).
 #[derive(Debug, Clone, SimpleObject)]
 pub struct WorkflowGraph {
     /// Workflow id.
-    pub id: String,
+    pub id: ID,
     /// Name.
     pub name: String,
     /// Status.
@@ -114,39 +116,39 @@ pub struct WorkflowGraph {
 #[derive(Debug, Clone, SimpleObject)]
 pub struct BlockedTask {
     /// Task id.
-    pub id: String,
+    pub id: ID,
     /// Title.
     pub title: String,
     /// State.
     pub state: String,
     /// The unfinished tasks it waits for.
-    pub blocked_by: Vec<String>,
+    pub blocked_by: Vec<ID>,
 }
 
 /// One delegation of a task.
 #[derive(Debug, Clone, SimpleObject)]
 pub struct Delegation {
     /// The agent that handed it on.
-    pub from_agent_id: String,
+    pub from_agent_id: ID,
     /// The agent it went to.
-    pub to_agent_id: String,
+    pub to_agent_id: ID,
     /// Position of the delegation event.
     pub position: Position,
-    /// When (epoch milliseconds).
-    pub at: i64,
+    /// When it was decided.
+    pub at: DateTime,
 }
 
 /// A task in an agent's neighbourhood.
 #[derive(Debug, Clone, SimpleObject)]
 pub struct NeighbourTask {
     /// Task id.
-    pub id: String,
+    pub id: ID,
     /// Title.
     pub title: String,
     /// State.
     pub state: String,
     /// Workflow.
-    pub workflow_id: String,
+    pub workflow_id: ID,
     /// Whether the agent holds it now.
     pub current: bool,
 }
@@ -155,22 +157,22 @@ pub struct NeighbourTask {
 #[derive(Debug, Clone, SimpleObject)]
 pub struct AgentNeighbourhood {
     /// Agent id.
-    pub id: String,
+    pub id: ID,
     /// Tasks it holds or held.
     pub tasks: Vec<NeighbourTask>,
     /// Agents working on the same workflows.
-    pub collaborator_ids: Vec<String>,
+    pub collaborator_ids: Vec<ID>,
     /// The agent that spawned it.
-    pub parent_id: Option<String>,
+    pub parent_id: Option<ID>,
     /// Agents it spawned.
-    pub children_ids: Vec<String>,
+    pub children_ids: Vec<ID>,
 }
 
 /// A task upstream of another.
 #[derive(Debug, Clone, SimpleObject)]
 pub struct LineageTask {
     /// Task id.
-    pub id: String,
+    pub id: ID,
     /// Title.
     pub title: String,
     /// State.
@@ -211,7 +213,7 @@ fn not_found(what: &str, id: &str) -> async_graphql::Error {
 /// Page size: `first` (default 50) within `1..=max`.
 fn page_size(first: Option<i32>, max: usize) -> async_graphql::Result<usize> {
     match first {
-        None => Ok(50.min(max)),
+        None => Ok(super::limits::DEFAULT_PAGE.min(max)),
         Some(n) if n >= 1 && usize::try_from(n).is_ok_and(|n| n <= max) => {
             Ok(usize::try_from(n).unwrap_or(max))
         }
@@ -281,10 +283,11 @@ impl ReadQuery {
     async fn agent(
         &self,
         ctx: &Context<'_>,
-        id: String,
+        id: ID,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Option<Agent>> {
         let who = caller(ctx, Role::Viewer)?;
+        let id = ids::agent("id", &id)?.to_string();
         consistent(ctx, ReadModelKind::Live, at_least_position).await?;
         let selection = ctx.look_ahead();
         let wanted: Vec<&str> = Agent::STORED
@@ -301,7 +304,6 @@ impl ReadQuery {
     }
 
     /// Agents by status and capability, by id (Redis).
-    #[graphql(complexity = "first.unwrap_or(50).max(0) as usize * child_complexity")]
     async fn agents(
         &self,
         ctx: &Context<'_>,
@@ -340,10 +342,11 @@ impl ReadQuery {
     async fn task(
         &self,
         ctx: &Context<'_>,
-        id: String,
+        id: ID,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Option<Task>> {
         let who = caller(ctx, Role::Viewer)?;
+        let id = ids::task("id", &id)?.to_string();
         consistent(ctx, ReadModelKind::Live, at_least_position).await?;
         let fields = services(ctx)
             .live
@@ -354,17 +357,17 @@ impl ReadQuery {
     }
 
     /// A workflow's tasks, optionally in one state, by id (Redis).
-    #[graphql(complexity = "first.unwrap_or(50).max(0) as usize * child_complexity")]
     async fn tasks(
         &self,
         ctx: &Context<'_>,
-        workflow_id: String,
+        workflow_id: ID,
         state: Option<TaskState>,
         first: Option<i32>,
         after: Option<String>,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Connection<OpaqueCursor<String>, Task>> {
         let who = caller(ctx, Role::Viewer)?;
+        let workflow_id = ids::workflow("workflowId", &workflow_id)?.to_string();
         consistent(ctx, ReadModelKind::Live, at_least_position).await?;
         let services = services(ctx);
         let size = page_size(first, services.limits.max_page)?;
@@ -398,10 +401,11 @@ impl ReadQuery {
     async fn workflow(
         &self,
         ctx: &Context<'_>,
-        id: String,
+        id: ID,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Option<Workflow>> {
         let who = caller(ctx, Role::Viewer)?;
+        let id = ids::workflow("id", &id)?.to_string();
         consistent(ctx, ReadModelKind::Live, at_least_position).await?;
         let fields = services(ctx)
             .live
@@ -415,10 +419,11 @@ impl ReadQuery {
     async fn workflow_graph(
         &self,
         ctx: &Context<'_>,
-        id: String,
+        id: ID,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Option<WorkflowGraph>> {
         let who = caller(ctx, Role::Viewer)?;
+        let id = ids::workflow("id", &id)?.to_string();
         consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
         let dag = services(ctx)
             .graph
@@ -426,25 +431,25 @@ impl ReadQuery {
             .await
             .map_err(graph_error)?;
         Ok(dag.map(|d| WorkflowGraph {
-            id: d.id,
+            id: ID(d.id),
             name: d.name,
             status: d.status,
             tasks: d
                 .tasks
                 .into_iter()
                 .map(|t| DagTask {
-                    id: t.id,
+                    id: ID(t.id),
                     title: t.title,
                     state: t.state,
-                    assignee_id: t.assignee,
+                    assignee_id: t.assignee.map(ID),
                 })
                 .collect(),
             edges: d
                 .edges
                 .into_iter()
                 .map(|e| DagEdge {
-                    from: e.from,
-                    to: e.to,
+                    from: ID(e.from),
+                    to: ID(e.to),
                 })
                 .collect(),
         }))
@@ -454,10 +459,11 @@ impl ReadQuery {
     async fn blocked_tasks(
         &self,
         ctx: &Context<'_>,
-        workflow_id: String,
+        workflow_id: ID,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Vec<BlockedTask>> {
         let who = caller(ctx, Role::Viewer)?;
+        let workflow_id = ids::workflow("workflowId", &workflow_id)?.to_string();
         consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
         let blocked = services(ctx)
             .graph
@@ -468,10 +474,10 @@ impl ReadQuery {
         Ok(blocked
             .into_iter()
             .map(|b| BlockedTask {
-                id: b.id,
+                id: ID(b.id),
                 title: b.title,
                 state: b.state,
-                blocked_by: b.blocked_by,
+                blocked_by: b.blocked_by.into_iter().map(ID).collect(),
             })
             .collect())
     }
@@ -480,10 +486,11 @@ impl ReadQuery {
     async fn delegation_chain(
         &self,
         ctx: &Context<'_>,
-        task_id: String,
+        task_id: ID,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Vec<Delegation>> {
         let who = caller(ctx, Role::Viewer)?;
+        let task_id = ids::task("taskId", &task_id)?.to_string();
         consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
         let chain = services(ctx)
             .graph
@@ -494,10 +501,10 @@ impl ReadQuery {
         Ok(chain
             .into_iter()
             .map(|d| Delegation {
-                from_agent_id: d.from,
-                to_agent_id: d.to,
+                from_agent_id: ID(d.from),
+                to_agent_id: ID(d.to),
                 position: Position(d.position),
-                at: d.at,
+                at: DateTime::from_millis(d.at),
             })
             .collect())
     }
@@ -506,10 +513,11 @@ impl ReadQuery {
     async fn agent_neighbourhood(
         &self,
         ctx: &Context<'_>,
-        id: String,
+        id: ID,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Option<AgentNeighbourhood>> {
         let who = caller(ctx, Role::Viewer)?;
+        let id = ids::agent("id", &id)?.to_string();
         consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
         let n = services(ctx)
             .graph
@@ -517,21 +525,21 @@ impl ReadQuery {
             .await
             .map_err(graph_error)?;
         Ok(n.map(|n| AgentNeighbourhood {
-            id: n.id,
+            id: ID(n.id),
             tasks: n
                 .tasks
                 .into_iter()
                 .map(|t| NeighbourTask {
-                    id: t.id,
+                    id: ID(t.id),
                     title: t.title,
                     state: t.state,
-                    workflow_id: t.workflow,
+                    workflow_id: ID(t.workflow),
                     current: t.current,
                 })
                 .collect(),
-            collaborator_ids: n.collaborators,
-            parent_id: n.parent,
-            children_ids: n.children,
+            collaborator_ids: n.collaborators.into_iter().map(ID).collect(),
+            parent_id: n.parent.map(ID),
+            children_ids: n.children.into_iter().map(ID).collect(),
         }))
     }
 
@@ -539,10 +547,11 @@ impl ReadQuery {
     async fn task_lineage(
         &self,
         ctx: &Context<'_>,
-        id: String,
+        id: ID,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Vec<LineageTask>> {
         let who = caller(ctx, Role::Viewer)?;
+        let id = ids::task("id", &id)?.to_string();
         consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
         let lineage = services(ctx)
             .graph
@@ -553,7 +562,7 @@ impl ReadQuery {
         Ok(lineage
             .into_iter()
             .map(|t| LineageTask {
-                id: t.id,
+                id: ID(t.id),
                 title: t.title,
                 state: t.state,
                 depth: t.depth,

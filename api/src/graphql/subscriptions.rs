@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use async_graphql::{Context, SimpleObject, Subscription as SubscriptionDerive};
+use async_graphql::{Context, SimpleObject, Subscription as SubscriptionDerive, ID};
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::broadcast::Receiver;
@@ -36,7 +36,7 @@ use tokio::sync::broadcast::Receiver;
 pub use super::feed::{AgentMessage, EventMessage, Feed, FeedError, Subscriber};
 use super::reads::{AgentFilter, AgentStatus};
 use super::types::{Agent, Event};
-use super::{caller, error, services, unavailable, Position};
+use super::{caller, error, ids, services, unavailable, Position};
 use crate::auth::Role;
 
 /// Events read from the store per catch-up page.
@@ -145,10 +145,11 @@ impl Subscription {
     async fn agent_updated(
         &self,
         ctx: &Context<'_>,
-        id: String,
+        id: ID,
         after_position: Option<Position>,
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<AgentUpdate>>> {
         let who = caller(ctx, Role::Viewer)?;
+        let id = ids::agent("id", &id)?.to_string();
         let feed = services(ctx).feed.clone();
         // Set-up futures (join, Redis, store) are boxed, here and below: the
         // resolver's future lives inline in async-graphql's per-subscription
@@ -261,10 +262,11 @@ impl Subscription {
     async fn workflow_events(
         &self,
         ctx: &Context<'_>,
-        workflow_id: String,
+        workflow_id: ID,
         after_position: Option<Position>,
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<Arc<Event>>>> {
         let who = caller(ctx, Role::Viewer)?;
+        let workflow_id = ids::workflow("workflowId", &workflow_id)?.to_string();
         event_subscription(
             services(ctx).feed.clone(),
             (
@@ -321,7 +323,7 @@ enum AgentWanted {
 impl AgentWanted {
     fn matches(&self, agent: &Agent) -> bool {
         match self {
-            AgentWanted::One(id) => agent.id == *id,
+            AgentWanted::One(id) => agent.id.as_str() == id,
             AgentWanted::Matching { status, capability } => {
                 status.is_none_or(|s| agent.status == s)
                     && capability

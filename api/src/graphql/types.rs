@@ -1,11 +1,11 @@
 //! GraphQL output types: entities read from Redis (built from their stored
 //! hashes), graph results, and events.
 
-use async_graphql::{Json, SimpleObject};
+use async_graphql::{Json, SimpleObject, ID};
 use commands::RecordedEvent;
 use projections::Fields;
 
-use super::Position;
+use super::{DateTime, Position};
 
 fn text(fields: &Fields, name: &str) -> String {
     fields.get(name).cloned().unwrap_or_default()
@@ -17,6 +17,14 @@ fn optional(fields: &Fields, name: &str) -> Option<String> {
 
 fn number(fields: &Fields, name: &str) -> i64 {
     fields.get(name).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn optional_id(fields: &Fields, name: &str) -> Option<ID> {
+    optional(fields, name).map(ID)
+}
+
+fn id_list(fields: &Fields, name: &str) -> Vec<ID> {
+    list(fields, name).into_iter().map(ID).collect()
 }
 
 fn list(fields: &Fields, name: &str) -> Vec<String> {
@@ -34,8 +42,8 @@ fn list(fields: &Fields, name: &str) -> Vec<String> {
 /// An agent (from the Redis read model).
 #[derive(Debug, Clone, SimpleObject)]
 pub struct Agent {
-    /// Agent id.
-    pub id: String,
+    /// Agent id (its UUID).
+    pub id: ID,
     /// Display name.
     pub name: String,
     /// `llm`, `tool` or `human`.
@@ -45,21 +53,21 @@ pub struct Agent {
     /// Capabilities.
     pub capabilities: Vec<String>,
     /// The agent that spawned it.
-    pub parent_id: Option<String>,
+    pub parent_id: Option<ID>,
     /// `active`, `paused`, `failed` or `retired`.
     pub status: String,
     /// Why it is paused, failed or retired.
     pub status_reason: Option<String>,
     /// The task it is running.
-    pub current_task_id: Option<String>,
+    pub current_task_id: Option<ID>,
     /// Tasks it completed.
     pub tasks_completed: i64,
     /// Tasks it failed.
     pub tasks_failed: i64,
     /// Position of the last event about it.
     pub last_position: Position,
-    /// Time of the last event about it (epoch milliseconds).
-    pub last_event_at: i64,
+    /// When the last event about it was decided.
+    pub last_event_at: DateTime,
 }
 
 impl Agent {
@@ -83,19 +91,19 @@ impl Agent {
     /// From its stored hash.
     pub fn from_fields(id: &str, f: &Fields) -> Self {
         Self {
-            id: id.to_owned(),
+            id: ID(id.to_owned()),
             name: text(f, "name"),
             kind: text(f, "kind"),
             model: optional(f, "model"),
             capabilities: list(f, "capabilities"),
-            parent_id: optional(f, "parent"),
+            parent_id: optional_id(f, "parent"),
             status: text(f, "status"),
             status_reason: optional(f, "status_reason"),
-            current_task_id: optional(f, "current_task"),
+            current_task_id: optional_id(f, "current_task"),
             tasks_completed: number(f, "tasks_completed"),
             tasks_failed: number(f, "tasks_failed"),
             last_position: Position(number(f, "last_position")),
-            last_event_at: number(f, "last_event_at"),
+            last_event_at: DateTime::from_millis(number(f, "last_event_at")),
         }
     }
 }
@@ -103,16 +111,16 @@ impl Agent {
 /// A task (from the Redis read model).
 #[derive(Debug, Clone, SimpleObject)]
 pub struct Task {
-    /// Task id.
-    pub id: String,
+    /// Task id (its UUID).
+    pub id: ID,
     /// Its workflow.
-    pub workflow_id: String,
+    pub workflow_id: ID,
     /// Title.
     pub title: String,
     /// `pending`, `assigned`, `running`, `completed`, `failed` or `cancelled`.
     pub state: String,
     /// The agent holding it.
-    pub assignee_id: Option<String>,
+    pub assignee_id: Option<ID>,
     /// Progress in percent.
     pub progress: i64,
     /// The last progress note.
@@ -126,7 +134,7 @@ pub struct Task {
     /// Capabilities an assignee needs.
     pub required_capabilities: Vec<String>,
     /// Tasks it depends on.
-    pub depends_on: Vec<String>,
+    pub depends_on: Vec<ID>,
     /// The last failure's message.
     pub last_error: Option<String>,
     /// Position of the last event about it.
@@ -137,18 +145,18 @@ impl Task {
     /// From its stored hash.
     pub fn from_fields(id: &str, f: &Fields) -> Self {
         Self {
-            id: id.to_owned(),
-            workflow_id: text(f, "workflow"),
+            id: ID(id.to_owned()),
+            workflow_id: ID(text(f, "workflow")),
             title: text(f, "title"),
             state: text(f, "state"),
-            assignee_id: optional(f, "assignee"),
+            assignee_id: optional_id(f, "assignee"),
             progress: number(f, "progress"),
             progress_note: optional(f, "progress_note"),
             attempt: number(f, "attempt"),
             max_attempts: number(f, "max_attempts"),
             priority: number(f, "priority"),
             required_capabilities: list(f, "required_capabilities"),
-            depends_on: list(f, "depends_on"),
+            depends_on: id_list(f, "depends_on"),
             last_error: optional(f, "last_error"),
             last_position: Position(number(f, "last_position")),
         }
@@ -179,8 +187,8 @@ pub struct WorkflowProgress {
 /// A workflow (from the Redis read model).
 #[derive(Debug, Clone, SimpleObject)]
 pub struct Workflow {
-    /// Workflow id.
-    pub id: String,
+    /// Workflow id (its UUID).
+    pub id: ID,
     /// Name.
     pub name: String,
     /// `running`, `completed`, `failed` or `cancelled`.
@@ -199,7 +207,7 @@ impl Workflow {
         let total = number(f, "tasks_total");
         let completed = number(f, "tasks_completed");
         Self {
-            id: id.to_owned(),
+            id: ID(id.to_owned()),
             name: text(f, "name"),
             status: text(f, "status"),
             reason: optional(f, "reason"),
@@ -226,21 +234,21 @@ impl Workflow {
 #[derive(Debug, Clone, SimpleObject)]
 pub struct EventMetadata {
     /// The event's id.
-    pub event_id: String,
+    pub event_id: ID,
     /// The command that produced it (the idempotency key).
-    pub command_id: String,
+    pub command_id: ID,
     /// The command's type.
     pub command_type: String,
     /// Correlation id: follows one intent across aggregates.
-    pub correlation_id: String,
+    pub correlation_id: ID,
     /// Causation id.
-    pub causation_id: String,
+    pub causation_id: ID,
     /// Who issued the command.
     pub actor: String,
-    /// When the command was decided (RFC 3339).
-    pub occurred_at: String,
-    /// When the store recorded it (RFC 3339).
-    pub recorded_at: String,
+    /// When the command was decided.
+    pub occurred_at: DateTime,
+    /// When the store recorded it.
+    pub recorded_at: DateTime,
     /// W3C traceparent of the command.
     pub traceparent: Option<String>,
 }
@@ -251,7 +259,7 @@ pub struct Event {
     /// Global position.
     pub position: Position,
     /// Stream id (`agent-…`, `task-…`, `workflow-…`).
-    pub stream_id: String,
+    pub stream_id: ID,
     /// Version within the stream (1-based).
     pub version: i64,
     /// Type name, e.g. `TaskAssigned`.
@@ -265,30 +273,25 @@ pub struct Event {
     pub metadata: EventMetadata,
 }
 
-fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
-}
-
 impl From<&RecordedEvent> for Event {
     fn from(e: &RecordedEvent) -> Self {
         let m = &e.metadata;
         Self {
             position: Position(e.position),
-            stream_id: e.stream_id.clone(),
+            stream_id: ID(e.stream_id.clone()),
             version: e.stream_version,
             event_type: e.event_type.clone(),
             schema_version: e.schema_version,
             data: Json(e.data.clone()),
             metadata: EventMetadata {
-                event_id: m.event_id.to_string(),
-                command_id: m.command_id.to_string(),
+                event_id: ID(m.event_id.to_string()),
+                command_id: ID(m.command_id.to_string()),
                 command_type: m.command_type.clone(),
-                correlation_id: m.correlation_id.to_string(),
-                causation_id: m.causation_id.to_string(),
+                correlation_id: ID(m.correlation_id.to_string()),
+                causation_id: ID(m.causation_id.to_string()),
                 actor: m.actor.clone(),
-                occurred_at: rfc3339(m.occurred_at),
-                recorded_at: rfc3339(e.recorded_at),
+                occurred_at: DateTime(m.occurred_at),
+                recorded_at: DateTime(e.recorded_at),
                 traceparent: m.traceparent.clone(),
             },
         }

@@ -3,40 +3,20 @@
 //! Snapshots are ignored on purpose: an auditor sees what the stored events
 //! say, not what a cache says they say.
 
-use async_graphql::{Context, Json};
+use async_graphql::{Context, Json, ID};
 use commands::{ReadError, RecordedEvent};
-use domain::{Aggregate, AggregateKind, StreamId};
+use domain::{Aggregate, StreamId};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use uuid::Uuid;
 
 use super::types::Replayed;
 use super::{corrupt_history, store_error, validation};
 use crate::auth::Role;
 use crate::graphql::types::Event;
-use crate::graphql::{caller, error, services, Position};
+use crate::graphql::{caller, error, ids, services, DateTime, Position};
 
 /// Events fetched per round trip while replaying a stream.
 const REPLAY_CHUNK: i64 = 1_000;
-
-/// The stream of an aggregate id: its UUID, or its stream id
-/// (`agent-<uuid>`) of the right kind.
-fn aggregate_stream(kind: AggregateKind, id: &str) -> async_graphql::Result<StreamId> {
-    let trimmed = id.trim();
-    if let Ok(uuid) = Uuid::parse_str(trimmed) {
-        return Ok(StreamId::new(kind, uuid));
-    }
-    match StreamId::parse(trimmed) {
-        Ok(stream) if stream.kind() == kind => Ok(stream),
-        Ok(stream) => Err(validation(format!(
-            "`id` {id:?} is a {} stream; {kind}At takes a {kind} id (a UUID, or {kind}-<uuid>)",
-            stream.kind()
-        ))),
-        Err(_) => Err(validation(format!(
-            "`id` must be a {kind} id (a UUID, or {kind}-<uuid>), not {id:?}"
-        ))),
-    }
-}
 
 /// Which point of a stream's history to rebuild.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +30,7 @@ enum Point {
 }
 
 impl Point {
-    fn parse(version: Option<i64>, as_of: Option<&str>) -> async_graphql::Result<Self> {
+    fn parse(version: Option<i64>, as_of: Option<DateTime>) -> async_graphql::Result<Self> {
         match (version, as_of) {
             (Some(_), Some(_)) => Err(validation(
                 "give either `version` or `asOf`, not both (neither: the latest state)",
@@ -59,13 +39,7 @@ impl Point {
                 "`version` must be 1 (the first event) or more, not {v}"
             ))),
             (Some(v), None) => Ok(Point::Version(v)),
-            (None, Some(text)) => OffsetDateTime::parse(text.trim(), &Rfc3339)
-                .map(Point::AsOf)
-                .map_err(|_| {
-                    validation(format!(
-                        "`asOf` must be an RFC 3339 timestamp with a time zone, such as 2026-11-24T12:00:00Z or 2026-11-24T13:00:00.5+01:00, not {text:?}"
-                    ))
-                }),
+            (None, Some(time)) => Ok(Point::AsOf(time.0)),
             (None, None) => Ok(Point::Latest),
         }
     }
@@ -85,11 +59,11 @@ pub(super) async fn rebuild<A: Aggregate>(
     ctx: &Context<'_>,
     id: &str,
     version: Option<i64>,
-    as_of: Option<String>,
+    as_of: Option<DateTime>,
 ) -> async_graphql::Result<Rebuilt<A>> {
     let who = caller(ctx, Role::Auditor)?;
-    let stream = aggregate_stream(A::KIND, id)?;
-    let point = Point::parse(version, as_of.as_deref())?;
+    let stream = StreamId::new(A::KIND, ids::entity(A::KIND, "id", id)?);
+    let point = Point::parse(version, as_of)?;
     let stream_id = stream.to_string();
     let uuid = stream.uuid();
     let kind = A::KIND;
@@ -162,7 +136,9 @@ pub(super) async fn rebuild<A: Aggregate>(
         let first = first_recorded
             .and_then(|t| t.format(&Rfc3339).ok())
             .unwrap_or_default();
-        let when = as_of.unwrap_or_default();
+        let when = as_of
+            .and_then(|t| t.0.format(&Rfc3339).ok())
+            .unwrap_or_default();
         return Err(error(
             "NOT_FOUND",
             format!("{kind} {uuid} did not exist yet at {when}; its first event was recorded at {first}"),
@@ -173,10 +149,10 @@ pub(super) async fn rebuild<A: Aggregate>(
     Ok(Rebuilt {
         state,
         replayed: Replayed {
-            stream_id,
+            stream_id: ID(stream_id),
             version: last.stream_version,
             position: Position(last.position),
-            recorded_at: last_event.metadata.recorded_at.clone(),
+            recorded_at: last_event.metadata.recorded_at,
             current_version: current,
             last_event,
         },
@@ -209,7 +185,7 @@ pub(super) fn state_json<A: Aggregate>(
 /// create one).
 pub(super) fn folded_to_nothing(replayed: &Replayed) -> async_graphql::Error {
     corrupt_history(&StrayEvent {
-        stream_id: replayed.stream_id.clone(),
+        stream_id: replayed.stream_id.to_string(),
         position: replayed.position.0,
         event_type: format!(
             "{} (the stream folds to no aggregate at version {})",

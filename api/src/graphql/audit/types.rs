@@ -1,16 +1,16 @@
 //! Output types of the audit queries.
 
-use async_graphql::{Enum, Json, SimpleObject};
+use async_graphql::{Enum, Json, SimpleObject, ID};
 
 use crate::graphql::reads::{AgentStatus, TaskState as TaskStatus};
 use crate::graphql::types::Event;
-use crate::graphql::Position;
+use crate::graphql::{DateTime, Position};
 
 /// A page of one stream's history.
 #[derive(Debug, Clone, SimpleObject)]
 pub struct StreamHistory {
     /// The stream (`agent-…`, `task-…`, `workflow-…`).
-    pub stream_id: String,
+    pub stream_id: ID,
     /// `agent`, `task` or `workflow`.
     pub kind: String,
     /// The stream's version now (its last event).
@@ -40,13 +40,13 @@ pub struct EventLogPage {
 #[derive(Debug, Clone, SimpleObject)]
 pub struct Replayed {
     /// The stream replayed.
-    pub stream_id: String,
+    pub stream_id: ID,
     /// Version of the last event folded (the state is as of this version).
     pub version: i64,
     /// Global position of the last event folded.
     pub position: Position,
-    /// When the store recorded the last event folded (RFC 3339).
-    pub recorded_at: String,
+    /// When the store recorded the last event folded.
+    pub recorded_at: DateTime,
     /// The stream's version now; larger than `version` when looking back.
     pub current_version: i64,
     /// The last event folded, with who caused it and why (metadata).
@@ -70,7 +70,7 @@ pub enum WorkflowStatus {
 #[derive(Debug, Clone, SimpleObject)]
 pub struct AgentAt {
     /// Agent id.
-    pub id: String,
+    pub id: ID,
     /// Display name.
     pub name: String,
     /// `llm`, `tool` or `human`.
@@ -80,7 +80,7 @@ pub struct AgentAt {
     /// Capabilities.
     pub capabilities: Vec<String>,
     /// The agent that spawned it.
-    pub parent_id: Option<String>,
+    pub parent_id: Option<ID>,
     /// Status.
     pub status: AgentStatus,
     /// Why it was paused, failed or retired.
@@ -96,15 +96,15 @@ pub struct AgentAt {
 #[derive(Debug, Clone, SimpleObject)]
 pub struct TaskAt {
     /// Task id.
-    pub id: String,
+    pub id: ID,
     /// Its workflow.
-    pub workflow_id: String,
+    pub workflow_id: ID,
     /// Title.
     pub title: String,
     /// Lifecycle state.
     pub status: TaskStatus,
     /// The agent holding it (or the last one, once finished).
-    pub assignee_id: Option<String>,
+    pub assignee_id: Option<ID>,
     /// Input document.
     pub input: Json<serde_json::Value>,
     /// Output of a completed task.
@@ -112,7 +112,7 @@ pub struct TaskAt {
     /// Capabilities an assignee needs.
     pub required_capabilities: Vec<String>,
     /// Tasks it depends on.
-    pub depends_on: Vec<String>,
+    pub depends_on: Vec<ID>,
     /// Priority, 0–100.
     pub priority: i32,
     /// Progress in percent.
@@ -140,7 +140,7 @@ pub struct TaskAt {
 #[derive(Debug, Clone, SimpleObject)]
 pub struct WorkflowAt {
     /// Workflow id.
-    pub id: String,
+    pub id: ID,
     /// Name.
     pub name: String,
     /// Status.
