@@ -489,13 +489,11 @@ pub async fn wait_for_mirror_among(
     let events = read_everything(store).await;
     let total = (events.len() + foreign.len()) as u64;
     let last = events.last().map_or(0, |e| e.position);
-    eventually("the relay to publish every event", WAIT, || async {
-        if relay.progress().position < last {
-            return None;
-        }
-        let stream = js.get_stream(&config.stream_name).await.ok()?;
-        let info = stream.get_info().await.ok()?;
-        (info.state.last_sequence >= total).then_some(())
+    // Once JetStream has acknowledged the last event, every message the
+    // relay will ever publish up to it is in the stream (and the foreign
+    // ones were flushed before).
+    eventually("the relay to publish the last event", WAIT, || async {
+        (relay.progress().position >= last).then_some(())
     })
     .await;
     let stream = js.get_stream(&config.stream_name).await.unwrap();
