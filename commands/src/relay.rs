@@ -538,9 +538,10 @@ impl Relay {
 
     /// Finds where to continue: after the position of the last message the
     /// relay published (walking back past anything else, at most down to
-    /// the checkpoint's message), or after the checkpoint when none is left
-    /// above it. Returns the position and the JetStream sequence to chain
-    /// on: the stream's real last sequence, whoever published it.
+    /// the checkpoint's sequence), or after the checkpoint when none is left
+    /// there (from the start when the checkpoint is from an earlier stream
+    /// of that name). Returns the position and the JetStream sequence to
+    /// chain on: the stream's real last sequence, whoever published it.
     async fn synchronize(&self, lock: &mut PgConnection) -> Result<(i64, u64), Sync> {
         let checkpoint: Option<(i64, i64)> = sqlx::query_as(CHECKPOINT_GET)
             .bind(&self.config.stream_name)
@@ -567,12 +568,21 @@ impl Relay {
             }
             return Ok((0, 0));
         }
-        // The checkpoint's message is the relay's (when it is still in this
-        // stream), so the walk need not go below it.
+        // Everything the relay published at or below the checkpoint's
+        // sequence is at or below the checkpoint's position, so the walk
+        // need not go below it (while it is still in the stream).
         let floor = if (first_sequence..=last_sequence).contains(&checkpoint_sequence) {
             checkpoint_sequence
         } else {
             first_sequence.max(1)
+        };
+        // Sequences never go down in a stream: a checkpoint beyond its last
+        // one was taken in an earlier stream of that name (deleted and
+        // created anew), which holds none of what it counts.
+        let fallback = if checkpoint_sequence <= last_sequence {
+            checkpoint_position
+        } else {
+            0
         };
         let walk = self.walk_back(&stream, floor, last_sequence).await?;
         if walk.passed_over > 0 {
@@ -603,9 +613,11 @@ impl Relay {
                     floor,
                     last_sequence,
                     checkpoint_position,
-                    "no message of the relay left in JetStream above the checkpoint's; continuing from the checkpoint"
+                    checkpoint_sequence,
+                    fallback,
+                    "no message of the relay in JetStream from the walk's floor up; continuing after the fallback position (the checkpoint's, or 0 when the checkpoint is from an earlier stream)"
                 );
-                Ok((checkpoint_position, last_sequence))
+                Ok((fallback, last_sequence))
             }
         }
     }

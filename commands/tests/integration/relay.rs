@@ -240,3 +240,43 @@ async fn foreign_messages_on_the_relays_subjects_stall_nothing_and_lose_nothing(
     assert_eq!(progress.published, 200, "{progress:?}");
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_created_anew_with_only_foreign_messages_gets_the_whole_log() {
+    let db = TestDatabase::create(10).await.unwrap();
+    let nats = TestNats::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let config = fast(&nats.relay);
+    let streams = mixed_streams(20);
+    let relay = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+    assert_eq!(
+        Writer::spawn(&store, streams.clone(), 300)
+            .handle
+            .await
+            .unwrap(),
+        300
+    );
+    wait_for_mirror(&store, &nats.jetstream(), &config, Some(&relay)).await;
+    // The final checkpoint names sequence 300 of this stream.
+    relay.shutdown().await;
+
+    // The stream is deleted and created anew, and something else publishes
+    // on it first: the checkpoint is beyond its last sequence, so it counts
+    // nothing this stream holds.
+    let js = nats.jetstream();
+    js.delete_stream(&config.stream_name).await.unwrap();
+    Relay::new(store.clone(), nats.client.clone(), config.clone())
+        .ensure_stream()
+        .await
+        .unwrap();
+    let intruder = Intruder::start(&nats.url, &config.subject_prefix, 1, 0).await;
+    intruder.publish_one().await;
+    intruder.publish_one().await;
+    let relay = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+    assert_eq!(Writer::spawn(&store, streams, 50).handle.await.unwrap(), 50);
+    let foreign = intruder.finish().await;
+    let n = wait_for_mirror_among(&store, &js, &config, &relay, &foreign).await;
+    assert_eq!(n, 350);
+    assert_eq!(relay.progress().published, 350);
+    relay.shutdown().await;
+}
