@@ -414,8 +414,15 @@ async fn print_projection(
     Ok(())
 }
 
-/// Position and sequence of the last message the relay published.
+/// Messages `status` walks back past (foreign or deleted) to find the
+/// relay's last one.
+const STATUS_WALK: u64 = 1_000;
+
+/// Position and sequence of the last message the relay published: the last
+/// one carrying its headers, at most [`STATUS_WALK`] below the stream's last
+/// (anything else published on its subjects is passed over).
 async fn relay_position(settings: &Settings) -> anyhow::Result<Option<(i64, u64)>> {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
     let nats = connect_nats(settings).await?;
     let js = async_nats::jetstream::new(nats);
     let stream = match js.get_stream(&settings.jetstream_stream).await {
@@ -426,20 +433,28 @@ async fn relay_position(settings: &Settings) -> anyhow::Result<Option<(i64, u64)
         .get_info()
         .await
         .context("reading the JetStream stream")?;
-    let last = info.state.last_sequence;
-    if last == 0 {
-        return Ok(None);
+    let (first, last) = (info.state.first_sequence.max(1), info.state.last_sequence);
+    let floor = first.max(last.saturating_sub(STATUS_WALK));
+    for sequence in (floor..=last).rev() {
+        match stream.get_raw_message(sequence).await {
+            Ok(message) => {
+                if let Some(stamp) = commands::relay::stamp(&message.headers) {
+                    return Ok(Some((stamp.position, sequence)));
+                }
+            }
+            Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => {}
+            Err(error) => {
+                return Err(error).with_context(|| format!("reading JetStream message {sequence}"))
+            }
+        }
     }
-    let message = stream
-        .get_raw_message(last)
-        .await
-        .context("reading the last message")?;
-    let position = message
-        .headers
-        .get(commands::relay::HEADER_POSITION)
-        .and_then(|v| v.as_str().parse().ok())
-        .context("the last message has no position header")?;
-    Ok(Some((position, last)))
+    if last >= first {
+        anyhow::bail!(
+            "none of the last {} message(s) up to sequence {last} carries the relay's headers",
+            last - floor + 1
+        );
+    }
+    Ok(None)
 }
 
 /// Verification passes: a difference must be found in each.

@@ -5,10 +5,26 @@
 //!   (JetStream drops duplicates) and `Nats-Expected-Last-Sequence` = the
 //!   sequence of the message before it (JetStream rejects anything out of
 //!   order), so the stream's sequence order is the store's global order.
-//! - **Crash safety.** After a restart or an error the relay re-reads the
-//!   last message in JetStream and continues after the position it carries;
-//!   the PostgreSQL checkpoint is the fallback when the stream's last message
-//!   is gone (purged). Publishing twice is harmless; skipping is impossible.
+//!   Within a batch every message after the first also carries
+//!   `Nats-Expected-Last-Msg-Id` = the event id of the one before it: once
+//!   one publish of a pipelined batch is rejected, every later one is too
+//!   (the sequence check alone would accept the message after a rejected
+//!   one when something else's message took that sequence, leaving a hole).
+//! - **Crash safety.** After a restart or an error the relay walks back from
+//!   the stream's last message to the last one it published (see *Foreign
+//!   messages*) and continues after the position that message carries,
+//!   chaining on the stream's real last sequence; the PostgreSQL
+//!   checkpoint bounds the walk and is the fallback when no message of the
+//!   relay is left above it (purged, deleted). Publishing twice is harmless;
+//!   skipping is impossible.
+//! - **Foreign messages.** Anything else published on the relay's subjects
+//!   lands in the stream too. The relay never takes such a message for its
+//!   own: one of its messages carries every header the relay sets ([`stamp`])
+//!   *and* names, by `Nats-Msg-Id`, the event the store holds at its
+//!   `Neurectomy-Position`. A foreign message makes the next publish fail
+//!   (wrong last sequence); the relay resynchronizes past it, logs what it
+//!   passed over and goes on. NATS permissions (`deploy/nats.conf`) keep
+//!   other users from publishing there at all.
 //! - **One active relay.** Leadership is a PostgreSQL session advisory lock
 //!   held on a dedicated connection; standbys retry until it frees. The
 //!   checkpoint is written on that connection, so a relay whose connection
@@ -30,13 +46,16 @@
 
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::stream::{RawMessageErrorKind, Stream};
 use async_nats::jetstream::{self, context::PublishAckFuture, stream::StorageType};
 use async_nats::HeaderMap;
+use futures::StreamExt as _;
 use sha2::{Digest, Sha256};
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::envelope::RecordedEvent;
 use crate::error::RelayError;
@@ -60,6 +79,40 @@ pub const HEADER_SCHEMA_VERSION: &str = "Neurectomy-Schema-Version";
 pub const HEADER_TENANT: &str = "Neurectomy-Tenant";
 /// W3C trace context header.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// JetStream's de-duplication header; the relay sets it to the event id.
+pub const HEADER_MESSAGE_ID: &str = "Nats-Msg-Id";
+
+/// The relay's mark on a JetStream message, read from its headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// `Neurectomy-Position`: the event's global position.
+    pub position: i64,
+    /// `Nats-Msg-Id`: the event's id.
+    pub event_id: Uuid,
+}
+
+/// The relay's stamp on a message with these headers: `Some` only when every
+/// header the relay sets is there (`traceparent` aside: only traced events
+/// have one) and the position, versions and id parse. A message without it
+/// was published by something else on the relay's subjects (a mistyped
+/// subject elsewhere, an operator's test); readers pass over it. A stamp
+/// alone proves little to the relay itself, which also checks the event id
+/// against the store before it trusts a position (see the module docs).
+pub fn stamp(headers: &HeaderMap) -> Option<Stamp> {
+    let text = |name: &str| headers.get(name).map(|value| value.as_str());
+    let position = text(HEADER_POSITION)?.parse().ok()?;
+    let event_id = text(HEADER_MESSAGE_ID)?.parse().ok()?;
+    text(HEADER_STREAM_VERSION)?.parse::<i64>().ok()?;
+    text(HEADER_SCHEMA_VERSION)?.parse::<i32>().ok()?;
+    for name in [HEADER_STREAM_ID, HEADER_EVENT_TYPE, HEADER_TENANT] {
+        text(name)?;
+    }
+    Some(Stamp { position, event_id })
+}
+
+/// JetStream messages read at once while walking back to the relay's last
+/// message (past foreign or deleted ones).
+const WALK_AHEAD: usize = 16;
 
 /// How often the leading relay samples its lag (`neurectomy_relay_lag_events`)
 /// at most.
@@ -123,6 +176,14 @@ pub struct RelayProgress {
     pub published: u64,
     /// Whether this relay holds leadership.
     pub leader: bool,
+    /// Batches that failed after JetStream had acknowledged part of them
+    /// (e.g. something else published between two of their messages); the
+    /// acknowledged part counts as published, the rest is published again
+    /// after resynchronizing.
+    pub interrupted: u64,
+    /// Messages the relay did not publish (foreign, see the module docs)
+    /// that it walked past while resynchronizing.
+    pub passed_over: u64,
 }
 
 /// Why a leadership term ended.
@@ -131,6 +192,14 @@ enum TermEnd {
     Shutdown,
     /// The lock connection failed; leadership may have passed to another relay.
     LostLock(sqlx::Error),
+}
+
+/// A batch that could not be published whole: how many of its events
+/// JetStream acknowledged, in order, before `failure`.
+#[derive(Debug)]
+struct Interrupted {
+    acknowledged: usize,
+    failure: PublishFailure,
 }
 
 /// Why a batch could not be published; the relay resynchronizes and retries.
@@ -373,8 +442,28 @@ impl Relay {
                         "batch published"
                     );
                 }
-                Err(failure) => {
-                    tracing::warn!(%failure, "publishing failed; resynchronizing with JetStream");
+                Err(Interrupted {
+                    acknowledged,
+                    failure,
+                }) => {
+                    // What JetStream acknowledged before the failure is
+                    // published (resynchronizing finds it there too).
+                    if let Some(last) = acknowledged.checked_sub(1).and_then(|i| batch.get(i)) {
+                        let count = acknowledged as u64;
+                        self.progress.send_modify(|p| {
+                            p.position = last.position;
+                            p.jetstream_sequence = sequence + count;
+                            p.published += count;
+                            p.interrupted += 1;
+                        });
+                        report.published(count);
+                    }
+                    tracing::warn!(
+                        %failure,
+                        acknowledged,
+                        of = batch.len(),
+                        "publishing failed; resynchronizing with JetStream"
+                    );
                     if backoff.wait(shutdown).await.is_err() {
                         return TermEnd::Shutdown;
                     }
@@ -447,10 +536,12 @@ impl Relay {
         }
     }
 
-    /// Finds where to continue: after the position of the last message in
-    /// JetStream, or after the checkpoint when the stream holds no last
-    /// message to read. Returns the position and the JetStream sequence to
-    /// chain on.
+    /// Finds where to continue: after the position of the last message the
+    /// relay published (walking back past anything else, at most down to
+    /// the checkpoint's sequence), or after the checkpoint when none is left
+    /// there (from the start when the checkpoint is from an earlier stream
+    /// of that name). Returns the position and the JetStream sequence to
+    /// chain on: the stream's real last sequence, whoever published it.
     async fn synchronize(&self, lock: &mut PgConnection) -> Result<(i64, u64), Sync> {
         let checkpoint: Option<(i64, i64)> = sqlx::query_as(CHECKPOINT_GET)
             .bind(&self.config.stream_name)
@@ -465,8 +556,9 @@ impl Relay {
             .get_info()
             .await
             .map_err(|e| Sync::Other(format!("reading stream info: {e}")))?;
-        let last_sequence = info.state.last_sequence;
-        let checkpoint_position = checkpoint.map_or(0, |c| c.0);
+        let (first_sequence, last_sequence) = (info.state.first_sequence, info.state.last_sequence);
+        let (checkpoint_position, checkpoint_sequence) =
+            checkpoint.map_or((0, 0), |(p, s)| (p, u64::try_from(s).unwrap_or(0)));
         if last_sequence == 0 {
             if checkpoint_position > 0 {
                 tracing::warn!(
@@ -476,31 +568,123 @@ impl Relay {
             }
             return Ok((0, 0));
         }
-        match stream.get_raw_message(last_sequence).await {
-            Ok(message) => {
-                let position = message
-                    .headers
-                    .get(HEADER_POSITION)
-                    .and_then(|v| v.as_str().parse::<i64>().ok())
-                    .ok_or_else(|| {
-                        Sync::Other(format!(
-                            "message {last_sequence} in {} has no {HEADER_POSITION} header: something else publishes on the relay's subjects",
-                            self.config.stream_name
-                        ))
-                    })?;
+        // Everything the relay published at or below the checkpoint's
+        // sequence is at or below the checkpoint's position, so the walk
+        // need not go below it (while it is still in the stream).
+        let floor = if (first_sequence..=last_sequence).contains(&checkpoint_sequence) {
+            checkpoint_sequence
+        } else {
+            first_sequence.max(1)
+        };
+        // Sequences never go down in a stream: a checkpoint beyond its last
+        // one was taken in an earlier stream of that name (deleted and
+        // created anew), which holds none of what it counts.
+        let fallback = if checkpoint_sequence <= last_sequence {
+            checkpoint_position
+        } else {
+            0
+        };
+        let walk = self.walk_back(&stream, floor, last_sequence).await?;
+        if walk.passed_over > 0 {
+            let (sequence, subject) = walk.newest_foreign.unwrap_or_default();
+            tracing::warn!(
+                passed_over = walk.passed_over,
+                newest_sequence = sequence,
+                newest_subject = %subject,
+                "messages the relay did not publish are on its subjects (another publisher: see the NATS permissions in deploy/nats.conf); passing over them"
+            );
+            let passed_over = walk.passed_over;
+            self.progress.send_modify(|p| p.passed_over += passed_over);
+        }
+        match walk.found {
+            Some((sequence, position)) => {
+                if sequence < last_sequence {
+                    tracing::info!(
+                        sequence,
+                        position,
+                        last_sequence,
+                        "continuing after the relay's last message, below the stream's last"
+                    );
+                }
                 Ok((position, last_sequence))
             }
-            Err(error) => {
-                tracing::warn!(%error, last_sequence, checkpoint_position, "last JetStream message unreadable; continuing from the checkpoint");
-                Ok((checkpoint_position, last_sequence))
+            None => {
+                tracing::warn!(
+                    floor,
+                    last_sequence,
+                    checkpoint_position,
+                    checkpoint_sequence,
+                    fallback,
+                    "no message of the relay in JetStream from the walk's floor up; continuing after the fallback position (the checkpoint's, or 0 when the checkpoint is from an earlier stream)"
+                );
+                Ok((fallback, last_sequence))
             }
         }
+    }
+
+    /// Walks down from `last` to `floor` (both included) to the first
+    /// message the relay published: its [`stamp`] names the event the store
+    /// holds at that position. Deleted sequences are stepped over.
+    async fn walk_back(&self, stream: &Stream, floor: u64, last: u64) -> Result<Walk, Sync> {
+        let mut walk = Walk::default();
+        if floor > last {
+            return Ok(walk);
+        }
+        // The last message is the relay's unless something else published:
+        // read it alone, then the rest a few at a time.
+        let get = |sequence: u64| async move { (sequence, stream.get_raw_message(sequence).await) };
+        let mut messages = futures::stream::once(get(last))
+            .chain(
+                futures::stream::iter((floor..last).rev())
+                    .map(get)
+                    .buffered(WALK_AHEAD),
+            )
+            .boxed();
+        while let Some((sequence, message)) = messages.next().await {
+            let message = match message {
+                Ok(message) => message,
+                Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => continue,
+                Err(error) => {
+                    return Err(Sync::Other(format!(
+                        "reading JetStream message {sequence}: {error}"
+                    )))
+                }
+            };
+            if let Some(stamp) = stamp(&message.headers) {
+                if self.recorded(stamp).await? {
+                    walk.found = Some((sequence, stamp.position));
+                    return Ok(walk);
+                }
+            }
+            walk.passed_over += 1;
+            walk.newest_foreign
+                .get_or_insert_with(|| (sequence, message.subject.to_string()));
+        }
+        Ok(walk)
+    }
+
+    /// Whether the store holds the event `stamp` names, at its position.
+    async fn recorded(&self, stamp: Stamp) -> Result<bool, Sync> {
+        let events = self
+            .store
+            .read_positions(&[stamp.position])
+            .await
+            .map_err(|e| Sync::Other(e.to_string()))?;
+        Ok(events
+            .first()
+            .is_some_and(|e| e.position == stamp.position && e.event_id == stamp.event_id))
     }
 
     /// Publishes a batch pipelined, chaining expected sequences from
     /// `sequence`, then awaits every acknowledgement. Returns the sequence of
     /// the last message.
-    async fn publish(&self, batch: &[RecordedEvent], sequence: u64) -> Result<u64, PublishFailure> {
+    async fn publish(&self, batch: &[RecordedEvent], sequence: u64) -> Result<u64, Interrupted> {
+        let failed = |acknowledged: usize| {
+            move |failure: PublishFailure| Interrupted {
+                acknowledged,
+                failure,
+            }
+        };
         let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(batch.len());
         // One span per event of a sampled trace, from its send to the batch's
         // acknowledgements (they end when dropped), in the event's trace.
@@ -524,8 +708,9 @@ impl Relay {
                 event.kind(),
                 event.event_type
             );
-            let payload =
-                serde_json::to_vec(event).map_err(|e| PublishFailure::Nats(e.to_string()))?;
+            let payload = serde_json::to_vec(event)
+                .map_err(|e| PublishFailure::Nats(e.to_string()))
+                .map_err(failed(0))?;
             let mut headers = HeaderMap::new();
             headers.insert(HEADER_POSITION, event.position.to_string().as_str());
             headers.insert(HEADER_STREAM_ID, event.stream_id.as_str());
@@ -542,33 +727,56 @@ impl Relay {
             if let Some(traceparent) = &event.metadata.traceparent {
                 headers.insert(HEADER_TRACEPARENT, traceparent.as_str());
             }
-            let message = jetstream::message::PublishMessage::build()
+            let mut message = jetstream::message::PublishMessage::build()
                 .payload(payload.into())
                 .headers(headers)
                 .message_id(event.event_id.to_string())
                 .expected_last_sequence(sequence + offset as u64);
+            // Chained on the previous event's id too: if that publish was
+            // rejected, so is this one, even when something else's message
+            // has taken the sequence it expects (see the module docs). Not
+            // on a batch's first message: the server keeps the last id only
+            // in memory.
+            if let Some(previous) = offset.checked_sub(1).and_then(|i| batch.get(i)) {
+                message = message.expected_last_message_id(previous.event_id.to_string());
+            }
             let ack = self
                 .jetstream
                 .send_publish(subject, message)
                 .await
-                .map_err(|e| PublishFailure::Nats(e.to_string()))?;
+                .map_err(|e| PublishFailure::Nats(e.to_string()))
+                .map_err(failed(0))?;
             acks.push(ack);
         }
         let mut expected = sequence;
-        for ack in acks {
-            let ack = ack.await.map_err(|e| PublishFailure::Nats(e.to_string()))?;
+        for (acknowledged, ack) in acks.into_iter().enumerate() {
+            let ack = ack
+                .await
+                .map_err(|e| PublishFailure::Nats(e.to_string()))
+                .map_err(failed(acknowledged))?;
             expected += 1;
             if ack.duplicate || ack.sequence != expected {
-                return Err(PublishFailure::OutOfSync {
+                return Err(failed(acknowledged)(PublishFailure::OutOfSync {
                     expected,
                     got: ack.sequence,
                     duplicate: ack.duplicate,
-                });
+                }));
             }
         }
         drop(spans);
         Ok(expected)
     }
+}
+
+/// What a walk back through the stream found.
+#[derive(Debug, Default)]
+struct Walk {
+    /// Sequence and position of the relay's last message, if any.
+    found: Option<(u64, i64)>,
+    /// Messages above it that the relay did not publish.
+    passed_over: u64,
+    /// Sequence and subject of the newest of those.
+    newest_foreign: Option<(u64, String)>,
 }
 
 /// Why synchronizing failed.
@@ -676,5 +884,70 @@ impl Reporter {
         );
         self.count = 0;
         self.last = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The headers the relay sets on an event's message (`traceparent`
+    /// aside).
+    fn relay_headers(event_id: Uuid) -> Vec<(&'static str, String)> {
+        vec![
+            (HEADER_MESSAGE_ID, event_id.to_string()),
+            (HEADER_POSITION, "4295032832".to_owned()),
+            (HEADER_STREAM_ID, format!("task-{event_id}")),
+            (HEADER_STREAM_VERSION, "3".to_owned()),
+            (HEADER_EVENT_TYPE, "TaskStarted".to_owned()),
+            (HEADER_SCHEMA_VERSION, "1".to_owned()),
+            (HEADER_TENANT, "acme".to_owned()),
+        ]
+    }
+
+    fn map(headers: &[(&'static str, String)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(*name, value.as_str());
+        }
+        map
+    }
+
+    #[test]
+    fn a_message_with_every_relay_header_is_stamped() {
+        let id = Uuid::new_v4();
+        assert_eq!(
+            stamp(&map(&relay_headers(id))),
+            Some(Stamp {
+                position: 4_295_032_832,
+                event_id: id,
+            })
+        );
+    }
+
+    #[test]
+    fn a_message_missing_any_relay_header_or_with_a_bad_value_is_foreign() {
+        let id = Uuid::new_v4();
+        let all = relay_headers(id);
+        assert_eq!(stamp(&HeaderMap::new()), None);
+        for missing in 0..all.len() {
+            let mut headers = all.clone();
+            let (name, _) = headers.remove(missing);
+            assert_eq!(stamp(&map(&headers)), None, "without {name}");
+        }
+        for (name, bad) in [
+            (HEADER_POSITION, "9e9"),
+            (HEADER_MESSAGE_ID, "not-a-uuid"),
+            (HEADER_STREAM_VERSION, "three"),
+            (HEADER_SCHEMA_VERSION, ""),
+        ] {
+            let mut headers = all.clone();
+            for (n, value) in &mut headers {
+                if *n == name {
+                    *value = bad.to_owned();
+                }
+            }
+            assert_eq!(stamp(&map(&headers)), None, "{name}: {bad:?}");
+        }
     }
 }

@@ -6,11 +6,29 @@
 //! checkpoint) and acknowledged first ([`Projector::in_hand`] reports it).
 //! Each applied batch records `neurectomy_projector_batch_events` and
 //! `neurectomy_projector_apply_seconds` (label `projection`).
+//!
+//! What the consumer may deliver besides the next event, and what happens:
+//!
+//! - **A foreign message** (anything without the relay's headers, see
+//!   [`commands::relay::stamp`]: something else published on the relay's
+//!   subjects) is passed over: acknowledged with its batch, logged once at
+//!   warn with its sequence and subject, counted in
+//!   `neurectomy_projector_foreign_messages_total`. A message *with* the
+//!   relay's headers whose body is not the event they describe is the
+//!   relay's own data gone bad: the projection stops there.
+//! - **A redelivery** (a sequence below the next one expected: its
+//!   acknowledgement was lost, e.g. in a NATS restart, or came after the
+//!   consumer's ack wait) was applied already and is skipped.
+//! - **A gap** (a sequence above the next one expected: messages deleted
+//!   from the stream) sends the projector back to the event store, from its
+//!   checkpoint.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, consumer::DeliverPolicy};
-use commands::relay::HEADER_POSITION;
+use commands::relay::Stamp;
 use commands::{EventStore, InHand, ReadError, RecordedEvent};
 use domain::DomainEvent;
 use futures::StreamExt;
@@ -40,6 +58,9 @@ pub struct ProjectorConfig {
     pub linger: Duration,
     /// Longest wait between retries after transient failures.
     pub max_backoff: Duration,
+    /// How long JetStream waits for a delivered message's acknowledgement
+    /// before it delivers the message again (the consumer's `ack_wait`).
+    pub ack_wait: Duration,
 }
 
 impl Default for ProjectorConfig {
@@ -49,6 +70,7 @@ impl Default for ProjectorConfig {
             batch_size: 500,
             linger: Duration::ZERO,
             max_backoff: Duration::from_secs(5),
+            ack_wait: Duration::from_secs(30),
         }
     }
 }
@@ -81,6 +103,14 @@ pub struct ProjectorStatus {
     pub applied: u64,
     /// The last error, if any (kept after recovery for context).
     pub last_error: Option<String>,
+    /// Messages without the relay's headers passed over by this process
+    /// (each counted once).
+    pub foreign: u64,
+    /// Redelivered messages skipped by this process (applied before).
+    pub redelivered: u64,
+    /// Times this process went back to the event store because JetStream
+    /// skipped sequences.
+    pub gaps: u64,
 }
 
 /// Why a projector stopped for good.
@@ -181,6 +211,9 @@ pub struct Projector<M> {
     status: watch::Sender<ProjectorStatus>,
     /// The batch being applied and acknowledged, for shutdown reports.
     in_hand: InHand,
+    /// Highest stream sequence of a foreign message counted and logged, so
+    /// that a pass starting again below it does not count it twice.
+    foreign_seen: AtomicU64,
 }
 
 impl<M: ReadModel> Projector<M> {
@@ -197,6 +230,9 @@ impl<M: ReadModel> Projector<M> {
             checkpoint: 0,
             applied: 0,
             last_error: None,
+            foreign: 0,
+            redelivered: 0,
+            gaps: 0,
         };
         let (status, _) = watch::channel(status);
         Self {
@@ -206,6 +242,7 @@ impl<M: ReadModel> Projector<M> {
             config,
             status,
             in_hand: InHand::default(),
+            foreign_seen: AtomicU64::new(0),
         }
     }
 
@@ -232,11 +269,14 @@ impl<M: ReadModel> Projector<M> {
     /// Runs until shutdown, or until an event cannot be applied.
     #[tracing::instrument(name = "projector", skip_all, fields(projection = %self.model.name()))]
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ProjectorError> {
+        // Exported from the start, at 0, so that an alert can watch it grow.
+        self.foreign_counter().increment(0);
         let mut delay = Duration::from_millis(50);
         loop {
             match self.pass(&shutdown).await {
                 Interrupt::Shutdown => return Ok(()),
                 Interrupt::Gap => {
+                    self.status.send_modify(|s| s.gaps += 1);
                     tracing::info!("resuming from the read model's checkpoint: catching up from the event store");
                 }
                 Interrupt::Transient(error) => {
@@ -439,7 +479,9 @@ impl<M: ReadModel> Projector<M> {
             // Held until the batch is acknowledged (or abandoned).
             let _holding = self.in_hand.hold(received.len());
             let mut batch = Vec::new();
-            let mut last_message = None;
+            // The message of the highest sequence taken, whatever it was:
+            // acknowledging it acknowledges the whole batch.
+            let mut last_message: Option<(u64, jetstream::Message)> = None;
             for message in received {
                 let message = match message {
                     Some(Ok(message)) => message,
@@ -450,44 +492,66 @@ impl<M: ReadModel> Projector<M> {
                         return Interrupt::Transient("the JetStream subscription ended".to_owned())
                     }
                 };
-                let sequence = match message.info() {
-                    Ok(info) => info.stream_sequence,
+                let (sequence, delivered) = match message.info() {
+                    Ok(info) => (info.stream_sequence, info.delivered),
                     Err(error) => {
                         return Interrupt::Transient(format!("reading message metadata: {error}"))
                     }
                 };
-                if sequence != expected {
+                if sequence < expected {
+                    // Taken before: its acknowledgement was lost or late,
+                    // and JetStream delivered it again.
+                    tracing::info!(
+                        sequence,
+                        expected,
+                        delivered,
+                        "JetStream redelivered a message this projector has taken already; skipping it"
+                    );
+                    self.status.send_modify(|s| s.redelivered += 1);
+                    if last_message
+                        .as_ref()
+                        .is_none_or(|(last, _)| *last < sequence)
+                    {
+                        last_message = Some((sequence, message));
+                    }
+                    continue;
+                }
+                if sequence > expected {
                     tracing::warn!(expected, sequence, "JetStream sequence gap");
                     return Interrupt::Gap;
                 }
                 expected += 1;
-                let event: RecordedEvent = match serde_json::from_slice(&message.payload) {
-                    Ok(event) => event,
-                    Err(error) => {
-                        let position = message
-                            .headers
-                            .as_ref()
-                            .and_then(|h| h.get(HEADER_POSITION))
-                            .and_then(|v| v.as_str().parse().ok())
-                            .unwrap_or(-1);
-                        return Interrupt::Fatal(ProjectorError::Stopped {
-                            name: self.model.name().to_owned(),
-                            position,
-                            event_type: format!("JetStream message {sequence}"),
-                            reason: format!("the message is not a recorded event: {error}"),
-                        });
+                let stamp = message.headers.as_ref().and_then(commands::relay::stamp);
+                if let Some(stamp) = stamp {
+                    let event = match ours(stamp, &message.payload) {
+                        Ok(event) => event,
+                        Err(reason) => {
+                            return Interrupt::Fatal(ProjectorError::Stopped {
+                                name: self.model.name().to_owned(),
+                                position: stamp.position,
+                                event_type: format!("JetStream message {sequence}"),
+                                reason,
+                            });
+                        }
+                    };
+                    if event.position > checkpoint
+                        && batch
+                            .last()
+                            .is_none_or(|e: &RecordedEvent| e.position < event.position)
+                    {
+                        batch.push(event);
                     }
-                };
-                if event.position > checkpoint
-                    && batch
-                        .last()
-                        .is_none_or(|e: &RecordedEvent| e.position < event.position)
-                {
-                    batch.push(event);
+                } else {
+                    self.pass_over(sequence, &message);
                 }
-                last_message = Some(message);
+                if last_message
+                    .as_ref()
+                    .is_none_or(|(last, _)| *last < sequence)
+                {
+                    last_message = Some((sequence, message));
+                }
             }
-            let Some(last_message) = last_message else {
+            let Some((_, last_message)) = last_message else {
                 continue;
             };
             if let Some(last) = batch.last().map(|e| e.position) {
@@ -502,6 +566,26 @@ impl<M: ReadModel> Projector<M> {
                 return Interrupt::Transient(format!("acknowledging to JetStream: {error}"));
             }
         }
+    }
+
+    /// The per-projection counter of foreign messages.
+    fn foreign_counter(&self) -> metrics::Counter {
+        metrics::counter!("neurectomy_projector_foreign_messages_total", "projection" => self.model.name().to_owned())
+    }
+
+    /// Passes over a message the relay did not publish: counted and logged
+    /// once (a later pass that meets it again stays quiet).
+    fn pass_over(&self, sequence: u64, message: &jetstream::Message) {
+        if self.foreign_seen.fetch_max(sequence, Ordering::Relaxed) >= sequence {
+            return;
+        }
+        tracing::warn!(
+            sequence,
+            subject = %message.subject,
+            "passing over a JetStream message without the relay's headers: something else publishes on the relay's subjects (see the NATS permissions in deploy/nats.conf)"
+        );
+        self.foreign_counter().increment(1);
+        self.status.send_modify(|s| s.foreign += 1);
     }
 
     /// Decodes and applies one batch, retrying transient failures until they
@@ -665,30 +749,23 @@ impl<M: ReadModel> Projector<M> {
             .await
             .map_err(|e| format!("reading stream info: {e}"))?;
         let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-        // Smallest sequence in [first, last] whose position is above the
-        // checkpoint; positions increase with sequences (the relay chains
-        // them), so a binary search over a few direct gets finds it.
+        // The smallest sequence s in [first, last + 1] such that the first
+        // relay message at or after s has a position above the checkpoint
+        // (or there is none): positions increase with sequences (the relay
+        // chains them), so a binary search over a few direct gets finds it.
+        // Foreign messages and deleted sequences at a probe point are
+        // stepped over to the next relay message; the consumer passes over
+        // those between s and it.
         let (mut lo, mut hi) = (first.max(1), last + 1);
         if info.state.messages == 0 {
             lo = last + 1;
         }
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let message = stream
-                .get_raw_message(mid)
-                .await
-                .map_err(|e| format!("reading JetStream message {mid}: {e}"))?;
-            let position: i64 = message
-                .headers
-                .get(HEADER_POSITION)
-                .and_then(|v| v.as_str().parse().ok())
-                .ok_or_else(|| {
-                    format!("JetStream message {mid} has no {HEADER_POSITION} header")
-                })?;
-            if position > checkpoint {
-                hi = mid;
-            } else {
-                lo = mid + 1;
+            match next_stamped(&stream, mid, hi).await? {
+                Some((_, stamp)) if stamp.position > checkpoint => hi = mid,
+                Some((sequence, _)) => lo = sequence + 1,
+                None => hi = mid,
             }
         }
         let name = self.consumer_name();
@@ -699,7 +776,7 @@ impl<M: ReadModel> Projector<M> {
                 durable_name: Some(name.clone()),
                 deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: lo },
                 ack_policy: AckPolicy::All,
-                ack_wait: Duration::from_secs(30),
+                ack_wait: self.config.ack_wait,
                 max_ack_pending: i64::try_from(self.config.batch_size.max(1) * 4).unwrap_or(2000),
                 ..Default::default()
             })
@@ -707,4 +784,41 @@ impl<M: ReadModel> Projector<M> {
             .map_err(|e| format!("creating consumer {name}: {e}"))?;
         Ok((consumer, lo))
     }
+}
+
+/// The first message at or after `from` and before `until` that carries the
+/// relay's headers, with its sequence (`None`: only foreign messages or
+/// deleted sequences in between).
+async fn next_stamped(
+    stream: &jetstream::stream::Stream,
+    from: u64,
+    until: u64,
+) -> Result<Option<(u64, Stamp)>, String> {
+    for sequence in from..until {
+        match stream.get_raw_message(sequence).await {
+            Ok(message) => {
+                if let Some(stamp) = commands::relay::stamp(&message.headers) {
+                    return Ok(Some((sequence, stamp)));
+                }
+            }
+            Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => {}
+            Err(error) => return Err(format!("reading JetStream message {sequence}: {error}")),
+        }
+    }
+    Ok(None)
+}
+
+/// The event in the body of a message that carries the relay's headers;
+/// the reason it is not the event they describe otherwise.
+fn ours(stamp: Stamp, payload: &[u8]) -> Result<RecordedEvent, String> {
+    let event: RecordedEvent = serde_json::from_slice(payload).map_err(|error| {
+        format!("the message has the relay's headers but its body is not a recorded event: {error}")
+    })?;
+    if (event.position, event.event_id) != (stamp.position, stamp.event_id) {
+        return Err(format!(
+            "the message's headers name event {} at position {} but its body holds event {} at position {}",
+            stamp.event_id, stamp.position, event.event_id, event.position
+        ));
+    }
+    Ok(event)
 }

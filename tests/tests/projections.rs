@@ -1,16 +1,26 @@
 //! The Redis projection against real PostgreSQL, JetStream and Redis: built
-//! from a simulated workload, killed mid-batch, fed redeliveries, flushed,
-//! and stopped by an event it cannot apply.
+//! from a simulated workload, killed mid-batch, fed redeliveries (by the
+//! model and by JetStream), flushed, stopped by an event it cannot apply,
+//! and fed messages the relay did not publish (with the graph projection
+//! too).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use api::settings::SimulateArgs;
+use async_nats::jetstream::consumer::pull;
+use commands::testkit::eventually;
 use neurectomy_e2e::pipeline::Pipeline;
+use projections::graph_testkit::TestGraph;
 use projections::testkit::TestRedis;
-use projections::verify::verify_live;
-use projections::{LiveModel, Projected, Projector, ProjectorState, ReadModel};
+use projections::verify::{verify_graph, verify_live};
+use projections::{
+    ApplyError, GraphModel, LiveModel, Projected, Projector, ProjectorConfig, ProjectorState,
+    ReadModel,
+};
+use tokio::sync::Notify;
 
 /// The pipeline plus a Redis read model of the test's own.
 struct World {
@@ -393,5 +403,298 @@ async fn the_change_feed_holds_the_latest_events_in_order() {
             assert_eq!(fields["data"], r.data.to_string());
         }
     }
+    world.shutdown().await;
+}
+
+/// Publishes, with a plain NATS publish on a connection of its own, a
+/// message that is not the relay's on the relay's subjects; `kind` picks one
+/// of three: JSON without headers (another service's mistyped subject),
+/// a garbage body (an operator's test), unrelated headers with a bogus
+/// `Neurectomy-Position`.
+async fn publish_foreign(client: &async_nats::Client, prefix: &str, kind: usize) {
+    let marker = uuid::Uuid::new_v4();
+    match kind % 3 {
+        0 => client
+            .publish(
+                format!("{prefix}.task.TaskCreated"),
+                serde_json::json!({ "id": marker }).to_string().into(),
+            )
+            .await
+            .unwrap(),
+        1 => client
+            .publish(format!("{prefix}.test"), vec![0xff, 0x00, 0xfe].into())
+            .await
+            .unwrap(),
+        _ => {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Content-Type", "application/json");
+            headers.insert(commands::relay::HEADER_POSITION, "9000000000000000000");
+            client
+                .publish_with_headers(
+                    format!("{prefix}.agent.AgentPaused"),
+                    headers,
+                    serde_json::json!({ "id": marker }).to_string().into(),
+                )
+                .await
+                .unwrap()
+        }
+    }
+    client.flush().await.unwrap();
+}
+
+/// The value of a counter in Prometheus text, 0 when absent.
+fn counter(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_messages_are_passed_over_and_both_projections_verify_clean() {
+    const FOREIGN: u64 = 12;
+    api::metrics::install();
+    let world = world().await;
+    let graph = TestGraph::create().await.unwrap_or_else(|e| panic!("{e}"));
+    let redis = world.projector();
+    let graph_projector = world.pipe.projector(
+        GraphModel::connect(graph.model.config().clone())
+            .await
+            .unwrap(),
+    );
+    let (stop_redis, redis_task) = world.spawn(&redis);
+    let (stop_graph, graph_task) = world.spawn(&graph_projector);
+    for projector in [redis.status(), graph_projector.status()] {
+        eventually("the projectors to go live", Duration::from_secs(30), || {
+            let state = projector.borrow().state;
+            async move { (state == ProjectorState::Live).then_some(()) }
+        })
+        .await;
+    }
+
+    // Foreign messages interleaved with a running workload: one each time
+    // the relay has published 10 more messages.
+    let workload = world.spawn_simulation(Pipeline::workload(4, 300, 17));
+    let client = async_nats::connect(world.nats.url.as_str()).await.unwrap();
+    let prefix = world.nats.relay.subject_prefix.clone();
+    let js = world.nats.jetstream();
+    let stream = js.get_stream(&world.nats.relay.stream_name).await.unwrap();
+    let mut seen = 0;
+    for kind in 0..FOREIGN as usize {
+        let stream = &stream;
+        seen = eventually(
+            "the relay to publish more",
+            Duration::from_secs(30),
+            || async move {
+                let last = stream.get_info().await.ok()?.state.last_sequence;
+                (last >= seen + 10).then_some(last)
+            },
+        )
+        .await;
+        publish_foreign(&client, &prefix, kind).await;
+    }
+    workload.await.unwrap();
+
+    // Both reach the head, pass over every foreign message once, never go
+    // back to the store for a gap, and hold exactly what the events say.
+    assert_passed_over(
+        &world,
+        &graph,
+        [&redis.status(), &graph_projector.status()],
+        FOREIGN,
+    )
+    .await;
+
+    // A projector (re)starting on a stream whose last messages are foreign:
+    // its search for the first message after its checkpoint (the head)
+    // has to probe them; it starts there, passes over them and goes on.
+    stop_redis.cancel();
+    redis_task.await.unwrap().unwrap();
+    for kind in 0..3 {
+        publish_foreign(&client, &prefix, kind).await;
+    }
+    let (stop_redis, redis_task) = world.spawn(&redis);
+    world.simulate(1, 18).await;
+    assert_passed_over(
+        &world,
+        &graph,
+        [&redis.status(), &graph_projector.status()],
+        FOREIGN + 3,
+    )
+    .await;
+
+    stop_redis.cancel();
+    stop_graph.cancel();
+    redis_task.await.unwrap().unwrap();
+    graph_task.await.unwrap().unwrap();
+    world.shutdown().await;
+}
+
+/// Both projections are at the head and verify clean; each projector has
+/// passed over `foreign` messages (status and metric), never went back to
+/// the store, and is live without an error.
+async fn assert_passed_over(
+    world: &World,
+    graph: &TestGraph,
+    projectors: [&tokio::sync::watch::Receiver<projections::ProjectorStatus>; 2],
+    foreign: u64,
+) {
+    world.assert_verified().await;
+    let until = world.pipe.caught_up(&graph.model).await;
+    let differences = verify_graph(&world.store, &graph.model, until)
+        .await
+        .unwrap();
+    assert!(differences.is_empty(), "graph: {differences:?}");
+    for (name, projector) in ["redis", "graph"].into_iter().zip(projectors) {
+        eventually(
+            "the projector to pass over every foreign message",
+            Duration::from_secs(30),
+            || {
+                let status = projector.borrow().clone();
+                async move { (status.foreign == foreign).then_some(()) }
+            },
+        )
+        .await;
+        let status = projector.borrow().clone();
+        assert_eq!(status.state, ProjectorState::Live, "{name}: {status:?}");
+        assert_eq!(status.gaps, 0, "{name}: {status:?}");
+        assert_eq!(status.last_error, None, "{name}: {status:?}");
+        let text = api::metrics::render();
+        let series =
+            format!("neurectomy_projector_foreign_messages_total{{projection=\"{name}\"}}");
+        assert!(
+            counter(&text, &series) >= foreign as f64,
+            "{series} in:\n{text}"
+        );
+    }
+}
+
+/// A read model that holds the first batch applied after [`Held::arm`]
+/// until [`Held::release`]: meanwhile the consumer's ack wait passes and
+/// JetStream delivers the batch's messages again.
+#[derive(Clone)]
+struct Held {
+    inner: LiveModel,
+    armed: Arc<AtomicBool>,
+    holding: Arc<AtomicBool>,
+    release: Arc<Notify>,
+}
+
+impl Held {
+    fn new(inner: LiveModel) -> Self {
+        Self {
+            inner,
+            armed: Arc::default(),
+            holding: Arc::default(),
+            release: Arc::default(),
+        }
+    }
+
+    fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    fn release(&self) {
+        self.release.notify_one();
+    }
+
+    async fn hold(&self) {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.holding.store(true, Ordering::SeqCst);
+            self.release.notified().await;
+        }
+    }
+}
+
+impl ReadModel for Held {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    async fn checkpoint(&self) -> Result<i64, ApplyError> {
+        self.inner.checkpoint().await
+    }
+
+    async fn apply(&self, events: &[Projected]) -> Result<(), ApplyError> {
+        self.hold().await;
+        self.inner.apply(events).await
+    }
+
+    async fn apply_after(&self, after: i64, events: &[Projected]) -> Result<(), ApplyError> {
+        self.hold().await;
+        self.inner.apply_after(after, events).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_message_is_skipped_not_taken_for_a_gap() {
+    let world = world().await;
+    let held = Held::new(world.redis.model.clone());
+    let projector = Arc::new(Projector::new(
+        held.clone(),
+        world.store.clone(),
+        world.nats.client.clone(),
+        ProjectorConfig {
+            stream_name: world.nats.relay.stream_name.clone(),
+            batch_size: 200,
+            ack_wait: Duration::from_secs(1),
+            ..ProjectorConfig::default()
+        },
+    ));
+    let (stop, task) = world.spawn(&projector);
+    let status = projector.status();
+    eventually("the projector to go live", Duration::from_secs(30), || {
+        let state = status.borrow().state;
+        async move { (state == ProjectorState::Live).then_some(()) }
+    })
+    .await;
+
+    // The first live batch is held past the ack wait, until JetStream has
+    // delivered it again; then it is applied and acknowledged, and the
+    // projector reads the redelivered copies.
+    held.arm();
+    let workload = world.spawn_simulation(Pipeline::workload(1, 200, 23));
+    eventually("a live batch to be held", Duration::from_secs(30), || {
+        let holding = held.holding.load(Ordering::SeqCst);
+        async move { holding.then_some(()) }
+    })
+    .await;
+    let js = world.nats.jetstream();
+    let stream = js.get_stream(&world.nats.relay.stream_name).await.unwrap();
+    let consumer = &stream
+        .get_consumer::<pull::Config>("projection-redis")
+        .await
+        .unwrap();
+    eventually(
+        "JetStream to deliver the held batch again",
+        Duration::from_secs(30),
+        || async move {
+            let info = consumer.get_info().await.ok()?;
+            (info.num_redelivered > 0).then_some(())
+        },
+    )
+    .await;
+    held.release();
+    workload.await.unwrap();
+
+    world.assert_verified().await;
+    // The projector has read the redelivered copies: it either skipped
+    // them or took them for a gap.
+    let last = eventually(
+        "the projector to meet the redelivered messages",
+        Duration::from_secs(30),
+        || {
+            let status = status.borrow().clone();
+            async move { (status.redelivered > 0 || status.gaps > 0).then_some(status) }
+        },
+    )
+    .await;
+    assert_eq!(
+        last.gaps, 0,
+        "a redelivery was taken for a gap (back to the event store): {last:?}"
+    );
+    assert!(last.redelivered > 0, "{last:?}");
+    assert_eq!(last.state, ProjectorState::Live, "{last:?}");
+    stop.cancel();
+    task.await.unwrap().unwrap();
     world.shutdown().await;
 }

@@ -6,11 +6,12 @@
 use std::time::Duration;
 
 use neurectomy_commands::testkit::{eventually, TestDatabase, TestNats};
-use neurectomy_commands::EventStore;
+use neurectomy_commands::{EventStore, Relay, RelayConfig};
 use rand::{Rng, SeedableRng};
 
 use crate::support::{
-    fast, mixed_streams, wait_for_mirror, NatsServer, RunningRelay, Writer, WAIT,
+    fast, mixed_streams, wait_for_mirror, wait_for_mirror_among, Intruder, NatsServer,
+    RunningRelay, Writer, WAIT,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,5 +163,120 @@ async fn the_relay_catches_up_after_a_nats_outage() {
     // given up after the JetStream request timeout, hence the long wait.)
     let n = wait_for_mirror(&store, &nats.jetstream(), &config, Some(&relay)).await;
     assert_eq!(n as u64, written);
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_messages_on_the_relays_subjects_stall_nothing_and_lose_nothing() {
+    let db = TestDatabase::create(10).await.unwrap();
+    let nats = TestNats::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let config = RelayConfig {
+        // Large pipelined batches: the relay is mostly in the middle of one.
+        batch_size: 500,
+        ..fast(&nats.relay)
+    };
+    let streams = mixed_streams(60);
+    let prefix = &config.subject_prefix;
+    // Reacts to every 150th message of the relay it sees, 24 times.
+    let intruder = Intruder::start(&nats.url, prefix, 150, 24).await;
+
+    // The stream starts with a foreign message, then a backlog is written.
+    Relay::new(store.clone(), nats.client.clone(), config.clone())
+        .ensure_stream()
+        .await
+        .unwrap();
+    intruder.publish_one().await;
+    let backlog = Writer::spawn(&store, streams.clone(), 3_000);
+    assert_eq!(backlog.handle.await.unwrap(), 3_000);
+
+    // The relay drains the backlog and follows a live workload while the
+    // intruder publishes, often between two messages of one batch.
+    let relay = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+    let live = Writer::spawn(&store, streams.clone(), 3_000);
+    assert_eq!(live.handle.await.unwrap(), 3_000);
+    eventually(
+        "foreign messages to land in the middle of relay batches",
+        WAIT,
+        || async { (relay.progress().interrupted >= 3).then_some(()) },
+    )
+    .await;
+    let foreign = intruder.reactions_over().await;
+    assert_eq!(foreign.len(), 1 + 24);
+    wait_for_mirror_among(&store, &nats.jetstream(), &config, &relay, &foreign).await;
+
+    // Foreign messages at the stream's end, then more events: the next
+    // batch is rejected and the relay walks back past them.
+    for _ in 0..3 {
+        intruder.publish_one().await;
+    }
+    let more = Writer::spawn(&store, streams.clone(), 200);
+    assert_eq!(more.handle.await.unwrap(), 200);
+    let foreign = intruder.reactions_over().await;
+    wait_for_mirror_among(&store, &nats.jetstream(), &config, &relay, &foreign).await;
+    let progress = relay.progress();
+    assert!(progress.leader);
+    assert!(progress.passed_over >= 3, "{progress:?}");
+    // The acknowledged part of every interrupted batch counted, and nothing
+    // was published twice.
+    assert_eq!(progress.published, 3_000 + 3_000 + 200, "{progress:?}");
+    relay.shutdown().await;
+
+    // A relay starting on a stream whose last messages are foreign (the
+    // case that used to stop it for good) resynchronizes past them.
+    for _ in 0..4 {
+        intruder.publish_one().await;
+    }
+    let relay = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+    let last = Writer::spawn(&store, streams, 200);
+    assert_eq!(last.handle.await.unwrap(), 200);
+    let foreign = intruder.finish().await;
+    let n = wait_for_mirror_among(&store, &nats.jetstream(), &config, &relay, &foreign).await;
+    assert_eq!(n, 3_000 + 3_000 + 200 + 200);
+    assert_eq!(foreign.len(), 1 + 24 + 3 + 4);
+    let progress = relay.progress();
+    assert!(progress.passed_over >= 4, "{progress:?}");
+    // Every event of this relay's term was published once: nothing twice.
+    assert_eq!(progress.published, 200, "{progress:?}");
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_created_anew_with_only_foreign_messages_gets_the_whole_log() {
+    let db = TestDatabase::create(10).await.unwrap();
+    let nats = TestNats::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let config = fast(&nats.relay);
+    let streams = mixed_streams(20);
+    let relay = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+    assert_eq!(
+        Writer::spawn(&store, streams.clone(), 300)
+            .handle
+            .await
+            .unwrap(),
+        300
+    );
+    wait_for_mirror(&store, &nats.jetstream(), &config, Some(&relay)).await;
+    // The final checkpoint names sequence 300 of this stream.
+    relay.shutdown().await;
+
+    // The stream is deleted and created anew, and something else publishes
+    // on it first: the checkpoint is beyond its last sequence, so it counts
+    // nothing this stream holds.
+    let js = nats.jetstream();
+    js.delete_stream(&config.stream_name).await.unwrap();
+    Relay::new(store.clone(), nats.client.clone(), config.clone())
+        .ensure_stream()
+        .await
+        .unwrap();
+    let intruder = Intruder::start(&nats.url, &config.subject_prefix, 1, 0).await;
+    intruder.publish_one().await;
+    intruder.publish_one().await;
+    let relay = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+    assert_eq!(Writer::spawn(&store, streams, 50).handle.await.unwrap(), 50);
+    let foreign = intruder.finish().await;
+    let n = wait_for_mirror_among(&store, &js, &config, &relay, &foreign).await;
+    assert_eq!(n, 350);
+    assert_eq!(relay.progress().published, 350);
     relay.shutdown().await;
 }

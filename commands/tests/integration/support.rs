@@ -458,13 +458,82 @@ pub async fn assert_mirror(
         (n, 1, n),
         "JetStream must hold exactly the {n} events of the store, from sequence 1"
     );
-    let messages: Vec<jetstream::message::StreamMessage> = futures::stream::iter(1..=n)
+    let messages = read_stream(&stream, n).await;
+    assert_messages_mirror(events, &messages, config);
+}
+
+/// Messages 1..=`last` of `stream`.
+async fn read_stream(
+    stream: &jetstream::stream::Stream,
+    last: u64,
+) -> Vec<jetstream::message::StreamMessage> {
+    futures::stream::iter(1..=last)
         .map(|seq| stream.get_raw_message(seq))
         .buffered(32)
         .try_collect()
         .await
-        .unwrap();
+        .unwrap()
+}
 
+/// Like [`wait_for_mirror`] on a stream that also holds `foreign` (the
+/// payloads of messages something else published on the relay's subjects,
+/// each once): every message is either one of those or the relay's, and
+/// the relay's are exactly the store's events, once each, in order.
+pub async fn wait_for_mirror_among(
+    store: &EventStore,
+    js: &jetstream::Context,
+    config: &RelayConfig,
+    relay: &RunningRelay,
+    foreign: &[bytes::Bytes],
+) -> usize {
+    let events = read_everything(store).await;
+    let total = (events.len() + foreign.len()) as u64;
+    let last = events.last().map_or(0, |e| e.position);
+    // Once JetStream has acknowledged the last event, every message the
+    // relay will ever publish up to it is in the stream (and the foreign
+    // ones were flushed before).
+    eventually("the relay to publish the last event", WAIT, || async {
+        (relay.progress().position >= last).then_some(())
+    })
+    .await;
+    let stream = js.get_stream(&config.stream_name).await.unwrap();
+    let info = stream.get_info().await.unwrap();
+    assert_eq!(
+        (
+            info.state.messages,
+            info.state.first_sequence,
+            info.state.last_sequence
+        ),
+        (total, 1, total),
+        "JetStream must hold the {} events of the store and the {} foreign messages, nothing else",
+        events.len(),
+        foreign.len()
+    );
+    let messages = read_stream(&stream, total).await;
+    let (theirs, ours): (Vec<_>, Vec<_>) = messages
+        .into_iter()
+        .partition(|m| foreign.contains(&m.payload));
+    let mut seen: Vec<&bytes::Bytes> = theirs.iter().map(|m| &m.payload).collect();
+    seen.sort();
+    let mut published: Vec<&bytes::Bytes> = foreign.iter().collect();
+    published.sort();
+    assert_eq!(seen, published, "every foreign message landed once");
+    assert_messages_mirror(&events, &ours, config);
+    events.len()
+}
+
+/// `messages` are exactly `events`, in order, with the relay's subjects,
+/// ids and headers, and payloads equal to the store's rows.
+fn assert_messages_mirror(
+    events: &[RecordedEvent],
+    messages: &[jetstream::message::StreamMessage],
+    config: &RelayConfig,
+) {
+    assert_eq!(
+        messages.len(),
+        events.len(),
+        "one message of the relay per event"
+    );
     let js_positions: Vec<i64> = messages
         .iter()
         .map(|m| header(m, HEADER_POSITION).unwrap().parse().unwrap())
@@ -605,4 +674,158 @@ impl Drop for NatsServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+// ---------------------------------------------------------------------------
+// Something else publishing on the relay's subjects
+// ---------------------------------------------------------------------------
+
+/// Publishes messages that are not the relay's on the relay's subjects, with
+/// plain NATS publishes on a connection of its own (as a mistyped subject in
+/// another service or an operator's test publish would): on demand, and
+/// whenever it has seen `every` of the relay's messages go by (a core
+/// subscription to the relay's subjects), up to `reactive` times, so that
+/// many land between two messages of a pipelined batch. Four kinds in turn:
+/// JSON without headers, a garbage body, unrelated headers with a bogus
+/// `Neurectomy-Position`, and every header of the relay with a position far
+/// ahead and an event id the store does not have.
+pub struct Intruder {
+    client: async_nats::Client,
+    prefix: String,
+    published: Arc<std::sync::Mutex<Vec<bytes::Bytes>>>,
+    stop: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+impl Intruder {
+    pub async fn start(url: &str, prefix: &str, every: u64, reactive: u64) -> Self {
+        let client = async_nats::connect(url).await.unwrap();
+        let mut relayed = client.subscribe(format!("{prefix}.>")).await.unwrap();
+        client.flush().await.unwrap();
+        let published = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn({
+            let (client, prefix, published, stop) = (
+                client.clone(),
+                prefix.to_owned(),
+                published.clone(),
+                stop.clone(),
+            );
+            async move {
+                let (mut seen, mut sent) = (0u64, 0u64);
+                while sent < reactive {
+                    let message = tokio::select! {
+                        () = stop.cancelled() => return,
+                        message = relayed.next() => match message {
+                            Some(message) => message,
+                            None => return,
+                        },
+                    };
+                    // The relay's messages only (not this intruder's own).
+                    if serde_json::from_slice::<RecordedEvent>(&message.payload).is_err() {
+                        continue;
+                    }
+                    seen += 1;
+                    if seen % every == 0 {
+                        publish_foreign(&client, &prefix, &published).await;
+                        sent += 1;
+                    }
+                }
+            }
+        });
+        Self {
+            client,
+            prefix: prefix.to_owned(),
+            published,
+            stop,
+            handle,
+        }
+    }
+
+    /// Publishes one foreign message now and waits until the server has it.
+    pub async fn publish_one(&self) {
+        publish_foreign(&self.client, &self.prefix, &self.published).await;
+    }
+
+    /// Waits until it has reacted as often as it was told to; returns the
+    /// payload of every message published so far.
+    pub async fn reactions_over(&self) -> Vec<bytes::Bytes> {
+        eventually("the intruder's reactions to be over", WAIT, || async {
+            self.handle.is_finished().then_some(())
+        })
+        .await;
+        self.published.lock().unwrap().clone()
+    }
+
+    /// Stops reacting; returns the payload of every message published.
+    pub async fn finish(self) -> Vec<bytes::Bytes> {
+        self.stop.cancel();
+        self.handle.await.unwrap();
+        self.client.flush().await.unwrap();
+        let published = self.published.lock().unwrap().clone();
+        published
+    }
+}
+
+async fn publish_foreign(
+    client: &async_nats::Client,
+    prefix: &str,
+    published: &std::sync::Mutex<Vec<bytes::Bytes>>,
+) {
+    let kind = published.lock().unwrap().len() % 4;
+    let marker = Uuid::new_v4();
+    let (subject, headers, payload): (String, Option<async_nats::HeaderMap>, Vec<u8>) = match kind {
+        // Another service's event on a mistyped subject.
+        0 => (
+            format!("{prefix}.task.TaskCreated"),
+            None,
+            json!({ "id": marker, "note": "not from the relay" })
+                .to_string()
+                .into_bytes(),
+        ),
+        // An operator's test publish: garbage.
+        1 => (format!("{prefix}.test"), None, {
+            let mut body = vec![0xff, 0xfe, 0x00];
+            body.extend_from_slice(marker.as_bytes());
+            body
+        }),
+        // Headers, but not the relay's set.
+        2 => {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Content-Type", "application/json");
+            headers.insert(HEADER_POSITION, i64::MAX.to_string().as_str());
+            (
+                format!("{prefix}.agent.AgentPaused"),
+                Some(headers),
+                json!({ "id": marker }).to_string().into_bytes(),
+            )
+        }
+        // Every header of the relay, naming an event the store does not
+        // have, far ahead of the log.
+        _ => {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", marker.to_string().as_str());
+            headers.insert(HEADER_POSITION, (i64::MAX - 1).to_string().as_str());
+            headers.insert(HEADER_STREAM_ID, format!("task-{marker}").as_str());
+            headers.insert(HEADER_STREAM_VERSION, "1");
+            headers.insert(HEADER_EVENT_TYPE, "TaskCreated");
+            headers.insert(HEADER_SCHEMA_VERSION, "1");
+            headers.insert(HEADER_TENANT, TENANT);
+            (
+                format!("{prefix}.task.TaskCreated"),
+                Some(headers),
+                format!("spoof {marker}").into_bytes(),
+            )
+        }
+    };
+    let payload = bytes::Bytes::from(payload);
+    published.lock().unwrap().push(payload.clone());
+    match headers {
+        Some(headers) => client
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .unwrap(),
+        None => client.publish(subject, payload).await.unwrap(),
+    }
+    client.flush().await.unwrap();
 }
