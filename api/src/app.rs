@@ -457,13 +457,10 @@ async fn relay_position(settings: &Settings) -> anyhow::Result<Option<(i64, u64)
     Ok(None)
 }
 
-/// Verification passes: a difference must be found in each.
-const VERIFY_PASSES: usize = 3;
-
 /// Diffs the read models (Redis and the graph) against the event store, each
-/// up to its own checkpoint; fails if either disagrees.
+/// up to its own checkpoint; fails if either disagrees. Works while the
+/// projectors run (see `projections::verify`).
 pub async fn verify(settings: &Settings) -> anyhow::Result<()> {
-    use projections::ReadModel as _;
     let pool = connect_database(settings).await?;
     let store = EventStore::new(pool.clone());
     let live = connect_live(settings).await?;
@@ -471,60 +468,52 @@ pub async fn verify(settings: &Settings) -> anyhow::Result<()> {
 
     let mut summaries = Vec::new();
     let mut disagreeing = Vec::new();
-    let mut report =
-        |name: &'static str, namespace: &str, found: projections::verify::Confirmed| {
-            for difference in &found.differences {
-                println!("{name}: {difference}");
-            }
-            let moving = if found.transient > 0 {
-                format!(
-                    " ({} more seen once while the projector was writing, not confirmed)",
-                    found.transient
-                )
-            } else {
-                String::new()
-            };
-            summaries.push(format!(
-                "{name} ({namespace}): {} difference(s) up to position {}{moving}",
-                found.differences.len(),
-                found.until
-            ));
-            if !found.differences.is_empty() {
-                disagreeing.push(name);
-            }
+    let mut report = |name: &'static str,
+                      namespace: &str,
+                      entities: &str,
+                      found: projections::verify::Confirmed| {
+        for difference in &found.differences {
+            println!("{name}: {difference}");
+        }
+        let skipped = if found.skipped > 0 {
+            format!(
+                "; {} {entities} changed after it, not compared",
+                found.skipped
+            )
+        } else {
+            String::new()
         };
+        let moving = if found.transient > 0 {
+            format!(
+                "; {} more difference(s) seen once, not confirmed",
+                found.transient
+            )
+        } else {
+            String::new()
+        };
+        summaries.push(format!(
+            "{name} ({namespace}): {} difference(s) up to position {}{skipped}{moving}",
+            found.differences.len(),
+            found.until
+        ));
+        if !found.differences.is_empty() {
+            disagreeing.push(name);
+        }
+    };
 
-    // Projectors may be running: a difference counts when it is found again
-    // against a later checkpoint (see `projections::verify::confirmed`).
-    let found = projections::verify::confirmed(VERIFY_PASSES, || async {
-        let until = live
-            .checkpoint()
-            .await
-            .context("reading the Redis checkpoint")?;
-        let differences = projections::verify::verify_live(&store, &live, until)
-            .await
-            .context("verifying the Redis read model")?;
-        Ok::<_, anyhow::Error>((until, differences))
-    })
-    .await?;
-    report("redis", &settings.redis_prefix, found);
+    let found = projections::verify::verify_live_confirmed(&store, &live)
+        .await
+        .context("verifying the Redis read model")?;
+    report("redis", &settings.redis_prefix, "hash(es)", found);
 
-    let found = projections::verify::confirmed(VERIFY_PASSES, || async {
-        let until = graph
-            .checkpoint()
-            .await
-            .context("reading the graph checkpoint")?;
-        let differences = projections::verify::verify_graph(&store, &graph, until)
-            .await
-            .context("verifying the graph read model")?;
-        Ok::<_, anyhow::Error>((until, differences))
-    })
-    .await?;
+    let found = projections::verify::verify_graph_confirmed(&store, &graph)
+        .await
+        .context("verifying the graph read model")?;
     let database = graph
         .database(std::time::Duration::ZERO)
         .await
         .context("resolving the graph's active database")?;
-    report("graph", &format!("database {database}"), found);
+    report("graph", &format!("database {database}"), "node(s)", found);
 
     for summary in &summaries {
         println!("{summary}");

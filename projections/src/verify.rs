@@ -1,6 +1,54 @@
 //! `verify`: folds every stream of the event store with `domain::evolve` and
 //! diffs the result against a read model: the Redis live state
 //! ([`verify_live`]) or the graph ([`verify_graph`]).
+//!
+//! ## Verifying a read model that is moving
+//!
+//! A pass compares the read model with the fold of the log up to one
+//! position, the *compared position*, while its projector may go on
+//! applying batches past it. What makes that sound is one rule of both
+//! models: **every change the verifier compares moves the position of the
+//! entity it is compared under** (its `last_position`), in the same atomic
+//! write (Redis `MULTI/EXEC`, one graph transaction), and that position only
+//! grows. So an entity whose position — read *after* everything compared
+//! under it — is at or below the compared position holds exactly the fold up
+//! to it; one above it was changed since, and is skipped: counted
+//! ([`Verified::skipped`]), never reported.
+//!
+//! | compared | under | changed by | moves the position of |
+//! |---|---|---|---|
+//! | agent `status`, `name`, `capabilities` | the agent | its own events | the agent (task events involving it move it too: that only skips more) |
+//! | task `state`, `workflow`, `assignee`, `attempt`, `progress`; in the graph also its `PART_OF`, `ASSIGNED_TO` and `DEPENDS_ON` relationships | the task | its own events | the task |
+//! | workflow `status` (and `name` in the graph) | the workflow | its own events | the workflow |
+//! | Redis workflow counters `tasks_total`, `tasks_<state>` | the workflow | its tasks' events | **the task**, not the workflow: see below |
+//!
+//! (Not compared, and not covered by the rule: an agent's `current_task`,
+//! which cancelling a task clears without moving the agent's position, and
+//! the `SPAWNED` and `DELEGATED_TO` relationships.)
+//!
+//! - **Redis.** The compared position is the checkpoint read before the
+//!   pass, so every batch applied later is above it. Each hash is read whole
+//!   (`HGETALL` is atomic). A workflow's counters are the exception to the
+//!   rule: after its hash, the positions of every task it has (in the events
+//!   or in the model's per-state sets) are read, and one above the compared
+//!   position skips the workflow.
+//! - **Graph.** Neo4j and ArcadeDB read committed, not a snapshot: each
+//!   statement of the read transaction sees the batches committed before it
+//!   started, so a batch may commit between two of them. The transaction
+//!   reads the checkpoint *first* (the compared position: every batch
+//!   committed later is above it), then the nodes and relationships, then
+//!   every node's position again. A node whose two positions are at or below
+//!   the checkpoint was touched by no batch committed during the reads, so
+//!   all that was read of it is its state at the checkpoint.
+//!
+//! An entity without a readable position (the projectors write one with
+//! every entity they create) cannot be placed: it is compared, and the
+//! missing position is a difference of its own (`last_position`).
+//!
+//! What remains is a batch whose commit becomes visible piecemeal to a
+//! reader racing it (read committed allows it); [`confirmed`] runs up to
+//! three passes for that, and with the rule above the first pass is
+//! normally exact.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -11,6 +59,10 @@ use redis::AsyncCommands;
 
 use crate::graph::{collect, finish, GraphModel, GraphQueryError, PROJECTION};
 use crate::live::LiveModel;
+use crate::model::{ApplyError, ReadModel};
+
+/// Passes `neurectomy verify` makes per read model (see [`confirmed`]).
+pub const PASSES: usize = 3;
 
 /// One field where the read model disagrees with the events.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +88,19 @@ impl std::fmt::Display for Difference {
     }
 }
 
+/// What one verification pass found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The compared position: what was compared is the fold of the events
+    /// up to it.
+    pub until: i64,
+    /// Every difference (empty = the model is right).
+    pub differences: Vec<Difference>,
+    /// Entities (Redis hashes, graph nodes) not compared because the
+    /// projector changed them after `until` while the pass read them.
+    pub skipped: usize,
+}
+
 /// Why verification could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -51,6 +116,9 @@ pub enum VerifyError {
         #[source]
         source: domain::EventDecodeError,
     },
+    /// Reading a read model's checkpoint failed.
+    #[error("reading the checkpoint")]
+    Checkpoint(#[source] ApplyError),
     /// Reading Redis failed.
     #[error("reading Redis")]
     Redis(#[from] redis::RedisError),
@@ -103,17 +171,40 @@ async fn fold(store: &EventStore, until: i64) -> Result<Folded, VerifyError> {
     Ok(folded)
 }
 
+/// Whether a position read from a read model (a hash field, a rendered node
+/// property) lies after `until`. A missing or unreadable one does not: the
+/// entity is compared, and the missing position reported (see
+/// [`positioned`]).
+fn after(position: Option<&String>, until: i64) -> bool {
+    position
+        .and_then(|p| p.parse::<i64>().ok())
+        .is_some_and(|p| p > until)
+}
+
+/// Whether an entity carries a readable position. The projectors write one
+/// with every entity they create; without it verification cannot tell
+/// whether the entity moved, so its absence is a difference of its own
+/// (field `last_position`, expected `a position`).
+fn positioned(position: Option<&String>) -> bool {
+    position.and_then(|p| p.parse::<i64>().ok()).is_some()
+}
+
+/// What the events "say" of an entity's position (they say it has one).
+const HAS_POSITION: &str = "a position";
+
 /// Folds the whole log up to `until` (inclusive) and compares it with the
-/// Redis read model. Returns every difference (empty = the model is right).
+/// Redis read model, whose checkpoint must be at or past `until`; entities
+/// it changed after `until` are skipped (see the module docs).
 pub async fn verify_live(
     store: &EventStore,
     model: &LiveModel,
     until: i64,
-) -> Result<Vec<Difference>, VerifyError> {
+) -> Result<Verified, VerifyError> {
     let folded = fold(store, until).await?;
 
     let mut conn = model.connection();
     let mut differences = Vec::new();
+    let mut skipped = 0;
     let mut check =
         |key: &str, field: &str, expected: String, actual: &BTreeMap<String, String>| {
             let actual = actual.get(field).cloned().unwrap_or_default();
@@ -126,35 +217,43 @@ pub async fn verify_live(
                 });
             }
         };
-    // The projector may keep running while this reads: an entity whose
-    // last event lies after `until` is not compared (the model moved on).
-    let moved = |actual: &BTreeMap<String, String>| {
-        actual
-            .get("last_position")
-            .and_then(|p| p.parse::<i64>().ok())
-            .is_some_and(|p| p > until)
-    };
+    let moved = |actual: &BTreeMap<String, String>| after(actual.get("last_position"), until);
     for (id, state) in &folded.agents {
         let Some(agent) = state.get() else { continue };
         let key = model.key(&format!("agent:{id}"));
         let actual: BTreeMap<String, String> = conn.hgetall(&key).await?;
         if moved(&actual) {
+            skipped += 1;
             continue;
+        }
+        if !actual.is_empty() && !positioned(actual.get("last_position")) {
+            check(&key, "last_position", HAS_POSITION.to_owned(), &actual);
         }
         check(&key, "status", agent.status.as_str().to_owned(), &actual);
         check(&key, "name", agent.name.clone(), &actual);
         check(&key, "capabilities", agent.capabilities.join(","), &actual);
     }
-    // Workflows whose counters a task event after `until` already changed.
-    let mut moved_workflows = std::collections::BTreeSet::new();
+    // Every task of each workflow in the events, compared or not.
+    let mut workflow_tasks: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     let mut counts: BTreeMap<String, BTreeMap<&'static str, i64>> = BTreeMap::new();
     for (id, state) in &folded.tasks {
         let Some(task) = state.get() else { continue };
+        let workflow = task.workflow_id.to_string();
+        workflow_tasks
+            .entry(workflow.clone())
+            .or_default()
+            .push(id.as_str());
+        let per_workflow = counts.entry(workflow).or_default();
+        *per_workflow.entry("total").or_default() += 1;
+        *per_workflow.entry(task.status.as_str()).or_default() += 1;
         let key = model.key(&format!("task:{id}"));
         let actual: BTreeMap<String, String> = conn.hgetall(&key).await?;
         if moved(&actual) {
-            moved_workflows.insert(task.workflow_id.to_string());
+            skipped += 1;
             continue;
+        }
+        if !actual.is_empty() && !positioned(actual.get("last_position")) {
+            check(&key, "last_position", HAS_POSITION.to_owned(), &actual);
         }
         check(&key, "state", task.status.as_str().to_owned(), &actual);
         check(&key, "workflow", task.workflow_id.to_string(), &actual);
@@ -165,9 +264,6 @@ pub async fn verify_live(
             _ => task.assignee.map(|a| a.to_string()).unwrap_or_default(),
         };
         check(&key, "assignee", assignee, &actual);
-        let per_workflow = counts.entry(task.workflow_id.to_string()).or_default();
-        *per_workflow.entry("total").or_default() += 1;
-        *per_workflow.entry(task.status.as_str()).or_default() += 1;
     }
     for (id, state) in &folded.workflows {
         let Some(workflow) = state.get() else {
@@ -175,11 +271,13 @@ pub async fn verify_live(
         };
         let key = model.key(&format!("workflow:{id}"));
         let actual: BTreeMap<String, String> = conn.hgetall(&key).await?;
-        if moved(&actual) || moved_workflows.contains(id) {
+        if moved(&actual) {
+            skipped += 1;
             continue;
         }
-        // Tasks the model has beyond the fold: created after `until` (the
-        // model moved on; skip the counters) or extra (a real difference).
+        // The counters move with the tasks' positions, not the workflow's:
+        // read, after the hash, the position of every task the workflow has
+        // (in the events, or in the model: created after `until`, or extra).
         let members: Vec<String> = redis::cmd("SUNION")
             .arg(
                 TaskStatus::ALL
@@ -189,15 +287,29 @@ pub async fn verify_live(
             )
             .query_async(&mut conn)
             .await?;
-        let mut later = false;
-        for task in members.iter().filter(|t| !folded.tasks.contains_key(*t)) {
-            let position: Option<i64> = conn
-                .hget(model.key(&format!("task:{task}")), "last_position")
-                .await?;
-            later |= position.is_some_and(|p| p > until);
+        let tasks: BTreeSet<&str> = members
+            .iter()
+            .map(String::as_str)
+            .chain(workflow_tasks.get(id).into_iter().flatten().copied())
+            .collect();
+        let mut positions = redis::pipe();
+        for task in &tasks {
+            positions
+                .cmd("HGET")
+                .arg(model.key(&format!("task:{task}")))
+                .arg("last_position");
         }
-        if later {
+        let positions: Vec<Option<String>> = if tasks.is_empty() {
+            Vec::new()
+        } else {
+            positions.query_async(&mut conn).await?
+        };
+        if positions.iter().any(|p| after(p.as_ref(), until)) {
+            skipped += 1;
             continue;
+        }
+        if !actual.is_empty() && !positioned(actual.get("last_position")) {
+            check(&key, "last_position", HAS_POSITION.to_owned(), &actual);
         }
         check(&key, "status", workflow.status.as_str().to_owned(), &actual);
         let per_workflow = counts.get(id);
@@ -210,7 +322,11 @@ pub async fn verify_live(
             check(&key, &counter, expected.to_string(), &actual);
         }
     }
-    Ok(differences)
+    Ok(Verified {
+        until,
+        differences,
+        skipped,
+    })
 }
 
 /// A graph value as text: strings as they are, lists joined with `,`, null
@@ -232,9 +348,15 @@ type Nodes = BTreeMap<String, BTreeMap<String, String>>;
 /// Relationships of one type, by source id: target ids, sorted.
 type Edges = BTreeMap<String, Vec<String>>;
 
+/// The node property holding the position of the last event applied to it.
+const POSITION: &str = "last_position";
+
 /// What the verifier reads of the graph, in one read transaction.
 struct GraphState {
+    /// The checkpoint, read first.
     checkpoint: Option<String>,
+    /// Nodes with the compared properties and [`POSITION`]: the greater of
+    /// the position read with them and the one read after everything else.
     agents: Nodes,
     tasks: Nodes,
     workflows: Nodes,
@@ -286,59 +408,110 @@ fn edges(rows: &[Row], doing: &str) -> Result<Edges, GraphQueryError> {
     Ok(out)
 }
 
+/// `fields` and [`POSITION`].
+fn with_position(fields: &[&'static str]) -> Vec<&'static str> {
+    let mut all = fields.to_vec();
+    all.push(POSITION);
+    all
+}
+
+/// Raises each node's [`POSITION`] to the one read again at the end (`rows`
+/// of `id`, `position`).
+fn reread(nodes: &mut Nodes, rows: &[Row], doing: &str) -> Result<(), GraphQueryError> {
+    for row in rows {
+        let [id, position]: [String; 2] = columns(row, &["id", POSITION], doing)?
+            .try_into()
+            .unwrap_or_default();
+        let Ok(later) = position.parse::<i64>() else {
+            continue;
+        };
+        if let Some(props) = nodes.get_mut(&id) {
+            let first = props.get(POSITION).and_then(|p| p.parse::<i64>().ok());
+            if first.is_none_or(|first| later > first) {
+                props.insert(POSITION.to_owned(), later.to_string());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The properties compared on `Agent` nodes.
+pub(crate) const GRAPH_AGENT_FIELDS: &[&str] = &["status", "name", "capabilities"];
+/// The properties compared on `Task` nodes (with the `PART_OF`,
+/// `ASSIGNED_TO` and `DEPENDS_ON` relationships).
+pub(crate) const GRAPH_TASK_FIELDS: &[&str] =
+    &["state", "workflow", "assignee", "attempt", "progress"];
+/// The properties compared on `Workflow` nodes.
+pub(crate) const GRAPH_WORKFLOW_FIELDS: &[&str] = &["status", "name"];
+
 async fn read_graph(model: &GraphModel) -> Result<GraphState, GraphQueryError> {
     let doing = "reading the graph for verification";
     let unavailable = |source| GraphQueryError::Unavailable {
         doing: doing.to_owned(),
         source,
     };
-    let queries: [Query; 7] = [
+    let labelled = |label: &str, fields: &[&'static str]| {
+        let columns: Vec<String> = with_position(fields)
+            .iter()
+            .map(|f| format!("n.{f} AS {f}"))
+            .collect();
+        query(&format!(
+            "MATCH (n:{label}) RETURN n.id AS id, {}",
+            columns.join(", ")
+        ))
+    };
+    let positions = |label: &str| {
+        query(&format!(
+            "MATCH (n:{label}) RETURN n.id AS id, n.{POSITION} AS {POSITION}"
+        ))
+    };
+    // In this order: the checkpoint first, the positions last (see the
+    // module docs).
+    let queries: [Query; 10] = [
         query("MATCH (c:Checkpoint {projection: $projection}) RETURN c.position AS position")
             .param("projection", PROJECTION),
-        query(
-            "MATCH (n:Agent) RETURN n.id AS id, n.status AS status, n.name AS name, \
-             n.capabilities AS capabilities",
-        ),
-        query(
-            "MATCH (n:Task) RETURN n.id AS id, n.state AS state, n.workflow AS workflow, \
-             n.assignee AS assignee, n.attempt AS attempt, n.progress AS progress",
-        ),
-        query("MATCH (n:Workflow) RETURN n.id AS id, n.status AS status, n.name AS name"),
+        labelled("Agent", GRAPH_AGENT_FIELDS),
+        labelled("Task", GRAPH_TASK_FIELDS),
+        labelled("Workflow", GRAPH_WORKFLOW_FIELDS),
         query("MATCH (t:Task)-[:PART_OF]->(w:Workflow) RETURN t.id AS from, w.id AS to"),
         query("MATCH (t:Task)-[:ASSIGNED_TO]->(a:Agent) RETURN t.id AS from, a.id AS to"),
         query("MATCH (t:Task)-[:DEPENDS_ON]->(d:Task) RETURN t.id AS from, d.id AS to"),
+        positions("Agent"),
+        positions("Task"),
+        positions("Workflow"),
     ];
-    // One transaction: the reads see one state of the graph.
     let mut txn = model.begin().await.map_err(unavailable)?;
     let mut results = Vec::with_capacity(queries.len());
     for q in queries {
         results.push(collect(&mut txn, q).await.map_err(unavailable)?);
     }
     finish(txn).await;
-    let [checkpoint, agents, tasks, workflows, part_of, assigned_to, depends_on]: [Vec<Row>; 7] =
+    let [checkpoint, agents, tasks, workflows, part_of, assigned_to, depends_on, agents_after, tasks_after, workflows_after]: [Vec<Row>; 10] =
         results.try_into().unwrap_or_default();
     let checkpoint = match checkpoint.first() {
         Some(row) => columns(row, &["position"], doing)?.pop(),
         None => None,
     };
-    Ok(GraphState {
+    let mut state = GraphState {
         checkpoint,
-        agents: nodes(&agents, &["status", "name", "capabilities"], doing)?,
-        tasks: nodes(
-            &tasks,
-            &["state", "workflow", "assignee", "attempt", "progress"],
-            doing,
-        )?,
-        workflows: nodes(&workflows, &["status", "name"], doing)?,
+        agents: nodes(&agents, &with_position(GRAPH_AGENT_FIELDS), doing)?,
+        tasks: nodes(&tasks, &with_position(GRAPH_TASK_FIELDS), doing)?,
+        workflows: nodes(&workflows, &with_position(GRAPH_WORKFLOW_FIELDS), doing)?,
         part_of: edges(&part_of, doing)?,
         assigned_to: edges(&assigned_to, doing)?,
         depends_on: edges(&depends_on, doing)?,
-    })
+    };
+    reread(&mut state.agents, &agents_after, doing)?;
+    reread(&mut state.tasks, &tasks_after, doing)?;
+    reread(&mut state.workflows, &workflows_after, doing)?;
+    Ok(state)
 }
 
-/// Folds the whole log up to `until` (inclusive) and compares it with the
-/// graph read model, which should hold exactly the effects of the events up
-/// to `until` (its checkpoint is compared too):
+/// Reads the graph read model and compares it with the fold of the log up
+/// to the graph's checkpoint (read first, in the same transaction), which
+/// must be at or past `until` (a checkpoint behind it is a difference: the
+/// graph lost events). Nodes the projector changed after the checkpoint
+/// while the transaction read are skipped (see the module docs). Compared:
 ///
 /// - every agent: `status`, `name`, `capabilities`;
 /// - every task: `state`, `workflow`, `assignee`, `attempt`, `progress`, its
@@ -350,13 +523,12 @@ async fn read_graph(model: &GraphModel) -> Result<GraphState, GraphQueryError> {
 ///   graph without events (field `node`).
 ///
 /// Reads the graph with a handful of whole-label queries in one read
-/// transaction. Returns every difference (empty = the model is right).
+/// transaction.
 pub async fn verify_graph(
     store: &EventStore,
     model: &GraphModel,
     until: i64,
-) -> Result<Vec<Difference>, VerifyError> {
-    let folded = fold(store, until).await?;
+) -> Result<Verified, VerifyError> {
     let mut graph = read_graph(model).await?;
     let mut differences = Vec::new();
     let mut differ = |key: &str, field: &str, expected: String, actual: String| {
@@ -369,10 +541,29 @@ pub async fn verify_graph(
             });
         }
     };
+    // A checkpoint above `until` means the projector applied more since
+    // `until` was read (it cannot hold events the store lacks); below, it
+    // lost some.
+    let stored = graph.checkpoint.clone().unwrap_or_else(|| "0".to_owned());
+    let compared = match stored.parse::<i64>() {
+        Ok(checkpoint) if checkpoint >= until => checkpoint,
+        _ => {
+            differ(
+                &format!("Checkpoint {PROJECTION}"),
+                "position",
+                until.to_string(),
+                stored,
+            );
+            until
+        }
+    };
+    let folded = fold(store, compared).await?;
+    let mut skipped = 0;
     // Present in the events, absent from the graph: one difference for the
     // node, none for each of its fields.
     let node =
         |nodes: &mut Nodes, id: &str| -> Option<BTreeMap<String, String>> { nodes.remove(id) };
+    let moved = |props: &BTreeMap<String, String>| after(props.get(POSITION), compared);
     let field = |props: &BTreeMap<String, String>, name: &str| -> String {
         props.get(name).cloned().unwrap_or_default()
     };
@@ -380,17 +571,6 @@ pub async fn verify_graph(
         edges.get(id).map(|t| t.join(",")).unwrap_or_default()
     };
 
-    // A checkpoint above `until` means the projector applied more since it
-    // was read (it cannot hold events the store lacks); below, it lost some.
-    let stored = graph.checkpoint.clone().unwrap_or_else(|| "0".to_owned());
-    if stored.parse::<i64>().map_or(true, |c| c < until) {
-        differ(
-            &format!("Checkpoint {PROJECTION}"),
-            "position",
-            until.to_string(),
-            stored,
-        );
-    }
     for state in folded.agents.values() {
         let Some(agent) = state.get() else { continue };
         let id = agent.id.to_string();
@@ -399,6 +579,18 @@ pub async fn verify_graph(
             differ(&key, "node", "present".to_owned(), "missing".to_owned());
             continue;
         };
+        if moved(&props) {
+            skipped += 1;
+            continue;
+        }
+        if !positioned(props.get(POSITION)) {
+            differ(
+                &key,
+                POSITION,
+                HAS_POSITION.to_owned(),
+                field(&props, POSITION),
+            );
+        }
         differ(
             &key,
             "status",
@@ -421,6 +613,18 @@ pub async fn verify_graph(
             differ(&key, "node", "present".to_owned(), "missing".to_owned());
             continue;
         };
+        if moved(&props) {
+            skipped += 1;
+            continue;
+        }
+        if !positioned(props.get(POSITION)) {
+            differ(
+                &key,
+                POSITION,
+                HAS_POSITION.to_owned(),
+                field(&props, POSITION),
+            );
+        }
         let workflow = task.workflow_id.to_string();
         let assignee = task.assignee.map(|a| a.to_string()).unwrap_or_default();
         let depends_on: BTreeSet<String> =
@@ -486,6 +690,18 @@ pub async fn verify_graph(
             differ(&key, "node", "present".to_owned(), "missing".to_owned());
             continue;
         };
+        if moved(&props) {
+            skipped += 1;
+            continue;
+        }
+        if !positioned(props.get(POSITION)) {
+            differ(
+                &key,
+                POSITION,
+                HAS_POSITION.to_owned(),
+                field(&props, POSITION),
+            );
+        }
         differ(
             &key,
             "status",
@@ -494,13 +710,18 @@ pub async fn verify_graph(
         );
         differ(&key, "name", workflow.name.clone(), field(&props, "name"));
     }
-    // What is left was never created by an event up to `until`.
+    // What is left was never created by an event up to the compared
+    // position: created later (skipped), or by no event at all.
     for (label, extra) in [
         ("Agent", &graph.agents),
         ("Task", &graph.tasks),
         ("Workflow", &graph.workflows),
     ] {
-        for id in extra.keys() {
+        for (id, props) in extra {
+            if moved(props) {
+                skipped += 1;
+                continue;
+            }
             differ(
                 &format!("{label} {id}"),
                 "node",
@@ -509,46 +730,54 @@ pub async fn verify_graph(
             );
         }
     }
-    Ok(differences)
+    Ok(Verified {
+        until: compared,
+        differences,
+        skipped,
+    })
 }
 
 /// What [`confirmed`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Confirmed {
-    /// The checkpoint the last pass verified up to.
+    /// The position the last pass compared at.
     pub until: i64,
     /// Differences found in every pass (same key and field).
     pub differences: Vec<Difference>,
-    /// Differences of the first pass that later passes did not find again:
-    /// the read model moved on while it was being read.
+    /// Differences of the first pass that later passes did not find again.
     pub transient: usize,
+    /// Entities the last pass skipped (changed after its position).
+    pub skipped: usize,
 }
 
 /// Verifies a model that may be changing (its projector running): runs
-/// `pass` (read the checkpoint, verify up to it) up to `passes` times and
-/// keeps the differences found in every pass. A read model that is wrong
-/// stays wrong at each checkpoint; one read while its projector applied a
-/// batch past the checkpoint differs only in that pass. With the projector
-/// idle, one pass is exact (and a clean pass ends the loop).
+/// `pass` up to `passes` times and keeps the differences found in every
+/// pass; a clean pass ends the loop. With the rule of the module docs a pass
+/// skips what moved while it read, so the first one is normally exact; the
+/// later passes are for a batch seen half-committed by a read racing it. A
+/// read model that is wrong stays wrong at each position.
 pub async fn confirmed<E, F, Fut>(passes: usize, mut pass: F) -> Result<Confirmed, E>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(i64, Vec<Difference>), E>>,
+    Fut: std::future::Future<Output = Result<Verified, E>>,
 {
-    let (mut until, first) = pass().await?;
-    let mut differences = first.clone();
+    let first = pass().await?;
+    let (mut until, mut skipped) = (first.until, first.skipped);
+    let mut differences = first.differences.clone();
     for _ in 1..passes.max(1) {
         if differences.is_empty() {
             break;
         }
-        let (next_until, next) = pass().await?;
-        until = next_until;
-        let again: std::collections::BTreeSet<(&str, &str)> = next
+        let next = pass().await?;
+        (until, skipped) = (next.until, next.skipped);
+        let again: BTreeSet<(&str, &str)> = next
+            .differences
             .iter()
             .map(|d| (d.key.as_str(), d.field.as_str()))
             .collect();
         // Keep the latest reading of each persisting difference.
         differences = next
+            .differences
             .iter()
             .filter(|d| {
                 differences
@@ -560,6 +789,7 @@ where
             .collect();
     }
     let transient = first
+        .differences
         .iter()
         .filter(|d| {
             !differences
@@ -571,7 +801,36 @@ where
         until,
         differences,
         transient,
+        skipped,
     })
+}
+
+/// `neurectomy verify` of the Redis read model, which may be moving:
+/// [`PASSES`] [`confirmed`] passes of [`verify_live`], each at the
+/// checkpoint it reads first.
+pub async fn verify_live_confirmed(
+    store: &EventStore,
+    model: &LiveModel,
+) -> Result<Confirmed, VerifyError> {
+    confirmed(PASSES, || async {
+        let until = model.checkpoint().await.map_err(VerifyError::Checkpoint)?;
+        verify_live(store, model, until).await
+    })
+    .await
+}
+
+/// `neurectomy verify` of the graph read model, which may be moving:
+/// [`PASSES`] [`confirmed`] passes of [`verify_graph`], each at the graph's
+/// checkpoint (no earlier than the one read before it).
+pub async fn verify_graph_confirmed(
+    store: &EventStore,
+    model: &GraphModel,
+) -> Result<Confirmed, VerifyError> {
+    confirmed(PASSES, || async {
+        let until = model.checkpoint().await.map_err(VerifyError::Checkpoint)?;
+        verify_graph(store, model, until).await
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -587,30 +846,54 @@ mod tests {
         }
     }
 
+    fn pass(until: i64, differences: Vec<Difference>, skipped: usize) -> Verified {
+        Verified {
+            until,
+            differences,
+            skipped,
+        }
+    }
+
     #[tokio::test]
     async fn only_differences_found_in_every_pass_are_confirmed() {
         let passes = std::sync::Mutex::new(vec![
-            vec![d("a", "f", "3")],
-            vec![d("a", "f", "4"), d("c", "f", "1")],
-            vec![d("a", "f", "5"), d("b", "f", "1")],
+            pass(7, vec![d("a", "f", "3")], 0),
+            pass(8, vec![d("a", "f", "4"), d("c", "f", "1")], 2),
+            pass(9, vec![d("a", "f", "5"), d("b", "f", "1")], 1),
         ]);
         let found = confirmed(3, || {
             let next = passes.lock().unwrap().remove(0);
-            async move { Ok::<_, ()>((7, next)) }
+            async move { Ok::<_, ()>(next) }
         })
         .await
         .unwrap();
         assert_eq!(found.differences, vec![d("a", "f", "5")]);
-        assert_eq!(found.transient, 0);
+        assert_eq!((found.until, found.transient, found.skipped), (9, 0, 1));
 
-        let passes = std::sync::Mutex::new(vec![vec![d("a", "f", "1"), d("b", "g", "2")], vec![]]);
+        let passes = std::sync::Mutex::new(vec![
+            pass(9, vec![d("a", "f", "1"), d("b", "g", "2")], 0),
+            pass(9, vec![], 4),
+        ]);
         let found = confirmed(3, || {
             let next = passes.lock().unwrap().remove(0);
-            async move { Ok::<_, ()>((9, next)) }
+            async move { Ok::<_, ()>(next) }
         })
         .await
         .unwrap();
         assert!(found.differences.is_empty());
-        assert_eq!((found.until, found.transient), (9, 2));
+        assert_eq!((found.until, found.transient, found.skipped), (9, 2, 4));
+    }
+
+    #[test]
+    fn only_a_readable_position_past_the_compared_one_skips() {
+        let p = |s: &str| s.to_owned();
+        assert!(after(Some(&p("11")), 10));
+        assert!(!after(Some(&p("10")), 10));
+        assert!(!after(Some(&p("")), 10));
+        assert!(!after(Some(&p("bogus")), 10));
+        assert!(!after(None, 10));
+        assert!(positioned(Some(&p("0"))));
+        assert!(!positioned(Some(&p(""))));
+        assert!(!positioned(None));
     }
 }

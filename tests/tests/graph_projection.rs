@@ -101,6 +101,7 @@ impl World {
         verify_graph(&self.store, &self.graph.model, until)
             .await
             .unwrap()
+            .differences
     }
 
     async fn assert_verified(&self) -> i64 {

@@ -60,7 +60,8 @@ impl World {
         let until = self.caught_up().await;
         let differences = verify_live(&self.store, &self.redis.model, until)
             .await
-            .unwrap();
+            .unwrap()
+            .differences;
         assert!(
             differences.is_empty(),
             "{} difference(s) between the events and Redis, e.g.:\n{}",
@@ -104,7 +105,8 @@ async fn a_simulated_workload_verifies_clean_and_redelivery_changes_nothing() {
     let until = world.caught_up().await;
     let differences = verify_live(&world.store, &world.redis.model, until)
         .await
-        .unwrap();
+        .unwrap()
+        .differences;
     assert_eq!(differences.len(), 1, "{differences:?}");
     assert_eq!(differences[0].key, tampered);
     assert_eq!(differences[0].actual, "bogus");

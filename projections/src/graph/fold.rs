@@ -425,3 +425,245 @@ impl Fold {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The rule `verify` relies on (see `crate::verify`): every change it
+    //! compares moves the position of the node it is compared under.
+
+    use commands::{EventMetadata, RecordedEvent};
+    use domain::event::EVENT_TYPES;
+    use domain::{AgentId, AgentKind, TaskId, WorkflowId};
+    use serde_json::json;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::verify::{GRAPH_AGENT_FIELDS, GRAPH_TASK_FIELDS, GRAPH_WORKFLOW_FIELDS};
+
+    fn at(position: i64, event: DomainEvent) -> Projected {
+        let occurred_at = time::OffsetDateTime::from_unix_timestamp(1_700_000_000 + position)
+            .expect("a valid time");
+        let recorded = RecordedEvent {
+            position,
+            stream_id: format!("{}-{position}", event.kind()),
+            stream_version: 1,
+            event_id: Uuid::new_v4(),
+            event_type: event.event_type().to_owned(),
+            schema_version: event.schema_version(),
+            data: event.to_data(),
+            metadata: EventMetadata {
+                event_id: Uuid::new_v4(),
+                command_id: Uuid::new_v4(),
+                command_type: "Test".to_owned(),
+                command_hash: String::new(),
+                correlation_id: Uuid::new_v4(),
+                causation_id: Uuid::new_v4(),
+                actor: "test".to_owned(),
+                tenant: "acme".to_owned(),
+                occurred_at,
+                traceparent: None,
+            },
+            recorded_at: occurred_at,
+        };
+        Projected::new(recorded, event)
+    }
+
+    /// Every event type, in an order the domain allows.
+    fn scenario() -> Vec<DomainEvent> {
+        let id = |n: u128| Uuid::from_u128(n);
+        let (w1, w2, w3) = (
+            WorkflowId::from_uuid(id(1)),
+            WorkflowId::from_uuid(id(2)),
+            WorkflowId::from_uuid(id(3)),
+        );
+        let (a1, a2) = (AgentId::from_uuid(id(11)), AgentId::from_uuid(id(12)));
+        let (t1, t2) = (TaskId::from_uuid(id(21)), TaskId::from_uuid(id(22)));
+        let w = DomainEvent::Workflow;
+        let a = DomainEvent::Agent;
+        let t = DomainEvent::Task;
+        let registered = |agent_id, parent_agent_id| {
+            a(AgentEvent::AgentRegistered {
+                agent_id,
+                name: "coder".to_owned(),
+                kind: AgentKind::Llm,
+                model: None,
+                capabilities: vec!["code".to_owned()],
+                parent_agent_id,
+            })
+        };
+        let created = |task_id, depends_on| {
+            t(TaskEvent::TaskCreated {
+                task_id,
+                workflow_id: w1,
+                title: "build".to_owned(),
+                input: json!({}),
+                required_capabilities: vec!["code".to_owned()],
+                depends_on,
+                priority: 1,
+                max_attempts: 3,
+            })
+        };
+        vec![
+            w(WorkflowEvent::WorkflowStarted {
+                workflow_id: w1,
+                name: "release".to_owned(),
+                metadata: json!({}),
+            }),
+            registered(a1, None),
+            registered(a2, Some(a1)),
+            created(t1, vec![]),
+            created(t2, vec![t1]),
+            t(TaskEvent::TaskAssigned {
+                task_id: t1,
+                agent_id: a1,
+            }),
+            // Delegated while assigned, then while running.
+            t(TaskEvent::TaskDelegated {
+                task_id: t1,
+                from_agent_id: a1,
+                to_agent_id: a2,
+            }),
+            t(TaskEvent::TaskStarted {
+                task_id: t1,
+                agent_id: a2,
+            }),
+            t(TaskEvent::TaskProgressReported {
+                task_id: t1,
+                percent: 40,
+                note: None,
+            }),
+            t(TaskEvent::TaskDelegated {
+                task_id: t1,
+                from_agent_id: a2,
+                to_agent_id: a1,
+            }),
+            t(TaskEvent::TaskCompleted {
+                task_id: t1,
+                output: json!({}),
+            }),
+            t(TaskEvent::TaskAssigned {
+                task_id: t2,
+                agent_id: a2,
+            }),
+            // Started by another agent than the assignee.
+            t(TaskEvent::TaskStarted {
+                task_id: t2,
+                agent_id: a1,
+            }),
+            t(TaskEvent::TaskFailed {
+                task_id: t2,
+                error: "flaky".to_owned(),
+                retryable: true,
+            }),
+            t(TaskEvent::TaskRetried {
+                task_id: t2,
+                attempt: 2,
+            }),
+            t(TaskEvent::TaskAssigned {
+                task_id: t2,
+                agent_id: a1,
+            }),
+            t(TaskEvent::TaskStarted {
+                task_id: t2,
+                agent_id: a1,
+            }),
+            t(TaskEvent::TaskCancelled {
+                task_id: t2,
+                reason: "no longer needed".to_owned(),
+            }),
+            a(AgentEvent::AgentPaused {
+                agent_id: a1,
+                reason: None,
+            }),
+            a(AgentEvent::AgentResumed { agent_id: a1 }),
+            a(AgentEvent::AgentFailed {
+                agent_id: a1,
+                reason: "crashed".to_owned(),
+            }),
+            a(AgentEvent::AgentRetired {
+                agent_id: a2,
+                reason: None,
+            }),
+            w(WorkflowEvent::WorkflowCompleted { workflow_id: w1 }),
+            w(WorkflowEvent::WorkflowStarted {
+                workflow_id: w2,
+                name: "two".to_owned(),
+                metadata: json!({}),
+            }),
+            w(WorkflowEvent::WorkflowFailed {
+                workflow_id: w2,
+                reason: "broken".to_owned(),
+            }),
+            w(WorkflowEvent::WorkflowStarted {
+                workflow_id: w3,
+                name: "three".to_owned(),
+                metadata: json!({}),
+            }),
+            w(WorkflowEvent::WorkflowCancelled {
+                workflow_id: w3,
+                reason: "dropped".to_owned(),
+            }),
+        ]
+    }
+
+    fn positioned(props: Option<&Props>, position: i64) -> bool {
+        matches!(
+            props.and_then(|p| p.get("last_position")),
+            Some(BoltType::Integer(i)) if i.value == position
+        )
+    }
+
+    #[test]
+    fn every_change_verify_compares_moves_the_position_of_its_node() {
+        let events = scenario();
+        let covered: BTreeSet<&str> = events.iter().map(|e| e.event_type()).collect();
+        let all: BTreeSet<&str> = EVENT_TYPES.iter().map(|(t, _, _)| *t).collect();
+        assert_eq!(covered, all, "the scenario must use every event type");
+
+        let mut known = Fold::default();
+        for (position, event) in (1..).zip(events) {
+            let p = at(position, event);
+            let what = &p.recorded.event_type;
+            // Each event alone, on the state the earlier ones left.
+            let mut fold = Fold {
+                workflows: std::mem::take(&mut known.workflows),
+                tasks: std::mem::take(&mut known.tasks),
+                agents: std::mem::take(&mut known.agents),
+                ..Fold::default()
+            };
+            fold.event(&p).expect("the scenario applies");
+            let compared =
+                |props: &Props, fields: &[&str]| props.keys().any(|k| fields.contains(k));
+            for (id, props) in &fold.agent_props {
+                if compared(props, GRAPH_AGENT_FIELDS) {
+                    assert!(positioned(Some(props), position), "{what}: agent {id}");
+                }
+            }
+            for (id, props) in &fold.workflow_props {
+                if compared(props, GRAPH_WORKFLOW_FIELDS) {
+                    assert!(positioned(Some(props), position), "{what}: workflow {id}");
+                }
+            }
+            for (id, props) in &fold.task_props {
+                if compared(props, GRAPH_TASK_FIELDS) {
+                    assert!(positioned(Some(props), position), "{what}: task {id}");
+                }
+            }
+            // Relationships compared under their task: PART_OF,
+            // DEPENDS_ON, ASSIGNED_TO.
+            let tasks = fold
+                .part_of
+                .iter()
+                .chain(&fold.depends_on)
+                .map(|(task, _)| task)
+                .chain(fold.assignment.keys());
+            for task in tasks {
+                assert!(
+                    positioned(fold.task_props.get(task), position),
+                    "{what}: a relationship of task {task}"
+                );
+            }
+            known = fold;
+        }
+    }
+}

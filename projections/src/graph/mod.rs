@@ -27,6 +27,13 @@
 //! an agent's past tasks stay answerable. Earlier holders of a delegated task
 //! remain visible through `DELEGATED_TO.from`.
 //!
+//! `last_position` is the position of the last event applied to a node. Every
+//! event that changes a node's properties or its outgoing `PART_OF`,
+//! `DEPENDS_ON` or `ASSIGNED_TO` sets it in the same transaction (the one
+//! exception: a cancelled task clears its agent's `current_task` without
+//! it); `verify` relies on that to skip what changed while it read
+//! (`crate::verify`; a unit test in `fold.rs` checks it per event type).
+//!
 //! Times are epoch milliseconds (`at`, `updated_at`): Bolt datetimes lose
 //! their offsets on some servers. Positions are global event-store positions.
 //!

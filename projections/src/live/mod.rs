@@ -24,6 +24,11 @@
 //! | `feed:<tenant>` | stream | change feed; entry id `<position>-0`, capped; fields position, type, stream_id, stream_version, data and, when traced, traceparent (of the event's projection) |
 //! | `checkpoint` | string | last applied global position |
 //!
+//! `last_position` of a hash is the position of the last event that changed
+//! it, except for a workflow's task counters (moved by its tasks' events,
+//! which set the task's `last_position`) and an agent's `current_task` when
+//! a task is cancelled; `verify` relies on that (`crate::verify`).
+//!
 //! A batch is one `MULTI/EXEC` holding every change and the checkpoint, so a
 //! crash leaves either all of a batch or none of it. Lists are stored as
 //! comma-separated strings (ids and capability names contain no commas).
