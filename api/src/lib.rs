@@ -21,6 +21,8 @@
 //! - [`metrics`], [`probes`]: the Prometheus series and the periodic
 //!   dependency probes behind `neurectomy_dependency_up`.
 //! - [`shutdown`]: signals, what is in flight, the shutdown deadline.
+//! - [`graphiql`]: the GraphiQL page at `/` and its assets, compiled into
+//!   the binary, so it needs no network beyond this server.
 
 pub mod app;
 pub mod auth;
@@ -28,6 +30,7 @@ pub mod bench;
 pub mod bench_api;
 pub mod bench_project;
 pub mod config;
+pub mod graphiql;
 pub mod graphql;
 pub mod health;
 pub mod metrics;

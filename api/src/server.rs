@@ -1,17 +1,18 @@
 //! The HTTP server: GraphQL over HTTP (`POST`/`GET /graphql`), GraphQL
 //! over WebSocket (`/graphql/ws`: `graphql-transport-ws` and the legacy
-//! `graphql-ws`), GraphiQL at `/`, `/healthz`, `/readyz` and `/metrics`.
+//! `graphql-ws`), GraphiQL at `/` (with its assets under `/graphiql/`, see
+//! [`crate::graphiql`]), `/healthz`, `/readyz` and `/metrics`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_graphql::http::{GraphiQLSource, WebSocketProtocols};
+use async_graphql::http::WebSocketProtocols;
 use async_graphql::{BatchRequest, BatchResponse};
 use axum::body::Bytes;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures::StreamExt as _;
@@ -71,7 +72,8 @@ pub struct AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     let config = state.config.clone();
     let mut router = Router::new()
-        .route("/", get(graphiql))
+        .route("/", get(crate::graphiql::page))
+        .route("/graphiql/{version}/{file}", get(crate::graphiql::asset))
         .route("/graphql", get(graphql_get).post(graphql_post))
         .route("/graphql/ws", get(websocket))
         .route("/healthz", get(healthz))
@@ -355,39 +357,6 @@ async fn graphql_get(
         started,
     )
     .await
-}
-
-/// GraphiQL. `/?token=<jwt>` pre-fills the bearer token for queries and
-/// mutations (a header) and for subscriptions (the `connection_init`
-/// payload): a development convenience; the page is static otherwise.
-async fn graphiql(
-    axum::extract::Query(params): axum::extract::Query<GraphiqlParams>,
-) -> Html<String> {
-    // A JWT is base64url segments and dots; anything else is ignored, so
-    // nothing but a token ever reaches the page's script.
-    let token = params.token.filter(|t| {
-        !t.is_empty()
-            && t.len() <= 4096
-            && t.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    });
-    let bearer = token.map(|t| format!("Bearer {t}"));
-    let mut source = GraphiQLSource::build()
-        .endpoint("/graphql")
-        .subscription_endpoint("/graphql/ws")
-        .title("Neurectomy GraphQL");
-    if let Some(bearer) = bearer.as_deref() {
-        source = source
-            .header("Authorization", bearer)
-            .ws_connection_param("authorization", bearer);
-    }
-    Html(source.finish())
-}
-
-/// Query parameters of the GraphiQL page.
-#[derive(Debug, serde::Deserialize)]
-struct GraphiqlParams {
-    token: Option<String>,
 }
 
 async fn healthz() -> &'static str {

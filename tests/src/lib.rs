@@ -476,3 +476,157 @@ pub mod api {
         }
     }
 }
+
+pub mod js {
+    //! The JavaScript clients in `tests/js/` (graphql-js, graphql-ws, Apollo
+    //! Client, and Chromium driven by playwright-core), run by Node.js from
+    //! `PATH` against a test's API: `node tests/js/<script> <base url>
+    //! <token>`. A script prints one JSON object per line on stdout, each
+    //! with an `event`, the last being `{"event": "result", …}`
+    //! (`tests/js/lib/harness.mjs`); its stderr goes to the test's output.
+    //! `scripts/test.sh` (through `scripts/js.sh`) installs what they need.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::path::{Path, PathBuf};
+    use std::process::{ExitStatus, Stdio};
+    use std::time::Duration;
+
+    use serde_json::Value;
+    use tokio::io::{AsyncBufReadExt as _, BufReader, Lines};
+    use tokio::process::{Child, ChildStdout, Command};
+
+    /// `tests/js/`.
+    pub fn dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("js")
+    }
+
+    /// The Chromium the browser tests drive: Debian's, or
+    /// `NEURECTOMY_TEST_CHROMIUM`.
+    pub fn chromium() -> PathBuf {
+        std::env::var_os("NEURECTOMY_TEST_CHROMIUM")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
+    }
+
+    /// Fails the test, naming what to install, unless the packages of
+    /// `tests/js/package-lock.json` are installed and, with `browser`,
+    /// Chromium is there. (Node.js itself is checked when a script starts.)
+    pub fn require(browser: bool) {
+        let modules = dir().join("node_modules");
+        for package in [
+            "playwright-core",
+            "graphql",
+            "graphql-ws",
+            "ws",
+            "@apollo/client",
+        ] {
+            assert!(
+                modules.join(package).join("package.json").is_file(),
+                "{} is missing: run `npm ci` in {} (scripts/test.sh does, through scripts/js.sh)",
+                modules.join(package).display(),
+                dir().display(),
+            );
+        }
+        if browser {
+            let chromium = chromium();
+            assert!(
+                chromium.is_file(),
+                "{} is missing: install Debian's chromium (`apt-get install chromium`; \
+                 scripts/test.sh does, through scripts/js.sh) or set NEURECTOMY_TEST_CHROMIUM",
+                chromium.display(),
+            );
+        }
+    }
+
+    /// A running script; killed when dropped.
+    pub struct Script {
+        child: Child,
+        stdout: Lines<BufReader<ChildStdout>>,
+        name: String,
+        /// The `result` event, once read.
+        result: Option<Value>,
+    }
+
+    impl Script {
+        /// Starts `node tests/js/<script> <base> <token>`.
+        pub fn spawn(script: &str, base: &str, token: &str) -> Self {
+            let path = dir().join(script);
+            let mut child = Command::new("node")
+                .arg(&path)
+                .arg(base)
+                .arg(token)
+                .current_dir(dir())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot run `node {}`: {e}; the JavaScript tests need Node.js 20 or newer \
+                         on PATH (https://nodejs.org/ or your distribution's nodejs)",
+                        path.display()
+                    )
+                });
+            let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+            Self {
+                child,
+                stdout,
+                name: script.to_owned(),
+                result: None,
+            }
+        }
+
+        /// The next JSON line, within `timeout`; `None` at the end of the
+        /// output. Lines that are not JSON objects fail the test.
+        pub async fn event(&mut self, timeout: Duration) -> Option<Value> {
+            let line = tokio::time::timeout(timeout, self.stdout.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("{} printed nothing for {timeout:?}", self.name))
+                .unwrap();
+            line.map(|line| {
+                serde_json::from_str::<Value>(&line)
+                    .ok()
+                    .filter(Value::is_object)
+                    .unwrap_or_else(|| {
+                        panic!("{} printed a line that is not JSON: {line}", self.name)
+                    })
+            })
+        }
+
+        /// Reads events until one named `name` (returned) or the result
+        /// (`Err` with it), each within `timeout`.
+        pub async fn until(&mut self, name: &str, timeout: Duration) -> Result<Value, Value> {
+            if let Some(result) = &self.result {
+                return Err(result.clone());
+            }
+            loop {
+                match self.event(timeout).await {
+                    Some(event) if event["event"] == "result" => {
+                        self.result = Some(event.clone());
+                        return if name == "result" {
+                            Ok(event)
+                        } else {
+                            Err(event)
+                        };
+                    }
+                    Some(event) if event["event"] == name => return Ok(event),
+                    Some(_) => {}
+                    None => panic!("{} ended before printing `{name}` or a result", self.name),
+                }
+            }
+        }
+
+        /// The `result` event and the exit status, within `timeout`.
+        pub async fn result(mut self, timeout: Duration) -> (Value, ExitStatus) {
+            let result = match self.until("result", timeout).await {
+                Ok(result) | Err(result) => result,
+            };
+            let status = tokio::time::timeout(timeout, self.child.wait())
+                .await
+                .unwrap_or_else(|_| panic!("{} did not exit after its result", self.name))
+                .unwrap();
+            (result, status)
+        }
+    }
+}
