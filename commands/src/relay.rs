@@ -343,6 +343,15 @@ impl Relay {
                     .await?;
                 Ok::<_, sqlx::Error>(locked.then_some(conn))
             };
+            // Bounded like every other PostgreSQL call of this process: a
+            // connection attempt to a server that does not answer is given up
+            // after the pool's acquire timeout, and tried again.
+            let timeout = self.store.pool().options().get_acquire_timeout();
+            let attempt = async {
+                tokio::time::timeout(timeout, attempt)
+                    .await
+                    .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+            };
             match attempt.await {
                 Ok(Some(conn)) => return Some(conn),
                 Ok(None) if !announced => {

@@ -45,6 +45,10 @@ use crate::model::{ApplyError, Projected, ReadModel};
 /// it saves.
 const BATCHES_PER_PAGE: usize = 1;
 
+/// How often an idle live projector checks that its read model still holds
+/// its checkpoint.
+const MODEL_CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// Configuration of one projector.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProjectorConfig {
@@ -69,7 +73,8 @@ impl Default for ProjectorConfig {
             stream_name: "NEURECTOMY_EVENTS".to_owned(),
             batch_size: 500,
             linger: Duration::ZERO,
-            max_backoff: Duration::from_secs(5),
+            // A store that is back is used again within a second.
+            max_backoff: Duration::from_secs(1),
             ack_wait: Duration::from_secs(30),
         }
     }
@@ -399,7 +404,10 @@ impl<M: ReadModel> Projector<M> {
                     break;
                 };
                 let _holding = self.in_hand.hold(batch.len());
-                if let Err(interrupt) = self.apply_decoded(batch, checkpoint, shutdown).await {
+                if let Err(interrupt) = self
+                    .apply_decoded(batch, checkpoint, ProjectorState::CatchingUp, shutdown)
+                    .await
+                {
                     abort(next);
                     return Err(interrupt);
                 }
@@ -446,6 +454,13 @@ impl<M: ReadModel> Projector<M> {
         };
         self.status.send_modify(|s| s.state = ProjectorState::Live);
         tracing::info!(checkpoint, start_sequence = expected, "projection is live");
+        // While no message comes, the model is looked at every
+        // MODEL_CHECK_EVERY: one that lost its checkpoint (Redis restarted
+        // without its data, a graph wiped) is rebuilt at once, not when the
+        // next event happens to arrive.
+        let mut model_check = tokio::time::interval(MODEL_CHECK_EVERY);
+        model_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        model_check.reset();
         // A continuous pull stream (the client keeps requests flowing and
         // watches heartbeats); batches are formed locally: the first message
         // is awaited, then more are taken until the batch is full or `linger`
@@ -465,9 +480,25 @@ impl<M: ReadModel> Projector<M> {
         };
         loop {
             let first = tokio::select! {
+                biased;
                 () = shutdown.cancelled() => return Interrupt::Shutdown,
                 next = messages.next() => next,
+                _ = model_check.tick() => {
+                    match self.model.checkpoint().await {
+                        Ok(stored) if stored < checkpoint => {
+                            tracing::warn!(
+                                stored,
+                                checkpoint,
+                                "the read model is behind what this projector applied (its store lost data, or it was wiped): rebuilding from the event store"
+                            );
+                            return Interrupt::Gap;
+                        }
+                        Ok(_) => continue,
+                        Err(error) => return Interrupt::Transient(error.to_string()),
+                    }
+                }
             };
+            model_check.reset();
             let mut received = vec![first];
             let deadline = tokio::time::Instant::now() + self.config.linger;
             while received.len() < self.config.batch_size.max(1) {
@@ -600,7 +631,8 @@ impl<M: ReadModel> Projector<M> {
         if let Some(bad) = &page.undecodable {
             return Err(self.undecodable(bad));
         }
-        self.apply_decoded(page.events, checkpoint, shutdown).await
+        self.apply_decoded(page.events, checkpoint, ProjectorState::Live, shutdown)
+            .await
     }
 
     /// Stops the projection at an event that does not decode.
@@ -614,11 +646,13 @@ impl<M: ReadModel> Projector<M> {
     }
 
     /// Applies one decoded batch, retrying transient failures until they
-    /// pass or shutdown.
+    /// pass or shutdown. Once it is applied the state is `phase` again (a
+    /// projector that was retrying is catching up or live once more).
     async fn apply_decoded(
         &self,
         mut projected: Vec<Projected>,
         checkpoint: i64,
+        phase: ProjectorState,
         shutdown: &CancellationToken,
     ) -> Result<(), Interrupt> {
         projected.retain(|p| p.recorded.position > checkpoint);
@@ -652,6 +686,7 @@ impl<M: ReadModel> Projector<M> {
                     self.status.send_modify(|s| {
                         s.checkpoint = last;
                         s.applied += count;
+                        s.state = phase;
                     });
                     return Ok(());
                 }

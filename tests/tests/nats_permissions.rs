@@ -248,7 +248,7 @@ async fn only_the_relays_user_may_publish_on_the_event_subjects() {
     })
     .await;
     let differences = verify_live(&store, &redis.model, head).await.unwrap();
-    assert!(differences.is_empty(), "{differences:?}");
+    assert!(differences.differences.is_empty(), "{differences:?}");
     let events = store.count_after(0, i64::MAX).await.unwrap() as u64;
     let (admin_client, _) = server.connect("admin").await;
     let js = async_nats::jetstream::new(admin_client);

@@ -542,10 +542,10 @@ async fn assert_passed_over(
 ) {
     world.assert_verified().await;
     let until = world.pipe.caught_up(&graph.model).await;
-    let differences = verify_graph(&world.store, &graph.model, until)
+    let verified = verify_graph(&world.store, &graph.model, until)
         .await
         .unwrap();
-    assert!(differences.is_empty(), "graph: {differences:?}");
+    assert!(verified.differences.is_empty(), "graph: {verified:?}");
     for (name, projector) in ["redis", "graph"].into_iter().zip(projectors) {
         eventually(
             "the projector to pass over every foreign message",
