@@ -493,7 +493,7 @@ pub mod js {
 
     use serde_json::Value;
     use tokio::io::{AsyncBufReadExt as _, BufReader, Lines};
-    use tokio::process::{Child, ChildStdout, Command};
+    use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
     /// `tests/js/`.
     pub fn dir() -> PathBuf {
@@ -542,6 +542,7 @@ pub mod js {
     pub struct Script {
         child: Child,
         stdout: Lines<BufReader<ChildStdout>>,
+        stdin: Option<ChildStdin>,
         name: String,
         /// The `result` event, once read.
         result: Option<Value>,
@@ -550,13 +551,20 @@ pub mod js {
     impl Script {
         /// Starts `node tests/js/<script> <base> <token>`.
         pub fn spawn(script: &str, base: &str, token: &str) -> Self {
+            Self::spawn_with(script, base, token, &[])
+        }
+
+        /// Starts `node tests/js/<script> <base> <token>` with `env` added
+        /// to its environment and its stdin open for [`Script::send`].
+        pub fn spawn_with(script: &str, base: &str, token: &str, env: &[(&str, &str)]) -> Self {
             let path = dir().join(script);
             let mut child = Command::new("node")
                 .arg(&path)
                 .arg(base)
                 .arg(token)
+                .envs(env.iter().copied())
                 .current_dir(dir())
-                .stdin(Stdio::null())
+                .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .kill_on_drop(true)
@@ -569,12 +577,28 @@ pub mod js {
                     )
                 });
             let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+            let stdin = child.stdin.take();
             Self {
                 child,
                 stdout,
+                stdin,
                 name: script.to_owned(),
                 result: None,
             }
+        }
+
+        /// Writes `line` (and a newline) to the script's stdin.
+        pub async fn send(&mut self, line: &str) {
+            use tokio::io::AsyncWriteExt as _;
+            let stdin = self
+                .stdin
+                .as_mut()
+                .unwrap_or_else(|| panic!("{}: stdin is closed", self.name));
+            stdin
+                .write_all(format!("{line}\n").as_bytes())
+                .await
+                .unwrap();
+            stdin.flush().await.unwrap();
         }
 
         /// The next JSON line, within `timeout`; `None` at the end of the
