@@ -418,7 +418,7 @@ async fn tenants_are_isolated_and_roles_enforced() {
 async fn bad_requests_get_protocol_errors_and_the_server_keeps_serving() {
     let limits = ApiLimits {
         max_depth: 6,
-        max_complexity: 300,
+        max_complexity: 1_000,
         consistency_timeout: Duration::from_millis(300),
         ..ApiLimits::default()
     };

@@ -116,7 +116,7 @@ fn config_prints_the_effective_configuration_with_sources_and_no_secrets() {
     for line in [
         "max_depth = 9  # flag --api-max-depth",
         "max_page = 77  # file",
-        "max_complexity = 2000  # default",
+        "max_complexity = 20000  # default",
         "url = \"redis://:<redacted>@127.0.0.1:6379\"  # env NEURECTOMY_REDIS_URL",
         "password = \"<redacted>\"  # file",
         "jwt_secret = \"<redacted>\"  # env NEURECTOMY_JWT_SECRET",

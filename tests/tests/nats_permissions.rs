@@ -58,7 +58,10 @@ impl Server {
             .map(|(user, _)| {
                 (
                     (*user).to_owned(),
-                    uuid::Uuid::new_v4().simple().to_string(),
+                    // nats-server reads a variable's value as a config
+                    // value: one starting with a digit is taken for a
+                    // number (and refused). deploy/nats.conf says so.
+                    format!("p{}", uuid::Uuid::new_v4().simple()),
                 )
             })
             .collect();

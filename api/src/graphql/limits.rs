@@ -562,6 +562,24 @@ mod tests {
         );
     }
 
+    /// graphql-js 16's `getIntrospectionQuery()` with every option GraphiQL
+    /// 3 sets.
+    const INTROSPECTION: &str = "query IntrospectionQuery { __schema { description queryType { name } mutationType { name } subscriptionType { name } types { ...FullType } directives { name description isRepeatable locations args(includeDeprecated: true) { ...InputValue } } } } fragment FullType on __Type { kind name description specifiedByURL fields(includeDeprecated: true) { name description args(includeDeprecated: true) { ...InputValue } type { ...TypeRef } isDeprecated deprecationReason } inputFields(includeDeprecated: true) { ...InputValue } interfaces { ...TypeRef } enumValues(includeDeprecated: true) { name description isDeprecated deprecationReason } possibleTypes { ...TypeRef } } fragment InputValue on __InputValue { name description type { ...TypeRef } defaultValue isDeprecated deprecationReason } fragment TypeRef on __Type { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name } } } } } } } } } }";
+
+    #[test]
+    fn the_standard_introspection_query_fits_with_room_to_spare() {
+        let measured = cost(INTROSPECTION, serde_json::json!({}));
+        let Ok(measured) = measured else {
+            panic!("{measured:?}")
+        };
+        assert_eq!((measured.depth, measured.complexity), (0, 0));
+        assert!(
+            measured.fields * 4 < LIMITS.max_fields as u64,
+            "{} fields",
+            measured.fields
+        );
+    }
+
     #[test]
     fn a_full_page_of_agents_is_within_the_default_complexity() {
         let fields = [

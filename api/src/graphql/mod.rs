@@ -247,6 +247,10 @@ impl ScalarType for Position {
         }
     }
 
+    fn is_valid(value: &Value) -> bool {
+        Self::parse(value.clone()).is_ok()
+    }
+
     fn to_value(&self) -> Value {
         Value::String(self.0.to_string())
     }
@@ -288,6 +292,12 @@ impl ScalarType for DateTime {
                 "a DateTime is an RFC 3339 string with a time zone, such as 2026-11-24T12:00:00Z or 2026-11-24T13:00:00.5+01:00",
             )
         })
+    }
+
+    // A literal that does not parse is refused by validation (with the
+    // other errors of the document), not when the field runs.
+    fn is_valid(value: &Value) -> bool {
+        Self::parse(value.clone()).is_ok()
     }
 
     fn to_value(&self) -> Value {
