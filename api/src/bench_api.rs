@@ -1766,8 +1766,17 @@ mod tests {
         assert_eq!(plain_next(errors), None);
         assert_eq!(plain_next(r#"{"type":"ping"}"#), None);
         assert_eq!(plain_next("not json"), None);
-        // `Data` names the subscription's field literally.
-        assert_eq!(SUBSCRIPTION_FIELD, "agentUpdated");
+        // `Data` names the subscription's field literally (serde renames
+        // take literals): it must be the field the subscription selects.
+        let selected = SUBSCRIPTION
+            .split_once('{')
+            .and_then(|(_, rest)| rest.trim_start().split('(').next())
+            .map(str::trim);
+        assert_eq!(selected, Some(SUBSCRIPTION_FIELD));
+        let renamed = format!(
+            r#"{{"type":"next","id":"1","payload":{{"data":{{"{SUBSCRIPTION_FIELD}":{{"position":"9"}}}}}}}}"#
+        );
+        assert_eq!(plain_next(&renamed), Some(Some(9)));
     }
 
     const OUTPUT: &str = "Running 10s test @ http://127.0.0.1:8080/graphql

@@ -507,11 +507,18 @@ async fn websocket(
             "request the `graphql-transport-ws` (or legacy `graphql-ws`) subprotocol",
         );
     };
+    // The socket refuses what is far too large (it would have to be held
+    // to be read); a message over the configured limit but within this is
+    // read whole and refused by the connection with 1009, so the close
+    // frame reaches a client that is not still sending (unread bytes at a
+    // close make the kernel reset the connection, and the client never sees
+    // the code).
     let limit = state.config.ws_message_limit;
+    let hard_limit = limit.saturating_mul(4).max(1 << 20);
     upgrade
         .protocols(["graphql-transport-ws", "graphql-ws"])
-        .max_message_size(limit)
-        .max_frame_size(limit)
+        .max_message_size(hard_limit)
+        .max_frame_size(hard_limit)
         // Small per-connection buffers: one process holds ~10,000 sockets
         // (tungstenite's defaults are 128 KiB each way). The read buffer is
         // allocated up front for every socket and kept for its lifetime,

@@ -63,6 +63,9 @@ use crate::server::AppState;
 /// How often the server pings an idle client.
 pub const KEEPALIVE: Duration = Duration::from_secs(30);
 
+/// How long a closing socket waits for the client's close frame.
+const CLOSING_HANDSHAKE: Duration = Duration::from_secs(1);
+
 /// Longest close reason, bytes: a close frame's payload is at most 125
 /// bytes, two of which are the code (RFC 6455 §5.5).
 pub const MAX_CLOSE_REASON: usize = 123;
@@ -671,6 +674,19 @@ pub async fn serve(
                     reason: close_reason(&reason).into(),
                 };
                 let _ = sink.send(Message::Close(Some(frame))).await;
+                // The closing handshake (RFC 6455 §7.1.1): the client
+                // answers with its close frame; what it sent meanwhile is
+                // read and dropped, so nothing unread resets the connection
+                // before it read the code. Bounded: a client that never
+                // answers is let go.
+                let _ = tokio::time::timeout(CLOSING_HANDSHAKE, async {
+                    while let Some(Ok(message)) = source.next().await {
+                        if matches!(message, Message::Close(_)) {
+                            break;
+                        }
+                    }
+                })
+                .await;
                 break;
             }
             Flow::End => break,
@@ -710,6 +726,18 @@ fn receive(
     principal: &mut Option<Principal>,
     subscriptions: &mut Subscriptions,
 ) -> Result<Option<String>, Flow> {
+    let limit = state.config.ws_message_limit;
+    let size = match &incoming {
+        Some(Ok(Message::Text(text))) => text.len(),
+        Some(Ok(Message::Binary(bytes))) => bytes.len(),
+        _ => 0,
+    };
+    if size > limit {
+        return Err(Flow::Close(
+            1009,
+            format!("message of {size} bytes refused: the limit is {limit}"),
+        ));
+    }
     let message = match incoming {
         Some(Ok(Message::Text(text))) => ClientMessage::from_bytes(text.as_str()),
         Some(Ok(Message::Binary(bytes))) => ClientMessage::from_bytes(&bytes),

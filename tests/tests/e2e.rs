@@ -2,10 +2,8 @@
 //! PostgreSQL and NATS JetStream.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashSet;
 use std::time::Duration;
 
-use commands::relay::HEADER_POSITION;
 use commands::testkit::{eventually, TestDatabase, TestNats};
 use neurectomy_e2e::Target;
 
@@ -33,6 +31,44 @@ async fn event_count(db: &TestDatabase) -> i64 {
         .unwrap()
 }
 
+/// The `application_name` of the session holding this database's advisory
+/// lock (the leading relay's), if any.
+async fn lock_holder(db: &TestDatabase) -> Option<String> {
+    sqlx::query_scalar(
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_optional(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// `target` for a process whose PostgreSQL sessions are named `name`.
+fn named(target: &Target, name: &str) -> Target {
+    let separator = if target.database_url.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    Target {
+        database_url: format!("{}{separator}application_name={name}", target.database_url),
+        ..target.clone()
+    }
+}
+
+/// The simulator's seed: `NEURECTOMY_TEST_SEED`, or a new one; printed.
+fn seed() -> String {
+    let seed = std::env::var("NEURECTOMY_TEST_SEED")
+        .unwrap_or_else(|_| (rand_seed() % 1_000_000).to_string());
+    eprintln!("simulator seed {seed} (NEURECTOMY_TEST_SEED={seed} repeats it)");
+    seed
+}
+
+fn rand_seed() -> u64 {
+    u64::from(uuid::Uuid::new_v4().as_fields().0)
+}
+
 async fn jetstream_count(nats: &TestNats) -> u64 {
     match nats.jetstream().get_stream(&nats.relay.stream_name).await {
         Ok(mut stream) => stream.info().await.map(|i| i.state.messages).unwrap_or(0),
@@ -47,11 +83,19 @@ async fn jetstream_count(nats: &TestNats) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_relay_process_loses_nothing_and_publishes_nothing_twice() {
     let (db, nats, target) = fixture().await;
+    let (relay_1, relay_2) = (named(&target, "relay-1"), named(&target, "relay-2"));
 
-    let mut first = target.spawn("relay-1", &["relay"]).unwrap();
-    // Let the first relay take the lock before the standby starts.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut second = target.spawn("relay-2", &["relay"]).unwrap();
+    // The first relay leads (it holds the advisory lock) before the second
+    // starts, which stands by.
+    let mut first = relay_1.spawn("relay-1", &["relay"]).unwrap();
+    eventually(
+        "relay-1 to take the lock",
+        Duration::from_secs(30),
+        || async { (lock_holder(&db).await.as_deref() == Some("relay-1")).then_some(()) },
+    )
+    .await;
+    let mut second = relay_2.spawn("relay-2", &["relay"]).unwrap();
+    let seed = seed();
     let simulate = target
         .command(&[
             "simulate",
@@ -60,7 +104,7 @@ async fn killed_relay_process_loses_nothing_and_publishes_nothing_twice() {
             "--rate",
             "400",
             "--seed",
-            "7",
+            &seed,
             "--workflows",
             "4",
         ])
@@ -73,16 +117,25 @@ async fn killed_relay_process_loses_nothing_and_publishes_nothing_twice() {
         || async { (jetstream_count(&nats).await > 200).then_some(()) },
     )
     .await;
+    // The process killed is the leader, and it is killed mid-stream.
+    assert_eq!(lock_holder(&db).await.as_deref(), Some("relay-1"));
     first.kill().await.unwrap();
     let killed_at = jetstream_count(&nats).await;
 
+    // The standby takes the lock and goes on publishing.
     eventually(
-        "the standby to take over",
+        "relay-2 to take the lock",
+        Duration::from_secs(30),
+        || async { (lock_holder(&db).await.as_deref() == Some("relay-2")).then_some(()) },
+    )
+    .await;
+    eventually(
+        "the standby to publish",
         Duration::from_secs(30),
         || async { (jetstream_count(&nats).await > killed_at + 200).then_some(()) },
     )
     .await;
-    first = target.spawn("relay-1 (restarted)", &["relay"]).unwrap();
+    first = relay_1.spawn("relay-1 (restarted)", &["relay"]).unwrap();
 
     let output = simulate.await.unwrap().unwrap();
     assert!(
@@ -101,43 +154,7 @@ async fn killed_relay_process_loses_nothing_and_publishes_nothing_twice() {
     .await;
 
     // Same events, same order, once each.
-    let positions: Vec<i64> = sqlx::query_scalar("SELECT position FROM events ORDER BY position")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
-    let ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT event_id FROM events ORDER BY position")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
-    let stream = nats
-        .jetstream()
-        .get_stream(&nats.relay.stream_name)
-        .await
-        .unwrap();
-    let mut seen = HashSet::new();
-    for (index, (position, id)) in positions.iter().zip(&ids).enumerate() {
-        let message = stream.get_raw_message(index as u64 + 1).await.unwrap();
-        let header = message
-            .headers
-            .get(HEADER_POSITION)
-            .unwrap()
-            .as_str()
-            .to_owned();
-        assert_eq!(
-            header,
-            position.to_string(),
-            "message {} is out of order",
-            index + 1
-        );
-        let msg_id = message
-            .headers
-            .get("Nats-Msg-Id")
-            .unwrap()
-            .as_str()
-            .to_owned();
-        assert_eq!(msg_id, id.to_string());
-        assert!(seen.insert(msg_id), "event {id} published twice");
-    }
+    neurectomy_e2e::assert_exact_mirror(&db.pool, &nats.jetstream(), &nats.relay.stream_name).await;
     first.kill().await.unwrap();
     second.kill().await.unwrap();
 }

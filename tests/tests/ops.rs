@@ -752,6 +752,8 @@ async fn sigterm_under_load_loses_nothing_and_restarts_cleanly() {
         },
     )
     .await;
+    // Exactly the store, once each, in order, across the SIGTERM.
+    neurectomy_e2e::assert_exact_mirror(&scratch.db.pool, &js, &stream_name).await;
     let redis = scratch.redis.model.clone();
     let graph = scratch.graph.model.clone();
     eventually(

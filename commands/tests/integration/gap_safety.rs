@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use neurectomy_commands::testkit::{eventually, TestDatabase};
 use neurectomy_commands::{EventStore, ExpectedVersion};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use sqlx::PgPool;
 
 use crate::support::{all_positions, events, stream_id, TENANT, WAIT};
@@ -157,10 +156,10 @@ async fn a_reader_polling_during_random_interleavings_sees_exactly_the_log() {
     });
 
     let mut writers = Vec::new();
-    for _ in 0..WRITERS {
+    for writer in 0..WRITERS {
         let store = store.clone();
+        let mut rng = crate::support::rng(writer as u64);
         writers.push(tokio::spawn(async move {
-            let mut rng = StdRng::from_entropy();
             let stream = stream_id("task");
             let mut written = 0usize;
             for _ in 0..APPENDS {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use neurectomy_commands::testkit::{eventually, TestDatabase, TestNats};
 use neurectomy_commands::{EventStore, Relay, RelayConfig};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 use crate::support::{
     fast, mixed_streams, wait_for_mirror, wait_for_mirror_among, Intruder, NatsServer,
@@ -63,25 +63,36 @@ async fn relays_aborted_at_random_moments_leave_an_exact_mirror() {
         c
     };
     let writer = Writer::spawn(&store, mixed_streams(30), u64::MAX);
-    let mut rng = rand::rngs::StdRng::from_entropy();
+    let mut rng = crate::support::rng(0);
 
-    let mut published = 0;
+    let mut mid_batch = 0;
     for crash in 0..CRASHES {
         let relay = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
-        // Let this incarnation publish something, then kill it at a random
-        // moment (mid-batch, between batches, mid-checkpoint...).
+        // Let this incarnation publish something, then kill it: every other
+        // time while it holds a batch (sent, acknowledgements awaited), else
+        // at a random moment (between batches, mid-checkpoint...).
         eventually("the new relay to publish", WAIT, || async {
             (relay.progress().published > 0).then_some(())
         })
         .await;
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..40))).await;
+        if crash % 2 == 0 {
+            eventually("the relay to hold a batch", WAIT, || async {
+                (relay.in_hand.get() > 0).then_some(())
+            })
+            .await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(0..40))).await;
+        }
+        let holding = relay.in_hand.get();
         relay.handle.abort();
         let ended = relay.handle.await;
         assert!(
             ended.as_ref().is_err_and(|e| e.is_cancelled()),
             "crash {crash}: the relay should have been running, got {ended:?}"
         );
-        published += relay.progress.borrow().published;
+        if holding > 0 {
+            mid_batch += 1;
+        }
     }
     let final_relay = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
     writer.wait_for_more(50).await;
@@ -89,7 +100,10 @@ async fn relays_aborted_at_random_moments_leave_an_exact_mirror() {
 
     let n = wait_for_mirror(&store, &nats.jetstream(), &config, Some(&final_relay)).await;
     assert_eq!(n as u64, written);
-    assert!(published > 0);
+    assert!(
+        mid_batch >= 1,
+        "no abort landed while a relay held a batch: the test did not test that"
+    );
     final_relay.shutdown().await;
 }
 
@@ -130,6 +144,69 @@ async fn a_standby_relay_takes_over_when_the_leader_stops() {
     standby.shutdown().await;
 }
 
+/// The leader dies rather than stopping: its task is aborted mid-flight and
+/// its leadership connection's backend is terminated (what PostgreSQL sees
+/// of a process killed or a host gone: the session ends, the advisory lock
+/// with it), with no final checkpoint and no release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_relay_takes_over_when_the_leader_dies() {
+    let db = TestDatabase::create(10).await.unwrap();
+    let nats = TestNats::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let config = fast(&nats.relay);
+    let writer = Writer::spawn(&store, mixed_streams(30), u64::MAX);
+
+    let a = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+    let b = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+    eventually("one relay to lead and publish", WAIT, || async {
+        (a.progress().published > 0 || b.progress().published > 0).then_some(())
+    })
+    .await;
+    let (leader, standby) = if a.progress().leader { (a, b) } else { (b, a) };
+    assert!(!standby.progress().leader, "two leaders");
+    // The leader holds the advisory lock: one session of this database does.
+    let holders = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+    let before = holders().await;
+    assert_eq!(before.len(), 1, "lock holders: {before:?}");
+
+    // Killed mid-stream: aborted, its session ended by the server.
+    eventually("the leader to hold a batch", WAIT, || async {
+        (leader.in_hand.get() > 0).then_some(())
+    })
+    .await;
+    leader.handle.abort();
+    let _ = sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(before[0])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    eventually("the standby to take over", WAIT, || async {
+        let p = standby.progress();
+        (p.leader && p.published > 0).then_some(())
+    })
+    .await;
+    let after = holders().await;
+    assert!(
+        after.len() == 1 && after != before,
+        "the lock passed from {before:?} to {after:?}"
+    );
+    writer.wait_for_more(100).await;
+    let written = writer.finish().await;
+
+    let n = wait_for_mirror(&store, &nats.jetstream(), &config, Some(&standby)).await;
+    assert_eq!(n as u64, written);
+    standby.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_catches_up_after_a_nats_outage() {
     // Declared first: dropped last, after the NATS fixture cleaned up.
@@ -146,17 +223,19 @@ async fn the_relay_catches_up_after_a_nats_outage() {
     })
     .await;
     server.kill();
-    let before_outage = writer.written();
-    // Writes go on while NATS is down.
+    // Everything above this head was written while NATS was down.
+    let killed_at = store.head().await.unwrap().written;
     writer.wait_for_more(100).await;
+    // Nothing written during the outage was acknowledged by a dead server:
+    // the relay is stuck at or below the head of the kill.
+    let stuck_at = relay.progress().position;
+    assert!(
+        stuck_at <= killed_at,
+        "the relay published position {stuck_at} while NATS was down (killed at {killed_at})"
+    );
     server.restart().await;
-    let during_outage = writer.written() - before_outage;
     writer.wait_for_more(50).await;
     let written = writer.finish().await;
-    assert!(
-        during_outage >= 100,
-        "{during_outage} events written during the outage"
-    );
 
     // The relay reconnects and resynchronizes from the last message that
     // survived in JetStream. (Publishes lost with the connection are only

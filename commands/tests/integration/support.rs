@@ -39,6 +39,26 @@ use uuid::Uuid;
 /// Upper bound for any effect a test waits for.
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// The seed of the tests' random choices: `NEURECTOMY_TEST_SEED`, or a new
+/// one; printed either way, so that a failure can be replayed.
+pub fn seed() -> u64 {
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SEED.get_or_init(|| {
+        let seed = std::env::var("NEURECTOMY_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        eprintln!("random choices seeded with {seed} (NEURECTOMY_TEST_SEED={seed} repeats them)");
+        seed
+    })
+}
+
+/// A generator for the `stream`-th sequence of random choices of a test:
+/// seeded from [`seed`], different per `stream`.
+pub fn rng(stream: u64) -> StdRng {
+    StdRng::seed_from_u64(seed() ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
 /// Tenant used by tests that need only one.
 pub const TENANT: &str = "tenant-a";
 
@@ -303,12 +323,15 @@ pub struct RunningRelay {
     pub stop: CancellationToken,
     pub handle: JoinHandle<()>,
     pub progress: watch::Receiver<RelayProgress>,
+    /// Events of the batch the relay is publishing now (0 between batches).
+    pub in_hand: neurectomy_commands::InHand,
 }
 
 impl RunningRelay {
     pub fn spawn(store: &EventStore, client: async_nats::Client, config: RelayConfig) -> Self {
         let relay = Relay::new(store.clone(), client, config);
         let progress = relay.progress();
+        let in_hand = relay.in_hand();
         let stop = CancellationToken::new();
         let handle = tokio::spawn({
             let stop = stop.clone();
@@ -318,6 +341,7 @@ impl RunningRelay {
             stop,
             handle,
             progress,
+            in_hand,
         }
     }
 
@@ -342,12 +366,13 @@ pub struct Writer {
 
 impl Writer {
     pub fn spawn(store: &EventStore, streams: Vec<String>, limit: u64) -> Self {
+        static WRITERS: AtomicU64 = AtomicU64::new(0);
         let stop = CancellationToken::new();
         let written = Arc::new(AtomicU64::new(0));
+        let mut rng = rng(1_000 + WRITERS.fetch_add(1, Ordering::Relaxed));
         let handle = tokio::spawn({
             let (store, stop, written) = (store.clone(), stop.clone(), written.clone());
             async move {
-                let mut rng = StdRng::from_entropy();
                 let mut total = 0u64;
                 while total < limit && !stop.is_cancelled() {
                     let stream = &streams[rng.gen_range(0..streams.len())];
