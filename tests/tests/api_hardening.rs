@@ -141,7 +141,7 @@ async fn documents_are_measured_before_they_run_and_limits_name_their_numbers() 
     }
     assert!(refused >= 16, "the bombs were not sent: {refused}");
     assert!(
-        slowest < Duration::from_secs(2),
+        slowest < Duration::from_secs(5),
         "/healthz took {slowest:?} while {refused} bombs arrived"
     );
 
