@@ -403,6 +403,10 @@ async fn scenarios(
     if want_http {
         http_scenarios(args, scratch, &api, &first, rows).await?;
     }
+    if wants(args, "bombs") {
+        check_wrk().await?;
+        bomb_scenario(args, scratch, &api, rows).await?;
+    }
     if want_ws {
         // A second agent, untouched by the HTTP part, so its only change is ours.
         let agent = agents.get(1).map_or_else(|| first.clone(), Uuid::to_string);
@@ -970,7 +974,18 @@ async fn wrk(
     url: &str,
     script: Option<&Path>,
 ) -> anyhow::Result<WrkRun> {
-    let connections = args.connections.max(1);
+    wrk_with(args, args.connections, seconds, url, script).await
+}
+
+/// [`wrk`] with `connections` of its own.
+async fn wrk_with(
+    args: &BenchApiArgs,
+    connections: u32,
+    seconds: u64,
+    url: &str,
+    script: Option<&Path>,
+) -> anyhow::Result<WrkRun> {
+    let connections = connections.max(1);
     let mut command = tokio::process::Command::new("wrk");
     command
         .arg(format!("-t{}", args.wrk_threads.clamp(1, connections)))
@@ -1140,6 +1155,115 @@ async fn http_scenarios(
             mib(largest) <= LOAD_RSS_TARGET_MIB,
         )
         .detail(format!("after the runs: {}", after.describe())),
+    );
+    Ok(())
+}
+
+/// The 23-level doubling document: ~900 bytes, 8,388,608 fields once its
+/// fragments are expanded (refused before anything walks it).
+fn bomb_document() -> String {
+    let mut query = "{ ...F0 }".to_owned();
+    for level in 0..23 {
+        let next = level + 1;
+        query.push_str(&format!(
+            " fragment F{level} on Query {{ ...F{next} ...F{next} }}"
+        ));
+    }
+    query.push_str(" fragment F23 on Query { __typename }");
+    query
+}
+
+/// CPU time (user + system) the process has used, in seconds.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("an unreadable /proc/<pid>/stat")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("a short /proc/<pid>/stat")?
+            .parse::<f64>()?)
+    };
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 here,
+    // in clock ticks (USER_HZ, 100 on Linux).
+    let hz = 100.0;
+    Ok((ticks(11)? + ticks(12)?) / hz)
+}
+
+/// `/healthz` while a tiny, explosive document keeps arriving: wrk on
+/// `/healthz` alone, then again while 16 connections send the doubling
+/// document back to back; and the API's CPU per refused document, from a
+/// run of the documents alone.
+async fn bomb_scenario(
+    args: &BenchApiArgs,
+    scratch: &mut Scratch,
+    api: &Api,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let script = std::env::temp_dir().join(format!(
+        "neurectomy-bench-bombs-{}.lua",
+        Uuid::new_v4().simple()
+    ));
+    let body = json!({ "query": bomb_document() }).to_string();
+    std::fs::write(&script, wrk_script(&body, &api.token))
+        .with_context(|| format!("writing {}", script.display()))?;
+    scratch.files.push(script.clone());
+    let (status, answer) =
+        http(api.addr, "POST", "/graphql", Some(&api.token), Some(&body)).await?;
+    anyhow::ensure!(
+        status == 200 && answer.contains("QUERY_TOO_LARGE"),
+        "the document was not refused: {status} {answer}"
+    );
+    let healthz_url = format!("http://{}/healthz", api.addr);
+    let graphql_url = format!("http://{}/graphql", api.addr);
+    let seconds = args.seconds.max(1);
+    eprintln!("bombs: wrk GET /healthz alone for {seconds}s…");
+    let alone = wrk(args, seconds, &healthz_url, None).await?;
+    eprintln!("bombs: the document alone, 16 connections, for {seconds}s…");
+    let before = cpu_seconds(api.pid)?;
+    let bombs = wrk_with(args, 16, seconds, &graphql_url, Some(&script)).await?;
+    let cpu = cpu_seconds(api.pid)? - before;
+    let refused = bombs.requests_per_sec * seconds as f64;
+    eprintln!("bombs: /healthz while the document arrives, for {seconds}s…");
+    let (healthz, during) = tokio::join!(
+        wrk(args, seconds, &healthz_url, None),
+        wrk_with(args, 16, seconds, &graphql_url, Some(&script)),
+    );
+    let (healthz, during) = (healthz?, during?);
+    rows.push(
+        Row::new(
+            "bombs: 23-level fragment document refused",
+            bombs.requests_per_sec,
+            "req/s",
+        )
+        .detail(format!(
+            "API CPU {:.1} µs per document; p99 {:.2} ms; {}",
+            cpu * 1e6 / refused.max(1.0),
+            bombs.p99_ms,
+            bombs.describe()
+        )),
+    );
+    rows.push(
+        Row::new("bombs: /healthz p99, alone", alone.p99_ms, "ms")
+            .detail(format!("{:.0} req/s", alone.requests_per_sec)),
+    );
+    rows.push(
+        Row::new(
+            "bombs: /healthz p99 while they arrive",
+            healthz.p99_ms,
+            "ms",
+        )
+        .detail(format!(
+            "{:.0} req/s ({:.0} % of alone) beside {:.0} refused documents/s",
+            healthz.requests_per_sec,
+            healthz.requests_per_sec * 100.0 / alone.requests_per_sec.max(1e-9),
+            during.requests_per_sec
+        )),
     );
     Ok(())
 }

@@ -382,7 +382,7 @@ pub struct BenchApiArgs {
     /// measure another build with the same load.
     #[arg(long)]
     pub server_binary: Option<std::path::PathBuf>,
-    /// Only run the parts whose name contains this text (`http`, `ws`); the
+    /// Only run the parts whose name contains this text (`http`, `ws`, `bombs`); the
     /// idle RSS is always measured.
     #[arg(long)]
     pub only: Option<String>,
