@@ -19,20 +19,8 @@ STAMP="$JS_DIR/node_modules/.neurectomy-lock.sha256"
 log() { printf '[js] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-sudo_if_needed() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi
-}
-
-apt_updated=""
-apt_install() {
-  command -v apt-get >/dev/null || die "cannot install $* (no apt-get); install it by hand"
-  if [ -z "$apt_updated" ]; then
-    sudo_if_needed apt-get update -qq
-    apt_updated=1
-  fi
-  log "installing $* from Debian's packages"
-  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
-}
+# sudo_if_needed, apt_install
+. scripts/lib.sh # (the working directory is the repository)
 
 node_ok() {
   command -v node >/dev/null && command -v npm >/dev/null || return 1
