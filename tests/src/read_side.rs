@@ -157,7 +157,8 @@ pub async fn graph_rebuilt(store: &EventStore, until: i64) -> TestGraph {
 }
 
 /// Fails unless two Redis dumps ([`projections::testkit::dump_model`]) are
-/// equal, naming the first keys that differ.
+/// equal, naming the first keys that differ (`expected` is the reference:
+/// a clean rebuild, or the model before a fault).
 pub fn assert_same_redis(
     what: &str,
     actual: &BTreeMap<String, String>,
@@ -172,50 +173,74 @@ pub fn assert_same_redis(
 }
 
 /// Fails unless two dumps (sorted lines: a graph's, or a Redis model's
-/// keys with their contents) are equal, listing the first lines found in
-/// only one of them.
+/// keys with their contents) are equal, listing the first differences:
+/// lines found in only one of them, and, for a key (the text before ` = `)
+/// whose contents differ, where they first differ.
 pub fn assert_same_lines(what: &str, actual: &[String], expected: &[String]) {
     if actual == expected {
         return;
     }
-    fn count(lines: &[String]) -> BTreeMap<&str, i64> {
+    fn surplus<'a>(lines: &'a [String], other: &[String]) -> Vec<&'a str> {
         let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
-        for line in lines {
+        for line in other {
             *counts.entry(line.as_str()).or_default() += 1;
         }
-        counts
+        let mut out = Vec::new();
+        for line in lines {
+            match counts.get_mut(line.as_str()) {
+                Some(n) if *n > 0 => *n -= 1,
+                _ => out.push(line.as_str()),
+            }
+        }
+        out
     }
-    let (have, want) = (count(actual), count(expected));
-    let clip = |line: &str| {
-        let mut end = line.len().min(400);
+    // At most 300 bytes of `line` from about `at` on.
+    fn excerpt(line: &str, at: usize) -> String {
+        let mut start = at.saturating_sub(60).min(line.len());
+        while !line.is_char_boundary(start) {
+            start -= 1;
+        }
+        let mut end = (start + 300).min(line.len());
         while !line.is_char_boundary(end) {
             end -= 1;
         }
-        if end < line.len() {
-            format!("{}…", &line[..end])
-        } else {
-            line.to_owned()
-        }
-    };
+        let before = if start > 0 { "…" } else { "" };
+        let after = if end < line.len() { "…" } else { "" };
+        format!("{before}{}{after}", &line[start..end])
+    }
+    let key = |line: &str| line.split_once(" = ").map(|(key, _)| key.to_owned());
+    let (mut ours, mut theirs) = (surplus(actual, expected), surplus(expected, actual));
     let mut report = Vec::new();
-    for (line, n) in &have {
-        let extra = n - want.get(line).copied().unwrap_or(0);
-        if extra > 0 {
-            report.push(format!("  only in {what} (x{extra}): {}", clip(line)));
-        }
-    }
-    for (line, n) in &want {
-        let missing = n - have.get(line).copied().unwrap_or(0);
-        if missing > 0 {
-            report.push(format!(
-                "  only in the clean one (x{missing}): {}",
-                clip(line)
-            ));
-        }
-    }
+    ours.retain(|line| {
+        let Some(k) = key(line) else { return true };
+        let Some(i) = theirs.iter().position(|t| key(t).as_ref() == Some(&k)) else {
+            return true;
+        };
+        let other = theirs.remove(i);
+        let at = line
+            .bytes()
+            .zip(other.bytes())
+            .position(|(a, b)| a != b)
+            .unwrap_or(line.len().min(other.len()));
+        report.push(format!(
+            "  {k} differs at byte {at}:\n    {what}: {}\n    the reference: {}",
+            excerpt(line, at),
+            excerpt(other, at)
+        ));
+        false
+    });
+    report.extend(
+        ours.iter()
+            .map(|line| format!("  only in {what}: {}", excerpt(line, 0))),
+    );
+    report.extend(
+        theirs
+            .iter()
+            .map(|line| format!("  only in the reference: {}", excerpt(line, 0))),
+    );
     let shown = report.len().min(12);
     panic!(
-        "{what} ({} lines) differs from the clean one ({} lines) in {} line(s), e.g.:\n{}",
+        "{what} ({} lines) differs from the reference ({} lines) in {} place(s), e.g.:\n{}",
         actual.len(),
         expected.len(),
         report.len(),
@@ -494,5 +519,47 @@ pub async fn kill_inside_batches<M, F, Fut>(
         task.abort();
         assert!(task.await.unwrap_err().is_cancelled(), "{context}");
         eprintln!("killed: {context}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::assert_same_lines;
+
+    fn lines(lines: &[&str]) -> Vec<String> {
+        lines.iter().map(|l| (*l).to_owned()).collect()
+    }
+
+    #[test]
+    fn equal_dumps_pass() {
+        assert_same_lines(
+            "a",
+            &lines(&["k = 1", "k = 1"]),
+            &lines(&["k = 1", "k = 1"]),
+        );
+    }
+
+    #[test]
+    fn differences_are_named_where_they_are() {
+        let failed = std::panic::catch_unwind(|| {
+            assert_same_lines(
+                "the model",
+                &lines(&["feed = [1, 2, 4]", "ghost = x", "same = 1"]),
+                &lines(&["feed = [1, 2, 3]", "same = 1", "same = 1"]),
+            )
+        })
+        .unwrap_err();
+        let message = failed.downcast_ref::<String>().unwrap();
+        assert!(message.contains("in 3 place(s)"), "{message}");
+        assert!(message.contains("feed differs at byte 14"), "{message}");
+        assert!(message.contains("the model: feed = [1, 2, 4]"), "{message}");
+        assert!(
+            message.contains("only in the model: ghost = x"),
+            "{message}"
+        );
+        assert!(
+            message.contains("only in the reference: same = 1"),
+            "{message}"
+        );
     }
 }
