@@ -229,6 +229,35 @@ pub mod pipeline {
             tokio::spawn(async move { api::simulate::drive(handler, args, stop).await.unwrap() })
         }
 
+        /// Drives a workload until the log holds `events` more events than
+        /// when it started, with every event type of `kinds` among them —
+        /// however fast commands go on this machine — and stops it.
+        pub async fn simulate_until(&self, args: SimulateArgs, events: i64, kinds: &[&str]) {
+            let from = self.store.head().await.unwrap().written;
+            let workload = self.start_workload(args);
+            let kinds: Vec<String> = kinds.iter().map(|k| (*k).to_owned()).collect();
+            let (store, pool, kinds) = (&self.store, &self.db.pool, &kinds);
+            eventually(
+                &format!("the workload to write {events} events, of types {kinds:?} too"),
+                Duration::from_secs(120),
+                || async move {
+                    let written = store.count_after(from, events).await.unwrap();
+                    let seen: i64 = sqlx::query_scalar(
+                        "SELECT count(DISTINCT event_type) FROM events \
+                         WHERE position > $1 AND event_type = ANY($2)",
+                    )
+                    .bind(from)
+                    .bind(kinds)
+                    .fetch_one(pool)
+                    .await
+                    .unwrap();
+                    (written >= events && seen == kinds.len() as i64).then_some(())
+                },
+            )
+            .await;
+            workload.stop().await;
+        }
+
         /// Drives a workload in the background until [`Workload::stop`]
         /// (`args.duration` is ignored): for tests that need commands to
         /// flow for as long as something else takes.

@@ -79,8 +79,12 @@ impl World {
         Pipeline::workload(seconds, rate, self.seed.wrapping_add(n).max(1))
     }
 
-    async fn simulate(&self, seconds: u64, n: u64) {
-        self.pipe.simulate(self.workload(seconds, 400, n)).await;
+    /// Runs the test's `n`-th workload (400 commands/s) until the log
+    /// holds `events` more events.
+    async fn simulate(&self, events: i64, n: u64) {
+        self.pipe
+            .simulate_until(self.workload(0, 400, n), events, &[])
+            .await;
     }
 
     async fn caught_up(&self) -> i64 {
@@ -122,7 +126,15 @@ async fn a_simulated_workload_verifies_clean_and_redelivery_changes_nothing() {
     let world = world("a_simulated_workload_verifies_clean_and_redelivery_changes_nothing").await;
     let projector = world.projector().await;
     let (stop, task) = world.spawn(&projector);
-    world.simulate(3, 0).await;
+    // The workload exercises the assignee edge's every move.
+    world
+        .pipe
+        .simulate_until(
+            world.workload(0, 400, 0),
+            600,
+            &["TaskDelegated", "TaskRetried", "TaskCompleted"],
+        )
+        .await;
     let until = world.assert_verified().await;
     stop.cancel();
     task.await.unwrap().unwrap();
@@ -171,7 +183,6 @@ async fn a_simulated_workload_verifies_clean_and_redelivery_changes_nothing() {
     // again (as a redelivered JetStream batch would be), change nothing.
     let before = world.graph.dump().await.unwrap();
     let all = read_side::log(&world.store, until).await;
-    // The workload exercises the assignee edge's every move.
     for kind in ["TaskDelegated", "TaskRetried", "TaskCompleted"] {
         assert!(
             all.iter().any(|p| p.recorded.event_type == kind),
@@ -250,7 +261,7 @@ async fn a_wiped_graph_and_a_consumer_deleted_under_the_live_projector_are_rebui
         world("a_wiped_graph_and_a_consumer_deleted_under_the_live_projector_are_rebuilt").await;
     let projector = world.projector().await;
     let (stop, task) = world.spawn(&projector);
-    world.simulate(2, 0).await;
+    world.simulate(400, 0).await;
     world.assert_verified().await;
     stop.cancel();
     task.await.unwrap().unwrap();
@@ -331,7 +342,7 @@ async fn replays_while_commands_flow_switch_to_a_database_with_the_live_state() 
     let world = world("replays_while_commands_flow_switch_to_a_database_with_the_live_state").await;
     let projector = world.projector().await;
     let (stop, task) = world.spawn(&projector);
-    world.simulate(2, 0).await;
+    world.simulate(400, 0).await;
     let built = world.caught_up().await;
     let home = world.graph.database.clone();
 

@@ -73,8 +73,12 @@ impl World {
         Pipeline::workload(seconds, rate, self.seed.wrapping_add(n).max(1))
     }
 
-    async fn simulate(&self, seconds: u64, n: u64) {
-        self.pipe.simulate(self.workload(seconds, 400, n)).await;
+    /// Runs the test's `n`-th workload (400 commands/s) until the log
+    /// holds `events` more events.
+    async fn simulate(&self, events: i64, n: u64) {
+        self.pipe
+            .simulate_until(self.workload(0, 400, n), events, &[])
+            .await;
     }
 
     async fn caught_up(&self) -> i64 {
@@ -135,7 +139,7 @@ async fn a_simulated_workload_verifies_clean_and_redeliveries_change_nothing() {
     let world = world("a_simulated_workload_verifies_clean_and_redeliveries_change_nothing").await;
     let projector = world.projector();
     let (stop, task) = world.spawn(&projector);
-    world.simulate(3, 0).await;
+    world.simulate(600, 0).await;
     world.assert_verified().await;
     let agents: Vec<String> = redis::cmd("KEYS")
         .arg(world.redis.model.key("agent:*"))
@@ -278,7 +282,7 @@ async fn a_flushed_read_model_and_a_consumer_deleted_under_the_live_projector_ar
             .await;
     let projector = world.projector();
     let (stop, task) = world.spawn(&projector);
-    world.simulate(2, 0).await;
+    world.simulate(400, 0).await;
     world.caught_up().await;
     stop.cancel();
     task.await.unwrap().unwrap();
@@ -418,7 +422,7 @@ async fn a_purged_stream_sends_the_projector_back_to_the_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_it_cannot_decode_stops_the_projection_at_its_position() {
     let world = world("an_event_it_cannot_decode_stops_the_projection_at_its_position").await;
-    world.simulate(1, 0).await;
+    world.simulate(200, 0).await;
     // An event type written by a newer version of the software.
     let position: i64 = sqlx::query_scalar(
         "INSERT INTO events (position, transaction_id, stream_id, stream_version, event_id, command_id,
@@ -462,7 +466,7 @@ async fn replay_while_commands_flow_ends_with_the_live_state() {
     let world = world("replay_while_commands_flow_ends_with_the_live_state").await;
     let projector = world.projector();
     let (stop, task) = world.spawn(&projector);
-    world.simulate(2, 0).await;
+    world.simulate(400, 0).await;
     let built = world.caught_up().await;
     let first = world.redis.model.generation();
 
@@ -573,7 +577,7 @@ async fn two_writers_taking_turns_build_what_one_builds() {
     // Each model keeps the rows its last batch left for the next one; a batch
     // written in between by another model must make it read them again.
     let world = world("two_writers_taking_turns_build_what_one_builds").await;
-    world.simulate(2, 0).await;
+    world.simulate(400, 0).await;
     let log = decoded_log(&world).await;
     assert!(log.len() > 300, "too short a log: {}", log.len());
     let (first, second) = (
@@ -602,7 +606,7 @@ async fn two_writers_taking_turns_build_what_one_builds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_change_feed_holds_the_latest_events_in_order() {
     let world = world("the_change_feed_holds_the_latest_events_in_order").await;
-    world.simulate(2, 0).await;
+    world.simulate(400, 0).await;
     let log = decoded_log(&world).await;
     let cap = 7;
     let model = world.other_model(cap).await;
@@ -716,13 +720,15 @@ async fn foreign_messages_are_passed_over_and_both_projections_verify_clean() {
 
     // Foreign messages interleaved with a running workload: one each time
     // the relay has published 10 more messages.
-    let workload = world.spawn_simulation(world.workload(4, 300, 0));
+    let workload = world.start_workload(world.workload(0, 300, 0));
     let client = async_nats::connect(world.nats.url.as_str()).await.unwrap();
     let prefix = world.nats.relay.subject_prefix.clone();
     let js = world.nats.jetstream();
     let stream = js.get_stream(&world.nats.relay.stream_name).await.unwrap();
     let mut seen = 0;
-    for kind in 0..FOREIGN as usize {
+    // The last round publishes nothing: the workload's messages follow the
+    // last foreign one too.
+    for kind in 0..=FOREIGN as usize {
         let stream = &stream;
         seen = eventually(
             "the relay to publish more",
@@ -733,9 +739,11 @@ async fn foreign_messages_are_passed_over_and_both_projections_verify_clean() {
             },
         )
         .await;
-        publish_foreign(&client, &prefix, kind).await;
+        if kind < FOREIGN as usize {
+            publish_foreign(&client, &prefix, kind).await;
+        }
     }
-    workload.await.unwrap();
+    workload.stop().await;
 
     // Both reach the head, pass over every foreign message once, never go
     // back to the store for a gap, and hold exactly what the events say.
@@ -756,7 +764,7 @@ async fn foreign_messages_are_passed_over_and_both_projections_verify_clean() {
         publish_foreign(&client, &prefix, kind).await;
     }
     let (stop_redis, redis_task) = world.spawn(&redis);
-    world.simulate(1, 1).await;
+    world.simulate(200, 1).await;
     assert_passed_over(
         &world,
         &graph,
@@ -819,9 +827,12 @@ async fn a_redelivered_message_is_skipped_not_taken_for_a_gap() {
         held.clone(),
         world.store.clone(),
         world.nats.client.clone(),
+        // Pull requests of 500 messages: while the batch is held (and the
+        // pull stream not polled) the workload's 200 commands leave room in
+        // the request for JetStream to deliver the held messages again.
         ProjectorConfig {
             stream_name: world.nats.relay.stream_name.clone(),
-            batch_size: 200,
+            batch_size: 500,
             ack_wait: Duration::from_secs(1),
             ..ProjectorConfig::default()
         },
