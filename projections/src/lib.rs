@@ -24,7 +24,8 @@
 //! - [`model`]: the [`ReadModel`] contract and [`ApplyError`].
 //! - [`runtime`]: the projector loop (catch-up, JetStream consumer, status).
 //! - [`live`]: the Redis live-state read model and its change feed.
-//! - [`testkit`]: per-test Redis key prefixes.
+//! - [`testkit`]: per-test Redis key prefixes, and dumps of a whole Redis
+//!   model for comparing two built apart.
 //! - [`graph`]: the graph read model (Bolt / Neo4j 5) and its queries.
 //! - [`graph_testkit`]: per-test graph databases.
 //! - [`verify`]: re-derives state from the event store and diffs it against

@@ -1,6 +1,9 @@
 //! Test isolation for the Redis read model: a key prefix of its own per
 //! test, every key under it deleted when the fixture is dropped. Fails with
 //! the command that starts Redis when it is unreachable; never skips.
+//! [`dump_model`] renders a whole model (every key of its generation with
+//! its contents) so that a model built through faults can be compared with
+//! a clean rebuild under another prefix.
 //!
 //! The Redis URL comes from `NEURECTOMY_TEST_REDIS_URL` (default
 //! `redis://127.0.0.1:6379`).
@@ -58,6 +61,14 @@ impl TestRedis {
         dump(&self.url, &self.prefix).await
     }
 
+    /// The model's whole contents, keys relative to its generation (see
+    /// [`dump_model`]).
+    pub async fn dump_model(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, String>, redis::RedisError> {
+        dump_model(&self.model).await
+    }
+
     /// Deletes every key under the prefix (simulates a flushed Redis).
     pub async fn wipe(&self) -> Result<(), redis::RedisError> {
         wipe(&self.url, &self.prefix).await
@@ -65,7 +76,7 @@ impl TestRedis {
 }
 
 async fn keys(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
     prefix: &str,
 ) -> Result<Vec<String>, redis::RedisError> {
     let mut cursor: u64 = 0;
@@ -107,50 +118,98 @@ async fn dump(
     let mut conn = client.get_multiplexed_async_connection().await?;
     let mut out = std::collections::BTreeMap::new();
     for key in keys(&mut conn, prefix).await? {
-        let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut conn).await?;
-        let value = match kind.as_str() {
-            "hash" => {
-                let v: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
-                    .arg(&key)
-                    .query_async(&mut conn)
-                    .await?;
-                format!("{v:?}")
-            }
-            "set" => {
-                let mut v: Vec<String> = redis::cmd("SMEMBERS")
-                    .arg(&key)
-                    .query_async(&mut conn)
-                    .await?;
-                v.sort();
-                format!("{v:?}")
-            }
-            "zset" => {
-                let v: Vec<(String, String)> = redis::cmd("ZRANGE")
-                    .arg(&key)
-                    .arg(0)
-                    .arg(-1)
-                    .arg("WITHSCORES")
-                    .query_async(&mut conn)
-                    .await?;
-                format!("{v:?}")
-            }
-            "stream" => {
-                let v: redis::Value = redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg("-")
-                    .arg("+")
-                    .query_async(&mut conn)
-                    .await?;
-                format!("{v:?}")
-            }
-            _ => {
-                let v: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
-                format!("{v:?}")
-            }
-        };
+        let value = render(&mut conn, &key).await?;
         out.insert(key, value);
     }
     Ok(out)
+}
+
+/// A whole Redis read model as text, for comparing two models built apart
+/// (a projector's after faults, and a clean rebuild into a prefix of its
+/// own): every key under the model's prefix with its full contents —
+/// hashes field by field, index sets and the recently-active sorted set
+/// member by member (with scores), each change feed entry by entry (id and
+/// fields, in order), strings such as the checkpoint.
+///
+/// Keys of the active generation are named relative to it (`agent:<id>`,
+/// `feed:<tenant>`, `checkpoint`), so models under different prefixes or
+/// generations compare equal when they hold the same. Two keys under the
+/// prefix are not the model's and are left out: the `active` pointer, and
+/// the projectors' status reports `projector:<name>` (a `project` process
+/// writes them for `/readyz`). Any other key — another generation's, or one
+/// the model should never have written — is kept as `outside the
+/// generation: <key without the prefix>`, so that it shows up as a
+/// difference.
+pub async fn dump_model(
+    model: &LiveModel,
+) -> Result<std::collections::BTreeMap<String, String>, redis::RedisError> {
+    let generation = model.refresh().await?;
+    let mut conn = model.connection();
+    let prefix = model.prefix();
+    let pointer = model.pointer_key();
+    let mut out = std::collections::BTreeMap::new();
+    for key in keys(&mut conn, prefix).await? {
+        let rest = key.strip_prefix(prefix).unwrap_or(&key);
+        if key == pointer || rest.starts_with("projector:") {
+            continue;
+        }
+        let value = render(&mut conn, &key).await?;
+        let name = match rest
+            .strip_prefix(generation.as_str())
+            .and_then(|r| r.strip_prefix(':'))
+        {
+            Some(name) => name.to_owned(),
+            None => format!("outside the generation: {rest}"),
+        };
+        out.insert(name, value);
+    }
+    Ok(out)
+}
+
+/// The contents of `key` as deterministic text (set members sorted, hash
+/// fields by name, sorted sets and streams in their order).
+async fn render(
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
+    key: &str,
+) -> Result<String, redis::RedisError> {
+    let kind: String = redis::cmd("TYPE").arg(key).query_async(conn).await?;
+    Ok(match kind.as_str() {
+        "hash" => {
+            let v: std::collections::BTreeMap<String, String> =
+                redis::cmd("HGETALL").arg(key).query_async(conn).await?;
+            format!("{v:?}")
+        }
+        "set" => {
+            let mut v: Vec<String> = redis::cmd("SMEMBERS").arg(key).query_async(conn).await?;
+            v.sort();
+            format!("{v:?}")
+        }
+        "zset" => {
+            let v: Vec<(String, String)> = redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query_async(conn)
+                .await?;
+            format!("{v:?}")
+        }
+        "stream" => {
+            type Entry = (String, Vec<(String, String)>);
+            let v: Vec<Entry> = redis::cmd("XRANGE")
+                .arg(key)
+                .arg("-")
+                .arg("+")
+                .query_async(conn)
+                .await?;
+            format!("{v:?}")
+        }
+        "string" => {
+            let v: Option<String> = redis::cmd("GET").arg(key).query_async(conn).await?;
+            format!("{v:?}")
+        }
+        other => format!("a {other} (no key of the model has this type)"),
+    })
 }
 
 impl Drop for TestRedis {

@@ -9,6 +9,7 @@
 
 use std::process::Stdio;
 
+pub mod read_side;
 pub mod ws;
 
 /// Checks that the JetStream stream `stream` mirrors the event store of
@@ -168,6 +169,27 @@ pub mod pipeline {
     /// A projector task and the token that stops it.
     pub type Running = (CancellationToken, JoinHandle<Result<(), ProjectorError>>);
 
+    /// A workload running until stopped ([`Pipeline::start_workload`]).
+    #[derive(Debug)]
+    pub struct Workload {
+        stop: CancellationToken,
+        task: JoinHandle<()>,
+    }
+
+    impl Workload {
+        /// Whether it still runs (it stops only when told to, or failing).
+        pub fn is_running(&self) -> bool {
+            !self.task.is_finished()
+        }
+
+        /// Stops it and waits for its last command; fails the test if it
+        /// failed.
+        pub async fn stop(self) {
+            self.stop.cancel();
+            self.task.await.unwrap();
+        }
+    }
+
     /// Database, JetStream stream and a running relay, isolated per test.
     #[derive(Debug)]
     pub struct Pipeline {
@@ -261,6 +283,66 @@ pub mod pipeline {
             tokio::spawn(async move { api::simulate::drive(handler, args, stop).await.unwrap() })
         }
 
+        /// Drives a workload until the log holds `events` more events than
+        /// when it started, with every event type of `kinds` among them —
+        /// however fast commands go on this machine — and stops it.
+        pub async fn simulate_until(&self, args: SimulateArgs, events: i64, kinds: &[&str]) {
+            let from = self.store.head().await.unwrap().written;
+            let workload = self.start_workload(args);
+            let kinds: Vec<String> = kinds.iter().map(|k| (*k).to_owned()).collect();
+            let (store, pool, kinds) = (&self.store, &self.db.pool, &kinds);
+            eventually(
+                &format!("the workload to write {events} events, of types {kinds:?} too"),
+                Duration::from_secs(120),
+                || async move {
+                    let written = store.count_after(from, events).await.unwrap();
+                    let seen: i64 = sqlx::query_scalar(
+                        "SELECT count(DISTINCT event_type) FROM events \
+                         WHERE position > $1 AND event_type = ANY($2)",
+                    )
+                    .bind(from)
+                    .bind(kinds)
+                    .fetch_one(pool)
+                    .await
+                    .unwrap();
+                    (written >= events && seen == kinds.len() as i64).then_some(())
+                },
+            )
+            .await;
+            workload.stop().await;
+        }
+
+        /// Drives a workload in the background until [`Workload::stop`]
+        /// (`args.duration` is ignored): for tests that need commands to
+        /// flow for as long as something else takes.
+        pub fn start_workload(&self, args: SimulateArgs) -> Workload {
+            let handler = CommandHandler::new(self.store.clone(), HandlerConfig::default());
+            let stop = self.stop.child_token();
+            let args = SimulateArgs {
+                duration: 0,
+                ..args
+            };
+            let task = tokio::spawn({
+                let stop = stop.clone();
+                async move { api::simulate::drive(handler, args, stop).await.unwrap() }
+            });
+            Workload { stop, task }
+        }
+
+        /// Waits until the log holds an event committed after `position`
+        /// (commands are flowing); returns the head.
+        pub async fn head_beyond(&self, position: i64) -> i64 {
+            eventually(
+                "the log to grow (commands to flow)",
+                Duration::from_secs(60),
+                || async move {
+                    let head = self.store.head().await.unwrap().written;
+                    (head > position).then_some(head)
+                },
+            )
+            .await
+        }
+
         /// The head of the log once every committed event is readable: the
         /// gap-safe horizon is cluster-wide, so another test's open
         /// transaction can briefly hold it below events this test committed.
@@ -271,13 +353,21 @@ pub mod pipeline {
         /// Waits until `model` has applied the whole log; returns the head.
         pub async fn caught_up<M: ReadModel + Clone>(&self, model: &M) -> i64 {
             let head = self.head().await;
-            let what = format!("the {} projection to catch up", model.name());
+            self.caught_up_to(model, head).await;
+            head
+        }
+
+        /// Waits until `model` has applied the log up to `position`.
+        pub async fn caught_up_to<M: ReadModel + Clone>(&self, model: &M, position: i64) {
+            let what = format!(
+                "the {} projection to catch up to position {position}",
+                model.name()
+            );
             eventually(&what, Duration::from_secs(60), || {
                 let model = model.clone();
-                async move { (model.checkpoint().await.unwrap() >= head).then_some(()) }
+                async move { (model.checkpoint().await.unwrap() >= position).then_some(()) }
             })
             .await;
-            head
         }
 
         /// Stops the relay and drops the database.

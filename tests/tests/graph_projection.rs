@@ -1,23 +1,33 @@
 //! The graph projection against real PostgreSQL, JetStream and the graph
 //! server (ArcadeDB over Bolt): built from a simulated workload and verified
-//! (and caught out when tampered with), killed mid-batch, wiped with its
-//! consumer, and fed redeliveries.
+//! (and caught out when tampered with), killed inside batches, wiped, its
+//! consumer deleted under it while live, fed redeliveries, and replayed
+//! into new databases while commands flow. Where a fault could leave a
+//! trace, the whole graph is compared with a clean pass.
+//!
+//! Every workload's seed derives from one per test, logged;
+//! `NEURECTOMY_TEST_SEED` repeats a run's choices.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use commands::EventStore;
+use api::settings::SimulateArgs;
+use async_nats::jetstream::consumer::pull;
+use commands::testkit::eventually;
 use neo4rs::query;
 use neurectomy_e2e::pipeline::Pipeline;
+use neurectomy_e2e::read_side::{self, assert_same_lines};
 use projections::graph_testkit::TestGraph;
 use projections::verify::{verify_graph, Difference};
-use projections::{GraphModel, Projected, Projector, ReadModel};
+use projections::{GraphModel, Projector, ProjectorState, ReadModel};
 
 /// The pipeline plus a graph database of the test's own.
 struct World {
     pipe: Pipeline,
     graph: TestGraph,
+    /// The test's seed (logged).
+    seed: u64,
 }
 
 impl std::ops::Deref for World {
@@ -27,10 +37,12 @@ impl std::ops::Deref for World {
     }
 }
 
-async fn world() -> World {
+/// The world of the test named `test`, with its seed.
+async fn world(test: &str) -> World {
+    let seed = read_side::seed(test);
     let pipe = Pipeline::start().await;
     let graph = TestGraph::create().await.unwrap_or_else(|e| panic!("{e}"));
-    World { pipe, graph }
+    World { pipe, graph, seed }
 }
 
 /// Runs one Cypher write in its own transaction.
@@ -38,31 +50,6 @@ async fn write(model: &GraphModel, cypher: &str) {
     let mut txn = model.graph().start_txn().await.unwrap();
     txn.run(query(cypher)).await.unwrap();
     txn.commit().await.unwrap();
-}
-
-/// Every event up to `until`, decoded.
-async fn events(store: &EventStore, until: i64) -> Vec<Projected> {
-    let mut out = Vec::new();
-    let mut after = 0;
-    loop {
-        let batch = store.read_all(after, 1_000).await.unwrap();
-        let Some(last) = batch.last().map(|e| e.position) else {
-            return out;
-        };
-        out.extend(
-            batch
-                .into_iter()
-                .take_while(|recorded| recorded.position <= until)
-                .map(|recorded| {
-                    let event = recorded.decode().unwrap();
-                    Projected::new(recorded, event)
-                }),
-        );
-        if last >= until {
-            return out;
-        }
-        after = last;
-    }
 }
 
 fn report(differences: &[Difference]) -> String {
@@ -87,9 +74,16 @@ impl World {
         self.pipe.projector(model)
     }
 
-    async fn simulate(&self, seconds: u64, seed: u64) {
+    /// The test's `n`-th workload: `seconds` at `rate` commands/s.
+    fn workload(&self, seconds: u64, rate: u32, n: u64) -> SimulateArgs {
+        Pipeline::workload(seconds, rate, self.seed.wrapping_add(n).max(1))
+    }
+
+    /// Runs the test's `n`-th workload (400 commands/s) until the log
+    /// holds `events` more events.
+    async fn simulate(&self, events: i64, n: u64) {
         self.pipe
-            .simulate(Pipeline::workload(seconds, 400, seed))
+            .simulate_until(self.workload(0, 400, n), events, &[])
             .await;
     }
 
@@ -111,15 +105,15 @@ impl World {
         until
     }
 
-    /// The graph built from the events up to `until` in one clean pass (the
-    /// catch-up path: batches of the projector's size) into a database of
-    /// its own.
-    async fn clean_pass(&self, until: i64) -> TestGraph {
-        let clean = TestGraph::create().await.unwrap_or_else(|e| panic!("{e}"));
-        for batch in events(&self.store, until).await.chunks(200) {
-            clean.model.apply(batch).await.unwrap();
-        }
-        clean
+    /// Fails unless the test's graph holds exactly what a clean pass over
+    /// the events up to `until` (batches of the projector's size, into a
+    /// database of its own) builds: every node and relationship with its
+    /// properties.
+    async fn assert_clean_pass_equal(&self, what: &str, until: i64) {
+        let clean = read_side::graph_rebuilt(&self.store, until).await;
+        let expected = clean.dump().await.unwrap();
+        assert!(expected.len() > 30, "too small a graph: {expected:?}");
+        assert_same_lines(what, &self.graph.dump().await.unwrap(), &expected);
     }
 
     async fn shutdown(self) {
@@ -129,10 +123,18 @@ impl World {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_simulated_workload_verifies_clean_and_redelivery_changes_nothing() {
-    let world = world().await;
+    let world = world("a_simulated_workload_verifies_clean_and_redelivery_changes_nothing").await;
     let projector = world.projector().await;
     let (stop, task) = world.spawn(&projector);
-    world.simulate(3, 11).await;
+    // The workload exercises the assignee edge's every move.
+    world
+        .pipe
+        .simulate_until(
+            world.workload(0, 400, 0),
+            600,
+            &["TaskDelegated", "TaskRetried", "TaskCompleted"],
+        )
+        .await;
     let until = world.assert_verified().await;
     stop.cancel();
     task.await.unwrap().unwrap();
@@ -180,8 +182,7 @@ async fn a_simulated_workload_verifies_clean_and_redelivery_changes_nothing() {
     // Redelivery: batches that were applied already, handed to the model
     // again (as a redelivered JetStream batch would be), change nothing.
     let before = world.graph.dump().await.unwrap();
-    let all = events(&world.store, until).await;
-    // The workload exercises the assignee edge's every move.
+    let all = read_side::log(&world.store, until).await;
     for kind in ["TaskDelegated", "TaskRetried", "TaskCompleted"] {
         assert!(
             all.iter().any(|p| p.recorded.event_type == kind),
@@ -214,81 +215,142 @@ async fn a_simulated_workload_verifies_clean_and_redelivery_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_projector_killed_mid_batch_recovers_to_the_same_graph() {
-    let world = world().await;
-    let workload = world.spawn_simulation(Pipeline::workload(4, 500, 5));
-    // One projector (one Bolt pool) throughout: its runs are dropped
-    // mid-flight, leaving their connections to the pool as they are.
+async fn a_projector_killed_inside_batches_recovers_to_a_clean_pass() {
+    let world = world("a_projector_killed_inside_batches_recovers_to_a_clean_pass").await;
+    let workload = world.start_workload(world.workload(0, 400, 0));
+    // Eight runs, each killed (its task aborted) with a batch held inside
+    // the model, while catching up or live, before or after its
+    // transaction committed (see `kill_inside_batches`); batches of 50.
+    // The first four restart on one model (one Bolt pool, the killed runs'
+    // connections left to it as they were), the last four on a pool of
+    // their own.
+    let shared = GraphModel::connect(world.graph.model.config().clone())
+        .await
+        .unwrap();
+    read_side::kill_inside_batches(&world.pipe, 8, 50, world.seed, |round| {
+        let (world, shared) = (&world, shared.clone());
+        async move {
+            if round < 4 {
+                shared
+            } else {
+                GraphModel::connect(world.graph.model.config().clone())
+                    .await
+                    .unwrap()
+            }
+        }
+    })
+    .await;
+    assert!(workload.is_running(), "the workload ended during the kills");
     let projector = world.projector().await;
-    for round in 0..12u64 {
-        // Down for a while (a backlog builds up), then up for a varied
-        // moment: mostly inside a catch-up batch's transaction (a batch of
-        // 200 takes longer than most of these), sometimes between its commit
-        // and the next one, or while live.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let (_, task) = world.spawn(&projector);
-        tokio::time::sleep(Duration::from_millis(5 + round * 17)).await;
-        task.abort();
-        let _ = task.await;
-    }
-    workload.await.unwrap();
     let (stop, task) = world.spawn(&projector);
+    workload.stop().await;
     let until = world.assert_verified().await;
     stop.cancel();
     task.await.unwrap().unwrap();
-
-    let clean = world.clean_pass(until).await;
-    let (recovered, reference) = (
-        world.graph.dump().await.unwrap(),
-        clean.dump().await.unwrap(),
-    );
-    assert_eq!(recovered.len(), reference.len());
-    assert_eq!(
-        recovered, reference,
-        "the recovered graph differs from one built in one pass"
-    );
+    let status = projector.status().borrow().clone();
+    assert_eq!((status.gaps, &status.last_error), (0, &None), "{status:?}");
+    world
+        .assert_clean_pass_equal("the graph after eight kills", until)
+        .await;
     world.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wiped_graph_and_a_deleted_consumer_are_rebuilt() {
-    let world = world().await;
+async fn a_wiped_graph_and_a_consumer_deleted_under_the_live_projector_are_rebuilt() {
+    let world =
+        world("a_wiped_graph_and_a_consumer_deleted_under_the_live_projector_are_rebuilt").await;
     let projector = world.projector().await;
     let (stop, task) = world.spawn(&projector);
-    world.simulate(2, 3).await;
+    world.simulate(400, 0).await;
     world.assert_verified().await;
     stop.cancel();
     task.await.unwrap().unwrap();
     let before = world.graph.dump().await.unwrap();
 
+    // Wiped while stopped: the projector finds an empty graph and rebuilds
+    // it from the store.
     write(&world.graph.model, "MATCH (n) DETACH DELETE n").await;
     assert_eq!(world.graph.model.checkpoint().await.unwrap(), 0);
+    let (stop, task) = world.spawn(&projector);
+    world.assert_verified().await;
+    assert_same_lines(
+        "the graph rebuilt after a wipe",
+        &world.graph.dump().await.unwrap(),
+        &before,
+    );
+
+    // The durable consumer deleted under the live projector while commands
+    // flow: its pull stream fails, and the projector must notice, go back
+    // to the store from its checkpoint and make a new consumer.
+    let status = projector.status();
+    eventually("the projector to go live", Duration::from_secs(60), || {
+        let state = status.borrow().state;
+        async move { (state == ProjectorState::Live).then_some(()) }
+    })
+    .await;
+    assert_eq!(status.borrow().last_error, None);
+    let workload = world.start_workload(world.workload(0, 300, 1));
+    let head = world
+        .pipe
+        .head_beyond(world.graph.model.checkpoint().await.unwrap())
+        .await;
+    world.pipe.caught_up_to(&world.graph.model, head).await;
     let js = world.nats.jetstream();
     let stream = js.get_stream(&world.nats.relay.stream_name).await.unwrap();
     stream.delete_consumer("projection-graph").await.unwrap();
-    let (stop, task) = world.spawn(&projector);
-    world.assert_verified().await;
+    let deleted_at = world.store.head().await.unwrap().written;
+    let error = eventually(
+        "the projector to notice its consumer is gone",
+        Duration::from_secs(30),
+        || {
+            let error = status.borrow().last_error.clone();
+            async move { error }
+        },
+    )
+    .await;
+    assert!(error.contains("consumer deleted"), "{error}");
+    let stream = &stream;
+    eventually(
+        "the projector to make a new consumer",
+        Duration::from_secs(30),
+        || async move {
+            stream
+                .get_consumer::<pull::Config>("projection-graph")
+                .await
+                .ok()
+        },
+    )
+    .await;
+    // Events committed after the deletion reach the graph through it.
+    let after = world.pipe.head_beyond(deleted_at).await;
+    world.pipe.caught_up_to(&world.graph.model, after).await;
+    assert!(workload.is_running());
+    workload.stop().await;
+    let until = world.assert_verified().await;
     stop.cancel();
     task.await.unwrap().unwrap();
-    let after = world.graph.dump().await.unwrap();
-    assert_eq!(before.len(), after.len());
-    assert_eq!(before, after, "the rebuilt graph differs");
+    let status = status.borrow().clone();
+    assert_eq!(status.state, ProjectorState::Live, "{status:?}");
+    world
+        .assert_clean_pass_equal("the graph after its consumer was deleted", until)
+        .await;
     world.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_while_commands_flow_switches_to_a_database_with_the_live_state() {
-    let world = world().await;
+async fn replays_while_commands_flow_switch_to_a_database_with_the_live_state() {
+    let world = world("replays_while_commands_flow_switch_to_a_database_with_the_live_state").await;
     let projector = world.projector().await;
     let (stop, task) = world.spawn(&projector);
-    world.simulate(2, 31).await;
-    world.caught_up().await;
+    world.simulate(400, 0).await;
+    let built = world.caught_up().await;
     let home = world.graph.database.clone();
 
-    // Commands keep flowing while the replay builds a new database; the
-    // live projector keeps serving from the home database until the switch.
-    let workload = world.spawn_simulation(neurectomy_e2e::pipeline::Pipeline::workload(3, 300, 32));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Commands keep flowing through both replays, each building a new
+    // database while the live projector keeps serving from the active one
+    // until the switch: they flow before a replay starts, and the log grows
+    // while it runs.
+    let workload = world.start_workload(world.workload(0, 300, 1));
     let replay = |show| {
         api::replay::replay_graph_into(
             &world.store,
@@ -299,14 +361,29 @@ async fn replay_while_commands_flow_switches_to_a_database_with_the_live_state()
             show,
         )
     };
-    let first = replay(false).await.unwrap();
+    let replay_under_load = |after: i64| {
+        let replay = &replay;
+        let world = &world;
+        let workload = &workload;
+        async move {
+            let started = world.pipe.head_beyond(after).await;
+            let summary = replay(false).await.unwrap();
+            let ended = world.store.head().await.unwrap().written;
+            assert!(
+                ended > started && workload.is_running(),
+                "no command landed during the replay (head {started} → {ended})"
+            );
+            (summary, ended)
+        }
+    };
+    let (first, ended) = replay_under_load(built).await;
     assert_eq!(first.previous.as_deref(), Some(home.as_str()));
     assert!(first.generation.starts_with(&format!("{home}-g")));
     assert!(first.deleted_keys > 0, "the home database was not emptied");
-    workload.await.unwrap();
 
-    // The live projector followed the pointer and kept the new one current.
-    world.assert_verified().await;
+    // The live projector followed the pointer and keeps the new database
+    // current.
+    world.pipe.caught_up_to(&world.graph.model, ended).await;
     assert_eq!(
         world.graph.model.database(Duration::ZERO).await.unwrap(),
         first.generation
@@ -324,8 +401,9 @@ async fn replay_while_commands_flow_switches_to_a_database_with_the_live_state()
     let left: i64 = rows.next().await.unwrap().unwrap().get("n").unwrap();
     assert_eq!(left, 0, "nodes left in the abandoned home namespace");
 
-    // A second replay replaces the first database and drops it.
-    let second = replay(false).await.unwrap();
+    // A second replay, commands still flowing, replaces the first database
+    // and drops it.
+    let (second, _) = replay_under_load(ended).await;
     assert_eq!(second.previous.as_deref(), Some(first.generation.as_str()));
     let (_, listed) = projections::graph::admin::server_command(
         &world.graph.http,
@@ -337,13 +415,16 @@ async fn replay_while_commands_flow_switches_to_a_database_with_the_live_state()
     .unwrap();
     assert!(listed.contains(&second.generation), "{listed}");
     assert!(!listed.contains(&first.generation), "not dropped: {listed}");
+    workload.stop().await;
     let until = world.assert_verified().await;
+    assert_eq!(
+        world.graph.model.database(Duration::ZERO).await.unwrap(),
+        second.generation
+    );
     stop.cancel();
     task.await.unwrap().unwrap();
-    let clean = world.clean_pass(until).await;
-    assert_eq!(
-        world.graph.dump().await.unwrap(),
-        clean.dump().await.unwrap()
-    );
+    world
+        .assert_clean_pass_equal("the graph after two replays", until)
+        .await;
     world.shutdown().await;
 }
