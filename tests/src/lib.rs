@@ -5,10 +5,14 @@
 //! PostgreSQL and NATS JetStream, kill them, restart them, and check what
 //! landed in the event store and on JetStream.
 //!
-//! This library holds the process helpers those tests share.
+//! This library holds the process helpers those tests share:
+//! [`instance`] runs the binary on scratch resources, [`services`] starts
+//! private Redis, NATS, graph and PostgreSQL servers for the fault tests.
 
 use std::process::Stdio;
 
+pub mod instance;
+pub mod services;
 pub mod ws;
 
 use tokio::process::{Child, Command};
