@@ -39,13 +39,15 @@
 //! What each test proves on top:
 //! - `redis_killed_and_restarted_empty`: Redis (keeping nothing on disk)
 //!   dies twice. Reads from Redis fail fast with `UNAVAILABLE` while it is
-//!   down. The first time the load goes on after the restart; the second
-//!   time nothing is written after it, so only the projector's own check
-//!   of its model can notice that Redis came back empty: the model is
-//!   rebuilt from the store, and `/readyz` never says ready while it is
-//!   behind. A subscriber to `events` open throughout (resubscribing from
-//!   its last position if the server ends its subscription) receives every
-//!   event exactly once, in order.
+//!   down. The first time the load goes on through the restart. The second
+//!   time the writers have stopped and both projections are idle at the
+//!   head before the kill, only reads go on, and nothing is written after
+//!   Redis comes back empty: only the Redis projector's own look at its
+//!   idle model can notice. The model is rebuilt from the store, `/readyz`
+//!   never says ready while it is behind, and reads find the agents again.
+//!   A subscriber to `events` open throughout (resubscribing from its last
+//!   position if the server ends its subscription) receives every event
+//!   exactly once, in order.
 //! - `graph_server_killed_and_restarted`: the graph server dies for
 //!   seconds. Graph reads fail fast with `UNAVAILABLE`; the projector,
 //!   which was retrying a batch, applies up to the head within seconds of
@@ -168,6 +170,22 @@ impl Sent {
     fn answered(&self) -> bool {
         matches!(self.outcome, Outcome::Data(_))
     }
+
+    /// One line for failure messages.
+    fn brief(&self) -> String {
+        format!(
+            "{} ({:?}, command {:?}) took {:?}: {:?}",
+            self.field, self.kind, self.command, self.took, self.outcome
+        )
+    }
+}
+
+/// Requests, one line each.
+fn briefly<'a>(sent: impl IntoIterator<Item = &'a Sent>) -> String {
+    sent.into_iter()
+        .map(Sent::brief)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A GraphQL client of the API.
@@ -456,32 +474,42 @@ struct Load {
 }
 
 impl Load {
+    /// [`WORKERS`] writers, and a reader of their agents.
     fn start(client: &Client) -> Self {
+        let agents: Vec<String> = (0..WORKERS).map(|_| Uuid::new_v4().to_string()).collect();
+        Self::with(client, agents, true)
+    }
+
+    /// Only a reader of `agents`.
+    fn reader(client: &Client, agents: Vec<String>) -> Self {
+        Self::with(client, agents, false)
+    }
+
+    fn with(client: &Client, agents: Vec<String>, write: bool) -> Self {
         let stop = CancellationToken::new();
         let sent = Arc::new(Mutex::new(Vec::new()));
-        let agents: Vec<String> = (0..WORKERS).map(|_| Uuid::new_v4().to_string()).collect();
-        let mut workers = agents
-            .iter()
-            .map(|agent| {
-                let mut pace = tokio::time::interval(PACE);
-                pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let worker = Worker {
-                    client: client.clone(),
-                    sent: sent.clone(),
-                    pace,
-                    agent: agent.clone(),
-                };
-                tokio::spawn(worker.run(stop.clone()))
-            })
-            .collect::<Vec<_>>();
+        let pace = || {
+            let mut pace = tokio::time::interval(PACE);
+            pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            pace
+        };
+        let mut workers = Vec::new();
+        for agent in agents.iter().filter(|_| write) {
+            let worker = Worker {
+                client: client.clone(),
+                sent: sent.clone(),
+                pace: pace(),
+                agent: agent.clone(),
+            };
+            workers.push(tokio::spawn(worker.run(stop.clone())));
+        }
         // A client that only reads: reads go on while the writers wait for
-        // PostgreSQL.
-        let reader = tokio::spawn({
+        // PostgreSQL, or after they stopped.
+        workers.push(tokio::spawn({
             let (client, sent, stop, agents) =
                 (client.clone(), sent.clone(), stop.clone(), agents.clone());
+            let mut pace = pace();
             async move {
-                let mut pace = tokio::time::interval(PACE);
-                pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 for agent in agents.iter().cycle() {
                     if stop.is_cancelled() {
                         return;
@@ -489,8 +517,7 @@ impl Load {
                     Worker::read_agent(&client, &sent, &mut pace, agent).await;
                 }
             }
-        });
-        workers.push(reader);
+        }));
         Self {
             stop,
             sent,
@@ -824,14 +851,16 @@ impl Stack {
     }
 }
 
-/// Every request answered within its [`bound`]; returns the slowest of
-/// `kind`.
+/// Every request answered within its [`bound`].
 fn none_hung(sent: &[Sent]) {
     let slow: Vec<&Sent> = sent.iter().filter(|s| s.took > bound(s.kind)).collect();
     assert!(
         slow.is_empty(),
-        "{} request(s) took longer than their bound: {slow:#?}",
-        slow.len()
+        "{} request(s) took longer than their bound (mutations and Redis reads {:?}, graph reads {:?}):\n{}",
+        slow.len(),
+        bound(Kind::Mutation),
+        bound(Kind::Graph),
+        briefly(slow)
     );
 }
 
@@ -850,10 +879,15 @@ fn failed_fast(sent: &[Sent], from: Instant, to: Instant, kinds: &[Kind]) -> (us
     let mut slowest = Duration::ZERO;
     for kind in kinds {
         let during = within(sent, *kind, from, to);
-        let other: Vec<&&Sent> = during.iter().filter(|s| !s.unavailable()).collect();
+        let other: Vec<&Sent> = during
+            .iter()
+            .copied()
+            .filter(|s| !s.unavailable())
+            .collect();
         assert!(
             other.is_empty(),
-            "{kind:?} requests during the outage not answered UNAVAILABLE: {other:#?}"
+            "{kind:?} requests during the outage not answered UNAVAILABLE:\n{}",
+            briefly(other)
         );
         failures += during.len();
         slowest = during.iter().map(|s| s.took).fold(slowest, Duration::max);
@@ -871,10 +905,11 @@ fn kept_working(sent: &[Sent], from: Instant, to: Instant, kinds: &[Kind]) -> us
     let mut answered = 0;
     for kind in kinds {
         let during = within(sent, *kind, from, to);
-        let failed: Vec<&&Sent> = during.iter().filter(|s| !s.answered()).collect();
+        let failed: Vec<&Sent> = during.iter().copied().filter(|s| !s.answered()).collect();
         assert!(
             failed.is_empty(),
-            "{kind:?} requests failed during the outage, though they do not need the dead service: {failed:#?}"
+            "{kind:?} requests failed during the outage, though they do not need the dead service:\n{}",
+            briefly(failed)
         );
         answered += during.len();
     }
@@ -960,10 +995,12 @@ impl Watcher {
     }
 }
 
-/// Redis, keeping nothing on disk, killed twice under load: reads fail fast
-/// while it is down; after the first restart the load goes on, after the
-/// second nothing is written, and the model is rebuilt all the same while
-/// `/readyz` never says ready before it is; a subscriber loses nothing.
+/// Redis, keeping nothing on disk, killed twice: reads fail fast while it
+/// is down; the first time the load goes on through the restart, the
+/// second time the projectors are idle at the head and nothing is written
+/// after Redis comes back empty, and the model is rebuilt all the same
+/// while `/readyz` never says ready before it is; a subscriber loses
+/// nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_empty() {
     let mut redis = PrivateRedis::start().await;
@@ -983,7 +1020,10 @@ async fn redis_killed_and_restarted_empty() {
     let killed = Instant::now();
     stack.not_ready("redis", None).await;
     let (ok, status) = stack.status().await;
-    assert!(ok && status.contains("projection redis") && status.contains("unknown"));
+    assert!(
+        ok && status.contains("projection redis") && status.contains("unknown"),
+        "{status}"
+    );
     load.failures(Kind::Redis, killed, FAILED_AT_LEAST).await;
     tokio::time::sleep_until((killed + OUTAGE).into()).await;
     let restarting = Instant::now();
@@ -999,16 +1039,29 @@ async fn redis_killed_and_restarted_empty() {
         restarting - killed
     );
 
-    // 2. Killed under load, which ends before the restart: nothing is
-    // written after it.
+    // 2. The writers stop and both projections apply the head; then Redis
+    // is killed with only reads going on, and nothing is written after it
+    // comes back empty: only the Redis projector's own look at its idle
+    // model can tell that it must be rebuilt.
+    let agents = load.agents.clone();
+    let mut sent = load.finish().await;
+    let head = stack.scratch.head().await;
+    let (model, graph) = (
+        stack.scratch.redis.model.clone(),
+        stack.scratch.graph.model.clone(),
+    );
+    eventually("both projections to apply the head", RECOVERY, || async {
+        let redis = model.checkpoint().await.ok()?;
+        let graph = graph.checkpoint().await.ok()?;
+        (redis == head && graph == head).then_some(())
+    })
+    .await;
+    let reads = Load::reader(&stack.client, agents.clone());
     redis.kill();
     let killed = Instant::now();
     stack.not_ready("redis", None).await;
-    load.failures(Kind::Redis, killed, FAILED_AT_LEAST).await;
+    reads.failures(Kind::Redis, killed, FAILED_AT_LEAST).await;
     tokio::time::sleep_until((killed + OUTAGE).into()).await;
-    let agents = load.agents.clone();
-    let sent = load.finish().await;
-    let head = stack.scratch.head().await;
     let restarting = Instant::now();
     redis.restart().await;
     let back = Instant::now();
@@ -1046,7 +1099,8 @@ async fn redis_killed_and_restarted_empty() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    // Reads answer from the rebuilt model.
+    // Reads answer again, from the rebuilt model.
+    reads.answers(Kind::Redis, back + ready, 5).await;
     for agent in &agents {
         let read = stack
             .client
@@ -1063,6 +1117,7 @@ async fn redis_killed_and_restarted_empty() {
         };
         assert_eq!(data["id"], json!(agent), "{read:?}");
     }
+    sent.extend(reads.finish().await);
     eprintln!(
         "Redis down {:?}, back empty with nothing written: /readyz ready {ready:?} after it was back ({empty} answer(s) saying the model had no checkpoint)",
         restarting - killed
@@ -1264,7 +1319,10 @@ async fn postgres_killed_and_restarted() {
             "{command}: answered before its last attempt"
         );
         let Outcome::Data(result) = &last.outcome else {
-            panic!("{command} never succeeded: {tries:#?}");
+            panic!(
+                "{command} never succeeded:\n{}",
+                briefly(tries.iter().copied())
+            );
         };
         let recorded: Option<i64> = sqlx::query_scalar(
             "SELECT (extract(epoch FROM min(recorded_at)) * 1000000)::int8 FROM events WHERE command_id = $1",
