@@ -25,9 +25,9 @@
 //!   `neurectomy status` answers within [`STATUS_BOUND`];
 //! - what does not need the dead service keeps working: every request that
 //!   ran entirely while it was down and does not touch it succeeded;
-//! - after the restart, within [`RECOVERY`]: both read models reach the
-//!   head, `projectionStatus` reports both `live` at the head, `/readyz`
-//!   is ready, and reads answer again;
+//! - once the service answers again, within [`RECOVERY`]: both read models
+//!   reach the head, `projectionStatus` reports both `live` at the head,
+//!   `/readyz` is ready, and reads answer again;
 //! - nothing is lost or duplicated: every acknowledged mutation is in the
 //!   store, whole, where its answer said, and nothing else is; no stream
 //!   has a gap; JetStream mirrors the store exactly (`testkit::mirror`);
@@ -59,7 +59,9 @@
 //!   backend) dies for seconds. Mutations fail fast with `UNAVAILABLE`
 //!   telling the client to retry with the same commandId; each retry after
 //!   the restart succeeds, exactly once: `replayed` exactly when an attempt
-//!   during the outage had committed.
+//!   during the outage had committed. A mutation acknowledged before the
+//!   outage and sent again after it (a client that lost the answer) is
+//!   `replayed` with the first run's result.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -661,7 +663,8 @@ impl Stack {
             }
             assert!(
                 started.elapsed() < Duration::from_secs(15),
-                "/readyz with {dependency} down (want {projection:?}): {body}"
+                "/readyz with {dependency} down (want {projection:?}): {body}\nthe process's log:\n{}",
+                self.log_tail()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -690,9 +693,17 @@ impl Stack {
         (output.status.success(), text)
     }
 
+    /// The process's errors and the end of its log (without the warning
+    /// of every read that failed), for failure messages.
     fn log_tail(&self) -> String {
         let log = self.all.log.lock().unwrap();
-        log[log.len().saturating_sub(60)..].join("\n")
+        let errors = log.iter().filter(|l| l.contains("\"level\":\"ERROR\""));
+        let rest: Vec<&String> = log
+            .iter()
+            .filter(|l| !l.contains("\"read failed\""))
+            .collect();
+        let tail = rest[rest.len().saturating_sub(40)..].iter().copied();
+        errors.chain(tail).cloned().collect::<Vec<_>>().join("\n")
     }
 
     /// After the load stopped: both read models reach the head, both
@@ -848,6 +859,15 @@ impl Stack {
     async fn shut_down(mut self) {
         let (code, took) = self.all.stop(Duration::from_secs(40)).await;
         assert_eq!(code, Some(0), "exit after {took:?}:\n{}", self.log_tail());
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // A failed assertion anywhere shows what the process was doing.
+        if std::thread::panicking() {
+            eprintln!("the process's log:\n{}", self.log_tail());
+        }
     }
 }
 
