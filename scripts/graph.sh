@@ -9,6 +9,8 @@
 #   scripts/graph.sh up       # start ArcadeDB unless a Bolt server already answers (default)
 #   scripts/graph.sh check    # report only; exit 1 if nothing speaks Bolt there
 #   scripts/graph.sh down     # stop the server that `up` started (and nothing else)
+#   scripts/graph.sh install  # only install ArcadeDB into .tools (the fault tests start
+#                             # private servers from it); prints the package folder
 #
 # Environment:
 #   NEURECTOMY_GRAPH_URI        bolt://127.0.0.1:7687   where clients connect
@@ -300,5 +302,6 @@ case "$mode" in
   up) up ;;
   check) check ;;
   down) down ;;
-  *) die "usage: $0 [up|check|down]" ;;
+  install) install_arcadedb; package_dir; echo ;;
+  *) die "usage: $0 [up|check|down|install]" ;;
 esac

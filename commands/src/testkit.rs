@@ -2,7 +2,8 @@
 //!
 //! Every test gets its own PostgreSQL database (created, migrated, and
 //! dropped afterwards) and its own JetStream stream and subject prefix, so
-//! tests run in parallel against the real services. When a service is
+//! tests run in parallel against the real services. [`mirror`] checks that
+//! a JetStream stream mirrors the event store exactly. When a service is
 //! unreachable the helpers fail with a message naming the service and the
 //! command that starts it; they never skip.
 //!
@@ -18,6 +19,8 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::relay::RelayConfig;
+
+pub mod mirror;
 
 /// How to start PostgreSQL on a development machine.
 pub const START_POSTGRES: &str = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start   (or: scripts/services.sh up)";
@@ -54,7 +57,8 @@ pub enum TestkitError {
     },
 }
 
-fn admin_url() -> String {
+/// The admin URL of the PostgreSQL server tests use.
+pub fn admin_url() -> String {
     std::env::var("NEURECTOMY_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
@@ -82,7 +86,13 @@ impl TestDatabase {
     /// Creates and migrates `neurectomy_test_<random>`, with a pool of
     /// `pool_size` connections.
     pub async fn create(pool_size: u32) -> Result<Self, TestkitError> {
-        let url = admin_url();
+        Self::create_at(&admin_url(), pool_size).await
+    }
+
+    /// Like [`TestDatabase::create`] on the server of the admin URL `url`
+    /// (e.g. a private server a test starts and stops).
+    pub async fn create_at(url: &str, pool_size: u32) -> Result<Self, TestkitError> {
+        let url = url.to_owned();
         let pg = |doing: &str| {
             let url = url.clone();
             let doing = doing.to_owned();

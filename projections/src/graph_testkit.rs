@@ -23,6 +23,28 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
+/// Where a graph server is, and its `root` password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphServer {
+    /// Bolt URI, e.g. `bolt://127.0.0.1:7687`.
+    pub uri: String,
+    /// `host:port` of ArcadeDB's HTTP API.
+    pub http: String,
+    /// The password of `root`.
+    pub password: String,
+}
+
+impl GraphServer {
+    /// The server the environment names (see the module docs).
+    pub fn from_env() -> Self {
+        Self {
+            uri: env_or("NEURECTOMY_TEST_GRAPH_URI", "bolt://127.0.0.1:7687"),
+            http: env_or("NEURECTOMY_TEST_GRAPH_HTTP", "127.0.0.1:2480"),
+            password: env_or("NEURECTOMY_TEST_GRAPH_PASSWORD", "neurectomy-dev"),
+        }
+    }
+}
+
 /// A graph read model on a fresh database, dropped on drop.
 #[derive(Debug)]
 pub struct TestGraph {
@@ -50,9 +72,17 @@ async fn server_command(
 impl TestGraph {
     /// Creates a fresh database and connects a model to it.
     pub async fn create() -> Result<Self, String> {
-        let uri = env_or("NEURECTOMY_TEST_GRAPH_URI", "bolt://127.0.0.1:7687");
-        let password = env_or("NEURECTOMY_TEST_GRAPH_PASSWORD", "neurectomy-dev");
-        let http = env_or("NEURECTOMY_TEST_GRAPH_HTTP", "127.0.0.1:2480");
+        Self::create_at(&GraphServer::from_env()).await
+    }
+
+    /// Like [`TestGraph::create`] on `server` (e.g. a private server a test
+    /// starts and stops).
+    pub async fn create_at(server: &GraphServer) -> Result<Self, String> {
+        let GraphServer {
+            uri,
+            http,
+            password,
+        } = server.clone();
         let database = format!("test_{}", Uuid::new_v4().simple());
         let (status, body) =
             server_command(&http, &password, &format!("create database {database}")).await?;

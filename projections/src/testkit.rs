@@ -35,7 +35,13 @@ pub struct TestRedis {
 impl TestRedis {
     /// Connects and picks a unique prefix.
     pub async fn create() -> Result<Self, String> {
-        let url = redis_url();
+        Self::create_at(&redis_url()).await
+    }
+
+    /// Like [`TestRedis::create`] on the Redis at `url` (e.g. a private
+    /// server a test starts and stops).
+    pub async fn create_at(url: &str) -> Result<Self, String> {
+        let url = url.to_owned();
         let prefix = format!("test:{}:", Uuid::new_v4().simple());
         let config = LiveModelConfig {
             prefix: prefix.clone(),

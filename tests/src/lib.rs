@@ -5,66 +5,16 @@
 //! PostgreSQL and NATS JetStream, kill them, restart them, and check what
 //! landed in the event store and on JetStream.
 //!
-//! This library holds the process helpers those tests share.
+//! This library holds the process helpers those tests share:
+//! [`instance`] runs the binary on scratch resources, [`services`] starts
+//! private Redis, NATS, graph and PostgreSQL servers for the fault tests.
 
 use std::process::Stdio;
 
+pub mod instance;
 pub mod read_side;
+pub mod services;
 pub mod ws;
-
-/// Checks that the JetStream stream `stream` mirrors the event store of
-/// `pool` exactly: as many messages as events, message `n` carrying the
-/// `n`-th event's position and id (`Nats-Msg-Id`). Event ids are unique in
-/// the store, so this is "every event once, in global order". Returns the
-/// number of events.
-pub async fn assert_exact_mirror(
-    pool: &sqlx::PgPool,
-    jetstream: &async_nats::jetstream::Context,
-    stream: &str,
-) -> usize {
-    let events: Vec<(i64, uuid::Uuid)> =
-        sqlx::query_as("SELECT position, event_id FROM events ORDER BY position")
-            .fetch_all(pool)
-            .await
-            .unwrap_or_else(|e| panic!("reading the store: {e}"));
-    let stream = jetstream
-        .get_stream(stream)
-        .await
-        .unwrap_or_else(|e| panic!("opening JetStream stream {stream}: {e}"));
-    let messages = stream
-        .get_info()
-        .await
-        .unwrap_or_else(|e| panic!("reading the stream's info: {e}"))
-        .state
-        .messages;
-    assert_eq!(
-        messages,
-        events.len() as u64,
-        "JetStream holds {messages} messages for {} events",
-        events.len()
-    );
-    for (index, (position, id)) in events.iter().enumerate() {
-        let sequence = index as u64 + 1;
-        let message = stream
-            .get_raw_message(sequence)
-            .await
-            .unwrap_or_else(|e| panic!("reading message {sequence}: {e}"));
-        let header = |name: &str| {
-            message
-                .headers
-                .get(name)
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_else(|| panic!("message {sequence} has no {name}"))
-        };
-        assert_eq!(
-            header(commands::relay::HEADER_POSITION),
-            position.to_string(),
-            "message {sequence} is out of order"
-        );
-        assert_eq!(header("Nats-Msg-Id"), id.to_string(), "message {sequence}");
-    }
-    events.len()
-}
 
 use tokio::process::{Child, Command};
 

@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use commands::testkit::{eventually, TestDatabase, TestNats};
+use commands::testkit::{eventually, mirror, TestDatabase, TestNats};
+use commands::EventStore;
 use neurectomy_e2e::Target;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_neurectomy-e2e");
@@ -154,7 +155,8 @@ async fn killed_relay_process_loses_nothing_and_publishes_nothing_twice() {
     .await;
 
     // Same events, same order, once each.
-    neurectomy_e2e::assert_exact_mirror(&db.pool, &nats.jetstream(), &nats.relay.stream_name).await;
+    let events = mirror::read_everything(&EventStore::new(db.pool.clone())).await;
+    mirror::assert_mirror(&events, &nats.jetstream(), &nats.relay).await;
     first.kill().await.unwrap();
     second.kill().await.unwrap();
 }

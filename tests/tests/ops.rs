@@ -10,185 +10,21 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use api::auth::{Authenticator, Role};
 use commands::relay::HEADER_POSITION;
-use commands::testkit::{eventually, TestDatabase, TestNats};
+use commands::testkit::eventually;
 use futures::{SinkExt as _, StreamExt as _};
-use projections::graph_testkit::TestGraph;
-use projections::testkit::TestRedis;
+use neurectomy_e2e::instance::{Instance, Scratch, SECRET};
 use projections::ReadModel as _;
 use serde_json::{json, Value};
-use tokio::io::AsyncBufReadExt as _;
-use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_neurectomy-e2e");
-const SECRET: &str = "operations-tests-secret-of-32-bytes-at-least";
 const TENANT: &str = "ops";
-
-/// Everything a test's processes write to, removed when dropped.
-struct Scratch {
-    db: TestDatabase,
-    nats: TestNats,
-    redis: TestRedis,
-    graph: TestGraph,
-}
-
-impl Scratch {
-    async fn create() -> Self {
-        Self {
-            db: TestDatabase::create(4)
-                .await
-                .unwrap_or_else(|e| panic!("{e}")),
-            nats: TestNats::create().await.unwrap_or_else(|e| panic!("{e}")),
-            redis: TestRedis::create().await.unwrap_or_else(|e| panic!("{e}")),
-            graph: TestGraph::create().await.unwrap_or_else(|e| panic!("{e}")),
-        }
-    }
-
-    /// `neurectomy <args>` pointed at the scratch resources only.
-    fn command(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
-        let env = |name: &str, default: &str| std::env::var(name).unwrap_or(default.to_owned());
-        let mut command = Command::new(BINARY);
-        command
-            .args(args)
-            .env_clear()
-            .env("NEURECTOMY_DATABASE_URL", &self.db.url)
-            .env("NEURECTOMY_DATABASE_POOL_SIZE", "8")
-            .env("NEURECTOMY_NATS_URL", &self.nats.url)
-            .env("NEURECTOMY_JETSTREAM_STREAM", &self.nats.relay.stream_name)
-            .env("NEURECTOMY_SUBJECT_PREFIX", &self.nats.relay.subject_prefix)
-            .env("NEURECTOMY_RELAY_IDLE_POLL_MS", "100")
-            .env("NEURECTOMY_REDIS_URL", &self.redis.url)
-            .env("NEURECTOMY_REDIS_PREFIX", &self.redis.prefix)
-            .env(
-                "NEURECTOMY_GRAPH_URI",
-                env("NEURECTOMY_TEST_GRAPH_URI", "bolt://127.0.0.1:7687"),
-            )
-            .env("NEURECTOMY_GRAPH_USER", "root")
-            .env(
-                "NEURECTOMY_GRAPH_PASSWORD",
-                env("NEURECTOMY_TEST_GRAPH_PASSWORD", "neurectomy-dev"),
-            )
-            .env("NEURECTOMY_GRAPH_DATABASE", &self.graph.database)
-            .env("NEURECTOMY_GRAPH_HTTP", &self.graph.http)
-            .env("NEURECTOMY_JWT_SECRET", SECRET)
-            .env("NEURECTOMY_API_LISTEN", "127.0.0.1:0")
-            .env("NEURECTOMY_LOG", "info")
-            .env("NEURECTOMY_LOG_FORMAT", "json")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for (name, value) in extra {
-            command.env(name, value);
-        }
-        command
-    }
-
-    /// The log's head, once every written event is readable.
-    async fn head(&self) -> i64 {
-        neurectomy_e2e::readable_head(&commands::EventStore::new(self.db.pool.clone())).await
-    }
-}
-
-/// A running `neurectomy` process whose JSON log is kept (for the
-/// addresses it listens on, and for failure messages).
-struct Process {
-    role: String,
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-    /// Reads the log until the process closes it.
-    reader: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Process {
-    fn spawn(role: &str, mut command: Command) -> Self {
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {BINARY} ({role}): {e}"));
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let reader = tokio::spawn({
-            let log = log.clone();
-            async move {
-                let mut lines = tokio::io::BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    log.lock().unwrap().push(line);
-                }
-            }
-        });
-        Self {
-            role: role.to_owned(),
-            child,
-            log,
-            reader: Some(reader),
-        }
-    }
-
-    /// The log so far, for messages.
-    fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    /// The `addr` of the first log line whose message starts with `message`.
-    async fn address(&self, message: &str) -> SocketAddr {
-        let what = format!("{} to log \"{message}\"", self.role);
-        let log = self.log.clone();
-        eventually(&what, Duration::from_secs(90), || {
-            let log = log.clone();
-            async move {
-                log.lock().unwrap().iter().find_map(|line| {
-                    let line: Value = serde_json::from_str(line).ok()?;
-                    let fields = &line["fields"];
-                    fields["message"]
-                        .as_str()?
-                        .starts_with(message)
-                        .then(|| fields["addr"].as_str()?.parse().ok())?
-                })
-            }
-        })
-        .await
-    }
-
-    /// Sends SIGTERM.
-    fn terminate(&self) {
-        let pid = self.child.id().expect("the process is running");
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -TERM {pid} failed");
-    }
-
-    /// Sends SIGTERM and waits for the exit, at most `within`; returns the
-    /// exit code and how long it took.
-    async fn stop(&mut self, within: Duration) -> (Option<i32>, Duration) {
-        let started = Instant::now();
-        self.terminate();
-        let status = tokio::time::timeout(within, self.child.wait())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "{} did not exit within {within:?} of SIGTERM; its log:\n{}",
-                    self.role,
-                    self.log()
-                )
-            })
-            .unwrap();
-        let took = started.elapsed();
-        // The whole log, up to its last line.
-        if let Some(reader) = self.reader.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), reader).await;
-        }
-        (status.code(), took)
-    }
-}
 
 fn token() -> String {
     Authenticator::new(Some(SECRET), None)
@@ -221,10 +57,10 @@ async fn serve_with_a_waiting_request(
     scratch: &Scratch,
     settings: &[(&str, &str)],
 ) -> (
-    Process,
+    Instance,
     tokio::task::JoinHandle<Result<Value, reqwest::Error>>,
 ) {
-    let api = Process::spawn("serve", scratch.command(&["serve"], settings));
+    let api = Instance::spawn("serve", scratch.command(&["serve"], settings));
     let addr = api.address("GraphQL API listening").await;
     let token = token();
     let waiting = tokio::spawn(async move {
@@ -372,13 +208,13 @@ fn dependencies_up(text: &str, dependencies: &[&str]) -> bool {
 /// with sensible values; then SIGTERM stops each cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_role_exports_its_metrics() {
-    let scratch = Scratch::create().await;
+    let scratch = Scratch::create(BINARY).await;
     let listen = [("NEURECTOMY_METRICS_LISTEN", "127.0.0.1:0")];
-    let mut relay = Process::spawn("relay", scratch.command(&["relay"], &listen));
-    let mut projector = Process::spawn("project", scratch.command(&["project"], &listen));
+    let mut relay = Instance::spawn("relay", scratch.command(&["relay"], &listen));
+    let mut projector = Instance::spawn("project", scratch.command(&["project"], &listen));
     let relay_metrics = relay.address("metrics listening").await;
     let projector_metrics = projector.address("metrics listening").await;
-    let mut api = Process::spawn("serve", scratch.command(&["serve"], &[]));
+    let mut api = Instance::spawn("serve", scratch.command(&["serve"], &[]));
     let api_addr = api.address("GraphQL API listening").await;
     let http = reqwest::Client::new();
     let token = token();
@@ -618,11 +454,11 @@ async fn drive(api: SocketAddr, token: String, http: reqwest::Client) -> Vec<Don
 /// publishes and projects everything, and the read models verify clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_loses_nothing_and_restarts_cleanly() {
-    let scratch = Scratch::create().await;
+    let scratch = Scratch::create(BINARY).await;
     let deadline = Duration::from_secs(20);
     let deadline_ms = deadline.as_millis().to_string();
     let settings = [("NEURECTOMY_SHUTDOWN_DEADLINE_MS", deadline_ms.as_str())];
-    let mut all = Process::spawn("all", scratch.command(&["all"], &settings));
+    let mut all = Instance::spawn("all", scratch.command(&["all"], &settings));
     let api = all.address("GraphQL API listening").await;
     let token = token();
     let http = reqwest::Client::builder()
@@ -726,7 +562,7 @@ async fn sigterm_under_load_loses_nothing_and_restarts_cleanly() {
     assert_eq!(checkpoint, published, "the relay's final checkpoint");
 
     // Restart: the relay publishes the rest, the projectors apply it.
-    let mut again = Process::spawn("all (restarted)", scratch.command(&["all"], &settings));
+    let mut again = Instance::spawn("all (restarted)", scratch.command(&["all"], &settings));
     again.address("GraphQL API listening").await;
     let head = scratch.head().await;
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
@@ -753,7 +589,11 @@ async fn sigterm_under_load_loses_nothing_and_restarts_cleanly() {
     )
     .await;
     // Exactly the store, once each, in order, across the SIGTERM.
-    neurectomy_e2e::assert_exact_mirror(&scratch.db.pool, &js, &stream_name).await;
+    let stored = commands::testkit::mirror::read_everything(&commands::EventStore::new(
+        scratch.db.pool.clone(),
+    ))
+    .await;
+    commands::testkit::mirror::assert_mirror(&stored, &js, &scratch.nats.relay).await;
     let redis = scratch.redis.model.clone();
     let graph = scratch.graph.model.clone();
     eventually(
@@ -802,7 +642,7 @@ async fn sigterm_under_load_loses_nothing_and_restarts_cleanly() {
 /// same at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_passed_deadline_or_a_second_signal_reports_what_was_in_flight() {
-    let scratch = Scratch::create().await;
+    let scratch = Scratch::create(BINARY).await;
     let settings = [
         ("NEURECTOMY_SHUTDOWN_DEADLINE_MS", "500"),
         // A read for a position nobody writes waits this long.

@@ -1,6 +1,7 @@
 //! Shared fixtures: event builders, a small domain world on top of the
-//! command handler, relay and writer tasks, the JetStream mirror check, and a
-//! private `nats-server` child process.
+//! command handler, relay and writer tasks, waits for the JetStream mirror
+//! (checked by `testkit::mirror`), and a private `nats-server` child
+//! process.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,12 +16,15 @@ use async_nats::jetstream;
 use domain::{
     AgentCommand, AgentId, AgentKind, Command, TaskCommand, TaskId, WorkflowCommand, WorkflowId,
 };
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use neurectomy_commands::relay::{
     HEADER_EVENT_TYPE, HEADER_POSITION, HEADER_SCHEMA_VERSION, HEADER_STREAM_ID,
-    HEADER_STREAM_VERSION, HEADER_TENANT, HEADER_TRACEPARENT,
+    HEADER_STREAM_VERSION, HEADER_TENANT,
 };
 use neurectomy_commands::testkit::eventually;
+use neurectomy_commands::testkit::mirror::{
+    assert_messages_mirror, assert_mirror, read_everything, read_stream,
+};
 use neurectomy_commands::{
     event_store, CommandContext, CommandError, CommandHandler, CommandOutcome, EventMetadata,
     EventStore, ExpectedVersion, HandlerConfig, NewEvent, RecordedEvent, Relay, RelayConfig,
@@ -137,30 +141,6 @@ pub async fn all_positions(pool: &PgPool) -> Vec<i64> {
         .fetch_all(pool)
         .await
         .unwrap()
-}
-
-/// Reads the whole log gap-safely, waiting until every committed event is
-/// readable (transactions elsewhere in the cluster can hold the horizon back).
-/// Asserts positions strictly increase.
-pub async fn read_everything(store: &EventStore) -> Vec<RecordedEvent> {
-    let expected = event_count(store.pool()).await;
-    eventually("the gap-safe reader to see every event", WAIT, || async {
-        let mut all: Vec<RecordedEvent> = Vec::new();
-        loop {
-            let after = all.last().map_or(0, |e| e.position);
-            let batch = store.read_all(after, 1000).await.unwrap();
-            if batch.is_empty() {
-                break;
-            }
-            all.extend(batch);
-        }
-        assert!(
-            all.windows(2).all(|w| w[0].position < w[1].position),
-            "read_all positions must strictly increase"
-        );
-        (all.len() as i64 == expected).then_some(all)
-    })
-    .await
 }
 
 // ---------------------------------------------------------------------------
@@ -433,10 +413,6 @@ pub fn mixed_streams(count: usize) -> Vec<String> {
 // The JetStream mirror
 // ---------------------------------------------------------------------------
 
-fn header<'a>(message: &'a jetstream::message::StreamMessage, name: &str) -> Option<&'a str> {
-    message.headers.get(name).map(|v| v.as_str())
-}
-
 /// Waits until the JetStream stream holds at least as many messages as the
 /// store holds events and `relay` (if given) acknowledged the last position,
 /// then checks the mirror exactly. Returns the number of events.
@@ -462,42 +438,6 @@ pub async fn wait_for_mirror(
     .await;
     assert_mirror(&events, js, config).await;
     events.len()
-}
-
-/// The JetStream stream holds exactly `events`, once each, in order, with the
-/// relay's subjects, ids and headers, and payloads equal to the store's rows.
-pub async fn assert_mirror(
-    events: &[RecordedEvent],
-    js: &jetstream::Context,
-    config: &RelayConfig,
-) {
-    let stream = js.get_stream(&config.stream_name).await.unwrap();
-    let info = stream.get_info().await.unwrap();
-    let n = events.len() as u64;
-    assert_eq!(
-        (
-            info.state.messages,
-            info.state.first_sequence,
-            info.state.last_sequence
-        ),
-        (n, 1, n),
-        "JetStream must hold exactly the {n} events of the store, from sequence 1"
-    );
-    let messages = read_stream(&stream, n).await;
-    assert_messages_mirror(events, &messages, config);
-}
-
-/// Messages 1..=`last` of `stream`.
-async fn read_stream(
-    stream: &jetstream::stream::Stream,
-    last: u64,
-) -> Vec<jetstream::message::StreamMessage> {
-    futures::stream::iter(1..=last)
-        .map(|seq| stream.get_raw_message(seq))
-        .buffered(32)
-        .try_collect()
-        .await
-        .unwrap()
 }
 
 /// Like [`wait_for_mirror`] on a stream that also holds `foreign` (the
@@ -545,72 +485,6 @@ pub async fn wait_for_mirror_among(
     assert_eq!(seen, published, "every foreign message landed once");
     assert_messages_mirror(&events, &ours, config);
     events.len()
-}
-
-/// `messages` are exactly `events`, in order, with the relay's subjects,
-/// ids and headers, and payloads equal to the store's rows.
-fn assert_messages_mirror(
-    events: &[RecordedEvent],
-    messages: &[jetstream::message::StreamMessage],
-    config: &RelayConfig,
-) {
-    assert_eq!(
-        messages.len(),
-        events.len(),
-        "one message of the relay per event"
-    );
-    let js_positions: Vec<i64> = messages
-        .iter()
-        .map(|m| header(m, HEADER_POSITION).unwrap().parse().unwrap())
-        .collect();
-    let store_positions: Vec<i64> = events.iter().map(|e| e.position).collect();
-    assert_eq!(
-        js_positions, store_positions,
-        "Neurectomy-Position headers must follow read_all order"
-    );
-    let payloads: Vec<RecordedEvent> = messages
-        .iter()
-        .map(|m| serde_json::from_slice(&m.payload).unwrap())
-        .collect();
-    let js_ids: Vec<Uuid> = payloads.iter().map(|e| e.event_id).collect();
-    let store_ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-    assert_eq!(
-        js_ids, store_ids,
-        "payload event ids must follow read_all order"
-    );
-
-    for ((message, payload), event) in messages.iter().zip(&payloads).zip(events) {
-        let at = format!("message {} (position {})", message.sequence, event.position);
-        assert_eq!(
-            payload, event,
-            "{at}: payload differs from the stored event"
-        );
-        assert_eq!(
-            message.subject.as_str(),
-            format!(
-                "{}.{}.{}",
-                config.subject_prefix,
-                event.kind(),
-                event.event_type
-            ),
-            "{at}: subject"
-        );
-        let event_id = event.event_id.to_string();
-        let version = event.stream_version.to_string();
-        let schema = event.schema_version.to_string();
-        let expected = [
-            ("Nats-Msg-Id", Some(event_id.as_str())),
-            (HEADER_STREAM_ID, Some(event.stream_id.as_str())),
-            (HEADER_STREAM_VERSION, Some(version.as_str())),
-            (HEADER_EVENT_TYPE, Some(event.event_type.as_str())),
-            (HEADER_SCHEMA_VERSION, Some(schema.as_str())),
-            (HEADER_TENANT, Some(event.metadata.tenant.as_str())),
-            (HEADER_TRACEPARENT, event.metadata.traceparent.as_deref()),
-        ];
-        for (name, value) in expected {
-            assert_eq!(header(message, name), value, "{at}: header {name}");
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------

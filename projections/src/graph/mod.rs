@@ -165,9 +165,13 @@ pub(crate) fn is_transient(error: &neo4rs::Error) -> bool {
                 )
         }
         // Failures reported at COMMIT arrive as text ("unexpected response
-        // for COMMIT: Failure(... code ...)").
+        // for COMMIT: Failure(... code ...)"), and so does a connection lost
+        // while rows are pulled ("unexpected response for PULL:
+        // Err(IOError { ... })"): the server went away, the data is fine.
         neo4rs::Error::UnexpectedMessage(text) | neo4rs::Error::UnknownMessage(text) => {
             text.contains("Neo.TransientError")
+                || text.contains(": Err(IOError")
+                || text.contains(": Err(ConnectionError")
         }
         _ => false,
     }
@@ -376,5 +380,31 @@ impl GraphModel {
                 source: Box::new(self.timed_out(doing).await),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_transient;
+
+    /// neo4rs reports a connection reset while it pulls rows as an
+    /// unexpected response holding the I/O error (a graph server killed
+    /// mid-answer); a batch failing so must be retried, not refused.
+    #[test]
+    fn a_connection_lost_while_pulling_rows_is_transient() {
+        let reset = neo4rs::Error::IOError {
+            detail: std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+        };
+        let pulled: Result<(), neo4rs::Error> = Err(reset);
+        let text = format!("unexpected response for PULL: {pulled:?}");
+        assert!(is_transient(&neo4rs::Error::UnexpectedMessage(text)));
+        let lost: Result<(), neo4rs::Error> = Err(neo4rs::Error::ConnectionError);
+        let text = format!("unexpected response for PULL: {lost:?}");
+        assert!(is_transient(&neo4rs::Error::UnexpectedMessage(text)));
+        // What the server refuses stays refused.
+        let refused = "unexpected response for COMMIT: Failure { code: \"Neo.ClientError.Schema.ConstraintValidationFailed\" }";
+        assert!(!is_transient(&neo4rs::Error::UnexpectedMessage(
+            refused.to_owned()
+        )));
     }
 }

@@ -103,6 +103,9 @@ pub struct LiveModel {
     /// The task and agent rows as the last batch applied through this model
     /// (or a clone) left them; see [`Carried`].
     carried: Arc<Mutex<Option<Carried>>>,
+    /// Held by every clone; the connection's keeper (see
+    /// [`LiveModel::keep`]) stops when the last one is dropped.
+    _alive: Arc<()>,
 }
 
 /// The task and agent rows a batch's planner ended with, kept for the next
@@ -153,6 +156,9 @@ impl Carried {
         self
     }
 }
+
+/// How often a live model pings Redis (see [`LiveModel::keep`]).
+const KEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The generation used when none was ever activated.
 pub const FIRST_GENERATION: &str = "g0";
@@ -233,13 +239,37 @@ impl LiveModel {
         let conn = ConnectionManager::new_with_config(client, config.connection_manager())
             .await
             .map_err(unavailable(format!("connecting to {url}")))?;
+        let alive = Arc::new(());
+        Self::keep(conn.clone(), Arc::downgrade(&alive));
         Ok(Self {
             conn,
             config,
             generation: Arc::new(RwLock::new(generation)),
             pinned,
             carried: Arc::new(Mutex::new(None)),
+            _alive: alive,
         })
+    }
+
+    /// Pings Redis every [`KEEP_EVERY`] while the model lives. The
+    /// connection manager reconnects only when a command fails, and after
+    /// an outage its last failed reconnection is what the next command
+    /// gets: without a command of its own, the first request after Redis
+    /// returns would fail. The ping is that command, so a Redis that is
+    /// back is used again within about a second, whoever asks next.
+    fn keep(conn: ConnectionManager, alive: std::sync::Weak<()>) {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(KEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if alive.strong_count() == 0 {
+                    return;
+                }
+                let mut conn = conn.clone();
+                let _: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
+            }
+        });
     }
 
     /// The key naming the active generation.
