@@ -30,6 +30,7 @@ pub mod bench;
 pub mod bench_api;
 pub mod bench_project;
 pub mod config;
+pub mod error;
 pub mod graphiql;
 pub mod graphql;
 pub mod health;

@@ -19,6 +19,7 @@ use futures::StreamExt as _;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{AuthError, Authenticator, Principal};
+use crate::error::{bad_request, ApiError};
 use crate::graphql::{ApiSchema, RequestMeta, Services};
 
 /// Settings of the HTTP layer.
@@ -111,27 +112,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 const GRAPHQL_RESPONSE: &str = "application/graphql-response+json";
 
-/// An error response outside GraphQL execution, in GraphQL's error shape.
-fn request_error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Response {
-    crate::metrics::graphql_errors([code]);
-    let body = serde_json::json!({
-        "errors": [{ "message": message.to_string(), "extensions": { "code": code } }]
-    });
-    let mut response = (status, body.to_string()).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if status == StatusCode::UNAUTHORIZED {
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
-    response
-}
-
 fn auth_error(e: &AuthError) -> Response {
-    request_error(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", e)
+    ApiError::Unauthenticated(e.to_string()).into_response()
 }
 
 /// The request's data: the principal and `X-Min-Position`/`traceparent`.
@@ -157,9 +139,8 @@ fn request_data(
                 .and_then(|v| v.trim().parse::<i64>().ok())
                 .filter(|p| *p >= 0)
                 .ok_or_else(|| {
-                    Box::new(request_error(
+                    Box::new(bad_request(
                         StatusCode::BAD_REQUEST,
-                        "BAD_REQUEST",
                         "X-Min-Position must be a non-negative integer position",
                     ))
                 })?,
@@ -226,11 +207,7 @@ async fn execute(
     let body = match serde_json::to_string(&response) {
         Ok(body) => body,
         Err(e) => {
-            return request_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "INTERNAL",
-                format!("the response could not be encoded: {e}"),
-            )
+            return ApiError::internal("the response could not be encoded", e).into_response()
         }
     };
     let mut http = (status, body).into_response();
@@ -277,9 +254,8 @@ async fn graphql_post(
         && !content_type.starts_with("application/graphql-response+json")
     {
         crate::metrics::http("graphql", 415, started.elapsed());
-        return request_error(
+        return bad_request(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "BAD_REQUEST",
             format!("send the request as application/json, not {content_type:?}"),
         );
     }
@@ -287,9 +263,8 @@ async fn graphql_post(
         Ok(request) => request,
         Err(e) => {
             crate::metrics::http("graphql", 400, started.elapsed());
-            return request_error(
+            return bad_request(
                 StatusCode::BAD_REQUEST,
-                "BAD_REQUEST",
                 format!("the body is not a GraphQL request (JSON with a \"query\" string): {e}"),
             );
         }
@@ -300,11 +275,7 @@ async fn graphql_post(
     };
     if empty {
         crate::metrics::http("graphql", 400, started.elapsed());
-        return request_error(
-            StatusCode::BAD_REQUEST,
-            "BAD_REQUEST",
-            "the request has no \"query\"",
-        );
+        return bad_request(StatusCode::BAD_REQUEST, "the request has no \"query\"");
     }
     execute(&state, &headers, request, "graphql", started).await
 }
@@ -319,9 +290,8 @@ async fn graphql_get(
         Ok(request) => request,
         Err(e) => {
             crate::metrics::http("graphql", 400, started.elapsed());
-            return request_error(
+            return bad_request(
                 StatusCode::BAD_REQUEST,
-                "BAD_REQUEST",
                 format!("the query string is not a GraphQL request (?query=…&variables=…): {e}"),
             );
         }
@@ -338,9 +308,8 @@ async fn graphql_get(
         });
         if mutation {
             crate::metrics::http("graphql", 405, started.elapsed());
-            let mut response = request_error(
+            let mut response = bad_request(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "BAD_REQUEST",
                 "mutations are not allowed over GET; use POST",
             );
             response
@@ -501,9 +470,8 @@ async fn websocket(
                 .find_map(|p| p.trim().parse::<WebSocketProtocols>().ok())
         });
     let Some(protocol) = protocol else {
-        return request_error(
+        return bad_request(
             StatusCode::BAD_REQUEST,
-            "BAD_REQUEST",
             "request the `graphql-transport-ws` (or legacy `graphql-ws`) subprotocol",
         );
     };

@@ -56,6 +56,7 @@ use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::auth::{AuthError, Principal, Role};
+use crate::error::ApiError;
 use crate::graphql::subscriptions::{too_slow, DeliveredPosition, DeliverySpan};
 use crate::graphql::ApiSchema;
 use crate::server::AppState;
@@ -151,8 +152,8 @@ fn refused(response: &Response) -> Option<String> {
         && !response.errors.is_empty()
         && response.errors.iter().all(crate::graphql::is_request_error);
     before_execution.then(|| {
-        serde_json::to_string(&response.errors).unwrap_or_else(|_| {
-            r#"[{"message":"the request was refused","extensions":{"code":"GRAPHQL_VALIDATION_FAILED"}}]"#.to_owned()
+        serde_json::to_string(&response.errors).unwrap_or_else(|e| {
+            ApiError::internal("the refusal could not be serialized", e).to_errors_json()
         })
     })
 }
@@ -464,8 +465,8 @@ impl Drop for Execution {
 /// A response as JSON (a response always serializes; if not, an error).
 fn payload(response: &Response) -> String {
     serde_json::to_string(response).unwrap_or_else(|e| {
-        tracing::error!(%e, "a GraphQL response could not be serialized");
-        r#"{"errors":[{"message":"the response could not be serialized","extensions":{"code":"INTERNAL"}}]}"#.to_owned()
+        let error = ApiError::internal("the response could not be serialized", e);
+        format!(r#"{{"errors":{}}}"#, error.to_errors_json())
     })
 }
 
@@ -787,11 +788,12 @@ fn receive(
             let limit = state.config.ws_max_subscriptions;
             if subscriptions.len() >= limit {
                 let id_json = serde_json::to_string(&id).unwrap_or_else(|_| "\"\"".to_owned());
-                let errors = serde_json::json!([{
-                    "message": format!("this connection already holds {limit} subscriptions, the most one connection may; complete one first or open another connection"),
-                    "extensions": {"code": "TOO_MANY_SUBSCRIPTIONS"},
-                }]);
-                return Ok(Some(error_message(protocol, &id_json, &errors.to_string())));
+                let error = ApiError::TooManySubscriptions(format!("this connection already holds {limit} subscriptions, the most one connection may; complete one first or open another connection"));
+                return Ok(Some(error_message(
+                    protocol,
+                    &id_json,
+                    &error.to_errors_json(),
+                )));
             }
             let stream = state.hub.subscribe(protocol, &id, payload, principal);
             subscriptions.insert(id, stream);

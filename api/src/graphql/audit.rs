@@ -32,15 +32,16 @@ pub use self::types::{
 };
 use super::reads::{AgentStatus, TaskState as TaskStatus};
 use super::types::Event;
-use super::{caller, error, services, unavailable, DateTime, Position};
+use super::{caller, services, DateTime, Position};
 use crate::auth::Role;
+use crate::error::unavailable;
 
 /// Page size of `streamHistory` and `eventLog` when `first` is not given.
 const DEFAULT_PAGE: usize = 50;
 
 /// `VALIDATION`: the input is malformed; `message` says what to send.
 fn validation(message: impl std::fmt::Display) -> async_graphql::Error {
-    error("VALIDATION", message)
+    crate::error::validation(message)
 }
 
 /// A read failure as a client error: `UNAVAILABLE` when PostgreSQL failed,
@@ -55,10 +56,9 @@ fn store_error(e: ReadError) -> async_graphql::Error {
 /// `INTERNAL`: stored history cannot be interpreted. Logged here (the one
 /// boundary that sees it), with its cause; the client gets no internals.
 fn corrupt_history(e: &dyn std::error::Error) -> async_graphql::Error {
-    tracing::error!(error = %e, source = ?e.source(), "audit read: stored history cannot be read");
-    error(
-        "INTERNAL",
-        "stored history cannot be read; an operator has been told (see the server log)",
+    crate::error::internal(
+        "stored history cannot be read; an operator has been told",
+        format_args!("audit read: {e} ({:?})", e.source()),
     )
 }
 
@@ -147,7 +147,9 @@ impl AuditQuery {
             .await
             .map_err(store_error)?;
         if current == 0 {
-            return Err(error("NOT_FOUND", format!("stream {name} does not exist")));
+            return Err(crate::error::not_found(format!(
+                "stream {name} does not exist"
+            )));
         }
         let has_more = events.len() > size;
         events.truncate(size);

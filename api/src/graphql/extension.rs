@@ -200,10 +200,11 @@ impl Extension for RequestExtension {
         request.variables = variables;
         request.operation_name = operation;
         if let Err(refused) = measured {
-            return Err(with_code(
-                ServerError::new(refused.to_string(), None),
-                refused.code(),
-            ));
+            return Err(crate::error::ApiError::Document {
+                code: refused.code(),
+                message: refused.to_string(),
+            }
+            .into_server_error());
         }
         let mut state = self.state();
         state.operation.clone_from(&request.operation_name);

@@ -14,8 +14,6 @@
 use domain::{AgentId, AggregateKind, StreamId, TaskId, WorkflowId};
 use uuid::Uuid;
 
-use super::error;
-
 /// The UUID of a `kind` id given as `argument`: a UUID or a stream id of
 /// that kind; `VALIDATION` otherwise.
 pub fn entity(kind: AggregateKind, argument: &str, value: &str) -> async_graphql::Result<Uuid> {
@@ -25,17 +23,13 @@ pub fn entity(kind: AggregateKind, argument: &str, value: &str) -> async_graphql
     }
     match StreamId::parse(trimmed) {
         Ok(stream) if stream.kind() == kind => Ok(stream.uuid()),
-        Ok(stream) => Err(error(
-            "VALIDATION",
-            format!(
-                "`{argument}` {value:?} is a {} id; it must be a {kind} id (a UUID, or {kind}-<uuid>)",
-                stream.kind()
-            ),
-        )),
-        Err(_) => Err(error(
-            "VALIDATION",
-            format!("`{argument}` must be a {kind} id (a UUID, or {kind}-<uuid>), not {value:?}"),
-        )),
+        Ok(stream) => Err(crate::error::validation(format!(
+            "`{argument}` {value:?} is a {} id; it must be a {kind} id (a UUID, or {kind}-<uuid>)",
+            stream.kind()
+        ))),
+        Err(_) => Err(crate::error::validation(format!(
+            "`{argument}` must be a {kind} id (a UUID, or {kind}-<uuid>), not {value:?}"
+        ))),
     }
 }
 
@@ -57,9 +51,7 @@ pub fn workflow(argument: &str, value: &str) -> async_graphql::Result<WorkflowId
 /// A stream id argument (`<kind>-<uuid>`).
 pub fn stream(argument: &str, value: &str) -> async_graphql::Result<StreamId> {
     StreamId::parse(value.trim()).map_err(|_| {
-        error(
-            "VALIDATION",
-            format!(
+        crate::error::validation(format!(
                 "`{argument}` must be a stream id (agent-<uuid>, task-<uuid> or workflow-<uuid>), not {value:?}"
             ),
         )
@@ -70,10 +62,7 @@ pub fn stream(argument: &str, value: &str) -> async_graphql::Result<StreamId> {
 /// `correlationId`).
 pub fn uuid(argument: &str, value: &str) -> async_graphql::Result<Uuid> {
     Uuid::parse_str(value.trim()).map_err(|_| {
-        error(
-            "VALIDATION",
-            format!("`{argument}` must be a UUID, not {value:?}"),
-        )
+        crate::error::validation(format!("`{argument}` must be a UUID, not {value:?}"))
     })
 }
 

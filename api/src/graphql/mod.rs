@@ -18,19 +18,17 @@ pub mod reads;
 pub mod subscriptions;
 pub mod types;
 
-use std::fmt::Display;
-
 use async_graphql::parser::types::ExecutableDocument;
 use std::time::Duration;
 
 use async_graphql::{
-    Context, ErrorExtensions, InputValueError, InputValueResult, MergedObject, Scalar, ScalarType,
-    Value,
+    Context, InputValueError, InputValueResult, MergedObject, Scalar, ScalarType, Value,
 };
 use commands::{CommandHandler, EventStore};
 use projections::{GraphModel, LiveModel};
 
 use crate::auth::{Principal, Role};
+use crate::error::{unavailable, ApiError};
 
 /// The schema type.
 pub type ApiSchema = async_graphql::Schema<Query, mutations::Mutation, subscriptions::Subscription>;
@@ -186,11 +184,6 @@ impl DocumentCache {
     }
 }
 
-/// A GraphQL error with `extensions.code`.
-pub fn error(code: &'static str, message: impl Display) -> async_graphql::Error {
-    async_graphql::Error::new(message.to_string()).extend_with(|_, e| e.set("code", code))
-}
-
 /// The services of the schema.
 pub fn services<'a>(ctx: &Context<'a>) -> &'a Services {
     // `schema` always puts them in; a schema built otherwise is a bug.
@@ -201,27 +194,24 @@ pub fn services<'a>(ctx: &Context<'a>) -> &'a Services {
 /// principal, `FORBIDDEN` without the role.
 pub fn caller<'a>(ctx: &Context<'a>, role: Role) -> async_graphql::Result<&'a Principal> {
     let principal = ctx.data_opt::<Principal>().ok_or_else(|| {
-        error(
-            "UNAUTHENTICATED",
-            "no valid bearer token; `neurectomy token` mints one",
-        )
+        async_graphql::Error::from(ApiError::Unauthenticated(
+            "no valid bearer token; `neurectomy token` mints one".into(),
+        ))
     })?;
     if principal.may(role) {
         Ok(principal)
     } else {
-        Err(error(
-            "FORBIDDEN",
-            format!(
-                "this needs the `{}` role; the token grants {}",
-                role.as_str(),
-                principal
-                    .roles
-                    .iter()
-                    .map(|r| r.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+        Err(ApiError::Forbidden(format!(
+            "this needs the `{}` role; the token grants {}",
+            role.as_str(),
+            principal
+                .roles
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
+        .into())
     }
 }
 
@@ -356,24 +346,13 @@ pub async fn consistent(
                 ReadModelKind::Live => "redis",
                 ReadModelKind::Graph => "graph",
             };
-            return Err(error(
-                "STALE",
-                format!(
+            return Err(ApiError::Stale(format!(
                     "the {name} projection has applied position {reached}, not yet {wanted}, after {} ms; retry, or read without atLeastPosition",
-                    services.limits.consistency_timeout.as_millis()
-                ),
-            ));
+                services.limits.consistency_timeout.as_millis()
+            ))
+            .into());
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(25));
     }
-}
-
-/// `UNAVAILABLE`: a store failed.
-pub fn unavailable(store: &str, e: impl Display) -> async_graphql::Error {
-    tracing::warn!(%e, store, "read failed");
-    error(
-        "UNAVAILABLE",
-        format!("{store} is unavailable ({e}); retry later"),
-    )
 }

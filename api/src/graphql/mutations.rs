@@ -23,8 +23,9 @@ use domain::{
 use uuid::Uuid;
 
 use super::types::Event;
-use super::{caller, error, ids, services, Position, RequestMeta};
+use super::{caller, ids, services, Position, RequestMeta};
 use crate::auth::Role;
+use crate::error::ApiError;
 
 /// What a command did.
 #[derive(Debug, Clone, SimpleObject)]
@@ -104,27 +105,6 @@ impl Options {
     }
 }
 
-/// A command error as a GraphQL error with its code.
-pub fn command_error(e: &CommandError) -> async_graphql::Error {
-    match e {
-        CommandError::Unavailable { .. } => {
-            tracing::warn!(error = %e, "command failed: event store unavailable");
-            error(
-                "UNAVAILABLE",
-                "the event store is unavailable; retry with the same commandId",
-            )
-        }
-        CommandError::Corrupt { .. } => {
-            tracing::error!(error = ?e, "command failed: stored history unreadable");
-            error(
-                "INTERNAL",
-                "stored history cannot be read; an operator has been told (see the server log)",
-            )
-        }
-        other => error(other.code(), other),
-    }
-}
-
 async fn run(
     ctx: &Context<'_>,
     command: Command,
@@ -138,10 +118,9 @@ async fn run(
         None => None,
         Some(v) if v >= 0 => Some(ExpectedVersion::Exact(v.unsigned_abs())),
         Some(v) => {
-            return Err(error(
-                "VALIDATION",
-                format!("`expectedVersion` must be 0 (no stream yet) or more, not {v}"),
-            ))
+            return Err(crate::error::validation(format!(
+                "`expectedVersion` must be 0 (no stream yet) or more, not {v}"
+            )))
         }
     };
     context.traceparent = ctx
@@ -155,19 +134,13 @@ async fn run(
     let outcome =
         crate::shutdown::spawn_command(async move { handler.execute(command, &context).await })
             .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "a command task failed");
-                error(
-                    "INTERNAL",
-                    "the command failed unexpectedly; see the server log",
-                )
-            })?;
+            .map_err(|e| crate::error::internal("the command failed unexpectedly", e))?;
     crate::metrics::command(
         command_type,
         started.elapsed(),
         outcome.as_ref().err().map(CommandError::code),
     );
-    let outcome: CommandOutcome = outcome.map_err(|e| command_error(&e))?;
+    let outcome: CommandOutcome = outcome.map_err(ApiError::command)?;
     Ok(CommandResult {
         stream_id: ID(outcome.stream_id),
         version: outcome.version,
@@ -400,16 +373,10 @@ impl Mutation {
             .ok()
             .filter(|p| *p <= 100)
             .ok_or_else(|| {
-                error(
-                    "VALIDATION",
-                    format!("`priority` must be 0–100, not {priority}"),
-                )
+                crate::error::validation(format!("`priority` must be 0–100, not {priority}"))
             })?;
         let max_attempts = u32::try_from(max_attempts).map_err(|_| {
-            error(
-                "VALIDATION",
-                format!("`maxAttempts` must be 1–100, not {max_attempts}"),
-            )
+            crate::error::validation(format!("`maxAttempts` must be 1–100, not {max_attempts}"))
         })?;
         let command = TaskCommand::CreateTask {
             task_id: TaskId::from_uuid(options.created(ctx, AggregateKind::Task, id.as_ref())?),
@@ -480,10 +447,7 @@ impl Mutation {
             .ok()
             .filter(|p| *p <= 100)
             .ok_or_else(|| {
-                error(
-                    "VALIDATION",
-                    format!("`percent` must be 0–100, not {percent}"),
-                )
+                crate::error::validation(format!("`percent` must be 0–100, not {percent}"))
             })?;
         let command = TaskCommand::ReportTaskProgress {
             task_id: ids::task("taskId", &task_id)?,

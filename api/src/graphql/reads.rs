@@ -7,10 +7,9 @@ use async_graphql::{Context, Enum, InputObject, Object, SimpleObject, ID};
 use projections::Entity;
 
 use super::types::{Agent, Task, Workflow};
-use super::{
-    caller, consistent, error, ids, services, unavailable, DateTime, Position, ReadModelKind,
-};
+use super::{caller, consistent, ids, services, DateTime, Position, ReadModelKind};
 use crate::auth::Role;
+use crate::error::unavailable;
 
 /// Agent statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
@@ -207,7 +206,7 @@ fn graph_error(e: projections::GraphQueryError) -> async_graphql::Error {
 }
 
 fn not_found(what: &str, id: &str) -> async_graphql::Error {
-    error("NOT_FOUND", format!("{what} {id} does not exist"))
+    crate::error::not_found(format!("{what} {id} does not exist"))
 }
 
 /// Page size: `first` (default 50) within `1..=max`.
@@ -217,10 +216,9 @@ fn page_size(first: Option<i32>, max: usize) -> async_graphql::Result<usize> {
         Some(n) if n >= 1 && usize::try_from(n).is_ok_and(|n| n <= max) => {
             Ok(usize::try_from(n).unwrap_or(max))
         }
-        Some(n) => Err(error(
-            "VALIDATION",
-            format!("`first` must be between 1 and {max}, not {n}"),
-        )),
+        Some(n) => Err(crate::error::validation(format!(
+            "`first` must be between 1 and {max}, not {n}"
+        ))),
     }
 }
 
@@ -237,7 +235,9 @@ fn page(
                 <OpaqueCursor<String> as async_graphql::connection::CursorType>::decode_cursor(
                     &cursor,
                 )
-                .map_err(|_| error("VALIDATION", "`after` is not a cursor this API returned"))?;
+                .map_err(|_| {
+                    crate::error::validation("`after` is not a cursor this API returned")
+                })?;
             ids.partition_point(|id| *id <= last)
         }
     };

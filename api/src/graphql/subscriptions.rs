@@ -36,8 +36,9 @@ use tokio::sync::broadcast::Receiver;
 pub use super::feed::{AgentMessage, EventMessage, Feed, FeedError, Subscriber};
 use super::reads::{AgentFilter, AgentStatus};
 use super::types::{Agent, Event};
-use super::{caller, error, ids, services, unavailable, Position};
+use super::{caller, ids, services, Position};
 use crate::auth::Role;
+use crate::error::{unavailable, ApiError};
 
 /// Events read from the store per catch-up page.
 const PAGE: i64 = 256;
@@ -121,10 +122,10 @@ pub struct Subscription;
 
 fn feed_error(e: FeedError) -> async_graphql::Error {
     match e {
-        FeedError::Stopped => error(
-            "UNAVAILABLE",
-            "the server is shutting down; subscribe again (with afterPosition) elsewhere",
-        ),
+        FeedError::Stopped => ApiError::ShuttingDown(
+            "the server is shutting down; subscribe again (with afterPosition) elsewhere".into(),
+        )
+        .into(),
         other => unavailable("the change feed", other),
     }
 }
@@ -407,13 +408,11 @@ pub(crate) fn too_slow(missed: u64, buffer: usize, delivered: i64) -> async_grap
         delivered,
         "closed a subscriber that fell behind"
     );
-    error(
-        "SUBSCRIBER_TOO_SLOW",
-        format!(
+    ApiError::SubscriberTooSlow(format!(
             "this subscription fell more than {buffer} message(s) behind the live feed ({missed} missed) and was closed; \
              subscribe again with afterPosition: \"{delivered}\" (the last position delivered) to resume without a gap"
-        ),
-    )
+        ))
+    .into()
 }
 
 /// Which events a subscriber wants.

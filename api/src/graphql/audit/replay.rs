@@ -13,7 +13,7 @@ use super::types::Replayed;
 use super::{corrupt_history, store_error, validation};
 use crate::auth::Role;
 use crate::graphql::types::Event;
-use crate::graphql::{caller, error, ids, services, DateTime, Position};
+use crate::graphql::{caller, ids, services, DateTime, Position};
 
 /// Events fetched per round trip while replaying a stream.
 const REPLAY_CHUNK: i64 = 1_000;
@@ -74,7 +74,9 @@ pub(super) async fn rebuild<A: Aggregate>(
         .await
         .map_err(store_error)?;
     if current == 0 {
-        return Err(error("NOT_FOUND", format!("{kind} {uuid} does not exist")));
+        return Err(crate::error::not_found(format!(
+            "{kind} {uuid} does not exist"
+        )));
     }
     let target = match point {
         Point::Version(v) if v > current => {
@@ -139,10 +141,9 @@ pub(super) async fn rebuild<A: Aggregate>(
         let when = as_of
             .and_then(|t| t.0.format(&Rfc3339).ok())
             .unwrap_or_default();
-        return Err(error(
-            "NOT_FOUND",
-            format!("{kind} {uuid} did not exist yet at {when}; its first event was recorded at {first}"),
-        ));
+        return Err(crate::error::not_found(format!(
+            "{kind} {uuid} did not exist yet at {when}; its first event was recorded at {first}"
+        )));
     };
     tracing::debug!(stream = %stream_id, version = last.stream_version, current, "replayed for audit");
     let last_event = Event::from(&last);
