@@ -66,11 +66,16 @@ struct Options {
 }
 
 impl Options {
+    /// The options every mutation takes, once the caller is known to be
+    /// allowed to run commands (so an unauthorised caller hears that first,
+    /// whatever else is wrong).
     fn new(
+        ctx: &Context<'_>,
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<Self> {
+        caller(ctx, Role::Operator)?;
         Ok(Self {
             command_id: match command_id {
                 Some(id) => ids::uuid("commandId", &id)?,
@@ -103,52 +108,54 @@ impl Options {
             }
         }
     }
-}
 
-async fn run(
-    ctx: &Context<'_>,
-    command: Command,
-    options: Options,
-) -> async_graphql::Result<CommandResult> {
-    let who = caller(ctx, Role::Operator)?;
-    let command_id = options.command_id;
-    let mut context = CommandContext::new(command_id, who.subject.clone(), who.tenant.clone());
-    context.correlation_id = options.correlation_id;
-    context.expected_version = match options.expected_version {
-        None => None,
-        Some(v) if v >= 0 => Some(ExpectedVersion::Exact(v.unsigned_abs())),
-        Some(v) => {
-            return Err(crate::error::validation(format!(
-                "`expectedVersion` must be 0 (no stream yet) or more, not {v}"
-            )))
-        }
-    };
-    context.traceparent = ctx
-        .data_opt::<RequestMeta>()
-        .and_then(|m| m.traceparent.clone());
-    let command_type = command.name();
-    let started = std::time::Instant::now();
-    // A task of its own: the command runs to its end even if the request is
-    // dropped, and a shutdown waits for it (see `crate::shutdown`).
-    let handler = services(ctx).handler.clone();
-    let outcome =
-        crate::shutdown::spawn_command(async move { handler.execute(command, &context).await })
-            .await
-            .map_err(|e| crate::error::internal("the command failed unexpectedly", e))?;
-    crate::metrics::command(
-        command_type,
-        started.elapsed(),
-        outcome.as_ref().err().map(CommandError::code),
-    );
-    let outcome: CommandOutcome = outcome.map_err(ApiError::command)?;
-    Ok(CommandResult {
-        stream_id: ID(outcome.stream_id),
-        version: outcome.version,
-        position: Position(outcome.position),
-        events: outcome.events.iter().map(Event::from).collect(),
-        replayed: outcome.replayed,
-        command_id: ID(command_id.to_string()),
-    })
+    /// Runs `command` with these options as the caller.
+    async fn run(
+        self,
+        ctx: &Context<'_>,
+        command: impl Into<Command>,
+    ) -> async_graphql::Result<CommandResult> {
+        let command: Command = command.into();
+        let who = caller(ctx, Role::Operator)?;
+        let command_id = self.command_id;
+        let mut context = CommandContext::new(command_id, who.subject.clone(), who.tenant.clone());
+        context.correlation_id = self.correlation_id;
+        context.expected_version = match self.expected_version {
+            None => None,
+            Some(v) if v >= 0 => Some(ExpectedVersion::Exact(v.unsigned_abs())),
+            Some(v) => {
+                return Err(crate::error::validation(format!(
+                    "`expectedVersion` must be 0 (no stream yet) or more, not {v}"
+                )))
+            }
+        };
+        context.traceparent = ctx
+            .data_opt::<RequestMeta>()
+            .and_then(|m| m.traceparent.clone());
+        let command_type = command.name();
+        let started = std::time::Instant::now();
+        // A task of its own: the command runs to its end even if the request is
+        // dropped, and a shutdown waits for it (see `crate::shutdown`).
+        let handler = services(ctx).handler.clone();
+        let outcome =
+            crate::shutdown::spawn_command(async move { handler.execute(command, &context).await })
+                .await
+                .map_err(|e| crate::error::internal("the command failed unexpectedly", e))?;
+        crate::metrics::command(
+            command_type,
+            started.elapsed(),
+            outcome.as_ref().err().map(CommandError::code),
+        );
+        let outcome: CommandOutcome = outcome.map_err(ApiError::command)?;
+        Ok(CommandResult {
+            stream_id: ID(outcome.stream_id),
+            version: outcome.version,
+            position: Position(outcome.position),
+            events: outcome.events.iter().map(Event::from).collect(),
+            replayed: outcome.replayed,
+            command_id: ID(command_id.to_string()),
+        })
+    }
 }
 
 /// All mutations.
@@ -172,8 +179,7 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let command = AgentCommand::RegisterAgent {
             agent_id: AgentId::from_uuid(options.created(
                 ctx,
@@ -192,7 +198,7 @@ impl Mutation {
                 .map(|p| ids::agent("parentAgentId", &p))
                 .transpose()?,
         };
-        run(ctx, Command::Agent(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Pauses an active agent.
@@ -205,13 +211,12 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let command = AgentCommand::PauseAgent {
             agent_id: ids::agent("agentId", &agent_id)?,
             reason,
         };
-        run(ctx, Command::Agent(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Makes a paused or failed agent active again.
@@ -223,12 +228,11 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let command = AgentCommand::ResumeAgent {
             agent_id: ids::agent("agentId", &agent_id)?,
         };
-        run(ctx, Command::Agent(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Records that an agent broke.
@@ -241,13 +245,12 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let command = AgentCommand::FailAgent {
             agent_id: ids::agent("agentId", &agent_id)?,
             reason,
         };
-        run(ctx, Command::Agent(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Retires an agent for good.
@@ -260,13 +263,12 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let command = AgentCommand::RetireAgent {
             agent_id: ids::agent("agentId", &agent_id)?,
             reason,
         };
-        run(ctx, Command::Agent(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Starts a workflow. Without an `id`, its id follows from the tenant
@@ -281,8 +283,7 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let command = WorkflowCommand::StartWorkflow {
             workflow_id: WorkflowId::from_uuid(options.created(
                 ctx,
@@ -292,7 +293,7 @@ impl Mutation {
             name,
             metadata: metadata.map_or(serde_json::Value::Null, |m| m.0),
         };
-        run(ctx, Command::Workflow(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Completes a running workflow.
@@ -304,12 +305,11 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let command = WorkflowCommand::CompleteWorkflow {
             workflow_id: ids::workflow("workflowId", &workflow_id)?,
         };
-        run(ctx, Command::Workflow(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Records that a workflow failed.
@@ -322,13 +322,12 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let command = WorkflowCommand::FailWorkflow {
             workflow_id: ids::workflow("workflowId", &workflow_id)?,
             reason,
         };
-        run(ctx, Command::Workflow(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Cancels a running workflow.
@@ -341,13 +340,12 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let command = WorkflowCommand::CancelWorkflow {
             workflow_id: ids::workflow("workflowId", &workflow_id)?,
             reason,
         };
-        run(ctx, Command::Workflow(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Creates a task in a running workflow. Without an `id`, its id follows
@@ -367,8 +365,7 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let priority = u8::try_from(priority)
             .ok()
             .filter(|p| *p <= 100)
@@ -391,7 +388,7 @@ impl Mutation {
             priority,
             max_attempts,
         };
-        run(ctx, Command::Task(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Gives a pending task to an active agent with the capabilities.
@@ -404,13 +401,12 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let command = TaskCommand::AssignTask {
             task_id: ids::task("taskId", &task_id)?,
             agent_id: ids::agent("agentId", &agent_id)?,
         };
-        run(ctx, Command::Task(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Starts an assigned task whose dependencies completed.
@@ -422,12 +418,11 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let command = TaskCommand::StartTask {
             task_id: ids::task("taskId", &task_id)?,
         };
-        run(ctx, Command::Task(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Reports progress (0–100) of a running task.
@@ -441,8 +436,7 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let percent = u8::try_from(percent)
             .ok()
             .filter(|p| *p <= 100)
@@ -454,7 +448,7 @@ impl Mutation {
             percent,
             note,
         };
-        run(ctx, Command::Task(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Completes a running task with its output.
@@ -467,13 +461,12 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let command = TaskCommand::CompleteTask {
             task_id: ids::task("taskId", &task_id)?,
             output: output.map_or(serde_json::Value::Null, |o| o.0),
         };
-        run(ctx, Command::Task(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Records that an assigned or running task failed.
@@ -487,14 +480,13 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let command = TaskCommand::FailTask {
             task_id: ids::task("taskId", &task_id)?,
             error,
             retryable,
         };
-        run(ctx, Command::Task(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Puts a retryable failed task back to pending.
@@ -506,12 +498,11 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let command = TaskCommand::RetryTask {
             task_id: ids::task("taskId", &task_id)?,
         };
-        run(ctx, Command::Task(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Abandons a task that has not finished.
@@ -524,13 +515,12 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let command = TaskCommand::CancelTask {
             task_id: ids::task("taskId", &task_id)?,
             reason,
         };
-        run(ctx, Command::Task(command), options).await
+        options.run(ctx, command).await
     }
 
     /// Hands a task from its assignee to another active, capable agent.
@@ -544,13 +534,12 @@ impl Mutation {
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        caller(ctx, Role::Operator)?;
-        let options = Options::new(command_id, expected_version, correlation_id)?;
+        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
         let command = TaskCommand::DelegateTask {
             task_id: ids::task("taskId", &task_id)?,
             from_agent_id: ids::agent("fromAgentId", &from_agent_id)?,
             to_agent_id: ids::agent("toAgentId", &to_agent_id)?,
         };
-        run(ctx, Command::Task(command), options).await
+        options.run(ctx, command).await
     }
 }
