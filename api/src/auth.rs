@@ -139,10 +139,7 @@ impl Verified {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Principal, u64)>> {
         // Held for a lookup or an insert only; a panic leaves a usable map.
-        match self.tokens.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::sync::lock(&self.tokens)
     }
 
     /// The principal of `token` if verified before and not expired by `now`.

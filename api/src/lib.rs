@@ -41,6 +41,7 @@ pub mod server;
 pub mod settings;
 pub mod shutdown;
 pub mod simulate;
+pub mod sync;
 pub mod telemetry;
 pub mod ws;
 

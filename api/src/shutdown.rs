@@ -114,10 +114,7 @@ impl Workers {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, InHand)>> {
         // Held for a push or a copy; a panic leaves the list usable.
-        match self.0.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::sync::lock(&self.0)
     }
 }
 

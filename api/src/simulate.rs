@@ -80,10 +80,7 @@ impl RateLimiter {
             return;
         };
         let slot = {
-            let mut next = self
-                .next
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut next = crate::sync::lock(&self.next);
             let slot = (*next).max(Instant::now());
             *next = slot + interval;
             slot
@@ -154,9 +151,7 @@ impl Sim {
     }
 
     fn agents(&self) -> std::sync::MutexGuard<'_, Vec<SimAgent>> {
-        self.agents
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.agents)
     }
 
     /// An active agent (in our view) covering `required`, other than `not`.

@@ -42,7 +42,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -60,6 +60,7 @@ use crate::error::ApiError;
 use crate::graphql::subscriptions::{too_slow, DeliveredPosition, DeliverySpan};
 use crate::graphql::ApiSchema;
 use crate::server::AppState;
+use crate::sync::lock;
 
 /// How often the server pings an idle client.
 pub const KEEPALIVE: Duration = Duration::from_secs(30);
@@ -81,14 +82,6 @@ pub fn close_reason(reason: &str) -> &str {
         end -= 1;
     }
     &reason[..end]
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Held for map operations only; a panic leaves the map usable.
-    match mutex.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
-    }
 }
 
 /// The shared executions of one process. Cheap to clone.

@@ -107,10 +107,7 @@ impl Accepted {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<Key, ValidationResult>> {
         // Held for a lookup or an insert only; a panic leaves a usable map.
-        match self.entries.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::sync::lock(&self.entries)
     }
 
     fn paged(&self, registry: &Registry) -> &HashSet<String> {
@@ -162,10 +159,7 @@ struct State {
 
 impl RequestExtension {
     fn state(&self) -> MutexGuard<'_, State> {
-        match self.state.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::sync::lock(&self.state)
     }
 }
 

@@ -24,7 +24,7 @@
 //!   read from the event store instead, so no position is skipped.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use commands::{EventStore, ReadError, RecordedEvent};
@@ -35,6 +35,7 @@ use tokio::sync::{broadcast, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::types::{Agent, Event};
+use crate::sync::lock;
 
 /// Entries read per key and `XREAD`.
 const READ_COUNT: usize = 256;
@@ -132,14 +133,6 @@ struct Inner {
     /// Task id → workflow id (from `TaskCreated`, else the task hash).
     workflows: Mutex<HashMap<String, String>>,
     shutdown: CancellationToken,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding it leaves plain maps in a usable state.
-    match mutex.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
-    }
 }
 
 /// The change feed shared by the subscribers of this process. Cheap to clone.

@@ -177,10 +177,7 @@ impl DocumentCache {
         &self,
     ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, ExecutableDocument>> {
         // Held for a lookup or an insert only; a panic leaves a usable map.
-        match self.entries.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::sync::lock(&self.entries)
     }
 }
 

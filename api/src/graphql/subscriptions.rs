@@ -100,10 +100,7 @@ impl DeliverySpan {
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<tracing::Span>> {
         // Held for a swap only; a panic leaves an `Option` usable.
-        match self.0.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::sync::lock(&self.0)
     }
 }
 

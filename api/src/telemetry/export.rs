@@ -276,10 +276,7 @@ impl opentelemetry_sdk::trace::SpanProcessor for ExportQueue {
         // At exit, the caller's bound wins: a stuck collector must not hold
         // the process past its grace period.
         let result = self.request(Control::Shutdown, timeout.min(self.wait));
-        let thread = match self.thread.lock() {
-            Ok(mut thread) => thread.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
-        };
+        let thread = crate::sync::lock(&self.thread).take();
         // It has answered (or is stuck past the wait): join only the former.
         if let (Ok(()), Some(thread)) = (&result, thread) {
             let _ = thread.join();
