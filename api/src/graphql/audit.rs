@@ -30,7 +30,6 @@ use self::replay::{folded_to_nothing, rebuild, state_json, Rebuilt};
 pub use self::types::{
     AgentAt, EventLogPage, Replayed, StreamHistory, TaskAt, WorkflowAt, WorkflowStatus,
 };
-use super::reads::{AgentStatus, TaskState as TaskStatus};
 use super::types::Event;
 use super::{caller, services, DateTime, Position};
 use crate::auth::Role;
@@ -182,12 +181,7 @@ impl AuditQuery {
             model: agent.model.clone(),
             capabilities: agent.capabilities.clone(),
             parent_id: agent.parent_agent_id.map(|p| ID(p.to_string())),
-            status: match agent.status {
-                domain::AgentStatus::Active => AgentStatus::Active,
-                domain::AgentStatus::Paused => AgentStatus::Paused,
-                domain::AgentStatus::Failed => AgentStatus::Failed,
-                domain::AgentStatus::Retired => AgentStatus::Retired,
-            },
+            status: agent.status.into(),
             status_reason: agent.status_reason.clone(),
             state: json,
             replayed,
@@ -211,14 +205,7 @@ impl AuditQuery {
             id: ID(task.id.to_string()),
             workflow_id: ID(task.workflow_id.to_string()),
             title: task.title.clone(),
-            status: match task.status {
-                domain::TaskStatus::Pending => TaskStatus::Pending,
-                domain::TaskStatus::Assigned => TaskStatus::Assigned,
-                domain::TaskStatus::Running => TaskStatus::Running,
-                domain::TaskStatus::Completed => TaskStatus::Completed,
-                domain::TaskStatus::Failed => TaskStatus::Failed,
-                domain::TaskStatus::Cancelled => TaskStatus::Cancelled,
-            },
+            status: task.status.into(),
             assignee_id: task.assignee.map(|a| ID(a.to_string())),
             input: Json(task.input.clone()),
             output: task.output.clone().map(Json),
@@ -255,12 +242,7 @@ impl AuditQuery {
         Ok(WorkflowAt {
             id: ID(workflow.id.to_string()),
             name: workflow.name.clone(),
-            status: match workflow.status {
-                domain::WorkflowStatus::Running => WorkflowStatus::Running,
-                domain::WorkflowStatus::Completed => WorkflowStatus::Completed,
-                domain::WorkflowStatus::Failed => WorkflowStatus::Failed,
-                domain::WorkflowStatus::Cancelled => WorkflowStatus::Cancelled,
-            },
+            status: workflow.status.into(),
             reason: workflow.reason.clone(),
             metadata: Json(workflow.metadata.clone()),
             state: json,

@@ -17,8 +17,7 @@
 use async_graphql::{Context, Enum, Json, Object, SimpleObject, ID};
 use commands::{CommandContext, CommandError, CommandOutcome, ExpectedVersion};
 use domain::{
-    AgentCommand, AgentId, AgentKind, AggregateKind, Command, TaskCommand, TaskId, WorkflowCommand,
-    WorkflowId,
+    AgentCommand, AgentId, AggregateKind, Command, TaskCommand, TaskId, WorkflowCommand, WorkflowId,
 };
 use uuid::Uuid;
 
@@ -48,6 +47,7 @@ pub struct CommandResult {
 
 /// Kinds of agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[graphql(remote = "domain::AgentKind")]
 pub enum AgentKindInput {
     /// A language-model agent.
     Llm,
@@ -187,11 +187,7 @@ impl Mutation {
                 id.as_ref(),
             )?),
             name,
-            kind: match kind {
-                AgentKindInput::Llm => AgentKind::Llm,
-                AgentKindInput::Tool => AgentKind::Tool,
-                AgentKindInput::Human => AgentKind::Human,
-            },
+            kind: kind.into(),
             model,
             capabilities,
             parent_agent_id: parent_agent_id

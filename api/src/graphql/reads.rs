@@ -13,6 +13,7 @@ use crate::error::unavailable;
 
 /// Agent statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[graphql(remote = "domain::AgentStatus")]
 pub enum AgentStatus {
     /// Takes work.
     Active,
@@ -25,18 +26,15 @@ pub enum AgentStatus {
 }
 
 impl AgentStatus {
-    fn as_str(self) -> &'static str {
-        match self {
-            AgentStatus::Active => "active",
-            AgentStatus::Paused => "paused",
-            AgentStatus::Failed => "failed",
-            AgentStatus::Retired => "retired",
-        }
+    /// The name the read models store.
+    pub fn as_str(self) -> &'static str {
+        domain::AgentStatus::from(self).as_str()
     }
 }
 
 /// Task states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[graphql(remote = "domain::TaskStatus")]
 pub enum TaskState {
     /// Waiting for an assignee.
     Pending,
@@ -53,15 +51,9 @@ pub enum TaskState {
 }
 
 impl TaskState {
+    /// The name the read models store.
     fn as_str(self) -> &'static str {
-        match self {
-            TaskState::Pending => "pending",
-            TaskState::Assigned => "assigned",
-            TaskState::Running => "running",
-            TaskState::Completed => "completed",
-            TaskState::Failed => "failed",
-            TaskState::Cancelled => "cancelled",
-        }
+        domain::TaskStatus::from(self).as_str()
     }
 }
 

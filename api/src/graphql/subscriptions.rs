@@ -127,15 +127,6 @@ fn feed_error(e: FeedError) -> async_graphql::Error {
     }
 }
 
-fn status_name(status: AgentStatus) -> &'static str {
-    match status {
-        AgentStatus::Active => "active",
-        AgentStatus::Paused => "paused",
-        AgentStatus::Failed => "failed",
-        AgentStatus::Retired => "retired",
-    }
-}
-
 #[SubscriptionDerive]
 impl Subscription {
     /// One agent's state after each change. With `afterPosition`, first its
@@ -204,7 +195,7 @@ impl Subscription {
         let services = services(ctx);
         let feed = services.feed.clone();
         let filter = filter.unwrap_or_default();
-        let status = filter.status.map(status_name);
+        let status = filter.status.map(AgentStatus::as_str);
         let (subscriber, _, agents) = Box::pin(feed.join(&who.tenant)).await.map_err(feed_error)?;
         let mut snapshot = Vec::new();
         let mut floor = 0;

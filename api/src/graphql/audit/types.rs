@@ -55,6 +55,7 @@ pub struct Replayed {
 
 /// Workflow statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[graphql(remote = "domain::WorkflowStatus")]
 pub enum WorkflowStatus {
     /// Accepting and running tasks.
     Running,
