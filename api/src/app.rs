@@ -16,19 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::settings::{AllArgs, ProjectArgs, Projection, Settings};
 
-/// Hides the password of a URL for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
+pub use crate::secret::redact;
 
 /// Connects to the event store (the database must exist).
 pub async fn connect_database(settings: &Settings) -> anyhow::Result<PgPool> {

@@ -467,7 +467,7 @@ async fn set_up(
     let (status, body) = server_command(
         &scratch.graph_http,
         &settings.graph_user,
-        &settings.graph_password,
+        settings.graph_password.expose(),
         &format!("create database {graph}"),
     )
     .await
@@ -562,7 +562,10 @@ async fn set_up(
         .env("NEURECTOMY_REDIS_PREFIX", &prefix)
         .env("NEURECTOMY_GRAPH_URI", &settings.graph_uri)
         .env("NEURECTOMY_GRAPH_USER", &settings.graph_user)
-        .env("NEURECTOMY_GRAPH_PASSWORD", &settings.graph_password)
+        .env(
+            "NEURECTOMY_GRAPH_PASSWORD",
+            settings.graph_password.expose(),
+        )
         .env("NEURECTOMY_GRAPH_DATABASE", &graph)
         .env("NEURECTOMY_GRAPH_HTTP", &scratch.graph_http)
         .env(

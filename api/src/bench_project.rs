@@ -143,7 +143,7 @@ impl Scratch {
         let (status, body) = server_command(
             &self.graph_http,
             &settings.graph_user,
-            &settings.graph_password,
+            settings.graph_password.expose(),
             &format!("create database {database}"),
         )
         .await
@@ -842,7 +842,7 @@ pub(crate) async fn drop_scratch_graph(settings: &Settings, http: &str, database
     let dropped = server_command(
         http,
         &settings.graph_user,
-        &settings.graph_password,
+        settings.graph_password.expose(),
         &format!("drop database {database}"),
     )
     .await;

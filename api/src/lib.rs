@@ -37,6 +37,7 @@ pub mod health;
 pub mod metrics;
 pub mod probes;
 pub mod replay;
+pub mod secret;
 pub mod server;
 pub mod settings;
 pub mod shutdown;

@@ -113,7 +113,7 @@ pub struct ApiSettings {
         global = true,
         hide_env_values = true
     )]
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<crate::secret::Secret>,
     /// PEM file with an RS256 public key for bearer tokens (optional).
     #[arg(long, env = "NEURECTOMY_JWT_PUBLIC_KEY", global = true)]
     pub jwt_public_key: Option<std::path::PathBuf>,
@@ -257,7 +257,7 @@ impl ApiSettings {
             })
             .transpose()?;
         Ok(crate::auth::Authenticator::new(
-            self.jwt_secret.as_deref(),
+            self.jwt_secret.as_ref().map(crate::secret::Secret::expose),
             pem.as_deref(),
         )?)
     }
@@ -604,7 +604,7 @@ pub struct Settings {
         global = true,
         hide_env_values = true
     )]
-    pub graph_password: String,
+    pub graph_password: crate::secret::Secret,
     /// Graph database name.
     #[arg(
         long,
@@ -724,7 +724,7 @@ impl Settings {
         projections::GraphConfig {
             uri: self.graph_uri.clone(),
             user: self.graph_user.clone(),
-            password: self.graph_password.clone(),
+            password: self.graph_password.expose().to_owned(),
             database: self.graph_database.clone(),
             timeout: Duration::from_millis(self.graph_timeout_ms.max(1)),
         }

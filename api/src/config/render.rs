@@ -8,7 +8,7 @@ use super::catalog::{Kind, Secret};
 use super::{Effective, Source};
 
 /// What a redacted secret reads as.
-pub(crate) const REDACTED: &str = "<redacted>";
+pub(crate) use crate::secret::REDACTED;
 
 /// Width of the help comments.
 const WIDTH: usize = 90;
@@ -99,57 +99,8 @@ pub(crate) fn redact(secret: Secret, value: &str) -> String {
     match secret {
         Secret::No => value.to_owned(),
         Secret::Whole => REDACTED.to_owned(),
-        Secret::UrlPassword { token } => redact_url(value, token),
+        Secret::UrlPassword { token } => crate::secret::redact_url(value, token),
     }
-}
-
-/// Redacts the password of a URL's userinfo (the whole userinfo when it is
-/// a lone `token`) and `password`-like query parameters.
-fn redact_url(url: &str, token: bool) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let (head, rest) = url.split_at(scheme_end + 3);
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let mut out = head.to_owned();
-    match authority.rfind('@') {
-        Some(at) => {
-            let (userinfo, host) = authority.split_at(at);
-            match userinfo.split_once(':') {
-                Some((user, _)) => {
-                    let _ = write!(out, "{user}:{REDACTED}");
-                }
-                None if token && !userinfo.is_empty() => out.push_str(REDACTED),
-                None => out.push_str(userinfo),
-            }
-            out.push_str(host);
-        }
-        None => out.push_str(authority),
-    }
-    match tail.split_once('?') {
-        Some((path, query)) => {
-            let (query, fragment) = match query.split_once('#') {
-                Some((q, f)) => (q, Some(f)),
-                None => (query, None),
-            };
-            let query: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((name, _)) if name.to_ascii_lowercase().contains("password") => {
-                        format!("{name}={REDACTED}")
-                    }
-                    _ => pair.to_owned(),
-                })
-                .collect();
-            let _ = write!(out, "{path}?{}", query.join("&"));
-            if let Some(fragment) = fragment {
-                let _ = write!(out, "#{fragment}");
-            }
-        }
-        None => out.push_str(tail),
-    }
-    out
 }
 
 /// Help text as a sentence (clap drops the final full stop).

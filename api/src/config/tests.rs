@@ -234,7 +234,11 @@ fn every_kind_of_value_is_read_from_the_file_and_the_environment() {
         ["https://a.example", "http://localhost:3000"]
     );
     assert_eq!(
-        settings.api.jwt_secret.as_deref(),
+        settings
+            .api
+            .jwt_secret
+            .as_ref()
+            .map(crate::secret::Secret::expose),
         Some("0123456789abcdef0123456789abcdef")
     );
     assert_eq!(settings.log.format, LogFormat::Json);
