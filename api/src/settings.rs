@@ -435,6 +435,62 @@ pub struct LogSettings {
     /// Log format.
     #[arg(long = "log-format", env = "NEURECTOMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty, global = true)]
     pub format: LogFormat,
+    /// The OpenTelemetry SDK's standard variables ([`OTEL_VARIABLES`]), read
+    /// by the configuration loader from the same environment as every other
+    /// setting; telemetry reads them from here, not from the process.
+    #[arg(skip)]
+    pub otel: OtelVariables,
+}
+
+/// The standard `OTEL_*` variables Neurectomy follows (the trace exporter's
+/// endpoint, protocol, timeout and batch queue, and the service name).
+pub const OTEL_VARIABLES: &[&str] = &[
+    "OTEL_SDK_DISABLED",
+    "OTEL_SERVICE_NAME",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
+    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "OTEL_BSP_MAX_QUEUE_SIZE",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+];
+
+/// The [`OTEL_VARIABLES`] that are set to something (trimmed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OtelVariables(std::collections::BTreeMap<String, String>);
+
+impl OtelVariables {
+    /// Those of [`OTEL_VARIABLES`] that `env` sets to a non-empty value.
+    pub fn read(env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Self {
+        Self(
+            OTEL_VARIABLES
+                .iter()
+                .filter_map(|name| {
+                    let value = env(name)?.to_string_lossy().trim().to_owned();
+                    (!value.is_empty()).then(|| ((*name).to_owned(), value))
+                })
+                .collect(),
+        )
+    }
+
+    /// `name`'s value, if set.
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for OtelVariables {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(pairs: I) -> Self {
+        Self(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
+    }
 }
 
 /// Settings of every process role.

@@ -247,6 +247,7 @@ async fn one_trace_links_a_mutation_to_the_subscriber_that_saw_it() {
     let log = LogSettings {
         filter: std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
         format: LogFormat::Pretty,
+        otel: Default::default(),
     };
     let telemetry = Arc::new(api::telemetry::install(&log, Some(otlp)).unwrap());
     let world = world().await;

@@ -288,7 +288,8 @@ where
     // The command line, with those values as its defaults.
     let command = layered_command(base, &catalog, &layered, config_env.as_deref());
     let matches = command.try_get_matches_from(&args)?;
-    let cli = Cli::from_arg_matches(&matches)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    cli.settings.log.otel = crate::settings::OtelVariables::read(env);
     let values: Vec<Resolved> = catalog
         .settings
         .iter()

@@ -647,3 +647,28 @@ fn the_readme_documents_every_setting() {
         );
     }
 }
+
+#[test]
+fn otel_variables_come_from_the_same_environment_as_every_setting() {
+    let loaded = World::default()
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", " http://collector:4318 ")
+        .env("OTEL_SERVICE_NAME", "neurectomy-api")
+        .env("OTEL_UNRELATED", "x")
+        .env("OTEL_BSP_MAX_QUEUE_SIZE", "")
+        .ok(&["serve"]);
+    let otel = &loaded.cli.settings.log.otel;
+    assert_eq!(
+        otel.get("OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(),
+        Some("http://collector:4318")
+    );
+    assert_eq!(
+        otel.get("OTEL_SERVICE_NAME").as_deref(),
+        Some("neurectomy-api")
+    );
+    assert_eq!(otel.get("OTEL_UNRELATED"), None, "not one of ours");
+    assert_eq!(otel.get("OTEL_BSP_MAX_QUEUE_SIZE"), None, "empty is unset");
+    let (config, warnings) = crate::telemetry::OtlpConfig::from_settings(otel);
+    let config = config.expect("an endpoint is set");
+    assert_eq!(config.service_name, "neurectomy-api");
+    assert!(warnings.is_empty(), "{warnings:?}");
+}

@@ -12,12 +12,13 @@ use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
 use opentelemetry_sdk::Resource;
 
 use super::TelemetryError;
+use crate::settings::OtelVariables;
 
 /// The counter of spans lost to a full queue or a failed export.
 pub const DROPPED_SPANS: &str = "neurectomy_otlp_dropped_spans_total";
 
 /// Service name when `OTEL_SERVICE_NAME` is not set.
-const DEFAULT_SERVICE_NAME: &str = "neurectomy";
+pub(super) const DEFAULT_SERVICE_NAME: &str = "neurectomy";
 
 /// OTLP transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +56,7 @@ impl OtlpConfig {
         Self {
             endpoint,
             protocol,
-            service_name: service_name(),
+            service_name: DEFAULT_SERVICE_NAME.to_owned(),
             timeout: Duration::from_secs(10),
             queue: 2048,
             batch: 512,
@@ -63,14 +64,15 @@ impl OtlpConfig {
         }
     }
 
-    /// The configuration of the standard `OTEL_*` variables; `None` (no
-    /// export) when no endpoint is set. Also returns warnings about values
-    /// it could not use, to log once logging works.
-    pub fn from_env() -> (Option<Self>, Vec<String>) {
-        Self::from_vars(env)
+    /// The configuration of the standard `OTEL_*` variables, as the
+    /// settings read them; `None` (no export) when no endpoint is set. Also
+    /// returns warnings about values it could not use, to log once logging
+    /// works.
+    pub fn from_settings(otel: &OtelVariables) -> (Option<Self>, Vec<String>) {
+        Self::from_vars(|name| otel.get(name))
     }
 
-    /// [`OtlpConfig::from_env`] over `var` (a variable's non-empty value).
+    /// [`OtlpConfig::from_settings`] over `var` (a variable's non-empty value).
     fn from_vars(var: impl Fn(&str) -> Option<String>) -> (Option<Self>, Vec<String>) {
         let mut warnings = Vec::new();
         let disabled = var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
@@ -130,19 +132,6 @@ impl OtlpConfig {
         config.batch = count("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", config.batch).min(config.queue);
         (Some(config), warnings)
     }
-}
-
-/// A standard variable, if set to something.
-fn env(name: &str) -> Option<String> {
-    std::env::var(name)
-        .ok()
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
-}
-
-/// `OTEL_SERVICE_NAME`, else `neurectomy`.
-pub(super) fn service_name() -> String {
-    env("OTEL_SERVICE_NAME").unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned())
 }
 
 /// A control message to the export thread.

@@ -55,7 +55,7 @@ use crate::settings::{LogFormat, LogSettings};
 mod export;
 mod logs;
 
-use export::{service_name, ExportQueue};
+use export::{ExportQueue, DEFAULT_SERVICE_NAME};
 pub use export::{OtlpConfig, OtlpProtocol, DROPPED_SPANS};
 use logs::WithTraceIds;
 
@@ -118,7 +118,7 @@ impl Telemetry {
 /// variables. Problems are reported, not fatal: without export (or with
 /// logs only) the process still runs.
 pub fn init(settings: &LogSettings) -> Option<Telemetry> {
-    let (otlp, warnings) = OtlpConfig::from_env();
+    let (otlp, warnings) = OtlpConfig::from_settings(&settings.otel);
     let endpoint = otlp.as_ref().map(|c| (c.endpoint.clone(), c.protocol));
     let installed = match install(settings, otlp) {
         Ok(telemetry) => Some(telemetry),
@@ -147,9 +147,14 @@ pub fn init(settings: &LogSettings) -> Option<Telemetry> {
 /// Installs the global subscriber: the log layer from `log`, the span
 /// layer, and export per `otlp` (`None`: no export).
 pub fn install(log: &LogSettings, otlp: Option<OtlpConfig>) -> Result<Telemetry, TelemetryError> {
-    let service = otlp
-        .as_ref()
-        .map_or_else(service_name, |c| c.service_name.clone());
+    let service = otlp.as_ref().map_or_else(
+        || {
+            log.otel
+                .get("OTEL_SERVICE_NAME")
+                .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned())
+        },
+        |c| c.service_name.clone(),
+    );
     let resource = Resource::builder().with_service_name(service).build();
     let mut provider = SdkTracerProvider::builder().with_resource(resource.clone());
     let mut dropped = None;
