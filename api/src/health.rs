@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use projections::{LiveModel, ProjectorState, ProjectorStatus};
+use projections::{ProjectorState, ProjectorStatus, RedisModel};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -24,8 +24,8 @@ fn state_name(state: ProjectorState) -> &'static str {
     }
 }
 
-fn report_key(live: &LiveModel, name: &str) -> String {
-    format!("{}projector:{name}", live.prefix())
+fn report_key(model: &RedisModel, name: &str) -> String {
+    format!("{}projector:{name}", model.prefix())
 }
 
 fn now_ms() -> i64 {
@@ -35,14 +35,14 @@ fn now_ms() -> i64 {
 /// Publishes a projector's status to Redis on every change and every
 /// [`HEARTBEAT`], until `shutdown`.
 pub async fn publish_status(
-    live: LiveModel,
+    model: RedisModel,
     mut status: watch::Receiver<ProjectorStatus>,
     shutdown: CancellationToken,
 ) {
     loop {
         let current = status.borrow_and_update().clone();
-        let mut conn = live.connection();
-        let key = report_key(&live, &current.name);
+        let mut conn = model.connection();
+        let key = report_key(&model, &current.name);
         let written: Result<(), redis::RedisError> = redis::pipe()
             .atomic()
             .cmd("HSET")
@@ -83,11 +83,11 @@ pub struct Report {
 }
 
 /// Reads what the projector of `name` last published.
-pub async fn projector_report(live: &LiveModel, name: &str) -> Result<Report, redis::RedisError> {
-    let mut conn = live.connection();
+pub async fn projector_report(model: &RedisModel, name: &str) -> Result<Report, redis::RedisError> {
+    let mut conn = model.connection();
     let (state, last_error, at_ms): (Option<String>, Option<String>, Option<i64>) =
         redis::cmd("HMGET")
-            .arg(report_key(live, name))
+            .arg(report_key(model, name))
             .arg("state")
             .arg("last_error")
             .arg("at_ms")

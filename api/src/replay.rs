@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use commands::EventStore;
 use indicatif::{ProgressBar, ProgressStyle};
-use projections::{GraphModel, LiveModel, Projector, ProjectorConfig, ReadModel};
+use projections::{GraphModel, Projector, ProjectorConfig, ReadModel, RedisModel};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -59,7 +59,7 @@ async fn replay_graph(settings: &Settings, batch_size: usize) -> anyhow::Result<
 
 async fn replay_redis(settings: &Settings, batch_size: usize) -> anyhow::Result<()> {
     let replay = |store: EventStore, nats: async_nats::Client| async move {
-        let config = settings.live_config();
+        let config = settings.redis_config();
         replay_redis_into(&store, &nats, &settings.redis_url, config, batch_size, true).await
     };
     replay_with(settings, replay, "Redis generation").await
@@ -87,16 +87,16 @@ pub async fn replay_redis_into(
     store: &EventStore,
     nats: &async_nats::Client,
     redis_url: &str,
-    config: projections::LiveModelConfig,
+    config: projections::RedisModelConfig,
     batch_size: usize,
     show_progress: bool,
 ) -> anyhow::Result<ReplaySummary> {
-    let live = LiveModel::connect(redis_url, config.clone())
+    let active = RedisModel::connect(redis_url, config.clone())
         .await
         .context("connecting to Redis")?;
-    let old = live.generation();
+    let old = active.generation();
     let generation = format!("g{}", &Uuid::new_v4().simple().to_string()[..12]);
-    let target = LiveModel::connect_generation(redis_url, config, &generation)
+    let target = RedisModel::connect_generation(redis_url, config, &generation)
         .await
         .context("connecting to Redis for the new generation")?;
 

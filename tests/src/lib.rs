@@ -459,7 +459,7 @@ pub mod api {
             let services = Services {
                 store: pipe.store.clone(),
                 handler: CommandHandler::new(pipe.store.clone(), HandlerConfig::default()),
-                live: redis.model.clone(),
+                redis: redis.model.clone(),
                 graph: graph.model.clone(),
                 feed,
                 limits,

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use commands::{EventStore, ReadError, RecordedEvent};
-use projections::{Entity, LiveModel};
+use projections::{Entity, RedisModel};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamReadReply};
 use tokio::sync::{broadcast, watch, Notify};
@@ -122,7 +122,7 @@ struct Slot {
 
 struct Inner {
     store: EventStore,
-    live: LiveModel,
+    redis: RedisModel,
     buffer: usize,
     /// Tenants with subscribers. A std mutex: held for map operations only,
     /// never across an await.
@@ -191,7 +191,7 @@ impl Feed {
     /// connection of its own to `redis_url` (its `XREAD` blocks).
     pub fn start(
         store: EventStore,
-        live: LiveModel,
+        redis: RedisModel,
         redis_url: &str,
         buffer: usize,
         shutdown: CancellationToken,
@@ -199,7 +199,7 @@ impl Feed {
         let client = redis::Client::open(redis_url).map_err(FeedError::Url)?;
         let inner = Arc::new(Inner {
             store,
-            live,
+            redis,
             buffer: buffer.max(1),
             slots: Mutex::new(HashMap::new()),
             changed: Notify::new(),
@@ -317,7 +317,7 @@ impl Inner {
             return Ok(found);
         }
         let rows = self
-            .live
+            .redis
             .entities(Entity::Task, tenant, &missing)
             .await
             .map_err(redis_failed("reading the workflows of tasks"))?;
@@ -339,7 +339,7 @@ impl Inner {
 
     /// The key of `tenant`'s feed in the current generation.
     fn key(&self, tenant: &str) -> String {
-        self.live.key(&format!("feed:{tenant}"))
+        self.redis.key(&format!("feed:{tenant}"))
     }
 
     /// Closes every channel (their subscribers' streams end).
@@ -357,7 +357,7 @@ fn entry_position(id: &str) -> Option<i64> {
 async fn upstream(inner: Arc<Inner>, client: redis::Client) {
     let mut reader = Reader {
         cursors: HashMap::new(),
-        generation: inner.live.generation(),
+        generation: inner.redis.generation(),
     };
     let mut pause = Duration::from_millis(100);
     while !inner.shutdown.is_cancelled() {
@@ -392,7 +392,7 @@ impl Reader {
     async fn run(&mut self, inner: &Inner, client: &redis::Client) -> Result<(), FeedError> {
         // The blocking `XREAD` may take `BLOCK`; past that plus the reply
         // timeout, Redis is not answering: the reader reconnects.
-        let timeouts = inner.live.config();
+        let timeouts = inner.redis.config();
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(timeouts.connect_timeout)
             .set_response_timeout(BLOCK + timeouts.response_timeout);
@@ -471,7 +471,7 @@ impl Reader {
         inner: &Inner,
         conn: &mut MultiplexedConnection,
     ) -> Result<(), FeedError> {
-        let now = inner.live.generation();
+        let now = inner.redis.generation();
         if now == self.generation {
             return Ok(());
         }
@@ -527,7 +527,7 @@ impl Reader {
                 () = inner.changed.notified(), if !wake => wake = true,
                 () = tokio::time::sleep(Duration::from_millis(20)), if wake => {}
             }
-            let mut other = inner.live.connection();
+            let mut other = inner.redis.connection();
             let unblocked: i64 = redis::cmd("CLIENT")
                 .arg("UNBLOCK")
                 .arg(id)
@@ -817,7 +817,7 @@ async fn publish_agents(
     if !released.is_empty() {
         let ids: Vec<String> = released.iter().map(|(id, _)| id.clone()).collect();
         let rows = inner
-            .live
+            .redis
             .entities(Entity::Task, tenant, &ids)
             .await
             .map_err(redis_failed("reading the assignees of tasks"))?;
@@ -835,7 +835,7 @@ async fn publish_agents(
     }
     let ids: Vec<String> = touched.keys().cloned().collect();
     let rows = inner
-        .live
+        .redis
         .entities(Entity::Agent, tenant, &ids)
         .await
         .map_err(redis_failed("reading changed agents"))?;

@@ -28,7 +28,7 @@ use async_graphql::{
     Value,
 };
 use commands::{CommandHandler, EventStore};
-use projections::{GraphModel, LiveModel};
+use projections::{GraphModel, RedisModel};
 
 use crate::auth::{Principal, Role};
 
@@ -94,7 +94,7 @@ pub struct Services {
     /// Commands (mutations).
     pub handler: CommandHandler,
     /// The Redis read model.
-    pub live: LiveModel,
+    pub redis: RedisModel,
     /// The graph read model.
     pub graph: GraphModel,
     /// The change feed shared by the subscribers of this process.
@@ -315,7 +315,7 @@ impl ScalarType for DateTime {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadModelKind {
     /// Redis.
-    Live,
+    Redis,
     /// The graph.
     Graph,
 }
@@ -337,8 +337,8 @@ pub async fn consistent(
     let mut pause = Duration::from_millis(1);
     loop {
         let reached = match model {
-            ReadModelKind::Live => services
-                .live
+            ReadModelKind::Redis => services
+                .redis
                 .read_checkpoint()
                 .await
                 .map_err(|e| unavailable("Redis", e))?,
@@ -353,7 +353,7 @@ pub async fn consistent(
         }
         if tokio::time::Instant::now() + pause > deadline {
             let name = match model {
-                ReadModelKind::Live => "redis",
+                ReadModelKind::Redis => "redis",
                 ReadModelKind::Graph => "graph",
             };
             return Err(error(

@@ -1,4 +1,5 @@
-//! The Redis live-state read model.
+//! The Redis read model: the current state of agents, tasks and workflows
+//! with the indexes the API reads, and each tenant's change feed.
 //!
 //! Keys live under a configurable prefix `P` (e.g. `neurectomy:`) and a
 //! *generation* `G`: `P` + `active` names the generation readers and the
@@ -49,7 +50,7 @@ use plan::Planner;
 
 /// Settings of the Redis read model.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LiveModelConfig {
+pub struct RedisModelConfig {
     /// Prefix of every key, e.g. `neurectomy:`.
     pub prefix: String,
     /// Approximate cap of each tenant's change feed.
@@ -60,7 +61,7 @@ pub struct LiveModelConfig {
     pub response_timeout: std::time::Duration,
 }
 
-impl Default for LiveModelConfig {
+impl Default for RedisModelConfig {
     fn default() -> Self {
         Self {
             prefix: "neurectomy:".to_owned(),
@@ -71,7 +72,7 @@ impl Default for LiveModelConfig {
     }
 }
 
-impl LiveModelConfig {
+impl RedisModelConfig {
     /// How a connection to Redis is kept: every command answered within
     /// `response_timeout`; a dropped connection is re-established in the
     /// background with a few attempts of at most `connect_timeout` each,
@@ -92,9 +93,9 @@ impl LiveModelConfig {
 /// The Redis read model. Cheap to clone (the connection is multiplexed and
 /// reconnects by itself).
 #[derive(Clone)]
-pub struct LiveModel {
+pub struct RedisModel {
     conn: ConnectionManager,
-    config: LiveModelConfig,
+    config: RedisModelConfig,
     /// The generation keys are built under. Follows `P` + `active` unless
     /// pinned (a replay builds a generation that is not active yet).
     generation: Arc<RwLock<String>>,
@@ -104,7 +105,7 @@ pub struct LiveModel {
     /// (or a clone) left them; see [`Carried`].
     carried: Arc<Mutex<Option<Carried>>>,
     /// Held by every clone; the connection's keeper (see
-    /// [`LiveModel::keep`]) stops when the last one is dropped.
+    /// [`RedisModel::keep`]) stops when the last one is dropped.
     _alive: Arc<()>,
 }
 
@@ -157,15 +158,15 @@ impl Carried {
     }
 }
 
-/// How often a live model pings Redis (see [`LiveModel::keep`]).
+/// How often a model pings Redis (see [`RedisModel::keep`]).
 const KEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The generation used when none was ever activated.
 pub const FIRST_GENERATION: &str = "g0";
 
-impl std::fmt::Debug for LiveModel {
+impl std::fmt::Debug for RedisModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LiveModel")
+        f.debug_struct("RedisModel")
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -207,9 +208,9 @@ pub fn workflow_task_counters() -> impl Iterator<Item = String> {
         .map(|state| format!("tasks_{state}"))
 }
 
-impl LiveModel {
+impl RedisModel {
     /// Connects to Redis at `url`, following the active generation.
-    pub async fn connect(url: &str, config: LiveModelConfig) -> Result<Self, ApplyError> {
+    pub async fn connect(url: &str, config: RedisModelConfig) -> Result<Self, ApplyError> {
         let model = Self::open(url, config, String::new(), false).await?;
         model
             .refresh()
@@ -222,7 +223,7 @@ impl LiveModel {
     /// or not it is active (to build it for a switch-over).
     pub async fn connect_generation(
         url: &str,
-        config: LiveModelConfig,
+        config: RedisModelConfig,
         generation: &str,
     ) -> Result<Self, ApplyError> {
         Self::open(url, config, generation.to_owned(), true).await
@@ -230,7 +231,7 @@ impl LiveModel {
 
     async fn open(
         url: &str,
-        config: LiveModelConfig,
+        config: RedisModelConfig,
         generation: String,
         pinned: bool,
     ) -> Result<Self, ApplyError> {
@@ -365,7 +366,7 @@ impl LiveModel {
     }
 
     /// The settings it was connected with.
-    pub fn config(&self) -> &LiveModelConfig {
+    pub fn config(&self) -> &RedisModelConfig {
         &self.config
     }
 
@@ -395,7 +396,7 @@ impl LiveModel {
         Ok(value.unwrap_or(0))
     }
 
-    /// Re-reads the active generation (as [`LiveModel::refresh`]) and its
+    /// Re-reads the active generation (as [`RedisModel::refresh`]) and its
     /// stored checkpoint. In the usual case, the generation has not changed,
     /// both are read in one round trip: the pointer and the checkpoint of the
     /// generation last seen, which is the right checkpoint iff the pointer
@@ -632,7 +633,7 @@ fn touched(events: &[&Projected]) -> (BTreeSet<String>, BTreeSet<String>) {
     (tasks, agents)
 }
 
-impl ReadModel for LiveModel {
+impl ReadModel for RedisModel {
     fn name(&self) -> &str {
         "redis"
     }
@@ -659,7 +660,7 @@ impl ReadModel for LiveModel {
     }
 }
 
-impl LiveModel {
+impl RedisModel {
     /// Applies a batch; with `after`, refuses ([`ApplyError::Moved`]) when
     /// the stored checkpoint is behind what the projector believes.
     async fn apply_checked(
