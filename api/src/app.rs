@@ -234,7 +234,7 @@ async fn spawn_projectors(
             nats.clone(),
             settings.projector_config(),
         );
-        tokio::spawn(crate::health::publish_status(
+        tokio::spawn(projections::redis::health::publish_status(
             reports.clone(),
             projector.status(),
             shutdown.clone(),
@@ -254,7 +254,7 @@ async fn spawn_projectors(
             nats.clone(),
             settings.projector_config(),
         );
-        tokio::spawn(crate::health::publish_status(
+        tokio::spawn(projections::redis::health::publish_status(
             reports.clone(),
             projector.status(),
             shutdown.clone(),

@@ -32,7 +32,6 @@ pub mod bench_project;
 pub mod config;
 pub mod graphiql;
 pub mod graphql;
-pub mod health;
 pub mod metrics;
 pub mod probes;
 pub mod replay;

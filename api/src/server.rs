@@ -420,8 +420,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let services = &state.services;
     let reports = async {
         let (redis, graph) = tokio::join!(
-            crate::health::projector_report(&services.redis, "redis"),
-            crate::health::projector_report(&services.redis, "graph"),
+            projections::redis::health::projector_report(&services.redis, "redis"),
+            projections::redis::health::projector_report(&services.redis, "graph"),
         );
         Ok::<_, redis::RedisError>([("redis", redis?), ("graph", graph?)])
     };

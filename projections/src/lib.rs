@@ -24,7 +24,8 @@
 //! - [`model`]: the [`ReadModel`] contract and [`ApplyError`].
 //! - [`runtime`]: the projector loop (catch-up, JetStream consumer, status).
 //! - [`redis`]: the Redis read model and the table of its keys, with the
-//!   API's reads ([`redis::read`]) and its change feed.
+//!   API's reads ([`redis::read`]), its change feed and the projectors'
+//!   health reports ([`redis::health`]).
 //! - [`graph`]: the graph read model (Bolt / Neo4j 5), its queries, its
 //!   namespaces and their administration ([`graph::admin`]).
 //! - [`verify`]: re-derives state from the event store and diffs it against

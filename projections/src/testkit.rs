@@ -156,7 +156,7 @@ pub async fn dump_model(
     let mut out = std::collections::BTreeMap::new();
     for key in keys(&mut conn, prefix).await? {
         let rest = key.strip_prefix(prefix).unwrap_or(&key);
-        if key == pointer || rest.starts_with("projector:") {
+        if key == pointer || rest.starts_with(crate::redis::health::REPORT_KEY) {
             continue;
         }
         let value = render(&mut conn, &key).await?;

@@ -600,7 +600,7 @@ impl ReadQuery {
                 .count_after(checkpoint, LAG_CAP)
                 .await
                 .map_err(|e| unavailable("the event store", e))?;
-            let report = crate::health::projector_report(&services.redis, name)
+            let report = projections::redis::health::projector_report(&services.redis, name)
                 .await
                 .map_err(|e| unavailable("Redis", e))?;
             out.push(ProjectionStatus {

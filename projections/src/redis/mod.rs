@@ -25,6 +25,13 @@
 //! | `feed:<tenant>` | stream | change feed; entry id `<position>-0`, capped; fields position, type, stream_id, stream_version, data and, when traced, traceparent (of the event's projection) |
 //! | `checkpoint` | string | last applied global position |
 //!
+//! Keys outside the generations, directly under `P`:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `active` | string | the active generation (`g0` until a replay switches it) |
+//! | `projector:<name>` | hash | the projector's health report: state, checkpoint, last_error, at_ms; expires ([`health`]) |
+//!
 //! `last_position` of a hash is the position of the last event that changed
 //! it, except for a workflow's task counters (moved by its tasks' events,
 //! which set the task's `last_position`) and an agent's `current_task` when
@@ -42,6 +49,7 @@ use redis::aio::ConnectionManager;
 
 use crate::model::{ApplyError, Projected, ReadModel};
 
+pub mod health;
 mod plan;
 pub mod read;
 mod writes;
