@@ -28,6 +28,8 @@
 //!   health reports ([`redis::health`]).
 //! - [`graph`]: the graph read model (Bolt / Neo4j 5), its queries, its
 //!   namespaces and their administration ([`graph::admin`]).
+//! - [`replay`]: rebuilds a read model into a fresh namespace while the
+//!   active one serves, then switches over.
 //! - [`verify`]: re-derives state from the event store and diffs it against
 //!   the Redis and graph read models.
 //! - [`testkit`]: per-test Redis key prefixes, and dumps of a whole Redis
@@ -38,6 +40,7 @@ pub mod graph;
 pub mod graph_testkit;
 pub mod model;
 pub mod redis;
+pub mod replay;
 pub mod runtime;
 pub mod testkit;
 pub mod verify;

@@ -483,13 +483,13 @@ async fn replay_while_commands_flow_ends_with_the_live_state() {
         prefix: world.redis.prefix.clone(),
         ..projections::RedisModelConfig::default()
     };
-    let summary = api::replay::replay_redis_into(
+    let summary = projections::replay::replay_redis_into(
         &world.store,
         &world.nats.client,
         &world.redis.url,
         config,
         100,
-        false,
+        |_| {},
     )
     .await
     .unwrap();
