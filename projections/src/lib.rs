@@ -23,9 +23,9 @@
 //!
 //! - [`model`]: the [`ReadModel`] contract and [`ApplyError`].
 //! - [`runtime`]: the projector loop (catch-up, JetStream consumer, status).
-//! - [`redis`]: the Redis read model and the table of its keys, with the
-//!   API's reads ([`redis::read`]), its change feed and the projectors'
-//!   health reports ([`redis::health`]).
+//! - [`redis`]: the Redis read model and the table of its keys; the API's
+//!   reads ([`redis::read`]), the change feed's reader ([`redis::feed`]) and
+//!   the projectors' health reports ([`redis::health`]).
 //! - [`graph`]: the graph read model (Bolt / Neo4j 5), its queries, its
 //!   namespaces and their administration ([`graph::admin`]).
 //! - [`replay`]: rebuilds a read model into a fresh namespace while the

@@ -49,6 +49,7 @@ use redis::aio::ConnectionManager;
 
 use crate::model::{ApplyError, Projected, ReadModel};
 
+pub mod feed;
 pub mod health;
 mod plan;
 pub mod read;

@@ -92,7 +92,7 @@ impl<'a> Planner<'a> {
         let checkpoint = self.key(&["checkpoint"]);
         let cap = self.model.config.feed_max_len;
         for (tenant, entries) in &self.feeds {
-            let feed = self.key(&["feed:", tenant]);
+            let feed = self.key(&[super::feed::FEED_KEY, tenant]);
             // Entries beyond the cap would be trimmed at once: an exact trim
             // keeps the batch's last `cap` entries, so only those are added.
             let kept = &entries[entries.len().saturating_sub(cap)..];
