@@ -40,6 +40,11 @@
 //! A batch is one `MULTI/EXEC` holding every change and the checkpoint, so a
 //! crash leaves either all of a batch or none of it. Lists are stored as
 //! comma-separated strings (ids and capability names contain no commas).
+//!
+//! Layout: this file holds the model, its generations and the batch's
+//! round trips; `plan` and `writes` build a batch's `MULTI/EXEC`; [`read`]
+//! is what the API reads; [`feed`] reads the change feeds (the API's
+//! subscriptions); [`health`] publishes and reads the projectors' reports.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
