@@ -18,10 +18,10 @@
 //!   ([`Projector::catch_up`]: read-ahead, decoding, retries) up to the
 //!   log's readable head. Nothing reads it before the switch.
 //! - A live projector (in any process) notices the switch at its next batch
-//!   ([`ApplyError::Moved`](crate::ApplyError::Moved)) and continues on the
-//!   new namespace from its checkpoint, so events committed during the
-//!   replay are not lost; the old namespace is removed only after
-//!   [`SWITCH_GRACE`], for a batch it may still be finishing there.
+//!   ([`ApplyError::Moved`]) and continues on the new namespace from its
+//!   checkpoint, so events committed during the replay are not lost; the
+//!   old namespace is removed only after [`SWITCH_GRACE`], for a batch it
+//!   may still be finishing there.
 //! - Progress is reported through a callback ([`Progress`]); showing it is
 //!   the caller's.
 

@@ -16,7 +16,7 @@
 //! |---|---|---|
 //! | `agent:<id>` | hash | tenant, name, kind, model, capabilities, parent, status, status_reason, current_task, tasks_completed, tasks_failed, last_position, last_event_at |
 //! | `task:<id>` | hash | tenant, workflow, title, state, assignee, progress, progress_note, attempt, max_attempts, priority, required_capabilities, depends_on, last_error, last_position |
-//! | `workflow:<id>` | hash | tenant, name, status, reason, tasks_total, tasks_<state> per task state, last_position |
+//! | `workflow:<id>` | hash | tenant, name, status, reason, tasks_total, `tasks_<state>` per task state, last_position |
 //! | `agents:<tenant>:status:<status>` | set | agent ids by status |
 //! | `agents:<tenant>:capability:<cap>` | set | agent ids by capability |
 //! | `agents:<tenant>:recent` | sorted set | agent ids by last event time (ms) |
