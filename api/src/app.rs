@@ -184,8 +184,8 @@ pub async fn run_relay(settings: &Settings) -> anyhow::Result<()> {
 }
 
 /// Connects the Redis read model.
-pub async fn connect_live(settings: &Settings) -> anyhow::Result<projections::LiveModel> {
-    projections::LiveModel::connect(&settings.redis_url, settings.live_config())
+pub async fn connect_redis(settings: &Settings) -> anyhow::Result<projections::RedisModel> {
+    projections::RedisModel::connect(&settings.redis_url, settings.redis_config())
         .await
         .with_context(|| {
             format!(
@@ -212,17 +212,17 @@ async fn spawn_projectors(
     let mut tasks = Vec::new();
     // Projectors publish their state to Redis for `/readyz` and
     // `projectionStatus` of API processes.
-    let reports = connect_live(settings).await?;
+    let reports = connect_redis(settings).await?;
     probes.redis = Some(reports.clone());
     if only.is_none_or(|p| p == Projection::Redis) {
-        let model = connect_live(settings).await?;
+        let model = connect_redis(settings).await?;
         let projector = projections::Projector::new(
             model,
             store.clone(),
             nats.clone(),
             settings.projector_config(),
         );
-        tokio::spawn(crate::health::publish_status(
+        tokio::spawn(projections::redis::health::publish_status(
             reports.clone(),
             projector.status(),
             shutdown.clone(),
@@ -242,7 +242,7 @@ async fn spawn_projectors(
             nats.clone(),
             settings.projector_config(),
         );
-        tokio::spawn(crate::health::publish_status(
+        tokio::spawn(projections::redis::health::publish_status(
             reports.clone(),
             projector.status(),
             shutdown.clone(),
@@ -347,7 +347,7 @@ pub async fn status(settings: &Settings) -> anyhow::Result<()> {
         Err(error) => println!("relay {}: unknown ({error:#})", settings.jetstream_stream),
     }
     // A projection that cannot be reached is reported, not fatal.
-    let redis = async { Ok(connect_live(settings).await?.checkpoint().await?) };
+    let redis = async { Ok(connect_redis(settings).await?.checkpoint().await?) };
     let redis = within("Redis", redis).await;
     print_projection(&store, "redis", &settings.redis_prefix, redis).await?;
     let graph = async {
@@ -451,7 +451,7 @@ async fn relay_position(settings: &Settings) -> anyhow::Result<Option<(i64, u64)
 pub async fn verify(settings: &Settings) -> anyhow::Result<()> {
     let pool = connect_database(settings).await?;
     let store = EventStore::new(pool.clone());
-    let live = connect_live(settings).await?;
+    let redis = connect_redis(settings).await?;
     let graph = connect_graph(settings).await?;
 
     let mut summaries = Vec::new();
@@ -489,7 +489,7 @@ pub async fn verify(settings: &Settings) -> anyhow::Result<()> {
         }
     };
 
-    let found = projections::verify::verify_live_confirmed(&store, &live)
+    let found = projections::verify::verify_redis_confirmed(&store, &redis)
         .await
         .context("verifying the Redis read model")?;
     report("redis", &settings.redis_prefix, "hash(es)", found);
@@ -618,11 +618,11 @@ pub async fn start_api(
         .api
         .authenticator()
         .context("configuring bearer-token verification")?;
-    let live = connect_live(settings).await?;
+    let redis = connect_redis(settings).await?;
     let graph = connect_graph(settings).await?;
     // Readers follow replays of the Redis model (a new active generation).
     tokio::spawn({
-        let live = live.clone();
+        let redis = redis.clone();
         let shutdown = shutdown.clone();
         async move {
             loop {
@@ -630,7 +630,7 @@ pub async fn start_api(
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
-                if let Err(error) = live.refresh().await {
+                if let Err(error) = redis.refresh().await {
                     tracing::debug!(%error, "could not re-read the active Redis generation");
                 }
             }
@@ -639,7 +639,7 @@ pub async fn start_api(
     let limits = settings.api.limits();
     let feed = crate::graphql::subscriptions::Feed::start(
         store.clone(),
-        live.clone(),
+        redis.clone(),
         &settings.redis_url,
         limits.subscriber_buffer,
         shutdown.clone(),
@@ -648,7 +648,7 @@ pub async fn start_api(
     let services = crate::graphql::Services {
         store: store.clone(),
         handler: CommandHandler::new(store.clone(), settings.handler_config()),
-        live,
+        redis,
         graph,
         feed,
         limits,
@@ -680,7 +680,7 @@ pub async fn start_api(
         crate::probes::Probes {
             postgres: Some(store.pool().clone()),
             nats: Some(nats.clone()),
-            redis: Some(state.services.live.clone()),
+            redis: Some(state.services.redis.clone()),
             graph: Some(state.services.graph.clone()),
             projections: Vec::new(),
         }

@@ -41,7 +41,7 @@ use domain::{AgentCommand, AgentId, AgentKind};
 use futures::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
 use projections::graph::admin::server_command;
-use projections::{LiveModel, Projector, ProjectorConfig, ProjectorState, ReadModel as _};
+use projections::{Projector, ProjectorConfig, ProjectorState, ReadModel as _, RedisModel};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -452,11 +452,11 @@ async fn set_up(
 
     let prefix = format!("{}bench:{id}:", settings.redis_prefix);
     scratch.prefix = Some(prefix.clone());
-    let live = LiveModel::connect(
+    let redis = RedisModel::connect(
         &settings.redis_url,
-        projections::LiveModelConfig {
+        projections::RedisModelConfig {
             prefix: prefix.clone(),
-            ..settings.live_config()
+            ..settings.redis_config()
         },
     )
     .await
@@ -488,7 +488,7 @@ async fn set_up(
         async move { relay.run(stop).await }
     }));
     let projector = Projector::new(
-        live.clone(),
+        redis.clone(),
         store.clone(),
         scratch.nats.clone(),
         ProjectorConfig {
@@ -525,7 +525,7 @@ async fn set_up(
         );
         let _ = tokio::time::timeout(Duration::from_millis(100), status.changed()).await;
     }
-    let checkpoint = live
+    let checkpoint = redis
         .checkpoint()
         .await
         .context("reading Redis's checkpoint")?;

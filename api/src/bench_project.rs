@@ -31,8 +31,8 @@ use hdrhistogram::Histogram;
 use projections::graph::admin::server_command;
 use projections::graph::bench::plan_replay;
 use projections::{
-    GraphModel, LiveModel, Projected, Projector, ProjectorConfig, ProjectorState, ProjectorStatus,
-    ReadModel,
+    GraphModel, Projected, Projector, ProjectorConfig, ProjectorState, ProjectorStatus, ReadModel,
+    RedisModel,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -46,7 +46,7 @@ use crate::settings::{BenchArgs, Settings, SimulateArgs};
 
 /// Scenario names.
 const REDIS_REPLAY: &str = "redis replay: projector catch-up from PostgreSQL";
-const REDIS_APPLY: &str = "redis replay: LiveModel::apply alone (log pre-read)";
+const REDIS_APPLY: &str = "redis replay: RedisModel::apply alone (log pre-read)";
 const GRAPH_REPLAY: &str = "graph replay: projector catch-up from PostgreSQL";
 const GRAPH_RAW: &str = "graph raw: the same statements, sent directly";
 const READ_ALONE: &str = "postgres: read_all + decode alone (no read model)";
@@ -119,18 +119,18 @@ impl Scratch {
     }
 
     /// A Redis read model under a fresh prefix.
-    async fn live(&mut self, settings: &Settings) -> anyhow::Result<LiveModel> {
+    async fn redis(&mut self, settings: &Settings) -> anyhow::Result<RedisModel> {
         let prefix = format!(
             "{}bench:{}:",
             settings.redis_prefix,
             Uuid::new_v4().simple()
         );
         self.prefixes.push(prefix.clone());
-        LiveModel::connect(
+        RedisModel::connect(
             &settings.redis_url,
-            projections::LiveModelConfig {
+            projections::RedisModelConfig {
                 prefix,
-                ..settings.live_config()
+                ..settings.redis_config()
             },
         )
         .await
@@ -433,7 +433,7 @@ async fn replays(
                 "running `{REDIS_REPLAY}` ({}/{runs}), {total} events…",
                 run + 1
             );
-            let model = scratch.live(settings).await?;
+            let model = scratch.redis(settings).await?;
             let (count, hist, secs) = catch_up(
                 model,
                 &store,
@@ -458,7 +458,7 @@ async fn replays(
         let mut figs = Vec::new();
         for run in 0..runs {
             eprintln!("running `{REDIS_APPLY}` ({}/{runs})…", run + 1);
-            let model = scratch.live(settings).await?;
+            let model = scratch.redis(settings).await?;
             let (count, hist, secs) = apply_directly(&model, &batches).await?;
             figs.push(figures(REDIS_APPLY, "ev/s", count, &hist, secs, 0));
         }
@@ -650,8 +650,8 @@ async fn freshness(
         let stop = stop.clone();
         async move { relay.run(stop).await }
     }));
-    let live = Projector::new(
-        scratch.live(settings).await?,
+    let redis = Projector::new(
+        scratch.redis(settings).await?,
         store.clone(),
         scratch.nats.clone(),
         projector_config.clone(),
@@ -662,11 +662,11 @@ async fn freshness(
         scratch.nats.clone(),
         projector_config,
     );
-    let mut statuses = [live.status(), graph.status()];
+    let mut statuses = [redis.status(), graph.status()];
     scratch.tasks.push(tokio::spawn({
         let stop = stop.clone();
         async move {
-            let _ = live.run(stop).await;
+            let _ = redis.run(stop).await;
         }
     }));
     scratch.tasks.push(tokio::spawn({
@@ -813,11 +813,11 @@ pub(crate) async fn delete_scratch_stream(nats: &async_nats::Client, stream: &st
 /// Deletes every Redis key under a scratch prefix (best effort, logged).
 pub(crate) async fn wipe_scratch_prefix(settings: &Settings, prefix: &str) {
     let wiped = async {
-        let model = LiveModel::connect(
+        let model = RedisModel::connect(
             &settings.redis_url,
-            projections::LiveModelConfig {
+            projections::RedisModelConfig {
                 prefix: prefix.to_owned(),
-                ..settings.live_config()
+                ..settings.redis_config()
             },
         )
         .await

@@ -33,7 +33,6 @@ pub mod config;
 pub mod error;
 pub mod graphiql;
 pub mod graphql;
-pub mod health;
 pub mod metrics;
 pub mod probes;
 pub mod replay;

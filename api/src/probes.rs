@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use commands::EventStore;
-use projections::{GraphModel, LiveModel, ProjectorStatus};
+use projections::{GraphModel, ProjectorStatus, RedisModel};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,7 @@ pub struct Probes {
     /// The NATS client.
     pub nats: Option<async_nats::Client>,
     /// The Redis read model.
-    pub redis: Option<LiveModel>,
+    pub redis: Option<RedisModel>,
     /// The graph read model.
     pub graph: Option<GraphModel>,
     /// Projectors running in this process, by name, whose checkpoint and
@@ -56,8 +56,8 @@ impl Probes {
         };
         let redis = async {
             match &self.redis {
-                Some(live) => {
-                    let mut conn = live.connection();
+                Some(model) => {
+                    let mut conn = model.connection();
                     let ping = redis::cmd("PING");
                     Some(answered(ping.query_async::<String>(&mut conn)).await)
                 }

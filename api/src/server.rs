@@ -342,7 +342,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             services.store.count_after(checkpoint, 10_000_000),
         )
     };
-    if let Ok(checkpoint) = probe(READY_TIMEOUT, services.live.read_checkpoint()).await {
+    if let Ok(checkpoint) = probe(READY_TIMEOUT, services.redis.read_checkpoint()).await {
         let lag = lag(checkpoint).await.unwrap_or(-1);
         crate::metrics::projection("redis", checkpoint, lag);
     }
@@ -389,14 +389,14 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let services = &state.services;
     let reports = async {
         let (redis, graph) = tokio::join!(
-            crate::health::projector_report(&services.live, "redis"),
-            crate::health::projector_report(&services.live, "graph"),
+            projections::redis::health::projector_report(&services.redis, "redis"),
+            projections::redis::health::projector_report(&services.redis, "graph"),
         );
         Ok::<_, redis::RedisError>([("redis", redis?), ("graph", graph?)])
     };
     let (head, redis, graph, reports) = tokio::join!(
         probe(READY_TIMEOUT, services.store.head()),
-        probe(READY_TIMEOUT, services.live.checkpoint_if_any()),
+        probe(READY_TIMEOUT, services.redis.checkpoint_if_any()),
         probe(READY_TIMEOUT, services.graph.read_checkpoint()),
         probe(READY_TIMEOUT, reports),
     );

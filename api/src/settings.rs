@@ -787,12 +787,12 @@ impl Settings {
     }
 
     /// The Redis read-model configuration these settings describe.
-    pub fn live_config(&self) -> projections::LiveModelConfig {
-        projections::LiveModelConfig {
+    pub fn redis_config(&self) -> projections::RedisModelConfig {
+        projections::RedisModelConfig {
             prefix: self.redis_prefix.clone(),
             connect_timeout: Duration::from_millis(self.redis_connect_timeout_ms.max(1)),
             response_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
-            ..projections::LiveModelConfig::default()
+            ..projections::RedisModelConfig::default()
         }
     }
 

@@ -23,24 +23,31 @@
 //!
 //! - [`model`]: the [`ReadModel`] contract and [`ApplyError`].
 //! - [`runtime`]: the projector loop (catch-up, JetStream consumer, status).
-//! - [`live`]: the Redis live-state read model and its change feed.
-//! - [`testkit`]: per-test Redis key prefixes, and dumps of a whole Redis
-//!   model for comparing two built apart.
-//! - [`graph`]: the graph read model (Bolt / Neo4j 5) and its queries.
-//! - [`graph_testkit`]: per-test graph databases.
+//! - [`redis`]: the Redis read model and the table of its keys; the API's
+//!   reads ([`redis::read`]), the change feed's reader ([`redis::feed`]) and
+//!   the projectors' health reports ([`redis::health`]).
+//! - [`graph`]: the graph read model (Bolt / Neo4j 5), its queries, its
+//!   namespaces and their administration ([`graph::admin`]).
+//! - [`replay`]: rebuilds a read model into a fresh namespace while the
+//!   active one serves, then switches over.
 //! - [`verify`]: re-derives state from the event store and diffs it against
 //!   the Redis and graph read models.
+//! - [`testkit`]: per-test Redis key prefixes, and dumps of a whole Redis
+//!   model for comparing two built apart.
+//! - [`graph_testkit`]: per-test graph databases.
 
 pub mod graph;
 pub mod graph_testkit;
-pub mod live;
 pub mod model;
+pub mod redis;
+pub mod replay;
 pub mod runtime;
 pub mod testkit;
 pub mod verify;
 
 pub use graph::{GraphConfig, GraphModel, GraphQueryError};
-pub use live::read::{Entity, Fields};
-pub use live::{LiveModel, LiveModelConfig};
 pub use model::{ApplyError, Projected, ReadModel};
+// `self::`: `redis` alone would also name the Redis client crate.
+pub use self::redis::read::{Entity, Fields};
+pub use self::redis::{RedisModel, RedisModelConfig};
 pub use runtime::{Projector, ProjectorConfig, ProjectorError, ProjectorState, ProjectorStatus};

@@ -10,7 +10,7 @@
 
 use uuid::Uuid;
 
-use crate::live::{LiveModel, LiveModelConfig};
+use crate::redis::{RedisModel, RedisModelConfig};
 
 /// How to start Redis on a development machine.
 pub const START_REDIS: &str = "redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save \"\" --appendonly no   (or: scripts/services.sh up)";
@@ -25,7 +25,7 @@ pub fn redis_url() -> String {
 #[derive(Debug)]
 pub struct TestRedis {
     /// The model.
-    pub model: LiveModel,
+    pub model: RedisModel,
     /// Its prefix.
     pub prefix: String,
     /// The URL.
@@ -43,11 +43,11 @@ impl TestRedis {
     pub async fn create_at(url: &str) -> Result<Self, String> {
         let url = url.to_owned();
         let prefix = format!("test:{}:", Uuid::new_v4().simple());
-        let config = LiveModelConfig {
+        let config = RedisModelConfig {
             prefix: prefix.clone(),
-            ..LiveModelConfig::default()
+            ..RedisModelConfig::default()
         };
-        let connect = LiveModel::connect(&url, config);
+        let connect = RedisModel::connect(&url, config);
         let model = tokio::time::timeout(std::time::Duration::from_secs(5), connect)
             .await
             .map_err(|_| {
@@ -147,7 +147,7 @@ async fn dump(
 /// generation: <key without the prefix>`, so that it shows up as a
 /// difference.
 pub async fn dump_model(
-    model: &LiveModel,
+    model: &RedisModel,
 ) -> Result<std::collections::BTreeMap<String, String>, redis::RedisError> {
     let generation = model.refresh().await?;
     let mut conn = model.connection();
@@ -156,7 +156,7 @@ pub async fn dump_model(
     let mut out = std::collections::BTreeMap::new();
     for key in keys(&mut conn, prefix).await? {
         let rest = key.strip_prefix(prefix).unwrap_or(&key);
-        if key == pointer || rest.starts_with("projector:") {
+        if key == pointer || rest.starts_with(crate::redis::health::REPORT_KEY) {
             continue;
         }
         let value = render(&mut conn, &key).await?;

@@ -1,6 +1,6 @@
 //! `verify`: folds every stream of the event store with `domain::evolve` and
-//! diffs the result against a read model: the Redis live state
-//! ([`verify_live`]) or the graph ([`verify_graph`]).
+//! diffs the result against a read model: Redis ([`verify_redis`]) or the
+//! graph ([`verify_graph`]).
 //!
 //! ## Verifying a read model that is moving
 //!
@@ -58,8 +58,8 @@ use neo4rs::{query, BoltType, Query, Row};
 use redis::AsyncCommands;
 
 use crate::graph::{collect, finish, GraphModel, GraphQueryError, PROJECTION};
-use crate::live::LiveModel;
 use crate::model::{ApplyError, ReadModel};
+use crate::redis::RedisModel;
 
 /// Passes `neurectomy verify` makes per read model (see [`confirmed`]).
 pub const PASSES: usize = 3;
@@ -195,9 +195,9 @@ const HAS_POSITION: &str = "a position";
 /// Folds the whole log up to `until` (inclusive) and compares it with the
 /// Redis read model, whose checkpoint must be at or past `until`; entities
 /// it changed after `until` are skipped (see the module docs).
-pub async fn verify_live(
+pub async fn verify_redis(
     store: &EventStore,
-    model: &LiveModel,
+    model: &RedisModel,
     until: i64,
 ) -> Result<Verified, VerifyError> {
     let folded = fold(store, until).await?;
@@ -313,7 +313,7 @@ pub async fn verify_live(
         }
         check(&key, "status", workflow.status.as_str().to_owned(), &actual);
         let per_workflow = counts.get(id);
-        for counter in crate::live::workflow_task_counters() {
+        for counter in crate::redis::workflow_task_counters() {
             let state = counter.trim_start_matches("tasks_");
             let expected = per_workflow
                 .and_then(|c| c.get(state))
@@ -806,15 +806,15 @@ where
 }
 
 /// `neurectomy verify` of the Redis read model, which may be moving:
-/// [`PASSES`] [`confirmed`] passes of [`verify_live`], each at the
+/// [`PASSES`] [`confirmed`] passes of [`verify_redis`], each at the
 /// checkpoint it reads first.
-pub async fn verify_live_confirmed(
+pub async fn verify_redis_confirmed(
     store: &EventStore,
-    model: &LiveModel,
+    model: &RedisModel,
 ) -> Result<Confirmed, VerifyError> {
     confirmed(PASSES, || async {
         let until = model.checkpoint().await.map_err(VerifyError::Checkpoint)?;
-        verify_live(store, model, until).await
+        verify_redis(store, model, until).await
     })
     .await
 }

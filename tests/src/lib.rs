@@ -440,7 +440,7 @@ pub mod api {
             let graph_projector = pipe.projector(graph_projector);
             // As in production: projectors publish their state for /readyz.
             for status in [redis_projector.status(), graph_projector.status()] {
-                tokio::spawn(api::health::publish_status(
+                tokio::spawn(projections::redis::health::publish_status(
                     redis.model.clone(),
                     status,
                     pipe.stop.clone(),
@@ -459,7 +459,7 @@ pub mod api {
             let services = Services {
                 store: pipe.store.clone(),
                 handler: CommandHandler::new(pipe.store.clone(), HandlerConfig::default()),
-                live: redis.model.clone(),
+                redis: redis.model.clone(),
                 graph: graph.model.clone(),
                 feed,
                 limits,

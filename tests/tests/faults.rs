@@ -831,7 +831,7 @@ impl Stack {
         let events = commands::testkit::mirror::read_everything(&store).await;
         commands::testkit::mirror::assert_mirror(&events, &js, &nats.relay).await;
 
-        let live = projections::verify::verify_live_confirmed(&store, &self.scratch.redis.model)
+        let live = projections::verify::verify_redis_confirmed(&store, &self.scratch.redis.model)
             .await
             .unwrap();
         assert!(

@@ -351,14 +351,14 @@ async fn replays_while_commands_flow_switch_to_a_database_with_the_live_state() 
     // until the switch: they flow before a replay starts, and the log grows
     // while it runs.
     let workload = world.start_workload(world.workload(0, 300, 1));
-    let replay = |show| {
-        api::replay::replay_graph_into(
+    let replay = || {
+        projections::replay::replay_graph_into(
             &world.store,
             &world.nats.client,
             world.graph.model.config().clone(),
             &world.graph.http,
             100,
-            show,
+            |_| {},
         )
     };
     let replay_under_load = |after: i64| {
@@ -367,7 +367,7 @@ async fn replays_while_commands_flow_switch_to_a_database_with_the_live_state() 
         let workload = &workload;
         async move {
             let started = world.pipe.head_beyond(after).await;
-            let summary = replay(false).await.unwrap();
+            let summary = replay().await.unwrap();
             let ended = world.store.head().await.unwrap().written;
             assert!(
                 ended > started && workload.is_running(),

@@ -14,7 +14,7 @@ use commands::testkit::{eventually, TestDatabase};
 use commands::{CommandHandler, EventStore, HandlerConfig, Relay, RelayConfig};
 use neurectomy_e2e::pipeline::Pipeline;
 use projections::testkit::TestRedis;
-use projections::verify::verify_live;
+use projections::verify::verify_redis;
 use projections::{Projector, ProjectorConfig, ReadModel};
 use tokio_util::sync::CancellationToken;
 
@@ -250,7 +250,7 @@ async fn only_the_relays_user_may_publish_on_the_event_subjects() {
         async move { (model.checkpoint().await.ok()? >= head).then_some(()) }
     })
     .await;
-    let differences = verify_live(&store, &redis.model, head).await.unwrap();
+    let differences = verify_redis(&store, &redis.model, head).await.unwrap();
     assert!(differences.differences.is_empty(), "{differences:?}");
     let events = store.count_after(0, i64::MAX).await.unwrap() as u64;
     let (admin_client, _) = server.connect("admin").await;

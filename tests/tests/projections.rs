@@ -20,9 +20,9 @@ use neurectomy_e2e::pipeline::Pipeline;
 use neurectomy_e2e::read_side::{self, assert_same_redis, Gate, Hold};
 use projections::graph_testkit::TestGraph;
 use projections::testkit::TestRedis;
-use projections::verify::{verify_graph, verify_live};
+use projections::verify::{verify_graph, verify_redis};
 use projections::{
-    GraphModel, LiveModel, Projected, Projector, ProjectorConfig, ProjectorState, ReadModel,
+    GraphModel, Projected, Projector, ProjectorConfig, ProjectorState, ReadModel, RedisModel,
 };
 use rand::SeedableRng as _;
 
@@ -50,7 +50,7 @@ async fn world(test: &str) -> World {
 }
 
 impl World {
-    fn projector(&self) -> Arc<Projector<LiveModel>> {
+    fn projector(&self) -> Arc<Projector<RedisModel>> {
         self.pipe.projector(self.redis.model.clone())
     }
 
@@ -87,7 +87,7 @@ impl World {
 
     async fn assert_verified(&self) {
         let until = self.caught_up().await;
-        let differences = verify_live(&self.store, &self.redis.model, until)
+        let differences = verify_redis(&self.store, &self.redis.model, until)
             .await
             .unwrap()
             .differences;
@@ -157,7 +157,7 @@ async fn a_simulated_workload_verifies_clean_and_redeliveries_change_nothing() {
         .await
         .unwrap();
     let until = world.caught_up().await;
-    let differences = verify_live(&world.store, &world.redis.model, until)
+    let differences = verify_redis(&world.store, &world.redis.model, until)
         .await
         .unwrap()
         .differences;
@@ -479,17 +479,17 @@ async fn replay_while_commands_flow_ends_with_the_live_state() {
         ..world.workload(0, 300, 1)
     });
     let started = world.pipe.head_beyond(built).await;
-    let config = projections::LiveModelConfig {
+    let config = projections::RedisModelConfig {
         prefix: world.redis.prefix.clone(),
-        ..projections::LiveModelConfig::default()
+        ..projections::RedisModelConfig::default()
     };
-    let summary = api::replay::replay_redis_into(
+    let summary = projections::replay::replay_redis_into(
         &world.store,
         &world.nats.client,
         &world.redis.url,
         config,
         100,
-        false,
+        |_| {},
     )
     .await
     .unwrap();
@@ -558,13 +558,13 @@ impl World {
 
     /// A second, independent model (its own connection and batch state) on
     /// this world's prefix.
-    async fn other_model(&self, feed_max_len: usize) -> LiveModel {
-        LiveModel::connect(
+    async fn other_model(&self, feed_max_len: usize) -> RedisModel {
+        RedisModel::connect(
             &self.redis.url,
-            projections::LiveModelConfig {
+            projections::RedisModelConfig {
                 prefix: self.redis.prefix.clone(),
                 feed_max_len,
-                ..projections::LiveModelConfig::default()
+                ..projections::RedisModelConfig::default()
             },
         )
         .await

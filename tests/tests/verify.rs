@@ -14,7 +14,7 @@ use neo4rs::query;
 use neurectomy_e2e::pipeline::Pipeline;
 use projections::graph_testkit::TestGraph;
 use projections::testkit::TestRedis;
-use projections::verify::{verify_graph_confirmed, verify_live_confirmed, Confirmed};
+use projections::verify::{verify_graph_confirmed, verify_redis_confirmed, Confirmed};
 use projections::GraphModel;
 use tokio_util::sync::CancellationToken;
 
@@ -43,7 +43,7 @@ struct World {
 impl World {
     /// One run of `neurectomy verify` against Redis.
     async fn verify_redis(&self) -> Confirmed {
-        verify_live_confirmed(&self.pipe.store, &self.redis.model)
+        verify_redis_confirmed(&self.pipe.store, &self.redis.model)
             .await
             .unwrap()
     }

@@ -2,14 +2,15 @@
 //!
 //! One upstream task per process reads the Redis change feeds
 //! (`feed:<tenant>`, written by the Redis projector in the same
-//! `MULTI/EXEC` as the state it describes) of the tenants that have
-//! subscribers: one blocking `XREAD` over all their keys, on a connection of
-//! its own, re-issued when the set of tenants changes (`CLIENT UNBLOCK`
-//! wakes it). Each change is read once and fanned out in memory as an
-//! [`Arc`]'d message on the tenant's two [`broadcast`] channels (events,
-//! agent states), each holding at most `buffer` messages: a subscriber that
-//! falls further behind sees `Lagged` and is closed by its stream; memory
-//! never grows with a slow subscriber.
+//! `MULTI/EXEC` as the state it describes; read with
+//! `projections::redis::feed`) of the tenants that have subscribers: one
+//! blocking `XREAD` over all their keys, on a connection of its own,
+//! re-issued when the set of tenants changes (`CLIENT UNBLOCK` wakes it).
+//! Each change is read once and fanned out in memory as an [`Arc`]'d
+//! message on the tenant's two [`broadcast`] channels (events, agent
+//! states), each holding at most `buffer` messages: a subscriber that falls
+//! further behind sees `Lagged` and is closed by its stream; memory never
+//! grows with a slow subscriber.
 //!
 //! Contracts:
 //! - Per tenant, messages are published in increasing position order, and
@@ -28,19 +29,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use commands::{EventStore, ReadError, RecordedEvent};
-use projections::{Entity, LiveModel};
-use redis::aio::MultiplexedConnection;
-use redis::streams::{StreamId, StreamReadReply};
+use projections::redis::feed::{
+    FeedClient, FeedEntry, FeedPage, FeedReadError, FeedReader, READ_COUNT,
+};
+use projections::{Entity, RedisModel};
 use tokio::sync::{broadcast, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::types::{Agent, Event};
 use crate::sync::lock;
 
-/// Entries read per key and `XREAD`.
-const READ_COUNT: usize = 256;
-/// How long one `XREAD` blocks when nothing arrives.
-const BLOCK: Duration = Duration::from_secs(5);
 /// How long a subscriber waits for the upstream to start reading its tenant.
 const ARM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events read from the store per page when filling a gap.
@@ -84,6 +82,15 @@ fn redis_failed(doing: impl Into<String>) -> impl FnOnce(redis::RedisError) -> F
     move |source| FeedError::Redis { doing, source }
 }
 
+impl From<FeedReadError> for FeedError {
+    fn from(error: FeedReadError) -> Self {
+        match error {
+            FeedReadError::Url(source) => FeedError::Url(source),
+            FeedReadError::Redis { doing, source } => FeedError::Redis { doing, source },
+        }
+    }
+}
+
 /// One event as fanned out: built once, shared by every subscriber.
 #[derive(Debug)]
 pub struct EventMessage {
@@ -123,7 +130,7 @@ struct Slot {
 
 struct Inner {
     store: EventStore,
-    live: LiveModel,
+    redis: RedisModel,
     buffer: usize,
     /// Tenants with subscribers. A std mutex: held for map operations only,
     /// never across an await.
@@ -184,15 +191,15 @@ impl Feed {
     /// connection of its own to `redis_url` (its `XREAD` blocks).
     pub fn start(
         store: EventStore,
-        live: LiveModel,
+        redis: RedisModel,
         redis_url: &str,
         buffer: usize,
         shutdown: CancellationToken,
     ) -> Result<Self, FeedError> {
-        let client = redis::Client::open(redis_url).map_err(FeedError::Url)?;
+        let client = FeedClient::open(redis_url, redis.clone())?;
         let inner = Arc::new(Inner {
             store,
-            live,
+            redis,
             buffer: buffer.max(1),
             slots: Mutex::new(HashMap::new()),
             changed: Notify::new(),
@@ -310,7 +317,7 @@ impl Inner {
             return Ok(found);
         }
         let rows = self
-            .live
+            .redis
             .entities(Entity::Task, tenant, &missing)
             .await
             .map_err(redis_failed("reading the workflows of tasks"))?;
@@ -332,7 +339,7 @@ impl Inner {
 
     /// The key of `tenant`'s feed in the current generation.
     fn key(&self, tenant: &str) -> String {
-        self.live.key(&format!("feed:{tenant}"))
+        self.redis.feed_key(tenant)
     }
 
     /// Closes every channel (their subscribers' streams end).
@@ -341,16 +348,11 @@ impl Inner {
     }
 }
 
-/// Position of a feed entry id `<position>-0`.
-fn entry_position(id: &str) -> Option<i64> {
-    id.split_once('-').map_or(id, |(p, _)| p).parse().ok()
-}
-
 /// The upstream: reads, reconnecting after failures, until shutdown.
-async fn upstream(inner: Arc<Inner>, client: redis::Client) {
+async fn upstream(inner: Arc<Inner>, client: FeedClient) {
     let mut reader = Reader {
         cursors: HashMap::new(),
-        generation: inner.live.generation(),
+        generation: inner.redis.generation(),
     };
     let mut pause = Duration::from_millis(100);
     while !inner.shutdown.is_cancelled() {
@@ -382,48 +384,33 @@ struct Reader {
 impl Reader {
     /// Reads until shutdown (`Ok`) or a failure (`Err`; cursors are kept,
     /// so a reconnected reader continues where this one stopped).
-    async fn run(&mut self, inner: &Inner, client: &redis::Client) -> Result<(), FeedError> {
-        // The blocking `XREAD` may take `BLOCK`; past that plus the reply
-        // timeout, Redis is not answering: the reader reconnects.
-        let timeouts = inner.live.config();
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(timeouts.connect_timeout)
-            .set_response_timeout(BLOCK + timeouts.response_timeout);
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(redis_failed("connecting the change-feed reader"))?;
-        let id: i64 = redis::cmd("CLIENT")
-            .arg("ID")
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_failed("reading the reader's client id"))?;
+    async fn run(&mut self, inner: &Inner, client: &FeedClient) -> Result<(), FeedError> {
+        // A reply of the blocking `XREAD` is awaited for its block time plus
+        // the reply timeout; past that, Redis is not answering: the read
+        // fails and the reader reconnects.
+        let mut feed = client.connect().await?;
         loop {
             if inner.shutdown.is_cancelled() {
                 return Ok(());
             }
-            self.sync(inner, &mut conn).await?;
-            self.follow_generation(inner, &mut conn).await?;
+            self.sync(inner, &mut feed).await?;
+            self.follow_generation(inner, &mut feed).await?;
             if self.cursors.is_empty() {
                 tokio::select! {
                     () = inner.shutdown.cancelled() => return Ok(()),
                     () = inner.changed.notified() => continue,
                 }
             }
-            let Some(reply) = self.read(inner, &mut conn, id).await? else {
+            let Some(pages) = self.read(inner, &mut feed).await? else {
                 continue;
             };
             let read_at = Instant::now();
-            for stream in reply.keys {
-                let Some(tenant) = self
-                    .cursors
-                    .keys()
-                    .find(|t| inner.key(t) == stream.key)
-                    .cloned()
+            for FeedPage { key, entries } in pages {
+                let Some(tenant) = self.cursors.keys().find(|t| inner.key(t) == key).cloned()
                 else {
                     continue;
                 };
-                self.deliver(inner, &mut conn, &tenant, &stream.key, stream.ids, read_at)
+                self.deliver(inner, &mut feed, &tenant, &key, entries, read_at)
                     .await?;
             }
         }
@@ -431,11 +418,7 @@ impl Reader {
 
     /// Follows the set of tenants with subscribers: drops the cursors of
     /// tenants without, starts new ones at their feed's end, and arms them.
-    async fn sync(
-        &mut self,
-        inner: &Inner,
-        conn: &mut MultiplexedConnection,
-    ) -> Result<(), FeedError> {
+    async fn sync(&mut self, inner: &Inner, feed: &mut FeedReader) -> Result<(), FeedError> {
         let tenants: Vec<(String, bool)> = lock(&inner.slots)
             .iter()
             .map(|(t, s)| (t.clone(), *s.armed.borrow()))
@@ -444,7 +427,7 @@ impl Reader {
             .retain(|t, _| tenants.iter().any(|(tenant, _)| tenant == t));
         for (tenant, armed) in tenants {
             if !self.cursors.contains_key(&tenant) {
-                let tail = tail(conn, &inner.key(&tenant)).await?;
+                let tail = feed.last_position(&inner.key(&tenant)).await?;
                 tracing::debug!(%tenant, tail, "following a tenant's change feed");
                 self.cursors.insert(tenant.clone(), tail);
             }
@@ -462,16 +445,16 @@ impl Reader {
     async fn follow_generation(
         &mut self,
         inner: &Inner,
-        conn: &mut MultiplexedConnection,
+        feed: &mut FeedReader,
     ) -> Result<(), FeedError> {
-        let now = inner.live.generation();
+        let now = inner.redis.generation();
         if now == self.generation {
             return Ok(());
         }
         tracing::info!(from = %self.generation, to = %now, "the Redis generation switched; the change feed follows");
         let tenants: Vec<String> = self.cursors.keys().cloned().collect();
         for tenant in tenants {
-            let tail = tail(conn, &inner.key(&tenant)).await?;
+            let tail = feed.last_position(&inner.key(&tenant)).await?;
             let cursor = self.cursors.get(&tenant).copied().unwrap_or(0);
             if tail > cursor {
                 fill(inner, &tenant, cursor, tail).await?;
@@ -487,23 +470,15 @@ impl Reader {
     async fn read(
         &self,
         inner: &Inner,
-        conn: &mut MultiplexedConnection,
-        id: i64,
-    ) -> Result<Option<StreamReadReply>, FeedError> {
-        let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT")
-            .arg(READ_COUNT)
-            .arg("BLOCK")
-            .arg(BLOCK.as_millis() as u64)
-            .arg("STREAMS");
-        let tenants: Vec<(&String, &i64)> = self.cursors.iter().collect();
-        for (tenant, _) in &tenants {
-            cmd.arg(inner.key(tenant));
-        }
-        for (_, cursor) in &tenants {
-            cmd.arg(format!("{cursor}-0"));
-        }
-        let read = cmd.query_async::<Option<StreamReadReply>>(conn);
+        feed: &mut FeedReader,
+    ) -> Result<Option<Vec<FeedPage>>, FeedError> {
+        let feeds: Vec<(String, i64)> = self
+            .cursors
+            .iter()
+            .map(|(tenant, cursor)| (inner.key(tenant), *cursor))
+            .collect();
+        let waker = feed.waker();
+        let read = feed.read(&feeds);
         tokio::pin!(read);
         // Why not just drop the read on a change: the connection would stay
         // blocked until Redis answers it. `CLIENT UNBLOCK` (on another
@@ -513,21 +488,12 @@ impl Reader {
         loop {
             tokio::select! {
                 biased;
-                reply = &mut read => {
-                    return reply.map_err(redis_failed("reading the change feeds"));
-                }
+                reply = &mut read => return Ok(reply?),
                 () = inner.shutdown.cancelled() => return Ok(None),
                 () = inner.changed.notified(), if !wake => wake = true,
                 () = tokio::time::sleep(Duration::from_millis(20)), if wake => {}
             }
-            let mut other = inner.live.connection();
-            let unblocked: i64 = redis::cmd("CLIENT")
-                .arg("UNBLOCK")
-                .arg(id)
-                .query_async(&mut other)
-                .await
-                .map_err(redis_failed("waking the change-feed reader"))?;
-            if unblocked == 1 {
+            if waker.wake().await? {
                 wake = false;
             }
         }
@@ -537,10 +503,10 @@ impl Reader {
     async fn deliver(
         &mut self,
         inner: &Inner,
-        conn: &mut MultiplexedConnection,
+        feed: &mut FeedReader,
         tenant: &str,
         key: &str,
-        entries: Vec<StreamId>,
+        entries: Vec<FeedEntry>,
         read_at: Instant,
     ) -> Result<(), FeedError> {
         let cursor = self.cursors.get(tenant).copied().unwrap_or(0);
@@ -548,17 +514,17 @@ impl Reader {
             // Behind by a full page: the capped feed may have been trimmed
             // past the cursor. Whatever lies between the cursor and the
             // oldest entry left comes from the store.
-            if let Some(oldest) = head_entry(conn, key).await? {
+            if let Some(oldest) = feed.first_position(key).await? {
                 if oldest > cursor + 1 {
                     fill(inner, tenant, cursor, oldest - 1).await?;
                 }
             }
         }
-        if let Some(foreign) = entries.iter().find(|e| entry_position(&e.id).is_none()) {
+        if let Some(foreign) = entries.iter().find(|e| e.position.is_none()) {
             // The projector writes every entry with its position as the id;
             // this one came from elsewhere, so the page cannot be trusted:
             // its range is delivered from the event store instead.
-            let until = match entries.iter().filter_map(|e| entry_position(&e.id)).max() {
+            let until = match entries.iter().filter_map(|e| e.position).max() {
                 Some(last) => last,
                 None => inner.store.head().await?.readable,
             };
@@ -573,30 +539,24 @@ impl Reader {
             }
             return Ok(());
         }
-        let mut changes = Vec::with_capacity(entries.len());
-        for entry in &entries {
-            let Some(position) = entry_position(&entry.id) else {
-                continue;
-            };
-            if position <= cursor {
-                continue;
-            }
-            changes.push(Change {
-                position,
-                event_type: entry.get("type").unwrap_or_default(),
-                stream_id: entry.get("stream_id").unwrap_or_default(),
-                data: entry
-                    .get::<Vec<u8>>("data")
-                    .and_then(|d| serde_json::from_slice(&d).ok())
-                    .unwrap_or_default(),
-                // Absent from entries of untraced changes (and older ones).
-                traceparent: entry.get("traceparent"),
-            });
-        }
+        let read = entries.len();
+        let changes: Vec<Change> = entries
+            .into_iter()
+            .filter_map(|entry| {
+                let position = entry.position.filter(|p| *p > cursor)?;
+                Some(Change {
+                    position,
+                    event_type: entry.event_type,
+                    stream_id: entry.stream_id,
+                    data: entry.data,
+                    traceparent: entry.traceparent,
+                })
+            })
+            .collect();
         tracing::trace!(
             tenant,
             cursor,
-            entries = entries.len(),
+            entries = read,
             changes = changes.len(),
             "read from the change feed"
         );
@@ -630,37 +590,6 @@ impl Change {
             traceparent: e.metadata.traceparent.clone(),
         }
     }
-}
-
-/// Position of the last entry of a feed (0 if empty or absent).
-async fn tail(conn: &mut MultiplexedConnection, key: &str) -> Result<i64, FeedError> {
-    let ids: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
-        .arg(key)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(conn)
-        .await
-        .map_err(redis_failed(format!("reading the end of {key}")))?;
-    Ok(ids
-        .first()
-        .and_then(|(id, _)| entry_position(id))
-        .unwrap_or(0))
-}
-
-/// Position of the first (oldest) entry of a feed.
-async fn head_entry(conn: &mut MultiplexedConnection, key: &str) -> Result<Option<i64>, FeedError> {
-    let ids: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(key)
-        .arg("-")
-        .arg("+")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(conn)
-        .await
-        .map_err(redis_failed(format!("reading the start of {key}")))?;
-    Ok(ids.first().and_then(|(id, _)| entry_position(id)))
 }
 
 /// Publishes `tenant`'s events in `(after, until]` from the event store (a
@@ -810,7 +739,7 @@ async fn publish_agents(
     if !released.is_empty() {
         let ids: Vec<String> = released.iter().map(|(id, _)| id.clone()).collect();
         let rows = inner
-            .live
+            .redis
             .entities(Entity::Task, tenant, &ids)
             .await
             .map_err(redis_failed("reading the assignees of tasks"))?;
@@ -828,7 +757,7 @@ async fn publish_agents(
     }
     let ids: Vec<String> = touched.keys().cloned().collect();
     let rows = inner
-        .live
+        .redis
         .entities(Entity::Agent, tenant, &ids)
         .await
         .map_err(redis_failed("reading changed agents"))?;

@@ -25,7 +25,7 @@ use async_graphql::{
     Context, InputValueError, InputValueResult, MergedObject, Scalar, ScalarType, Value,
 };
 use commands::{CommandHandler, EventStore};
-use projections::{GraphModel, LiveModel};
+use projections::{GraphModel, RedisModel};
 
 use crate::auth::{Principal, Role};
 use crate::error::{unavailable, ApiError};
@@ -92,7 +92,7 @@ pub struct Services {
     /// Commands (mutations).
     pub handler: CommandHandler,
     /// The Redis read model.
-    pub live: LiveModel,
+    pub redis: RedisModel,
     /// The graph read model.
     pub graph: GraphModel,
     /// The change feed shared by the subscribers of this process.
@@ -302,7 +302,7 @@ impl ScalarType for DateTime {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadModelKind {
     /// Redis.
-    Live,
+    Redis,
     /// The graph.
     Graph,
 }
@@ -324,8 +324,8 @@ pub async fn consistent(
     let mut pause = Duration::from_millis(1);
     loop {
         let reached = match model {
-            ReadModelKind::Live => services
-                .live
+            ReadModelKind::Redis => services
+                .redis
                 .read_checkpoint()
                 .await
                 .map_err(|e| unavailable("Redis", e))?,
@@ -340,7 +340,7 @@ pub async fn consistent(
         }
         if tokio::time::Instant::now() + pause > deadline {
             let name = match model {
-                ReadModelKind::Live => "redis",
+                ReadModelKind::Redis => "redis",
                 ReadModelKind::Graph => "graph",
             };
             return Err(ApiError::Stale(format!(

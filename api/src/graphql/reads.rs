@@ -250,7 +250,7 @@ async fn connection<T: async_graphql::OutputType>(
 ) -> async_graphql::Result<Connection<OpaqueCursor<String>, T>> {
     let (ids, previous, next) = page(ids, after, size)?;
     let rows = services
-        .live
+        .redis
         .entities(entity, tenant, &ids)
         .await
         .map_err(|e| unavailable("Redis", e))?;
@@ -280,7 +280,7 @@ impl ReadQuery {
     ) -> async_graphql::Result<Option<Agent>> {
         let who = caller(ctx, Role::Viewer)?;
         let id = ids::agent("id", &id)?.to_string();
-        consistent(ctx, ReadModelKind::Live, at_least_position).await?;
+        consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
         let selection = ctx.look_ahead();
         let wanted: Vec<&str> = Agent::STORED
             .iter()
@@ -288,7 +288,7 @@ impl ReadQuery {
             .map(|(_, stored)| *stored)
             .collect();
         let fields = services(ctx)
-            .live
+            .redis
             .entity_fields(Entity::Agent, &who.tenant, &id, &wanted)
             .await
             .map_err(|e| unavailable("Redis", e))?;
@@ -305,12 +305,12 @@ impl ReadQuery {
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Connection<OpaqueCursor<String>, Agent>> {
         let who = caller(ctx, Role::Viewer)?;
-        consistent(ctx, ReadModelKind::Live, at_least_position).await?;
+        consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
         let services = services(ctx);
         let size = page_size(first, services.limits.max_page)?;
         let filter = filter.unwrap_or_default();
         let ids = services
-            .live
+            .redis
             .agent_ids(
                 &who.tenant,
                 filter.status.map(AgentStatus::as_str),
@@ -339,9 +339,9 @@ impl ReadQuery {
     ) -> async_graphql::Result<Option<Task>> {
         let who = caller(ctx, Role::Viewer)?;
         let id = ids::task("id", &id)?.to_string();
-        consistent(ctx, ReadModelKind::Live, at_least_position).await?;
+        consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
         let fields = services(ctx)
-            .live
+            .redis
             .entity(Entity::Task, &who.tenant, &id)
             .await
             .map_err(|e| unavailable("Redis", e))?;
@@ -360,12 +360,12 @@ impl ReadQuery {
     ) -> async_graphql::Result<Connection<OpaqueCursor<String>, Task>> {
         let who = caller(ctx, Role::Viewer)?;
         let workflow_id = ids::workflow("workflowId", &workflow_id)?.to_string();
-        consistent(ctx, ReadModelKind::Live, at_least_position).await?;
+        consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
         let services = services(ctx);
         let size = page_size(first, services.limits.max_page)?;
         // The workflow must be the caller's: its task sets are keyed by id only.
         let workflow = services
-            .live
+            .redis
             .entity(Entity::Workflow, &who.tenant, &workflow_id)
             .await
             .map_err(|e| unavailable("Redis", e))?;
@@ -373,7 +373,7 @@ impl ReadQuery {
             return Err(not_found("workflow", &workflow_id));
         }
         let ids = services
-            .live
+            .redis
             .task_ids(&workflow_id, state.map(TaskState::as_str))
             .await
             .map_err(|e| unavailable("Redis", e))?;
@@ -398,9 +398,9 @@ impl ReadQuery {
     ) -> async_graphql::Result<Option<Workflow>> {
         let who = caller(ctx, Role::Viewer)?;
         let id = ids::workflow("id", &id)?.to_string();
-        consistent(ctx, ReadModelKind::Live, at_least_position).await?;
+        consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
         let fields = services(ctx)
-            .live
+            .redis
             .entity(Entity::Workflow, &who.tenant, &id)
             .await
             .map_err(|e| unavailable("Redis", e))?;
@@ -575,8 +575,8 @@ impl ReadQuery {
             .await
             .map_err(|e| unavailable("the event store", e))?
             .readable;
-        let live = services
-            .live
+        let redis = services
+            .redis
             .read_checkpoint()
             .await
             .map_err(|e| unavailable("Redis", e))?;
@@ -586,13 +586,13 @@ impl ReadQuery {
             .await
             .map_err(|e| unavailable("the graph", e))?;
         let mut out = Vec::new();
-        for (name, checkpoint) in [("redis", live), ("graph", graph)] {
+        for (name, checkpoint) in [("redis", redis), ("graph", graph)] {
             let lag = services
                 .store
                 .count_after(checkpoint, LAG_CAP)
                 .await
                 .map_err(|e| unavailable("the event store", e))?;
-            let report = crate::health::projector_report(&services.live, name)
+            let report = projections::redis::health::projector_report(&services.redis, name)
                 .await
                 .map_err(|e| unavailable("Redis", e))?;
             out.push(ProjectionStatus {

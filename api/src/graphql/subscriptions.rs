@@ -148,7 +148,7 @@ impl Subscription {
         let mut snapshot = VecDeque::new();
         let mut floor = 0;
         if let Some(after) = after_position {
-            let fields = Box::pin(services(ctx).live.entity(
+            let fields = Box::pin(services(ctx).redis.entity(
                 projections::Entity::Agent,
                 &who.tenant,
                 &id,
@@ -201,14 +201,14 @@ impl Subscription {
         let mut floor = 0;
         if let Some(after) = after_position {
             floor = after.0;
-            let ids = Box::pin(services.live.agent_ids(
+            let ids = Box::pin(services.redis.agent_ids(
                 &who.tenant,
                 status,
                 filter.capability.as_deref(),
             ))
             .await
             .map_err(|e| unavailable("Redis", e))?;
-            let rows = Box::pin(services.live.entities(
+            let rows = Box::pin(services.redis.entities(
                 projections::Entity::Agent,
                 &who.tenant,
                 &ids,

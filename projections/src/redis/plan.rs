@@ -7,7 +7,7 @@ use std::io::Write as _;
 use domain::{AgentEvent, AgentStatus, DomainEvent, TaskEvent, TaskStatus, WorkflowEvent};
 
 use super::writes::Writes;
-use super::{workflow_task_counters, AgentRow, LiveModel, TaskRow};
+use super::{workflow_task_counters, AgentRow, RedisModel, TaskRow};
 use crate::model::{ApplyError, Projected};
 
 /// Builds the writes of one batch into an atomic pipeline, tracking the
@@ -20,7 +20,7 @@ use crate::model::{ApplyError, Projected};
 /// change feed gets one `XADD` per event, in order, except for entries its
 /// cap would trim within the same batch, and one `XTRIM` per tenant.
 pub(super) struct Planner<'a> {
-    model: &'a LiveModel,
+    model: &'a RedisModel,
     /// `P` + `G` + `:`, computed once per batch.
     base: String,
     writes: Writes,
@@ -69,7 +69,7 @@ impl<'a> Planner<'a> {
     /// A planner writing generation `generation` of `model`, starting from
     /// the prior task and agent rows.
     pub(super) fn new(
-        model: &'a LiveModel,
+        model: &'a RedisModel,
         generation: &str,
         tasks: HashMap<String, TaskRow>,
         agents: HashMap<String, AgentRow>,
@@ -92,7 +92,7 @@ impl<'a> Planner<'a> {
         let checkpoint = self.key(&["checkpoint"]);
         let cap = self.model.config.feed_max_len;
         for (tenant, entries) in &self.feeds {
-            let feed = self.key(&["feed:", tenant]);
+            let feed = self.key(&[super::feed::FEED_KEY, tenant]);
             // Entries beyond the cap would be trimmed at once: an exact trim
             // keeps the batch's last `cap` entries, so only those are added.
             let kept = &entries[entries.len().saturating_sub(cap)..];

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use domain::TaskStatus;
 
-use super::LiveModel;
+use super::RedisModel;
 
 /// A hash as stored: field → value.
 pub type Fields = HashMap<String, String>;
@@ -35,7 +35,7 @@ impl Entity {
     }
 }
 
-impl LiveModel {
+impl RedisModel {
     /// The hash of one entity, if it exists and belongs to `tenant`.
     pub async fn entity(
         &self,

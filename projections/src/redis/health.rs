@@ -1,19 +1,34 @@
-//! Health: projectors publish their state to Redis (so an API process can
-//! tell whether projections run elsewhere are stopped), and `/readyz`
-//! checks every dependency.
+//! Projector health reports: each projector publishes its state to Redis,
+//! so that an API process can tell whether projections run elsewhere (a
+//! `neurectomy project` process) are live, catching up or stopped
+//! (`/readyz`, `projectionStatus`).
+//!
+//! A report is the hash `P` + `projector:<name>` (outside any generation:
+//! it describes the projector, not the data), with fields `state`,
+//! `checkpoint`, `last_error` and `at_ms` (when it was written, in
+//! milliseconds since the Unix epoch). It is written on every change and
+//! every [`HEARTBEAT`], and expires after twice [`STALE_AFTER`], so a
+//! projector that died leaves no report behind for long; a report older
+//! than [`STALE_AFTER`] reads as `unknown`.
 
 use std::time::Duration;
 
-use projections::{LiveModel, ProjectorState, ProjectorStatus};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::RedisModel;
+use crate::runtime::{ProjectorState, ProjectorStatus};
+
 /// How often a projector's state is re-published while unchanged.
-const HEARTBEAT: Duration = Duration::from_secs(5);
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// A report older than this counts as no report.
-const STALE_AFTER_MS: i64 = 30_000;
+pub const STALE_AFTER: Duration = Duration::from_secs(30);
 
+/// What the key of a report starts with, after the prefix.
+pub const REPORT_KEY: &str = "projector:";
+
+/// The name of a state in a report.
 fn state_name(state: ProjectorState) -> &'static str {
     match state {
         ProjectorState::Starting => "starting",
@@ -24,25 +39,32 @@ fn state_name(state: ProjectorState) -> &'static str {
     }
 }
 
-fn report_key(live: &LiveModel, name: &str) -> String {
-    format!("{}projector:{name}", live.prefix())
+/// The key of the report of the projector `name`.
+fn report_key(model: &RedisModel, name: &str) -> String {
+    format!("{}{REPORT_KEY}{name}", model.prefix())
 }
 
+/// Milliseconds since the Unix epoch.
 fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as i64)
 }
 
 /// Publishes a projector's status to Redis on every change and every
-/// [`HEARTBEAT`], until `shutdown`.
+/// [`HEARTBEAT`], until `shutdown` (or until the projector is gone). A
+/// failed write is logged at debug and retried at the next one: a report
+/// that stops arriving reads as `unknown`, which is what it then is.
 pub async fn publish_status(
-    live: LiveModel,
+    model: RedisModel,
     mut status: watch::Receiver<ProjectorStatus>,
     shutdown: CancellationToken,
 ) {
+    let stale_ms = STALE_AFTER.as_millis() as i64;
     loop {
         let current = status.borrow_and_update().clone();
-        let mut conn = live.connection();
-        let key = report_key(&live, &current.name);
+        let mut conn = model.connection();
+        let key = report_key(&model, &current.name);
         let written: Result<(), redis::RedisError> = redis::pipe()
             .atomic()
             .cmd("HSET")
@@ -58,7 +80,7 @@ pub async fn publish_status(
             .ignore()
             .cmd("PEXPIRE")
             .arg(&key)
-            .arg(STALE_AFTER_MS * 2)
+            .arg(stale_ms * 2)
             .ignore()
             .query_async(&mut conn)
             .await;
@@ -76,24 +98,25 @@ pub async fn publish_status(
 /// What a projector last reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
-    /// Its state, or `unknown` without a recent report.
+    /// Its state (`starting`, `catching_up`, `live`, `retrying`,
+    /// `stopped`), or `unknown` without a recent report.
     pub state: String,
     /// Its last error.
     pub last_error: Option<String>,
 }
 
 /// Reads what the projector of `name` last published.
-pub async fn projector_report(live: &LiveModel, name: &str) -> Result<Report, redis::RedisError> {
-    let mut conn = live.connection();
+pub async fn projector_report(model: &RedisModel, name: &str) -> Result<Report, redis::RedisError> {
+    let mut conn = model.connection();
     let (state, last_error, at_ms): (Option<String>, Option<String>, Option<i64>) =
         redis::cmd("HMGET")
-            .arg(report_key(live, name))
+            .arg(report_key(model, name))
             .arg("state")
             .arg("last_error")
             .arg("at_ms")
             .query_async(&mut conn)
             .await?;
-    let fresh = at_ms.is_some_and(|at| now_ms() - at <= STALE_AFTER_MS);
+    let fresh = at_ms.is_some_and(|at| now_ms() - at <= STALE_AFTER.as_millis() as i64);
     Ok(Report {
         state: match state {
             Some(state) if fresh => state,

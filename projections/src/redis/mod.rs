@@ -1,4 +1,5 @@
-//! The Redis live-state read model.
+//! The Redis read model: the current state of agents, tasks and workflows
+//! with the indexes the API reads, and each tenant's change feed.
 //!
 //! Keys live under a configurable prefix `P` (e.g. `neurectomy:`) and a
 //! *generation* `G`: `P` + `active` names the generation readers and the
@@ -15,7 +16,7 @@
 //! |---|---|---|
 //! | `agent:<id>` | hash | tenant, name, kind, model, capabilities, parent, status, status_reason, current_task, tasks_completed, tasks_failed, last_position, last_event_at |
 //! | `task:<id>` | hash | tenant, workflow, title, state, assignee, progress, progress_note, attempt, max_attempts, priority, required_capabilities, depends_on, last_error, last_position |
-//! | `workflow:<id>` | hash | tenant, name, status, reason, tasks_total, tasks_<state> per task state, last_position |
+//! | `workflow:<id>` | hash | tenant, name, status, reason, tasks_total, `tasks_<state>` per task state, last_position |
 //! | `agents:<tenant>:status:<status>` | set | agent ids by status |
 //! | `agents:<tenant>:capability:<cap>` | set | agent ids by capability |
 //! | `agents:<tenant>:recent` | sorted set | agent ids by last event time (ms) |
@@ -23,6 +24,13 @@
 //! | `workflows:<tenant>:status:<status>` | set | workflow ids by status |
 //! | `feed:<tenant>` | stream | change feed; entry id `<position>-0`, capped; fields position, type, stream_id, stream_version, data and, when traced, traceparent (of the event's projection) |
 //! | `checkpoint` | string | last applied global position |
+//!
+//! Keys outside the generations, directly under `P`:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `active` | string | the active generation (`g0` until a replay switches it) |
+//! | `projector:<name>` | hash | the projector's health report: state, checkpoint, last_error, at_ms; expires ([`health`]) |
 //!
 //! `last_position` of a hash is the position of the last event that changed
 //! it, except for a workflow's task counters (moved by its tasks' events,
@@ -32,6 +40,11 @@
 //! A batch is one `MULTI/EXEC` holding every change and the checkpoint, so a
 //! crash leaves either all of a batch or none of it. Lists are stored as
 //! comma-separated strings (ids and capability names contain no commas).
+//!
+//! Layout: this file holds the model, its generations and the batch's
+//! round trips; `plan` and `writes` build a batch's `MULTI/EXEC`; [`read`]
+//! is what the API reads; [`feed`] reads the change feeds (the API's
+//! subscriptions); [`health`] publishes and reads the projectors' reports.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -41,6 +54,8 @@ use redis::aio::ConnectionManager;
 
 use crate::model::{ApplyError, Projected, ReadModel};
 
+pub mod feed;
+pub mod health;
 mod plan;
 pub mod read;
 mod writes;
@@ -49,7 +64,7 @@ use plan::Planner;
 
 /// Settings of the Redis read model.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LiveModelConfig {
+pub struct RedisModelConfig {
     /// Prefix of every key, e.g. `neurectomy:`.
     pub prefix: String,
     /// Approximate cap of each tenant's change feed.
@@ -60,7 +75,7 @@ pub struct LiveModelConfig {
     pub response_timeout: std::time::Duration,
 }
 
-impl Default for LiveModelConfig {
+impl Default for RedisModelConfig {
     fn default() -> Self {
         Self {
             prefix: "neurectomy:".to_owned(),
@@ -71,7 +86,7 @@ impl Default for LiveModelConfig {
     }
 }
 
-impl LiveModelConfig {
+impl RedisModelConfig {
     /// How a connection to Redis is kept: every command answered within
     /// `response_timeout`; a dropped connection is re-established in the
     /// background with a few attempts of at most `connect_timeout` each,
@@ -92,9 +107,9 @@ impl LiveModelConfig {
 /// The Redis read model. Cheap to clone (the connection is multiplexed and
 /// reconnects by itself).
 #[derive(Clone)]
-pub struct LiveModel {
+pub struct RedisModel {
     conn: ConnectionManager,
-    config: LiveModelConfig,
+    config: RedisModelConfig,
     /// The generation keys are built under. Follows `P` + `active` unless
     /// pinned (a replay builds a generation that is not active yet).
     generation: Arc<RwLock<String>>,
@@ -104,7 +119,7 @@ pub struct LiveModel {
     /// (or a clone) left them; see [`Carried`].
     carried: Arc<Mutex<Option<Carried>>>,
     /// Held by every clone; the connection's keeper (see
-    /// [`LiveModel::keep`]) stops when the last one is dropped.
+    /// [`RedisModel::keep`]) stops when the last one is dropped.
     _alive: Arc<()>,
 }
 
@@ -157,15 +172,15 @@ impl Carried {
     }
 }
 
-/// How often a live model pings Redis (see [`LiveModel::keep`]).
+/// How often a model pings Redis (see [`RedisModel::keep`]).
 const KEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The generation used when none was ever activated.
 pub const FIRST_GENERATION: &str = "g0";
 
-impl std::fmt::Debug for LiveModel {
+impl std::fmt::Debug for RedisModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LiveModel")
+        f.debug_struct("RedisModel")
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -207,9 +222,9 @@ pub fn workflow_task_counters() -> impl Iterator<Item = String> {
         .map(|state| format!("tasks_{state}"))
 }
 
-impl LiveModel {
+impl RedisModel {
     /// Connects to Redis at `url`, following the active generation.
-    pub async fn connect(url: &str, config: LiveModelConfig) -> Result<Self, ApplyError> {
+    pub async fn connect(url: &str, config: RedisModelConfig) -> Result<Self, ApplyError> {
         let model = Self::open(url, config, String::new(), false).await?;
         model
             .refresh()
@@ -222,7 +237,7 @@ impl LiveModel {
     /// or not it is active (to build it for a switch-over).
     pub async fn connect_generation(
         url: &str,
-        config: LiveModelConfig,
+        config: RedisModelConfig,
         generation: &str,
     ) -> Result<Self, ApplyError> {
         Self::open(url, config, generation.to_owned(), true).await
@@ -230,7 +245,7 @@ impl LiveModel {
 
     async fn open(
         url: &str,
-        config: LiveModelConfig,
+        config: RedisModelConfig,
         generation: String,
         pinned: bool,
     ) -> Result<Self, ApplyError> {
@@ -365,7 +380,7 @@ impl LiveModel {
     }
 
     /// The settings it was connected with.
-    pub fn config(&self) -> &LiveModelConfig {
+    pub fn config(&self) -> &RedisModelConfig {
         &self.config
     }
 
@@ -395,7 +410,7 @@ impl LiveModel {
         Ok(value.unwrap_or(0))
     }
 
-    /// Re-reads the active generation (as [`LiveModel::refresh`]) and its
+    /// Re-reads the active generation (as [`RedisModel::refresh`]) and its
     /// stored checkpoint. In the usual case, the generation has not changed,
     /// both are read in one round trip: the pointer and the checkpoint of the
     /// generation last seen, which is the right checkpoint iff the pointer
@@ -632,7 +647,7 @@ fn touched(events: &[&Projected]) -> (BTreeSet<String>, BTreeSet<String>) {
     (tasks, agents)
 }
 
-impl ReadModel for LiveModel {
+impl ReadModel for RedisModel {
     fn name(&self) -> &str {
         "redis"
     }
@@ -659,7 +674,7 @@ impl ReadModel for LiveModel {
     }
 }
 
-impl LiveModel {
+impl RedisModel {
     /// Applies a batch; with `after`, refuses ([`ApplyError::Moved`]) when
     /// the stored checkpoint is behind what the projector believes.
     async fn apply_checked(
