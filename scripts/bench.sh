@@ -3,9 +3,11 @@
 #   1. the hardware limit: pgbench running our append's INSERT (benches/pgbench),
 #   2. the peer: cqrs-es + postgres-es under our command scenarios
 #      (benches/peer-cqrs-es),
-#   3. ours: `neurectomy bench append` and `neurectomy bench relay`,
-#   4. the API: `neurectomy bench api` (wrk against a spawned `neurectomy serve`,
+#   3. ours: `neurectomy-bench append` and `neurectomy-bench relay`,
+#   4. the API: `neurectomy-bench api` (wrk against a spawned `neurectomy serve`,
 #      its RSS, 10,000 WebSocket subscriptions); wrk is installed if missing.
+# The benchmarks are their own binary (benches/neurectomy-bench), built next
+# to `neurectomy`, which `neurectomy-bench api` spawns.
 # Everything is built first, so no build competes with a measurement. Each
 # part creates its own scratch database and drops it.
 #
@@ -28,13 +30,13 @@ scripts/services.sh up
 scripts/graph.sh up
 
 if ! command -v wrk >/dev/null 2>&1; then
-  echo "[bench] installing wrk (HTTP load generator of \`bench api\`)…"
+  echo "[bench] installing wrk (HTTP load generator of \`neurectomy-bench api\`)…"
   if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
   $sudo apt-get install -y wrk || { $sudo apt-get update && $sudo apt-get install -y wrk; }
 fi
 
-echo "[bench] building neurectomy and the peer harness (release)…"
-cargo build --release --locked -p neurectomy-api
+echo "[bench] building neurectomy, neurectomy-bench and the peer harness (release)…"
+cargo build --release --locked -p neurectomy-api -p neurectomy-bench
 CARGO_TARGET_DIR="$peer_target" cargo build --release --locked \
   --manifest-path benches/peer-cqrs-es/Cargo.toml
 
@@ -51,13 +53,13 @@ echo "== peer: cqrs-es + postgres-es"
 "$peer_target/release/peer-cqrs-es" --seconds "$seconds"
 
 echo
-echo "== ours: neurectomy bench append"
-"$CARGO_TARGET_DIR/release/neurectomy" bench append --seconds "$seconds"
+echo "== ours: neurectomy-bench append"
+"$CARGO_TARGET_DIR/release/neurectomy-bench" append --seconds "$seconds"
 
 echo
-echo "== ours: neurectomy bench relay"
-"$CARGO_TARGET_DIR/release/neurectomy" bench relay --seconds "$seconds"
+echo "== ours: neurectomy-bench relay"
+"$CARGO_TARGET_DIR/release/neurectomy-bench" relay --seconds "$seconds"
 
 echo
-echo "== ours: neurectomy bench api"
-"$CARGO_TARGET_DIR/release/neurectomy" bench api --seconds "$seconds"
+echo "== ours: neurectomy-bench api"
+"$CARGO_TARGET_DIR/release/neurectomy-bench" api --seconds "$seconds"

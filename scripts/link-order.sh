@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Regenerates api/link/neurectomy.order, the order in which the release
 # link lays out functions (see api/build.rs): the functions the API process
-# runs from start-up through `bench api`'s warm-up (20 × /healthz and
-# agent(id)), most-run first, as callgrind saw them.
+# runs from start-up through `neurectomy-bench api`'s warm-up (20 × /healthz
+# and agent(id)), most-run first, as callgrind saw them.
 #
-# Needs valgrind and the services `bench api` needs (PostgreSQL, NATS,
-# Redis, the graph server). Run it after changes that move a lot of code
-# (a dependency upgrade, a new compiler); a stale file only costs locality.
+# Needs valgrind and the services `neurectomy-bench api` needs (PostgreSQL,
+# NATS, Redis, the graph server). Run it after changes that move a lot of
+# code (a dependency upgrade, a new compiler); a stale file only costs
+# locality.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "link-order: needs valgrind (apt-get install valgrind)" >&2; exit 1; }
-cargo build --release -p neurectomy-api
+cargo build --release -p neurectomy-api -p neurectomy-bench
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 bin="$target/release/neurectomy"
 work=$(mktemp -d)
@@ -20,6 +21,6 @@ cat >"$work/serve" <<WRAP
 exec valgrind --tool=callgrind --demangle=no --callgrind-out-file="$work/callgrind.out" "$bin" "\$@"
 WRAP
 chmod +x "$work/serve"
-"$bin" bench api --only none --server-binary "$work/serve"
+"$target/release/neurectomy-bench" api --only none --neurectomy "$work/serve"
 test -s "$work/callgrind.out" || { echo "link-order: callgrind wrote nothing" >&2; exit 1; }
 python3 scripts/link-order.py "$work/callgrind.out" "$bin" api/link/neurectomy.order

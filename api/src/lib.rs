@@ -1,8 +1,9 @@
 //! # The `neurectomy` binary
 //!
-//! Settings, start-up and shutdown of every Neurectomy process role, the
-//! workload simulator and the benchmarks. `main.rs` only parses the command
-//! line, initialises telemetry and calls [`run`].
+//! Settings, start-up and shutdown of every Neurectomy process role and
+//! the workload simulator. `main.rs` only parses the command line,
+//! initialises telemetry and calls [`run`]. The benchmarks are a binary of
+//! their own, `neurectomy-bench` (`benches/neurectomy-bench`).
 //!
 //! ## Layout
 //!
@@ -15,7 +16,6 @@
 //!   relay (and, later, projectors and the API) under one cancellation token.
 //! - [`simulate`]: a realistic orchestration workload through the real
 //!   command handler.
-//! - [`bench`]: `neurectomy bench append|relay`.
 //! - [`telemetry`]: logs (text or JSON, with trace ids) and spans, exported
 //!   over OTLP when an endpoint is configured.
 //! - [`metrics`], [`probes`]: the Prometheus series and the periodic
@@ -26,9 +26,6 @@
 
 pub mod app;
 pub mod auth;
-pub mod bench;
-pub mod bench_api;
-pub mod bench_project;
 pub mod config;
 pub mod error;
 pub mod graphiql;
@@ -134,7 +131,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify => app::verify(&cli.settings).await,
         Command::Serve => app::serve(&cli.settings).await,
         Command::Token(args) => app::token(&cli.settings, &args),
-        Command::Bench(bench) => bench::run(&cli.settings, bench).await,
         // Printed by `main` before telemetry starts; nothing to run.
         Command::Config(_) => Ok(()),
     }

@@ -61,9 +61,6 @@ pub enum Command {
     Serve,
     /// Mint a JWT for local use (HS256, with NEURECTOMY_JWT_SECRET).
     Token(TokenArgs),
-    /// Benchmarks.
-    #[command(subcommand)]
-    Bench(BenchCommand),
     /// Print the effective configuration as TOML (the shape `--config`
     /// reads), each value's source in a comment, secrets redacted.
     Config(ConfigArgs),
@@ -326,90 +323,6 @@ pub struct SimulateArgs {
     /// Random seed (0 = random).
     #[arg(long, env = "NEURECTOMY_SIM_SEED", default_value_t = 0)]
     pub seed: u64,
-}
-
-/// Benchmarks.
-#[derive(Debug, Clone, Subcommand)]
-pub enum BenchCommand {
-    /// Command and append throughput and latency (load + decide + append).
-    Append(BenchArgs),
-    /// Relay throughput (backlog drain) and commit → JetStream ack latency.
-    Relay(BenchArgs),
-    /// Projection replay rates and end-to-end freshness.
-    Project(BenchArgs),
-    /// The GraphQL API as its own process: `agent(id)` vs `/healthz` under
-    /// wrk, its RSS idle and under load, and 10,000 WebSocket subscriptions.
-    Api(BenchApiArgs),
-}
-
-/// Options of `bench api`.
-#[derive(Debug, Clone, Args)]
-pub struct BenchApiArgs {
-    /// Seconds each wrk run lasts.
-    #[arg(long, default_value_t = 10)]
-    pub seconds: u64,
-    /// Repeat each wrk run this many times (alternating the endpoints) and
-    /// report the median run of each (the machines are shared and noisy).
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
-    /// HTTP connections wrk keeps open (`wrk -c`), the same for both
-    /// endpoints. The `agent(id)` ratio depends on it: more requests in
-    /// flight put more commands in each write of the multiplexed Redis
-    /// connection (the README's Performance section has 32, 64 and 128).
-    #[arg(long, default_value_t = 64)]
-    pub connections: u32,
-    /// wrk threads (`wrk -t`); wrk shares the machine's cores with the API.
-    #[arg(long, default_value_t = 1)]
-    pub wrk_threads: u32,
-    /// Agents registered before the run (the query reads one of them).
-    #[arg(long, default_value_t = 100)]
-    pub agents: usize,
-    /// WebSocket subscriptions held open at once (0: skip that part).
-    #[arg(long, default_value_t = 10_000)]
-    pub subscribers: usize,
-    /// WebSocket handshakes in flight at once while opening them.
-    #[arg(long, default_value_t = 200)]
-    pub connect_concurrency: usize,
-    /// PostgreSQL connections the API process may open (its
-    /// NEURECTOMY_DATABASE_POOL_SIZE; default: --database-pool-size).
-    #[arg(long)]
-    pub server_pool: Option<u32>,
-    /// Worker threads of the API process's runtime (its TOKIO_WORKER_THREADS;
-    /// default: one per core).
-    #[arg(long)]
-    pub server_workers: Option<usize>,
-    /// The API binary to spawn as `<binary> serve` (default: this one), to
-    /// measure another build with the same load.
-    #[arg(long)]
-    pub server_binary: Option<std::path::PathBuf>,
-    /// Only run the parts whose name contains this text (`http`, `ws`, `bombs`); the
-    /// idle RSS is always measured.
-    #[arg(long)]
-    pub only: Option<String>,
-    /// Write the results as JSON to this file too.
-    #[arg(long)]
-    pub json: Option<std::path::PathBuf>,
-}
-
-/// Options shared by the benchmarks.
-#[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
-    /// Seconds each scenario runs.
-    #[arg(long, default_value_t = 15)]
-    pub seconds: u64,
-    /// Repeat each scenario this many times and report the median run.
-    #[arg(long, default_value_t = 1)]
-    pub runs: usize,
-    /// Only run the scenarios whose name contains this text.
-    #[arg(long)]
-    pub only: Option<String>,
-    /// PostgreSQL connections the benchmark's pool may open; writers beyond
-    /// it queue for a connection (as they would in a deployed process).
-    #[arg(long, default_value_t = 16)]
-    pub pool: u32,
-    /// Write the results as JSON to this file too.
-    #[arg(long)]
-    pub json: Option<std::path::PathBuf>,
 }
 
 /// Log output format.

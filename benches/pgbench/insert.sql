@@ -1,7 +1,7 @@
 -- One command's append of ONE event, as commands/src/event_store/sql/append.sql
 -- does it (version look-up + INSERT in one statement, one transaction), to a
 -- fresh random stream (so stream_version = 1): ~170 bytes of data and
--- ~450 bytes of metadata, as `neurectomy bench append` writes.
+-- ~450 bytes of metadata, as `neurectomy-bench append` writes.
 \set percent random(0, 100)
 WITH args AS (
     SELECT 'task-' || gen_random_uuid() AS stream_id,

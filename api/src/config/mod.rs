@@ -23,7 +23,8 @@
 //!
 //! [`Effective::to_toml`] prints the result as a file of the same shape,
 //! each value's source in a comment and secrets redacted
-//! (`neurectomy config`).
+//! (`neurectomy config`). [`load_as`] does the same for another command
+//! line over the same settings (the `neurectomy-bench` binary's).
 
 mod catalog;
 mod check;
@@ -36,9 +37,9 @@ use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
 use clap::parser::ValueSource;
-use clap::{Arg, ArgAction, ArgMatches, Command, CommandFactory as _, FromArgMatches as _};
+use clap::{Arg, ArgAction, ArgMatches, Command, CommandFactory, FromArgMatches};
 
-use crate::settings::Cli;
+use crate::settings::{ApiSettings, Cli, Settings};
 use catalog::{Catalog, Kind, Secret, Setting, CONFIG_ENV};
 
 /// Where a setting's value came from.
@@ -197,6 +198,19 @@ where
     load_with(args, env, &|path| std::fs::read_to_string(path))
 }
 
+/// [`load`] for another command line over the same settings: `C`
+/// flattens [`Settings`] and has the `--config` argument of [`Cli`] (the
+/// `neurectomy-bench` binary's). Returns the parsed command line.
+pub fn load_as<C, I, T>(args: I, env: &dyn Fn(&str) -> Option<OsString>) -> Result<C, LoadError>
+where
+    C: CommandFactory + FromArgMatches,
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let (cli, _) = load_parsed::<C, _, _>(args, env, &|path| std::fs::read_to_string(path))?;
+    Ok(cli)
+}
+
 /// [`load`], reading the configuration file with `read`.
 pub(crate) fn load_with<I, T>(
     args: I,
@@ -207,8 +221,24 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString>,
 {
+    let (mut cli, effective) = load_parsed::<Cli, _, _>(args, env, read)?;
+    cli.settings.log.otel = crate::settings::OtelVariables::read(env);
+    Ok(Loaded { cli, effective })
+}
+
+/// Parses the command line `C` and resolves and checks every setting.
+fn load_parsed<C, I, T>(
+    args: I,
+    env: &dyn Fn(&str) -> Option<OsString>,
+    read: &dyn Fn(&Path) -> std::io::Result<String>,
+) -> Result<(C, Effective), LoadError>
+where
+    C: CommandFactory + FromArgMatches,
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
     let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-    let base = Cli::command();
+    let base = C::command();
     let catalog = Catalog::of(&base);
     let mut errors = Vec::new();
 
@@ -288,8 +318,8 @@ where
     // The command line, with those values as its defaults.
     let command = layered_command(base, &catalog, &layered, config_env.as_deref());
     let matches = command.try_get_matches_from(&args)?;
-    let mut cli = Cli::from_arg_matches(&matches)?;
-    cli.settings.log.otel = crate::settings::OtelVariables::read(env);
+    let cli = C::from_arg_matches(&matches)?;
+    let settings = Settings::from_arg_matches(&matches)?;
     let values: Vec<Resolved> = catalog
         .settings
         .iter()
@@ -313,20 +343,16 @@ where
             errors.push(invalid(setting, resolved.source.clone(), reason));
         }
     }
-    errors.extend(limits_agree(&catalog, &values, &cli));
+    errors.extend(limits_agree(&catalog, &values, &settings.api));
     match ConfigError::from_list(errors) {
         Some(error) => Err(error.into()),
-        None => Ok(Loaded {
-            cli,
-            effective: Effective { catalog, values },
-        }),
+        None => Ok((cli, Effective { catalog, values })),
     }
 }
 
 /// The complexity limit must allow one full page of agents with every
 /// field: otherwise the page limit could not be reached.
-fn limits_agree(catalog: &Catalog, values: &[Resolved], cli: &Cli) -> Option<ConfigError> {
-    let api = &cli.settings.api;
+fn limits_agree(catalog: &Catalog, values: &[Resolved], api: &ApiSettings) -> Option<ConfigError> {
     let agent_fields: Vec<&str> = crate::graphql::types::Agent::STORED
         .iter()
         .map(|(field, _)| *field)

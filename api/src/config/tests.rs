@@ -69,6 +69,22 @@ fn one(loaded: &Loaded, key: &str) -> (String, Source) {
 }
 
 #[test]
+fn neurectomy_lists_no_benchmark() {
+    // The benchmarks are the `neurectomy-bench` binary (benches/neurectomy-bench).
+    let mut command = Cli::command();
+    let names: Vec<String> = command
+        .get_subcommands()
+        .map(|sub| sub.get_name().to_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|name| name.contains("bench")),
+        "{names:?}"
+    );
+    let help = command.render_long_help().to_string().to_lowercase();
+    assert!(!help.contains("bench"), "{help}");
+}
+
+#[test]
 fn the_catalogue_covers_every_setting_once() {
     let mut found: Vec<Found> = Vec::new();
     collect(&Cli::command(), None, &mut found);

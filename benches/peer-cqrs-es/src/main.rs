@@ -1,13 +1,14 @@
-//! The command scenarios of `neurectomy bench append`, run against the peer
+//! The command scenarios of `neurectomy-bench append`, run against the peer
 //! framework: `cqrs-es` with `postgres-es` (`PostgresEventRepository`).
 //!
-//! Same method as `api/src/bench.rs`: a scratch database created for the run
-//! and dropped after it, a pool of 16 connections, streams created during an
-//! untimed setup, writers that pick a random stream per command, one command
-//! = load aggregate + decide + append one ~200-byte event, per-command
-//! latency in an HDR histogram. Version conflicts are retried (up to
-//! `--attempts`, as our handler does) and counted; commands that still fail,
-//! or fail otherwise, are counted as errors and the writers keep going.
+//! Same method as `benches/neurectomy-bench/src/append.rs`: a scratch
+//! database created for the run and dropped after it, a pool of 16
+//! connections, streams created during an untimed setup, writers that pick
+//! a random stream per command, one command = load aggregate + decide +
+//! append one ~200-byte event, per-command latency in an HDR histogram.
+//! Version conflicts are retried (up to `--attempts`, as our handler does)
+//! and counted; commands that still fail, or fail otherwise, are counted as
+//! errors and the writers keep going.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,7 +58,7 @@ CREATE TABLE snapshots
 );";
 
 #[derive(Debug, Parser)]
-#[command(about = "cqrs-es + postgres-es under the `neurectomy bench append` command scenarios")]
+#[command(about = "cqrs-es + postgres-es under the `neurectomy-bench append` command scenarios")]
 struct Args {
     /// Seconds each scenario runs.
     #[arg(long, default_value_t = 15)]

@@ -56,7 +56,6 @@
 //! ([`ApplyError::Moved`]).
 
 pub mod admin;
-pub mod bench;
 mod fold;
 mod namespace;
 mod read;
@@ -74,6 +73,7 @@ pub use read::{
     AgentNeighbourhood, AgentTask, BlockedTask, DagEdge, DagTask, Delegation, GraphQueryError,
     LineageTask, WorkflowDag,
 };
+pub use write::replay_statements;
 
 /// The name of the projection (and of its checkpoint node).
 pub const PROJECTION: &str = "graph";

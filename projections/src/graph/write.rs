@@ -244,6 +244,39 @@ async fn prior_state(txn: &mut Txn, events: &[&Projected]) -> Result<Fold, Failu
     Ok(fold)
 }
 
+/// The statements the model writes for each of `batches` when it applies
+/// them, in order, to an empty graph: every `UNWIND $rows …` statement and
+/// the checkpoint, one list per batch (empty for an empty batch). What the
+/// model reads from the graph before folding a batch (which entities exist,
+/// task states and assignees, agents' current tasks) is carried in memory
+/// from batch to batch instead, so these are the statements it sends, with
+/// the same rows. Sending them measures the server alone (the "graph raw"
+/// scenario of `neurectomy-bench project`).
+pub fn replay_statements(batches: &[Vec<Projected>]) -> Result<Vec<Vec<Query>>, ApplyError> {
+    let mut known = Fold::default();
+    let mut planned = Vec::with_capacity(batches.len());
+    for batch in batches {
+        let Some(last) = batch.last().map(|p| p.recorded.position) else {
+            planned.push(Vec::new());
+            continue;
+        };
+        let mut fold = Fold {
+            workflows: std::mem::take(&mut known.workflows),
+            tasks: std::mem::take(&mut known.tasks),
+            agents: std::mem::take(&mut known.agents),
+            ..Fold::default()
+        };
+        for p in batch {
+            fold.event(p)?;
+        }
+        known.workflows = std::mem::take(&mut fold.workflows);
+        known.tasks = std::mem::take(&mut fold.tasks);
+        known.agents = std::mem::take(&mut fold.agents);
+        planned.push(statements(fold, last).into_iter().map(|(_, q)| q).collect());
+    }
+    Ok(planned)
+}
+
 /// The statements writing the folded batch, nodes before the
 /// relationships that match them, the checkpoint last.
 pub(super) fn statements(fold: Fold, last: i64) -> Vec<(String, Query)> {

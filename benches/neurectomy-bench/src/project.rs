@@ -1,4 +1,4 @@
-//! `neurectomy bench project`: projection replay rates and end-to-end
+//! `neurectomy-bench project`: projection replay rates and end-to-end
 //! freshness, measured in one run.
 //!
 //! - **Replay.** A realistic log (the workload simulator, unpaced, through the
@@ -25,11 +25,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use api::settings::{Settings, SimulateArgs};
 use commands::{CommandContext, CommandHandler, EventStore, Relay, RelayConfig};
 use domain::{DomainEvent, TaskCommand, TaskId};
 use hdrhistogram::Histogram;
-use projections::graph::admin::server_command;
-use projections::graph::bench::plan_replay;
+use neo4rs::Query;
+use projections::graph::replay_statements;
 use projections::{
     GraphModel, Projected, Projector, ProjectorConfig, ProjectorState, ProjectorStatus, ReadModel,
     RedisModel,
@@ -41,8 +42,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::bench::{figures, histogram, median, running_tasks, wants, Figures, ScratchDatabase};
-use crate::settings::{BenchArgs, Settings, SimulateArgs};
+use crate::append::running_tasks;
+use crate::cli::BenchArgs;
+use crate::figures::{figures, histogram, median, wants, Figures};
+use crate::scratch;
 
 /// Scenario names.
 const REDIS_REPLAY: &str = "redis replay: projector catch-up from PostgreSQL";
@@ -64,107 +67,65 @@ const CATCH_UP_LIMIT: Duration = Duration::from_secs(900);
 
 /// Everything a run creates, removed by [`Scratch::cleanup`].
 struct Scratch {
-    nats: async_nats::Client,
-    graph_http: String,
-    databases: Vec<ScratchDatabase>,
-    streams: Vec<String>,
-    prefixes: Vec<String>,
-    graphs: Vec<String>,
+    /// The databases, streams, Redis prefixes and graph databases.
+    fixtures: scratch::Fixtures,
     /// Cancels every task spawned by the run.
     stop: CancellationToken,
+    /// The relay and projector tasks of the freshness scenario.
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Scratch {
-    async fn new(settings: &Settings) -> anyhow::Result<Self> {
-        Ok(Self {
-            nats: crate::app::connect_nats(settings).await?,
-            graph_http: settings.graph_http(),
-            databases: Vec::new(),
-            streams: Vec::new(),
-            prefixes: Vec::new(),
-            graphs: Vec::new(),
+    fn new() -> Self {
+        Self {
+            fixtures: scratch::Fixtures::default(),
             stop: CancellationToken::new(),
             tasks: Vec::new(),
-        })
+        }
     }
 
     /// A scratch event store (migrated).
     async fn store(&mut self, settings: &Settings, pool: u32) -> anyhow::Result<EventStore> {
-        let db = ScratchDatabase::create(settings, pool).await?;
+        let db = scratch::database(settings, pool).await?;
         let store = EventStore::new(db.pool.clone());
-        self.databases.push(db);
+        self.fixtures.databases.push(db);
         Ok(store)
     }
 
-    /// A relay configuration on a scratch stream, and the stream (created).
+    /// A relay configuration on a scratch stream, the stream (created), and
+    /// a client of its server.
     async fn stream(
         &mut self,
         settings: &Settings,
         store: &EventStore,
-        tag: &str,
-    ) -> anyhow::Result<RelayConfig> {
-        let id = Uuid::new_v4().simple().to_string();
-        let config = RelayConfig {
-            stream_name: format!("BENCH_PROJECT_{tag}_{id}"),
-            subject_prefix: format!("benchproject{id}.events"),
-            ..settings.relay_config()
-        };
-        self.streams.push(config.stream_name.clone());
-        Relay::new(store.clone(), self.nats.clone(), config.clone())
+    ) -> anyhow::Result<(RelayConfig, async_nats::Client)> {
+        let nats = scratch::nats(settings).await?;
+        let config = scratch::relay_config(settings, &nats);
+        let client = nats.client.clone();
+        self.fixtures.streams.push(nats);
+        Relay::new(store.clone(), client.clone(), config.clone())
             .ensure_stream()
             .await
             .context("creating the scratch JetStream stream")?;
-        Ok(config)
+        Ok((config, client))
     }
 
     /// A Redis read model under a fresh prefix.
-    async fn redis(&mut self, settings: &Settings) -> anyhow::Result<RedisModel> {
-        let prefix = format!(
-            "{}bench:{}:",
-            settings.redis_prefix,
-            Uuid::new_v4().simple()
-        );
-        self.prefixes.push(prefix.clone());
-        RedisModel::connect(
-            &settings.redis_url,
-            projections::RedisModelConfig {
-                prefix,
-                ..settings.redis_config()
-            },
-        )
-        .await
-        .with_context(|| format!("connecting to Redis at {}", settings.redis_url))
+    async fn live(&mut self, settings: &Settings) -> anyhow::Result<RedisModel> {
+        let (model, prefix) = scratch::redis(settings).await?;
+        self.fixtures.prefixes.push(prefix);
+        Ok(model)
     }
 
     /// A graph read model on a fresh database.
     async fn graph(&mut self, settings: &Settings) -> anyhow::Result<GraphModel> {
-        let database = format!("bench_{}", Uuid::new_v4().simple());
-        let (status, body) = server_command(
-            &self.graph_http,
-            &settings.graph_user,
-            settings.graph_password.expose(),
-            &format!("create database {database}"),
-        )
-        .await
-        .map_err(anyhow::Error::msg)
-        .context("creating a scratch graph database (set NEURECTOMY_GRAPH_HTTP to the HTTP API's host:port if it is not on port 2480)")?;
-        anyhow::ensure!(
-            status == 200,
-            "the graph server at {} refused to create database {database} (HTTP {status}: {body})",
-            self.graph_http
-        );
-        self.graphs.push(database.clone());
-        GraphModel::connect(projections::GraphConfig {
-            database: database.clone(),
-            ..settings.graph_config()
-        })
-        .await
-        .with_context(|| format!("connecting to graph database {database}"))
+        let (model, database) = scratch::graph(settings).await?;
+        self.fixtures.graphs.push(database);
+        Ok(model)
     }
 
-    /// Removes everything, best effort, reporting what could not be removed.
-    async fn cleanup(self, settings: &Settings) {
+    /// Stops the tasks and removes everything.
+    async fn cleanup(self) {
         self.stop.cancel();
         for task in self.tasks {
             let abort = task.abort_handle();
@@ -175,27 +136,16 @@ impl Scratch {
                 abort.abort();
             }
         }
-        for db in self.databases {
-            db.drop_database().await;
-        }
-        for stream in &self.streams {
-            delete_scratch_stream(&self.nats, stream).await;
-        }
-        for prefix in &self.prefixes {
-            wipe_scratch_prefix(settings, prefix).await;
-        }
-        for database in &self.graphs {
-            drop_scratch_graph(settings, &self.graph_http, database).await;
-        }
+        scratch::remove(self.fixtures).await;
     }
 }
 
 /// Runs the scenarios, then removes what they created.
 pub async fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Figures>> {
-    let mut scratch = Scratch::new(settings).await?;
+    let mut scratch = Scratch::new();
     let result = scenarios(settings, args, &mut scratch).await;
     eprintln!("removing the scratch databases, stream, Redis keys and graph databases…");
-    scratch.cleanup(settings).await;
+    scratch.cleanup().await;
     result
 }
 
@@ -249,7 +199,7 @@ async fn preload(
         tenant: "bench".to_owned(),
         seed: 42,
     };
-    crate::simulate::drive(handler, simulation, stop.child_token())
+    api::simulate::drive(handler, simulation, stop.child_token())
         .await
         .context("preloading the log with the simulator")
 }
@@ -402,7 +352,7 @@ async fn replays(
     let total: u64 = batches.iter().map(|b| b.len() as u64).sum();
     anyhow::ensure!(total > 0, "the simulator wrote no events");
     // An empty stream: the projectors catch up from PostgreSQL, then idle.
-    let relay_config = scratch.stream(settings, &store, "REPLAY").await?;
+    let (relay_config, nats) = scratch.stream(settings, &store).await?;
     let projector_config = ProjectorConfig {
         stream_name: relay_config.stream_name.clone(),
         ..settings.projector_config()
@@ -433,11 +383,11 @@ async fn replays(
                 "running `{REDIS_REPLAY}` ({}/{runs}), {total} events…",
                 run + 1
             );
-            let model = scratch.redis(settings).await?;
+            let model = scratch.live(settings).await?;
             let (count, hist, secs) = catch_up(
                 model,
                 &store,
-                &scratch.nats,
+                &nats,
                 projector_config.clone(),
                 total,
                 &scratch.stop,
@@ -458,7 +408,7 @@ async fn replays(
         let mut figs = Vec::new();
         for run in 0..runs {
             eprintln!("running `{REDIS_APPLY}` ({}/{runs})…", run + 1);
-            let model = scratch.redis(settings).await?;
+            let model = scratch.live(settings).await?;
             let (count, hist, secs) = apply_directly(&model, &batches).await?;
             figs.push(figures(REDIS_APPLY, "ev/s", count, &hist, secs, 0));
         }
@@ -469,7 +419,7 @@ async fn replays(
     let want_raw = wants(args, GRAPH_RAW);
     // Checks the plan once up front (and that the log folds cleanly).
     let mut planned_once = if want_raw {
-        Some(plan_replay(&batches).context("folding the log for the raw graph writes")?)
+        Some(plan_raw(&batches)?)
     } else {
         None
     };
@@ -485,7 +435,7 @@ async fn replays(
             let (count, hist, secs) = catch_up(
                 model,
                 &store,
-                &scratch.nats,
+                &nats,
                 projector_config.clone(),
                 total,
                 &scratch.stop,
@@ -496,11 +446,9 @@ async fn replays(
         if want_raw {
             let planned = match planned_once.take() {
                 Some(planned) => planned,
-                None => {
-                    plan_replay(&batches).context("folding the log for the raw graph writes")?
-                }
+                None => plan_raw(&batches)?,
             };
-            let statements: usize = planned.iter().map(|b| b.statements()).sum();
+            let statements: usize = planned.iter().map(|b| b.statements.len()).sum();
             eprintln!(
                 "running `{GRAPH_RAW}` ({}/{runs}): {} transactions, {statements} statements…",
                 run + 1,
@@ -511,9 +459,9 @@ async fn replays(
             let mut count = 0u64;
             let started = Instant::now();
             for batch in planned {
-                let events = batch.events() as u64;
+                let events = batch.events as u64;
                 let t0 = Instant::now();
-                model.write_raw(batch).await?;
+                write_raw(&model, batch).await?;
                 let _ = per_batch.record(t0.elapsed().as_micros().max(1) as u64);
                 count += events;
             }
@@ -537,6 +485,51 @@ async fn replays(
     }
     results.extend(raw);
     Ok(results)
+}
+
+/// The writes of one batch, exactly as [`GraphModel`] sends them after its
+/// reads and its fold (every `UNWIND $rows …` statement and the
+/// checkpoint), ready to send.
+struct RawBatch {
+    /// The statements, in order.
+    statements: Vec<Query>,
+    /// Events of the batch.
+    events: usize,
+}
+
+/// The raw writes of each of `batches` applied in order to an empty graph
+/// (`projections::graph::replay_statements`); an empty batch writes
+/// nothing and is left out.
+fn plan_raw(batches: &[Vec<Projected>]) -> anyhow::Result<Vec<RawBatch>> {
+    let planned = replay_statements(batches).context("folding the log for the raw graph writes")?;
+    Ok(batches
+        .iter()
+        .zip(planned)
+        .filter(|(batch, _)| !batch.is_empty())
+        .map(|(batch, statements)| RawBatch {
+            statements,
+            events: batch.len(),
+        })
+        .collect())
+}
+
+/// Sends a precomputed batch in one transaction on `model`'s database, with
+/// nothing else: no checkpoint or prior-state reads, no folding.
+async fn write_raw(model: &GraphModel, batch: RawBatch) -> anyhow::Result<()> {
+    let database = model.config().database.as_str();
+    let mut txn = model
+        .graph()
+        .start_txn_on(database)
+        .await
+        .context("starting a raw graph transaction")?;
+    for statement in batch.statements {
+        txn.run(statement)
+            .await
+            .context("writing a raw batch to the graph")?;
+    }
+    txn.commit()
+        .await
+        .context("committing a raw batch to the graph")
 }
 
 /// When a position became visible: (checkpoint, instant) at every change.
@@ -638,35 +631,35 @@ async fn freshness(
     eprintln!("setting up 1,000 running tasks for the freshness scenario…");
     let tasks = Arc::new(running_tasks(&handler, 1_000).await?);
 
-    let relay_config = scratch.stream(settings, &store, "FRESH").await?;
+    let (relay_config, nats) = scratch.stream(settings, &store).await?;
     let projector_config = ProjectorConfig {
         stream_name: relay_config.stream_name.clone(),
         ..settings.projector_config()
     };
     let stop = scratch.stop.child_token();
-    let relay = Relay::new(store.clone(), scratch.nats.clone(), relay_config);
+    let relay = Relay::new(store.clone(), nats.clone(), relay_config);
     let relay_progress = relay.progress();
     scratch.tasks.push(tokio::spawn({
         let stop = stop.clone();
         async move { relay.run(stop).await }
     }));
-    let redis = Projector::new(
-        scratch.redis(settings).await?,
+    let live = Projector::new(
+        scratch.live(settings).await?,
         store.clone(),
-        scratch.nats.clone(),
+        nats.clone(),
         projector_config.clone(),
     );
     let graph = Projector::new(
         scratch.graph(settings).await?,
         store.clone(),
-        scratch.nats.clone(),
+        nats.clone(),
         projector_config,
     );
-    let mut statuses = [redis.status(), graph.status()];
+    let mut statuses = [live.status(), graph.status()];
     scratch.tasks.push(tokio::spawn({
         let stop = stop.clone();
         async move {
-            let _ = redis.run(stop).await;
+            let _ = live.run(stop).await;
         }
     }));
     scratch.tasks.push(tokio::spawn({
@@ -800,64 +793,4 @@ async fn freshness(
         results.push(f);
     }
     Ok(results)
-}
-
-/// Deletes a scratch JetStream stream (best effort, logged).
-pub(crate) async fn delete_scratch_stream(nats: &async_nats::Client, stream: &str) {
-    let js = async_nats::jetstream::new(nats.clone());
-    if let Err(error) = js.delete_stream(stream).await {
-        tracing::warn!(%error, stream, "could not delete the scratch JetStream stream");
-    }
-}
-
-/// Deletes every Redis key under a scratch prefix (best effort, logged).
-pub(crate) async fn wipe_scratch_prefix(settings: &Settings, prefix: &str) {
-    let wiped = async {
-        let model = RedisModel::connect(
-            &settings.redis_url,
-            projections::RedisModelConfig {
-                prefix: prefix.to_owned(),
-                ..settings.redis_config()
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        projections::testkit::TestRedis {
-            model,
-            prefix: prefix.to_owned(),
-            url: settings.redis_url.clone(),
-        }
-        .wipe()
-        .await
-        .map_err(|e| e.to_string())
-    };
-    if let Err(error) = wiped.await {
-        tracing::warn!(%error, prefix, "could not delete the scratch Redis keys");
-    }
-}
-
-/// Drops a scratch graph database through ArcadeDB's HTTP API at `http`
-/// (best effort, logged).
-pub(crate) async fn drop_scratch_graph(settings: &Settings, http: &str, database: &str) {
-    let dropped = server_command(
-        http,
-        &settings.graph_user,
-        settings.graph_password.expose(),
-        &format!("drop database {database}"),
-    )
-    .await;
-    match dropped {
-        Ok((200, _)) => {}
-        Ok((status, body)) => {
-            tracing::warn!(
-                database,
-                status,
-                body,
-                "could not drop the scratch graph database"
-            );
-        }
-        Err(error) => {
-            tracing::warn!(%error, database, "could not drop the scratch graph database");
-        }
-    }
 }

@@ -1,0 +1,241 @@
+//! `neurectomy-bench append`: commands through the real handler (load +
+//! decide + append of one `TaskProgressReported`, writers picking streams at
+//! random, so some collide and retry) and raw batched appends, on a scratch
+//! database. Also the workload the other benchmarks share: running tasks to
+//! report progress on, and progress events.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use api::settings::Settings;
+use commands::{
+    CommandContext, CommandError, CommandHandler, EventMetadata, EventStore, ExpectedVersion,
+    HandlerConfig, NewEvent,
+};
+use domain::{AgentCommand, AgentId, AgentKind, TaskCommand, TaskId, WorkflowCommand, WorkflowId};
+use futures::StreamExt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::cli::BenchArgs;
+use crate::figures::{drive, figures, median, wants, Figures};
+use crate::scratch;
+
+/// `append`: commands through the handler and raw batched appends.
+pub async fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Figures>> {
+    let db = scratch::database(settings, args.pool.max(1)).await?;
+    // The scratch database is dropped whether the scenarios succeed or not.
+    let result = append_scenarios(settings, args, EventStore::new(db.pool.clone())).await;
+    scratch::drop_database(db).await;
+    result
+}
+
+async fn append_scenarios(
+    settings: &Settings,
+    args: &BenchArgs,
+    store: EventStore,
+) -> anyhow::Result<Vec<Figures>> {
+    let handler = CommandHandler::new(
+        store.clone(),
+        HandlerConfig {
+            max_attempts: 10,
+            ..settings.handler_config()
+        },
+    );
+    let duration = Duration::from_secs(args.seconds.max(1));
+    let mut results = Vec::new();
+
+    for (name, writers, streams) in [
+        ("command: 1 writer, 1 stream", 1usize, 1usize),
+        ("command: 8 writers, 1,000 streams", 8, 1_000),
+        ("command: 64 writers, 10,000 streams", 64, 10_000),
+    ] {
+        if !wants(args, name) {
+            continue;
+        }
+        eprintln!("setting up {streams} running task(s) for `{name}`…");
+        let tasks = Arc::new(running_tasks(&handler, streams).await?);
+        let mut runs = Vec::new();
+        for run in 0..args.runs.max(1) {
+            eprintln!(
+                "running `{name}` ({}/{}) for {}s…",
+                run + 1,
+                args.runs.max(1),
+                duration.as_secs()
+            );
+            let conflicts = Arc::new(AtomicU64::new(0));
+            let (count, hist, secs) = {
+                let handler = handler.clone();
+                let tasks = tasks.clone();
+                let conflicts = conflicts.clone();
+                drive(writers, duration, move |writer, n| {
+                    let handler = handler.clone();
+                    let tasks = tasks.clone();
+                    let conflicts = conflicts.clone();
+                    async move {
+                        let mut rng = StdRng::seed_from_u64((writer as u64) << 32 | n);
+                        let task_id = tasks[rng.gen_range(0..tasks.len())];
+                        let command = TaskCommand::ReportTaskProgress {
+                            task_id,
+                            percent: rng.gen_range(0..=100),
+                            note: Some(NOTE.to_owned()),
+                        };
+                        let ctx = CommandContext::new(Uuid::new_v4(), "bench", "bench");
+                        let outcome = handler.execute(command.into(), &ctx).await?;
+                        conflicts.fetch_add(u64::from(outcome.attempts - 1), Ordering::Relaxed);
+                        Ok(1)
+                    }
+                })
+                .await?
+            };
+            runs.push(figures(
+                name,
+                "cmd/s",
+                count,
+                &hist,
+                secs,
+                conflicts.load(Ordering::Relaxed),
+            ));
+        }
+        results.extend(median(runs));
+    }
+
+    let name = "append: 10 events per append, 8 writers";
+    if wants(args, name) {
+        let mut runs = Vec::new();
+        for run in 0..args.runs.max(1) {
+            eprintln!(
+                "running `{name}` ({}/{}) for {}s…",
+                run + 1,
+                args.runs.max(1),
+                duration.as_secs()
+            );
+            let store = store.clone();
+            let (count, hist, secs) = drive(8, duration, move |writer, n| {
+                let store = store.clone();
+                async move {
+                    // Each writer appends to its own streams, so versions are known.
+                    let stream = format!(
+                        "task-{}",
+                        Uuid::from_u128(((writer as u128) << 64) | u128::from(n % 100))
+                    );
+                    let version = (n / 100) * 10;
+                    let events = progress_events(10);
+                    store
+                        .append(&stream, ExpectedVersion::Exact(version), events)
+                        .await?;
+                    Ok(10)
+                }
+            })
+            .await?;
+            runs.push(figures(name, "ev/s", count, &hist, secs, 0));
+        }
+        results.extend(median(runs));
+    }
+    Ok(results)
+}
+
+/// The note of every progress report (~100 bytes).
+const NOTE: &str =
+    "step 42: generated three files and is running the unit tests of module orchestration::planner";
+
+/// `count` TaskProgressReported events of one command, ~200 bytes of data each.
+pub fn progress_events(count: usize) -> Vec<NewEvent> {
+    let command_id = Uuid::new_v4();
+    let task_id = Uuid::new_v4();
+    (0..count)
+        .map(|index| NewEvent {
+            event_type: "TaskProgressReported".to_owned(),
+            schema_version: 1,
+            data: json!({"task_id": task_id, "percent": (index * 10) % 100, "note": NOTE}),
+            metadata: EventMetadata {
+                event_id: commands::event_store::event_id("bench", command_id, index),
+                command_id,
+                command_type: "ReportTaskProgress".to_owned(),
+                command_hash: String::new(),
+                correlation_id: command_id,
+                causation_id: command_id,
+                actor: "bench".to_owned(),
+                tenant: "bench".to_owned(),
+                occurred_at: time::OffsetDateTime::now_utc(),
+                traceparent: None,
+            },
+        })
+        .collect()
+}
+
+/// Creates `n` running tasks (workflow started, agent registered, each task
+/// created, assigned and started) through the handler.
+pub async fn running_tasks(handler: &CommandHandler, n: usize) -> anyhow::Result<Vec<TaskId>> {
+    let ctx = || CommandContext::new(Uuid::new_v4(), "bench", "bench");
+    let workflow = WorkflowId::from_uuid(Uuid::new_v4());
+    let agent = AgentId::from_uuid(Uuid::new_v4());
+    handler
+        .execute(
+            WorkflowCommand::StartWorkflow {
+                workflow_id: workflow,
+                name: "bench".into(),
+                metadata: json!({}),
+            }
+            .into(),
+            &ctx(),
+        )
+        .await?;
+    handler
+        .execute(
+            AgentCommand::RegisterAgent {
+                agent_id: agent,
+                name: "bench-agent".into(),
+                kind: AgentKind::Tool,
+                model: None,
+                capabilities: vec!["bench".into()],
+                parent_agent_id: None,
+            }
+            .into(),
+            &ctx(),
+        )
+        .await?;
+    let ids: Vec<TaskId> = (0..n).map(|_| TaskId::from_uuid(Uuid::new_v4())).collect();
+    let results: Vec<Result<(), CommandError>> = futures::stream::iter(ids.clone())
+        .map(|task_id| {
+            let handler = handler.clone();
+            async move {
+                let create = TaskCommand::CreateTask {
+                    task_id,
+                    workflow_id: workflow,
+                    title: "bench task".into(),
+                    input: json!({"bench": true}),
+                    required_capabilities: vec!["bench".into()],
+                    depends_on: vec![],
+                    priority: 50,
+                    max_attempts: 3,
+                };
+                handler.execute(create.into(), &ctx()).await?;
+                handler
+                    .execute(
+                        TaskCommand::AssignTask {
+                            task_id,
+                            agent_id: agent,
+                        }
+                        .into(),
+                        &ctx(),
+                    )
+                    .await?;
+                handler
+                    .execute(TaskCommand::StartTask { task_id }.into(), &ctx())
+                    .await?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for result in results {
+        result.context("setting up running tasks")?;
+    }
+    Ok(ids)
+}
