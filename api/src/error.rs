@@ -200,7 +200,7 @@ impl ApiError {
     /// The HTTP response: GraphQL's error shape with [`Self::status`]; a 401
     /// says `WWW-Authenticate: Bearer`. Counted in the error metric.
     pub fn into_response(self) -> Response {
-        crate::metrics::graphql_errors([self.code()]);
+        crate::telemetry::metrics::graphql_errors([self.code()]);
         let status = self.status();
         let body = serde_json::json!({ "errors": [self.to_json()] });
         let mut response = (status, body.to_string()).into_response();

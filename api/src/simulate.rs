@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use commands::{CommandContext, CommandError, CommandHandler, CommandOutcome, EventStore};
+use commands::{CommandContext, CommandError, CommandHandler, CommandOutcome};
 use domain::{
     AgentCommand, AgentId, AgentKind, Command, TaskCommand, TaskId, WorkflowCommand, WorkflowId,
 };
@@ -21,7 +21,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::settings::{Settings, SimulateArgs};
+use clap::Args;
 
 const CAPABILITIES: &[&str] = &[
     "code",
@@ -35,19 +35,30 @@ const CAPABILITIES: &[&str] = &[
 ];
 const MODELS: &[&str] = &["gpt-4o", "claude-sonnet", "llama-3-70b", "mistral-large"];
 
-/// Runs the simulator as its own process until the duration ends or a signal.
-pub async fn run(settings: &Settings, args: SimulateArgs) -> anyhow::Result<()> {
-    let pool = crate::app::connect_database(settings).await?;
-    let store = EventStore::new(pool.clone());
-    let shutdown = crate::app::shutdown_on_signal();
-    // A relay in another process learns of our commits through NOTIFY.
-    let notifier = store.spawn_commit_notifier(shutdown.clone());
-    let handler = CommandHandler::new(store, settings.handler_config());
-    let result = drive(handler, args, shutdown.clone()).await;
-    shutdown.cancel();
-    let _ = notifier.await;
-    pool.close().await;
-    result
+/// Options of the workload simulator.
+#[derive(Debug, Clone, Args)]
+pub struct SimulateArgs {
+    /// Agents to register at start.
+    #[arg(long, env = "NEURECTOMY_SIM_AGENTS", default_value_t = 24)]
+    pub agents: usize,
+    /// Workflows running at once (each a concurrent driver).
+    #[arg(long, env = "NEURECTOMY_SIM_WORKFLOWS", default_value_t = 6)]
+    pub workflows: usize,
+    /// Tasks per workflow (a random DAG).
+    #[arg(long, env = "NEURECTOMY_SIM_TASKS", default_value_t = 8)]
+    pub tasks_per_workflow: usize,
+    /// Commands per second across all drivers (0 = as fast as possible).
+    #[arg(long, env = "NEURECTOMY_SIM_RATE", default_value_t = 200)]
+    pub rate: u32,
+    /// Seconds to run (0 = until SIGINT/SIGTERM).
+    #[arg(long, env = "NEURECTOMY_SIM_DURATION", default_value_t = 0)]
+    pub duration: u64,
+    /// Tenant the simulated data belongs to.
+    #[arg(long, env = "NEURECTOMY_SIM_TENANT", default_value = "demo")]
+    pub tenant: String,
+    /// Random seed (0 = random).
+    #[arg(long, env = "NEURECTOMY_SIM_SEED", default_value_t = 0)]
+    pub seed: u64,
 }
 
 /// Counters shown on the progress line.

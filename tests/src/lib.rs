@@ -109,7 +109,7 @@ pub mod pipeline {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use api::settings::SimulateArgs;
+    use api::simulate::SimulateArgs;
     use commands::testkit::{eventually, TestDatabase, TestNats};
     use commands::{CommandHandler, EventStore, HandlerConfig, Relay};
     use projections::{Projector, ProjectorConfig, ProjectorError, ReadModel};
@@ -329,10 +329,11 @@ pub mod pipeline {
     }
 }
 
-/// The settings of an API started as in production (`api::app::start_api`)
-/// on `pipe`'s database and stream, `redis`'s prefix and `graph`'s
-/// database, listening on a free port, with the HS256 `secret`; `extra`
-/// flags (before the `serve` sub-command) on top.
+/// The command line of an API started as in production (`neurectomy serve`,
+/// loaded and checked by the binary's own loader, with no environment) on
+/// `pipe`'s database and stream, `redis`'s prefix and `graph`'s database,
+/// listening on a free port, with the HS256 `secret`; `extra` flags (before
+/// the `serve` sub-command) on top. Start it with [`start_api`].
 #[allow(clippy::unwrap_used)]
 pub fn api_cli(
     pipe: &pipeline::Pipeline,
@@ -340,8 +341,7 @@ pub fn api_cli(
     graph: &projections::graph_testkit::TestGraph,
     secret: &str,
     extra: &[&str],
-) -> ::api::settings::Cli {
-    use clap::Parser as _;
+) -> ::api::cli::Cli {
     let graph_uri = std::env::var("NEURECTOMY_TEST_GRAPH_URI")
         .unwrap_or_else(|_| "bolt://127.0.0.1:7687".to_owned());
     let graph_password = std::env::var("NEURECTOMY_TEST_GRAPH_PASSWORD")
@@ -369,7 +369,61 @@ pub fn api_cli(
     ];
     args.extend_from_slice(extra);
     args.push("serve");
-    ::api::settings::Cli::try_parse_from(args).unwrap()
+    ::api::cli::load(args, &|_| None)
+        .unwrap_or_else(|e| panic!("the test's settings: {e}"))
+        .cli
+}
+
+/// [`api_cli`] parsed by clap alone, without the configuration checks: for
+/// the one test of a request-time limit that a checked configuration cannot
+/// reach (a complexity limit below one full page).
+#[allow(clippy::unwrap_used)]
+pub fn api_cli_unchecked(
+    pipe: &pipeline::Pipeline,
+    redis: &projections::testkit::TestRedis,
+    graph: &projections::graph_testkit::TestGraph,
+    secret: &str,
+    extra: &[&str],
+) -> ::api::cli::Cli {
+    use clap::Parser as _;
+    let checked = api_cli(pipe, redis, graph, secret, &[]);
+    let mut args: Vec<String> = vec!["neurectomy".into()];
+    for (flag, value) in [
+        ("--database-url", checked.settings.database_url.clone()),
+        ("--nats-url", checked.settings.nats_url.clone()),
+        ("--redis-url", checked.settings.redis_url.clone()),
+        ("--redis-prefix", checked.settings.redis_prefix.clone()),
+        ("--graph-uri", checked.settings.graph_uri.clone()),
+        (
+            "--graph-password",
+            checked.settings.graph_password.expose().to_owned(),
+        ),
+        ("--graph-database", checked.settings.graph_database.clone()),
+        ("--api-listen", "127.0.0.1:0".to_owned()),
+        ("--jwt-secret", secret.to_owned()),
+    ] {
+        args.push(flag.to_owned());
+        args.push(value);
+    }
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    args.push("serve".into());
+    ::api::cli::Cli::try_parse_from(args).unwrap()
+}
+
+/// Starts the API as `neurectomy serve` does (the binary's
+/// [`::api::startup::Application`]), stopped by `stop` instead of signals.
+#[allow(clippy::unwrap_used)]
+pub async fn start_api(
+    settings: ::api::settings::Settings,
+    stop: &tokio_util::sync::CancellationToken,
+) -> ::api::startup::Application {
+    ::api::startup::Application::build_with(
+        settings,
+        ::api::startup::Roles::api(),
+        ::api::startup::Stop::Token(stop.clone()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("starting the API: {e:#}"))
 }
 
 pub mod api {
@@ -379,12 +433,8 @@ pub mod api {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use std::net::SocketAddr;
-    use std::sync::Arc;
 
     use api::auth::{Authenticator, Role};
-    use api::graphql::{ApiLimits, Services};
-    use api::server::{AppState, ServerConfig};
-    use commands::{CommandHandler, HandlerConfig};
     use projections::graph_testkit::TestGraph;
     use projections::testkit::TestRedis;
     use projections::GraphModel;
@@ -411,7 +461,7 @@ pub mod api {
         /// HTTP client.
         pub http: reqwest::Client,
         projectors: Vec<Running>,
-        server: JoinHandle<std::io::Result<()>>,
+        server: JoinHandle<anyhow::Result<()>>,
     }
 
     impl std::ops::Deref for TestApi {
@@ -422,14 +472,28 @@ pub mod api {
     }
 
     impl TestApi {
-        /// Everything with default limits.
+        /// Everything with the default settings.
         pub async fn start() -> Self {
-            Self::start_with(ApiLimits::default(), ServerConfig::default()).await
+            Self::start_with(&[]).await
         }
 
-        /// Everything with the given limits.
-        pub async fn start_with(limits: ApiLimits, config: ServerConfig) -> Self {
-            api::metrics::install();
+        /// Everything, the API with these flags on top of the defaults
+        /// (e.g. `["--api-ws-max-subscriptions", "3"]`), checked as the
+        /// binary checks them.
+        pub async fn start_with(flags: &[&str]) -> Self {
+            Self::start_as(flags, crate::api_cli).await
+        }
+
+        /// [`TestApi::start_with`] without the configuration's cross-checks
+        /// (see [`crate::api_cli_unchecked`]).
+        pub async fn start_unchecked(flags: &[&str]) -> Self {
+            Self::start_as(flags, crate::api_cli_unchecked).await
+        }
+
+        async fn start_as(
+            flags: &[&str],
+            cli: fn(&Pipeline, &TestRedis, &TestGraph, &str, &[&str]) -> ::api::cli::Cli,
+        ) -> Self {
             let pipe = Pipeline::start().await;
             let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
             let graph = TestGraph::create().await.unwrap_or_else(|e| panic!("{e}"));
@@ -448,41 +512,10 @@ pub mod api {
             }
             let projectors = vec![pipe.spawn(&redis_projector), pipe.spawn(&graph_projector)];
             let auth = Authenticator::new(Some(SECRET), None).unwrap();
-            let feed = api::graphql::subscriptions::Feed::start(
-                pipe.store.clone(),
-                redis.model.clone(),
-                &redis.url,
-                limits.subscriber_buffer,
-                pipe.stop.clone(),
-            )
-            .unwrap();
-            let services = Services {
-                store: pipe.store.clone(),
-                handler: CommandHandler::new(pipe.store.clone(), HandlerConfig::default()),
-                redis: redis.model.clone(),
-                graph: graph.model.clone(),
-                feed,
-                limits,
-            };
-            let schema = api::graphql::schema(services.clone());
-            let state = Arc::new(AppState {
-                hub: api::ws::Hub::new(schema.clone(), services.feed.buffer()),
-                schema,
-                documents: Default::default(),
-                auth: auth.clone(),
-                services,
-                nats: pipe.nats.client.clone(),
-                config,
-                shutdown: pipe.stop.clone(),
-            });
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let stop = pipe.stop.clone();
-            let server = tokio::spawn(async move {
-                axum::serve(listener, api::server::router(state))
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await
-            });
+            let cli = cli(&pipe, &redis, &graph, SECRET, flags);
+            let app = crate::start_api(cli.settings, &pipe.stop).await;
+            let addr = app.addr().expect("the API runs");
+            let server = tokio::spawn(app.run_until_stopped());
             Self {
                 pipe,
                 redis,

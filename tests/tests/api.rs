@@ -7,8 +7,6 @@
 use std::time::Duration;
 
 use api::auth::Role;
-use api::graphql::ApiLimits;
-use api::server::ServerConfig;
 use futures::{SinkExt as _, StreamExt as _};
 use neurectomy_e2e::api::TestApi;
 use serde_json::{json, Value};
@@ -416,17 +414,19 @@ async fn tenants_are_isolated_and_roles_enforced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_protocol_errors_and_the_server_keeps_serving() {
-    let limits = ApiLimits {
-        max_depth: 6,
-        max_complexity: 1_000,
-        consistency_timeout: Duration::from_millis(300),
-        ..ApiLimits::default()
-    };
-    let config = ServerConfig {
-        body_limit: 4_096,
-        ..ServerConfig::default()
-    };
-    let api = TestApi::start_with(limits, config).await;
+    // A complexity limit below one full page, which a checked configuration
+    // refuses: the request-time check on its own.
+    let api = TestApi::start_unchecked(&[
+        "--api-max-depth",
+        "6",
+        "--api-max-complexity",
+        "1000",
+        "--api-consistency-timeout-ms",
+        "300",
+        "--api-body-limit",
+        "4096",
+    ])
+    .await;
     let token = api.token("acme", OPERATOR);
     let head = api.head().await;
     let post = |body: String, content_type: &'static str, accept: &'static str| {
@@ -710,12 +710,13 @@ async fn close_code(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_clients_that_misbehave_are_closed_with_the_protocol_codes() {
-    let config = ServerConfig {
-        ws_init_timeout: Duration::from_millis(300),
-        ws_message_limit: 2_048,
-        ..ServerConfig::default()
-    };
-    let api = TestApi::start_with(ApiLimits::default(), config).await;
+    let api = TestApi::start_with(&[
+        "--api-ws-init-timeout-ms",
+        "300",
+        "--api-ws-message-limit",
+        "2048",
+    ])
+    .await;
     let token = api.token("acme", &[Role::Viewer]);
 
     // Never sends connection_init: 4408.

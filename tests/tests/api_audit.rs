@@ -11,10 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::app::start_api;
 use api::auth::{Authenticator, Role};
-use api::settings::Cli;
-use clap::Parser as _;
 use commands::testkit::{eventually, TestDatabase, TestNats};
 use commands::{EventStore, RecordedEvent};
 use domain::{AgentState, Aggregate, TaskState, WorkflowState};
@@ -40,7 +37,7 @@ struct Api {
     auth: Authenticator,
     store: EventStore,
     stop: CancellationToken,
-    server: Option<JoinHandle<std::io::Result<()>>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
     // Dropped after the server stops (fields drop in declaration order).
     _graph: TestGraph,
     _redis: TestRedis,
@@ -49,8 +46,8 @@ struct Api {
 }
 
 impl Api {
-    /// The production API (`app::start_api`, settings parsed from flags as
-    /// `neurectomy serve` parses them) on port 0, over this test's database,
+    /// The production API (`neurectomy serve`'s `Application`, settings
+    /// loaded from flags as `neurectomy serve` loads them) on port 0, over this test's database,
     /// Redis prefix, graph database and NATS.
     async fn start() -> Self {
         let db = TestDatabase::create(8)
@@ -63,45 +60,48 @@ impl Api {
         let secret = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
         let graph_config = graph.model.config();
         let max_page = MAX_PAGE.to_string();
-        let cli = Cli::try_parse_from([
-            "neurectomy",
-            "--database-url",
-            &db.url,
-            "--nats-url",
-            &nats.url,
-            "--redis-url",
-            &redis.url,
-            "--redis-prefix",
-            &redis.prefix,
-            "--graph-uri",
-            &graph_config.uri,
-            "--graph-user",
-            &graph_config.user,
-            "--graph-password",
-            &graph_config.password,
-            "--graph-database",
-            &graph.database,
-            "--api-listen",
-            "127.0.0.1:0",
-            "--jwt-secret",
-            &secret,
-            "--api-max-page",
-            &max_page,
-            "serve",
-        ])
-        .unwrap();
+        let cli = api::cli::load(
+            [
+                "neurectomy",
+                "--database-url",
+                &db.url,
+                "--nats-url",
+                &nats.url,
+                "--redis-url",
+                &redis.url,
+                "--redis-prefix",
+                &redis.prefix,
+                "--graph-uri",
+                &graph_config.uri,
+                "--graph-user",
+                &graph_config.user,
+                "--graph-password",
+                &graph_config.password,
+                "--graph-database",
+                &graph.database,
+                "--api-listen",
+                "127.0.0.1:0",
+                "--jwt-secret",
+                &secret,
+                "--api-max-page",
+                &max_page,
+                "serve",
+            ],
+            &|_| None,
+        )
+        .unwrap()
+        .cli;
         let store = EventStore::new(db.pool.clone());
         let stop = CancellationToken::new();
-        let server = start_api(&cli.settings, &store, &nats.client, &stop)
-            .await
-            .unwrap();
-        let auth = cli.settings.api.authenticator().unwrap();
+        let auth = api::startup::connect::authenticator(&cli.settings.api).unwrap();
+        let app = neurectomy_e2e::start_api(cli.settings, &stop).await;
+        let addr = app.addr().unwrap();
         Self {
-            addr: server.addr,
+            addr,
             auth,
             store,
             stop,
-            server: Some(server.task),
+            server: Some(tokio::spawn(app.run_until_stopped())),
             _graph: graph,
             _redis: redis,
             _nats: nats,

@@ -11,8 +11,6 @@
 use std::time::{Duration, Instant};
 
 use api::auth::Role;
-use api::graphql::ApiLimits;
-use api::server::ServerConfig;
 use neurectomy_e2e::api::TestApi;
 use neurectomy_e2e::ws::{Client, Reply};
 use serde_json::{json, Value};
@@ -398,11 +396,7 @@ async fn one_rule_for_ids_everywhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_edges_follow_the_protocols() {
-    let config = ServerConfig {
-        ws_max_subscriptions: 3,
-        ..ServerConfig::default()
-    };
-    let api = TestApi::start_with(ApiLimits::default(), config).await;
+    let api = TestApi::start_with(&["--api-ws-max-subscriptions", "3"]).await;
     let token = api.token("acme", OPERATOR);
 
     // Close reasons fit a control frame (RFC 6455 §5.5), codes are kept:

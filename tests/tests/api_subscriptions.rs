@@ -1,5 +1,5 @@
 //! GraphQL subscriptions over a real `graphql-transport-ws` connection to
-//! the API started as in production (`api::app::start_api`) on the test's
+//! the API started as in production (`neurectomy serve`'s `Application`) on the test's
 //! own database, JetStream stream, Redis prefix and graph database, fed by a
 //! running Redis projector: every subscription delivers; a subscriber that
 //! reconnects with its last position misses nothing and sees nothing twice;
@@ -32,7 +32,7 @@ struct World {
     _graph: TestGraph,
     _projector: Running,
     addr: SocketAddr,
-    hub: api::ws::Hub,
+    hub: api::http::hub::Hub,
     auth: api::auth::Authenticator,
     handler: CommandHandler,
 }
@@ -55,23 +55,18 @@ async fn world(subscriber_buffer: usize) -> World {
         SECRET,
         &["--api-subscriber-buffer", &buffer],
     );
-    let server = api::app::start_api(
-        &cli.settings,
-        &pipe.store,
-        &pipe.nats.client,
-        &pipe.stop.child_token(),
-    )
-    .await
-    .unwrap();
-    let auth = cli.settings.api.authenticator().unwrap();
+    let app = neurectomy_e2e::start_api(cli.settings.clone(), &pipe.stop.child_token()).await;
+    let (addr, hub) = (app.addr().unwrap(), app.hub().unwrap().clone());
+    tokio::spawn(app.run_until_stopped());
+    let auth = api::startup::connect::authenticator(&cli.settings.api).unwrap();
     let handler = CommandHandler::new(pipe.store.clone(), HandlerConfig::default());
     World {
         pipe,
         redis,
         _graph: graph,
         _projector: running,
-        addr: server.addr,
-        hub: server.hub,
+        addr,
+        hub,
         auth,
         handler,
     }

@@ -71,7 +71,7 @@ async fn graphiql_serves_the_page_and_its_assets_from_the_binary() {
     );
     let policy = header(&response, "content-security-policy");
     let nonce = style_nonce(&policy).to_owned();
-    assert_eq!(policy, api::graphiql::content_security_policy(&nonce));
+    assert_eq!(policy, api::http::graphiql::content_security_policy(&nonce));
     assert_eq!(header(&response, "cache-control"), "no-store");
     assert_eq!(header(&response, "referrer-policy"), "no-referrer");
     let page = response.text().await.unwrap();
@@ -224,7 +224,7 @@ async fn graphiql_works_offline_in_chromium() {
     let policy = load["contentSecurityPolicy"].as_str().unwrap_or_default();
     assert_eq!(
         policy,
-        api::graphiql::content_security_policy(style_nonce(policy)),
+        api::http::graphiql::content_security_policy(style_nonce(policy)),
         "{shown}"
     );
     assert_eq!(load["title"], "Neurectomy GraphQL", "{shown}");

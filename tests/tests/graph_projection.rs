@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::settings::SimulateArgs;
+use api::simulate::SimulateArgs;
 use async_nats::jetstream::consumer::pull;
 use commands::testkit::eventually;
 use neo4rs::query;

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::settings::SimulateArgs;
+use api::simulate::SimulateArgs;
 use async_nats::jetstream::consumer::pull;
 use commands::testkit::eventually;
 use neurectomy_e2e::pipeline::Pipeline;
@@ -699,7 +699,7 @@ fn counter(text: &str, series: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_messages_are_passed_over_and_both_projections_verify_clean() {
     const FOREIGN: u64 = 12;
-    api::metrics::install();
+    api::telemetry::metrics::install();
     let world = world("foreign_messages_are_passed_over_and_both_projections_verify_clean").await;
     let graph = TestGraph::create().await.unwrap_or_else(|e| panic!("{e}"));
     let redis = world.projector();
@@ -809,7 +809,7 @@ async fn assert_passed_over(
         assert_eq!(status.state, ProjectorState::Live, "{name}: {status:?}");
         assert_eq!(status.gaps, 0, "{name}: {status:?}");
         assert_eq!(status.last_error, None, "{name}: {status:?}");
-        let text = api::metrics::render();
+        let text = api::telemetry::metrics::render();
         let series =
             format!("neurectomy_projector_foreign_messages_total{{projection=\"{name}\"}}");
         assert!(

@@ -159,7 +159,7 @@ struct World {
     _graph: TestGraph,
     _projector: Running,
     addr: SocketAddr,
-    hub: api::ws::Hub,
+    hub: api::http::hub::Hub,
     auth: api::auth::Authenticator,
     handler: CommandHandler,
 }
@@ -170,23 +170,18 @@ async fn world() -> World {
     let graph = TestGraph::create().await.unwrap_or_else(|e| panic!("{e}"));
     let projector = pipe.spawn(&pipe.projector(redis.model.clone()));
     let cli = neurectomy_e2e::api_cli(&pipe, &redis, &graph, SECRET, &[]);
-    let server = api::app::start_api(
-        &cli.settings,
-        &pipe.store,
-        &pipe.nats.client,
-        &pipe.stop.child_token(),
-    )
-    .await
-    .unwrap();
+    let app = neurectomy_e2e::start_api(cli.settings.clone(), &pipe.stop.child_token()).await;
+    let (addr, hub) = (app.addr().unwrap(), app.hub().unwrap().clone());
+    tokio::spawn(app.run_until_stopped());
     World {
         handler: CommandHandler::new(pipe.store.clone(), HandlerConfig::default()),
-        auth: cli.settings.api.authenticator().unwrap(),
+        auth: api::startup::connect::authenticator(&cli.settings.api).unwrap(),
         pipe,
         _redis: redis,
         _graph: graph,
         _projector: projector,
-        addr: server.addr,
-        hub: server.hub,
+        addr,
+        hub,
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use api::settings::SimulateArgs;
+use api::simulate::SimulateArgs;
 use commands::testkit::eventually;
 use commands::{CommandHandler, HandlerConfig};
 use neo4rs::query;

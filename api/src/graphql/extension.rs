@@ -272,7 +272,7 @@ impl Extension for RequestExtension {
         let field = info.name;
         let started = Instant::now();
         let result = next.run(ctx, info).await;
-        crate::metrics::resolver(field, started.elapsed());
+        crate::telemetry::metrics::resolver(field, started.elapsed());
         result
     }
 }

@@ -175,7 +175,7 @@ pub struct Subscriber {
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
-        crate::metrics::feed_subscriber(-1.0);
+        crate::telemetry::metrics::feed_subscriber(-1.0);
         let mut slots = lock(&self.inner.slots);
         if let Some(slot) = slots.get_mut(&self.tenant) {
             slot.subscribers = slot.subscribers.saturating_sub(1);
@@ -239,7 +239,7 @@ impl Feed {
                 armed: watch::channel(false).0,
             });
             slot.subscribers += 1;
-            crate::metrics::feed_subscriber(1.0);
+            crate::telemetry::metrics::feed_subscriber(1.0);
             (
                 slot.events.subscribe(),
                 slot.agents.subscribe(),
@@ -561,7 +561,7 @@ impl Reader {
             "read from the change feed"
         );
         publish(inner, tenant, &changes, None).await?;
-        crate::metrics::feed_fanout(changes.len(), read_at.elapsed());
+        crate::telemetry::metrics::feed_fanout(changes.len(), read_at.elapsed());
         if let Some(last) = changes.last() {
             self.cursors.insert(tenant.to_owned(), last.position);
         }

@@ -398,6 +398,30 @@ pub fn full_page_complexity(max_page: usize, agent_fields: &[&str]) -> u64 {
     }
 }
 
+/// The configuration check of these limits (a [`CrossCheck`]): the
+/// complexity limit must allow one full page of agents with every field,
+/// or the page limit could not be reached.
+///
+/// [`CrossCheck`]: crate::settings::config::CrossCheck
+pub fn settings_check(settings: &crate::settings::Settings) -> Vec<(&'static str, String)> {
+    let api = &settings.api;
+    let agent_fields: Vec<&str> = super::types::Agent::STORED
+        .iter()
+        .map(|(field, _)| *field)
+        .collect();
+    let needed = full_page_complexity(api.api_max_page.max(1), &agent_fields);
+    if api.api_max_complexity as u64 >= needed {
+        return Vec::new();
+    }
+    vec![(
+        "api.max_complexity",
+        format!(
+            "{} is below {needed}, what one full page (api.max_page = {}) of agents with every field counts; raise it, or lower api.max_page",
+            api.api_max_complexity, api.api_max_page
+        ),
+    )]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,6 +57,21 @@ pub struct ApiLimits {
     pub subscriber_buffer: usize,
 }
 
+impl ApiLimits {
+    /// The GraphQL limits these settings describe.
+    pub fn from_settings(api: &crate::settings::ApiSettings) -> Self {
+        Self {
+            consistency_timeout: Duration::from_millis(api.api_consistency_timeout_ms),
+            max_page: api.api_max_page.max(1),
+            max_depth: api.api_max_depth.max(1),
+            max_complexity: api.api_max_complexity.max(1),
+            max_fields: api.api_max_fields.max(1),
+            introspection: api.api_introspection,
+            subscriber_buffer: api.api_subscriber_buffer.max(1),
+        }
+    }
+}
+
 impl Default for ApiLimits {
     fn default() -> Self {
         Self {

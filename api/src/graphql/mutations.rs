@@ -141,7 +141,7 @@ impl Options {
             crate::shutdown::spawn_command(async move { handler.execute(command, &context).await })
                 .await
                 .map_err(|e| crate::error::internal("the command failed unexpectedly", e))?;
-        crate::metrics::command(
+        crate::telemetry::metrics::command(
             command_type,
             started.elapsed(),
             outcome.as_ref().err().map(CommandError::code),

@@ -389,7 +389,7 @@ fn agent_stream(sub: AgentSub) -> impl Stream<Item = async_graphql::Result<Agent
 
 /// `SUBSCRIBER_TOO_SLOW`, resumable from `delivered`.
 pub(crate) fn too_slow(missed: u64, buffer: usize, delivered: i64) -> async_graphql::Error {
-    crate::metrics::subscription_drop("too_slow");
+    crate::telemetry::metrics::subscription_drop("too_slow");
     tracing::info!(
         missed,
         buffer,

@@ -558,7 +558,7 @@ mod tests {
     /// they are queued or dropped at once, and every drop is counted.
     #[test]
     fn an_unresponsive_collector_never_slows_spans_and_drops_are_counted() {
-        let metrics = crate::metrics::install().expect("the metrics recorder");
+        let metrics = crate::telemetry::metrics::install().expect("the metrics recorder");
         let collector = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let timeout = Duration::from_secs(3);
         let config = OtlpConfig {

@@ -54,6 +54,8 @@ use crate::settings::{LogFormat, LogSettings};
 
 mod export;
 mod logs;
+pub mod metrics;
+pub mod probes;
 
 use export::{ExportQueue, DEFAULT_SERVICE_NAME};
 pub use export::{OtlpConfig, OtlpProtocol, DROPPED_SPANS};

@@ -1,6 +1,6 @@
 //! The command line: the settings of `neurectomy` (the same flags,
 //! `NEURECTOMY_*` variables and `--config` file, resolved and checked by
-//! `api::config::load_as`) and the benchmark to run with its options.
+//! `api::settings::config::load_as`) and the benchmark to run with its options.
 
 use api::settings::Settings;
 use clap::{Args, Parser, Subcommand};
@@ -122,7 +122,7 @@ pub struct BenchArgs {
 mod tests {
     use std::ffi::OsString;
 
-    use api::config::{load_as, LoadError};
+    use api::settings::config::{load_as, LoadError};
 
     use super::*;
 

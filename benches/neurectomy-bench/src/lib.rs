@@ -48,7 +48,7 @@
 //! - `api::settings::{Settings, SimulateArgs}`: the settings (and the
 //!   configurations of the handler, relay, projectors and read models they
 //!   describe); the simulator's options.
-//! - `api::config::{load_as, process_env, LoadError}`: the command line
+//! - `api::settings::config::{load_as, process_env, LoadError}`: the command line
 //!   resolved with the environment and `--config`, as `neurectomy` does.
 //! - `api::telemetry::init`: the same logs and spans as `neurectomy`.
 //! - `api::simulate::drive`: the realistic workload `project` preloads.
@@ -62,7 +62,7 @@ pub mod project;
 pub mod relay;
 pub mod scratch;
 
-use api::config;
+use api::settings::config;
 
 use cli::{BenchCommand, Cli};
 

@@ -25,7 +25,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use api::settings::{Settings, SimulateArgs};
+use api::settings::Settings;
+use api::simulate::SimulateArgs;
 use commands::{CommandContext, CommandHandler, EventStore, Relay, RelayConfig};
 use domain::{DomainEvent, TaskCommand, TaskId};
 use hdrhistogram::Histogram;

@@ -1,96 +1,24 @@
-//! The one settings struct. Every setting is a flag with an environment
-//! variable and a local default, documented in `neurectomy --help`; it can
-//! also be set in the TOML file named by `--config`. [`crate::config`] layers
-//! flag > environment variable > file > default and validates the result:
-//! parse the command line with [`crate::config::load`], not `Cli::parse`.
+//! # Settings: the floor everything else stands on
+//!
+//! The one settings struct, [`Settings`], flattened into every command line.
+//! Every setting is a flag with an environment variable and a local default,
+//! documented in `neurectomy --help`; it can also be set in the TOML file
+//! named by `--config`. [`config`] layers flag, then environment variable,
+//! then file, then default, and validates the result (parse with
+//! `cli::load`, not `Cli::parse`). [`secret`] holds what must never be
+//! printed.
+//!
+//! This module imports nothing of the server: the types that settings
+//! describe (limits, HTTP settings, the token verifier) are built from them
+//! where they live (`ApiLimits::from_settings`, `ServerConfig::from_settings`,
+//! `Authenticator::from_settings`).
+
+pub mod config;
+pub mod secret;
 
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-
-/// Neurectomy: an event-sourced CQRS backend for AI-agent orchestration.
-#[derive(Debug, Parser)]
-#[command(
-    name = "neurectomy",
-    version,
-    about = "Neurectomy: an event-sourced CQRS backend for AI-agent orchestration",
-    propagate_version = true
-)]
-pub struct Cli {
-    /// TOML configuration file (the shape `neurectomy config` prints);
-    /// flags and environment variables override what it sets. No file is
-    /// read unless one is named.
-    #[arg(
-        long = "config",
-        env = "NEURECTOMY_CONFIG",
-        value_name = "FILE",
-        global = true
-    )]
-    pub config: Option<std::path::PathBuf>,
-    /// Settings shared by every sub-command.
-    #[command(flatten)]
-    pub settings: Settings,
-    /// What to run.
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// Sub-commands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Create the database if missing and run the event-store migrations.
-    Migrate,
-    /// Run the outbox relay (PostgreSQL → JetStream); standbys wait for the lock.
-    Relay,
-    /// Run everything in one process: migrations, then the relay (and what
-    /// later roles add), until SIGINT/SIGTERM.
-    All(AllArgs),
-    /// Drive a realistic orchestration workload through the command handler.
-    Simulate(SimulateArgs),
-    /// Run the projectors (read-model builders) until SIGINT/SIGTERM.
-    Project(ProjectArgs),
-    /// Rebuild a projection from the event store into a fresh namespace and
-    /// switch readers over atomically when it has caught up.
-    Replay(ReplayArgs),
-    /// Show the relay's and each projection's checkpoint and lag.
-    Status,
-    /// Fold every stream of the event store and diff the result against the
-    /// read models; exits non-zero if they disagree.
-    Verify,
-    /// Run the GraphQL API alone (queries, mutations, subscriptions, audit).
-    Serve,
-    /// Mint a JWT for local use (HS256, with NEURECTOMY_JWT_SECRET).
-    Token(TokenArgs),
-    /// Print the effective configuration as TOML (the shape `--config`
-    /// reads), each value's source in a comment, secrets redacted.
-    Config(ConfigArgs),
-}
-
-/// Options of `config`.
-#[derive(Debug, Clone, Args)]
-pub struct ConfigArgs {
-    /// Only validate the configuration: print nothing but errors; the exit
-    /// code says whether it is valid.
-    #[arg(long)]
-    pub check: bool,
-}
-
-/// Options of `token`.
-#[derive(Debug, Clone, Args)]
-pub struct TokenArgs {
-    /// Roles to grant (repeat or comma-separate): viewer, operator, auditor.
-    #[arg(long = "role", value_delimiter = ',', default_value = "operator")]
-    pub roles: Vec<crate::auth::Role>,
-    /// The tenant whose data the token sees.
-    #[arg(long)]
-    pub tenant: String,
-    /// Subject (recorded as the actor of commands).
-    #[arg(long, default_value = "dev")]
-    pub subject: String,
-    /// Lifetime in seconds.
-    #[arg(long, default_value_t = 86_400)]
-    pub ttl: u64,
-}
+use clap::{Args, ValueEnum};
 
 /// Settings of the GraphQL API (`serve`, `all`).
 #[derive(Debug, Clone, Args)]
@@ -110,7 +38,7 @@ pub struct ApiSettings {
         global = true,
         hide_env_values = true
     )]
-    pub jwt_secret: Option<crate::secret::Secret>,
+    pub jwt_secret: Option<crate::settings::secret::Secret>,
     /// PEM file with an RS256 public key for bearer tokens (optional).
     #[arg(long, env = "NEURECTOMY_JWT_PUBLIC_KEY", global = true)]
     pub jwt_public_key: Option<std::path::PathBuf>,
@@ -211,55 +139,6 @@ pub struct ApiSettings {
     pub api_subscriber_buffer: usize,
 }
 
-impl ApiSettings {
-    /// The GraphQL limits these settings describe.
-    pub fn limits(&self) -> crate::graphql::ApiLimits {
-        crate::graphql::ApiLimits {
-            consistency_timeout: Duration::from_millis(self.api_consistency_timeout_ms),
-            max_page: self.api_max_page.max(1),
-            max_depth: self.api_max_depth.max(1),
-            max_complexity: self.api_max_complexity.max(1),
-            max_fields: self.api_max_fields.max(1),
-            introspection: self.api_introspection,
-            subscriber_buffer: self.api_subscriber_buffer.max(1),
-        }
-    }
-
-    /// The HTTP settings these settings describe.
-    pub fn server_config(&self) -> crate::server::ServerConfig {
-        crate::server::ServerConfig {
-            body_limit: self.api_body_limit.max(1),
-            ws_message_limit: self.api_ws_message_limit.max(64),
-            ws_init_timeout: Duration::from_millis(self.api_ws_init_timeout_ms.max(1)),
-            ws_max_subscriptions: self.api_ws_max_subscriptions.max(1),
-            cors_origins: self
-                .api_cors_origins
-                .iter()
-                .map(|o| o.trim().to_owned())
-                .filter(|o| !o.is_empty())
-                .collect(),
-        }
-    }
-
-    /// The token verifier these settings describe.
-    pub fn authenticator(&self) -> anyhow::Result<crate::auth::Authenticator> {
-        use anyhow::Context as _;
-        let pem = self
-            .jwt_public_key
-            .as_ref()
-            .map(|path| {
-                std::fs::read(path).with_context(|| {
-                    format!("reading NEURECTOMY_JWT_PUBLIC_KEY {}", path.display())
-                })
-            })
-            .transpose()?;
-        Ok(crate::auth::Authenticator::new(
-            self.jwt_secret.as_ref().map(crate::secret::Secret::expose),
-            pem.as_deref(),
-        )?)
-    }
-}
-
 /// Which projections to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Projection {
@@ -267,62 +146,6 @@ pub enum Projection {
     Redis,
     /// The graph read model (Neo4j 5 / a Bolt server).
     Graph,
-}
-
-/// Options of `replay`.
-#[derive(Debug, Clone, Args)]
-pub struct ReplayArgs {
-    /// The projection to rebuild.
-    #[arg(long)]
-    pub projection: Projection,
-    /// Events read and applied per batch.
-    #[arg(long, default_value_t = 1000)]
-    pub batch_size: usize,
-}
-
-/// Options of `project`.
-#[derive(Debug, Clone, Args)]
-pub struct ProjectArgs {
-    /// Run only this projection (default: all).
-    #[arg(long)]
-    pub only: Option<Projection>,
-}
-
-/// Options of `all`.
-#[derive(Debug, Clone, Args)]
-pub struct AllArgs {
-    /// Also run the workload simulator in this process.
-    #[arg(long)]
-    pub simulate: bool,
-    /// Simulator options (used with --simulate).
-    #[command(flatten)]
-    pub simulation: SimulateArgs,
-}
-
-/// Options of the workload simulator.
-#[derive(Debug, Clone, Args)]
-pub struct SimulateArgs {
-    /// Agents to register at start.
-    #[arg(long, env = "NEURECTOMY_SIM_AGENTS", default_value_t = 24)]
-    pub agents: usize,
-    /// Workflows running at once (each a concurrent driver).
-    #[arg(long, env = "NEURECTOMY_SIM_WORKFLOWS", default_value_t = 6)]
-    pub workflows: usize,
-    /// Tasks per workflow (a random DAG).
-    #[arg(long, env = "NEURECTOMY_SIM_TASKS", default_value_t = 8)]
-    pub tasks_per_workflow: usize,
-    /// Commands per second across all drivers (0 = as fast as possible).
-    #[arg(long, env = "NEURECTOMY_SIM_RATE", default_value_t = 200)]
-    pub rate: u32,
-    /// Seconds to run (0 = until SIGINT/SIGTERM).
-    #[arg(long, env = "NEURECTOMY_SIM_DURATION", default_value_t = 0)]
-    pub duration: u64,
-    /// Tenant the simulated data belongs to.
-    #[arg(long, env = "NEURECTOMY_SIM_TENANT", default_value = "demo")]
-    pub tenant: String,
-    /// Random seed (0 = random).
-    #[arg(long, env = "NEURECTOMY_SIM_SEED", default_value_t = 0)]
-    pub seed: u64,
 }
 
 /// Log output format.
@@ -573,7 +396,7 @@ pub struct Settings {
         global = true,
         hide_env_values = true
     )]
-    pub graph_password: crate::secret::Secret,
+    pub graph_password: crate::settings::secret::Secret,
     /// Graph database name.
     #[arg(
         long,

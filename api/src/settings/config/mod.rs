@@ -2,8 +2,8 @@
 //!
 //! Every setting is a clap argument of [`crate::settings`] with a flag, an
 //! environment variable and (mostly) a built-in default; [`catalog::KEYS`]
-//! gives each a key in the configuration file. [`load`] resolves each
-//! setting with the precedence
+//! gives each a key in the configuration file. [`load_parsed`] resolves
+//! each setting with the precedence
 //!
 //! **command-line flag > environment variable > config file > built-in default**
 //!
@@ -13,7 +13,10 @@
 //! become the clap arguments' defaults, so clap parses them with the same
 //! value parsers as flags and a flag still wins. Then every effective value
 //! is checked ([`check`]): URLs the clients accept, sizes that make sense,
-//! sane timeouts, a long enough JWT secret.
+//! sane timeouts, a long enough JWT secret — and then a [`CrossCheck`] the
+//! caller passes for what only several settings together can be wrong about
+//! (the command line's module gives the GraphQL limits' check; this module
+//! knows nothing of the server).
 //!
 //! Any problem is a [`ConfigError`] that names the setting and where its
 //! value came from (`--api-max-depth`, `NEURECTOMY_API_MAX_DEPTH`, or the
@@ -23,8 +26,8 @@
 //!
 //! [`Effective::to_toml`] prints the result as a file of the same shape,
 //! each value's source in a comment and secrets redacted
-//! (`neurectomy config`). [`load_as`] does the same for another command
-//! line over the same settings (the `neurectomy-bench` binary's).
+//! (`neurectomy config`). [`load_as`] loads any command line over the
+//! same settings (the `neurectomy-bench` binary's).
 
 mod catalog;
 mod check;
@@ -39,7 +42,7 @@ use std::path::{Path, PathBuf};
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Command, CommandFactory, FromArgMatches};
 
-use crate::settings::{ApiSettings, Cli, Settings};
+use crate::settings::Settings;
 use catalog::{Catalog, Kind, Secret, Setting, CONFIG_ENV};
 
 /// Where a setting's value came from.
@@ -143,15 +146,6 @@ pub enum LoadError {
     Config(#[from] ConfigError),
 }
 
-/// The parsed command line with every setting resolved and checked.
-#[derive(Debug)]
-pub struct Loaded {
-    /// The command line, settings included.
-    pub cli: Cli,
-    /// Every setting's effective value and source, for `neurectomy config`.
-    pub effective: Effective,
-}
-
 /// Every setting's effective value and where it came from.
 #[derive(Debug, Clone)]
 pub struct Effective {
@@ -182,55 +176,40 @@ impl Effective {
     }
 }
 
-/// Reads the environment of this process (for [`load`] in `main`).
+/// Reads the environment of this process (for the loaders in `main`).
 pub fn process_env(name: &str) -> Option<OsString> {
     std::env::var_os(name)
 }
 
-/// Parses the command line `args` (program name first) with the
-/// environment `env` and the configuration file they name, resolves and
-/// checks every setting.
-pub fn load<I, T>(args: I, env: &dyn Fn(&str) -> Option<OsString>) -> Result<Loaded, LoadError>
-where
-    I: IntoIterator<Item = T>,
-    T: Into<OsString>,
-{
-    load_with(args, env, &|path| std::fs::read_to_string(path))
-}
-
-/// [`load`] for another command line over the same settings: `C`
-/// flattens [`Settings`] and has the `--config` argument of [`Cli`] (the
-/// `neurectomy-bench` binary's). Returns the parsed command line.
+/// Loads the command line `C` — any command line that flattens
+/// [`Settings`] and has a `--config` argument (`neurectomy`'s, or the
+/// `neurectomy-bench` binary's) — with the process's environment and files.
+/// Returns the parsed command line.
 pub fn load_as<C, I, T>(args: I, env: &dyn Fn(&str) -> Option<OsString>) -> Result<C, LoadError>
 where
     C: CommandFactory + FromArgMatches,
     I: IntoIterator<Item = T>,
     T: Into<OsString>,
 {
-    let (cli, _) = load_parsed::<C, _, _>(args, env, &|path| std::fs::read_to_string(path))?;
+    let (cli, _) =
+        load_parsed::<C, _, _>(args, env, &|path| std::fs::read_to_string(path), &|_| {
+            Vec::new()
+        })?;
     Ok(cli)
 }
 
-/// [`load`], reading the configuration file with `read`.
-pub(crate) fn load_with<I, T>(
-    args: I,
-    env: &dyn Fn(&str) -> Option<OsString>,
-    read: &dyn Fn(&Path) -> std::io::Result<String>,
-) -> Result<Loaded, LoadError>
-where
-    I: IntoIterator<Item = T>,
-    T: Into<OsString>,
-{
-    let (mut cli, effective) = load_parsed::<Cli, _, _>(args, env, read)?;
-    cli.settings.log.otel = crate::settings::OtelVariables::read(env);
-    Ok(Loaded { cli, effective })
-}
+/// A check across settings that a single value's check cannot make: each
+/// problem as the key of the setting to change and why.
+pub type CrossCheck<'a> = &'a dyn Fn(&Settings) -> Vec<(&'static str, String)>;
 
-/// Parses the command line `C` and resolves and checks every setting.
-fn load_parsed<C, I, T>(
+/// Parses the command line `C` (program name first) with the environment
+/// `env` and the configuration file they name (read with `read`), resolves
+/// every setting, checks each and then `cross_check` across them.
+pub fn load_parsed<C, I, T>(
     args: I,
     env: &dyn Fn(&str) -> Option<OsString>,
     read: &dyn Fn(&Path) -> std::io::Result<String>,
+    cross_check: CrossCheck<'_>,
 ) -> Result<(C, Effective), LoadError>
 where
     C: CommandFactory + FromArgMatches,
@@ -343,38 +322,20 @@ where
             errors.push(invalid(setting, resolved.source.clone(), reason));
         }
     }
-    errors.extend(limits_agree(&catalog, &values, &settings.api));
+    for (key, reason) in cross_check(&settings) {
+        if let Some((setting, resolved)) = catalog
+            .settings
+            .iter()
+            .zip(&values)
+            .find(|(setting, _)| setting.key.key == key)
+        {
+            errors.push(invalid(setting, resolved.source.clone(), reason));
+        }
+    }
     match ConfigError::from_list(errors) {
         Some(error) => Err(error.into()),
         None => Ok((cli, Effective { catalog, values })),
     }
-}
-
-/// The complexity limit must allow one full page of agents with every
-/// field: otherwise the page limit could not be reached.
-fn limits_agree(catalog: &Catalog, values: &[Resolved], api: &ApiSettings) -> Option<ConfigError> {
-    let agent_fields: Vec<&str> = crate::graphql::types::Agent::STORED
-        .iter()
-        .map(|(field, _)| *field)
-        .collect();
-    let needed =
-        crate::graphql::limits::full_page_complexity(api.api_max_page.max(1), &agent_fields);
-    if api.api_max_complexity as u64 >= needed {
-        return None;
-    }
-    let (setting, resolved) = catalog
-        .settings
-        .iter()
-        .zip(values)
-        .find(|(setting, _)| setting.key.key == "api.max_complexity")?;
-    Some(invalid(
-        setting,
-        resolved.source.clone(),
-        format!(
-            "{} is below {needed}, what one full page (api.max_page = {}) of agents with every field counts; raise it, or lower api.max_page",
-            api.api_max_complexity, api.api_max_page
-        ),
-    ))
 }
 
 fn invalid(setting: &Setting, source: Source, reason: String) -> ConfigError {

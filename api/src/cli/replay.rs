@@ -6,12 +6,14 @@ use commands::EventStore;
 use indicatif::{ProgressBar, ProgressStyle};
 use projections::replay::{Progress, ReplaySummary};
 
-use crate::settings::{Projection, ReplayArgs, Settings};
+use super::ReplayArgs;
+use crate::settings::{Projection, Settings};
+use crate::startup::connect;
 
 /// Runs `neurectomy replay`.
 pub async fn run(settings: &Settings, args: ReplayArgs) -> anyhow::Result<()> {
-    let pool = crate::app::connect_database(settings).await?;
-    let nats = crate::app::connect_nats(settings).await?;
+    let pool = connect::connect_database(settings).await?;
+    let nats = connect::connect_nats(settings).await?;
     let store = EventStore::new(pool.clone());
     let batch_size = args.batch_size.max(1);
     let bar = Bar::new();

@@ -82,7 +82,7 @@ impl Probes {
             ("graph", graph),
         ] {
             if let Some(up) = up {
-                crate::metrics::dependency_up(name, up);
+                crate::telemetry::metrics::dependency_up(name, up);
             }
         }
     }
@@ -96,7 +96,7 @@ impl Probes {
         for (name, status) in &self.projections {
             let checkpoint = status.borrow().checkpoint;
             if let Ok(lag) = store.count_after(checkpoint, LAG_CAP).await {
-                crate::metrics::projection(name, checkpoint, lag);
+                crate::telemetry::metrics::projection(name, checkpoint, lag);
             }
         }
     }
@@ -106,7 +106,7 @@ impl Probes {
         loop {
             self.probe().await;
             self.projection_lag().await;
-            crate::metrics::upkeep();
+            crate::telemetry::metrics::upkeep();
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(PROBE_EVERY) => {}

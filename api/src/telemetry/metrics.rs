@@ -53,7 +53,7 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 }
 
 /// Drains recorded histogram samples into their buckets (rendering does
-/// too): run periodically ([`crate::probes`]) so that memory stays bounded
+/// too): run periodically ([`crate::telemetry::probes`]) so that memory stays bounded
 /// when nothing scrapes. Nothing to do before [`install`].
 pub fn upkeep() {
     if let Some(Some(handle)) = HANDLE.get() {

@@ -8,7 +8,7 @@ use super::catalog::{Kind, Secret};
 use super::{Effective, Source};
 
 /// What a redacted secret reads as.
-pub(crate) use crate::secret::REDACTED;
+pub(crate) use crate::settings::secret::REDACTED;
 
 /// Width of the help comments.
 const WIDTH: usize = 90;
@@ -99,7 +99,7 @@ pub(crate) fn redact(secret: Secret, value: &str) -> String {
     match secret {
         Secret::No => value.to_owned(),
         Secret::Whole => REDACTED.to_owned(),
-        Secret::UrlPassword { token } => crate::secret::redact_url(value, token),
+        Secret::UrlPassword { token } => crate::settings::secret::redact_url(value, token),
     }
 }
 

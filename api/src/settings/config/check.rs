@@ -1,6 +1,6 @@
 //! What a setting's value must be beyond its type: URLs the clients accept,
 //! sizes that make sense, sane timeouts. Each check returns the reason a
-//! value is wrong; [`super::load`] adds which setting and where it came from.
+//! value is wrong; [`super::load_parsed`] adds which setting and where it came from.
 
 use std::str::FromStr as _;
 

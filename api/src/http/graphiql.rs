@@ -47,22 +47,22 @@ static ASSETS: &[Asset] = &[
     Asset {
         name: "react.production.min.js",
         content_type: JS,
-        bytes: include_bytes!("../assets/graphiql/react.production.min.js"),
+        bytes: include_bytes!("../../assets/graphiql/react.production.min.js"),
     },
     Asset {
         name: "react-dom.production.min.js",
         content_type: JS,
-        bytes: include_bytes!("../assets/graphiql/react-dom.production.min.js"),
+        bytes: include_bytes!("../../assets/graphiql/react-dom.production.min.js"),
     },
     Asset {
         name: "graphiql.min.js",
         content_type: JS,
-        bytes: include_bytes!("../assets/graphiql/graphiql.min.js"),
+        bytes: include_bytes!("../../assets/graphiql/graphiql.min.js"),
     },
     Asset {
         name: "graphiql.min.css",
         content_type: CSS,
-        bytes: include_bytes!("../assets/graphiql/graphiql.min.css"),
+        bytes: include_bytes!("../../assets/graphiql/graphiql.min.css"),
     },
     Asset {
         name: "init.js",

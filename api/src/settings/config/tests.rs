@@ -10,7 +10,8 @@ use clap::CommandFactory as _;
 use super::catalog::{collect, Catalog, Found, Secret, CONFIG_ENV, KEYS};
 use super::render::{render, Secrets, REDACTED};
 use super::*;
-use crate::settings::{Cli, Command as Sub, LogFormat};
+use crate::cli::{load_with, Cli, Command as Sub, Loaded};
+use crate::settings::LogFormat;
 
 /// A test's world: environment variables and files.
 #[derive(Default)]
@@ -254,7 +255,7 @@ fn every_kind_of_value_is_read_from_the_file_and_the_environment() {
             .api
             .jwt_secret
             .as_ref()
-            .map(crate::secret::Secret::expose),
+            .map(crate::settings::secret::Secret::expose),
         Some("0123456789abcdef0123456789abcdef")
     );
     assert_eq!(settings.log.format, LogFormat::Json);
@@ -628,7 +629,7 @@ fn the_output_reads_back_as_the_same_configuration() {
 
 #[test]
 fn the_example_file_is_the_output_with_nothing_set_and_loads() {
-    let example = include_str!("../../../deploy/neurectomy.example.toml");
+    let example = include_str!("../../../../deploy/neurectomy.example.toml");
     let defaults = World::default().ok(&["config"]).effective.to_toml();
     assert!(
         example == defaults,
@@ -647,7 +648,7 @@ fn the_example_file_is_the_output_with_nothing_set_and_loads() {
 
 #[test]
 fn the_readme_documents_every_setting() {
-    let readme = include_str!("../../../README.md");
+    let readme = include_str!("../../../../README.md");
     for setting in &Catalog::of(&Cli::command()).settings {
         let default = match setting.defaults.as_slice() {
             [] => "none".to_owned(),

@@ -1,0 +1,140 @@
+//! `/healthz` (the process answers), `/readyz` (its dependencies and
+//! projections are ready, each checked within a short deadline) and
+//! `/metrics` (Prometheus).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::state::AppState;
+
+pub(crate) async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    // Projection lag is computed at scrape time, each read within the
+    // readiness timeout (a scrape never hangs on a dependency).
+    let services = &state.services;
+    let lag = |checkpoint| {
+        probe(
+            READY_TIMEOUT,
+            services.store.count_after(checkpoint, 10_000_000),
+        )
+    };
+    if let Ok(checkpoint) = probe(READY_TIMEOUT, services.redis.read_checkpoint()).await {
+        let lag = lag(checkpoint).await.unwrap_or(-1);
+        crate::telemetry::metrics::projection("redis", checkpoint, lag);
+    }
+    if let Ok(checkpoint) = probe(READY_TIMEOUT, services.graph.read_checkpoint()).await {
+        let lag = lag(checkpoint).await.unwrap_or(-1);
+        crate::telemetry::metrics::projection("graph", checkpoint, lag);
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::metrics::render(),
+    )
+        .into_response()
+}
+
+/// How long `/readyz` waits for each dependency (all are asked at once, so
+/// this bounds the whole answer).
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `ok`, the error, or that it timed out.
+async fn probe<T, E: std::fmt::Display>(
+    timeout: Duration,
+    check: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout, check).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", timeout.as_secs())),
+    }
+}
+
+fn shown<T>(result: &Result<T, String>) -> String {
+    match result {
+        Ok(_) => "ok".to_owned(),
+        Err(e) => e.clone(),
+    }
+}
+
+/// Ready: every dependency answers, the Redis read model has its
+/// checkpoint (unless the log is empty: a model that lost its data is being
+/// rebuilt, and reads would answer from nothing), and every projection
+/// reports `live` (a projector catching up, retrying or stopped means reads
+/// are behind). Every check runs at once, each within [`READY_TIMEOUT`].
+pub(crate) async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let services = &state.services;
+    let reports = async {
+        let (redis, graph) = tokio::join!(
+            projections::redis::health::projector_report(&services.redis, "redis"),
+            projections::redis::health::projector_report(&services.redis, "graph"),
+        );
+        Ok::<_, redis::RedisError>([("redis", redis?), ("graph", graph?)])
+    };
+    let (head, redis, graph, reports) = tokio::join!(
+        probe(READY_TIMEOUT, services.store.head()),
+        probe(READY_TIMEOUT, services.redis.checkpoint_if_any()),
+        probe(READY_TIMEOUT, services.graph.read_checkpoint()),
+        probe(READY_TIMEOUT, reports),
+    );
+    let nats = match state.nats.connection_state() {
+        async_nats::connection::State::Connected => "ok".to_owned(),
+        other => format!("{other:?}"),
+    };
+    let redis = match (&redis, &head) {
+        (Ok(None), Ok(head)) if head.readable > 0 => Err(
+            "the read model has no checkpoint (Redis lost its data?); the projector rebuilds it"
+                .to_owned(),
+        ),
+        _ => redis,
+    };
+    let mut projections = serde_json::Map::new();
+    let mut live = true;
+    match &reports {
+        Ok(reports) => {
+            for (name, report) in reports {
+                live &= report.state == "live";
+                projections.insert(
+                    (*name).to_owned(),
+                    serde_json::Value::String(report.state.clone()),
+                );
+            }
+        }
+        Err(e) => {
+            live = false;
+            for name in ["redis", "graph"] {
+                projections.insert(name.to_owned(), serde_json::Value::String(e.clone()));
+            }
+        }
+    }
+    let (postgres, redis, graph) = (shown(&head), shown(&redis), shown(&graph));
+    let ready = [&postgres, &nats, &redis, &graph]
+        .iter()
+        .all(|s| *s == "ok")
+        && live;
+    let body = serde_json::json!({
+        "ready": ready,
+        "postgres": postgres,
+        "nats": nats,
+        "redis": redis,
+        "graph": graph,
+        "projections": projections,
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
