@@ -16,10 +16,19 @@ export NEURECTOMY_SIM_RATE="${NEURECTOMY_SIM_RATE:-20}"
 export NEURECTOMY_SIM_TENANT="${NEURECTOMY_SIM_TENANT:-demo}"
 
 scripts/services.sh up
-scripts/graph.sh up
-echo "[run] building neurectomy (release)…" >&2
-cargo build --release --locked -p neurectomy-api
-bin="$CARGO_TARGET_DIR/release/neurectomy"
+# The graph server's one-time install and start overlap the build.
+graph_log="$(mktemp)"
+scripts/graph.sh up > "$graph_log" 2>&1 &
+graph_up=$!
+echo "[run] building neurectomy (profile quick-release: optimised, no whole-program LTO)…" >&2
+cargo build --profile quick-release --locked -p neurectomy-api
+bin="$CARGO_TARGET_DIR/quick-release/neurectomy"
+if ! wait "$graph_up"; then
+  cat "$graph_log" >&2
+  echo "[run] the graph server did not start (scripts/graph.sh up); see above" >&2
+  exit 1
+fi
+rm -f "$graph_log"
 
 mkdir -p .run
 # A development signing secret, made once per checkout (production sets
