@@ -70,8 +70,9 @@ pub enum Command {
     Migrate,
     /// Run the outbox relay (PostgreSQL → JetStream); standbys wait for the lock.
     Relay,
-    /// Run everything in one process: migrations, then the relay (and what
-    /// later roles add), until SIGINT/SIGTERM.
+    /// Run everything in one process: migrations, then the relay, the
+    /// projectors and the GraphQL API (with --simulate, the simulator too),
+    /// until SIGINT/SIGTERM.
     All(AllArgs),
     /// Drive a realistic orchestration workload through the command handler.
     Simulate(SimulateArgs),
