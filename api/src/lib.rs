@@ -37,3 +37,6 @@ pub mod sync;
 pub mod telemetry;
 
 pub use cli::main;
+
+#[cfg(test)]
+mod layout_tests;
