@@ -34,7 +34,8 @@
 //!   `verify` finds both read models equal to the store at the head;
 //! - the process still shuts down cleanly on SIGTERM.
 //!
-//! Recovery times are printed (`cargo test --test faults -- --nocapture`).
+//! Recovery times are printed (`cargo test -p neurectomy-e2e --test e2e
+//! faults:: -- --nocapture`).
 //!
 //! What each test proves on top:
 //! - `redis_killed_and_restarted_empty`: Redis (keeping nothing on disk)
