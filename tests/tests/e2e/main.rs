@@ -1,6 +1,7 @@
 //! The end-to-end tests, in one binary: linking the whole workspace once
 //! instead of once per file. Each module holds the tests of one area (the
-//! README's "Tests" section says what each checks).
+//! README's "Tests" section says what each checks); [`support`] holds what
+//! several of them share.
 //!
 //! The tests run in parallel threads of this one process, each on resources
 //! of its own (database, JetStream stream and subject prefix, Redis key
@@ -34,4 +35,5 @@ mod js_clients;
 mod nats_permissions;
 mod ops;
 mod projections;
+mod support;
 mod verify;
