@@ -36,7 +36,8 @@
 //! - [`error`]: the error enums of each operation.
 //! - [`trace`]: W3C `traceparent` helpers that link the spans of one change
 //!   across tasks and processes.
-//! - [`testkit`]: per-test isolated databases and JetStream streams.
+//! - `testkit` (feature `testkit`, for tests and benchmarks; not in the
+//!   `neurectomy` binary): per-test isolated databases and JetStream streams.
 
 mod cache;
 pub mod envelope;
@@ -46,6 +47,7 @@ pub mod handler;
 pub mod idempotency;
 pub mod in_hand;
 pub mod relay;
+#[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod trace;
 

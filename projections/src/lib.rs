@@ -32,16 +32,19 @@
 //!   active one serves, then switches over.
 //! - [`verify`]: re-derives state from the event store and diffs it against
 //!   the Redis and graph read models.
-//! - [`testkit`]: per-test Redis key prefixes, and dumps of a whole Redis
-//!   model for comparing two built apart.
-//! - [`graph_testkit`]: per-test graph databases.
+//! - `testkit` and `graph_testkit` (feature `testkit`, for tests and
+//!   benchmarks; not in the `neurectomy` binary): per-test Redis key
+//!   prefixes and graph databases, and dumps of a whole Redis model for
+//!   comparing two built apart.
 
 pub mod graph;
+#[cfg(feature = "testkit")]
 pub mod graph_testkit;
 pub mod model;
 pub mod redis;
 pub mod replay;
 pub mod runtime;
+#[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod verify;
 

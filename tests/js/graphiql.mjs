@@ -1,6 +1,6 @@
 // GraphiQL in a real browser: Debian's headless Chromium, driven by
 // playwright-core, opens `<base url>/?token=<token>` and uses GraphiQL as a
-// person would. Run by tests/tests/browser.rs:
+// person would. Run by tests/tests/e2e/browser.rs:
 //
 //   node tests/js/graphiql.mjs http://127.0.0.1:<port> <viewer token>
 //

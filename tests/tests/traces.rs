@@ -11,7 +11,12 @@
 //! and the subscription delivery share the caller's trace id, and each
 //! one's parent is an earlier one, back to the caller's span.
 //!
-//! The global subscriber is process-wide: this file holds one test.
+//! The global subscriber is process-wide: this file holds one test, and it
+//! is a test binary of its own rather than a module of `e2e`. Installed in
+//! the process running every other test, the production telemetry would
+//! fail (another test may have installed a subscriber first), export every
+//! span of every test through this test's queue (the test asserts that
+//! nothing was dropped), and outlive this test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;

@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use api::simulate::SimulateArgs;
-use async_nats::jetstream::consumer::pull;
-use commands::testkit::eventually;
 use neo4rs::query;
 use neurectomy_e2e::pipeline::Pipeline;
 use neurectomy_e2e::read_side::{self, assert_same_lines};
 use projections::graph_testkit::TestGraph;
 use projections::verify::{verify_graph, Difference};
 use projections::{GraphModel, Projector, ProjectorState, ReadModel};
+
+use crate::support::{delete_consumer_under_live_projector, live, report};
 
 /// The pipeline plus a graph database of the test's own.
 struct World {
@@ -50,19 +50,6 @@ async fn write(model: &GraphModel, cypher: &str) {
     let mut txn = model.graph().start_txn().await.unwrap();
     txn.run(query(cypher)).await.unwrap();
     txn.commit().await.unwrap();
-}
-
-fn report(differences: &[Difference]) -> String {
-    format!(
-        "{} difference(s) between the events and the graph, e.g.:\n{}",
-        differences.len(),
-        differences
-            .iter()
-            .take(10)
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\n")
-    )
 }
 
 impl World {
@@ -101,7 +88,11 @@ impl World {
     async fn assert_verified(&self) -> i64 {
         let until = self.caught_up().await;
         let differences = self.verify(until).await;
-        assert!(differences.is_empty(), "{}", report(&differences));
+        assert!(
+            differences.is_empty(),
+            "{}",
+            report("the graph", &differences)
+        );
         until
     }
 
@@ -282,48 +273,17 @@ async fn a_wiped_graph_and_a_consumer_deleted_under_the_live_projector_are_rebui
     // The durable consumer deleted under the live projector while commands
     // flow: its pull stream fails, and the projector must notice, go back
     // to the store from its checkpoint and make a new consumer.
+    live(&projector).await;
     let status = projector.status();
-    eventually("the projector to go live", Duration::from_secs(60), || {
-        let state = status.borrow().state;
-        async move { (state == ProjectorState::Live).then_some(()) }
-    })
-    .await;
     assert_eq!(status.borrow().last_error, None);
     let workload = world.start_workload(world.workload(0, 300, 1));
-    let head = world
-        .pipe
-        .head_beyond(world.graph.model.checkpoint().await.unwrap())
-        .await;
-    world.pipe.caught_up_to(&world.graph.model, head).await;
-    let js = world.nats.jetstream();
-    let stream = js.get_stream(&world.nats.relay.stream_name).await.unwrap();
-    stream.delete_consumer("projection-graph").await.unwrap();
-    let deleted_at = world.store.head().await.unwrap().written;
-    let error = eventually(
-        "the projector to notice its consumer is gone",
-        Duration::from_secs(30),
-        || {
-            let error = status.borrow().last_error.clone();
-            async move { error }
-        },
+    delete_consumer_under_live_projector(
+        &world.pipe,
+        &world.graph.model,
+        &status,
+        "projection-graph",
     )
     .await;
-    assert!(error.contains("consumer deleted"), "{error}");
-    let stream = &stream;
-    eventually(
-        "the projector to make a new consumer",
-        Duration::from_secs(30),
-        || async move {
-            stream
-                .get_consumer::<pull::Config>("projection-graph")
-                .await
-                .ok()
-        },
-    )
-    .await;
-    // Events committed after the deletion reach the graph through it.
-    let after = world.pipe.head_beyond(deleted_at).await;
-    world.pipe.caught_up_to(&world.graph.model, after).await;
     assert!(workload.is_running());
     workload.stop().await;
     let until = world.assert_verified().await;

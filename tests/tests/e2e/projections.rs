@@ -26,6 +26,8 @@ use projections::{
 };
 use rand::SeedableRng as _;
 
+use crate::support::{delete_consumer_under_live_projector, live, report};
+
 /// The pipeline plus a Redis read model of the test's own.
 struct World {
     pipe: Pipeline,
@@ -91,17 +93,7 @@ impl World {
             .await
             .unwrap()
             .differences;
-        assert!(
-            differences.is_empty(),
-            "{} difference(s) between the events and Redis, e.g.:\n{}",
-            differences.len(),
-            differences
-                .iter()
-                .take(10)
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
+        assert!(differences.is_empty(), "{}", report("Redis", &differences));
     }
 
     /// Fails unless the test's model holds exactly what a clean rebuild
@@ -122,16 +114,6 @@ impl World {
     async fn shutdown(self) {
         self.pipe.shutdown().await;
     }
-}
-
-/// Waits until `projector` is live.
-async fn live<M: ReadModel>(projector: &Projector<M>) {
-    let status = projector.status();
-    eventually("the projector to go live", Duration::from_secs(60), || {
-        let state = status.borrow().state;
-        async move { (state == ProjectorState::Live).then_some(()) }
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,37 +289,13 @@ async fn a_flushed_read_model_and_a_consumer_deleted_under_the_live_projector_ar
     let status = projector.status();
     assert_eq!(status.borrow().last_error, None);
     let workload = world.start_workload(world.workload(0, 300, 1));
-    let head = world.pipe.head_beyond(world.checkpoint().await).await;
-    world.pipe.caught_up_to(&world.redis.model, head).await;
-    let js = world.nats.jetstream();
-    let stream = js.get_stream(&world.nats.relay.stream_name).await.unwrap();
-    stream.delete_consumer("projection-redis").await.unwrap();
-    let deleted_at = world.store.head().await.unwrap().written;
-    let error = eventually(
-        "the projector to notice its consumer is gone",
-        Duration::from_secs(30),
-        || {
-            let error = status.borrow().last_error.clone();
-            async move { error }
-        },
+    delete_consumer_under_live_projector(
+        &world.pipe,
+        &world.redis.model,
+        &status,
+        "projection-redis",
     )
     .await;
-    assert!(error.contains("consumer deleted"), "{error}");
-    let stream = &stream;
-    eventually(
-        "the projector to make a new consumer",
-        Duration::from_secs(30),
-        || async move {
-            stream
-                .get_consumer::<pull::Config>("projection-redis")
-                .await
-                .ok()
-        },
-    )
-    .await;
-    // Events committed after the deletion reach the model through it.
-    let after = world.pipe.head_beyond(deleted_at).await;
-    world.pipe.caught_up_to(&world.redis.model, after).await;
     assert!(workload.is_running());
     workload.stop().await;
     let until = world.caught_up().await;

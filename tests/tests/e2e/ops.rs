@@ -23,6 +23,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
+use crate::support::{last_published, streams_with_gaps};
+
 const BINARY: &str = env!("CARGO_BIN_EXE_neurectomy-e2e");
 const TENANT: &str = "ops";
 
@@ -528,13 +530,7 @@ async fn sigterm_under_load_loses_nothing_and_restarts_cleanly() {
         assert_eq!(stream.as_deref(), Some(d.stream.as_str()));
     }
     // Nothing half-written: every stream is versions 1..=n without a gap.
-    let broken: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT stream_id FROM events GROUP BY stream_id \
-         HAVING max(stream_version) <> count(*) OR min(stream_version) <> 1) AS broken",
-    )
-    .fetch_one(&scratch.db.pool)
-    .await
-    .unwrap();
+    let broken = streams_with_gaps(&scratch.db.pool).await;
     assert_eq!(broken, 0, "streams with gaps");
 
     // The relay stopped after a whole batch: its final checkpoint is the
@@ -576,13 +572,7 @@ async fn sigterm_under_load_loses_nothing_and_restarts_cleanly() {
             let js = js.clone();
             let stream_name = stream_name.clone();
             async move {
-                let stream = js.get_stream(&stream_name).await.ok()?;
-                let info = stream.get_info().await.ok()?;
-                let last = stream
-                    .get_raw_message(info.state.last_sequence)
-                    .await
-                    .ok()?;
-                let position: i64 = last.headers.get(HEADER_POSITION)?.as_str().parse().ok()?;
+                let (info, position) = last_published(&js, &stream_name).await?;
                 (info.state.messages == events as u64 && position == head).then_some(())
             }
         },

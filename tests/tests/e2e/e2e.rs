@@ -180,7 +180,9 @@ async fn unreachable_database_is_reported_with_its_address() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("connecting to PostgreSQL at postgres://postgres:<redacted>@127.0.0.1:1/nowhere"),
+        stderr.contains(
+            "connecting to PostgreSQL at postgres://postgres:<redacted>@127.0.0.1:1/nowhere"
+        ),
         "{stderr}"
     );
     assert!(!stderr.contains("secret"), "the password leaked: {stderr}");

@@ -34,7 +34,8 @@
 //!   `verify` finds both read models equal to the store at the head;
 //! - the process still shuts down cleanly on SIGTERM.
 //!
-//! Recovery times are printed (`cargo test --test faults -- --nocapture`).
+//! Recovery times are printed (`cargo test -p neurectomy-e2e --test e2e
+//! faults:: -- --nocapture`).
 //!
 //! What each test proves on top:
 //! - `redis_killed_and_restarted_empty`: Redis (keeping nothing on disk)
@@ -70,7 +71,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use api::auth::{Authenticator, Role};
-use commands::relay::HEADER_POSITION;
 use commands::testkit::eventually;
 use commands::EventStore;
 use neurectomy_e2e::instance::{Endpoints, Instance, Scratch, SECRET};
@@ -80,6 +80,8 @@ use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use crate::support::{last_published, streams_with_gaps};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_neurectomy-e2e");
 const TENANT: &str = "faults";
@@ -791,13 +793,7 @@ impl Stack {
             commands, acknowledged,
             "the store holds exactly the acknowledged commands"
         );
-        let broken: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM (SELECT stream_id FROM events GROUP BY stream_id \
-             HAVING max(stream_version) <> count(*) OR min(stream_version) <> 1) AS broken",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap();
+        let broken = streams_with_gaps(pool).await;
         assert_eq!(broken, 0, "streams with gaps");
 
         // The relay has published the head (its checkpoint is written at
@@ -816,13 +812,7 @@ impl Stack {
                         .fetch_optional(pool)
                         .await
                         .ok()?;
-                let stream = js.get_stream(&stream_name).await.ok()?;
-                let info = stream.get_info().await.ok()?;
-                let last = stream
-                    .get_raw_message(info.state.last_sequence)
-                    .await
-                    .ok()?;
-                let published: i64 = last.headers.get(HEADER_POSITION)?.as_str().parse().ok()?;
+                let (_, published) = last_published(&js, &stream_name).await?;
                 (checkpoint == Some(head) && published == head).then_some(())
             },
         )

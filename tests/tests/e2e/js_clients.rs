@@ -20,7 +20,7 @@ const STEP: Duration = Duration::from_secs(90);
 
 /// The GraphQL documents of the README's `curl` examples (`q '{"query":…}'`).
 fn readme_documents() -> Vec<String> {
-    include_str!("../../README.md")
+    include_str!("../../../README.md")
         .lines()
         .filter_map(|line| line.trim().strip_prefix("q '"))
         .filter_map(|rest| rest.strip_suffix('\''))

@@ -24,10 +24,10 @@ use neurectomy_domain::{
     AgentEvent, AgentId, AgentKind, DomainEvent, TaskEvent, TaskId, WorkflowEvent, WorkflowId,
 };
 use proptest::prelude::*;
-use proptest::strategy::ValueTree;
-use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
+
+use crate::support::samples;
 
 /// `event-schemas/` of the checkout being tested. Resolved at run time
 /// (cargo sets `CARGO_MANIFEST_DIR` for test processes): a path baked in at
@@ -727,15 +727,9 @@ fn schemas_are_well_formed() {
 /// no strategy fails here rather than going untested).
 #[test]
 fn strategies_cover_every_event_type() {
-    let mut runner = TestRunner::new_with_rng(
-        Config::default(),
-        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
-    );
-    let strategy = arb_event();
     let expected: BTreeSet<&str> = EVENT_TYPES.iter().map(|(t, _, _)| *t).collect();
     let mut seen = BTreeMap::<&'static str, usize>::new();
-    for _ in 0..2_000 {
-        let event = strategy.new_tree(&mut runner).unwrap().current();
+    for event in samples(arb_event()).take(2_000) {
         *seen.entry(event.event_type()).or_default() += 1;
         if seen.len() == expected.len() {
             break;

@@ -31,10 +31,10 @@ use neurectomy_domain::{
     TaskId, TaskState, TaskStatus, WorkflowCommand, WorkflowId, WorkflowState, WorkflowStatus,
 };
 use proptest::prelude::*;
-use proptest::strategy::ValueTree;
-use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde_json::json;
 use uuid::Uuid;
+
+use crate::support::samples;
 
 // ---------------------------------------------------------------------------
 // The universe
@@ -1416,14 +1416,8 @@ proptest! {
 /// dependencies, retries and delegations).
 #[test]
 fn sequences_reach_deep_states() {
-    let mut runner = TestRunner::new_with_rng(
-        Config::default(),
-        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
-    );
-    let strategy = arb_ops();
     let mut coverage = Coverage::default();
-    for _ in 0..200 {
-        let ops = strategy.new_tree(&mut runner).unwrap().current();
+    for ops in samples(arb_ops()).take(200) {
         run(&ops, &mut coverage).unwrap();
     }
     let commands: BTreeSet<&str> = TABLE.iter().map(|(_, c, _)| *c).collect();

@@ -1,0 +1,107 @@
+//! What several test modules share: waits on projectors, the consumer
+//! deleted under a live projector (Redis and graph alike), reports of
+//! verification differences, and checks of the store and JetStream after a
+//! process has stopped.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use commands::relay::HEADER_POSITION;
+use commands::testkit::eventually;
+use neurectomy_e2e::pipeline::Pipeline;
+use projections::verify::Difference;
+use projections::{Projector, ProjectorState, ProjectorStatus, ReadModel};
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+/// Waits until `projector` is live.
+pub async fn live<M: ReadModel>(projector: &Projector<M>) {
+    let status = projector.status();
+    eventually("the projector to go live", Duration::from_secs(60), || {
+        let state = status.borrow().state;
+        async move { (state == ProjectorState::Live).then_some(()) }
+    })
+    .await;
+}
+
+/// The durable consumer `consumer` deleted under the live projector of
+/// `model` (whose status is `status`) while commands flow: its pull stream
+/// fails, and the projector must notice (its `last_error` says the consumer
+/// was deleted), go back to the store from its checkpoint and make a new
+/// consumer; events committed after the deletion reach `model` through it.
+/// Returns once they have.
+pub async fn delete_consumer_under_live_projector<M: ReadModel + Clone>(
+    pipe: &Pipeline,
+    model: &M,
+    status: &watch::Receiver<ProjectorStatus>,
+    consumer: &str,
+) {
+    let head = pipe.head_beyond(model.checkpoint().await.unwrap()).await;
+    pipe.caught_up_to(model, head).await;
+    let js = pipe.nats.jetstream();
+    let stream = js.get_stream(&pipe.nats.relay.stream_name).await.unwrap();
+    stream.delete_consumer(consumer).await.unwrap();
+    let deleted_at = pipe.store.head().await.unwrap().written;
+    let error = eventually(
+        "the projector to notice its consumer is gone",
+        Duration::from_secs(30),
+        || {
+            let error = status.borrow().last_error.clone();
+            async move { error }
+        },
+    )
+    .await;
+    assert!(error.contains("consumer deleted"), "{error}");
+    let stream = &stream;
+    eventually(
+        "the projector to make a new consumer",
+        Duration::from_secs(30),
+        || async move { stream.get_consumer::<pull::Config>(consumer).await.ok() },
+    )
+    .await;
+    // Events committed after the deletion reach the model through it.
+    let after = pipe.head_beyond(deleted_at).await;
+    pipe.caught_up_to(model, after).await;
+}
+
+/// A message for `differences` between the events and `model` (e.g.
+/// "Redis", "the graph"): how many, and the first ten.
+pub fn report(model: &str, differences: &[Difference]) -> String {
+    format!(
+        "{} difference(s) between the events and {model}, e.g.:\n{}",
+        differences.len(),
+        differences
+            .iter()
+            .take(10)
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    )
+}
+
+/// The JetStream stream `name` and the position of its last message (the
+/// relay's `Neurectomy-Position` header); `None` while any of it cannot be
+/// read (no message yet, a server restarting).
+pub async fn last_published(js: &jetstream::Context, name: &str) -> Option<(stream::Info, i64)> {
+    let stream = js.get_stream(name).await.ok()?;
+    let info = stream.get_info().await.ok()?;
+    let last = stream
+        .get_raw_message(info.state.last_sequence)
+        .await
+        .ok()?;
+    let position = last.headers.get(HEADER_POSITION)?.as_str().parse().ok()?;
+    Some((info, position))
+}
+
+/// How many streams of the store are not versions 1..=n without a gap
+/// (something half-written).
+pub async fn streams_with_gaps(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT stream_id FROM events GROUP BY stream_id \
+         HAVING max(stream_version) <> count(*) OR min(stream_version) <> 1) AS broken",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
