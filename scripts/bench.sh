@@ -36,7 +36,10 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 
 echo "[bench] building neurectomy, neurectomy-bench and the peer harness (release)…"
-cargo build --release --locked -p neurectomy-api -p neurectomy-bench
+# Each on its own: together, cargo would unify features and the measured
+# `neurectomy` would carry the bench's test kits.
+cargo build --release --locked -p neurectomy-api
+cargo build --release --locked -p neurectomy-bench
 CARGO_TARGET_DIR="$peer_target" cargo build --release --locked \
   --manifest-path benches/peer-cqrs-es/Cargo.toml
 

@@ -11,7 +11,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "link-order: needs valgrind (apt-get install valgrind)" >&2; exit 1; }
-cargo build --release -p neurectomy-api -p neurectomy-bench
+# Built on its own: built together with the bench, cargo would unify
+# features (the bench enables the test kits), so the binary measured here
+# would not be the one `cargo build --release -p neurectomy-api` links, and
+# LTO's numbered local symbols would not match the file.
+cargo build --release -p neurectomy-api
+cargo build --release -p neurectomy-bench
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 bin="$target/release/neurectomy"
 work=$(mktemp -d)

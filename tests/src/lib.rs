@@ -5,9 +5,17 @@
 //! PostgreSQL and NATS JetStream, kill them, restart them, and check what
 //! landed in the event store and on JetStream.
 //!
-//! This library holds the process helpers those tests share:
-//! [`instance`] runs the binary on scratch resources, [`services`] starts
-//! private Redis, NATS, graph and PostgreSQL servers for the fault tests.
+//! This library holds what those tests share:
+//!
+//! - [`instance`]: the binary run on scratch resources;
+//! - [`services`]: private Redis, NATS, graph and PostgreSQL servers for the
+//!   fault tests;
+//! - [`pipeline`]: a store, relay and stream of one test, in process;
+//! - [`api_cli`], [`start_api`]: the API started as `neurectomy serve`
+//!   starts it (the binary's loader and its `Application`), and [`api`]'s
+//!   `TestApi` around it with both projectors;
+//! - [`read_side`]: whole-model dumps and comparisons; [`ws`]: a
+//!   `graphql-transport-ws` client; [`js`]: the Node.js clients of `tests/js`.
 
 use std::process::Stdio;
 
