@@ -207,7 +207,19 @@ pub fn main() -> std::process::ExitCode {
         return print_config(&loaded.effective, args);
     }
     let cli = loaded.cli;
-    let telemetry = crate::telemetry::init(&cli.settings.log);
+    let log = cli.settings.log.clone();
+    run_to_exit(&log, run(cli))
+}
+
+/// Starts telemetry with `log`, runs `work` on a multi-threaded runtime and
+/// maps its result to an exit code, logging an error once, with its whole
+/// cause chain; the last spans are exported before it returns. The `main`
+/// of `neurectomy` and of `neurectomy-bench`.
+pub fn run_to_exit(
+    log: &crate::settings::LogSettings,
+    work: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    let telemetry = crate::telemetry::init(log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -218,7 +230,7 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(cli));
+    let result = runtime.block_on(work);
     // Tasks a passed shutdown deadline left behind must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     let code = match result {

@@ -50,7 +50,7 @@
 //!   describe); the simulator's options.
 //! - `api::settings::config::{load_as, process_env, LoadError}`: the command line
 //!   resolved with the environment and `--config`, as `neurectomy` does.
-//! - `api::telemetry::init`: the same logs and spans as `neurectomy`.
+//! - `api::cli::run_to_exit`: the same telemetry, runtime and exit codes as `neurectomy`.
 //! - `api::simulate::drive`: the realistic workload `project` preloads.
 //! - `api::auth::{Authenticator, Role}`: the token `api` gives its clients.
 
@@ -80,32 +80,8 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let telemetry = api::telemetry::init(&cli.settings.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(run(cli));
-    // Tasks a failed scenario left behind must not hold the exit.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    let code = match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            // Logged once, here at the boundary, with its whole cause chain.
-            tracing::error!("{error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    };
-    if let Some(telemetry) = telemetry {
-        telemetry.shutdown();
-    }
-    code
+    let log = cli.settings.log.clone();
+    api::cli::run_to_exit(&log, run(cli))
 }
 
 /// Runs the benchmark chosen on the command line.
