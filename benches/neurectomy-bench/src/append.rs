@@ -14,15 +14,16 @@ use commands::{
     CommandContext, CommandError, CommandHandler, EventMetadata, EventStore, ExpectedVersion,
     HandlerConfig, NewEvent,
 };
-use domain::{AgentCommand, AgentId, AgentKind, TaskCommand, TaskId, WorkflowCommand, WorkflowId};
+use domain::{
+    AgentCommand, AgentId, AgentKind, Command, TaskCommand, TaskId, WorkflowCommand, WorkflowId,
+};
 use futures::StreamExt;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::cli::BenchArgs;
-use crate::figures::{drive, figures, median, wants, Figures};
+use crate::figures::{drive_metered, median, wants, Figures};
+use crate::meter::Peer;
 use crate::scratch;
 
 /// `append`: commands through the handler and raw batched appends.
@@ -68,40 +69,54 @@ async fn append_scenarios(
                 duration.as_secs()
             );
             let conflicts = Arc::new(AtomicU64::new(0));
-            let (count, hist, secs) = {
+            let mut f = {
                 let handler = handler.clone();
                 let tasks = tasks.clone();
                 let conflicts = conflicts.clone();
-                drive(writers, duration, move |writer, n| {
-                    let handler = handler.clone();
-                    let tasks = tasks.clone();
-                    let conflicts = conflicts.clone();
+                drive_metered(
+                    name,
+                    "cmd/s",
+                    writers,
+                    duration,
+                    &[Peer::Postgres],
+                    move |writer, n| {
+                        let handler = handler.clone();
+                        let tasks = tasks.clone();
+                        let conflicts = conflicts.clone();
+                        async move {
+                            let (command, ctx) = progress_command(&tasks, writer, n);
+                            let outcome = handler.execute(command, &ctx).await?;
+                            conflicts.fetch_add(u64::from(outcome.attempts - 1), Ordering::Relaxed);
+                            Ok(1)
+                        }
+                    },
+                )
+                .await?
+            };
+            f.conflicts = conflicts.load(Ordering::Relaxed);
+            runs.push(f);
+        }
+        results.extend(median(runs));
+        if writers == 1 {
+            // What the load generator alone costs (the commands built, no
+            // handler): the command figures above include it.
+            let name = "command generator alone (1 writer, no handler)";
+            eprintln!("running `{name}` for {}s…", duration.as_secs());
+            let tasks = tasks.clone();
+            results.push(
+                drive_metered(name, "cmd/s", 1, duration, &[], move |writer, n| {
+                    let built = progress_command(&tasks, writer, n);
                     async move {
-                        let mut rng = StdRng::seed_from_u64((writer as u64) << 32 | n);
-                        let task_id = tasks[rng.gen_range(0..tasks.len())];
-                        let command = TaskCommand::ReportTaskProgress {
-                            task_id,
-                            percent: rng.gen_range(0..=100),
-                            note: Some(NOTE.to_owned()),
-                        };
-                        let ctx = CommandContext::new(Uuid::new_v4(), "bench", "bench");
-                        let outcome = handler.execute(command.into(), &ctx).await?;
-                        conflicts.fetch_add(u64::from(outcome.attempts - 1), Ordering::Relaxed);
+                        std::hint::black_box(built);
+                        // A yield, as the handler's awaits would: the
+                        // generator alone must not monopolise a worker.
+                        tokio::task::yield_now().await;
                         Ok(1)
                     }
                 })
-                .await?
-            };
-            runs.push(figures(
-                name,
-                "cmd/s",
-                count,
-                &hist,
-                secs,
-                conflicts.load(Ordering::Relaxed),
-            ));
+                .await?,
+            );
         }
-        results.extend(median(runs));
     }
 
     let name = "append: 10 events per append, 8 writers";
@@ -115,28 +130,55 @@ async fn append_scenarios(
                 duration.as_secs()
             );
             let store = store.clone();
-            let (count, hist, secs) = drive(8, duration, move |writer, n| {
-                let store = store.clone();
-                async move {
-                    // Each writer appends to its own streams, so versions are known.
-                    let stream = format!(
-                        "task-{}",
-                        Uuid::from_u128(((writer as u128) << 64) | u128::from(n % 100))
-                    );
-                    let version = (n / 100) * 10;
-                    let events = progress_events(10);
-                    store
-                        .append(&stream, ExpectedVersion::Exact(version), events)
-                        .await?;
-                    Ok(10)
-                }
-            })
+            let f = drive_metered(
+                name,
+                "ev/s",
+                8,
+                duration,
+                &[Peer::Postgres],
+                move |writer, n| {
+                    let store = store.clone();
+                    async move {
+                        // Each writer appends to its own streams, so versions are known.
+                        let stream = format!(
+                            "task-{}",
+                            Uuid::from_u128(((writer as u128) << 64) | u128::from(n % 100))
+                        );
+                        let version = (n / 100) * 10;
+                        let events = progress_events(10);
+                        store
+                            .append(&stream, ExpectedVersion::Exact(version), events)
+                            .await?;
+                        Ok(10)
+                    }
+                },
+            )
             .await?;
-            runs.push(figures(name, "ev/s", count, &hist, secs, 0));
+            runs.push(f);
         }
         results.extend(median(runs));
     }
     Ok(results)
+}
+
+/// Writer `writer`'s `n`th command: progress on a task picked at random
+/// (seeded by writer and n), and its context.
+fn progress_command(tasks: &[TaskId], writer: usize, n: u64) -> (Command, CommandContext) {
+    // SplitMix64 of (writer, n): a different, repeatable draw per command
+    // at a few instructions (seeding a StdRng per command cost more than
+    // some of what is measured).
+    let mut z = ((writer as u64) << 40 ^ n).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let task_id = tasks[(z % tasks.len() as u64) as usize];
+    let command = TaskCommand::ReportTaskProgress {
+        task_id,
+        percent: ((z >> 32) % 101) as u8,
+        note: Some(NOTE.to_owned()),
+    };
+    let ctx = CommandContext::new(Uuid::new_v4(), "bench", "bench");
+    (command.into(), ctx)
 }
 
 /// The note of every progress report (~100 bytes).

@@ -88,6 +88,12 @@ pub struct BenchApiArgs {
     /// with the same load.
     #[arg(long, alias = "server-binary", value_name = "PATH")]
     pub neurectomy: Option<std::path::PathBuf>,
+    /// Run the API process under `valgrind --tool=callgrind`, its dumps in
+    /// this directory: each metered window then also reports the
+    /// instructions per request or per delivered message (everything runs
+    /// ~50× slower; raise the services' timeouts to match).
+    #[arg(long, value_name = "DIR")]
+    pub callgrind: Option<std::path::PathBuf>,
     /// Only run the parts whose name contains this text (`http`, `ws`, `bombs`); the
     /// idle RSS is always measured.
     #[arg(long)]

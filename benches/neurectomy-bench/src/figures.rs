@@ -1,6 +1,7 @@
 //! A scenario's figures: rates and latency percentiles measured inside one
-//! run, the table they are printed in (and the JSON of `--json`), and the
-//! loop that drives concurrent writers for a duration.
+//! run, what one operation cost (CPU time, context switches, instructions:
+//! [`crate::meter`]), the tables they are printed in (and the JSON of
+//! `--json`), and the loop that drives concurrent writers for a duration.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::cli::BenchArgs;
+use crate::meter::{Cost, Meter, Peer};
 
 /// One scenario's figures.
 #[derive(Debug, Clone, Serialize)]
@@ -31,6 +33,16 @@ pub struct Figures {
     pub conflicts: u64,
     /// Seconds measured.
     pub seconds: f64,
+    /// What one operation cost this process (and the services it used).
+    pub cost: Option<Cost>,
+}
+
+impl Figures {
+    /// The figures with what one operation cost.
+    pub fn with_cost(mut self, cost: Cost) -> Self {
+        self.cost = Some(cost);
+        self
+    }
 }
 
 /// Prints the figures of `append`, `relay` or `project` as a table, and
@@ -46,11 +58,48 @@ pub fn report(results: &[Figures], json: Option<&Path>) -> anyhow::Result<()> {
             f.scenario, f.rate, f.unit, f.p50_ms, f.p99_ms, f.conflicts
         );
     }
+    let costs: Vec<(&str, &Cost)> = results
+        .iter()
+        .filter_map(|f| Some((f.scenario.as_str(), f.cost.as_ref()?)))
+        .collect();
+    print_costs(&costs);
     if let Some(path) = json {
         let json = serde_json::to_string_pretty(results)?;
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Prints what one operation cost, per scenario: CPU time of this process
+/// (µs, with its system share), its context switches and migrations, its
+/// instructions (under callgrind), and the CPU time of the services.
+pub fn print_costs(costs: &[(&str, &Cost)]) {
+    if costs.is_empty() {
+        return;
+    }
+    println!(
+        "\nper operation: {:<37} {:>9} {:>5} {:>7} {:>7} {:>11}  services (µs CPU)",
+        "scenario", "µs CPU", "sys%", "cs", "migr", "Ir"
+    );
+    for (scenario, cost) in costs {
+        let services: Vec<String> = cost
+            .peers
+            .iter()
+            .map(|(peer, us)| format!("{} {us:.1}", peer.name()))
+            .collect();
+        println!(
+            "{:<52} {:>9.1} {:>5.0} {:>7.2} {:>7} {:>11}  {}",
+            scenario,
+            cost.cpu_us,
+            cost.system_share * 100.0,
+            cost.switches,
+            cost.migrations
+                .map_or_else(|| "—".to_owned(), |m| format!("{m:.3}")),
+            cost.instructions
+                .map_or_else(|| "—".to_owned(), |i| format!("{i:.0}")),
+            services.join(", ")
+        );
+    }
 }
 
 /// Whether `--only` selects the scenario `name` (no `--only`: every one).
@@ -92,7 +141,28 @@ pub fn figures(
         count,
         conflicts,
         seconds,
+        cost: None,
     }
+}
+
+/// [`drive`] in a [`Meter`] window on this process and `peers`: the figures
+/// of `scenario` with what one operation cost.
+pub async fn drive_metered<F, Fut>(
+    scenario: &str,
+    unit: &'static str,
+    writers: usize,
+    duration: Duration,
+    peers: &[Peer],
+    op: F,
+) -> anyhow::Result<Figures>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<u64>> + Send,
+{
+    let meter = Meter::start(scenario, std::process::id(), peers).await?;
+    let (count, hist, secs) = drive(writers, duration, op).await?;
+    let cost = meter.finish(count).await?;
+    Ok(figures(scenario, unit, count, &hist, secs, 0).with_cost(cost))
 }
 
 /// Runs `writers` concurrent loops of `op` for `duration`; each `op` returns

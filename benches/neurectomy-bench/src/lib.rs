@@ -27,8 +27,11 @@
 //!
 //! - [`cli`]: the command line (the settings of `neurectomy`, the
 //!   benchmarks and their options).
-//! - [`figures`]: a scenario's figures, the table they are printed in, and
+//! - [`figures`]: a scenario's figures, the tables they are printed in, and
 //!   the loop that drives concurrent writers for a duration.
+//! - [`meter`]: what one operation costs — CPU time of this process and of
+//!   the services (`/proc`), context switches and migrations (`perf stat`),
+//!   instructions (callgrind) — around a window of many.
 //! - [`append`]: `append`, commands through the handler and raw appends;
 //!   the workload the other benchmarks share (running tasks, progress
 //!   events).
@@ -58,6 +61,7 @@ pub mod api_bench;
 pub mod append;
 pub mod cli;
 pub mod figures;
+pub mod meter;
 pub mod project;
 pub mod relay;
 pub mod scratch;

@@ -46,6 +46,7 @@ use uuid::Uuid;
 use crate::append::running_tasks;
 use crate::cli::BenchArgs;
 use crate::figures::{figures, histogram, median, wants, Figures};
+use crate::meter::{Meter, Peer};
 use crate::scratch;
 
 /// Scenario names.
@@ -54,6 +55,9 @@ const REDIS_APPLY: &str = "redis replay: RedisModel::apply alone (log pre-read)"
 const GRAPH_REPLAY: &str = "graph replay: projector catch-up from PostgreSQL";
 const GRAPH_RAW: &str = "graph raw: the same statements, sent directly";
 const READ_ALONE: &str = "postgres: read_all + decode alone (no read model)";
+/// The services a projected event costs besides this process.
+const REDIS_PEERS: &[Peer] = &[Peer::Postgres, Peer::Redis];
+const GRAPH_PEERS: &[Peer] = &[Peer::Postgres, Peer::Graph];
 /// Redis replay target, events/s.
 const REDIS_REPLAY_TARGET: f64 = 50_000.0;
 /// Graph replay target, share of the server's raw rate.
@@ -385,6 +389,7 @@ async fn replays(
                 run + 1
             );
             let model = scratch.live(settings).await?;
+            let meter = Meter::start(REDIS_REPLAY, std::process::id(), REDIS_PEERS).await?;
             let (count, hist, secs) = catch_up(
                 model,
                 &store,
@@ -394,7 +399,8 @@ async fn replays(
                 &scratch.stop,
             )
             .await?;
-            figs.push(figures(REDIS_REPLAY, "ev/s", count, &hist, secs, 0));
+            let cost = meter.finish(count).await?;
+            figs.push(figures(REDIS_REPLAY, "ev/s", count, &hist, secs, 0).with_cost(cost));
         }
         if let Some(mut f) = median(figs) {
             f.scenario = format!(
@@ -410,8 +416,10 @@ async fn replays(
         for run in 0..runs {
             eprintln!("running `{REDIS_APPLY}` ({}/{runs})…", run + 1);
             let model = scratch.live(settings).await?;
+            let meter = Meter::start(REDIS_APPLY, std::process::id(), &[Peer::Redis]).await?;
             let (count, hist, secs) = apply_directly(&model, &batches).await?;
-            figs.push(figures(REDIS_APPLY, "ev/s", count, &hist, secs, 0));
+            let cost = meter.finish(count).await?;
+            figs.push(figures(REDIS_APPLY, "ev/s", count, &hist, secs, 0).with_cost(cost));
         }
         results.extend(median(figs));
     }
@@ -433,6 +441,7 @@ async fn replays(
                 run + 1
             );
             let model = scratch.graph(settings).await?;
+            let meter = Meter::start(GRAPH_REPLAY, std::process::id(), GRAPH_PEERS).await?;
             let (count, hist, secs) = catch_up(
                 model,
                 &store,
@@ -442,7 +451,8 @@ async fn replays(
                 &scratch.stop,
             )
             .await?;
-            graph_runs.push(figures(GRAPH_REPLAY, "ev/s", count, &hist, secs, 0));
+            let cost = meter.finish(count).await?;
+            graph_runs.push(figures(GRAPH_REPLAY, "ev/s", count, &hist, secs, 0).with_cost(cost));
         }
         if want_raw {
             let planned = match planned_once.take() {

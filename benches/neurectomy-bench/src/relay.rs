@@ -18,7 +18,11 @@ use uuid::Uuid;
 use crate::append::progress_events;
 use crate::cli::BenchArgs;
 use crate::figures::{drive, figures, histogram, wants, Figures};
+use crate::meter::{Meter, Peer};
 use crate::scratch;
+
+/// The services a relayed event costs besides this process.
+const RELAY_PEERS: &[Peer] = &[Peer::Postgres, Peer::Nats];
 
 /// Appends `total` events in batches of 100 with 4 writers; returns the last position.
 async fn preload(store: &EventStore, total: u64) -> anyhow::Result<()> {
@@ -64,6 +68,7 @@ async fn relay_scenarios(
         preload(&store, total).await?;
         let nats = scratch::nats(settings).await?;
         eprintln!("running `{name}`…");
+        let meter = Meter::start(name, std::process::id(), RELAY_PEERS).await?;
         let started = Instant::now();
         let relay = BenchRelay::start(&store, settings, nats);
         let mut progress = relay.progress.clone();
@@ -74,8 +79,9 @@ async fn relay_scenarios(
         }
         let secs = started.elapsed().as_secs_f64();
         let published = progress.borrow().published;
+        let cost = meter.finish(published).await?;
         relay.finish().await?;
-        results.push(figures(name, "ev/s", published, &histogram(), secs, 0));
+        results.push(figures(name, "ev/s", published, &histogram(), secs, 0).with_cost(cost));
     }
 
     let name = "relay: 2,000 events/s paced, commit → ack latency";
@@ -96,6 +102,7 @@ async fn relay_scenarios(
         ));
         // 4 writers × 500 appends/s of one event each = 2,000 events/s.
         let interval = Duration::from_micros(2_000);
+        let meter = Meter::start(name, std::process::id(), RELAY_PEERS).await?;
         let started = Instant::now();
         let deadline = started + Duration::from_secs(seconds);
         let mut writers = Vec::new();
@@ -130,10 +137,12 @@ async fn relay_scenarios(
         }
         let secs = started.elapsed().as_secs_f64();
         wait_caught_up(&store, progress.clone()).await?;
+        // The appends and their relaying: the cost of one event end to end.
+        let cost = meter.finish(count).await?;
         relay.finish().await?;
         let _ = watcher.await;
         let hist = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut f = figures(name, "ev/s", count, &hist, secs, 0);
+        let mut f = figures(name, "ev/s", count, &hist, secs, 0).with_cost(cost);
         f.count = hist.len();
         results.push(f);
     }

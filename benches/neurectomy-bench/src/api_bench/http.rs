@@ -13,12 +13,13 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::process::{cpu_seconds, memory, mib, sample_rss};
+use super::process::{memory, mib, sample_rss};
 use super::{
     check_agent, query_body, Api, Row, Scratch, LOAD_RSS_TARGET_MIB, QUERY_P99_TARGET_MS,
     RATIO_TARGET, TYPENAME_QUERY,
 };
 use crate::cli::BenchApiArgs;
+use crate::meter::{cpu_seconds, Cost, Meter, Peer};
 
 /// One HTTP/1.1 request on a fresh connection; returns (status, body).
 pub(super) async fn http(
@@ -94,6 +95,11 @@ struct WrkRun {
     non_2xx: u64,
     /// `Socket errors: …`, if any.
     socket_errors: Option<String>,
+    /// What one request cost the API process (and Redis), when metered.
+    cost: Option<Cost>,
+    /// CPU time of this (the bench's) process per request meanwhile, µs:
+    /// the relay and projector it runs for the API, idle unless written to.
+    bench_cpu_us: Option<f64>,
 }
 
 impl WrkRun {
@@ -107,6 +113,12 @@ impl WrkRun {
         }
         if let Some(errors) = &self.socket_errors {
             detail.push_str(&format!("; socket errors: {errors}"));
+        }
+        if let Some(cost) = &self.cost {
+            detail.push_str(&format!("; API {}", cost.describe()));
+        }
+        if let Some(us) = self.bench_cpu_us {
+            detail.push_str(&format!("; bench process {us:.1} µs/req"));
         }
         detail
     }
@@ -174,6 +186,25 @@ async fn wrk(
     script: Option<&Path>,
 ) -> anyhow::Result<WrkRun> {
     wrk_with(args, args.connections, seconds, url, script).await
+}
+
+/// [`wrk`] in a [`Meter`] window on the API process (and Redis): the run
+/// with what one request cost.
+async fn wrk_metered(
+    args: &BenchApiArgs,
+    api: &Api,
+    label: &str,
+    seconds: u64,
+    url: &str,
+    script: Option<&Path>,
+) -> anyhow::Result<WrkRun> {
+    let meter = Meter::start(label, api.pid, &[Peer::Redis]).await?;
+    let bench_before = cpu_seconds(std::process::id())?;
+    let mut run = wrk(args, seconds, url, script).await?;
+    let bench = cpu_seconds(std::process::id())? - bench_before;
+    run.cost = Some(meter.finish(run.requests).await?);
+    run.bench_cpu_us = Some(bench * 1e6 / run.requests.max(1) as f64);
+    Ok(run)
 }
 
 /// [`wrk`] with `connections` of its own.
@@ -262,17 +293,21 @@ pub(super) async fn http_scenarios(
     let mut measured = async {
         for run in 0..runs {
             eprintln!("wrk: GET /healthz for {seconds}s ({}/{runs})…", run + 1);
-            healthz_runs.push(wrk(args, seconds, &healthz_url, None).await?);
+            healthz_runs
+                .push(wrk_metered(args, api, "healthz", seconds, &healthz_url, None).await?);
             eprintln!(
                 "wrk: POST /graphql {{ __typename }} for {seconds}s ({}/{runs})…",
                 run + 1
             );
-            bare_runs.push(wrk(args, seconds, &graphql_url, Some(&bare)).await?);
+            bare_runs.push(
+                wrk_metered(args, api, "typename", seconds, &graphql_url, Some(&bare)).await?,
+            );
             eprintln!(
                 "wrk: POST /graphql agent(id) for {seconds}s ({}/{runs})…",
                 run + 1
             );
-            query_runs.push(wrk(args, seconds, &graphql_url, Some(&script)).await?);
+            query_runs
+                .push(wrk_metered(args, api, "agent", seconds, &graphql_url, Some(&script)).await?);
         }
         Ok::<_, anyhow::Error>(())
     }
@@ -342,6 +377,15 @@ pub(super) async fn http_scenarios(
             query.p99_ms <= QUERY_P99_TARGET_MS,
         ),
     );
+    for (name, run) in [
+        ("http: API CPU per /healthz request", &healthz),
+        ("http: API CPU per { __typename } request", &bare),
+        ("http: API CPU per agent(id) request", &query),
+    ] {
+        if let Some(cost) = &run.cost {
+            rows.push(Row::new(name, cost.cpu_us, "µs").detail(cost.describe()));
+        }
+    }
     let largest = largest.max(after.rss_kib);
     rows.push(
         Row::new(

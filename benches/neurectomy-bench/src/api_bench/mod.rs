@@ -520,7 +520,21 @@ async fn set_up(
         .mint("bench", TENANT, &[Role::Operator], 24 * 3600)
         .map_err(|e| anyhow::anyhow!("minting a token: {e}"))?;
     let addr = free_port()?;
-    let mut command = tokio::process::Command::new(neurectomy);
+    let mut command = match &args.callgrind {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let mut valgrind = tokio::process::Command::new("valgrind");
+            valgrind
+                .arg("--tool=callgrind")
+                .arg(format!(
+                    "--callgrind-out-file={}/callgrind.out.%p",
+                    std::path::absolute(dir)?.display()
+                ))
+                .arg(neurectomy);
+            valgrind
+        }
+        None => tokio::process::Command::new(neurectomy),
+    };
     command
         .arg("serve")
         .env("NEURECTOMY_API_LISTEN", addr.to_string())
@@ -564,7 +578,9 @@ async fn set_up(
         .with_context(|| format!("spawning {} serve", neurectomy.display()))?;
     let pid = child.id().context("the API process has no pid")?;
     scratch.server = Some(child);
-    wait_ready(scratch, addr).await?;
+    // Under callgrind, start-up is ~50× slower.
+    let limit = START_LIMIT * if args.callgrind.is_some() { 10 } else { 1 };
+    wait_ready(scratch, addr, limit).await?;
     eprintln!("API process {pid} listening on {addr}");
     Ok((Api { addr, pid, token }, agents))
 }
@@ -613,8 +629,12 @@ fn free_port() -> anyhow::Result<SocketAddr> {
 }
 
 /// Waits until the API answers `/healthz`, or fails if it exits first.
-async fn wait_ready(scratch: &mut Scratch, addr: SocketAddr) -> anyhow::Result<()> {
-    let deadline = Instant::now() + START_LIMIT;
+async fn wait_ready(
+    scratch: &mut Scratch,
+    addr: SocketAddr,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(server) = scratch.server.as_mut() {
             if let Some(status) = server.try_wait().context("checking on the API process")? {
@@ -627,7 +647,7 @@ async fn wait_ready(scratch: &mut Scratch, addr: SocketAddr) -> anyhow::Result<(
         anyhow::ensure!(
             Instant::now() < deadline,
             "the API did not answer /healthz on {addr} within {} s",
-            START_LIMIT.as_secs()
+            limit.as_secs()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

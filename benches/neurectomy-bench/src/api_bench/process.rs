@@ -165,28 +165,6 @@ pub(super) fn sample_rss(pid: u32, stop: CancellationToken) -> JoinHandle<u64> {
     })
 }
 
-/// CPU time (user + system) the process has used, in seconds.
-pub(super) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("an unreadable /proc/<pid>/stat")?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| -> anyhow::Result<f64> {
-        Ok(fields
-            .get(i)
-            .context("a short /proc/<pid>/stat")?
-            .parse::<f64>()?)
-    };
-    // utime and stime are fields 14 and 15 of the line: 12 and 13 here,
-    // in clock ticks (USER_HZ, 100 on Linux).
-    let hz = 100.0;
-    Ok((ticks(11)? + ticks(12)?) / hz)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,7 @@ use super::{
 };
 use crate::cli::BenchApiArgs;
 use crate::figures::histogram;
+use crate::meter::{Cost, Meter, Peer};
 
 /// How long subscribers get to receive the change.
 const DELIVERY_LIMIT: Duration = Duration::from_secs(30);
@@ -110,6 +111,14 @@ pub(super) async fn ws_scenario(
                     .detail(rss.describe()),
             );
             rows.push(delivery.row(&p99_name, p99_target, n));
+            rows.push(
+                Row::new(
+                    "ws: API CPU per delivered message",
+                    delivery.cost.cpu_us,
+                    "µs",
+                )
+                .detail(delivery.cost.describe()),
+            );
         }
         Err(error) => {
             let why = format!("{error:#}");
@@ -393,6 +402,8 @@ struct Delivery {
     early: usize,
     mutation_ms: f64,
     first_failure: Option<String>,
+    /// What one delivered message cost the API process (and Redis).
+    cost: Cost,
 }
 
 impl Delivery {
@@ -560,6 +571,9 @@ async fn deliver(
     );
 
     let body = json!({"query": PAUSE, "variables": {"id": agent}}).to_string();
+    // The API's cost of the change: one mutation, then a message to each
+    // subscriber (the mutation is a rounding error beside 10,000 messages).
+    let meter = Meter::start("delivery", api.pid, &[Peer::Redis]).await?;
     let sent = Instant::now();
     let (status, answer) = http(api.addr, "POST", "/graphql", Some(&api.token), Some(&body))
         .await
@@ -608,6 +622,7 @@ async fn deliver(
             received_count += 1;
         }
     }
+    let cost = meter.finish(received_count as u64).await?;
     Ok((
         rss,
         Delivery {
@@ -618,6 +633,7 @@ async fn deliver(
             early,
             mutation_ms: answered.duration_since(sent).as_secs_f64() * 1000.0,
             first_failure,
+            cost,
         },
     ))
 }
