@@ -4,12 +4,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sqlx::postgres::PgRow;
+use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor, Row};
 use time::OffsetDateTime;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::EventStore;
-use crate::envelope::{ExpectedVersion, NewEvent, RecordedEvent};
+use crate::envelope::{EventMetadata, ExpectedVersion, NewEvent, RecordedEvent};
 use crate::error::AppendError;
 
 /// Most events in one append: the low 16 bits of a position index the events
@@ -22,20 +24,22 @@ const STREAM_VERSION: &str = include_str!("sql/stream_version.sql");
 /// How many times an `Any` append re-reads the version after losing a race.
 const ANY_RETRIES: u32 = 16;
 
-/// The columns of a batch, as parallel arrays for `UNNEST`.
-struct Batch {
+/// The columns of a batch, as parallel arrays for `UNNEST`, borrowed from
+/// the events: the JSON documents are serialised once, straight into the
+/// statement's buffer.
+struct Batch<'a> {
     command_id: Uuid,
     correlation_id: Uuid,
-    tenant: String,
+    tenant: &'a str,
     ids: Vec<Uuid>,
-    types: Vec<String>,
+    types: Vec<&'a str>,
     versions: Vec<i32>,
-    data: Vec<Value>,
-    metadata: Vec<Value>,
+    data: Vec<Json<&'a Value>>,
+    metadata: Vec<Json<&'a EventMetadata>>,
 }
 
-impl Batch {
-    fn new(events: &[NewEvent]) -> Result<Self, AppendError> {
+impl<'a> Batch<'a> {
+    fn new(events: &'a [NewEvent]) -> Result<Self, AppendError> {
         let Some(first) = events.first() else {
             return Err(AppendError::BadBatch {
                 count: 0,
@@ -51,15 +55,12 @@ impl Batch {
         Ok(Self {
             command_id: first.metadata.command_id,
             correlation_id: first.metadata.correlation_id,
-            tenant: first.metadata.tenant.clone(),
+            tenant: &first.metadata.tenant,
             ids: events.iter().map(|e| e.metadata.event_id).collect(),
-            types: events.iter().map(|e| e.event_type.clone()).collect(),
+            types: events.iter().map(|e| e.event_type.as_str()).collect(),
             versions: events.iter().map(|e| e.schema_version).collect(),
-            data: events.iter().map(|e| e.data.clone()).collect(),
-            metadata: events
-                .iter()
-                .map(|e| serde_json::to_value(&e.metadata).unwrap_or(Value::Null))
-                .collect(),
+            data: events.iter().map(|e| Json(&e.data)).collect(),
+            metadata: events.iter().map(|e| Json(&e.metadata)).collect(),
         })
     }
 
@@ -74,7 +75,7 @@ impl Batch {
             .bind(required)
             .bind(self.command_id)
             .bind(self.correlation_id)
-            .bind(&self.tenant)
+            .bind(self.tenant)
             .bind(&self.ids)
             .bind(&self.types)
             .bind(&self.versions)
@@ -145,15 +146,20 @@ impl EventStore {
     ///
     /// All events must share the command id, correlation id and tenant of the
     /// first one. With [`ExpectedVersion::Any`] a lost race is retried.
-    #[tracing::instrument(name = "event_store.append", skip_all, fields(stream_id, count = events.len()))]
     pub async fn append(
         &self,
         stream_id: &str,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<Vec<RecordedEvent>, AppendError> {
+        let span = crate::trace::step(|| {
+            tracing::info_span!("event_store.append", stream_id, count = events.len())
+        });
         let started = Instant::now();
-        let result = self.append_unmetered(stream_id, expected, events).await;
+        let result = self
+            .append_unmetered(stream_id, expected, events)
+            .instrument(span)
+            .await;
         record_append(&result, started.elapsed());
         result
     }
@@ -170,7 +176,14 @@ impl EventStore {
         let mut attempt = 0;
         let rows = loop {
             attempt += 1;
-            let result = batch.insert(&self.pool, stream_id, required).await;
+            let result = match self.lease().await {
+                Ok(mut conn) => {
+                    let result = batch.insert(&mut *conn, stream_id, required).await;
+                    conn.settle(&result);
+                    result
+                }
+                Err(error) => Err(error),
+            };
             match classify(stream_id, batch.command_id, result)? {
                 Attempt::Done(rows) => break rows,
                 Attempt::Raced if required.is_none() && attempt < ANY_RETRIES => continue,
@@ -236,11 +249,13 @@ impl EventStore {
 
     /// Current version of a stream (0 if it has no events).
     pub async fn stream_version(&self, stream_id: &str) -> Result<u64, sqlx::Error> {
-        let version: i64 = sqlx::query_scalar(STREAM_VERSION)
+        let mut conn = self.lease().await?;
+        let version = sqlx::query_scalar::<_, i64>(STREAM_VERSION)
             .bind(stream_id)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(u64::try_from(version).unwrap_or(0))
+            .fetch_one(&mut *conn)
+            .await;
+        conn.settle(&version);
+        Ok(u64::try_from(version?).unwrap_or(0))
     }
 }
 

@@ -2,6 +2,7 @@
 //! and [`snapshot`]. SQL lives in `sql/*.sql`; tables in `migrations/`.
 
 mod append;
+mod lease;
 mod read;
 mod snapshot;
 
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::idempotency::event_id;
 pub use append::MAX_EVENTS_PER_APPEND;
+pub use lease::FRESH as KEPT_CONNECTION_FRESH;
 pub use read::{LoadedStream, LogHead, StoredEvent};
 
 /// Statements slower than this are logged at warn, by name and duration
@@ -42,6 +44,9 @@ pub const COMMIT_CHANNEL: &str = "neurectomy_events";
 pub struct EventStore {
     /// Connection pool; every operation is one short statement.
     pool: PgPool,
+    /// Connections kept checked out between statements (one round trip
+    /// per statement instead of three).
+    leases: Arc<lease::Leases>,
     /// Bumped after every successful append, so an in-process relay wakes at
     /// once instead of polling.
     commits: Arc<watch::Sender<u64>>,
@@ -52,6 +57,7 @@ impl EventStore {
     pub fn new(pool: PgPool) -> Self {
         let (commits, _) = watch::channel(0);
         Self {
+            leases: Arc::new(lease::Leases::for_pool(&pool)),
             pool,
             commits: Arc::new(commits),
         }
@@ -65,6 +71,22 @@ impl EventStore {
     /// A receiver that changes after every append committed through this handle.
     pub fn commits(&self) -> watch::Receiver<u64> {
         self.commits.subscribe()
+    }
+
+    /// A connection for one statement (see the `lease` module).
+    async fn lease(&self) -> Result<lease::Lease<'_>, sqlx::Error> {
+        self.leases.take(&self.pool).await
+    }
+
+    /// Runs a query on a leased connection and returns its rows.
+    async fn fetch_all<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Vec<sqlx::postgres::PgRow>, sqlx::Error> {
+        let mut conn = self.lease().await?;
+        let rows = query.fetch_all(&mut *conn).await;
+        conn.settle(&rows);
+        rows
     }
 
     fn signal_commit(&self) {

@@ -113,10 +113,12 @@ impl EventStore {
         stream_id: &str,
         snapshot_version: i32,
     ) -> Result<LoadedStream, ReadError> {
-        let rows = sqlx::query(LOAD_STREAM)
-            .bind(stream_id)
-            .bind(snapshot_version)
-            .fetch_all(&self.pool)
+        let rows = self
+            .fetch_all(
+                sqlx::query(LOAD_STREAM)
+                    .bind(stream_id)
+                    .bind(snapshot_version),
+            )
             .await
             .map_err(db(format!("loading stream {stream_id}")))?;
         LoadedStream::from_rows(rows, stream_id)
@@ -129,10 +131,8 @@ impl EventStore {
         stream_id: &str,
         version: i64,
     ) -> Result<LoadedStream, ReadError> {
-        let rows = sqlx::query(READ_STREAM_AFTER)
-            .bind(stream_id)
-            .bind(version)
-            .fetch_all(&self.pool)
+        let rows = self
+            .fetch_all(sqlx::query(READ_STREAM_AFTER).bind(stream_id).bind(version))
             .await
             .map_err(db(format!(
                 "loading stream {stream_id} after version {version}"
@@ -164,10 +164,8 @@ impl EventStore {
     /// commit a lower position has finished. Positions increase strictly.
     pub async fn read_all(&self, after: i64, limit: i64) -> Result<Vec<RecordedEvent>, ReadError> {
         let started = std::time::Instant::now();
-        let rows = sqlx::query(READ_ALL)
-            .bind(after)
-            .bind(limit)
-            .fetch_all(&self.pool)
+        let rows = self
+            .fetch_all(sqlx::query(READ_ALL).bind(after).bind(limit))
             .await
             .map_err(db(format!("reading the global log after position {after}")))?;
         super::note_duration("read_all", started.elapsed());
@@ -294,12 +292,14 @@ impl EventStore {
         tenant: &str,
         command_id: uuid::Uuid,
     ) -> Result<Vec<RecordedEvent>, ReadError> {
-        let rows = sqlx::query(EVENTS_OF_COMMAND)
-            .bind(crate::idempotency::event_id(tenant, command_id, 0))
-            .bind(command_id)
-            .bind(tenant)
-            .bind(crate::idempotency::legacy_event_id(command_id, 0))
-            .fetch_all(&self.pool)
+        let rows = self
+            .fetch_all(
+                sqlx::query(EVENTS_OF_COMMAND)
+                    .bind(crate::idempotency::event_id(tenant, command_id, 0))
+                    .bind(command_id)
+                    .bind(tenant)
+                    .bind(crate::idempotency::legacy_event_id(command_id, 0)),
+            )
             .await
             .map_err(db(format!("looking up command {command_id}")))?;
         rows.iter().map(recorded).collect()

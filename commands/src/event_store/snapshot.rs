@@ -17,14 +17,15 @@ impl EventStore {
         tenant: &str,
         state: Value,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(SAVE_SNAPSHOT)
-            .bind(stream_id)
-            .bind(stream_version)
-            .bind(snapshot_version)
-            .bind(tenant)
-            .bind(state)
-            .execute(&self.pool)
-            .await?;
+        self.fetch_all(
+            sqlx::query(SAVE_SNAPSHOT)
+                .bind(stream_id)
+                .bind(stream_version)
+                .bind(snapshot_version)
+                .bind(tenant)
+                .bind(state),
+        )
+        .await?;
         Ok(())
     }
 }

@@ -202,3 +202,64 @@ async fn stale_expectations_conflict_and_append_nothing() {
         .collect();
     assert_eq!(ids.len(), 4);
 }
+
+/// Ends every other session on the test database, as a restart of the
+/// server or an administrator would.
+async fn terminate_sessions(db: &TestDatabase) -> u64 {
+    use sqlx::Connection as _;
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    ended.into_iter().filter(|ended| *ended).count() as u64
+}
+
+#[tokio::test]
+async fn connections_the_server_ended_are_replaced_not_kept() {
+    let db = TestDatabase::create(4).await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let append = |store: EventStore| async move {
+        let stream = stream_id("task");
+        store
+            .append(
+                &stream,
+                ExpectedVersion::NoStream,
+                events(&stream, 1, TENANT),
+            )
+            .await
+    };
+    append(store.clone()).await.unwrap();
+
+    // Straight after: the kept connection is the one ended. Its statement
+    // may fail (the store does not test a connection it used a moment
+    // ago), but the connection is not kept: the next append succeeds.
+    assert!(terminate_sessions(&db).await >= 1);
+    let first = append(store.clone()).await;
+    if let Err(error) = &first {
+        assert!(
+            matches!(error, AppendError::Database { .. }),
+            "a lost connection is a database error: {error:?}"
+        );
+        append(store.clone())
+            .await
+            .expect("the ended connection was kept for the next append");
+    }
+
+    // After a pause as long as a kept connection stays fresh, the store
+    // has it tested by the pool first: the first append succeeds.
+    append(store.clone()).await.unwrap();
+    assert!(terminate_sessions(&db).await >= 1);
+    tokio::time::sleep(
+        neurectomy_commands::event_store::KEPT_CONNECTION_FRESH
+            + std::time::Duration::from_millis(200),
+    )
+    .await;
+    append(store.clone())
+        .await
+        .expect("a connection unused for a while was used without a test");
+    assert_eq!(event_count(&db.pool).await, 3 + i64::from(first.is_ok()));
+}

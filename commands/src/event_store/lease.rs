@@ -1,0 +1,151 @@
+//! Connections kept checked out of the pool between statements.
+//!
+//! A statement run on `&PgPool` costs three round trips in sqlx 0.8: the
+//! pool pings a connection before handing it out (`test_before_acquire`),
+//! then the statement, then — in a task spawned when the connection is
+//! dropped — another ping before it goes back. On a one-statement append
+//! that is two thirds of the round trips and most of the wake-ups.
+//!
+//! The store keeps up to half the pool's connections checked out in a
+//! short list instead, and hands them out again without asking the pool:
+//! one round trip per statement. What the pings were for is kept:
+//!
+//! - A connection is kept only after a statement on it completed (or the
+//!   server refused it: the connection is fine). A statement that failed
+//!   on the connection — I/O, protocol, a timeout — or was cancelled
+//!   half-way drops it back to the pool, whose release ping tests it and
+//!   closes it if it is broken.
+//! - A kept connection unused for [`FRESH`] goes back to the pool too (and
+//!   is tested there): after an outage, a restarted server is met with
+//!   connections the pool has checked, not with ones that died meanwhile.
+//! - At most half the pool is kept, so every other user of the pool (the
+//!   relay's lock, the API's reads) still gets connections.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
+
+/// How long a kept connection may sit unused before it goes back to the
+/// pool (and its ping).
+pub const FRESH: Duration = Duration::from_secs(1);
+
+/// The connections kept checked out, most recently used last.
+#[derive(Debug)]
+pub(crate) struct Leases {
+    kept: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
+    max: usize,
+}
+
+impl Leases {
+    /// Keeps at most half of `pool`'s connections (at least one).
+    pub(crate) fn for_pool(pool: &PgPool) -> Self {
+        let max = (pool.options().get_max_connections() as usize / 2).max(1);
+        Self {
+            kept: Mutex::new(Vec::with_capacity(max)),
+            max,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(PoolConnection<Postgres>, Instant)>> {
+        // Pushes and pops are single calls: a poisoned list is consistent.
+        self.kept.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A connection: the most recently used kept one if it is fresh, else
+    /// one from the pool (tested by it).
+    pub(crate) async fn take<'a>(&'a self, pool: &PgPool) -> Result<Lease<'a>, sqlx::Error> {
+        let mut stale = Vec::new();
+        let kept = {
+            let mut kept = self.lock();
+            loop {
+                match kept.pop() {
+                    Some((conn, used)) if used.elapsed() < FRESH => break Some(conn),
+                    Some((conn, _)) => stale.push(conn),
+                    None => break None,
+                }
+            }
+        };
+        // Dropped outside the lock: each goes back to the pool, which tests it.
+        drop(stale);
+        let conn = match kept {
+            Some(conn) => conn,
+            None => pool.acquire().await?,
+        };
+        Ok(Lease {
+            conn: Some(conn),
+            home: self,
+            keep: false,
+        })
+    }
+
+    fn put_back(&self, conn: PoolConnection<Postgres>) {
+        let mut kept = self.lock();
+        if kept.len() < self.max {
+            kept.push((conn, Instant::now()));
+        } else {
+            drop(kept);
+            drop(conn);
+        }
+    }
+}
+
+/// A connection taken from [`Leases`]: kept for the next statement if
+/// [`Lease::settle`] saw its statement complete, else back to the pool.
+pub(crate) struct Lease<'a> {
+    conn: Option<PoolConnection<Postgres>>,
+    home: &'a Leases,
+    keep: bool,
+}
+
+impl Lease<'_> {
+    /// Notes how the statement on this connection ended: completed, or
+    /// refused by the server (an error response leaves the connection
+    /// ready), keeps it; anything else — and the server's own goodbyes,
+    /// SQLSTATE classes 08 (connection exception) and 57 (operator
+    /// intervention: shutdown, terminated backend) — returns it to the pool
+    /// to be tested.
+    pub(crate) fn settle<T>(&mut self, result: &Result<T, sqlx::Error>) {
+        self.keep = match result {
+            Ok(_) => true,
+            Err(sqlx::Error::Database(error)) => !error
+                .code()
+                .is_some_and(|code| code.starts_with("08") || code.starts_with("57")),
+            Err(_) => false,
+        };
+    }
+}
+
+impl Deref for Lease<'_> {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        // Present from creation until drop.
+        match &self.conn {
+            Some(conn) => conn,
+            None => unreachable!("a lease holds its connection until dropped"),
+        }
+    }
+}
+
+impl DerefMut for Lease<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        match &mut self.conn {
+            Some(conn) => conn,
+            None => unreachable!("a lease holds its connection until dropped"),
+        }
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if self.keep {
+                self.home.put_back(conn);
+            }
+            // Otherwise dropped: back to the pool, which tests it.
+        }
+    }
+}
