@@ -124,13 +124,27 @@ impl CommandHandler {
         ctx: &CommandContext,
     ) -> Result<CommandOutcome, CommandError> {
         let stream = A::stream_of(&command).to_string();
-        let span = tracing::info_span!(
-            "command",
-            kind = %A::KIND,
-            stream_id = %stream,
-            command_id = %ctx.command_id,
-            attempts = tracing::field::Empty,
-        );
+        // At INFO where spans are exported (traces); elsewhere at DEBUG,
+        // enabled only when the logs are (`NEURECTOMY_LOG=debug`): opening
+        // a span and formatting its fields for the log layer cost a fifth
+        // of a command's CPU, for log lines that at INFO seldom come.
+        let span = if crate::trace::recording() {
+            tracing::info_span!(
+                "command",
+                kind = %A::KIND,
+                stream_id = %stream,
+                command_id = %ctx.command_id,
+                attempts = tracing::field::Empty,
+            )
+        } else {
+            tracing::debug_span!(
+                "command",
+                kind = %A::KIND,
+                stream_id = %stream,
+                command_id = %ctx.command_id,
+                attempts = tracing::field::Empty,
+            )
+        };
         // Inside a traced caller (the API's operation span) the command span
         // is its child; a caller without a span of its own passes its
         // context in the command context instead.
@@ -158,7 +172,12 @@ impl CommandHandler {
             .and_then(|t| t.as_str())
             .unwrap_or("unknown")
             .to_owned();
-        let command_hash = hex::encode(Sha256::digest(command_json.to_string().as_bytes()));
+        // The compact JSON of the value (sorted keys): what `to_string`
+        // gives, without going through `Display`.
+        let canonical = serde_json::to_vec(&command_json).map_err(|e| CommandError::Malformed {
+            reason: format!("command cannot be serialized: {e}"),
+        })?;
+        let command_hash = hex::encode(Sha256::digest(&canonical));
 
         // A caller-pinned version is checked against the store, not the cache.
         let mut freshness = if ctx.expected_version.is_some() {
@@ -214,8 +233,8 @@ impl CommandHandler {
             }
 
             let related = self.related(&loaded.state, &command, &ctx.tenant).await?;
-            let decided =
-                tracing::info_span!("decide").in_scope(|| loaded.state.decide(&command, &related));
+            let decided = crate::trace::step(|| tracing::info_span!("decide"))
+                .in_scope(|| loaded.state.decide(&command, &related));
             let events = match decided {
                 Ok(events) => events,
                 // Refused on a cached state: check again on the current one.
@@ -376,8 +395,17 @@ impl CommandHandler {
 
     /// Folds a stream into aggregate state: from the cache (optimistic), from
     /// the cache plus newer events, or from the snapshot plus its tail.
-    #[tracing::instrument(name = "load", skip(self), fields(kind = %A::KIND))]
     async fn load<A: Aggregate>(
+        &self,
+        stream: &str,
+        freshness: Freshness,
+    ) -> Result<Loaded<A>, CommandError> {
+        let span =
+            crate::trace::step(|| tracing::info_span!("load", kind = %A::KIND, stream, ?freshness));
+        self.load_in_span(stream, freshness).instrument(span).await
+    }
+
+    async fn load_in_span<A: Aggregate>(
         &self,
         stream: &str,
         freshness: Freshness,
@@ -517,5 +545,23 @@ impl CommandHandler {
         {
             tracing::warn!(%error, stream, "could not save a snapshot");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Command hashes are stored with events and compared when a command
+    /// is retried: the bytes hashed must stay what `Value::to_string` gave.
+    #[test]
+    fn the_hashed_bytes_are_the_compact_json_of_to_string() {
+        let command = serde_json::json!({
+            "type": "CreateTask",
+            "task_id": "0b9d4d3e-5b1a-4bb4-9d7e-2f0a1f6f4d11",
+            "title": "quote \" backslash \\ tab \t newline \n é 🚀 \u{0001}",
+            "input": {"z": [1, 2.5, -3e-7, null, true], "a": {"nested": {}}},
+            "priority": 50,
+        });
+        let hashed = serde_json::to_vec(&command).unwrap();
+        assert_eq!(hashed, command.to_string().into_bytes());
     }
 }
