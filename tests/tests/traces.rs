@@ -250,6 +250,16 @@ async fn one_trace_links_a_mutation_to_the_subscriber_that_saw_it() {
         otel: Default::default(),
     };
     let telemetry = Arc::new(api::telemetry::install(&log, Some(otlp)).unwrap());
+    // Exporting INFO spans, logging warnings: nothing below INFO is enabled
+    // anywhere, so the `log` bridge and dependencies' debug/trace
+    // callsites stop before the dispatcher.
+    if std::env::var_os("TEST_LOG").is_none() {
+        assert_eq!(
+            tracing_subscriber::filter::LevelFilter::current(),
+            tracing_subscriber::filter::LevelFilter::INFO,
+            "the process's max level"
+        );
+    }
     let world = world().await;
     let token = world
         .auth

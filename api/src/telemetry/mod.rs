@@ -182,13 +182,17 @@ pub fn install(log: &LogSettings, otlp: Option<OtlpConfig>) -> Result<Telemetry,
         // future), a few percent of a small request's CPU; span durations
         // are in the trace anyway.
         .with_tracked_inactivity(false)
-        // The level filter gives the layer a max level (INFO): callsites
-        // below it are disabled outright, and the `log` bridge drops
-        // dependencies' debug/trace records before formatting them (a bare
-        // `filter_fn` would have every callsite of every crate evaluated).
+        // The layer's max level (INFO) must be a hint of both halves: an
+        // `and` with a filter that gives none has none, the process's max
+        // level becomes TRACE, and every dependency's `log::trace!` (the
+        // WebSocket codec's, per frame) goes through the `log` bridge into
+        // the dispatcher before being dropped — half the CPU of a
+        // delivered subscription message. With the hint, the `log` macros
+        // and callsites below the level stop at a load and a compare.
         .with_filter(tracing_subscriber::filter::FilterExt::and(
             tracing_subscriber::filter::LevelFilter::INFO,
-            tracing_subscriber::filter::filter_fn(traced),
+            tracing_subscriber::filter::filter_fn(traced)
+                .with_max_level_hint(tracing_subscriber::filter::LevelFilter::INFO),
         ));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (json, text) = match log.format {
