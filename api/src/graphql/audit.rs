@@ -31,7 +31,7 @@ pub use self::types::{
     AgentAt, EventLogPage, Replayed, StreamHistory, TaskAt, WorkflowAt, WorkflowStatus,
 };
 use super::types::Event;
-use super::{caller, services, DateTime, Position};
+use super::{boxed, caller, services, DateTime, Position};
 use crate::auth::Role;
 use crate::error::unavailable;
 
@@ -113,52 +113,55 @@ impl AuditQuery {
         to_version: Option<i64>,
         first: Option<i32>,
     ) -> async_graphql::Result<StreamHistory> {
-        let who = caller(ctx, Role::Auditor)?;
-        let services = services(ctx);
-        let stream = super::ids::stream("streamId", &stream_id)?;
-        let size = page_size(first, services.limits.max_page)?;
-        let from = from_version.unwrap_or(1);
-        let to = to_version.unwrap_or(i64::MAX);
-        for (name, value) in [("fromVersion", from), ("toVersion", to)] {
-            if value < 1 {
+        boxed(async move {
+            let who = caller(ctx, Role::Auditor)?;
+            let services = services(ctx);
+            let stream = super::ids::stream("streamId", &stream_id)?;
+            let size = page_size(first, services.limits.max_page)?;
+            let from = from_version.unwrap_or(1);
+            let to = to_version.unwrap_or(i64::MAX);
+            for (name, value) in [("fromVersion", from), ("toVersion", to)] {
+                if value < 1 {
+                    return Err(validation(format!(
+                        "`{name}` must be 1 (the first event) or more, not {value}"
+                    )));
+                }
+            }
+            if from > to {
                 return Err(validation(format!(
-                    "`{name}` must be 1 (the first event) or more, not {value}"
+                    "`fromVersion` ({from}) is after `toVersion` ({to}); ask for fromVersion <= toVersion"
                 )));
             }
-        }
-        if from > to {
-            return Err(validation(format!(
-                "`fromVersion` ({from}) is after `toVersion` ({to}); ask for fromVersion <= toVersion"
-            )));
-        }
-        let name = stream.to_string();
-        // One more than the page, to tell whether the range goes on.
-        let limit = i64::try_from(size).unwrap_or(i64::MAX - 1) + 1;
-        let mut events = services
-            .store
-            .read_stream_of_tenant(&who.tenant, &name, from, to, limit)
-            .await
-            .map_err(store_error)?;
-        // Read after the events, so it is never below the last one returned.
-        let current = services
-            .store
-            .stream_version_of_tenant(&who.tenant, &name)
-            .await
-            .map_err(store_error)?;
-        if current == 0 {
-            return Err(crate::error::not_found(format!(
-                "stream {name} does not exist"
-            )));
-        }
-        let has_more = events.len() > size;
-        events.truncate(size);
-        Ok(StreamHistory {
-            kind: stream.kind().to_string(),
-            stream_id: ID(name),
-            current_version: current,
-            events: events.iter().map(Event::from).collect(),
-            has_more,
+            let name = stream.to_string();
+            // One more than the page, to tell whether the range goes on.
+            let limit = i64::try_from(size).unwrap_or(i64::MAX - 1) + 1;
+            let mut events = services
+                .store
+                .read_stream_of_tenant(&who.tenant, &name, from, to, limit)
+                .await
+                .map_err(store_error)?;
+            // Read after the events, so it is never below the last one returned.
+            let current = services
+                .store
+                .stream_version_of_tenant(&who.tenant, &name)
+                .await
+                .map_err(store_error)?;
+            if current == 0 {
+                return Err(crate::error::not_found(format!(
+                    "stream {name} does not exist"
+                )));
+            }
+            let has_more = events.len() > size;
+            events.truncate(size);
+            Ok(StreamHistory {
+                kind: stream.kind().to_string(),
+                stream_id: ID(name),
+                current_version: current,
+                events: events.iter().map(Event::from).collect(),
+                has_more,
+            })
         })
+        .await
     }
 
     /// An agent as it was after `version`, or after the last event recorded
@@ -171,21 +174,25 @@ impl AuditQuery {
         version: Option<i64>,
         as_of: Option<DateTime>,
     ) -> async_graphql::Result<AgentAt> {
-        let Rebuilt { state, replayed } = rebuild::<AgentState>(ctx, &id, version, as_of).await?;
-        let json = state_json(&state)?;
-        let agent = state.get().ok_or_else(|| folded_to_nothing(&replayed))?;
-        Ok(AgentAt {
-            id: ID(agent.id.to_string()),
-            name: agent.name.clone(),
-            kind: agent.kind.as_str().to_owned(),
-            model: agent.model.clone(),
-            capabilities: agent.capabilities.clone(),
-            parent_id: agent.parent_agent_id.map(|p| ID(p.to_string())),
-            status: agent.status.into(),
-            status_reason: agent.status_reason.clone(),
-            state: json,
-            replayed,
+        boxed(async move {
+            let Rebuilt { state, replayed } =
+                rebuild::<AgentState>(ctx, &id, version, as_of).await?;
+            let json = state_json(&state)?;
+            let agent = state.get().ok_or_else(|| folded_to_nothing(&replayed))?;
+            Ok(AgentAt {
+                id: ID(agent.id.to_string()),
+                name: agent.name.clone(),
+                kind: agent.kind.as_str().to_owned(),
+                model: agent.model.clone(),
+                capabilities: agent.capabilities.clone(),
+                parent_id: agent.parent_agent_id.map(|p| ID(p.to_string())),
+                status: agent.status.into(),
+                status_reason: agent.status_reason.clone(),
+                state: json,
+                replayed,
+            })
         })
+        .await
     }
 
     /// A task as it was after `version`, or after the last event recorded
@@ -198,30 +205,34 @@ impl AuditQuery {
         version: Option<i64>,
         as_of: Option<DateTime>,
     ) -> async_graphql::Result<TaskAt> {
-        let Rebuilt { state, replayed } = rebuild::<TaskState>(ctx, &id, version, as_of).await?;
-        let json = state_json(&state)?;
-        let task = state.get().ok_or_else(|| folded_to_nothing(&replayed))?;
-        Ok(TaskAt {
-            id: ID(task.id.to_string()),
-            workflow_id: ID(task.workflow_id.to_string()),
-            title: task.title.clone(),
-            status: task.status.into(),
-            assignee_id: task.assignee.map(|a| ID(a.to_string())),
-            input: Json(task.input.clone()),
-            output: task.output.clone().map(Json),
-            required_capabilities: task.required_capabilities.clone(),
-            depends_on: task.depends_on.iter().map(|d| ID(d.to_string())).collect(),
-            priority: i32::from(task.priority),
-            progress: i32::from(task.progress),
-            progress_note: task.progress_note.clone(),
-            attempt: i64::from(task.attempt),
-            max_attempts: i64::from(task.max_attempts),
-            last_error: task.last_error.clone(),
-            retryable: task.retryable,
-            cancel_reason: task.cancel_reason.clone(),
-            state: json,
-            replayed,
+        boxed(async move {
+            let Rebuilt { state, replayed } =
+                rebuild::<TaskState>(ctx, &id, version, as_of).await?;
+            let json = state_json(&state)?;
+            let task = state.get().ok_or_else(|| folded_to_nothing(&replayed))?;
+            Ok(TaskAt {
+                id: ID(task.id.to_string()),
+                workflow_id: ID(task.workflow_id.to_string()),
+                title: task.title.clone(),
+                status: task.status.into(),
+                assignee_id: task.assignee.map(|a| ID(a.to_string())),
+                input: Json(task.input.clone()),
+                output: task.output.clone().map(Json),
+                required_capabilities: task.required_capabilities.clone(),
+                depends_on: task.depends_on.iter().map(|d| ID(d.to_string())).collect(),
+                priority: i32::from(task.priority),
+                progress: i32::from(task.progress),
+                progress_note: task.progress_note.clone(),
+                attempt: i64::from(task.attempt),
+                max_attempts: i64::from(task.max_attempts),
+                last_error: task.last_error.clone(),
+                retryable: task.retryable,
+                cancel_reason: task.cancel_reason.clone(),
+                state: json,
+                replayed,
+            })
         })
+        .await
     }
 
     /// A workflow as it was after `version`, or after the last event
@@ -235,19 +246,22 @@ impl AuditQuery {
         version: Option<i64>,
         as_of: Option<DateTime>,
     ) -> async_graphql::Result<WorkflowAt> {
-        let Rebuilt { state, replayed } =
-            rebuild::<WorkflowState>(ctx, &id, version, as_of).await?;
-        let json = state_json(&state)?;
-        let workflow = state.get().ok_or_else(|| folded_to_nothing(&replayed))?;
-        Ok(WorkflowAt {
-            id: ID(workflow.id.to_string()),
-            name: workflow.name.clone(),
-            status: workflow.status.into(),
-            reason: workflow.reason.clone(),
-            metadata: Json(workflow.metadata.clone()),
-            state: json,
-            replayed,
+        boxed(async move {
+            let Rebuilt { state, replayed } =
+                rebuild::<WorkflowState>(ctx, &id, version, as_of).await?;
+            let json = state_json(&state)?;
+            let workflow = state.get().ok_or_else(|| folded_to_nothing(&replayed))?;
+            Ok(WorkflowAt {
+                id: ID(workflow.id.to_string()),
+                name: workflow.name.clone(),
+                status: workflow.status.into(),
+                reason: workflow.reason.clone(),
+                metadata: Json(workflow.metadata.clone()),
+                state: json,
+                replayed,
+            })
         })
+        .await
     }
 
     /// The tenant's events in global order after `after` (default: from the
@@ -265,35 +279,38 @@ impl AuditQuery {
         types: Option<Vec<String>>,
         correlation_id: Option<ID>,
     ) -> async_graphql::Result<EventLogPage> {
-        let who = caller(ctx, Role::Auditor)?;
-        let services = services(ctx);
-        let size = page_size(first, services.limits.max_page)?;
-        let types = event_types(types)?;
-        let correlation = correlation_id
-            .map(|c| {
-                Uuid::parse_str(c.trim()).map_err(|_| {
-                    validation(format!(
-                        "`correlationId` must be a UUID (as returned in event metadata), not {:?}",
-                        c.as_str()
-                    ))
+        boxed(async move {
+            let who = caller(ctx, Role::Auditor)?;
+            let services = services(ctx);
+            let size = page_size(first, services.limits.max_page)?;
+            let types = event_types(types)?;
+            let correlation = correlation_id
+                .map(|c| {
+                    Uuid::parse_str(c.trim()).map_err(|_| {
+                        validation(format!(
+                            "`correlationId` must be a UUID (as returned in event metadata), not {:?}",
+                            c.as_str()
+                        ))
+                    })
                 })
+                .transpose()?;
+            let after = after.unwrap_or(Position(0));
+            // One more than the page, to tell whether more are readable now.
+            let limit = i64::try_from(size).unwrap_or(i64::MAX - 1) + 1;
+            let mut events = services
+                .store
+                .read_log_of_tenant(&who.tenant, after.0, limit, types.as_deref(), correlation)
+                .await
+                .map_err(store_error)?;
+            let has_more = events.len() > size;
+            events.truncate(size);
+            let next = events.last().map_or(after, |e| Position(e.position));
+            Ok(EventLogPage {
+                events: events.iter().map(Event::from).collect(),
+                next,
+                has_more,
             })
-            .transpose()?;
-        let after = after.unwrap_or(Position(0));
-        // One more than the page, to tell whether more are readable now.
-        let limit = i64::try_from(size).unwrap_or(i64::MAX - 1) + 1;
-        let mut events = services
-            .store
-            .read_log_of_tenant(&who.tenant, after.0, limit, types.as_deref(), correlation)
-            .await
-            .map_err(store_error)?;
-        let has_more = events.len() > size;
-        events.truncate(size);
-        let next = events.last().map_or(after, |e| Position(e.position));
-        Ok(EventLogPage {
-            events: events.iter().map(Event::from).collect(),
-            next,
-            has_more,
         })
+        .await
     }
 }

@@ -7,7 +7,7 @@ use async_graphql::{Context, Enum, InputObject, Object, SimpleObject, ID};
 use projections::Entity;
 
 use super::types::{Agent, Task, Workflow};
-use super::{caller, consistent, ids, services, DateTime, Position, ReadModelKind};
+use super::{boxed, caller, consistent, ids, services, DateTime, Position, ReadModelKind};
 use crate::auth::Role;
 use crate::error::unavailable;
 
@@ -278,21 +278,24 @@ impl ReadQuery {
         id: ID,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Option<Agent>> {
-        let who = caller(ctx, Role::Viewer)?;
-        let id = ids::agent("id", &id)?.to_string();
-        consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
-        let selection = ctx.look_ahead();
-        let wanted: Vec<&str> = Agent::STORED
-            .iter()
-            .filter(|(field, _)| selection.field(field).exists())
-            .map(|(_, stored)| *stored)
-            .collect();
-        let fields = services(ctx)
-            .redis
-            .entity_fields(Entity::Agent, &who.tenant, &id, &wanted)
-            .await
-            .map_err(|e| unavailable("Redis", e))?;
-        Ok(fields.map(|f| Agent::from_fields(&id, &f)))
+        boxed(async move {
+            let who = caller(ctx, Role::Viewer)?;
+            let id = ids::agent("id", &id)?.to_string();
+            consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
+            let selection = ctx.look_ahead();
+            let wanted: Vec<&str> = Agent::STORED
+                .iter()
+                .filter(|(field, _)| selection.field(field).exists())
+                .map(|(_, stored)| *stored)
+                .collect();
+            let fields = services(ctx)
+                .redis
+                .entity_fields(Entity::Agent, &who.tenant, &id, &wanted)
+                .await
+                .map_err(|e| unavailable("Redis", e))?;
+            Ok(fields.map(|f| Agent::from_fields(&id, &f)))
+        })
+        .await
     }
 
     /// Agents by status and capability, by id (Redis).
@@ -304,29 +307,32 @@ impl ReadQuery {
         after: Option<String>,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Connection<OpaqueCursor<String>, Agent>> {
-        let who = caller(ctx, Role::Viewer)?;
-        consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
-        let services = services(ctx);
-        let size = page_size(first, services.limits.max_page)?;
-        let filter = filter.unwrap_or_default();
-        let ids = services
-            .redis
-            .agent_ids(
+        boxed(async move {
+            let who = caller(ctx, Role::Viewer)?;
+            consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
+            let services = services(ctx);
+            let size = page_size(first, services.limits.max_page)?;
+            let filter = filter.unwrap_or_default();
+            let ids = services
+                .redis
+                .agent_ids(
+                    &who.tenant,
+                    filter.status.map(AgentStatus::as_str),
+                    filter.capability.as_deref(),
+                )
+                .await
+                .map_err(|e| unavailable("Redis", e))?;
+            connection(
+                services,
+                Entity::Agent,
                 &who.tenant,
-                filter.status.map(AgentStatus::as_str),
-                filter.capability.as_deref(),
+                &ids,
+                after,
+                size,
+                Agent::from_fields,
             )
             .await
-            .map_err(|e| unavailable("Redis", e))?;
-        connection(
-            services,
-            Entity::Agent,
-            &who.tenant,
-            &ids,
-            after,
-            size,
-            Agent::from_fields,
-        )
+        })
         .await
     }
 
@@ -337,15 +343,18 @@ impl ReadQuery {
         id: ID,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Option<Task>> {
-        let who = caller(ctx, Role::Viewer)?;
-        let id = ids::task("id", &id)?.to_string();
-        consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
-        let fields = services(ctx)
-            .redis
-            .entity(Entity::Task, &who.tenant, &id)
-            .await
-            .map_err(|e| unavailable("Redis", e))?;
-        Ok(fields.map(|f| Task::from_fields(&id, &f)))
+        boxed(async move {
+            let who = caller(ctx, Role::Viewer)?;
+            let id = ids::task("id", &id)?.to_string();
+            consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
+            let fields = services(ctx)
+                .redis
+                .entity(Entity::Task, &who.tenant, &id)
+                .await
+                .map_err(|e| unavailable("Redis", e))?;
+            Ok(fields.map(|f| Task::from_fields(&id, &f)))
+        })
+        .await
     }
 
     /// A workflow's tasks, optionally in one state, by id (Redis).
@@ -358,34 +367,37 @@ impl ReadQuery {
         after: Option<String>,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Connection<OpaqueCursor<String>, Task>> {
-        let who = caller(ctx, Role::Viewer)?;
-        let workflow_id = ids::workflow("workflowId", &workflow_id)?.to_string();
-        consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
-        let services = services(ctx);
-        let size = page_size(first, services.limits.max_page)?;
-        // The workflow must be the caller's: its task sets are keyed by id only.
-        let workflow = services
-            .redis
-            .entity(Entity::Workflow, &who.tenant, &workflow_id)
+        boxed(async move {
+            let who = caller(ctx, Role::Viewer)?;
+            let workflow_id = ids::workflow("workflowId", &workflow_id)?.to_string();
+            consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
+            let services = services(ctx);
+            let size = page_size(first, services.limits.max_page)?;
+            // The workflow must be the caller's: its task sets are keyed by id only.
+            let workflow = services
+                .redis
+                .entity(Entity::Workflow, &who.tenant, &workflow_id)
+                .await
+                .map_err(|e| unavailable("Redis", e))?;
+            if workflow.is_none() {
+                return Err(not_found("workflow", &workflow_id));
+            }
+            let ids = services
+                .redis
+                .task_ids(&workflow_id, state.map(TaskState::as_str))
+                .await
+                .map_err(|e| unavailable("Redis", e))?;
+            connection(
+                services,
+                Entity::Task,
+                &who.tenant,
+                &ids,
+                after,
+                size,
+                Task::from_fields,
+            )
             .await
-            .map_err(|e| unavailable("Redis", e))?;
-        if workflow.is_none() {
-            return Err(not_found("workflow", &workflow_id));
-        }
-        let ids = services
-            .redis
-            .task_ids(&workflow_id, state.map(TaskState::as_str))
-            .await
-            .map_err(|e| unavailable("Redis", e))?;
-        connection(
-            services,
-            Entity::Task,
-            &who.tenant,
-            &ids,
-            after,
-            size,
-            Task::from_fields,
-        )
+        })
         .await
     }
 
@@ -396,15 +408,18 @@ impl ReadQuery {
         id: ID,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Option<Workflow>> {
-        let who = caller(ctx, Role::Viewer)?;
-        let id = ids::workflow("id", &id)?.to_string();
-        consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
-        let fields = services(ctx)
-            .redis
-            .entity(Entity::Workflow, &who.tenant, &id)
-            .await
-            .map_err(|e| unavailable("Redis", e))?;
-        Ok(fields.map(|f| Workflow::from_fields(&id, &f)))
+        boxed(async move {
+            let who = caller(ctx, Role::Viewer)?;
+            let id = ids::workflow("id", &id)?.to_string();
+            consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
+            let fields = services(ctx)
+                .redis
+                .entity(Entity::Workflow, &who.tenant, &id)
+                .await
+                .map_err(|e| unavailable("Redis", e))?;
+            Ok(fields.map(|f| Workflow::from_fields(&id, &f)))
+        })
+        .await
     }
 
     /// A workflow's tasks and dependencies (the graph).
@@ -414,37 +429,40 @@ impl ReadQuery {
         id: ID,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Option<WorkflowGraph>> {
-        let who = caller(ctx, Role::Viewer)?;
-        let id = ids::workflow("id", &id)?.to_string();
-        consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
-        let dag = services(ctx)
-            .graph
-            .workflow_dag(&who.tenant, &id)
-            .await
-            .map_err(graph_error)?;
-        Ok(dag.map(|d| WorkflowGraph {
-            id: ID(d.id),
-            name: d.name,
-            status: d.status,
-            tasks: d
-                .tasks
-                .into_iter()
-                .map(|t| DagTask {
-                    id: ID(t.id),
-                    title: t.title,
-                    state: t.state,
-                    assignee_id: t.assignee.map(ID),
-                })
-                .collect(),
-            edges: d
-                .edges
-                .into_iter()
-                .map(|e| DagEdge {
-                    from: ID(e.from),
-                    to: ID(e.to),
-                })
-                .collect(),
-        }))
+        boxed(async move {
+            let who = caller(ctx, Role::Viewer)?;
+            let id = ids::workflow("id", &id)?.to_string();
+            consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
+            let dag = services(ctx)
+                .graph
+                .workflow_dag(&who.tenant, &id)
+                .await
+                .map_err(graph_error)?;
+            Ok(dag.map(|d| WorkflowGraph {
+                id: ID(d.id),
+                name: d.name,
+                status: d.status,
+                tasks: d
+                    .tasks
+                    .into_iter()
+                    .map(|t| DagTask {
+                        id: ID(t.id),
+                        title: t.title,
+                        state: t.state,
+                        assignee_id: t.assignee.map(ID),
+                    })
+                    .collect(),
+                edges: d
+                    .edges
+                    .into_iter()
+                    .map(|e| DagEdge {
+                        from: ID(e.from),
+                        to: ID(e.to),
+                    })
+                    .collect(),
+            }))
+        })
+        .await
     }
 
     /// Tasks of a workflow waiting for unfinished dependencies (the graph).
@@ -454,24 +472,27 @@ impl ReadQuery {
         workflow_id: ID,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Vec<BlockedTask>> {
-        let who = caller(ctx, Role::Viewer)?;
-        let workflow_id = ids::workflow("workflowId", &workflow_id)?.to_string();
-        consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
-        let blocked = services(ctx)
-            .graph
-            .blocked_tasks(&who.tenant, &workflow_id)
-            .await
-            .map_err(graph_error)?
-            .ok_or_else(|| not_found("workflow", &workflow_id))?;
-        Ok(blocked
-            .into_iter()
-            .map(|b| BlockedTask {
-                id: ID(b.id),
-                title: b.title,
-                state: b.state,
-                blocked_by: b.blocked_by.into_iter().map(ID).collect(),
-            })
-            .collect())
+        boxed(async move {
+            let who = caller(ctx, Role::Viewer)?;
+            let workflow_id = ids::workflow("workflowId", &workflow_id)?.to_string();
+            consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
+            let blocked = services(ctx)
+                .graph
+                .blocked_tasks(&who.tenant, &workflow_id)
+                .await
+                .map_err(graph_error)?
+                .ok_or_else(|| not_found("workflow", &workflow_id))?;
+            Ok(blocked
+                .into_iter()
+                .map(|b| BlockedTask {
+                    id: ID(b.id),
+                    title: b.title,
+                    state: b.state,
+                    blocked_by: b.blocked_by.into_iter().map(ID).collect(),
+                })
+                .collect())
+        })
+        .await
     }
 
     /// The delegations of a task, in order (the graph).
@@ -481,24 +502,27 @@ impl ReadQuery {
         task_id: ID,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Vec<Delegation>> {
-        let who = caller(ctx, Role::Viewer)?;
-        let task_id = ids::task("taskId", &task_id)?.to_string();
-        consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
-        let chain = services(ctx)
-            .graph
-            .delegation_chain(&who.tenant, &task_id)
-            .await
-            .map_err(graph_error)?
-            .ok_or_else(|| not_found("task", &task_id))?;
-        Ok(chain
-            .into_iter()
-            .map(|d| Delegation {
-                from_agent_id: ID(d.from),
-                to_agent_id: ID(d.to),
-                position: Position(d.position),
-                at: DateTime::from_millis(d.at),
-            })
-            .collect())
+        boxed(async move {
+            let who = caller(ctx, Role::Viewer)?;
+            let task_id = ids::task("taskId", &task_id)?.to_string();
+            consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
+            let chain = services(ctx)
+                .graph
+                .delegation_chain(&who.tenant, &task_id)
+                .await
+                .map_err(graph_error)?
+                .ok_or_else(|| not_found("task", &task_id))?;
+            Ok(chain
+                .into_iter()
+                .map(|d| Delegation {
+                    from_agent_id: ID(d.from),
+                    to_agent_id: ID(d.to),
+                    position: Position(d.position),
+                    at: DateTime::from_millis(d.at),
+                })
+                .collect())
+        })
+        .await
     }
 
     /// An agent's tasks, collaborators, parent and children (the graph).
@@ -508,31 +532,34 @@ impl ReadQuery {
         id: ID,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Option<AgentNeighbourhood>> {
-        let who = caller(ctx, Role::Viewer)?;
-        let id = ids::agent("id", &id)?.to_string();
-        consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
-        let n = services(ctx)
-            .graph
-            .agent_neighbourhood(&who.tenant, &id)
-            .await
-            .map_err(graph_error)?;
-        Ok(n.map(|n| AgentNeighbourhood {
-            id: ID(n.id),
-            tasks: n
-                .tasks
-                .into_iter()
-                .map(|t| NeighbourTask {
-                    id: ID(t.id),
-                    title: t.title,
-                    state: t.state,
-                    workflow_id: ID(t.workflow),
-                    current: t.current,
-                })
-                .collect(),
-            collaborator_ids: n.collaborators.into_iter().map(ID).collect(),
-            parent_id: n.parent.map(ID),
-            children_ids: n.children.into_iter().map(ID).collect(),
-        }))
+        boxed(async move {
+            let who = caller(ctx, Role::Viewer)?;
+            let id = ids::agent("id", &id)?.to_string();
+            consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
+            let n = services(ctx)
+                .graph
+                .agent_neighbourhood(&who.tenant, &id)
+                .await
+                .map_err(graph_error)?;
+            Ok(n.map(|n| AgentNeighbourhood {
+                id: ID(n.id),
+                tasks: n
+                    .tasks
+                    .into_iter()
+                    .map(|t| NeighbourTask {
+                        id: ID(t.id),
+                        title: t.title,
+                        state: t.state,
+                        workflow_id: ID(t.workflow),
+                        current: t.current,
+                    })
+                    .collect(),
+                collaborator_ids: n.collaborators.into_iter().map(ID).collect(),
+                parent_id: n.parent.map(ID),
+                children_ids: n.children.into_iter().map(ID).collect(),
+            }))
+        })
+        .await
     }
 
     /// Everything upstream of a task, nearest first (the graph).
@@ -542,24 +569,27 @@ impl ReadQuery {
         id: ID,
         at_least_position: Option<Position>,
     ) -> async_graphql::Result<Vec<LineageTask>> {
-        let who = caller(ctx, Role::Viewer)?;
-        let id = ids::task("id", &id)?.to_string();
-        consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
-        let lineage = services(ctx)
-            .graph
-            .task_lineage(&who.tenant, &id)
-            .await
-            .map_err(graph_error)?
-            .ok_or_else(|| not_found("task", &id))?;
-        Ok(lineage
-            .into_iter()
-            .map(|t| LineageTask {
-                id: ID(t.id),
-                title: t.title,
-                state: t.state,
-                depth: t.depth,
-            })
-            .collect())
+        boxed(async move {
+            let who = caller(ctx, Role::Viewer)?;
+            let id = ids::task("id", &id)?.to_string();
+            consistent(ctx, ReadModelKind::Graph, at_least_position).await?;
+            let lineage = services(ctx)
+                .graph
+                .task_lineage(&who.tenant, &id)
+                .await
+                .map_err(graph_error)?
+                .ok_or_else(|| not_found("task", &id))?;
+            Ok(lineage
+                .into_iter()
+                .map(|t| LineageTask {
+                    id: ID(t.id),
+                    title: t.title,
+                    state: t.state,
+                    depth: t.depth,
+                })
+                .collect())
+        })
+        .await
     }
 
     /// Each projection's checkpoint, lag behind the log and state.
@@ -567,43 +597,46 @@ impl ReadQuery {
         &self,
         ctx: &Context<'_>,
     ) -> async_graphql::Result<Vec<ProjectionStatus>> {
-        caller(ctx, Role::Viewer)?;
-        let services = services(ctx);
-        let head = services
-            .store
-            .head()
-            .await
-            .map_err(|e| unavailable("the event store", e))?
-            .readable;
-        let redis = services
-            .redis
-            .read_checkpoint()
-            .await
-            .map_err(|e| unavailable("Redis", e))?;
-        let graph = services
-            .graph
-            .read_checkpoint()
-            .await
-            .map_err(|e| unavailable("the graph", e))?;
-        let mut out = Vec::new();
-        for (name, checkpoint) in [("redis", redis), ("graph", graph)] {
-            let lag = services
+        boxed(async move {
+            caller(ctx, Role::Viewer)?;
+            let services = services(ctx);
+            let head = services
                 .store
-                .count_after(checkpoint, LAG_CAP)
+                .head()
                 .await
-                .map_err(|e| unavailable("the event store", e))?;
-            let report = projections::redis::health::projector_report(&services.redis, name)
+                .map_err(|e| unavailable("the event store", e))?
+                .readable;
+            let redis = services
+                .redis
+                .read_checkpoint()
                 .await
                 .map_err(|e| unavailable("Redis", e))?;
-            out.push(ProjectionStatus {
-                name: name.to_owned(),
-                checkpoint: Position(checkpoint),
-                head: Position(head),
-                lag,
-                state: report.state,
-                last_error: report.last_error,
-            });
-        }
-        Ok(out)
+            let graph = services
+                .graph
+                .read_checkpoint()
+                .await
+                .map_err(|e| unavailable("the graph", e))?;
+            let mut out = Vec::new();
+            for (name, checkpoint) in [("redis", redis), ("graph", graph)] {
+                let lag = services
+                    .store
+                    .count_after(checkpoint, LAG_CAP)
+                    .await
+                    .map_err(|e| unavailable("the event store", e))?;
+                let report = projections::redis::health::projector_report(&services.redis, name)
+                    .await
+                    .map_err(|e| unavailable("Redis", e))?;
+                out.push(ProjectionStatus {
+                    name: name.to_owned(),
+                    checkpoint: Position(checkpoint),
+                    head: Position(head),
+                    lag,
+                    state: report.state,
+                    last_error: report.last_error,
+                });
+            }
+            Ok(out)
+        })
+        .await
     }
 }
