@@ -474,6 +474,8 @@ impl Settings {
             subject_prefix: self.subject_prefix.clone(),
             batch_size: self.relay_batch_size.max(1),
             idle_poll: Duration::from_millis(self.relay_idle_poll_ms.max(1)),
+            // The NATS timeout bounds every wait on NATS, acks included.
+            ack_timeout: Duration::from_millis(self.nats_timeout_ms.max(1)),
             ..commands::RelayConfig::default()
         }
     }
