@@ -18,8 +18,9 @@
 //! - A kept connection unused for [`FRESH`] goes back to the pool too (and
 //!   is tested there): after an outage, a restarted server is met with
 //!   connections the pool has checked, not with ones that died meanwhile.
-//! - At most half the pool is kept, so every other user of the pool (the
-//!   relay's lock, the API's reads) still gets connections.
+//! - Fewer than half the pool is kept (none of a pool of one or two), so
+//!   every other user of the pool (the relay's lock, the API's reads, a
+//!   health check) still gets connections.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Mutex;
@@ -40,9 +41,11 @@ pub(crate) struct Leases {
 }
 
 impl Leases {
-    /// Keeps at most half of `pool`'s connections (at least one).
+    /// Keeps fewer than half of `pool`'s connections: none of a pool of
+    /// one or two, where a kept connection sitting idle could leave the
+    /// pool's other users (the relay's lock, a health check) waiting.
     pub(crate) fn for_pool(pool: &PgPool) -> Self {
-        let max = (pool.options().get_max_connections() as usize / 2).max(1);
+        let max = (pool.options().get_max_connections() as usize).saturating_sub(1) / 2;
         Self {
             kept: Mutex::new(Vec::with_capacity(max)),
             max,
