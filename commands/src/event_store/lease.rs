@@ -23,7 +23,7 @@
 //!   health check) still gets connections.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
@@ -38,18 +38,47 @@ pub const FRESH: Duration = Duration::from_secs(1);
 pub(crate) struct Leases {
     kept: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
     max: usize,
+    pool: PgPool,
+    /// Dropped with the leases: ends the task that hands the kept
+    /// connections back when the pool closes.
+    _alive: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Leases {
     /// Keeps fewer than half of `pool`'s connections: none of a pool of
     /// one or two, where a kept connection sitting idle could leave the
     /// pool's other users (the relay's lock, a health check) waiting.
-    pub(crate) fn for_pool(pool: &PgPool) -> Self {
+    ///
+    /// `Pool::close` waits for every checked-out connection: a task hands
+    /// the kept ones back as soon as the pool starts closing (and ends when
+    /// the leases are dropped). Outside a runtime nothing is kept.
+    pub(crate) fn for_pool(pool: &PgPool) -> Arc<Self> {
         let max = (pool.options().get_max_connections() as usize).saturating_sub(1) / 2;
-        Self {
+        let runtime = tokio::runtime::Handle::try_current()
+            .ok()
+            .filter(|_| max > 0);
+        let (alive, dropped) = tokio::sync::oneshot::channel::<()>();
+        let leases = Arc::new(Self {
             kept: Mutex::new(Vec::with_capacity(max)),
-            max,
+            max: if runtime.is_some() { max } else { 0 },
+            pool: pool.clone(),
+            _alive: Some(alive),
+        });
+        if let Some(runtime) = runtime {
+            let closing = pool.close_event();
+            let leases = Arc::downgrade(&leases);
+            runtime.spawn(async move {
+                tokio::select! {
+                    () = closing => {
+                        if let Some(leases) = leases.upgrade() {
+                            drop(std::mem::take(&mut *leases.lock()));
+                        }
+                    }
+                    _ = dropped => {}
+                }
+            });
         }
+        leases
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(PoolConnection<Postgres>, Instant)>> {
@@ -59,7 +88,7 @@ impl Leases {
 
     /// A connection: the most recently used kept one if it is fresh, else
     /// one from the pool (tested by it).
-    pub(crate) async fn take<'a>(&'a self, pool: &PgPool) -> Result<Lease<'a>, sqlx::Error> {
+    pub(crate) async fn take(&self) -> Result<Lease<'_>, sqlx::Error> {
         let mut stale = Vec::new();
         let kept = {
             let mut kept = self.lock();
@@ -75,7 +104,7 @@ impl Leases {
         drop(stale);
         let conn = match kept {
             Some(conn) => conn,
-            None => pool.acquire().await?,
+            None => self.pool.acquire().await?,
         };
         Ok(Lease {
             conn: Some(conn),
@@ -86,7 +115,9 @@ impl Leases {
 
     fn put_back(&self, conn: PoolConnection<Postgres>) {
         let mut kept = self.lock();
-        if kept.len() < self.max {
+        // Checked under the lock: a close that began before this either
+        // emptied the list already or will find this connection in it.
+        if kept.len() < self.max && !self.pool.is_closed() {
             kept.push((conn, Instant::now()));
         } else {
             drop(kept);

@@ -57,7 +57,7 @@ impl EventStore {
     pub fn new(pool: PgPool) -> Self {
         let (commits, _) = watch::channel(0);
         Self {
-            leases: Arc::new(lease::Leases::for_pool(&pool)),
+            leases: lease::Leases::for_pool(&pool),
             pool,
             commits: Arc::new(commits),
         }
@@ -75,7 +75,7 @@ impl EventStore {
 
     /// A connection for one statement (see the `lease` module).
     async fn lease(&self) -> Result<lease::Lease<'_>, sqlx::Error> {
-        self.leases.take(&self.pool).await
+        self.leases.take().await
     }
 
     /// Runs a query on a leased connection and returns its rows.

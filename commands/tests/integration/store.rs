@@ -265,3 +265,32 @@ async fn connections_the_server_ended_are_replaced_not_kept() {
     // connection (the first try or its retry), and the two after.
     assert_eq!(event_count(&db.pool).await, 4);
 }
+
+#[tokio::test]
+async fn closing_the_pool_does_not_wait_for_kept_connections() {
+    let db = TestDatabase::create(8).await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    // Concurrent appends leave several connections kept by the store.
+    let appends = (0..6).map(|_| {
+        let store = store.clone();
+        async move {
+            let stream = stream_id("task");
+            store
+                .append(
+                    &stream,
+                    ExpectedVersion::NoStream,
+                    events(&stream, 1, TENANT),
+                )
+                .await
+        }
+    });
+    for result in futures::future::join_all(appends).await {
+        result.unwrap();
+    }
+    // `Pool::close` waits for every checked-out connection; the store,
+    // still alive, must hand its kept ones back.
+    tokio::time::timeout(std::time::Duration::from_secs(10), db.pool.close())
+        .await
+        .expect("closing the pool waited for the store's kept connections");
+    drop(store);
+}
