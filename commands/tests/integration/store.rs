@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use neurectomy_commands::testkit::TestDatabase;
-use neurectomy_commands::{AppendError, EventStore, ExpectedVersion};
+use neurectomy_commands::{AppendError, EventStore, ExpectedVersion, RecordedEvent};
 use uuid::Uuid;
 
 use crate::support::{event_count, events, stream_id, TENANT};
@@ -203,6 +203,18 @@ async fn stale_expectations_conflict_and_append_nothing() {
     assert_eq!(ids.len(), 4);
 }
 
+/// One event appended to a stream of its own.
+async fn append_to_a_new_stream(store: EventStore) -> Result<Vec<RecordedEvent>, AppendError> {
+    let stream = stream_id("task");
+    store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            events(&stream, 1, TENANT),
+        )
+        .await
+}
+
 /// Ends every other session on the test database, as a restart of the
 /// server or an administrator would.
 async fn terminate_sessions(db: &TestDatabase) -> u64 {
@@ -222,16 +234,7 @@ async fn terminate_sessions(db: &TestDatabase) -> u64 {
 async fn connections_the_server_ended_are_replaced_not_kept() {
     let db = TestDatabase::create(4).await.unwrap();
     let store = EventStore::new(db.pool.clone());
-    let append = |store: EventStore| async move {
-        let stream = stream_id("task");
-        store
-            .append(
-                &stream,
-                ExpectedVersion::NoStream,
-                events(&stream, 1, TENANT),
-            )
-            .await
-    };
+    let append = append_to_a_new_stream;
     append(store.clone()).await.unwrap();
 
     // Straight after: the kept connection is the one ended. Its statement
@@ -271,19 +274,7 @@ async fn closing_the_pool_does_not_wait_for_kept_connections() {
     let db = TestDatabase::create(8).await.unwrap();
     let store = EventStore::new(db.pool.clone());
     // Concurrent appends leave several connections kept by the store.
-    let appends = (0..6).map(|_| {
-        let store = store.clone();
-        async move {
-            let stream = stream_id("task");
-            store
-                .append(
-                    &stream,
-                    ExpectedVersion::NoStream,
-                    events(&stream, 1, TENANT),
-                )
-                .await
-        }
-    });
+    let appends = (0..6).map(|_| append_to_a_new_stream(store.clone()));
     for result in futures::future::join_all(appends).await {
         result.unwrap();
     }
