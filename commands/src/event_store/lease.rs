@@ -16,8 +16,9 @@
 //!   half-way drops it back to the pool, whose release ping tests it and
 //!   closes it if it is broken.
 //! - A kept connection unused for [`FRESH`] goes back to the pool too (and
-//!   is tested there): after an outage, a restarted server is met with
-//!   connections the pool has checked, not with ones that died meanwhile.
+//!   is tested there), within a second more: after an outage, a restarted
+//!   server is met with connections the pool has checked, not with ones
+//!   that died meanwhile, and a store gone quiet holds none of the pool.
 //! - Fewer than half the pool is kept (none of a pool of one or two), so
 //!   every other user of the pool (the relay's lock, the API's reads, a
 //!   health check) still gets connections.
@@ -49,9 +50,10 @@ impl Leases {
     /// one or two, where a kept connection sitting idle could leave the
     /// pool's other users (the relay's lock, a health check) waiting.
     ///
-    /// `Pool::close` waits for every checked-out connection: a task hands
-    /// the kept ones back as soon as the pool starts closing (and ends when
-    /// the leases are dropped). Outside a runtime nothing is kept.
+    /// A task hands kept connections back when they have been unused for
+    /// [`FRESH`], and all of them as soon as the pool starts closing
+    /// (`Pool::close` waits for every checked-out connection); it ends when
+    /// the leases are dropped. Outside a runtime nothing is kept.
     pub(crate) fn for_pool(pool: &PgPool) -> Arc<Self> {
         let max = (pool.options().get_max_connections() as usize).saturating_sub(1) / 2;
         let runtime = tokio::runtime::Handle::try_current()
@@ -68,13 +70,22 @@ impl Leases {
             let closing = pool.close_event();
             let leases = Arc::downgrade(&leases);
             runtime.spawn(async move {
-                tokio::select! {
-                    () = closing => {
-                        if let Some(leases) = leases.upgrade() {
-                            drop(std::mem::take(&mut *leases.lock()));
+                tokio::pin!(closing, dropped);
+                loop {
+                    tokio::select! {
+                        () = &mut closing => {
+                            if let Some(leases) = leases.upgrade() {
+                                drop(std::mem::take(&mut *leases.lock()));
+                            }
+                            return;
+                        }
+                        _ = &mut dropped => return,
+                        () = tokio::time::sleep(FRESH) => {
+                            if let Some(leases) = leases.upgrade() {
+                                leases.release_stale();
+                            }
                         }
                     }
-                    _ = dropped => {}
                 }
             });
         }
@@ -111,6 +122,23 @@ impl Leases {
             home: self,
             keep: false,
         })
+    }
+
+    /// Hands the connections unused for [`FRESH`] back to the pool, so
+    /// that a store gone quiet does not hold them from the pool's other
+    /// users (with several stores on one small pool, they could otherwise
+    /// wait for a connection until their timeout).
+    fn release_stale(&self) {
+        let stale: Vec<PoolConnection<Postgres>> = {
+            let mut kept = self.lock();
+            // Most recently used last: the stale ones are a prefix.
+            let stale = kept
+                .iter()
+                .position(|(_, used)| used.elapsed() < FRESH)
+                .unwrap_or(kept.len());
+            kept.drain(..stale).map(|(conn, _)| conn).collect()
+        };
+        drop(stale);
     }
 
     fn put_back(&self, conn: PoolConnection<Postgres>) {

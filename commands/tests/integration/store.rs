@@ -285,3 +285,30 @@ async fn closing_the_pool_does_not_wait_for_kept_connections() {
         .expect("closing the pool waited for the store's kept connections");
     drop(store);
 }
+
+#[tokio::test]
+async fn a_store_gone_quiet_hands_its_connections_back() {
+    let db = TestDatabase::create(8).await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let appends = (0..6).map(|_| append_to_a_new_stream(store.clone()));
+    for result in futures::future::join_all(appends).await {
+        result.unwrap();
+    }
+    assert!(
+        db.pool.num_idle() < db.pool.size() as usize,
+        "the store keeps connections after a burst"
+    );
+    // Unused for a while, kept connections go back to the pool (where its
+    // other users can have them) within a second more.
+    tokio::time::sleep(
+        neurectomy_commands::event_store::KEPT_CONNECTION_FRESH * 2
+            + std::time::Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(
+        db.pool.num_idle(),
+        db.pool.size() as usize,
+        "a quiet store still holds connections"
+    );
+    drop(store);
+}
