@@ -8,7 +8,6 @@ use domain::{
 };
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tracing::Instrument;
 
@@ -16,7 +15,7 @@ use crate::cache::StateCache;
 use crate::envelope::{CommandContext, EventMetadata, ExpectedVersion, NewEvent, RecordedEvent};
 use crate::error::{AppendError, CommandError, ReadError};
 use crate::event_store::EventStore;
-use crate::idempotency::event_id;
+use crate::idempotency::{event_id, CommandHash};
 
 /// Tuning of the command handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,7 +176,7 @@ impl CommandHandler {
         let canonical = serde_json::to_vec(&command_json).map_err(|e| CommandError::Malformed {
             reason: format!("command cannot be serialized: {e}"),
         })?;
-        let command_hash = hex::encode(Sha256::digest(&canonical));
+        let command_hash = CommandHash::of(canonical);
 
         // A caller-pinned version is checked against the store, not the cache.
         let mut freshness = if ctx.expected_version.is_some() {
@@ -266,7 +265,7 @@ impl CommandHandler {
                             event_id: event_id(&ctx.tenant, ctx.command_id, index),
                             command_id: ctx.command_id,
                             command_type: command_type.clone(),
-                            command_hash: command_hash.clone(),
+                            command_hash: command_hash.as_str().to_owned(),
                             correlation_id: ctx.correlation_id.unwrap_or(ctx.command_id),
                             causation_id: ctx.causation_id.unwrap_or(ctx.command_id),
                             actor: ctx.actor.clone(),
@@ -364,7 +363,7 @@ impl CommandHandler {
     async fn already_handled(
         &self,
         ctx: &CommandContext,
-        command_hash: &str,
+        command_hash: &CommandHash,
     ) -> Result<Option<CommandOutcome>, CommandError> {
         let events = self
             .store
@@ -373,7 +372,7 @@ impl CommandHandler {
         let Some(first) = events.first() else {
             return Ok(None);
         };
-        if first.metadata.command_hash != command_hash {
+        if !command_hash.matches(&first.metadata.command_hash) {
             return Err(CommandError::CommandIdReused {
                 command_id: ctx.command_id,
                 stream_id: first.stream_id.clone(),

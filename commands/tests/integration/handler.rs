@@ -522,6 +522,65 @@ async fn snapshots_are_taken_every_n_events_and_loaded_with_the_tail() {
     assert_eq!(full.get().unwrap().status, TaskStatus::Completed);
 }
 
+/// Events written before the command hash was BLAKE3 carry SHA-256 of the
+/// same canonical JSON: a retry of such a command is still recognised (and
+/// answered with its first result); a different command reusing its id is
+/// still refused.
+#[tokio::test]
+async fn a_command_stored_with_a_sha256_hash_is_recognised_when_retried() {
+    use sha2::Digest as _;
+    let (db, world) = world(4, HandlerConfig::default()).await;
+    let h = &world.handler;
+    let (task, _agent) = world.running_task().await;
+    let command = TaskCommand::ReportTaskProgress {
+        task_id: task,
+        percent: 30,
+        note: Some("legacy".into()),
+    };
+    let ctx = world.ctx();
+    let first = h.execute(command.clone().into(), &ctx).await.unwrap();
+    let canonical = serde_json::to_vec(&serde_json::to_value(&command).unwrap()).unwrap();
+    let stored: String =
+        sqlx::query_scalar("SELECT metadata->>'command_hash' FROM events WHERE command_id = $1")
+            .bind(ctx.command_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, blake3::hash(&canonical).to_hex().as_str());
+    // As an event written before BLAKE3 would have it.
+    let sha256 = hex::encode(sha2::Sha256::digest(&canonical));
+    let rewritten = sqlx::query(
+        "UPDATE events SET metadata = jsonb_set(metadata, '{command_hash}', to_jsonb($2::text)) \
+         WHERE command_id = $1",
+    )
+    .bind(ctx.command_id)
+    .bind(&sha256)
+    .execute(&db.pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(rewritten, 1);
+    let count = event_count(&db.pool).await;
+    let retried = h.execute(command.into(), &ctx).await.unwrap();
+    assert!(retried.replayed, "{retried:?}");
+    assert_eq!(
+        (retried.version, retried.position),
+        (first.version, first.position)
+    );
+    let other = TaskCommand::ReportTaskProgress {
+        task_id: task,
+        percent: 31,
+        note: Some("legacy".into()),
+    };
+    match h.execute(other.into(), &ctx).await {
+        Err(CommandError::CommandIdReused { command_id, .. }) => {
+            assert_eq!(command_id, ctx.command_id);
+        }
+        other => panic!("a different command reusing the id: {other:?}"),
+    }
+    assert_eq!(event_count(&db.pool).await, count, "nothing appended");
+}
+
 /// A handler like `world`'s with an empty state cache.
 fn cold(world: &World) -> World {
     let handler = CommandHandler::new(world.store().clone(), world.config);
