@@ -41,9 +41,11 @@ use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextPrepareRequest, NextResolve,
     NextValidation, ResolveInfo,
 };
-use async_graphql::parser::types::{BaseType, ExecutableDocument, OperationDefinition, Type};
+use async_graphql::parser::types::{
+    BaseType, ExecutableDocument, OperationDefinition, Selection, Type,
+};
 use async_graphql::registry::{MetaType, Registry};
-use async_graphql::{ServerError, ServerResult, ValidationResult, Value, Variables};
+use async_graphql::{SchemaEnv, ServerError, ServerResult, ValidationResult, Value, Variables};
 
 use super::limits::{self, Limits};
 
@@ -82,21 +84,26 @@ pub struct ApiExtension {
 }
 
 impl ApiExtension {
-    /// The extension measuring documents against `limits`.
-    pub fn new(limits: Limits) -> Self {
-        Self {
-            limits,
-            accepted: Arc::default(),
-        }
+    /// The extension measuring documents against `limits` and keeping what
+    /// passed full validation in `accepted`.
+    pub fn new(limits: Limits, accepted: Arc<Accepted>) -> Self {
+        Self { limits, accepted }
     }
 }
 
-/// Documents that passed full validation.
+/// Operations of documents that passed full validation, by query text.
+type Entries = HashMap<String, Vec<(Option<String>, ValidationResult)>>;
+
+/// Documents that passed full validation (shared with the fast path of
+/// `super::fast`, which runs them without extensions).
 #[derive(Default)]
-struct Accepted {
-    entries: Mutex<HashMap<Key, ValidationResult>>,
+pub struct Accepted {
+    entries: Mutex<Entries>,
     /// Names of fields that take a page size (a `first` argument).
     paged: OnceLock<HashSet<String>>,
+    /// The strict schema's environment (its registry), kept by its first
+    /// request: what the fast path checks variables against.
+    env: OnceLock<SchemaEnv>,
 }
 
 impl Accepted {
@@ -105,13 +112,65 @@ impl Accepted {
     /// Longest query text kept, bytes.
     const LONGEST: usize = 16 * 1024;
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Key, ValidationResult>> {
+    fn lock(&self) -> MutexGuard<'_, Entries> {
         // Held for a lookup or an insert only; a panic leaves a usable map.
         crate::sync::lock(&self.entries)
     }
 
     fn paged(&self, registry: &Registry) -> &HashSet<String> {
         self.paged.get_or_init(|| paged_fields(registry))
+    }
+
+    /// The result of full validation of `(query, operation)`, if it passed.
+    fn get(&self, query: &str, operation: Option<&str>) -> Option<ValidationResult> {
+        self.lock()
+            .get(query)
+            .and_then(|ops| ops.iter().find(|(op, _)| op.as_deref() == operation))
+            .map(|(_, result)| *result)
+    }
+
+    fn insert(&self, (query, operation): Key, result: ValidationResult) {
+        let mut entries = self.lock();
+        if entries.len() >= Self::ENTRIES {
+            entries.clear();
+        }
+        let ops = entries.entry(query).or_default();
+        if !ops.iter().any(|(op, _)| *op == operation) {
+            ops.push((operation, result));
+        }
+    }
+
+    /// The one top-level field of `document`'s operation if the request
+    /// may skip the extension: `(query, operation)` passed full validation,
+    /// the variables fit the operation's declarations, the document is
+    /// within `limits`, and the operation selects one field without
+    /// directives. `None`: run it on the strict schema.
+    pub fn admits(
+        &self,
+        document: &ExecutableDocument,
+        query: &str,
+        operation: Option<&str>,
+        variables: &Variables,
+        limits: &Limits,
+    ) -> Option<String> {
+        let env = self.env.get()?;
+        self.get(query, operation)?;
+        let definition = limits::operation(document, operation)?;
+        let [selection] = definition.selection_set.node.items.as_slice() else {
+            return None;
+        };
+        let Selection::Field(field) = &selection.node else {
+            return None;
+        };
+        if !field.node.directives.is_empty() || !definition.directives.is_empty() {
+            return None;
+        }
+        if !variables_fit(&env.registry, definition, variables) {
+            return None;
+        }
+        let paged = self.paged(&env.registry);
+        limits::check(document, operation, variables, paged, limits).ok()?;
+        Some(field.node.name.node.to_string())
     }
 }
 
@@ -171,6 +230,7 @@ impl Extension for RequestExtension {
         request: async_graphql::Request,
         next: NextPrepareRequest<'_>,
     ) -> ServerResult<async_graphql::Request> {
+        self.accepted.env.get_or_init(|| ctx.schema_env.clone());
         let mut request = next.run(ctx, request).await?;
         // Before anything walks the document — async-graphql's own
         // recursion check, run with parsing, follows every fragment spread
@@ -222,7 +282,7 @@ impl Extension for RequestExtension {
         let registry = &ctx.schema_env.registry;
         let mut state = self.state();
         let accepted = match &state.key {
-            Some(key) if key.0 == query => self.accepted.lock().get(key).copied(),
+            Some((q, operation)) if q == query => self.accepted.get(query, operation.as_deref()),
             _ => None,
         };
         if let Some(result) = accepted {
@@ -250,11 +310,7 @@ impl Extension for RequestExtension {
         })?;
         let key = self.state().key.take();
         if let Some(key) = key {
-            let mut entries = self.accepted.lock();
-            if entries.len() >= Accepted::ENTRIES {
-                entries.clear();
-            }
-            entries.insert(key, result);
+            self.accepted.insert(key, result);
         }
         Ok(result)
     }
@@ -319,6 +375,92 @@ fn fits(registry: &Registry, ty: &Type, value: &Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use async_graphql::{EmptyMutation, EmptySubscription, Object, Schema, ID};
+    use serde_json::json;
+
+    struct Query;
+
+    #[derive(async_graphql::SimpleObject)]
+    struct Thing {
+        v: i32,
+    }
+
+    #[Object]
+    impl Query {
+        async fn item(&self, id: ID) -> String {
+            id.to_string()
+        }
+        async fn items(&self, first: Option<i32>) -> Vec<Thing> {
+            (0..first.unwrap_or(1)).map(|v| Thing { v }).collect()
+        }
+        async fn other(&self) -> i32 {
+            2
+        }
+    }
+
+    const LIMITS: Limits = Limits {
+        max_fields: 100,
+        max_depth: 5,
+        max_complexity: 1_000,
+        max_page: 500,
+    };
+
+    /// What the fast path admits: only what the strict schema accepted,
+    /// with fitting variables, within the limits, one field, no directives.
+    #[tokio::test]
+    async fn the_fast_path_admits_only_accepted_documents_that_still_fit() {
+        let accepted = Arc::new(Accepted::default());
+        let schema = Schema::build(Query, EmptyMutation, EmptySubscription)
+            .extension(ApiExtension::new(LIMITS, accepted.clone()))
+            .finish();
+        let admits = |query: &str, variables: serde_json::Value| {
+            let variables = Variables::from_json(variables);
+            accepted.admits(&document(query), query, None, &variables, &LIMITS)
+        };
+        let run = |query: &'static str, variables: serde_json::Value| {
+            let schema = schema.clone();
+            async move {
+                let request =
+                    async_graphql::Request::new(query).variables(Variables::from_json(variables));
+                schema.execute(request).await
+            }
+        };
+        let item = "query($id: ID!) { item(id: $id) }";
+        assert_eq!(admits(item, json!({"id": "a"})), None, "never validated");
+        assert!(run(item, json!({"id": "a"})).await.is_ok());
+        assert_eq!(admits(item, json!({"id": "b"})), Some("item".to_owned()));
+        assert_eq!(admits(item, json!({})), None, "a variable missing");
+        assert_eq!(admits(item, json!({"id": null})), None, "null for ID!");
+        assert_eq!(admits(item, json!({"id": [1, 2]})), None, "a list for ID");
+
+        let refused = "query($id: ID!) { item(id: $id) nope }";
+        assert!(run(refused, json!({"id": "a"})).await.is_err());
+        assert_eq!(admits(refused, json!({"id": "a"})), None, "refused");
+
+        let two = "{ item(id: \"a\") other }";
+        assert!(run(two, json!({})).await.is_ok());
+        assert_eq!(admits(two, json!({})), None, "two top-level fields");
+
+        let directive = "query($id: ID!) { item(id: $id) @include(if: true) }";
+        assert!(run(directive, json!({"id": "a"})).await.is_ok());
+        assert_eq!(admits(directive, json!({"id": "a"})), None, "a directive");
+
+        let paged = "query($n: Int) { items(first: $n) { v } }";
+        assert!(run(paged, json!({"n": 2})).await.is_ok());
+        assert_eq!(admits(paged, json!({"n": 3})), Some("items".to_owned()));
+        assert_eq!(admits(paged, json!({"n": 500})), Some("items".to_owned()));
+        // The same request with a complexity limit it is over.
+        let over = Limits {
+            max_complexity: 100,
+            ..LIMITS
+        };
+        let variables = Variables::from_json(json!({"n": 400}));
+        assert_eq!(
+            accepted.admits(&document(paged), paged, None, &variables, &over),
+            None,
+            "over the complexity limit for these variables"
+        );
+    }
 
     fn document(query: &str) -> ExecutableDocument {
         async_graphql::parser::parse_query(query).unwrap_or_else(|e| panic!("{query}: {e}"))

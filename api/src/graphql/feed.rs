@@ -36,6 +36,7 @@ use projections::{Entity, RedisModel};
 use tokio::sync::{broadcast, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::near::{Lookup, NearCache};
 use super::types::{Agent, Event};
 use crate::sync::lock;
 
@@ -45,6 +46,10 @@ const ARM_TIMEOUT: Duration = Duration::from_secs(10);
 const FILL_PAGE: i64 = 1_000;
 /// Task → workflow entries kept before the cache is cleared.
 const WORKFLOW_CACHE: usize = 100_000;
+/// Tenants the near cache follows at most.
+const NEAR_TENANTS: usize = 1_000;
+/// How often the near cache stops following tenants nobody asked about.
+const NEAR_SWEEP: Duration = Duration::from_secs(60);
 
 /// Why the feed cannot serve a subscriber.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +144,10 @@ struct Inner {
     changed: Notify,
     /// Task id → workflow id (from `TaskCreated`, else the task hash).
     workflows: Mutex<HashMap<String, String>>,
+    /// The near cache of `agent(id)`, kept current by this feed.
+    near: NearCache,
+    /// Redis's TCP address (the near cache's sentinel connects to it).
+    redis_tcp: Option<(String, u16)>,
     shutdown: CancellationToken,
 }
 
@@ -171,11 +180,15 @@ pub type Joined = (
 pub struct Subscriber {
     inner: Arc<Inner>,
     tenant: String,
+    /// Counted in `neurectomy_feed_subscribers` (the near cache's is not).
+    counted: bool,
 }
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
-        crate::telemetry::metrics::feed_subscriber(-1.0);
+        if self.counted {
+            crate::telemetry::metrics::feed_subscriber(-1.0);
+        }
         let mut slots = lock(&self.inner.slots);
         if let Some(slot) = slots.get_mut(&self.tenant) {
             slot.subscribers = slot.subscribers.saturating_sub(1);
@@ -189,11 +202,14 @@ impl Drop for Subscriber {
 impl Feed {
     /// Starts the shared upstream reader (until `shutdown`), on a Redis
     /// connection of its own to `redis_url` (its `XREAD` blocks).
+    /// `near` agents at most are kept for `agent(id)` (0: none; see
+    /// [`super::near`]).
     pub fn start(
         store: EventStore,
         redis: RedisModel,
         redis_url: &str,
         buffer: usize,
+        near: usize,
         shutdown: CancellationToken,
     ) -> Result<Self, FeedError> {
         let client = FeedClient::open(redis_url, redis.clone())?;
@@ -204,10 +220,69 @@ impl Feed {
             slots: Mutex::new(HashMap::new()),
             changed: Notify::new(),
             workflows: Mutex::new(HashMap::new()),
+            near: NearCache::new(near, NEAR_TENANTS),
+            redis_tcp: client.tcp_address(),
             shutdown,
         });
         tokio::spawn(upstream(inner.clone(), client));
+        if inner.near.enabled() {
+            tokio::spawn(sweep(inner.clone()));
+        }
         Ok(Self { inner })
+    }
+
+    /// Agent `id` of `tenant` (`None`: no such agent of the tenant): from
+    /// the near cache, else from Redis — the hash fields `wanted` names, or
+    /// all of them when the answer may be kept.
+    pub async fn agent(
+        &self,
+        tenant: &str,
+        id: &str,
+        wanted: impl FnOnce() -> Vec<&'static str>,
+    ) -> Result<Option<Arc<Agent>>, redis::RedisError> {
+        let redis = &self.inner.redis;
+        let ticket = match self
+            .inner
+            .near
+            .lookup(tenant, id, |g| redis.generation_is(g))
+        {
+            Lookup::Hit(agent) => return Ok(Some(agent)),
+            Lookup::Miss(ticket) => ticket,
+            Lookup::Follow => {
+                self.follow(tenant);
+                None
+            }
+        };
+        let fields: Vec<&str> = match ticket {
+            Some(_) => Agent::STORED.iter().map(|(_, stored)| *stored).collect(),
+            None => wanted(),
+        };
+        let agent = redis
+            .entity_fields(Entity::Agent, tenant, id, &fields)
+            .await?
+            .map(|f| Arc::new(Agent::from_fields(id, &f)));
+        if let (Some(ticket), Some(agent)) = (ticket, &agent) {
+            self.inner.near.store(tenant, id, ticket, agent.clone());
+        }
+        Ok(agent)
+    }
+
+    /// Has the feed follow `tenant` for the near cache (in the background).
+    fn follow(&self, tenant: &str) {
+        let feed = self.clone();
+        let tenant = tenant.to_owned();
+        tokio::spawn(async move {
+            let member = match feed.join_as(&tenant, false).await {
+                // Only the membership: the channels' receivers are dropped,
+                // so nothing is fanned out for the cache alone.
+                Ok((member, _, _)) => Some(member),
+                Err(error) => {
+                    tracing::debug!(%tenant, %error, "the near cache could not follow a tenant");
+                    None
+                }
+            };
+            feed.inner.near.followed(&tenant, member);
+        });
     }
 
     /// The event store the feed falls back to.
@@ -226,6 +301,11 @@ impl Feed {
     /// as read after this returns.
     #[tracing::instrument(skip(self), err)]
     pub async fn join(&self, tenant: &str) -> Result<Joined, FeedError> {
+        self.join_as(tenant, true).await
+    }
+
+    /// [`Feed::join`], counted in `neurectomy_feed_subscribers` or not.
+    async fn join_as(&self, tenant: &str, counted: bool) -> Result<Joined, FeedError> {
         if self.inner.shutdown.is_cancelled() {
             return Err(FeedError::Stopped);
         }
@@ -239,7 +319,9 @@ impl Feed {
                 armed: watch::channel(false).0,
             });
             slot.subscribers += 1;
-            crate::telemetry::metrics::feed_subscriber(1.0);
+            if counted {
+                crate::telemetry::metrics::feed_subscriber(1.0);
+            }
             (
                 slot.events.subscribe(),
                 slot.agents.subscribe(),
@@ -250,6 +332,7 @@ impl Feed {
         let subscriber = Subscriber {
             inner: self.inner.clone(),
             tenant: tenant.to_owned(),
+            counted,
         };
         if new {
             self.inner.changed.notify_one();
@@ -359,6 +442,7 @@ async fn upstream(inner: Arc<Inner>, client: FeedClient) {
         match reader.run(&inner, &client).await {
             Ok(()) => break,
             Err(error) => {
+                inner.near.suspend();
                 tracing::warn!(error = %error, cause = ?std::error::Error::source(&error), "the subscriptions' change feed failed; reconnecting");
                 tokio::select! {
                     () = inner.shutdown.cancelled() => break,
@@ -369,8 +453,41 @@ async fn upstream(inner: Arc<Inner>, client: FeedClient) {
             }
         }
     }
+    inner.near.suspend();
     inner.close();
     tracing::debug!("the subscriptions' change feed stopped");
+}
+
+/// Stops following, every [`NEAR_SWEEP`], the tenants the near cache was
+/// not asked about since the last time.
+async fn sweep(inner: Arc<Inner>) {
+    loop {
+        tokio::select! {
+            () = inner.shutdown.cancelled() => return,
+            () = tokio::time::sleep(NEAR_SWEEP) => inner.near.sweep(),
+        }
+    }
+}
+
+/// A connection to Redis that nothing is sent on (the near cache's
+/// sentinel); `None` if Redis is not on TCP or it cannot be opened.
+async fn sentinel(inner: &Inner) -> Option<std::net::TcpStream> {
+    let (host, port) = inner.redis_tcp.as_ref()?;
+    let timeout = inner.redis.config().connect_timeout;
+    let connected = tokio::time::timeout(
+        timeout,
+        tokio::net::TcpStream::connect((host.as_str(), *port)),
+    )
+    .await;
+    match connected {
+        // Still non-blocking: a peek never waits.
+        Ok(Ok(stream)) => stream.into_std().ok(),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "the near cache's connection to Redis failed");
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 /// The upstream's own state: where it is in each tenant's feed.
@@ -395,6 +512,11 @@ impl Reader {
             }
             self.sync(inner, &mut feed).await?;
             self.follow_generation(inner, &mut feed).await?;
+            if inner.near.enabled() && !inner.near.follows(&self.generation) {
+                // Reading (again), or in a new generation: the cache starts
+                // over, answering from memory once its sentinel is open.
+                inner.near.resume(&self.generation, sentinel(inner).await);
+            }
             if self.cursors.is_empty() {
                 tokio::select! {
                     () = inner.shutdown.cancelled() => return Ok(()),
@@ -630,6 +752,9 @@ async fn publish(
     if changes.is_empty() {
         return Ok(());
     }
+    // Before anything is awaited: a read of Redis that started before
+    // these changes were read is not kept by the near cache.
+    let cached = inner.near.changing(tenant);
     let Some((events, agents)) = lock(&inner.slots)
         .get(tenant)
         .map(|s| (s.events.clone(), s.agents.clone()))
@@ -690,8 +815,13 @@ async fn publish(
             }));
         }
     }
-    if agents.receiver_count() > 0 {
-        publish_agents(inner, tenant, changes, &agents, &traces).await?;
+    let listening = agents.receiver_count() > 0;
+    if listening || cached {
+        let touched = touched_agents(inner, tenant, changes).await?;
+        inner.near.forget(tenant, touched.keys());
+        if listening {
+            publish_agents(inner, tenant, &touched, &agents, &traces).await?;
+        }
     }
     drop(spans);
     Ok(())
@@ -706,14 +836,12 @@ fn trace_at(traces: &[(i64, String)], position: i64) -> Option<String> {
 }
 
 /// Which agents' hashes `changes` touched, by the last position touching
-/// each; reads each hash once and publishes it.
-async fn publish_agents(
+/// each.
+async fn touched_agents(
     inner: &Inner,
     tenant: &str,
     changes: &[Change],
-    agents: &broadcast::Sender<Arc<AgentMessage>>,
-    traces: &[(i64, String)],
-) -> Result<(), FeedError> {
+) -> Result<BTreeMap<String, i64>, FeedError> {
     let mut touched: BTreeMap<String, i64> = BTreeMap::new();
     // Completions, failures and cancellations name no agent: their task's
     // assignee (kept in the task hash) is the one released.
@@ -752,6 +880,17 @@ async fn publish_agents(
             }
         }
     }
+    Ok(touched)
+}
+
+/// Reads the hash of each agent `touched` once and publishes it.
+async fn publish_agents(
+    inner: &Inner,
+    tenant: &str,
+    touched: &BTreeMap<String, i64>,
+    agents: &broadcast::Sender<Arc<AgentMessage>>,
+    traces: &[(i64, String)],
+) -> Result<(), FeedError> {
     if touched.is_empty() {
         return Ok(());
     }

@@ -9,11 +9,13 @@
 
 pub mod audit;
 mod extension;
+pub mod fast;
 pub use extension::is_request_error;
 pub mod feed;
 pub mod ids;
 pub mod limits;
 pub mod mutations;
+pub mod near;
 pub mod reads;
 pub mod subscriptions;
 pub mod types;
@@ -55,6 +57,8 @@ pub struct ApiLimits {
     pub introspection: bool,
     /// Messages buffered per subscriber before it is cut off.
     pub subscriber_buffer: usize,
+    /// Agents kept by `agent(id)`'s near cache (0: none).
+    pub agent_cache: usize,
 }
 
 impl ApiLimits {
@@ -68,6 +72,7 @@ impl ApiLimits {
             max_fields: api.api_max_fields.max(1),
             introspection: api.api_introspection,
             subscriber_buffer: api.api_subscriber_buffer.max(1),
+            agent_cache: api.api_agent_cache,
         }
     }
 }
@@ -82,6 +87,7 @@ impl Default for ApiLimits {
             max_fields: 2_000,
             introspection: true,
             subscriber_buffer: 1_024,
+            agent_cache: 100_000,
         }
     }
 }
@@ -125,24 +131,55 @@ pub struct RequestMeta {
     pub traceparent: Option<String>,
 }
 
-/// Builds the schema with its limits.
-pub fn schema(services: Services) -> ApiSchema {
+/// The API's schemas: the strict one and the fast path (see [`fast`]).
+pub struct Schemas {
+    /// With the extension: limits, full validation, error codes.
+    pub strict: ApiSchema,
+    /// Documents the strict schema accepted, run without extensions.
+    pub fast: fast::FastPath,
+}
+
+/// Builds the schemas with their limits.
+pub fn schemas(services: Services) -> Schemas {
     let limits = services.limits.clone();
-    let mut builder = async_graphql::Schema::build(
-        Query::default(),
-        mutations::Mutation,
-        subscriptions::Subscription,
-    )
-    // Depth and complexity are measured by the extension, before
-    // validation (async-graphql's own limits walk fragments inline, count
-    // introspection and name no numbers).
-    .limit_recursive_depth(64)
-    .limit_directives(16)
-    .extension(extension::ApiExtension::new(limits.document()));
-    if !limits.introspection {
-        builder = builder.disable_introspection();
+    let accepted = std::sync::Arc::new(extension::Accepted::default());
+    let build = || {
+        let builder = async_graphql::Schema::build(
+            Query::default(),
+            mutations::Mutation,
+            subscriptions::Subscription,
+        )
+        // Depth and complexity are measured by the extension (or the fast
+        // path), before validation (async-graphql's own limits walk
+        // fragments inline, count introspection and name no numbers).
+        .limit_recursive_depth(64)
+        .limit_directives(16);
+        if limits.introspection {
+            builder
+        } else {
+            builder.disable_introspection()
+        }
+    };
+    let strict = build()
+        .extension(extension::ApiExtension::new(
+            limits.document(),
+            accepted.clone(),
+        ))
+        .data(services.clone())
+        .finish();
+    let fast = build()
+        .validation_mode(async_graphql::ValidationMode::Fast)
+        .data(services)
+        .finish();
+    Schemas {
+        strict,
+        fast: fast::FastPath::new(fast, accepted, limits.document()),
     }
-    builder.data(services).finish()
+}
+
+/// Builds the strict schema alone (the shape of the API: its SDL).
+pub fn schema(services: Services) -> ApiSchema {
+    schemas(services).strict
 }
 
 /// Parsed documents by query text, shared by the requests of a process:
@@ -331,6 +368,13 @@ pub(crate) fn boxed<'a, T>(
     body: impl std::future::Future<Output = T> + Send + 'a,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>> {
     Box::pin(body)
+}
+
+/// Whether the request asks every read to wait for a position
+/// (`X-Min-Position`).
+pub fn has_min_position(ctx: &Context<'_>) -> bool {
+    ctx.data_opt::<RequestMeta>()
+        .is_some_and(|m| m.min_position.is_some())
 }
 
 /// Read-your-writes: waits until the read model has applied the larger of

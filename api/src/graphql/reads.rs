@@ -2,12 +2,16 @@
 //! from the graph, and the projections' status. No event-store reads here
 //! but the log head for `projectionStatus`.
 
+use std::sync::Arc;
+
 use async_graphql::connection::{Connection, Edge, OpaqueCursor};
 use async_graphql::{Context, Enum, InputObject, Object, SimpleObject, ID};
 use projections::Entity;
 
 use super::types::{Agent, Task, Workflow};
-use super::{boxed, caller, consistent, ids, services, DateTime, Position, ReadModelKind};
+use super::{
+    boxed, caller, consistent, has_min_position, ids, services, DateTime, Position, ReadModelKind,
+};
 use crate::auth::Role;
 use crate::error::unavailable;
 
@@ -271,29 +275,43 @@ pub struct ReadQuery;
 
 #[Object]
 impl ReadQuery {
-    /// An agent by id (Redis).
+    /// An agent by id (Redis; without `atLeastPosition`, from the API's
+    /// near cache when it holds the agent: at most the change feed's delay
+    /// behind Redis).
     async fn agent(
         &self,
         ctx: &Context<'_>,
         id: ID,
         at_least_position: Option<Position>,
-    ) -> async_graphql::Result<Option<Agent>> {
+    ) -> async_graphql::Result<Option<Arc<Agent>>> {
         boxed(async move {
             let who = caller(ctx, Role::Viewer)?;
             let id = ids::agent("id", &id)?.to_string();
-            consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
-            let selection = ctx.look_ahead();
-            let wanted: Vec<&str> = Agent::STORED
-                .iter()
-                .filter(|(field, _)| selection.field(field).exists())
-                .map(|(_, stored)| *stored)
-                .collect();
-            let fields = services(ctx)
-                .redis
-                .entity_fields(Entity::Agent, &who.tenant, &id, &wanted)
+            let services = services(ctx);
+            // The hash fields the selection needs (a near-cache hit needs none).
+            let wanted = || -> Vec<&'static str> {
+                let selection = ctx.look_ahead();
+                Agent::STORED
+                    .iter()
+                    .filter(|(field, _)| selection.field(field).exists())
+                    .map(|(_, stored)| *stored)
+                    .collect()
+            };
+            if at_least_position.is_some() || has_min_position(ctx) {
+                // Read-your-writes: Redis itself, once it has the position.
+                consistent(ctx, ReadModelKind::Redis, at_least_position).await?;
+                let fields = services
+                    .redis
+                    .entity_fields(Entity::Agent, &who.tenant, &id, &wanted())
+                    .await
+                    .map_err(|e| unavailable("Redis", e))?;
+                return Ok(fields.map(|f| Arc::new(Agent::from_fields(&id, &f))));
+            }
+            services
+                .feed
+                .agent(&who.tenant, &id, wanted)
                 .await
-                .map_err(|e| unavailable("Redis", e))?;
-            Ok(fields.map(|f| Agent::from_fields(&id, &f)))
+                .map_err(|e| unavailable("Redis", e))
         })
         .await
     }

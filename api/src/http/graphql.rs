@@ -90,7 +90,19 @@ async fn execute(
         BatchRequest::Single(r) => state.documents.prepare(r),
         BatchRequest::Batch(rs) => rs.iter_mut().for_each(|r| state.documents.prepare(r)),
     }
-    let response = tracing::Instrument::instrument(state.schema.execute_batch(request), span).await;
+    let response = match request {
+        BatchRequest::Single(mut single) => match state.fast.admits(&mut single) {
+            Some(field) => {
+                let run = state.fast.execute(single, &field);
+                BatchResponse::Single(tracing::Instrument::instrument(run, span).await)
+            }
+            None => {
+                let run = state.schema.execute_batch(BatchRequest::Single(single));
+                tracing::Instrument::instrument(run, span).await
+            }
+        },
+        batch => tracing::Instrument::instrument(state.schema.execute_batch(batch), span).await,
+    };
     let codes: Vec<String> = match &response {
         BatchResponse::Single(r) => error_codes(r),
         BatchResponse::Batch(rs) => rs.iter().flat_map(error_codes).collect(),

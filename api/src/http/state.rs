@@ -54,6 +54,8 @@ impl Default for ServerConfig {
 pub struct AppState {
     /// The schema.
     pub schema: ApiSchema,
+    /// Accepted documents, run without extensions (`graphql::fast`).
+    pub fast: crate::graphql::fast::FastPath,
     /// Token verification.
     pub auth: Authenticator,
     /// The services (for readiness).

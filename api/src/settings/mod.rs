@@ -137,6 +137,15 @@ pub struct ApiSettings {
         global = true
     )]
     pub api_subscriber_buffer: usize,
+    /// Agents `agent(id)` keeps in the API process, kept current by the
+    /// change feed (0: none; always read from Redis).
+    #[arg(
+        long,
+        env = "NEURECTOMY_API_AGENT_CACHE",
+        default_value_t = 100_000,
+        global = true
+    )]
+    pub api_agent_cache: usize,
 }
 
 /// Which projections to run.

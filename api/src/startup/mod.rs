@@ -318,6 +318,7 @@ impl Application {
             redis.clone(),
             &settings.redis_url,
             limits.subscriber_buffer,
+            limits.agent_cache,
             self.shutdown.clone(),
         )
         .context("starting the subscriptions' change feed")?;
@@ -329,10 +330,11 @@ impl Application {
             feed,
             limits,
         };
-        let schema = crate::graphql::schema(services.clone());
+        let schemas = crate::graphql::schemas(services.clone());
         let state = Arc::new(AppState {
-            hub: crate::http::hub::Hub::new(schema.clone(), services.feed.buffer()),
-            schema,
+            hub: crate::http::hub::Hub::new(schemas.strict.clone(), services.feed.buffer()),
+            schema: schemas.strict,
+            fast: schemas.fast,
             documents: Default::default(),
             auth,
             services: services.clone(),

@@ -139,6 +139,16 @@ impl FeedClient {
         Ok(Self { client, model })
     }
 
+    /// Redis's host and port, when it is reached over TCP (with or
+    /// without TLS); `None` for a Unix socket.
+    pub fn tcp_address(&self) -> Option<(String, u16)> {
+        match &self.client.get_connection_info().addr {
+            redis::ConnectionAddr::Tcp(host, port) => Some((host.clone(), *port)),
+            redis::ConnectionAddr::TcpTls { host, port, .. } => Some((host.clone(), *port)),
+            _ => None,
+        }
+    }
+
     /// Connects a reader: within the model's connect timeout, every reply
     /// within [`BLOCK`] plus its response timeout.
     pub async fn connect(&self) -> Result<FeedReader, FeedReadError> {

@@ -300,6 +300,14 @@ impl RedisModel {
         }
     }
 
+    /// Whether the generation read is `generation` (no copy made).
+    pub fn generation_is(&self, generation: &str) -> bool {
+        match self.generation.read() {
+            Ok(g) => *g == generation,
+            Err(poisoned) => *poisoned.into_inner() == generation,
+        }
+    }
+
     fn set_generation(&self, generation: &str) {
         let mut current = match self.generation.write() {
             Ok(g) => g,

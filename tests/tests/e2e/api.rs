@@ -284,6 +284,113 @@ async fn mutations_write_and_every_query_reads_them_back() {
     api.shutdown().await;
 }
 
+/// Reads `agent(id)` without a position until `check` accepts it.
+async fn agent_until(
+    api: &TestApi,
+    token: &str,
+    agent: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let query =
+        "query($a: ID!) { agent(id: $a) { status currentTaskId tasksCompleted lastPosition } }";
+    commands::testkit::eventually(what, Duration::from_secs(10), || async {
+        let data = api.data(token, query, json!({ "a": agent })).await;
+        check(&data["agent"]).then(|| data["agent"].clone())
+    })
+    .await
+}
+
+/// `agent(id)` without a position is answered from the API's near cache
+/// once it holds the agent; every change of the agent — its own events,
+/// a task assigned to or started by it, a task of it ending (which names
+/// no agent) — reaches that answer within moments, and a read with the
+/// change's position gets it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_read_without_a_position_follow_every_change() {
+    let api = TestApi::start().await;
+    let token = api.token("acme", OPERATOR);
+    let s = scenario(&api, &token).await;
+    let agent = s.agents[2].clone();
+    let exact = "query($a: ID!, $p: Position) { agent(id: $a, atLeastPosition: $p) { status currentTaskId tasksCompleted } }";
+    // Read until the cache follows the tenant and holds the agent (reads
+    // before that go to Redis): a read a second later still agrees.
+    agent_until(&api, &token, &agent, "the agent", |a| {
+        a["status"] == "active"
+    })
+    .await;
+    for _ in 0..20 {
+        agent_until(&api, &token, &agent, "the agent", |a| {
+            a["status"] == "active"
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    let paused = mutate(&api, &token, "pauseAgent", &format!("agentId: \"{agent}\"")).await;
+    let data = api
+        .data(
+            &token,
+            exact,
+            json!({ "a": agent, "p": position(&paused).to_string() }),
+        )
+        .await;
+    assert_eq!(data["agent"]["status"], "paused", "{data}");
+    agent_until(&api, &token, &agent, "the pause", |a| {
+        a["status"] == "paused"
+    })
+    .await;
+    mutate(
+        &api,
+        &token,
+        "resumeAgent",
+        &format!("agentId: \"{agent}\""),
+    )
+    .await;
+    agent_until(&api, &token, &agent, "the resumption", |a| {
+        a["status"] == "active"
+    })
+    .await;
+
+    // A task assigned to and started by the agent, then completed: the
+    // completion names the task only.
+    let b = Uuid::new_v4().to_string();
+    let w = &s.workflow;
+    mutate(
+        &api,
+        &token,
+        "createTask",
+        &format!("id: \"{b}\", workflowId: \"{w}\", title: \"audit\", dependsOn: [], requiredCapabilities: [], input: {{}}"),
+    )
+    .await;
+    mutate(
+        &api,
+        &token,
+        "assignTask",
+        &format!("taskId: \"{b}\", agentId: \"{agent}\""),
+    )
+    .await;
+    mutate(&api, &token, "startTask", &format!("taskId: \"{b}\"")).await;
+    let running = agent_until(&api, &token, &agent, "the task started", |a| {
+        a["currentTaskId"] == b.as_str()
+    })
+    .await;
+    assert_eq!(running["tasksCompleted"], 0, "{running}");
+    mutate(
+        &api,
+        &token,
+        "completeTask",
+        &format!("taskId: \"{b}\", output: {{ok: true}}"),
+    )
+    .await;
+    let done = agent_until(&api, &token, &agent, "the task's completion", |a| {
+        a["tasksCompleted"] == 1
+    })
+    .await;
+    assert_eq!(done["currentTaskId"], Value::Null, "{done}");
+    api.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_are_idempotent_and_refusals_carry_codes_and_write_nothing() {
     let api = TestApi::start().await;

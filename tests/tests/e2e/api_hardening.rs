@@ -192,6 +192,44 @@ async fn documents_are_measured_before_they_run_and_limits_name_their_numbers() 
     assert_eq!(code(&body), "GRAPHQL_PARSE_FAILED", "{body}");
     let (_, body) = api.graphql(Some(&token), "{ nope }", json!({})).await;
     assert_eq!(code(&body), "GRAPHQL_VALIDATION_FAILED", "{body}");
+
+    // A document that ran once is measured and checked again with every
+    // request's variables (accepted documents skip the extension — see
+    // graphql::fast): a page size that makes it too costly is refused with
+    // the limit's numbers, and a variable of the wrong value gets exactly
+    // the answer it gets on a document never run before.
+    let paged = format!(
+        "query($n: Int) {{ agents(first: $n) {{ edges {{ node {{ {} }} }} }} }}",
+        aliases.join(" ")
+    );
+    for _ in 0..2 {
+        api.data(&token, &paged, json!({ "n": 10 })).await;
+    }
+    let (_, body) = api.graphql(Some(&token), &paged, json!({ "n": 500 })).await;
+    assert_eq!(code(&body), "QUERY_TOO_COMPLEX", "{body}");
+    assert!(
+        message(&body).contains("counts 500 × 62") && body.get("data").is_none_or(Value::is_null),
+        "{body}"
+    );
+    let by_status = |n: u32| {
+        format!("query($s: AgentStatus) {{ agents(filter: {{status: $s}}, first: {n}) {{ edges {{ node {{ id }} }} }} }}")
+    };
+    let (_, never_run) = api
+        .graphql(Some(&token), &by_status(1), json!({ "s": "NOPE" }))
+        .await;
+    assert!(never_run.get("errors").is_some(), "{never_run}");
+    for _ in 0..2 {
+        api.data(&token, &by_status(2), json!({ "s": "ACTIVE" }))
+            .await;
+    }
+    let (_, after) = api
+        .graphql(Some(&token), &by_status(2), json!({ "s": "NOPE" }))
+        .await;
+    assert_eq!(
+        (code(&after), after.get("data")),
+        (code(&never_run), never_run.get("data")),
+        "{after} vs {never_run}"
+    );
     api.shutdown().await;
 }
 

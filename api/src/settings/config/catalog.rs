@@ -286,6 +286,7 @@ pub(crate) const KEYS: &[Key] = &[
         "api.subscriber_buffer",
         Check::AtLeast(1),
     ),
+    key("NEURECTOMY_API_AGENT_CACHE", "api.agent_cache", Check::Any),
     key("NEURECTOMY_LOG", "log.filter", Check::LogFilter),
     key("NEURECTOMY_LOG_FORMAT", "log.format", Check::Any),
     key(
