@@ -275,7 +275,7 @@ impl Feed {
             let member = match feed.join_as(&tenant, false).await {
                 // Only the membership: the channels' receivers are dropped,
                 // so nothing is fanned out for the cache alone.
-                Ok((member, _, _)) => Some(member),
+                Ok((member, _, _)) => Some(Box::new(member) as Box<dyn std::any::Any + Send>),
                 Err(error) => {
                     tracing::debug!(%tenant, %error, "the near cache could not follow a tenant");
                     None

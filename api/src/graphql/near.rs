@@ -33,7 +33,6 @@ use std::io::ErrorKind;
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 
-use super::feed::Subscriber;
 use super::types::Agent;
 use crate::sync::lock;
 
@@ -53,9 +52,13 @@ pub enum Lookup {
 #[derive(Debug, Clone, Copy)]
 pub struct Ticket(u64);
 
+/// What keeps the feed following a tenant while it is held (the feed's
+/// `Subscriber`).
+type Membership = Box<dyn std::any::Any + Send>;
+
 struct Tenant {
     /// The feed follows the tenant while this is held (`None`: joining).
-    member: Option<Subscriber>,
+    member: Option<Membership>,
     agents: HashMap<String, Arc<Agent>>,
     /// Bumped by every change read for the tenant.
     seq: u64,
@@ -199,8 +202,9 @@ impl NearCache {
         }
     }
 
-    /// The feed follows `tenant` now (or failed to: `None`).
-    pub fn followed(&self, tenant: &str, member: Option<Subscriber>) {
+    /// The feed follows `tenant` now, while `member` is held (or failed
+    /// to: `None`).
+    pub fn followed(&self, tenant: &str, member: Option<Membership>) {
         let mut state = lock(&self.state);
         match member {
             Some(member) => {
@@ -285,5 +289,139 @@ impl NearCache {
     /// Whether the generation the feed reads is `generation`.
     pub fn follows(&self, generation: &str) -> bool {
         lock(&self.state).live.as_deref() == Some(generation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn agent(name: &str) -> Arc<Agent> {
+        let mut fields = projections::Fields::new();
+        fields.insert("name".to_owned(), name.to_owned());
+        Arc::new(Agent::from_fields("a", &fields))
+    }
+
+    fn hit(lookup: Lookup) -> Option<String> {
+        match lookup {
+            Lookup::Hit(agent) => Some(agent.name.clone()),
+            _ => None,
+        }
+    }
+
+    fn ticket(lookup: Lookup) -> Ticket {
+        match lookup {
+            Lookup::Miss(Some(ticket)) => ticket,
+            Lookup::Miss(None) => panic!("a miss without a ticket"),
+            Lookup::Hit(_) => panic!("a hit"),
+            Lookup::Follow => panic!("follow"),
+        }
+    }
+
+    /// A connected sentinel and the server's end of it.
+    fn sentinel() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client.set_nonblocking(true).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    #[test]
+    fn answers_only_what_no_change_overtook_while_redis_is_up() {
+        let cache = NearCache::new(10, 2);
+        let any = |_: &str| true;
+        assert!(
+            matches!(cache.lookup("t", "a", any), Lookup::Miss(None)),
+            "not reading"
+        );
+        let (client, server) = sentinel();
+        cache.resume("g1", Some(client));
+        assert!(
+            matches!(cache.lookup("t", "a", |g| g == "g2"), Lookup::Miss(None)),
+            "another generation"
+        );
+        assert!(matches!(cache.lookup("t", "a", any), Lookup::Follow));
+        assert!(
+            matches!(cache.lookup("t", "a", any), Lookup::Miss(None)),
+            "joining"
+        );
+        cache.followed("t", Some(Box::new(())));
+
+        // Stored, then answered.
+        let first = ticket(cache.lookup("t", "a", any));
+        cache.store("t", "a", first, agent("one"));
+        assert_eq!(hit(cache.lookup("t", "a", any)).as_deref(), Some("one"));
+
+        // A change read while a read was in flight: not kept.
+        let stale = ticket(cache.lookup("t", "b", any));
+        assert!(!cache.changing("u"), "another tenant");
+        assert!(cache.changing("t"));
+        cache.store("t", "b", stale, agent("old"));
+        assert!(hit(cache.lookup("t", "b", any)).is_none());
+        // The touched agent is dropped, the others kept.
+        cache.forget("t", &["a".to_owned()]);
+        assert!(hit(cache.lookup("t", "a", any)).is_none());
+        let fresh = ticket(cache.lookup("t", "b", any));
+        cache.store("t", "b", fresh, agent("two"));
+        assert_eq!(hit(cache.lookup("t", "b", any)).as_deref(), Some("two"));
+
+        // Full: everything goes, and the store that found it full is not kept.
+        for i in 0..12 {
+            let id = format!("x{i}");
+            let t = ticket(cache.lookup("t", &id, any));
+            cache.store("t", &id, t, agent("x"));
+        }
+        assert!(lock(&cache.state).held <= 10);
+
+        // Redis closes the sentinel: nothing from memory, at once.
+        drop(server);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(matches!(cache.lookup("t", "b", any), Lookup::Miss(None)));
+        assert_eq!(lock(&cache.state).held, 0);
+        // Until the feed reads again with a new sentinel.
+        let (client, _server) = sentinel();
+        cache.resume("g1", Some(client));
+        let t = ticket(cache.lookup("t", "b", any));
+        cache.store("t", "b", t, agent("three"));
+        assert_eq!(hit(cache.lookup("t", "b", any)).as_deref(), Some("three"));
+        cache.suspend();
+        assert!(
+            matches!(cache.lookup("t", "b", any), Lookup::Miss(None)),
+            "suspended"
+        );
+    }
+
+    #[test]
+    fn idle_tenants_are_let_go_and_tenants_are_bounded() {
+        let cache = NearCache::new(10, 1);
+        let (client, _server) = sentinel();
+        cache.resume("g", Some(client));
+        let any = |_: &str| true;
+        assert!(matches!(cache.lookup("t", "a", any), Lookup::Follow));
+        cache.followed("t", Some(Box::new(())));
+        assert!(
+            matches!(cache.lookup("u", "a", any), Lookup::Miss(None)),
+            "one tenant at most"
+        );
+        cache.sweep();
+        assert_eq!(
+            lock(&cache.state).tenants.len(),
+            1,
+            "used since the last sweep"
+        );
+        cache.sweep();
+        assert!(
+            lock(&cache.state).tenants.is_empty(),
+            "idle for a whole sweep"
+        );
+        assert!(matches!(cache.lookup("u", "a", any), Lookup::Follow));
+        cache.followed("u", None);
+        assert!(
+            matches!(cache.lookup("u", "a", any), Lookup::Follow),
+            "joining failed: again"
+        );
+        assert!(!NearCache::new(0, 1).enabled());
     }
 }
