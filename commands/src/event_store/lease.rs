@@ -22,8 +22,16 @@
 //! - Fewer than half the pool is kept (none of a pool of one or two), so
 //!   every other user of the pool (the relay's lock, the API's reads, a
 //!   health check) still gets connections.
+//! - No one is overtaken: while any caller of the store waits for the pool
+//!   (more concurrent statements than connections), a finished connection
+//!   goes back to the pool, which hands it to the longest waiter, and a new
+//!   caller queues behind them instead of taking a kept one. (Kept
+//!   connections used to go round among the callers that arrived while one
+//!   was free: with 64 writers on 16 connections, a third of the writers
+//!   waited in the pool's queue for the whole 10-second benchmark run.)
 
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,6 +48,8 @@ pub(crate) struct Leases {
     kept: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
     max: usize,
     pool: PgPool,
+    /// Callers of [`Leases::take`] waiting for the pool.
+    waiting: AtomicUsize,
     /// Dropped with the leases: ends the task that hands the kept
     /// connections back when the pool closes.
     _alive: Option<tokio::sync::oneshot::Sender<()>>,
@@ -64,6 +74,7 @@ impl Leases {
             kept: Mutex::new(Vec::with_capacity(max)),
             max: if runtime.is_some() { max } else { 0 },
             pool: pool.clone(),
+            waiting: AtomicUsize::new(0),
             _alive: Some(alive),
         });
         if let Some(runtime) = runtime {
@@ -97,9 +108,36 @@ impl Leases {
         self.kept.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A connection: the most recently used kept one if it is fresh, else
-    /// one from the pool (tested by it).
+    /// A connection: the most recently used kept one if it is fresh and
+    /// no one waits for the pool, else one from the pool (tested by it), in
+    /// the pool's order.
     pub(crate) async fn take(&self) -> Result<Lease<'_>, sqlx::Error> {
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            if let Some(conn) = self.pop_fresh() {
+                return Ok(self.lease(conn));
+            }
+        }
+        let _waiting = Waiting::on(&self.waiting);
+        // Kept before this caller counted as waiting: no one else gets it
+        // back to the pool now.
+        if let Some(conn) = self.pop_fresh() {
+            return Ok(self.lease(conn));
+        }
+        let conn = self.pool.acquire().await?;
+        Ok(self.lease(conn))
+    }
+
+    fn lease(&self, conn: PoolConnection<Postgres>) -> Lease<'_> {
+        Lease {
+            conn: Some(conn),
+            home: self,
+            keep: false,
+        }
+    }
+
+    /// The most recently used kept connection, if fresh (the stale ones go
+    /// back to the pool, which tests them).
+    fn pop_fresh(&self) -> Option<PoolConnection<Postgres>> {
         let mut stale = Vec::new();
         let kept = {
             let mut kept = self.lock();
@@ -111,17 +149,9 @@ impl Leases {
                 }
             }
         };
-        // Dropped outside the lock: each goes back to the pool, which tests it.
+        // Dropped outside the lock.
         drop(stale);
-        let conn = match kept {
-            Some(conn) => conn,
-            None => self.pool.acquire().await?,
-        };
-        Ok(Lease {
-            conn: Some(conn),
-            home: self,
-            keep: false,
-        })
+        kept
     }
 
     /// Hands the connections unused for [`FRESH`] back to the pool, so
@@ -142,6 +172,11 @@ impl Leases {
     }
 
     fn put_back(&self, conn: PoolConnection<Postgres>) {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            // To the pool, which hands it to the caller waiting longest.
+            drop(conn);
+            return;
+        }
         let mut kept = self.lock();
         // Checked under the lock: a close that began before this either
         // emptied the list already or will find this connection in it.
@@ -151,6 +186,23 @@ impl Leases {
             drop(kept);
             drop(conn);
         }
+    }
+}
+
+/// Counts a caller as waiting for the pool while it lives (a cancelled
+/// wait included).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn on(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -312,3 +312,41 @@ async fn a_store_gone_quiet_hands_its_connections_back() {
     );
     drop(store);
 }
+
+/// More writers than connections: every writer gets its turn. Kept
+/// connections used to go round among the writers that arrived while one
+/// was free, and the writers queued in the pool waited for as long as the
+/// others kept coming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_writer_waits_while_others_keep_appending() {
+    const WRITERS: usize = 24;
+    let db = TestDatabase::create(6).await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let stop = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let writers = (0..WRITERS).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let (mut appended, mut longest) = (0u32, std::time::Duration::ZERO);
+            while std::time::Instant::now() < stop {
+                let started = std::time::Instant::now();
+                append_to_a_new_stream(store.clone()).await.unwrap();
+                longest = longest.max(started.elapsed());
+                appended += 1;
+            }
+            (appended, longest)
+        })
+    });
+    let mut results = Vec::new();
+    for writer in futures::future::join_all(writers).await {
+        results.push(writer.unwrap());
+    }
+    let fewest = results.iter().map(|(n, _)| *n).min().unwrap_or(0);
+    let most = results.iter().map(|(n, _)| *n).max().unwrap_or(0);
+    let longest = results.iter().map(|(_, l)| *l).max().unwrap_or_default();
+    // Fair shares within a factor (a stall of the shared machine stalls
+    // every writer alike); a writer left waiting has one append, at the end.
+    assert!(
+        fewest * 4 >= most,
+        "appends per writer from {fewest} to {most}, the longest {longest:?}: {results:?}"
+    );
+}
