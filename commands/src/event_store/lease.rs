@@ -22,24 +22,21 @@
 //! - Fewer than half the pool is kept (none of a pool of one or two), so
 //!   every other user of the pool (the relay's lock, the API's reads, a
 //!   health check) still gets connections.
-//! - No one is overtaken: while callers of the store wait (more concurrent
-//!   statements than connections), a finished connection is handed to the
-//!   one waiting longest — directly, still one round trip — and a new
-//!   caller queues behind them instead of taking a kept one. A waiter takes
-//!   whichever comes first, a hand-off or a connection from the pool (its
-//!   other users return theirs there). (Kept connections used to go round
-//!   among the callers that arrived while one was free: with 64 writers on
-//!   16 connections, a third of the writers waited in the pool's queue for
-//!   the whole 10-second benchmark run.)
+//! - No one is overtaken: while any caller of the store waits for the pool
+//!   (more concurrent statements than connections), a finished connection
+//!   goes back to the pool, which hands it to the longest waiter, and a new
+//!   caller queues behind them instead of taking a kept one. (Kept
+//!   connections used to go round among the callers that arrived while one
+//!   was free: with 64 writers on 16 connections, a third of the writers
+//!   waited in the pool's queue for the whole 10-second benchmark run.)
 
-use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
-use tokio::sync::oneshot;
 
 /// How long a kept connection may sit unused before it goes back to the
 /// pool (and its ping).
@@ -51,9 +48,8 @@ pub(crate) struct Leases {
     kept: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
     max: usize,
     pool: PgPool,
-    /// Callers of [`Leases::take`] waiting, longest first: a finished
-    /// connection is handed to the first still waiting.
-    waiting: Mutex<VecDeque<oneshot::Sender<PoolConnection<Postgres>>>>,
+    /// Callers of [`Leases::take`] waiting for the pool.
+    waiting: AtomicUsize,
     /// Dropped with the leases: ends the task that hands the kept
     /// connections back when the pool closes.
     _alive: Option<tokio::sync::oneshot::Sender<()>>,
@@ -78,7 +74,7 @@ impl Leases {
             kept: Mutex::new(Vec::with_capacity(max)),
             max: if runtime.is_some() { max } else { 0 },
             pool: pool.clone(),
-            waiting: Mutex::new(VecDeque::new()),
+            waiting: AtomicUsize::new(0),
             _alive: Some(alive),
         });
         if let Some(runtime) = runtime {
@@ -116,41 +112,19 @@ impl Leases {
     /// no one waits for the pool, else one from the pool (tested by it), in
     /// the pool's order.
     pub(crate) async fn take(&self) -> Result<Lease<'_>, sqlx::Error> {
-        let mut handed = {
-            let mut waiting = self.queue();
-            if waiting.is_empty() {
-                if let Some(conn) = self.pop_fresh() {
-                    return Ok(self.lease(conn));
-                }
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            if let Some(conn) = self.pop_fresh() {
+                return Ok(self.lease(conn));
             }
-            let (tx, rx) = oneshot::channel();
-            waiting.push_back(tx);
-            rx
-        };
-        let conn = tokio::select! {
-            biased;
-            conn = &mut handed => match conn {
-                Ok(conn) => conn,
-                // Never dropped unsent but by a closing store: the pool.
-                Err(_) => self.pool.acquire().await?,
-            },
-            conn = self.pool.acquire() => {
-                // A hand-off may have crossed it: that one goes on.
-                handed.close();
-                if let Ok(extra) = handed.try_recv() {
-                    self.put_back(extra);
-                }
-                conn?
-            }
-        };
+        }
+        let _waiting = Waiting::on(&self.waiting);
+        // Kept before this caller counted as waiting: no one else gets it
+        // back to the pool now.
+        if let Some(conn) = self.pop_fresh() {
+            return Ok(self.lease(conn));
+        }
+        let conn = self.pool.acquire().await?;
         Ok(self.lease(conn))
-    }
-
-    fn queue(
-        &self,
-    ) -> std::sync::MutexGuard<'_, VecDeque<oneshot::Sender<PoolConnection<Postgres>>>> {
-        // Pushes and pops are single calls: a poisoned queue is consistent.
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lease(&self, conn: PoolConnection<Postgres>) -> Lease<'_> {
@@ -198,17 +172,10 @@ impl Leases {
     }
 
     fn put_back(&self, conn: PoolConnection<Postgres>) {
-        // To the caller waiting longest, if one still is.
-        let mut conn = conn;
-        {
-            let mut waiting = self.queue();
-            while let Some(waiter) = waiting.pop_front() {
-                match waiter.send(conn) {
-                    Ok(()) => return,
-                    // It took one from the pool (or gave up): the next.
-                    Err(back) => conn = back,
-                }
-            }
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            // To the pool, which hands it to the caller waiting longest.
+            drop(conn);
+            return;
         }
         let mut kept = self.lock();
         // Checked under the lock: a close that began before this either
@@ -219,6 +186,23 @@ impl Leases {
             drop(kept);
             drop(conn);
         }
+    }
+}
+
+/// Counts a caller as waiting for the pool while it lives (a cancelled
+/// wait included).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn on(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
