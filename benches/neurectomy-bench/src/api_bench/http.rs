@@ -359,7 +359,7 @@ pub(super) async fn http_scenarios(
     );
     rows.push(
         Row::new(
-            "http: agent(id) from Redis",
+            "http: agent(id) (near cache; Redis on a miss)",
             query.requests_per_sec,
             "req/s",
         )
