@@ -257,6 +257,16 @@ pub struct Settings {
         global = true
     )]
     pub database_pool_size: u32,
+    /// Group-commit tasks: at most this many appends are written at once,
+    /// each write taking every append queued meanwhile (0: each append
+    /// alone). Capped below half the pool's connections.
+    #[arg(
+        long,
+        env = "NEURECTOMY_DATABASE_COMMITTERS",
+        default_value_t = commands::event_store::DEFAULT_COMMITTERS,
+        global = true
+    )]
+    pub database_committers: usize,
     /// Longest wait (ms) for a PostgreSQL connection: connecting, or a free
     /// one from the pool; past it the call fails as unavailable.
     #[arg(

@@ -129,7 +129,7 @@ impl Application {
             connect::connect_database(&settings).await?
         };
         let nats = connect::connect_nats(&settings).await?;
-        let store = EventStore::new(pool.clone());
+        let store = EventStore::with_committers(pool.clone(), settings.database_committers);
         let workers = Workers::default();
         let shutdown = match stop {
             Stop::Signals => crate::shutdown::on_signal(workers.clone()),

@@ -30,7 +30,12 @@ use crate::scratch;
 pub async fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Figures>> {
     let db = scratch::database(settings, args.pool.max(1)).await?;
     // The scratch database is dropped whether the scenarios succeed or not.
-    let result = append_scenarios(settings, args, EventStore::new(db.pool.clone())).await;
+    let result = append_scenarios(
+        settings,
+        args,
+        EventStore::with_committers(db.pool.clone(), settings.database_committers),
+    )
+    .await;
     scratch::drop_database(db).await;
     result
 }

@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use super::lease::Lease;
 use super::EventStore;
 use crate::envelope::{EventMetadata, ExpectedVersion, NewEvent, RecordedEvent};
 use crate::error::AppendError;
@@ -38,20 +39,26 @@ struct Batch<'a> {
     metadata: Vec<Json<&'a EventMetadata>>,
 }
 
+/// Refuses an empty append or one too large for one transaction.
+fn check_count(events: &[NewEvent]) -> Result<(), AppendError> {
+    if events.is_empty() || events.len() > MAX_EVENTS_PER_APPEND {
+        return Err(AppendError::BadBatch {
+            count: events.len(),
+            max: MAX_EVENTS_PER_APPEND,
+        });
+    }
+    Ok(())
+}
+
 impl<'a> Batch<'a> {
     fn new(events: &'a [NewEvent]) -> Result<Self, AppendError> {
+        check_count(events)?;
         let Some(first) = events.first() else {
             return Err(AppendError::BadBatch {
                 count: 0,
                 max: MAX_EVENTS_PER_APPEND,
             });
         };
-        if events.len() > MAX_EVENTS_PER_APPEND {
-            return Err(AppendError::BadBatch {
-                count: events.len(),
-                max: MAX_EVENTS_PER_APPEND,
-            });
-        }
         Ok(Self {
             command_id: first.metadata.command_id,
             correlation_id: first.metadata.correlation_id,
@@ -87,10 +94,23 @@ impl<'a> Batch<'a> {
 }
 
 /// What one insert attempt amounted to.
-enum Attempt {
+pub(crate) enum Attempt {
     Done(Vec<PgRow>),
     VersionMismatch,
     Raced,
+}
+
+/// One append's statement on a leased connection, its outcome classified.
+pub(super) async fn insert_one(
+    conn: &mut Lease<'_>,
+    stream_id: &str,
+    required: Option<i64>,
+    events: &[NewEvent],
+) -> Result<Attempt, AppendError> {
+    let batch = Batch::new(events)?;
+    let result = batch.insert(&mut **conn, stream_id, required).await;
+    conn.settle(&result);
+    classify(stream_id, batch.command_id, result)
 }
 
 fn classify(
@@ -169,22 +189,16 @@ impl EventStore {
         &self,
         stream_id: &str,
         expected: ExpectedVersion,
-        events: Vec<NewEvent>,
+        mut events: Vec<NewEvent>,
     ) -> Result<Vec<RecordedEvent>, AppendError> {
-        let batch = Batch::new(&events)?;
+        check_count(&events)?;
         let required = expected.required().map(to_i64);
         let mut attempt = 0;
         let rows = loop {
             attempt += 1;
-            let result = match self.lease().await {
-                Ok(mut conn) => {
-                    let result = batch.insert(&mut *conn, stream_id, required).await;
-                    conn.settle(&result);
-                    result
-                }
-                Err(error) => Err(error),
-            };
-            match classify(stream_id, batch.command_id, result)? {
+            let result;
+            (events, result) = self.attempt(stream_id, required, events).await;
+            match result? {
                 Attempt::Done(rows) => break rows,
                 Attempt::Raced if required.is_none() && attempt < ANY_RETRIES => continue,
                 Attempt::Raced | Attempt::VersionMismatch => {
@@ -204,6 +218,33 @@ impl EventStore {
         };
         self.signal_commit();
         recorded(stream_id, &rows, events)
+    }
+
+    /// One insert of an append: through the committers if they run (the
+    /// events come back with the outcome), else on a leased connection.
+    async fn attempt(
+        &self,
+        stream_id: &str,
+        required: Option<i64>,
+        events: Vec<NewEvent>,
+    ) -> (Vec<NewEvent>, Result<Attempt, AppendError>) {
+        let events = match &self.committers {
+            Some(committers) if events.len() <= super::group::MOST_EVENTS_GROUPED => {
+                match committers.append(stream_id, required, events).await {
+                    Ok(settled) => return (settled.events, settled.attempt),
+                    Err(events) => events,
+                }
+            }
+            _ => events,
+        };
+        let result = match self.lease().await {
+            Ok(mut conn) => insert_one(&mut conn, stream_id, required, &events).await,
+            Err(source) => Err(AppendError::Database {
+                stream_id: stream_id.to_owned(),
+                source,
+            }),
+        };
+        (events, result)
     }
 
     /// Appends inside a transaction the caller owns (to write events together

@@ -103,6 +103,11 @@ impl Leases {
         leases
     }
 
+    /// How many connections may be kept (0 outside a runtime).
+    pub(crate) fn kept_max(&self) -> usize {
+        self.max
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(PoolConnection<Postgres>, Instant)>> {
         // Pushes and pops are single calls: a poisoned list is consistent.
         self.kept.lock().unwrap_or_else(|p| p.into_inner())
@@ -229,6 +234,12 @@ impl Lease<'_> {
                 .is_some_and(|code| code.starts_with("08") || code.starts_with("57")),
             Err(_) => false,
         };
+    }
+
+    /// Whether the last [`Lease::settle`] found the connection fit to use
+    /// again.
+    pub(crate) fn healthy(&self) -> bool {
+        self.keep
     }
 }
 

@@ -2,6 +2,7 @@
 //! and [`snapshot`]. SQL lives in `sql/*.sql`; tables in `migrations/`.
 
 mod append;
+mod group;
 mod lease;
 mod read;
 mod snapshot;
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::idempotency::event_id;
 pub use append::MAX_EVENTS_PER_APPEND;
+pub use group::{MAX_APPENDS as MAX_APPENDS_PER_GROUP, MOST_EVENTS_GROUPED};
 pub use lease::FRESH as KEPT_CONNECTION_FRESH;
 pub use read::{LoadedStream, LogHead, StoredEvent};
 
@@ -34,6 +36,9 @@ pub(crate) fn note_duration(statement: &'static str, took: Duration) {
     }
 }
 
+/// Group-commit tasks of [`EventStore::new`].
+pub const DEFAULT_COMMITTERS: usize = 1;
+
 /// The PostgreSQL channel on which appenders announce commits to relays in
 /// other processes (relays in the same process use [`EventStore::commits`]).
 pub const COMMIT_CHANNEL: &str = "neurectomy_events";
@@ -47,17 +52,34 @@ pub struct EventStore {
     /// Connections kept checked out between statements (one round trip
     /// per statement instead of three).
     leases: Arc<lease::Leases>,
+    /// The group-commit tasks appends go through (see the `group`
+    /// module); `None` outside a runtime or when turned off.
+    committers: Option<Arc<group::Committers>>,
     /// Bumped after every successful append, so an in-process relay wakes at
     /// once instead of polling.
     commits: Arc<watch::Sender<u64>>,
 }
 
 impl EventStore {
-    /// Wraps a pool (migrations must have run).
+    /// Wraps a pool (migrations must have run), with group commit by
+    /// [`DEFAULT_COMMITTERS`] tasks (fewer on a small pool).
     pub fn new(pool: PgPool) -> Self {
+        Self::with_committers(pool, DEFAULT_COMMITTERS)
+    }
+
+    /// Wraps a pool with `committers` group-commit tasks: at most that many
+    /// appends are written at once, each write taking every append queued
+    /// meanwhile. 0 writes each append alone, on its caller's task. At most
+    /// the connections the store keeps (under half the pool) are used;
+    /// outside a runtime there is no group commit.
+    pub fn with_committers(pool: PgPool, committers: usize) -> Self {
         let (commits, _) = watch::channel(0);
+        let leases = lease::Leases::for_pool(&pool);
+        let committers =
+            group::Committers::start(&leases, committers.min(leases.kept_max())).map(Arc::new);
         Self {
-            leases: lease::Leases::for_pool(&pool),
+            leases,
+            committers,
             pool,
             commits: Arc::new(commits),
         }

@@ -6,6 +6,7 @@
 
 mod audit_reads;
 mod gap_safety;
+mod group_commit;
 mod handler;
 mod relay;
 mod store;

@@ -117,6 +117,11 @@ pub(crate) const KEYS: &[Key] = &[
         Check::AtLeast(1),
     ),
     key(
+        "NEURECTOMY_DATABASE_COMMITTERS",
+        "database.committers",
+        Check::Any,
+    ),
+    key(
         "NEURECTOMY_DATABASE_TIMEOUT_MS",
         "database.timeout_ms",
         Check::Millis { min: 1 },
