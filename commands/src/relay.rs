@@ -146,7 +146,21 @@ pub struct RelayConfig {
     /// publishes lost with a dropped connection never come, so this bounds
     /// the pause before the relay resynchronizes after a NATS outage.
     pub ack_timeout: Duration,
+    /// How long the stream keeps a message (`Duration::ZERO`: no limit).
+    /// PostgreSQL is the log; JetStream is its transport, and a consumer
+    /// that finds its next message gone reads the store instead. At least
+    /// `duplicate_window` (JetStream refuses a shorter one).
+    pub max_age: Duration,
+    /// Most bytes the stream keeps, the oldest messages going first (0: no
+    /// limit).
+    pub max_bytes: u64,
 }
+
+/// [`RelayConfig::max_age`] by default: a week.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// [`RelayConfig::max_bytes`] by default: 1 GiB (about a million events).
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
 
 impl Default for RelayConfig {
     fn default() -> Self {
@@ -161,6 +175,8 @@ impl Default for RelayConfig {
             report_every: Duration::from_secs(10),
             checkpoint_every: Duration::from_secs(1),
             ack_timeout: Duration::from_secs(3),
+            max_age: DEFAULT_MAX_AGE,
+            max_bytes: DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -262,16 +278,84 @@ impl Relay {
             storage: StorageType::File,
             duplicate_window: self.config.duplicate_window,
             allow_direct: true,
+            max_age: self.retained_age(),
+            max_bytes: self.retained_bytes(),
             ..Default::default()
         }
     }
 
-    /// Creates the JetStream stream if it does not exist.
+    /// The stream's age limit: none for zero, else at least the duplicate
+    /// window.
+    fn retained_age(&self) -> Duration {
+        match self.config.max_age {
+            Duration::ZERO => Duration::ZERO,
+            age => age.max(self.config.duplicate_window),
+        }
+    }
+
+    /// The stream's byte limit as JetStream writes it (-1: none).
+    fn retained_bytes(&self) -> i64 {
+        match self.config.max_bytes {
+            0 => -1,
+            bytes => i64::try_from(bytes).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// Creates the JetStream stream if it does not exist, and gives an
+    /// existing one the configured retention (age and bytes) when it has
+    /// other limits — logged, since it may drop old messages at once.
     pub async fn ensure_stream(&self) -> Result<jetstream::stream::Stream, RelayError> {
-        self.jetstream
+        let mut stream = self
+            .jetstream
             .get_or_create_stream(self.stream_config())
             .await
-            .map_err(|e| self.nats_error("creating the JetStream stream", e))
+            .map_err(|e| self.nats_error("creating the JetStream stream", e))?;
+        let current = stream
+            .info()
+            .await
+            .map_err(|e| self.nats_error("reading the JetStream stream's configuration", e))?
+            .config
+            .clone();
+        let (max_age, max_bytes) = (self.retained_age(), self.retained_bytes());
+        // JetStream reports "no limit" as 0 for the age, -1 for bytes.
+        let current_bytes = if current.max_bytes <= 0 {
+            -1
+        } else {
+            current.max_bytes
+        };
+        if current.max_age == max_age && current_bytes == max_bytes {
+            return Ok(stream);
+        }
+        tracing::info!(
+            stream = %self.config.stream_name,
+            from_max_age_s = current.max_age.as_secs(),
+            from_max_bytes = current_bytes,
+            max_age_s = max_age.as_secs(),
+            max_bytes,
+            "applying the configured retention to the JetStream stream (0 s / -1: no limit); messages beyond it are dropped, consumers that need them read PostgreSQL"
+        );
+        // Not fatal: a relay whose NATS user may not edit the stream (an
+        // older permission file) still publishes, on the limits it finds.
+        if let Err(error) = self
+            .jetstream
+            .update_stream(jetstream::stream::Config {
+                max_age,
+                max_bytes,
+                ..current
+            })
+            .await
+        {
+            tracing::warn!(
+                stream = %self.config.stream_name,
+                %error,
+                "could not apply the retention to the JetStream stream (allow $JS.API.STREAM.UPDATE.<stream> to the relay's NATS user); publishing on its current limits"
+            );
+            return Ok(stream);
+        }
+        self.jetstream
+            .get_stream(&self.config.stream_name)
+            .await
+            .map_err(|e| self.nats_error("reading the JetStream stream", e))
     }
 
     fn nats_error(&self, doing: &str, error: impl std::fmt::Display) -> RelayError {

@@ -177,6 +177,12 @@ pub struct TestNats {
 }
 
 impl TestNats {
+    /// The byte limit of a test's stream. JetStream reserves a stream's
+    /// limit against the server's storage; the default (1 GiB) for each
+    /// test stream alive at once could exceed a small disk. No test writes
+    /// this much.
+    pub const MAX_BYTES: u64 = 256 << 20;
+
     /// Connects and picks unique names.
     pub async fn create() -> Result<Self, TestkitError> {
         Self::create_at(&nats_url()).await
@@ -203,6 +209,7 @@ impl TestNats {
             stream_name: format!("TEST_{id}"),
             subject_prefix: format!("test{id}.events"),
             idle_poll: Duration::from_millis(100),
+            max_bytes: Self::MAX_BYTES,
             ..RelayConfig::default()
         };
         Ok(Self {

@@ -166,10 +166,17 @@ pub mod pipeline {
         /// Creates the database and stream and starts the relay; fails with
         /// the service's start command when one is unreachable.
         pub async fn start() -> Self {
+            Self::start_with(|_| {}).await
+        }
+
+        /// [`Pipeline::start`] with the relay's configuration adjusted (its
+        /// stream's retention, say) before the stream is created.
+        pub async fn start_with(adjust: impl FnOnce(&mut commands::RelayConfig)) -> Self {
             let db = TestDatabase::create(8)
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
-            let nats = TestNats::create().await.unwrap_or_else(|e| panic!("{e}"));
+            let mut nats = TestNats::create().await.unwrap_or_else(|e| panic!("{e}"));
+            adjust(&mut nats.relay);
             let store = EventStore::new(db.pool.clone());
             let stop = CancellationToken::new();
             let relay = Relay::new(store.clone(), nats.client.clone(), nats.relay.clone());

@@ -319,6 +319,25 @@ pub struct Settings {
         global = true
     )]
     pub subject_prefix: String,
+    /// How long the JetStream stream keeps a message, in seconds (0: no
+    /// limit; else at least 120, the duplicate window). PostgreSQL is the
+    /// log: a consumer that finds its next message gone reads it there.
+    #[arg(
+        long,
+        env = "NEURECTOMY_JETSTREAM_MAX_AGE_S",
+        default_value_t = commands::relay::DEFAULT_MAX_AGE.as_secs(),
+        global = true
+    )]
+    pub jetstream_max_age_s: u64,
+    /// Most bytes the JetStream stream keeps, the oldest messages going
+    /// first (0: no limit).
+    #[arg(
+        long,
+        env = "NEURECTOMY_JETSTREAM_MAX_BYTES",
+        default_value_t = commands::relay::DEFAULT_MAX_BYTES,
+        global = true
+    )]
+    pub jetstream_max_bytes: u64,
     /// Snapshot a stream every this many events (0 = never).
     #[arg(
         long,
@@ -495,6 +514,8 @@ impl Settings {
             idle_poll: Duration::from_millis(self.relay_idle_poll_ms.max(1)),
             // The NATS timeout bounds every wait on NATS, acks included.
             ack_timeout: Duration::from_millis(self.nats_timeout_ms.max(1)),
+            max_age: Duration::from_secs(self.jetstream_max_age_s),
+            max_bytes: self.jetstream_max_bytes,
             ..commands::RelayConfig::default()
         }
     }

@@ -359,3 +359,110 @@ async fn a_stream_created_anew_with_only_foreign_messages_gets_the_whole_log() {
     assert_eq!(relay.progress().published, 350);
     relay.shutdown().await;
 }
+
+/// The stream's limits as JetStream reports them: (max age, max bytes).
+async fn limits(nats: &TestNats) -> (Duration, i64) {
+    let mut stream = nats
+        .jetstream()
+        .get_stream(&nats.relay.stream_name)
+        .await
+        .unwrap();
+    let config = &stream.info().await.unwrap().config;
+    (config.max_age, config.max_bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_is_given_the_configured_retention_when_it_has_other_limits() {
+    let db = TestDatabase::create(4).await.unwrap();
+    let nats = TestNats::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    // A stream as earlier versions created it: no limits.
+    nats.jetstream()
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: nats.relay.stream_name.clone(),
+            subjects: vec![format!("{}.>", nats.relay.subject_prefix)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(limits(&nats).await, (Duration::ZERO, -1));
+
+    let with = |max_age: Duration, max_bytes: u64| RelayConfig {
+        max_age,
+        max_bytes,
+        ..nats.relay.clone()
+    };
+    let relay = Relay::new(
+        store.clone(),
+        nats.client.clone(),
+        with(Duration::from_secs(3600), 10 << 20),
+    );
+    relay.ensure_stream().await.unwrap();
+    assert_eq!(limits(&nats).await, (Duration::from_secs(3600), 10 << 20));
+
+    // An age under the duplicate window is raised to it (JetStream refuses
+    // a shorter one); zero is no limit.
+    let relay = Relay::new(
+        store.clone(),
+        nats.client.clone(),
+        with(Duration::from_secs(5), 0),
+    );
+    relay.ensure_stream().await.unwrap();
+    assert_eq!(limits(&nats).await, (nats.relay.duplicate_window, -1));
+    let relay = Relay::new(store, nats.client.clone(), with(Duration::ZERO, 0));
+    relay.ensure_stream().await.unwrap();
+    assert_eq!(limits(&nats).await, (Duration::ZERO, -1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_resumes_exactly_on_a_stream_that_dropped_its_oldest_messages() {
+    let db = TestDatabase::create(8).await.unwrap();
+    let nats = TestNats::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    // ~16 KiB: a few dozen of the events below; the rest are dropped.
+    let config = RelayConfig {
+        max_bytes: 16 << 10,
+        ..fast(&nats.relay)
+    };
+    let streams = mixed_streams(20);
+    let relay = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+    assert_eq!(
+        Writer::spawn(&store, streams.clone(), 400)
+            .handle
+            .await
+            .unwrap(),
+        400
+    );
+    eventually("the relay to publish the 400 events", WAIT, || {
+        let published = relay.progress().published;
+        async move { (published == 400).then_some(()) }
+    })
+    .await;
+    relay.shutdown().await;
+    let js = nats.jetstream();
+    let mut stream = js.get_stream(&config.stream_name).await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    assert!(
+        state.first_sequence > 1 && state.last_sequence == 400,
+        "the stream kept more than its limit allows: {state:?}"
+    );
+
+    // A new leader finds its last message among the kept ones and goes on
+    // from there: nothing republished, nothing skipped.
+    let relay = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+    assert_eq!(
+        Writer::spawn(&store, streams, 100).handle.await.unwrap(),
+        100
+    );
+    eventually("the relay to publish the 100 new events", WAIT, || {
+        let published = relay.progress().published;
+        async move { (published >= 100).then_some(()) }
+    })
+    .await;
+    let progress = relay.progress();
+    relay.shutdown().await;
+    assert_eq!(progress.published, 100, "{progress:?}");
+    assert_eq!(progress.jetstream_sequence, 500, "{progress:?}");
+    let head = store.head().await.unwrap().written;
+    assert_eq!(progress.position, head, "{progress:?}");
+}

@@ -38,11 +38,16 @@ struct World {
 }
 
 async fn world(subscriber_buffer: usize) -> World {
+    world_keeping(subscriber_buffer, commands::testkit::TestNats::MAX_BYTES).await
+}
+
+/// [`world`] with a JetStream stream that keeps `max_bytes`.
+async fn world_keeping(subscriber_buffer: usize, max_bytes: u64) -> World {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("TEST_LOG"))
         .with_test_writer()
         .try_init();
-    let pipe = Pipeline::start().await;
+    let pipe = Pipeline::start_with(|relay| relay.max_bytes = max_bytes).await;
     let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
     let graph = TestGraph::create().await.unwrap_or_else(|e| panic!("{e}"));
     let projector = pipe.projector(redis.model.clone());
@@ -345,7 +350,9 @@ async fn read_events(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_resumed_subscription_misses_nothing_and_repeats_nothing() {
-    let world = world(1_024).await;
+    // The stream keeps ~32 KiB (a few dozen events): resuming subscribers
+    // fall behind its window, which must not matter (they replay the store).
+    let world = world_keeping(1_024, 32 << 10).await;
     // Some history before anyone subscribes.
     world.pipe.simulate(Pipeline::workload(1, 200, 7)).await;
     // A workload that runs until the two sessions below are done.
@@ -415,6 +422,18 @@ async fn a_resumed_subscription_misses_nothing_and_repeats_nothing() {
     assert_eq!(
         got, expected,
         "the union of the subscriptions is not the log"
+    );
+    let stream = world
+        .pipe
+        .nats
+        .jetstream()
+        .get_stream(&world.pipe.nats.relay.stream_name)
+        .await
+        .unwrap();
+    let first = stream.get_info().await.unwrap().state.first_sequence;
+    assert!(
+        first > expected.len() as u64 / 2,
+        "the stream kept its history (first sequence {first}): the subscriptions were not behind its window"
     );
     world.shutdown().await;
 }

@@ -310,6 +310,55 @@ async fn a_flushed_read_model_and_a_consumer_deleted_under_the_live_projector_ar
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_behind_the_stream_retention_reads_the_store() {
+    let test = "a_projector_behind_the_stream_retention_reads_the_store";
+    // The stream keeps its newest ~32 KiB: a few dozen events.
+    let pipe = Pipeline::start_with(|relay| relay.max_bytes = 32 << 10).await;
+    let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
+    let world = World {
+        pipe,
+        redis,
+        seed: read_side::seed(test),
+    };
+    // The log grows while no projector runs; the relay publishes it all and
+    // JetStream drops the oldest messages.
+    world.simulate(1_000, 0).await;
+    let js = world.nats.jetstream();
+    let stream = js.get_stream(&world.nats.relay.stream_name).await.unwrap();
+    let stream = &stream;
+    let first = eventually(
+        "JetStream to drop messages beyond the stream's byte limit",
+        Duration::from_secs(60),
+        || async move {
+            let state = stream.get_info().await.ok()?.state;
+            (state.first_sequence > 100).then_some(state.first_sequence)
+        },
+    )
+    .await;
+
+    // A new projector (checkpoint 0) needs messages that are gone: it reads
+    // the store up to what JetStream still holds, then follows the stream.
+    let projector = world.projector();
+    let (stop, task) = world.spawn(&projector);
+    live(&projector).await;
+    world.simulate(200, 1).await;
+    let until = world.caught_up().await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let status = projector.status().borrow().clone();
+    assert_eq!(
+        (status.state, &status.last_error),
+        (ProjectorState::Live, &None),
+        "{status:?}"
+    );
+    assert!(first > 100);
+    world
+        .assert_rebuilt_equal("the model of a projector behind the retention", until)
+        .await;
+    world.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purged_stream_sends_the_projector_back_to_the_store() {
     let world = world("a_purged_stream_sends_the_projector_back_to_the_store").await;
     // Batches of 50: the consumer stops delivering at 200 unacknowledged

@@ -19,6 +19,8 @@ pub(crate) enum Check {
     Any,
     /// An integer of at least this.
     AtLeast(u64),
+    /// 0 (none), or an integer of at least this.
+    ZeroOrAtLeast(u64),
     /// Milliseconds, at least `min` and at most an hour.
     Millis {
         /// The smallest value that makes sense.
@@ -151,6 +153,16 @@ pub(crate) const KEYS: &[Key] = &[
         "NEURECTOMY_SUBJECT_PREFIX",
         "nats.subject_prefix",
         Check::SubjectPrefix,
+    ),
+    key(
+        "NEURECTOMY_JETSTREAM_MAX_AGE_S",
+        "nats.stream_max_age_s",
+        Check::ZeroOrAtLeast(120),
+    ),
+    key(
+        "NEURECTOMY_JETSTREAM_MAX_BYTES",
+        "nats.stream_max_bytes",
+        Check::Any,
     ),
     key(
         "NEURECTOMY_SNAPSHOT_EVERY",

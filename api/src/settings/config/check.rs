@@ -46,6 +46,10 @@ fn check_one(check: Check, value: &str) -> Result<(), String> {
             Ok(n) if n < min => Err(format!("must be at least {min}")),
             _ => Ok(()),
         },
+        Check::ZeroOrAtLeast(min) => match value.parse::<u64>() {
+            Ok(n) if n != 0 && n < min => Err(format!("must be 0 (no limit) or at least {min}")),
+            _ => Ok(()),
+        },
         Check::Millis { min } => match value.parse::<u64>() {
             Ok(n) if n < min => Err(format!("must be at least {min} ms")),
             Ok(n) if n > MAX_MILLIS => Err(format!("must be at most {MAX_MILLIS} ms (an hour)")),

@@ -318,6 +318,23 @@ fn a_value_of_the_wrong_type_is_named_by_its_dotted_key() {
 }
 
 #[test]
+fn a_stream_age_under_the_duplicate_window_is_refused_and_zero_is_no_limit() {
+    let world = World::default().file("short.toml", "[nats]\nstream_max_age_s = 10\n");
+    let error = world.error(&["--config", "short.toml", "serve"]);
+    assert!(
+        error.contains("nats.stream_max_age_s")
+            && error.contains("must be 0 (no limit) or at least 120"),
+        "{error}"
+    );
+    let world = World::default().file("none.toml", "[nats]\nstream_max_age_s = 0\n");
+    let loaded = world.ok(&["--config", "none.toml", "serve"]);
+    assert_eq!(
+        loaded.cli.settings.relay_config().max_age,
+        std::time::Duration::ZERO
+    );
+}
+
+#[test]
 fn a_value_its_parser_rejects_is_named_with_its_source() {
     let world = World::default().file(
         "n.toml",
