@@ -117,8 +117,6 @@ const WALK_AHEAD: usize = 16;
 /// How often the leading relay samples its lag (`neurectomy_relay_lag_events`)
 /// at most.
 pub const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(1);
-/// Most events a lag sample counts (the count walks the index).
-const LAG_CAP: i64 = 1_000_000;
 
 /// Configuration of one relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -899,12 +897,13 @@ async fn sample_lag(
         }
         let position = progress.borrow().position;
         let started = Instant::now();
-        match store.count_after(position, LAG_CAP).await {
-            Ok(lag) => gauge.set(lag as f64),
+        match store.lag(position).await {
+            Ok(lag) => gauge.set(lag.events as f64),
             Err(error) => tracing::debug!(%error, "could not sample the relay's lag"),
         }
-        // Counting a large backlog walks many index entries: sample less
-        // often then, so that it never costs more than ~5 % of a core.
+        // A sample counts at most `EXACT_LAG` index entries, then asks the
+        // planner; should even that be slow, sample less often, so that it
+        // never costs more than ~5 % of a core.
         pause = LAG_SAMPLE_EVERY.max(started.elapsed() * 20);
     }
     gauge.set(0.0);

@@ -198,10 +198,9 @@ async fn catch_up<M: ReadModel, P: FnMut(Progress) + Send>(
     (namespace, active): (String, String),
     progress: &mut P,
 ) -> Result<u64, ReplayError> {
-    let total = store
-        .count_after(0, i64::MAX)
-        .await
-        .map_err(ReplayError::Store)?;
+    // For progress reports only: an estimate beyond 10,000 events (an
+    // exact count of a large log takes seconds).
+    let total = store.lag(0).await.map_err(ReplayError::Store)?.events;
     progress(Progress::Started {
         total: u64::try_from(total).unwrap_or(0),
         namespace,

@@ -31,7 +31,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     let relayed = within("NATS", relay_position(settings)).await;
     match relayed {
         Ok(Some((position, sequence))) => {
-            let lag = store.count_after(position, 10_000_000).await?;
+            let lag = store.lag(position).await?;
             println!(
                 "relay {}: published up to position {position} (JetStream sequence {sequence}), {lag} event(s) behind",
                 settings.jetstream_stream
@@ -86,7 +86,7 @@ async fn print_projection(
 ) -> anyhow::Result<()> {
     match checkpoint {
         Ok(checkpoint) => {
-            let lag = store.count_after(checkpoint, 10_000_000).await?;
+            let lag = store.lag(checkpoint).await?;
             println!(
                 "projection {name} ({namespace}): checkpoint {checkpoint}, {lag} event(s) behind"
             );

@@ -185,7 +185,8 @@ pub struct ProjectionStatus {
     pub checkpoint: Position,
     /// The head of the event log.
     pub head: Position,
-    /// Events committed but not applied yet.
+    /// Events committed but not applied yet: counted up to 10,000,
+    /// PostgreSQL's estimate beyond.
     pub lag: i64,
     /// What its projector last reported: `starting`, `catching_up`,
     /// `live`, `retrying`, `stopped`, or `unknown` (no report in 30 s).
@@ -193,9 +194,6 @@ pub struct ProjectionStatus {
     /// The projector's last error, if any.
     pub last_error: Option<String>,
 }
-
-/// Lag is counted up to this many events.
-const LAG_CAP: i64 = 10_000_000;
 
 fn graph_error(e: projections::GraphQueryError) -> async_graphql::Error {
     unavailable("the graph", e)
@@ -638,9 +636,10 @@ impl ReadQuery {
             for (name, checkpoint) in [("redis", redis), ("graph", graph)] {
                 let lag = services
                     .store
-                    .count_after(checkpoint, LAG_CAP)
+                    .lag(checkpoint)
                     .await
-                    .map_err(|e| unavailable("the event store", e))?;
+                    .map_err(|e| unavailable("the event store", e))?
+                    .events;
                 let report = projections::redis::health::projector_report(&services.redis, name)
                     .await
                     .map_err(|e| unavailable("Redis", e))?;

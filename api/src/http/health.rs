@@ -19,18 +19,13 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     // Projection lag is computed at scrape time, each read within the
     // readiness timeout (a scrape never hangs on a dependency).
     let services = &state.services;
-    let lag = |checkpoint| {
-        probe(
-            READY_TIMEOUT,
-            services.store.count_after(checkpoint, 10_000_000),
-        )
-    };
+    let lag = |checkpoint| probe(READY_TIMEOUT, services.store.lag(checkpoint));
     if let Ok(checkpoint) = probe(READY_TIMEOUT, services.redis.read_checkpoint()).await {
-        let lag = lag(checkpoint).await.unwrap_or(-1);
+        let lag = lag(checkpoint).await.map_or(-1, |lag| lag.events);
         crate::telemetry::metrics::projection("redis", checkpoint, lag);
     }
     if let Ok(checkpoint) = probe(READY_TIMEOUT, services.graph.read_checkpoint()).await {
-        let lag = lag(checkpoint).await.unwrap_or(-1);
+        let lag = lag(checkpoint).await.map_or(-1, |lag| lag.events);
         crate::telemetry::metrics::projection("graph", checkpoint, lag);
     }
     (

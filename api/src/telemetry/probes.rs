@@ -21,8 +21,6 @@ use tokio_util::sync::CancellationToken;
 pub const PROBE_EVERY: Duration = Duration::from_secs(5);
 /// How long a probe may take before its dependency counts as down.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Most events a projection-lag sample counts (a count walks the index).
-const LAG_CAP: i64 = 1_000_000;
 
 /// What a process probes; `None`: a dependency it does not use.
 #[derive(Clone, Default)]
@@ -95,8 +93,8 @@ impl Probes {
         let store = EventStore::new(pool.clone());
         for (name, status) in &self.projections {
             let checkpoint = status.borrow().checkpoint;
-            if let Ok(lag) = store.count_after(checkpoint, LAG_CAP).await {
-                crate::telemetry::metrics::projection(name, checkpoint, lag);
+            if let Ok(lag) = store.lag(checkpoint).await {
+                crate::telemetry::metrics::projection(name, checkpoint, lag.events);
             }
         }
     }

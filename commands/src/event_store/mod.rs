@@ -18,7 +18,7 @@ pub use crate::idempotency::event_id;
 pub use append::MAX_EVENTS_PER_APPEND;
 pub use group::{MAX_APPENDS as MAX_APPENDS_PER_GROUP, MOST_EVENTS_GROUPED};
 pub use lease::FRESH as KEPT_CONNECTION_FRESH;
-pub use read::{LoadedStream, LogHead, StoredEvent};
+pub use read::{Lag, LoadedStream, LogHead, StoredEvent, EXACT_LAG};
 
 /// Statements slower than this are logged at warn, by name and duration
 /// ([`note_duration`]); a process should turn sqlx's own statement log off

@@ -19,6 +19,31 @@ const READ_ALL: &str = include_str!("sql/read_all.sql");
 const EVENTS_OF_COMMAND: &str = include_str!("sql/events_of_command.sql");
 const HEAD: &str = include_str!("sql/head.sql");
 const COUNT_AFTER: &str = include_str!("sql/count_after.sql");
+const ESTIMATE_AFTER: &str = include_str!("sql/estimate_after.sql");
+
+/// [`EventStore::lag`] counts up to this many events exactly (an index-only
+/// walk of at most this many entries: a few milliseconds).
+pub const EXACT_LAG: i64 = 10_000;
+
+/// How far a reader is behind the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lag {
+    /// Events after the reader's position: exact up to [`EXACT_LAG`],
+    /// beyond it PostgreSQL's estimate (never less than `EXACT_LAG + 1`).
+    pub events: i64,
+    /// Whether `events` was counted (true) or estimated.
+    pub exact: bool,
+}
+
+impl std::fmt::Display for Lag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.exact {
+            write!(f, "{}", self.events)
+        } else {
+            write!(f, "~{} (estimated)", self.events)
+        }
+    }
+}
 const READ_STREAM_AFTER: &str = include_str!("sql/read_stream_after.sql");
 const READ_STREAM_OF_TENANT: &str = include_str!("sql/read_stream_of_tenant.sql");
 const STREAM_VERSION_OF_TENANT: &str = include_str!("sql/stream_version_of_tenant.sql");
@@ -313,6 +338,36 @@ impl EventStore {
             .fetch_one(&self.pool)
             .await
             .map_err(db(format!("counting events after position {position}")))
+    }
+
+    /// How far a reader at `position` is behind: counted up to
+    /// [`EXACT_LAG`] events, estimated beyond (counting millions of index
+    /// entries took seconds per call, and status, `projectionStatus` and
+    /// every metrics scrape ask).
+    pub async fn lag(&self, position: i64) -> Result<Lag, ReadError> {
+        let counted = self.count_after(position, EXACT_LAG + 1).await?;
+        if counted <= EXACT_LAG {
+            return Ok(Lag {
+                events: counted,
+                exact: true,
+            });
+        }
+        let plan: Json<Value> = sqlx::query_scalar(ESTIMATE_AFTER)
+            .bind(position)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db(format!(
+                "estimating the events after position {position}"
+            )))?;
+        let estimate = plan
+            .0
+            .pointer("/0/Plan/Plan Rows")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0);
+        Ok(Lag {
+            events: (estimate as i64).max(EXACT_LAG + 1),
+            exact: false,
+        })
     }
 
     /// The end of the log, to measure a reader's lag.

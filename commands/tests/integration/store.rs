@@ -350,3 +350,60 @@ async fn no_writer_waits_while_others_keep_appending() {
         "appends per writer from {fewest} to {most}, the longest {longest:?}: {results:?}"
     );
 }
+
+/// Writes `n` events in one transaction, straight in SQL (the store's
+/// position scheme), and refreshes the table's statistics.
+async fn bulk_events(pool: &sqlx::PgPool, n: i64) {
+    sqlx::query(
+        "INSERT INTO events (position, transaction_id, stream_id, stream_version, event_id, \
+                             command_id, correlation_id, tenant, event_type, schema_version, \
+                             data, metadata) \
+         SELECT (pg_current_xact_id()::text::bigint << 16) | g, pg_current_xact_id(), \
+                'task-bulk-' || g, 1, gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), \
+                'tenant-a', 'TaskProgressReported', 1, '{}'::jsonb, '{}'::jsonb \
+         FROM generate_series(0, $1 - 1) AS g",
+    )
+    .bind(n)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE events").execute(pool).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_is_counted_when_small_and_estimated_when_large() {
+    use neurectomy_commands::event_store::EXACT_LAG;
+    let db = TestDatabase::create(4).await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    const N: i64 = 60_000;
+    bulk_events(&db.pool, N).await;
+    let positions: Vec<i64> = sqlx::query_scalar("SELECT position FROM events ORDER BY position")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(positions.len() as i64, N);
+
+    // Small lags are exact, up to the bound.
+    for behind in [0, 1, 500, EXACT_LAG] {
+        let at = positions[(N - behind - 1) as usize];
+        let lag = store.lag(at).await.unwrap();
+        assert_eq!((lag.events, lag.exact), (behind, true), "{behind} behind");
+    }
+    // Beyond it, PostgreSQL's estimate: never below the bound, and near
+    // the truth with fresh statistics.
+    for behind in [EXACT_LAG + 1, 30_000, N] {
+        let at = if behind == N {
+            0
+        } else {
+            positions[(N - behind - 1) as usize]
+        };
+        let lag = store.lag(at).await.unwrap();
+        assert!(!lag.exact, "{behind} behind: {lag:?}");
+        assert!(lag.events > EXACT_LAG, "{behind} behind: {lag:?}");
+        assert!(
+            (lag.events - behind).abs() <= behind / 4,
+            "{behind} behind, estimated {}",
+            lag.events
+        );
+    }
+}
