@@ -53,9 +53,16 @@ pub struct SimulateArgs {
     /// Seconds to run (0 = until SIGINT/SIGTERM).
     #[arg(long, env = "NEURECTOMY_SIM_DURATION", default_value_t = 0)]
     pub duration: u64,
-    /// Tenant the simulated data belongs to.
+    /// Tenant the simulated data belongs to (with `--tenants` above 1, the
+    /// prefix of their names: `<tenant>-01`, `<tenant>-02`, …).
     #[arg(long, env = "NEURECTOMY_SIM_TENANT", default_value = "demo")]
     pub tenant: String,
+    /// Tenants the workload is spread over, with a skewed share: tenant k
+    /// (from 1) gets workflows and agent churn in proportion to 1/k, as a
+    /// few large customers beside many small ones. The agents are split
+    /// among them, at least 2 each.
+    #[arg(long, env = "NEURECTOMY_SIM_TENANTS", default_value_t = 1)]
+    pub tenants: usize,
     /// Random seed (0 = random).
     #[arg(long, env = "NEURECTOMY_SIM_SEED", default_value_t = 0)]
     pub seed: u64,
@@ -113,12 +120,13 @@ struct SimAgent {
     mode: AgentMode,
 }
 
-/// Shared simulator state.
+/// One tenant's simulator state; the counters, the rate and the shutdown
+/// are shared by all tenants.
 struct Sim {
     handler: CommandHandler,
     tenant: String,
-    stats: Stats,
-    limiter: RateLimiter,
+    stats: Arc<Stats>,
+    limiter: Arc<RateLimiter>,
     /// The simulator's own view of agents (no await while locked).
     agents: Mutex<Vec<SimAgent>>,
     shutdown: CancellationToken,
@@ -215,32 +223,50 @@ pub async fn drive(
         rate = args.rate,
         "simulation starts"
     );
-    let sim = Arc::new(Sim {
-        handler,
-        tenant: args.tenant.clone(),
-        stats: Stats::default(),
-        limiter: RateLimiter::new(args.rate),
-        agents: Mutex::new(Vec::new()),
-        shutdown: shutdown.clone(),
-    });
+    let (stats, limiter) = (
+        Arc::new(Stats::default()),
+        Arc::new(RateLimiter::new(args.rate)),
+    );
+    let tenants = Tenants::new(
+        tenant_names(&args.tenant, args.tenants)
+            .into_iter()
+            .map(|tenant| {
+                Arc::new(Sim {
+                    handler: handler.clone(),
+                    tenant,
+                    stats: stats.clone(),
+                    limiter: limiter.clone(),
+                    agents: Mutex::new(Vec::new()),
+                    shutdown: shutdown.clone(),
+                })
+            })
+            .collect(),
+    );
 
-    let reporter = tokio::spawn(report(sim.clone()));
+    let reporter = tokio::spawn(report(tenants.sims[0].clone()));
     let mut rng = StdRng::seed_from_u64(seed);
-    register_agents(&sim, &mut rng, args.agents.max(1)).await;
+    let per_tenant = (args.agents.max(1) / tenants.sims.len()).max(2);
+    for sim in tenants.sims.iter() {
+        register_agents(sim, &mut rng, per_tenant).await;
+    }
 
     let mut drivers = Vec::new();
     for n in 0..args.workflows.max(1) {
-        let sim = sim.clone();
+        let tenants = tenants.clone();
         let mut rng = StdRng::seed_from_u64(seed.wrapping_add(n as u64 + 1));
         let tasks = args.tasks_per_workflow.max(1);
         drivers.push(tokio::spawn(async move {
-            while !sim.shutdown.is_cancelled() {
+            loop {
+                let sim = tenants.pick(&mut rng);
+                if sim.shutdown.is_cancelled() {
+                    break;
+                }
                 run_workflow(&sim, &mut rng, tasks).await;
             }
         }));
     }
     drivers.push(tokio::spawn(agent_churn(
-        sim.clone(),
+        tenants.clone(),
         StdRng::seed_from_u64(seed ^ 0x5eed),
     )));
     for driver in drivers {
@@ -250,11 +276,53 @@ pub async fn drive(
     }
     shutdown.cancel();
     let _ = reporter.await;
-    let errors = sim.stats.errors.load(Ordering::Relaxed);
+    let errors = stats.errors.load(Ordering::Relaxed);
     if errors > 0 {
         anyhow::bail!("{errors} command(s) failed with infrastructure errors (see the log)");
     }
     Ok(())
+}
+
+/// The tenants' names: `prefix` alone for one, else `prefix-01`, ….
+fn tenant_names(prefix: &str, count: usize) -> Vec<String> {
+    match count {
+        0 | 1 => vec![prefix.to_owned()],
+        n => {
+            let width = n.to_string().len().max(2);
+            (1..=n).map(|k| format!("{prefix}-{k:0width$}")).collect()
+        }
+    }
+}
+
+/// The simulated tenants and their skewed shares of the work.
+#[derive(Clone)]
+struct Tenants {
+    sims: Arc<[Arc<Sim>]>,
+    /// Tenant k's share is 1/k (Zipf, exponent 1).
+    weights: Arc<[f64]>,
+}
+
+impl Tenants {
+    fn new(sims: Vec<Arc<Sim>>) -> Self {
+        let weights = (1..=sims.len()).map(|k| 1.0 / k as f64).collect();
+        Self {
+            sims: sims.into(),
+            weights,
+        }
+    }
+
+    /// A tenant, by share.
+    fn pick(&self, rng: &mut StdRng) -> Arc<Sim> {
+        let total: f64 = self.weights.iter().sum();
+        let mut at = rng.gen_range(0.0..total);
+        for (sim, weight) in self.sims.iter().zip(self.weights.iter()) {
+            if at < *weight {
+                return sim.clone();
+            }
+            at -= weight;
+        }
+        self.sims[self.sims.len() - 1].clone()
+    }
 }
 
 async fn register_agents(sim: &Sim, rng: &mut StdRng, count: usize) {
@@ -606,9 +674,10 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
 }
 
 /// Pauses and resumes random agents, and now and then fails and recovers one.
-async fn agent_churn(sim: Arc<Sim>, mut rng: StdRng) {
+async fn agent_churn(tenants: Tenants, mut rng: StdRng) {
     let correlation = Uuid::new_v4();
     loop {
+        let sim = tenants.pick(&mut rng);
         tokio::select! {
             () = sim.shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1500))) => {}

@@ -229,6 +229,7 @@ pub mod pipeline {
                 rate,
                 duration: seconds,
                 tenant: "acme".to_owned(),
+                tenants: 1,
                 seed,
             }
         }

@@ -119,6 +119,10 @@ pub struct BenchArgs {
     /// it queue for a connection (as they would in a deployed process).
     #[arg(long, default_value_t = 16)]
     pub pool: u32,
+    /// Tenants of the simulated log `project` replays, with the simulator's
+    /// skewed shares (tenant k gets 1/k of the work).
+    #[arg(long, default_value_t = 1)]
+    pub tenants: usize,
     /// Write the results as JSON to this file too.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,

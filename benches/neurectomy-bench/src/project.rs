@@ -191,7 +191,7 @@ async fn scenarios(
 async fn preload(
     store: &EventStore,
     settings: &Settings,
-    seconds: u64,
+    (seconds, tenants): (u64, usize),
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let handler = CommandHandler::new(store.clone(), settings.handler_config());
@@ -202,6 +202,7 @@ async fn preload(
         rate: 0,
         duration: seconds,
         tenant: "bench".to_owned(),
+        tenants,
         seed: 42,
     };
     api::simulate::drive(handler, simulation, stop.child_token())
@@ -350,7 +351,7 @@ async fn replays(
 
     let store = scratch.store(settings, args.pool.max(8)).await?;
     eprintln!("preloading a realistic log: the simulator, unpaced, for {seconds}s…");
-    preload(&store, settings, seconds, &scratch.stop).await?;
+    preload(&store, settings, (seconds, args.tenants), &scratch.stop).await?;
     let batch_size = settings.projector_batch_size.max(1);
     let batches = read_log(&store, batch_size, &mut histogram()).await?;
     describe(&batches);

@@ -100,6 +100,7 @@ async fn verify_under_a_live_workload_reports_nothing_false_and_still_finds_tamp
             rate: RATE,
             duration: 0,
             tenant: "acme".to_owned(),
+            tenants: 1,
             seed,
         },
         stop_workload.clone(),
@@ -238,4 +239,40 @@ async fn verify_under_a_live_workload_reports_nothing_false_and_still_finds_tamp
         task.await.unwrap().unwrap();
     }
     world.pipe.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_spreads_its_work_over_tenants_with_a_skew() {
+    let pipe = Pipeline::start().await;
+    pipe.simulate(SimulateArgs {
+        agents: 16,
+        workflows: 8,
+        tasks_per_workflow: 4,
+        rate: 0,
+        duration: 3,
+        tenant: "skew".to_owned(),
+        tenants: 8,
+        seed: 11,
+    })
+    .await;
+    let counts: Vec<(String, i64)> =
+        sqlx::query_as("SELECT tenant, count(*) FROM events GROUP BY tenant ORDER BY tenant")
+            .fetch_all(&pipe.db.pool)
+            .await
+            .unwrap();
+    let names: Vec<&str> = counts.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        names,
+        (1..=8).map(|k| format!("skew-0{k}")).collect::<Vec<_>>(),
+        "every tenant has events, and only they: {counts:?}"
+    );
+    let total: i64 = counts.iter().map(|(_, n)| n).sum();
+    let (first, last) = (counts[0].1, counts[7].1);
+    // Shares 1/k of 2.72: the first ~37 %, the last ~5 % (beside the equal
+    // share of registrations).
+    assert!(
+        first * 8 > total * 2 && first > 3 * last,
+        "the first tenant must carry the most: {counts:?}"
+    );
+    pipe.shutdown().await;
 }

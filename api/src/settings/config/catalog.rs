@@ -334,6 +334,11 @@ pub(crate) const KEYS: &[Key] = &[
     key("NEURECTOMY_SIM_RATE", "simulate.rate", Check::Any),
     key("NEURECTOMY_SIM_DURATION", "simulate.duration", Check::Any),
     key("NEURECTOMY_SIM_TENANT", "simulate.tenant", Check::NonEmpty),
+    key(
+        "NEURECTOMY_SIM_TENANTS",
+        "simulate.tenants",
+        Check::AtLeast(1),
+    ),
     key("NEURECTOMY_SIM_SEED", "simulate.seed", Check::Any),
 ];
 
