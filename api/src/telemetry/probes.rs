@@ -90,7 +90,8 @@ impl Probes {
         let Some(pool) = &self.postgres else {
             return;
         };
-        let store = EventStore::new(pool.clone());
+        // Reads only: no group-commit task for a store that never appends.
+        let store = EventStore::with_committers(pool.clone(), 0);
         for (name, status) in &self.projections {
             let checkpoint = status.borrow().checkpoint;
             if let Ok(lag) = store.lag(checkpoint).await {
