@@ -18,11 +18,17 @@
 //!   stops the projection at its position, with the reason in its status.
 //! - **Transient failures** (a store down) are retried with capped backoff,
 //!   without acknowledging anything.
+//! - **One writer at a time.** A projector under a lease ([`lease`]) applies
+//!   only while it holds it and writes every batch with the lease's fencing
+//!   token, which the model checks in the batch's atomic write; the Redis
+//!   model also refuses a batch planned on a checkpoint that moved since.
 //!
 //! ## Layout
 //!
 //! - [`model`]: the [`ReadModel`] contract and [`ApplyError`].
 //! - [`runtime`]: the projector loop (catch-up, JetStream consumer, status).
+//! - [`lease`]: the projectors' leases on PostgreSQL, with fencing tokens,
+//!   so that any number of processes can run a projection.
 //! - [`redis`]: the Redis read model and the table of its keys; the API's
 //!   reads ([`redis::read`]), the change feed's reader ([`redis::feed`]) and
 //!   the projectors' health reports ([`redis::health`]).
@@ -40,6 +46,7 @@
 pub mod graph;
 #[cfg(feature = "testkit")]
 pub mod graph_testkit;
+pub mod lease;
 pub mod model;
 pub mod redis;
 pub mod replay;
@@ -49,7 +56,8 @@ pub mod testkit;
 pub mod verify;
 
 pub use graph::{GraphConfig, GraphModel, GraphQueryError};
-pub use model::{ApplyError, Projected, ReadModel};
+pub use lease::{LeaseConfig, LeaseError, Leases};
+pub use model::{ApplyError, Fence, Projected, ReadModel};
 // `self::`: `redis` alone would also name the Redis client crate.
 pub use self::redis::read::{Entity, Fields};
 pub use self::redis::{RedisModel, RedisModelConfig};

@@ -55,6 +55,19 @@ pub enum ApplyError {
         /// What was found.
         reason: String,
     },
+    /// A batch written under a newer lease is in the read model: this
+    /// process's lease of the projection is over (it was paused or cut off
+    /// past its expiry and another process took over). Nothing of the batch
+    /// was written; the projector stands by.
+    #[error("the {store} read model holds fencing token {newer}, newer than this projector's {token}: its lease is over")]
+    Fenced {
+        /// Which store.
+        store: &'static str,
+        /// The token the batch was written under.
+        token: u64,
+        /// The newer token found.
+        newer: u64,
+    },
     /// The event cannot be applied to the read model as it is (e.g. an
     /// update for an entity the model never saw). The projection stops.
     #[error("event at position {position} ({event_type}) cannot be applied: {reason}")]
@@ -90,15 +103,30 @@ pub trait ReadModel: Send + Sync + 'static {
     fn apply(&self, events: &[Projected]) -> impl Future<Output = Result<(), ApplyError>> + Send;
 
     /// Like [`ReadModel::apply`], for a projector that believes the
-    /// checkpoint is `after`. A model that can tell returns
-    /// [`ApplyError::Moved`] when its stored checkpoint is behind `after`
-    /// (applying would leave a gap); by default it just applies.
+    /// checkpoint is `after`: [`ApplyError::Moved`] when the stored
+    /// checkpoint is not where the batch can follow it (behind `after`:
+    /// applying would leave a gap).
+    ///
+    /// With a `fence` (the projector holds a lease, see [`crate::lease`]),
+    /// the model checks it inside the same atomic write: a batch under a
+    /// token below the highest the model has stored is refused with
+    /// [`ApplyError::Fenced`] and writes nothing; otherwise the token is
+    /// stored with the batch.
     fn apply_after(
         &self,
         after: i64,
+        fence: Option<Fence>,
         events: &[Projected],
-    ) -> impl Future<Output = Result<(), ApplyError>> + Send {
-        let _ = after;
-        self.apply(events)
+    ) -> impl Future<Output = Result<(), ApplyError>> + Send;
+}
+
+/// The fencing token of the lease a batch is applied under
+/// ([`crate::lease`]): it grows every time the lease changes hands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Fence(pub u64);
+
+impl std::fmt::Display for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
     }
 }

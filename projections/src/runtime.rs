@@ -37,7 +37,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use crate::model::{ApplyError, Projected, ReadModel};
+use crate::lease::Leases;
+use crate::model::{ApplyError, Fence, Projected, ReadModel};
 
 /// Catch-up batches read from the event store at once. One: with catch-up
 /// batches of thousands of events, a read's fixed cost is already spread
@@ -85,6 +86,9 @@ impl Default for ProjectorConfig {
 pub enum ProjectorState {
     /// Not started yet.
     Starting,
+    /// Waiting for the projection's lease, which another process holds
+    /// (see [`crate::lease`]).
+    Standby,
     /// Reading the event store to catch up.
     CatchingUp,
     /// Consuming JetStream.
@@ -116,6 +120,10 @@ pub struct ProjectorStatus {
     /// Times this process went back to the event store because JetStream
     /// skipped sequences.
     pub gaps: u64,
+    /// This process's name in the lease table, when it runs under a lease.
+    pub owner: Option<String>,
+    /// The fencing token of the lease while this process holds it.
+    pub token: Option<u64>,
 }
 
 /// Why a projector stopped for good.
@@ -151,6 +159,8 @@ enum Interrupt {
     Gap,
     /// Something failed that retrying may fix.
     Transient(String),
+    /// The read model holds a newer lease's token: the lease is over.
+    Fenced(String),
     /// Stop for good.
     Fatal(ProjectorError),
 }
@@ -219,6 +229,8 @@ pub struct Projector<M> {
     /// Highest stream sequence of a foreign message counted and logged, so
     /// that a pass starting again below it does not count it twice.
     foreign_seen: AtomicU64,
+    /// The projection's leases, when more than one process may run it.
+    leases: Option<Leases>,
 }
 
 impl<M: ReadModel> Projector<M> {
@@ -238,6 +250,8 @@ impl<M: ReadModel> Projector<M> {
             foreign: 0,
             redelivered: 0,
             gaps: 0,
+            owner: None,
+            token: None,
         };
         let (status, _) = watch::channel(status);
         Self {
@@ -248,7 +262,19 @@ impl<M: ReadModel> Projector<M> {
             status,
             in_hand: InHand::default(),
             foreign_seen: AtomicU64::new(0),
+            leases: None,
         }
+    }
+
+    /// Runs the projection only while holding its lease (partition 0 of
+    /// `leases`), standing by otherwise, and writes every batch fenced by
+    /// the lease's token: any number of processes may then run it.
+    #[must_use]
+    pub fn with_leases(mut self, leases: Leases) -> Self {
+        self.status
+            .send_modify(|s| s.owner = Some(leases.owner().to_owned()));
+        self.leases = Some(leases);
+        self
     }
 
     /// Events of the batch being applied and acknowledged now (0 between
@@ -271,15 +297,112 @@ impl<M: ReadModel> Projector<M> {
         format!("projection-{}", self.model.name())
     }
 
-    /// Runs until shutdown, or until an event cannot be applied.
+    /// Runs until shutdown, or until an event cannot be applied. With
+    /// leases ([`Projector::with_leases`]), applies only while holding the
+    /// lease and stands by otherwise.
     #[tracing::instrument(name = "projector", skip_all, fields(projection = %self.model.name()))]
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ProjectorError> {
         // Exported from the start, at 0, so that an alert can watch it grow.
         self.foreign_counter().increment(0);
+        let Some(leases) = self.leases.clone() else {
+            return self.drive(&shutdown, None).await;
+        };
+        loop {
+            let Some((token, asked)) = self.stand_by(&leases, &shutdown).await else {
+                return Ok(());
+            };
+            tracing::info!(
+                token,
+                owner = leases.owner(),
+                "holding the projection's lease: applying"
+            );
+            self.status.send_modify(|s| {
+                s.token = Some(token);
+                s.state = ProjectorState::Starting;
+            });
+            // Cancelled by shutdown, by the keeper when the lease cannot be
+            // renewed in time, or here when the lease turns out to be over.
+            let held = shutdown.child_token();
+            // Stops the keeper however this future ends, dropped included
+            // (an aborted task must not go on renewing a lease it no longer
+            // uses).
+            let _stop_keeper = held.clone().drop_guard();
+            let keeper = tokio::spawn(keep(leases.clone(), token, asked, held.clone()));
+            let ended = self.drive(&held, Some(Fence(token))).await;
+            held.cancel();
+            let _ = keeper.await;
+            self.status.send_modify(|s| s.token = None);
+            if shutdown.is_cancelled() || ended.is_err() {
+                // A clean stop hands the lease over at once; so does a
+                // projection stopped at an event (another process stops
+                // there too, with the same report).
+                if let Err(error) = leases.release(0, token).await {
+                    tracing::warn!(%error, "could not release the projection's lease; it expires on its own");
+                }
+                return ended;
+            }
+            tracing::warn!(
+                token,
+                "this process's lease of the projection is over; standing by"
+            );
+        }
+    }
+
+    /// Asks for the lease until it is this process's (its token, and when
+    /// it was asked for), or shutdown (`None`).
+    async fn stand_by(
+        &self,
+        leases: &Leases,
+        shutdown: &CancellationToken,
+    ) -> Option<(u64, Instant)> {
+        let mut reported = false;
+        loop {
+            let asked = Instant::now();
+            match leases.try_acquire(0).await {
+                Ok(Some(token)) => return Some((token, asked)),
+                Ok(None) => {
+                    if !reported {
+                        tracing::info!(
+                            owner = leases.owner(),
+                            "another process holds the projection's lease: standing by"
+                        );
+                        reported = true;
+                    }
+                    self.status
+                        .send_modify(|s| s.state = ProjectorState::Standby);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not ask for the projection's lease; retrying");
+                    self.status.send_modify(|s| {
+                        s.state = ProjectorState::Standby;
+                        s.last_error = Some(error.to_string());
+                    });
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(leases.standby_poll()) => {}
+            }
+        }
+    }
+
+    /// Applies the projection until `stop` is cancelled (or, with a fence,
+    /// the read model holds a newer one), or until an event cannot be
+    /// applied.
+    async fn drive(
+        &self,
+        stop: &CancellationToken,
+        fence: Option<Fence>,
+    ) -> Result<(), ProjectorError> {
         let mut delay = Duration::from_millis(50);
         loop {
-            match self.pass(&shutdown).await {
+            match self.pass(stop, fence).await {
                 Interrupt::Shutdown => return Ok(()),
+                Interrupt::Fenced(reason) => {
+                    tracing::warn!(%reason, "a newer lease holder wrote to the read model");
+                    self.status.send_modify(|s| s.last_error = Some(reason));
+                    return Ok(());
+                }
                 Interrupt::Gap => {
                     self.status.send_modify(|s| s.gaps += 1);
                     tracing::info!("resuming from the read model's checkpoint: catching up from the event store");
@@ -291,7 +414,7 @@ impl<M: ReadModel> Projector<M> {
                         s.last_error = Some(error);
                     });
                     tokio::select! {
-                        () = shutdown.cancelled() => return Ok(()),
+                        () = stop.cancelled() => return Ok(()),
                         () = tokio::time::sleep(delay) => {}
                     }
                     delay = (delay * 2).min(self.config.max_backoff);
@@ -323,9 +446,10 @@ impl<M: ReadModel> Projector<M> {
             .checkpoint()
             .await
             .map_err(|error| interrupted(error.to_string()))?;
-        match self.catch_up_from(checkpoint, shutdown).await {
+        match self.catch_up_from(checkpoint, None, shutdown).await {
             Ok(checkpoint) => Ok(checkpoint),
             Err(Interrupt::Fatal(error)) => Err(error),
+            Err(Interrupt::Fenced(reason)) => Err(interrupted(reason)),
             Err(Interrupt::Shutdown) => Err(interrupted("shutdown was requested".to_owned())),
             Err(Interrupt::Gap) => Err(interrupted("the read model moved under it".to_owned())),
             Err(Interrupt::Transient(reason)) => Err(interrupted(reason)),
@@ -336,6 +460,7 @@ impl<M: ReadModel> Projector<M> {
     async fn catch_up_from(
         &self,
         mut checkpoint: i64,
+        fence: Option<Fence>,
         shutdown: &CancellationToken,
     ) -> Result<i64, Interrupt> {
         // The log is read in pages of catch-up batches, and reading page n+1
@@ -405,7 +530,13 @@ impl<M: ReadModel> Projector<M> {
                 };
                 let _holding = self.in_hand.hold(batch.len());
                 if let Err(interrupt) = self
-                    .apply_decoded(batch, checkpoint, ProjectorState::CatchingUp, shutdown)
+                    .apply_decoded(
+                        batch,
+                        checkpoint,
+                        fence,
+                        ProjectorState::CatchingUp,
+                        shutdown,
+                    )
                     .await
                 {
                     abort(next);
@@ -431,7 +562,7 @@ impl<M: ReadModel> Projector<M> {
 
     /// One pass: catch up from the store, then consume JetStream until
     /// something interrupts.
-    async fn pass(&self, shutdown: &CancellationToken) -> Interrupt {
+    async fn pass(&self, shutdown: &CancellationToken, fence: Option<Fence>) -> Interrupt {
         let checkpoint = match self.model.checkpoint().await {
             Ok(checkpoint) => checkpoint,
             Err(error) => return Interrupt::Transient(error.to_string()),
@@ -442,7 +573,7 @@ impl<M: ReadModel> Projector<M> {
         });
 
         // 1. Catch up from the event store (gap-safe) to its readable head.
-        let mut checkpoint = match self.catch_up_from(checkpoint, shutdown).await {
+        let mut checkpoint = match self.catch_up_from(checkpoint, fence, shutdown).await {
             Ok(checkpoint) => checkpoint,
             Err(interrupt) => return interrupt,
         };
@@ -586,7 +717,7 @@ impl<M: ReadModel> Projector<M> {
                 continue;
             };
             if let Some(last) = batch.last().map(|e| e.position) {
-                if let Err(interrupt) = self.apply(batch, checkpoint, shutdown).await {
+                if let Err(interrupt) = self.apply(batch, checkpoint, fence, shutdown).await {
                     return interrupt;
                 }
                 checkpoint = last;
@@ -625,14 +756,21 @@ impl<M: ReadModel> Projector<M> {
         &self,
         batch: Vec<RecordedEvent>,
         checkpoint: i64,
+        fence: Option<Fence>,
         shutdown: &CancellationToken,
     ) -> Result<(), Interrupt> {
         let page = Page::decode(batch.into_iter().filter(|r| r.position > checkpoint));
         if let Some(bad) = &page.undecodable {
             return Err(self.undecodable(bad));
         }
-        self.apply_decoded(page.events, checkpoint, ProjectorState::Live, shutdown)
-            .await
+        self.apply_decoded(
+            page.events,
+            checkpoint,
+            fence,
+            ProjectorState::Live,
+            shutdown,
+        )
+        .await
     }
 
     /// Stops the projection at an event that does not decode.
@@ -652,6 +790,7 @@ impl<M: ReadModel> Projector<M> {
         &self,
         mut projected: Vec<Projected>,
         checkpoint: i64,
+        fence: Option<Fence>,
         phase: ProjectorState,
         shutdown: &CancellationToken,
     ) -> Result<(), Interrupt> {
@@ -666,7 +805,7 @@ impl<M: ReadModel> Projector<M> {
             let started = Instant::now();
             let applied = self
                 .model
-                .apply_after(checkpoint, &projected)
+                .apply_after(checkpoint, fence, &projected)
                 .instrument(batch_span.clone())
                 .await;
             match applied {
@@ -701,6 +840,9 @@ impl<M: ReadModel> Projector<M> {
                         event_type,
                         reason,
                     }))
+                }
+                Err(error @ ApplyError::Fenced { .. }) => {
+                    return Err(Interrupt::Fenced(error.to_string()));
                 }
                 Err(error @ ApplyError::Moved { .. }) => {
                     tracing::info!(%error, "re-reading the checkpoint");
@@ -818,6 +960,41 @@ impl<M: ReadModel> Projector<M> {
             .await
             .map_err(|e| format!("creating consumer {name}: {e}"))?;
         Ok((consumer, lo))
+    }
+}
+
+/// Renews the lease of partition 0 held under `token` (asked for at
+/// `asked`) until `held` is cancelled; cancels it when the lease is not
+/// confirmed to last (taken over, or no renewal answered within the ttl
+/// counted from when it was sent).
+async fn keep(leases: Leases, token: u64, asked: Instant, held: CancellationToken) {
+    let mut valid_until = asked + leases.ttl();
+    loop {
+        let next = (Instant::now() + leases.renew_every()).min(valid_until);
+        tokio::select! {
+            () = held.cancelled() => return,
+            () = tokio::time::sleep_until(next.into()) => {}
+        }
+        if Instant::now() >= valid_until {
+            tracing::warn!(
+                token,
+                "the projection's lease could not be renewed in time: stopping before it expires"
+            );
+            held.cancel();
+            return;
+        }
+        let sent = Instant::now();
+        match leases.renew(0, token).await {
+            Ok(true) => valid_until = sent + leases.ttl(),
+            Ok(false) => {
+                tracing::warn!(token, "the projection's lease was taken over");
+                held.cancel();
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "renewing the projection's lease failed; retrying");
+            }
+        }
     }
 }
 

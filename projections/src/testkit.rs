@@ -145,7 +145,9 @@ async fn dump(
 /// writes them for `/readyz`). Any other key — another generation's, or one
 /// the model should never have written — is kept as `outside the
 /// generation: <key without the prefix>`, so that it shows up as a
-/// difference.
+/// difference. A generation's `fence` (the lease token its last batch was
+/// written under) is bookkeeping of whoever wrote, not content, and is left
+/// out too.
 pub async fn dump_model(
     model: &RedisModel,
 ) -> Result<std::collections::BTreeMap<String, String>, redis::RedisError> {
@@ -159,7 +161,6 @@ pub async fn dump_model(
         if key == pointer || rest.starts_with(crate::redis::health::REPORT_KEY) {
             continue;
         }
-        let value = render(&mut conn, &key).await?;
         let name = match rest
             .strip_prefix(generation.as_str())
             .and_then(|r| r.strip_prefix(':'))
@@ -167,6 +168,10 @@ pub async fn dump_model(
             Some(name) => name.to_owned(),
             None => format!("outside the generation: {rest}"),
         };
+        if name == "fence" {
+            continue;
+        }
+        let value = render(&mut conn, &key).await?;
         out.insert(name, value);
     }
     Ok(out)

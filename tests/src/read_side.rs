@@ -13,7 +13,9 @@ use commands::testkit::eventually;
 use commands::EventStore;
 use projections::graph_testkit::TestGraph;
 use projections::testkit::TestRedis;
-use projections::{ApplyError, Projected, Projector, ProjectorConfig, ProjectorState, ReadModel};
+use projections::{
+    ApplyError, Fence, Projected, Projector, ProjectorConfig, ProjectorState, ReadModel,
+};
 use tokio::sync::{watch, Notify};
 
 use crate::pipeline::Pipeline;
@@ -359,10 +361,15 @@ impl<M: ReadModel> Gate<M> {
         }
     }
 
-    async fn gated(&self, after: Option<i64>, events: &[Projected]) -> Result<(), ApplyError> {
+    async fn gated(
+        &self,
+        after: Option<i64>,
+        fence: Option<Fence>,
+        events: &[Projected],
+    ) -> Result<(), ApplyError> {
         let apply = || async {
             match after {
-                Some(after) => self.inner.apply_after(after, events).await,
+                Some(after) => self.inner.apply_after(after, fence, events).await,
                 None => self.inner.apply(events).await,
             }
         };
@@ -407,11 +414,16 @@ impl<M: ReadModel> ReadModel for Gate<M> {
     }
 
     async fn apply(&self, events: &[Projected]) -> Result<(), ApplyError> {
-        self.gated(None, events).await
+        self.gated(None, None, events).await
     }
 
-    async fn apply_after(&self, after: i64, events: &[Projected]) -> Result<(), ApplyError> {
-        self.gated(Some(after), events).await
+    async fn apply_after(
+        &self,
+        after: i64,
+        fence: Option<Fence>,
+        events: &[Projected],
+    ) -> Result<(), ApplyError> {
+        self.gated(Some(after), fence, events).await
     }
 }
 

@@ -44,6 +44,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     let redis = async { Ok(connect::connect_redis(settings).await?.checkpoint().await?) };
     let redis = within("Redis", redis).await;
     print_projection(&store, "redis", &settings.redis_prefix, redis).await?;
+    print_lease(&store, settings, "redis").await;
     let graph = async {
         let model = connect::connect_graph(settings).await?;
         let checkpoint = model.checkpoint().await?;
@@ -56,6 +57,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
             format!("database {db}")
         });
     print_projection(&store, "graph", &namespace, graph.map(|(c, _)| c)).await?;
+    print_lease(&store, settings, "graph").await;
     store.pool().close().await;
     Ok(())
 }
@@ -94,6 +96,29 @@ async fn print_projection(
         Err(error) => println!("projection {name} ({namespace}): unknown ({error:#})"),
     }
     Ok(())
+}
+
+/// One `status` line: who holds the projection's lease (the process that
+/// applies it; any other `project` process stands by).
+async fn print_lease(store: &EventStore, settings: &Settings, name: &str) {
+    let leases = projections::Leases::new(
+        store.pool().clone(),
+        format!("{}/{name}", settings.jetstream_stream),
+        settings.lease_config(),
+    );
+    match leases.holders().await {
+        Ok(holders) => match holders.first() {
+            Some(h) if h.live => {
+                println!("  lease: held by {} (fencing token {})", h.owner, h.token)
+            }
+            Some(h) => println!(
+                "  lease: free (expired or released; last held by {}, fencing token {})",
+                h.owner, h.token
+            ),
+            None => println!("  lease: never taken (no `project` process has run it)"),
+        },
+        Err(error) => println!("  lease: unknown ({error})"),
+    }
 }
 
 /// Messages `status` walks back past (foreign or deleted) to find the

@@ -476,6 +476,17 @@ pub struct Settings {
         global = true
     )]
     pub projector_linger_ms: u64,
+    /// How long a projector's lease lasts without renewal (ms): a
+    /// projection runs in the process holding its lease, any other
+    /// `project` process stands by and takes over within about this long
+    /// after the holder is killed (at once after a clean stop).
+    #[arg(
+        long,
+        env = "NEURECTOMY_PROJECTOR_LEASE_TTL_MS",
+        default_value_t = 3_000,
+        global = true
+    )]
+    pub projector_lease_ttl_ms: u64,
     /// Address where `relay` and `project` serve `/metrics` and `/healthz`
     /// for Prometheus, e.g. `0.0.0.0:9464` (unset: none). `serve` and `all`
     /// serve `/metrics` on the API's address, and here too when set.
@@ -528,6 +539,11 @@ impl Settings {
             linger: Duration::from_millis(self.projector_linger_ms),
             ..projections::ProjectorConfig::default()
         }
+    }
+
+    /// The projectors' lease settings, under a fresh owner name.
+    pub fn lease_config(&self) -> projections::LeaseConfig {
+        projections::LeaseConfig::new(Duration::from_millis(self.projector_lease_ttl_ms))
     }
 
     /// `host:port` of ArcadeDB's HTTP API: `graph_http`, or port 2480 on

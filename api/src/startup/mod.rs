@@ -260,12 +260,15 @@ impl Application {
         reports: &projections::RedisModel,
         probes: &mut Probes,
     ) {
-        let projector = projections::Projector::new(
-            model,
-            self.store.clone(),
-            self.nats.clone(),
-            self.settings.projector_config(),
+        let config = self.settings.projector_config();
+        let leases = projections::Leases::new(
+            self.store.pool().clone(),
+            format!("{}/{name}", config.stream_name),
+            self.settings.lease_config(),
         );
+        let projector =
+            projections::Projector::new(model, self.store.clone(), self.nats.clone(), config)
+                .with_leases(leases);
         self.background
             .push(tokio::spawn(projections::redis::health::publish_status(
                 reports.clone(),

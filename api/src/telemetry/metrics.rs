@@ -158,6 +158,15 @@ pub fn projection(name: &'static str, checkpoint: i64, lag: i64) {
     metrics::gauge!("neurectomy_projection_lag_events", "projection" => name).set(lag as f64);
 }
 
+/// Whether this process holds a projection's lease (1) or stands by (0).
+pub fn projection_lease(name: &'static str, held: bool) {
+    metrics::gauge!("neurectomy_projector_lease_held", "projection" => name).set(if held {
+        1.0
+    } else {
+        0.0
+    });
+}
+
 /// Change-feed entries read together, `took` after the read, were
 /// published to the in-memory channels (`neurectomy_feed_fanout_seconds`,
 /// one sample per entry).

@@ -85,7 +85,8 @@ impl Probes {
         }
     }
 
-    /// Exports the checkpoint and lag of this process's projectors.
+    /// Exports the checkpoint and lag of this process's projectors (of the
+    /// ones holding their lease), and which leases it holds.
     async fn projection_lag(&self) {
         let Some(pool) = &self.postgres else {
             return;
@@ -93,7 +94,15 @@ impl Probes {
         // Reads only: no group-commit task for a store that never appends.
         let store = EventStore::with_committers(pool.clone(), 0);
         for (name, status) in &self.projections {
-            let checkpoint = status.borrow().checkpoint;
+            let (checkpoint, state, token) = {
+                let status = status.borrow();
+                (status.checkpoint, status.state, status.token)
+            };
+            crate::telemetry::metrics::projection_lease(name, token.is_some());
+            // The lease holder (another process) exports the lag.
+            if state == projections::ProjectorState::Standby {
+                continue;
+            }
             if let Ok(lag) = store.lag(checkpoint).await {
                 crate::telemetry::metrics::projection(name, checkpoint, lag.events);
             }

@@ -8,7 +8,7 @@
 //! | `Agent` | id, tenant, name, kind, model, capabilities (list), status, status_reason, current_task, last_position, updated_at |
 //! | `Task` | id, tenant, workflow, title, state, assignee, progress, attempt, max_attempts, priority, required_capabilities (list), last_error, last_position, updated_at |
 //! | `Workflow` | id, tenant, name, status, reason, last_position |
-//! | `Checkpoint` | projection, position |
+//! | `Checkpoint` | projection, position, fence (highest lease token a batch was written under, [`crate::lease`]) |
 //!
 //! Relationships:
 //!
@@ -67,7 +67,7 @@ use std::time::Duration;
 
 use neo4rs::{query, ConfigBuilder, Graph, Query, Row, Txn};
 
-use crate::model::{ApplyError, Projected, ReadModel};
+use crate::model::{ApplyError, Fence, Projected, ReadModel};
 
 pub use read::{
     AgentNeighbourhood, AgentTask, BlockedTask, DagEdge, DagTask, Delegation, GraphQueryError,
@@ -355,11 +355,16 @@ impl ReadModel for GraphModel {
     }
 
     async fn apply(&self, events: &[Projected]) -> Result<(), ApplyError> {
-        self.apply_bounded(None, events).await
+        self.apply_bounded(None, None, events).await
     }
 
-    async fn apply_after(&self, after: i64, events: &[Projected]) -> Result<(), ApplyError> {
-        self.apply_bounded(Some(after), events).await
+    async fn apply_after(
+        &self,
+        after: i64,
+        fence: Option<Fence>,
+        events: &[Projected],
+    ) -> Result<(), ApplyError> {
+        self.apply_bounded(Some(after), fence, events).await
     }
 }
 
@@ -369,10 +374,16 @@ impl GraphModel {
     async fn apply_bounded(
         &self,
         after: Option<i64>,
+        fence: Option<Fence>,
         events: &[Projected],
     ) -> Result<(), ApplyError> {
         let doing = "applying a batch";
-        match tokio::time::timeout(self.config.timeout, write::apply(self, after, events)).await {
+        match tokio::time::timeout(
+            self.config.timeout,
+            write::apply(self, after, fence, events),
+        )
+        .await
+        {
             Ok(result) => result,
             Err(_) => Err(ApplyError::Unavailable {
                 store: "the graph",

@@ -15,12 +15,31 @@ use neo4rs::{query, BoltType, Query, Row, Txn};
 
 use super::fold::{int, rejected, text, AgentRow, Fold, Props, TaskRow};
 use super::{collect, finish, is_transient, GraphModel, PROJECTION};
-use crate::model::{ApplyError, Projected};
+use crate::model::{ApplyError, Fence, Projected};
 
 /// The stored checkpoint of this projection.
 pub(super) fn checkpoint_query() -> Query {
     query("MATCH (c:Checkpoint {projection: $projection}) RETURN c.position AS position")
         .param("projection", PROJECTION)
+}
+
+/// The stored checkpoint and fence of this projection, locking the
+/// checkpoint node for the rest of the transaction (a write takes the lock
+/// on Neo4j; ArcadeDB refuses the later of two transactions that changed
+/// it), so no other batch can commit between this check and the commit.
+fn fenced_checkpoint_query() -> Query {
+    query(
+        "MATCH (c:Checkpoint {projection: $projection}) SET c.fence = coalesce(c.fence, 0) \
+         RETURN c.position AS position, c.fence AS fence",
+    )
+    .param("projection", PROJECTION)
+}
+
+/// Stores the batch's lease token with its checkpoint.
+fn fence_query(fence: Fence) -> Query {
+    query("MATCH (c:Checkpoint {projection: $projection}) SET c.fence = $fence")
+        .param("projection", PROJECTION)
+        .param("fence", i64::try_from(fence.0).unwrap_or(i64::MAX))
 }
 
 /// Why a transaction did not commit.
@@ -44,14 +63,19 @@ fn store(doing: impl Into<String>) -> impl FnOnce(neo4rs::Error) -> Failure {
 /// With `after` (what the projector believes the checkpoint is), a stored
 /// checkpoint behind it (the graph was wiped) is [`ApplyError::Moved`]: the
 /// projector catches up from the stored one instead of leaving a gap.
+///
+/// With a `fence`, a batch is refused ([`ApplyError::Fenced`], nothing
+/// written) when the checkpoint node holds a newer lease token; otherwise
+/// the token is stored on it in the same transaction.
 pub(super) async fn apply(
     model: &GraphModel,
     after: Option<i64>,
+    fence: Option<Fence>,
     events: &[Projected],
 ) -> Result<(), ApplyError> {
     let all: Vec<&Projected> = events.iter().collect();
     let database = model.database_for_batch().await?;
-    let failure = match try_apply(model, &database, after, &all).await {
+    let failure = match try_apply(model, &database, after, fence, &all).await {
         Ok(()) => return Ok(()),
         Err(failure) => failure,
     };
@@ -74,7 +98,7 @@ pub(super) async fn apply(
                 ));
             }
             for p in &all {
-                match try_apply(model, &database, None, &[*p]).await {
+                match try_apply(model, &database, None, fence, &[*p]).await {
                     Ok(()) => {}
                     Err(Failure::Event(error)) => return Err(error),
                     Err(Failure::Store { doing, source }) if is_transient(&source) => {
@@ -105,6 +129,7 @@ async fn try_apply(
     model: &GraphModel,
     database: &str,
     after: Option<i64>,
+    fence: Option<Fence>,
     events: &[&Projected],
 ) -> Result<(), Failure> {
     let mut txn = model
@@ -115,11 +140,29 @@ async fn try_apply(
     // The runtime already skips what is at or below the checkpoint; the
     // model checks again against the stored value (in the same transaction),
     // so a batch handed to it twice is a no-op.
-    let checkpoint = fetch(&mut txn, checkpoint_query(), "reading the checkpoint")
-        .await?
-        .first()
+    let read = match fence {
+        Some(_) => fenced_checkpoint_query(),
+        None => checkpoint_query(),
+    };
+    let stored = fetch(&mut txn, read, "reading the checkpoint").await?;
+    let stored = stored.first();
+    let checkpoint = stored
         .and_then(|r| r.get::<i64>("position").ok())
         .unwrap_or(0);
+    if let Some(fence) = fence {
+        let newer = stored
+            .and_then(|r| r.get::<i64>("fence").ok())
+            .and_then(|f| u64::try_from(f).ok())
+            .unwrap_or(0);
+        if newer > fence.0 {
+            finish(txn).await;
+            return Err(Failure::Event(ApplyError::Fenced {
+                store: "graph",
+                token: fence.0,
+                newer,
+            }));
+        }
+    }
     if let Some(after) = after.filter(|after| checkpoint < *after) {
         finish(txn).await;
         return Err(Failure::Event(ApplyError::Moved {
@@ -145,6 +188,11 @@ async fn try_apply(
     }
     for (doing, statement) in statements(fold, last) {
         txn.run(statement).await.map_err(store(doing))?;
+    }
+    if let Some(fence) = fence {
+        txn.run(fence_query(fence))
+            .await
+            .map_err(store("storing the lease token"))?;
     }
     txn.commit().await.map_err(store(format!(
         "committing the batch ending at position {last}"

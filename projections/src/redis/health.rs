@@ -32,6 +32,7 @@ pub const REPORT_KEY: &str = "projector:";
 fn state_name(state: ProjectorState) -> &'static str {
     match state {
         ProjectorState::Starting => "starting",
+        ProjectorState::Standby => "standby",
         ProjectorState::CatchingUp => "catching_up",
         ProjectorState::Live => "live",
         ProjectorState::Retrying => "retrying",
@@ -54,7 +55,9 @@ fn now_ms() -> i64 {
 /// Publishes a projector's status to Redis on every change and every
 /// [`HEARTBEAT`], until `shutdown` (or until the projector is gone). A
 /// failed write is logged at debug and retried at the next one: a report
-/// that stops arriving reads as `unknown`, which is what it then is.
+/// that stops arriving reads as `unknown`, which is what it then is. A
+/// projector standing by publishes nothing: the report is the lease
+/// holder's (with its `owner`).
 pub async fn publish_status(
     model: RedisModel,
     mut status: watch::Receiver<ProjectorStatus>,
@@ -65,25 +68,31 @@ pub async fn publish_status(
         let current = status.borrow_and_update().clone();
         let mut conn = model.connection();
         let key = report_key(&model, &current.name);
-        let written: Result<(), redis::RedisError> = redis::pipe()
-            .atomic()
-            .cmd("HSET")
-            .arg(&key)
-            .arg("state")
-            .arg(state_name(current.state))
-            .arg("checkpoint")
-            .arg(current.checkpoint)
-            .arg("last_error")
-            .arg(current.last_error.as_deref().unwrap_or(""))
-            .arg("at_ms")
-            .arg(now_ms())
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&key)
-            .arg(stale_ms * 2)
-            .ignore()
-            .query_async(&mut conn)
-            .await;
+        let written: Result<(), redis::RedisError> = if current.state == ProjectorState::Standby {
+            Ok(())
+        } else {
+            redis::pipe()
+                .atomic()
+                .cmd("HSET")
+                .arg(&key)
+                .arg("state")
+                .arg(state_name(current.state))
+                .arg("checkpoint")
+                .arg(current.checkpoint)
+                .arg("last_error")
+                .arg(current.last_error.as_deref().unwrap_or(""))
+                .arg("owner")
+                .arg(current.owner.as_deref().unwrap_or(""))
+                .arg("at_ms")
+                .arg(now_ms())
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(stale_ms * 2)
+                .ignore()
+                .query_async(&mut conn)
+                .await
+        };
         if let Err(error) = written {
             tracing::debug!(%error, "could not publish the projector's status");
         }

@@ -24,6 +24,7 @@
 //! | `workflows:<tenant>:status:<status>` | set | workflow ids by status |
 //! | `feed:<tenant>` | stream | change feed; entry id `<position>-0`, capped; fields position, type, stream_id, stream_version, data and, when traced, traceparent (of the event's projection) |
 //! | `checkpoint` | string | last applied global position |
+//! | `fence` | string | highest lease token a batch was written under ([`crate::lease`]) |
 //!
 //! Keys outside the generations, directly under `P`:
 //!
@@ -37,8 +38,13 @@
 //! which set the task's `last_position`) and an agent's `current_task` when
 //! a task is cancelled; `verify` relies on that (`crate::verify`).
 //!
-//! A batch is one `MULTI/EXEC` holding every change and the checkpoint, so a
-//! crash leaves either all of a batch or none of it. Lists are stored as
+//! A batch is one script (`apply.lua`, run with `EVALSHA`) holding every
+//! change and the checkpoint, so a crash leaves either all of a batch or
+//! none of it. Before it writes, the script checks that the checkpoint is
+//! still the one the batch was planned on (another writer in between:
+//! [`ApplyError::Moved`], nothing written) and, for a projector under a
+//! lease, that no newer lease token is in `fence`
+//! ([`ApplyError::Fenced`], nothing written). Lists are stored as
 //! comma-separated strings (ids and capability names contain no commas).
 //!
 //! Layout: this file holds the model, its generations and the batch's
@@ -52,7 +58,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use domain::{AgentEvent, DomainEvent, TaskEvent, TaskStatus};
 use redis::aio::ConnectionManager;
 
-use crate::model::{ApplyError, Projected, ReadModel};
+use crate::model::{ApplyError, Fence, Projected, ReadModel};
 
 pub mod feed;
 pub mod health;
@@ -208,6 +214,14 @@ struct TaskRow {
 struct AgentRow {
     status: String,
     current_task: Option<String>,
+}
+
+/// Bytes of one argument of a command.
+fn arg_len(arg: &redis::Arg<&[u8]>) -> usize {
+    match arg {
+        redis::Arg::Simple(bytes) => bytes.len(),
+        redis::Arg::Cursor => 0,
+    }
 }
 
 fn non_empty(value: Option<String>) -> Option<String> {
@@ -562,6 +576,74 @@ impl RedisModel {
     }
 
     /// Takes the rows carried from the last batch, if any.
+    /// The `EVALSHA` of a batch: the planned commands under the checks of
+    /// `apply.lua`.
+    fn batch_script(
+        &self,
+        generation: &str,
+        checkpoint: i64,
+        fence: Option<Fence>,
+        pipe: &redis::Pipeline,
+    ) -> redis::Cmd {
+        let (mut args, mut bytes) = (7, 64 + 2 * self.config.prefix.len());
+        for cmd in pipe.cmd_iter() {
+            let n = cmd.args_iter().len();
+            args += n + 1;
+            bytes += 4 + cmd.args_iter().map(|a| arg_len(&a)).sum::<usize>();
+        }
+        let mut eval = redis::Cmd::with_capacity(args, bytes);
+        let base = format!("{}{generation}:", self.config.prefix);
+        eval.arg("EVALSHA")
+            .arg(APPLY.get_hash())
+            .arg(2)
+            .arg(format!("{base}checkpoint"))
+            .arg(format!("{base}fence"))
+            .arg(checkpoint)
+            .arg(fence.map_or(String::new(), |f| f.0.to_string()));
+        for cmd in pipe.cmd_iter() {
+            eval.arg(cmd.args_iter().len());
+            for arg in cmd.args_iter() {
+                if let redis::Arg::Simple(bytes) = arg {
+                    eval.arg(bytes);
+                }
+            }
+        }
+        eval
+    }
+
+    /// Runs a batch's script, loading it first if this Redis does not know
+    /// it (a restarted or flushed server).
+    async fn run_batch(&self, script: &redis::Cmd, last: i64) -> Result<Applied, ApplyError> {
+        let doing = || format!("applying a batch ending at position {last}");
+        let mut conn = self.conn.clone();
+        let answer: Result<(String, String), _> = script.query_async(&mut conn).await;
+        let (code, value) = match answer {
+            Err(error) if error.kind() == redis::ErrorKind::NoScriptError => {
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(APPLY_SOURCE)
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map_err(unavailable("loading the batch script"))?;
+                script
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable(doing()))?
+            }
+            other => other.map_err(unavailable(doing()))?,
+        };
+        match code.as_str() {
+            "ok" => Ok(Applied::Ok),
+            "fenced" => Ok(Applied::Fenced(value.parse().unwrap_or(u64::MAX))),
+            "moved" => Ok(Applied::Moved(value)),
+            _ => Err(ApplyError::Unavailable {
+                store: "Redis",
+                doing: doing(),
+                source: format!("the batch script answered {code:?} {value:?}").into(),
+            }),
+        }
+    }
+
     fn take_carried(&self) -> Option<Carried> {
         match self.carried.lock() {
             Ok(mut c) => c.take(),
@@ -674,12 +756,31 @@ impl ReadModel for RedisModel {
     }
 
     async fn apply(&self, events: &[Projected]) -> Result<(), ApplyError> {
-        self.apply_checked(None, events).await
+        self.apply_checked(None, None, events).await
     }
 
-    async fn apply_after(&self, after: i64, events: &[Projected]) -> Result<(), ApplyError> {
-        self.apply_checked(Some(after), events).await
+    async fn apply_after(
+        &self,
+        after: i64,
+        fence: Option<Fence>,
+        events: &[Projected],
+    ) -> Result<(), ApplyError> {
+        self.apply_checked(Some(after), fence, events).await
     }
+}
+
+/// The script applying a batch (see the module's documentation).
+const APPLY_SOURCE: &str = include_str!("apply.lua");
+
+/// The batch script's hash, for `EVALSHA`.
+static APPLY: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(APPLY_SOURCE));
+
+/// What the batch script answered.
+enum Applied {
+    Ok,
+    Fenced(u64),
+    Moved(String),
 }
 
 impl RedisModel {
@@ -688,6 +789,7 @@ impl RedisModel {
     async fn apply_checked(
         &self,
         after: Option<i64>,
+        fence: Option<Fence>,
         events: &[Projected],
     ) -> Result<(), ApplyError> {
         let before = self.generation();
@@ -743,14 +845,25 @@ impl RedisModel {
             planner.plan(p)?;
         }
         let planned = planner.finish(last);
-        let mut conn = self.conn.clone();
-        planned
-            .pipe
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(unavailable(format!(
-                "applying a batch ending at position {last}"
-            )))?;
+        let script = self.batch_script(&now, checkpoint, fence, &planned.pipe);
+        match self.run_batch(&script, last).await? {
+            Applied::Ok => {}
+            Applied::Fenced(newer) => {
+                return Err(ApplyError::Fenced {
+                    store: "Redis",
+                    token: fence.map_or(0, |f| f.0),
+                    newer,
+                })
+            }
+            Applied::Moved(stored) => {
+                return Err(ApplyError::Moved {
+                    store: "Redis",
+                    reason: format!(
+                        "another writer moved its checkpoint from {checkpoint} to {stored} while this batch was planned"
+                    ),
+                })
+            }
+        }
         self.keep_carried(Carried {
             generation: now,
             checkpoint: last,

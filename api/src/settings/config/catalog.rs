@@ -235,6 +235,11 @@ pub(crate) const KEYS: &[Key] = &[
         "projector.linger_ms",
         Check::Millis { min: 0 },
     ),
+    key(
+        "NEURECTOMY_PROJECTOR_LEASE_TTL_MS",
+        "projector.lease_ttl_ms",
+        Check::Millis { min: 300 },
+    ),
     key("NEURECTOMY_API_LISTEN", "api.listen", Check::HostPort),
     secret(
         "NEURECTOMY_JWT_SECRET",
