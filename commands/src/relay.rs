@@ -152,6 +152,9 @@ pub struct RelayConfig {
     /// Most bytes the stream keeps, the oldest messages going first (0: no
     /// limit).
     pub max_bytes: u64,
+    /// Copies of the stream kept by a JetStream cluster (1 on a single
+    /// server; 3 or 5 in a cluster, so that it survives a node's loss).
+    pub replicas: usize,
 }
 
 /// [`RelayConfig::max_age`] by default: a week.
@@ -175,6 +178,7 @@ impl Default for RelayConfig {
             ack_timeout: Duration::from_secs(3),
             max_age: DEFAULT_MAX_AGE,
             max_bytes: DEFAULT_MAX_BYTES,
+            replicas: 1,
         }
     }
 }
@@ -278,6 +282,7 @@ impl Relay {
             allow_direct: true,
             max_age: self.retained_age(),
             max_bytes: self.retained_bytes(),
+            num_replicas: self.config.replicas.max(1),
             ..Default::default()
         }
     }
@@ -300,8 +305,9 @@ impl Relay {
     }
 
     /// Creates the JetStream stream if it does not exist, and gives an
-    /// existing one the configured retention (age and bytes) when it has
-    /// other limits — logged, since it may drop old messages at once.
+    /// existing one the configured retention (age and bytes) and replica
+    /// count when it has others — logged, since a lower limit may drop old
+    /// messages at once.
     pub async fn ensure_stream(&self) -> Result<jetstream::stream::Stream, RelayError> {
         let mut stream = self
             .jetstream
@@ -315,22 +321,28 @@ impl Relay {
             .config
             .clone();
         let (max_age, max_bytes) = (self.retained_age(), self.retained_bytes());
+        let replicas = self.config.replicas.max(1);
         // JetStream reports "no limit" as 0 for the age, -1 for bytes.
         let current_bytes = if current.max_bytes <= 0 {
             -1
         } else {
             current.max_bytes
         };
-        if current.max_age == max_age && current_bytes == max_bytes {
+        if current.max_age == max_age
+            && current_bytes == max_bytes
+            && current.num_replicas.max(1) == replicas
+        {
             return Ok(stream);
         }
         tracing::info!(
             stream = %self.config.stream_name,
             from_max_age_s = current.max_age.as_secs(),
             from_max_bytes = current_bytes,
+            from_replicas = current.num_replicas,
             max_age_s = max_age.as_secs(),
             max_bytes,
-            "applying the configured retention to the JetStream stream (0 s / -1: no limit); messages beyond it are dropped, consumers that need them read PostgreSQL"
+            replicas,
+            "applying the configured retention and replicas to the JetStream stream (0 s / -1: no limit); messages beyond it are dropped, consumers that need them read PostgreSQL"
         );
         // Not fatal: a relay whose NATS user may not edit the stream (an
         // older permission file) still publishes, on the limits it finds.
@@ -339,6 +351,7 @@ impl Relay {
             .update_stream(jetstream::stream::Config {
                 max_age,
                 max_bytes,
+                num_replicas: replicas,
                 ..current
             })
             .await
@@ -346,7 +359,7 @@ impl Relay {
             tracing::warn!(
                 stream = %self.config.stream_name,
                 %error,
-                "could not apply the retention to the JetStream stream (allow $JS.API.STREAM.UPDATE.<stream> to the relay's NATS user); publishing on its current limits"
+                "could not apply the retention or replicas to the JetStream stream (allow $JS.API.STREAM.UPDATE.<stream> to the relay's NATS user; replicas need a JetStream cluster of at least that many servers); publishing on its current configuration"
             );
             return Ok(stream);
         }

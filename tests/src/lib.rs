@@ -172,15 +172,35 @@ pub mod pipeline {
         /// [`Pipeline::start`] with the relay's configuration adjusted (its
         /// stream's retention, say) before the stream is created.
         pub async fn start_with(adjust: impl FnOnce(&mut commands::RelayConfig)) -> Self {
+            Self::start_on(&commands::testkit::nats_url(), adjust).await
+        }
+
+        /// [`Pipeline::start_with`] on the NATS server (or cluster node) at
+        /// `nats_url`. The stream is created as soon as JetStream answers
+        /// (a cluster that just started elects its leaders first).
+        pub async fn start_on(
+            nats_url: &str,
+            adjust: impl FnOnce(&mut commands::RelayConfig),
+        ) -> Self {
             let db = TestDatabase::create(8)
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
-            let mut nats = TestNats::create().await.unwrap_or_else(|e| panic!("{e}"));
+            let mut nats = TestNats::create_at(nats_url)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
             adjust(&mut nats.relay);
             let store = EventStore::new(db.pool.clone());
             let stop = CancellationToken::new();
             let relay = Relay::new(store.clone(), nats.client.clone(), nats.relay.clone());
-            relay.ensure_stream().await.unwrap();
+            {
+                let relay = &relay;
+                eventually(
+                    "JetStream to create the stream",
+                    Duration::from_secs(60),
+                    || async move { relay.ensure_stream().await.ok().map(|_| ()) },
+                )
+                .await;
+            }
             let relay = tokio::spawn({
                 let stop = stop.clone();
                 async move { relay.run(stop).await }

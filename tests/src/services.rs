@@ -454,6 +454,94 @@ impl PrivateNats {
     }
 }
 
+/// A private JetStream cluster of `nats-server -js` nodes on loopback
+/// (one route port each, every node routed to every other), each with its
+/// store in its own folder, kept across restarts. Node `i` is named
+/// `n<i>` (the names JetStream reports as stream leader and replicas).
+pub struct NatsCluster {
+    nodes: Vec<Daemon>,
+    ports: Vec<u16>,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes and waits until each answers with JetStream (the
+    /// cluster then elects its meta leader within a few seconds: the first
+    /// JetStream calls may have to be retried).
+    pub async fn start(size: usize) -> Self {
+        let install =
+            "install it with: apt-get install nats-server (or set NEURECTOMY_NATS_SERVER)";
+        let ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let all_routes = routes
+            .iter()
+            .map(|port| format!("nats://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::new();
+        for (i, (port, route)) in ports.iter().zip(&routes).enumerate() {
+            let mut daemon = Daemon::new(
+                "nats-server",
+                program("NEURECTOMY_NATS_SERVER", "/usr/sbin/nats-server"),
+                install.to_owned(),
+                None,
+                Probe::Nats(*port),
+            );
+            let store = daemon.dir.join("jetstream");
+            let name = Self::name(i);
+            let cluster = format!("nats://127.0.0.1:{route}");
+            daemon.args = os(&[
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-n",
+                &name,
+                "--cluster_name",
+                "neurectomy-test",
+                "--cluster",
+                &cluster,
+                "--routes",
+                &all_routes,
+                "-sd",
+            ]);
+            daemon.args.push(store.into());
+            nodes.push(daemon);
+        }
+        for node in &mut nodes {
+            node.start().await;
+        }
+        Self { nodes, ports }
+    }
+
+    /// The name of node `i` in the cluster (`n<i>`).
+    pub fn name(i: usize) -> String {
+        format!("n{i}")
+    }
+
+    /// The index of the node named `name`.
+    pub fn index(&self, name: &str) -> Option<usize> {
+        (0..self.nodes.len()).find(|i| Self::name(*i) == name)
+    }
+
+    /// `nats://127.0.0.1:<port>` of node `i` (clients learn the others
+    /// from it).
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.ports[i])
+    }
+
+    /// SIGKILL of node `i`; returns once its process is gone.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Starts node `i` again on its ports and store and waits until it
+    /// answers.
+    pub async fn restart(&mut self, i: usize) {
+        self.nodes[i].start().await;
+    }
+}
+
 /// The `arcadedb_embedded` folder (jars and a Java runtime) that
 /// `scripts/graph.sh install` puts under `.tools/`, or
 /// `NEURECTOMY_TEST_ARCADEDB`.

@@ -338,6 +338,16 @@ pub struct Settings {
         global = true
     )]
     pub jetstream_max_bytes: u64,
+    /// Copies of the JetStream stream a NATS cluster keeps (1 on a single
+    /// server; 3 in a three-node cluster survives the loss of any node,
+    /// its leader included). Applied to an existing stream on start.
+    #[arg(
+        long,
+        env = "NEURECTOMY_JETSTREAM_REPLICAS",
+        default_value_t = 1,
+        global = true
+    )]
+    pub jetstream_replicas: usize,
     /// Snapshot a stream every this many events (0 = never).
     #[arg(
         long,
@@ -527,6 +537,7 @@ impl Settings {
             ack_timeout: Duration::from_millis(self.nats_timeout_ms.max(1)),
             max_age: Duration::from_secs(self.jetstream_max_age_s),
             max_bytes: self.jetstream_max_bytes,
+            replicas: self.jetstream_replicas.max(1),
             ..commands::RelayConfig::default()
         }
     }

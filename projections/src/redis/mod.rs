@@ -38,13 +38,16 @@
 //! which set the task's `last_position`) and an agent's `current_task` when
 //! a task is cancelled; `verify` relies on that (`crate::verify`).
 //!
-//! A batch is one script (`apply.lua`, run with `EVALSHA`) holding every
-//! change and the checkpoint, so a crash leaves either all of a batch or
-//! none of it. Before it writes, the script checks that the checkpoint is
-//! still the one the batch was planned on (another writer in between:
-//! [`ApplyError::Moved`], nothing written) and, for a projector under a
-//! lease, that no newer lease token is in `fence`
-//! ([`ApplyError::Fenced`], nothing written). Lists are stored as
+//! A batch is one `MULTI/EXEC` holding every change and the checkpoint, so a
+//! crash leaves either all of a batch or none of it. It is sent on a
+//! connection of the model's own (the *writer*), which first `WATCH`es the
+//! checkpoint and the `fence` in the round trip that reads them and the
+//! rows the batch changes: if another writer moves either before the
+//! `EXEC`, the transaction is discarded ([`ApplyError::Moved`], nothing
+//! written). A projector under a lease writes its token to `fence` in the
+//! transaction, and a batch whose token is below the stored one is refused
+//! ([`ApplyError::Fenced`], nothing written). The writer is dropped after
+//! any failure, so no `WATCH` outlives its batch. Lists are stored as
 //! comma-separated strings (ids and capability names contain no commas).
 //!
 //! Layout: this file holds the model, its generations and the batch's
@@ -115,6 +118,12 @@ impl RedisModelConfig {
 #[derive(Clone)]
 pub struct RedisModel {
     conn: ConnectionManager,
+    /// Opens the writer.
+    client: redis::Client,
+    /// The connection batches are written on (see the module's docs): a
+    /// plain multiplexed one, used by one batch at a time, never
+    /// reconnecting by itself (a `WATCH` must not silently vanish).
+    writer: Arc<tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
     config: RedisModelConfig,
     /// The generation keys are built under. Follows `P` + `active` unless
     /// pinned (a replay builds a generation that is not active yet).
@@ -216,14 +225,6 @@ struct AgentRow {
     current_task: Option<String>,
 }
 
-/// Bytes of one argument of a command.
-fn arg_len(arg: &redis::Arg<&[u8]>) -> usize {
-    match arg {
-        redis::Arg::Simple(bytes) => bytes.len(),
-        redis::Arg::Cursor => 0,
-    }
-}
-
 fn non_empty(value: Option<String>) -> Option<String> {
     value.filter(|v| !v.is_empty())
 }
@@ -265,13 +266,15 @@ impl RedisModel {
     ) -> Result<Self, ApplyError> {
         let client = redis::Client::open(url)
             .map_err(unavailable(format!("parsing the Redis URL {url}")))?;
-        let conn = ConnectionManager::new_with_config(client, config.connection_manager())
+        let conn = ConnectionManager::new_with_config(client.clone(), config.connection_manager())
             .await
             .map_err(unavailable(format!("connecting to {url}")))?;
         let alive = Arc::new(());
         Self::keep(conn.clone(), Arc::downgrade(&alive));
         Ok(Self {
             conn,
+            client,
+            writer: Arc::new(tokio::sync::Mutex::new(None)),
             config,
             generation: Arc::new(RwLock::new(generation)),
             pinned,
@@ -470,15 +473,18 @@ impl RedisModel {
     /// are not, every row is read afresh. Unless the model is pinned, the
     /// rows are only meaningful when `active` names the model's generation
     /// (the caller re-reads otherwise).
+    ///
+    /// The checkpoint and the fence are `WATCH`ed first, on `conn` (the
+    /// writer), so that the batch's `EXEC` is discarded if either moves.
     async fn read_prior(
         &self,
+        conn: &mut redis::aio::MultiplexedConnection,
         task_ids: &BTreeSet<String>,
         agent_ids: &BTreeSet<String>,
         carried: Option<Carried>,
     ) -> Result<Prior, ApplyError> {
         let generation = self.generation();
         let mut carried = carried.filter(|c| c.generation == generation);
-        let mut conn = self.conn.clone();
         loop {
             let (mut tasks, mut agents, carried_at) = match carried.take() {
                 Some(c) => (c.tasks, c.agents, Some(c.checkpoint)),
@@ -494,8 +500,14 @@ impl RedisModel {
                 .cloned()
                 .collect();
             let mut pipe = redis::pipe();
+            let (checkpoint_key, fence_key) = (self.key("checkpoint"), self.key("fence"));
+            pipe.cmd("WATCH")
+                .arg(&checkpoint_key)
+                .arg(&fence_key)
+                .ignore();
             pipe.cmd("GET").arg(self.pointer_key());
-            pipe.cmd("GET").arg(self.key("checkpoint"));
+            pipe.cmd("GET").arg(&checkpoint_key);
+            pipe.cmd("GET").arg(&fence_key);
             for id in &task_misses {
                 pipe.cmd("HMGET")
                     .arg(self.key(&format!("task:{id}")))
@@ -503,7 +515,7 @@ impl RedisModel {
             }
             self.hmget_agents(&mut pipe, &agent_misses);
             let found: Vec<redis::Value> = pipe
-                .query_async(&mut conn)
+                .query_async(conn)
                 .await
                 .map_err(unavailable("reading tasks and agents"))?;
             let mut found = found.into_iter();
@@ -511,15 +523,17 @@ impl RedisModel {
                 redis::from_owned_redis_value(found.next().unwrap_or(redis::Value::Nil))
                     .map_err(unavailable("reading the active generation and checkpoint"))
             };
-            let (active, stored) = (next()?, next()?);
-            let checkpoint = match stored {
-                Some(stored) => stored.parse().map_err(|_| ApplyError::Unavailable {
+            let (active, stored, fence) = (next()?, next()?, next()?);
+            let number = |what: &str, stored: Option<String>| match stored {
+                Some(stored) => stored.parse::<i64>().map_err(|_| ApplyError::Unavailable {
                     store: "Redis",
-                    doing: "reading the checkpoint".to_owned(),
-                    source: format!("the checkpoint is not a number: {stored:?}").into(),
-                })?,
-                None => 0,
+                    doing: format!("reading the {what}"),
+                    source: format!("the {what} is not a number: {stored:?}").into(),
+                }),
+                None => Ok(0),
             };
+            let checkpoint = number("checkpoint", stored)?;
+            let fence = u64::try_from(number("fence", fence)?).unwrap_or(0);
             let current = self.pinned || active.as_deref() == Some(generation.as_str());
             if let Some(at) = carried_at {
                 if current && at != checkpoint {
@@ -561,7 +575,7 @@ impl RedisModel {
                 let mut pipe = redis::pipe();
                 self.hmget_agents(&mut pipe, &assignees);
                 let found: Vec<Vec<Option<String>>> = pipe
-                    .query_async(&mut conn)
+                    .query_async(conn)
                     .await
                     .map_err(unavailable("reading agents"))?;
                 Self::agent_rows(&mut agents, &assignees, found.into_iter());
@@ -569,6 +583,7 @@ impl RedisModel {
             return Ok(Prior {
                 active,
                 checkpoint,
+                fence,
                 tasks,
                 agents,
             });
@@ -576,74 +591,29 @@ impl RedisModel {
     }
 
     /// Takes the rows carried from the last batch, if any.
-    /// The `EVALSHA` of a batch: the planned commands under the checks of
-    /// `apply.lua`.
-    fn batch_script(
-        &self,
-        generation: &str,
-        checkpoint: i64,
-        fence: Option<Fence>,
-        pipe: &redis::Pipeline,
-    ) -> redis::Cmd {
-        let (mut args, mut bytes) = (7, 64 + 2 * self.config.prefix.len());
-        for cmd in pipe.cmd_iter() {
-            let n = cmd.args_iter().len();
-            args += n + 1;
-            bytes += 4 + cmd.args_iter().map(|a| arg_len(&a)).sum::<usize>();
-        }
-        let mut eval = redis::Cmd::with_capacity(args, bytes);
-        let base = format!("{}{generation}:", self.config.prefix);
-        eval.arg("EVALSHA")
-            .arg(APPLY.get_hash())
-            .arg(2)
-            .arg(format!("{base}checkpoint"))
-            .arg(format!("{base}fence"))
-            .arg(checkpoint)
-            .arg(fence.map_or(String::new(), |f| f.0.to_string()));
-        for cmd in pipe.cmd_iter() {
-            eval.arg(cmd.args_iter().len());
-            for arg in cmd.args_iter() {
-                if let redis::Arg::Simple(bytes) = arg {
-                    eval.arg(bytes);
-                }
-            }
-        }
-        eval
-    }
-
-    /// Runs a batch's script, loading it first if this Redis does not know
-    /// it (a restarted or flushed server).
-    async fn run_batch(&self, script: &redis::Cmd, last: i64) -> Result<Applied, ApplyError> {
-        let doing = || format!("applying a batch ending at position {last}");
-        let mut conn = self.conn.clone();
-        let answer: Result<(String, String), _> = script.query_async(&mut conn).await;
-        let (code, value) = match answer {
-            Err(error) if error.kind() == redis::ErrorKind::NoScriptError => {
-                redis::cmd("SCRIPT")
-                    .arg("LOAD")
-                    .arg(APPLY_SOURCE)
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .map_err(unavailable("loading the batch script"))?;
-                script
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(unavailable(doing()))?
-            }
-            other => other.map_err(unavailable(doing()))?,
-        };
-        match code.as_str() {
-            "ok" => Ok(Applied::Ok),
-            "fenced" => Ok(Applied::Fenced(value.parse().unwrap_or(u64::MAX))),
-            "moved" => Ok(Applied::Moved(value)),
-            _ => Err(ApplyError::Unavailable {
+    /// A new writer (see the module's docs), within the model's timeouts.
+    async fn open_writer(&self) -> Result<redis::aio::MultiplexedConnection, ApplyError> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(self.config.connect_timeout)
+            .set_response_timeout(self.config.response_timeout);
+        let doing = "connecting the batch writer";
+        match tokio::time::timeout(
+            self.config.connect_timeout,
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        {
+            Ok(connected) => connected.map_err(unavailable(doing)),
+            Err(_) => Err(ApplyError::Unavailable {
                 store: "Redis",
-                doing: doing(),
-                source: format!("the batch script answered {code:?} {value:?}").into(),
+                doing: doing.to_owned(),
+                source: format!("no connection within {:?}", self.config.connect_timeout).into(),
             }),
         }
     }
 
+    /// Takes the rows carried from the last batch, if any.
     fn take_carried(&self) -> Option<Carried> {
         match self.carried.lock() {
             Ok(mut c) => c.take(),
@@ -695,6 +665,8 @@ struct Prior {
     active: Option<String>,
     /// The stored checkpoint of the model's generation.
     checkpoint: i64,
+    /// The highest lease token a batch of the generation was written under.
+    fence: u64,
     /// Prior rows of the tasks the batch names (and any carried ones).
     tasks: HashMap<String, TaskRow>,
     /// Prior rows of the agents the batch names or the tasks are assigned to
@@ -769,49 +741,70 @@ impl ReadModel for RedisModel {
     }
 }
 
-/// The script applying a batch (see the module's documentation).
-const APPLY_SOURCE: &str = include_str!("apply.lua");
-
-/// The batch script's hash, for `EVALSHA`.
-static APPLY: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(APPLY_SOURCE));
-
-/// What the batch script answered.
-enum Applied {
-    Ok,
-    Fenced(u64),
-    Moved(String),
-}
-
 impl RedisModel {
     /// Applies a batch; with `after`, refuses ([`ApplyError::Moved`]) when
-    /// the stored checkpoint is behind what the projector believes.
+    /// the stored checkpoint is behind what the projector believes; with a
+    /// `fence`, refuses ([`ApplyError::Fenced`]) when a newer lease wrote.
+    /// Batches are written one at a time, on the writer; after a failure
+    /// the writer is dropped (a fresh one holds no `WATCH`).
     async fn apply_checked(
         &self,
         after: Option<i64>,
         fence: Option<Fence>,
         events: &[Projected],
     ) -> Result<(), ApplyError> {
+        let mut writer = self.writer.lock().await;
+        let mut conn = match writer.as_ref() {
+            Some(conn) => conn.clone(),
+            None => {
+                let conn = self.open_writer().await?;
+                *writer = Some(conn.clone());
+                conn
+            }
+        };
+        let applied = self.apply_watched(&mut conn, after, fence, events).await;
+        if applied.is_err() {
+            *writer = None;
+        }
+        applied
+    }
+
+    async fn apply_watched(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        after: Option<i64>,
+        fence: Option<Fence>,
+        events: &[Projected],
+    ) -> Result<(), ApplyError> {
         let before = self.generation();
         let (task_ids, agent_ids) = touched(&events.iter().collect::<Vec<_>>());
-        // Usually one round trip reads the active generation, the checkpoint
-        // and the prior rows the last batch did not leave. The rows are of
-        // every event handed in, also those at or below the checkpoint (the
-        // planner skips them). Until the batch is applied, nothing is
-        // carried: a failure or a cancelled apply leaves the next batch to
-        // read every row.
+        // Usually one round trip watches and reads the checkpoint and the
+        // fence, the active generation and the prior rows the last batch
+        // did not leave. The rows are of every event handed in, also those
+        // at or below the checkpoint (the planner skips them). Until the
+        // batch is applied, nothing is carried: a failure or a cancelled
+        // apply leaves the next batch to read every row.
         let carried = self.take_carried();
-        let mut prior = self.read_prior(&task_ids, &agent_ids, carried).await?;
+        let mut prior = self
+            .read_prior(conn, &task_ids, &agent_ids, carried)
+            .await?;
         if !self.pinned && prior.active.as_deref() != Some(before.as_str()) {
             // The generation switched, or its pointer is gone (Redis was
-            // flushed): resolve it and read again under it.
+            // flushed): resolve it and read (and watch) again under it.
             self.refresh()
                 .await
                 .map_err(unavailable("reading the active generation"))?;
-            prior = self.read_prior(&task_ids, &agent_ids, None).await?;
+            prior = self.read_prior(conn, &task_ids, &agent_ids, None).await?;
         }
         let now = self.generation();
         let checkpoint = prior.checkpoint;
+        if let Some(fence) = fence.filter(|f| prior.fence > f.0) {
+            return Err(ApplyError::Fenced {
+                store: "Redis",
+                token: fence.0,
+                newer: prior.fence,
+            });
+        }
         // The runtime already skips what is at or below the checkpoint; the
         // model checks again against the stored value, so even a batch handed
         // to it twice (two projectors racing, a replayed batch) is a no-op.
@@ -832,6 +825,10 @@ impl RedisModel {
             .filter(|p| p.recorded.position > checkpoint)
             .collect();
         let Some(last) = events.last().map(|p| p.recorded.position) else {
+            redis::cmd("UNWATCH")
+                .query_async::<()>(conn)
+                .await
+                .map_err(unavailable("unwatching the checkpoint"))?;
             self.keep_carried(Carried {
                 generation: now,
                 checkpoint,
@@ -844,25 +841,49 @@ impl RedisModel {
         for p in events {
             planner.plan(p)?;
         }
-        let planned = planner.finish(last);
-        let script = self.batch_script(&now, checkpoint, fence, &planned.pipe);
-        match self.run_batch(&script, last).await? {
-            Applied::Ok => {}
-            Applied::Fenced(newer) => {
+        let mut planned = planner.finish(last);
+        if let Some(fence) = fence.filter(|f| prior.fence < f.0) {
+            planned
+                .pipe
+                .cmd("SET")
+                .arg(self.key("fence"))
+                .arg(fence.0)
+                .ignore();
+        }
+        let executed: Option<redis::Value> =
+            planned
+                .pipe
+                .query_async(conn)
+                .await
+                .map_err(unavailable(format!(
+                    "applying a batch ending at position {last}"
+                )))?;
+        if executed.is_none() {
+            // A watched key moved since it was read: another writer. Nothing
+            // of the batch was written.
+            let (stored, newer): (Option<i64>, Option<u64>) = redis::pipe()
+                .cmd("GET")
+                .arg(self.key("checkpoint"))
+                .cmd("GET")
+                .arg(self.key("fence"))
+                .query_async(conn)
+                .await
+                .map_err(unavailable("reading the checkpoint"))?;
+            let newer = newer.unwrap_or(0);
+            if let Some(fence) = fence.filter(|f| newer > f.0) {
                 return Err(ApplyError::Fenced {
                     store: "Redis",
-                    token: fence.map_or(0, |f| f.0),
+                    token: fence.0,
                     newer,
-                })
+                });
             }
-            Applied::Moved(stored) => {
-                return Err(ApplyError::Moved {
-                    store: "Redis",
-                    reason: format!(
-                        "another writer moved its checkpoint from {checkpoint} to {stored} while this batch was planned"
-                    ),
-                })
-            }
+            return Err(ApplyError::Moved {
+                store: "Redis",
+                reason: format!(
+                    "another writer moved its checkpoint from {checkpoint} to {} while this batch was planned",
+                    stored.unwrap_or(0)
+                ),
+            });
         }
         self.keep_carried(Carried {
             generation: now,

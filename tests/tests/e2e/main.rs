@@ -32,6 +32,7 @@ mod e2e;
 mod faults;
 mod graph_projection;
 mod js_clients;
+mod js_cluster;
 mod leases;
 mod nats_permissions;
 mod ops;

@@ -165,6 +165,11 @@ pub(crate) const KEYS: &[Key] = &[
         Check::Any,
     ),
     key(
+        "NEURECTOMY_JETSTREAM_REPLICAS",
+        "nats.stream_replicas",
+        Check::AtLeast(1),
+    ),
+    key(
         "NEURECTOMY_SNAPSHOT_EVERY",
         "commands.snapshot_every",
         Check::Any,

@@ -1,0 +1,152 @@
+//! The write side's transport on a three-node JetStream cluster started by
+//! the test (`services::NatsCluster`, nats-server on loopback ports), the
+//! stream kept with three replicas: under load, the stream's leader is
+//! SIGKILLed (twice) and a follower once, each restarted afterwards. The
+//! relay's expected-last-sequence chain and the Redis projector's consumer
+//! must survive every leader change: what was committed before and after
+//! each kill reaches Redis, the stream holds each event exactly once, and
+//! the model ends equal to a clean rebuild. (Subscriptions are fed from the
+//! Redis change feed, which the projector writes: what reaches Redis
+//! reaches them.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use commands::testkit::eventually;
+use neurectomy_e2e::pipeline::Pipeline;
+use neurectomy_e2e::read_side::{self, assert_same_redis};
+use neurectomy_e2e::services::NatsCluster;
+use projections::testkit::TestRedis;
+use projections::verify::verify_redis;
+use projections::ReadModel as _;
+
+use crate::support::{last_published, live, report};
+
+/// The stream's leader, once its cluster reports one with every replica
+/// current (`(leader, replicas)`).
+async fn settled(js: &jetstream::Context, name: &str) -> (String, Vec<String>) {
+    eventually(
+        "the stream to have a leader and every replica current",
+        Duration::from_secs(90),
+        || async move {
+            let mut stream = js.get_stream(name).await.ok()?;
+            let info = stream.info().await.ok()?;
+            let cluster = info.cluster.clone()?;
+            let leader = cluster.leader?;
+            let replicas: Vec<String> = cluster.replicas.iter().map(|r| r.name.clone()).collect();
+            let current = cluster.replicas.iter().all(|r| r.current && !r.offline);
+            (replicas.len() == 2 && current).then_some((leader, replicas))
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_and_a_projector_survive_killed_jetstream_nodes_leader_included() {
+    let seed = read_side::seed("the_relay_and_a_projector_survive_killed_jetstream_nodes");
+    let mut cluster = NatsCluster::start(3).await;
+    let pipe = Pipeline::start_on(&cluster.url(0), |relay| relay.replicas = 3).await;
+    let js = jetstream::new(pipe.nats.client.clone());
+    let stream = pipe.nats.relay.stream_name.clone();
+    let (_, replicas) = settled(&js, &stream).await;
+    assert_eq!(replicas.len(), 2, "three copies: a leader and two replicas");
+
+    let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
+    let projector = pipe.projector(redis.model.clone());
+    let (_stop, task) = pipe.spawn(&projector);
+    live(&projector).await;
+    // Enough agents that the simulator never waits for a paused one: the
+    // log grows all along, so each recovery time below is the transport's.
+    let workload = pipe.start_workload(api::simulate::SimulateArgs {
+        agents: 32,
+        ..Pipeline::workload(0, 300, seed)
+    });
+
+    let mut recoveries = Vec::new();
+    for round in 0..3 {
+        let (leader, replicas) = settled(&js, &stream).await;
+        // Rounds 0 and 2: the leader; round 1: a follower.
+        let victim = if round == 1 { &replicas[0] } else { &leader };
+        let index = cluster.index(victim).unwrap();
+        let head = pipe
+            .head_beyond(redis.model.checkpoint().await.unwrap())
+            .await;
+        let killed = Instant::now();
+        cluster.kill(index);
+        // What was committed before the kill, then what is committed after
+        // it, reaches Redis through the remaining two nodes.
+        let after = pipe.head_beyond(head).await;
+        let (js, stream) = (&js, &stream);
+        eventually(
+            "the relay to publish an event committed after the kill",
+            Duration::from_secs(60),
+            || async move {
+                let (_, last) = last_published(js, stream).await?;
+                (last >= after).then_some(())
+            },
+        )
+        .await;
+        let relayed = killed.elapsed();
+        pipe.caught_up_to(&redis.model, after).await;
+        recoveries.push((victim.clone(), relayed, killed.elapsed()));
+        if *victim == leader {
+            let (now, _) = eventually(
+                "another node to lead the stream",
+                Duration::from_secs(60),
+                || async {
+                    let mut stream = js.get_stream(&stream).await.ok()?;
+                    let info = stream.info().await.ok()?;
+                    let leader = info.cluster.clone()?.leader?;
+                    Some((leader, ()))
+                },
+            )
+            .await;
+            assert_ne!(now, leader, "the killed leader still leads");
+        }
+        cluster.restart(index).await;
+    }
+    println!(
+        "killed node → an event committed after the kill (published, visible in Redis): {recoveries:?}"
+    );
+
+    workload.stop().await;
+    let until = pipe.caught_up(&redis.model).await;
+    settled(&js, &stream).await;
+    // The chain held: the stream holds every event once, the last one last.
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pipe.db.pool)
+        .await
+        .unwrap();
+    let (info, last) = eventually(
+        "the stream's last message to be the log's last event",
+        Duration::from_secs(60),
+        || async {
+            let (info, last) = last_published(&js, &stream).await?;
+            (last == until).then_some((info, last))
+        },
+    )
+    .await;
+    assert_eq!(last, until);
+    assert_eq!(
+        i64::try_from(info.state.messages).unwrap(),
+        events,
+        "the stream holds each event exactly once: {:?}",
+        info.state
+    );
+    let differences = verify_redis(&pipe.store, &redis.model, until)
+        .await
+        .unwrap()
+        .differences;
+    assert!(differences.is_empty(), "{}", report("Redis", &differences));
+    let clean = read_side::redis_rebuilt(&pipe.store, until).await;
+    assert_same_redis(
+        "the model after JetStream nodes were killed",
+        &redis.dump_model().await.unwrap(),
+        &clean.dump_model().await.unwrap(),
+    );
+    pipe.stop.cancel();
+    task.await.unwrap().unwrap();
+    pipe.shutdown().await;
+    drop(cluster);
+}
