@@ -32,6 +32,7 @@
 //! - [`handler`]: load → decide → append with bounded retries.
 //! - [`idempotency`]: the event and aggregate ids derived from a command.
 //! - [`relay`]: the outbox relay to JetStream, with leadership and checkpoints.
+//! - [`partition`]: the partitions of the log by tenant (subjects, headers).
 //! - [`in_hand`]: the batch a worker holds (what a shutdown waits for).
 //! - [`error`]: the error enums of each operation.
 //! - [`trace`]: W3C `traceparent` helpers that link the spans of one change
@@ -46,6 +47,7 @@ pub mod event_store;
 pub mod handler;
 pub mod idempotency;
 pub mod in_hand;
+pub mod partition;
 pub mod relay;
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -155,6 +155,9 @@ pub struct RelayConfig {
     /// Copies of the stream kept by a JetStream cluster (1 on a single
     /// server; 3 or 5 in a cluster, so that it survives a node's loss).
     pub replicas: usize,
+    /// Partitions of the stream by tenant ([`crate::partition`]); fixed
+    /// for a stream when it is created (stated in its description).
+    pub partitions: u32,
 }
 
 /// [`RelayConfig::max_age`] by default: a week.
@@ -179,6 +182,7 @@ impl Default for RelayConfig {
             max_age: DEFAULT_MAX_AGE,
             max_bytes: DEFAULT_MAX_BYTES,
             replicas: 1,
+            partitions: 1,
         }
     }
 }
@@ -283,6 +287,7 @@ impl Relay {
             max_age: self.retained_age(),
             max_bytes: self.retained_bytes(),
             num_replicas: self.config.replicas.max(1),
+            description: Some(crate::partition::describe(self.config.partitions)),
             ..Default::default()
         }
     }
@@ -320,6 +325,19 @@ impl Relay {
             .map_err(|e| self.nats_error("reading the JetStream stream's configuration", e))?
             .config
             .clone();
+        let partitions = crate::partition::described(current.description.as_deref());
+        if partitions != self.config.partitions.max(1) {
+            return Err(self.nats_error(
+                "checking the JetStream stream's partitions",
+                format!(
+                    "the stream is split into {partitions} partition(s) and this relay is configured for {} \
+                     (nats.partitions); a stream's partition count cannot change: configure {partitions}, or \
+                     give the relay a new stream (nats.stream), which it fills from the event store, and \
+                     rebuild the read models",
+                    self.config.partitions.max(1)
+                ),
+            ));
+        }
         let (max_age, max_bytes) = (self.retained_age(), self.retained_bytes());
         let replicas = self.config.replicas.max(1);
         // JetStream reports "no limit" as 0 for the age, -1 for bytes.
@@ -472,10 +490,11 @@ impl Relay {
         let mut backoff = Backoff::new(self.config.max_backoff);
         let mut report = Reporter::new(self.config.report_every);
 
-        let (mut position, mut sequence) = match self.resync(lock, &mut backoff, shutdown).await {
-            Ok(found) => found,
-            Err(end) => return end,
-        };
+        let (mut position, mut sequence, mut chain) =
+            match self.resync(lock, &mut backoff, shutdown).await {
+                Ok(found) => found,
+                Err(end) => return end,
+            };
         tracing::info!(position, sequence, "relay resumes");
         let mut checkpointed = Instant::now();
 
@@ -523,7 +542,7 @@ impl Relay {
 
             let started = Instant::now();
             let holding = self.in_hand.hold(batch.len());
-            let published = self.publish(&batch, sequence).await;
+            let published = self.publish(&batch, sequence, &mut chain).await;
             drop(holding);
             match published {
                 Ok(last_sequence) => {
@@ -572,7 +591,7 @@ impl Relay {
                         return TermEnd::Shutdown;
                     }
                     match self.resync(lock, &mut backoff, shutdown).await {
-                        Ok(found) => (position, sequence) = found,
+                        Ok(found) => (position, sequence, chain) = found,
                         Err(end) => return end,
                     }
                 }
@@ -619,15 +638,25 @@ impl Relay {
         lock: &mut PgConnection,
         backoff: &mut Backoff,
         shutdown: &CancellationToken,
-    ) -> Result<(i64, u64), TermEnd> {
+    ) -> Result<(i64, u64, Chain), TermEnd> {
         loop {
             match self.synchronize(lock).await {
                 Ok((position, sequence)) => {
+                    let chain = match self.chain_at(position).await {
+                        Ok(chain) => chain,
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot read the partitions' last events; retrying");
+                            if backoff.wait(shutdown).await.is_err() {
+                                return Err(TermEnd::Shutdown);
+                            }
+                            continue;
+                        }
+                    };
                     self.progress.send_modify(|p| {
                         p.position = position;
                         p.jetstream_sequence = sequence;
                     });
-                    return Ok((position, sequence));
+                    return Ok((position, sequence, chain));
                 }
                 Err(Sync::Lock(error)) => return Err(TermEnd::LostLock(error)),
                 Err(Sync::Other(error)) => {
@@ -779,10 +808,35 @@ impl Relay {
             .is_some_and(|e| e.position == stamp.position && e.event_id == stamp.event_id))
     }
 
+    /// The partitions' chain after `position` (every event up to it is in
+    /// the stream): each partition's last event at or below it, from the
+    /// store. Empty for a stream of one partition.
+    async fn chain_at(&self, position: i64) -> Result<Chain, crate::ReadError> {
+        let partitions = self.config.partitions;
+        let mut previous = Vec::new();
+        if partitions > 1 {
+            for partition in 0..partitions {
+                previous.push(
+                    self.store
+                        .last_in_partition(position, partitions, partition)
+                        .await?,
+                );
+            }
+        }
+        Ok(Chain { previous })
+    }
+
     /// Publishes a batch pipelined, chaining expected sequences from
     /// `sequence`, then awaits every acknowledgement. Returns the sequence of
-    /// the last message.
-    async fn publish(&self, batch: &[RecordedEvent], sequence: u64) -> Result<u64, Interrupted> {
+    /// the last message. On a stream of several partitions, each message
+    /// names the previous event of its partition (`chain`, moved on once
+    /// every message is acknowledged).
+    async fn publish(
+        &self,
+        batch: &[RecordedEvent],
+        sequence: u64,
+        chain: &mut Chain,
+    ) -> Result<u64, Interrupted> {
         let failed = |acknowledged: usize| {
             move |failure: PublishFailure| Interrupted {
                 acknowledged,
@@ -790,6 +844,8 @@ impl Relay {
             }
         };
         let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(batch.len());
+        let partitions = self.config.partitions;
+        let mut next = chain.clone();
         // One span per event of a sampled trace, from its send to the batch's
         // acknowledgements (they end when dropped), in the event's trace.
         let mut spans = Vec::new();
@@ -806,11 +862,13 @@ impl Relay {
                     )
                 },
             ));
-            let subject = format!(
-                "{}.{}.{}",
-                self.config.subject_prefix,
+            let partition = crate::partition::of(&event.metadata.tenant, partitions);
+            let subject = crate::partition::subject(
+                &self.config.subject_prefix,
+                partitions,
+                partition,
                 event.kind(),
-                event.event_type
+                &event.event_type,
             );
             let payload = serde_json::to_vec(event)
                 .map_err(|e| PublishFailure::Nats(e.to_string()))
@@ -830,6 +888,13 @@ impl Relay {
             headers.insert(HEADER_TENANT, event.metadata.tenant.as_str());
             if let Some(traceparent) = &event.metadata.traceparent {
                 headers.insert(HEADER_TRACEPARENT, traceparent.as_str());
+            }
+            if let Some(previous) = next.previous.get_mut(partition as usize) {
+                headers.insert(
+                    crate::partition::HEADER_PARTITION_PREVIOUS,
+                    previous.to_string().as_str(),
+                );
+                *previous = event.position;
             }
             let mut message = jetstream::message::PublishMessage::build()
                 .payload(payload.into())
@@ -868,6 +933,7 @@ impl Relay {
             }
         }
         drop(spans);
+        *chain = next;
         Ok(expected)
     }
 }
@@ -927,6 +993,14 @@ async fn recv(listener: &mut Option<PgListener>) -> Result<(), sqlx::Error> {
         Some(l) => l.recv().await.map(|_| ()),
         None => std::future::pending().await,
     }
+}
+
+/// Each partition's last event in the stream (see [`crate::partition`]):
+/// what the next message of a partition names as its previous one. Empty on
+/// a stream of one partition.
+#[derive(Debug, Clone, Default)]
+struct Chain {
+    previous: Vec<i64>,
 }
 
 /// Capped exponential backoff, cancellable.

@@ -348,6 +348,18 @@ pub struct Settings {
         global = true
     )]
     pub jetstream_replicas: usize,
+    /// Partitions of the JetStream stream by tenant: with more than one,
+    /// the relay publishes each event on its tenant's partition subject
+    /// (`<prefix>.p<k>.…`) with the previous event of that partition, so
+    /// that a projection can be consumed one partition at a time. Fixed
+    /// for a stream when it is created: changing it needs a new stream.
+    #[arg(
+        long,
+        env = "NEURECTOMY_JETSTREAM_PARTITIONS",
+        default_value_t = 1,
+        global = true
+    )]
+    pub jetstream_partitions: u32,
     /// Snapshot a stream every this many events (0 = never).
     #[arg(
         long,
@@ -538,6 +550,7 @@ impl Settings {
             max_age: Duration::from_secs(self.jetstream_max_age_s),
             max_bytes: self.jetstream_max_bytes,
             replicas: self.jetstream_replicas.max(1),
+            partitions: self.jetstream_partitions.max(1),
             ..commands::RelayConfig::default()
         }
     }

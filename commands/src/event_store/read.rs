@@ -16,6 +16,8 @@ use crate::error::ReadError;
 const LOAD_STREAM: &str = include_str!("sql/load_stream.sql");
 const READ_STREAM: &str = include_str!("sql/read_stream.sql");
 const READ_ALL: &str = include_str!("sql/read_all.sql");
+const READ_PARTITION: &str = include_str!("sql/read_partition.sql");
+const LAST_IN_PARTITION: &str = include_str!("sql/last_in_partition.sql");
 const EVENTS_OF_COMMAND: &str = include_str!("sql/events_of_command.sql");
 const HEAD: &str = include_str!("sql/head.sql");
 const COUNT_AFTER: &str = include_str!("sql/count_after.sql");
@@ -195,6 +197,54 @@ impl EventStore {
             .map_err(db(format!("reading the global log after position {after}")))?;
         super::note_duration("read_all", started.elapsed());
         rows.iter().map(recorded).collect()
+    }
+
+    /// Reads partition `partition` of `partitions` of the global log after
+    /// `after` (see [`crate::partition`]), at most `limit` events, gap-safely
+    /// as [`EventStore::read_all`]: what it returns is contiguous in the
+    /// partition and nothing of the partition can later appear below it.
+    pub async fn read_partition(
+        &self,
+        after: i64,
+        limit: i64,
+        partitions: u32,
+        partition: u32,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        let started = std::time::Instant::now();
+        let rows = self
+            .fetch_all(
+                sqlx::query(READ_PARTITION)
+                    .bind(after)
+                    .bind(limit)
+                    .bind(i32::try_from(partitions).unwrap_or(i32::MAX))
+                    .bind(i32::try_from(partition).unwrap_or(i32::MAX)),
+            )
+            .await
+            .map_err(db(format!(
+                "reading partition {partition} of {partitions} of the log after position {after}"
+            )))?;
+        super::note_duration("read_partition", started.elapsed());
+        rows.iter().map(recorded).collect()
+    }
+
+    /// The position of the last event of partition `partition` of
+    /// `partitions` at or below `position` (0: none).
+    pub async fn last_in_partition(
+        &self,
+        position: i64,
+        partitions: u32,
+        partition: u32,
+    ) -> Result<i64, ReadError> {
+        let found: Option<i64> = sqlx::query_scalar(LAST_IN_PARTITION)
+            .bind(position)
+            .bind(i32::try_from(partitions).unwrap_or(i32::MAX))
+            .bind(i32::try_from(partition).unwrap_or(i32::MAX))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db(format!(
+                "finding the last event of partition {partition} of {partitions} at or below position {position}"
+            )))?;
+        Ok(found.unwrap_or(0))
     }
 
     /// Reads versions `from..=to` of a stream of `tenant`, at most `limit`

@@ -90,7 +90,9 @@ pub async fn read_stream(
 }
 
 /// `messages` are exactly `events`, in order, with the relay's subjects,
-/// ids and headers, and payloads equal to the store's rows.
+/// ids and headers, and payloads equal to the store's rows; on a stream of
+/// several partitions, each on its tenant's partition subject, naming the
+/// previous event of its partition.
 pub fn assert_messages_mirror(
     events: &[RecordedEvent],
     messages: &[jetstream::message::StreamMessage],
@@ -121,22 +123,33 @@ pub fn assert_messages_mirror(
         "payload event ids must follow read_all order"
     );
 
+    let partitions = config.partitions.max(1);
+    let mut previous = vec![0i64; partitions as usize];
     for ((message, payload), event) in messages.iter().zip(&payloads).zip(events) {
         let at = format!("message {} (position {})", message.sequence, event.position);
         assert_eq!(
             payload, event,
             "{at}: payload differs from the stored event"
         );
+        let partition = crate::partition::of(&event.metadata.tenant, partitions);
         assert_eq!(
             message.subject.as_str(),
-            format!(
-                "{}.{}.{}",
-                config.subject_prefix,
+            crate::partition::subject(
+                &config.subject_prefix,
+                partitions,
+                partition,
                 event.kind(),
-                event.event_type
+                &event.event_type
             ),
             "{at}: subject"
         );
+        let chained = previous[partition as usize].to_string();
+        assert_eq!(
+            header(message, crate::partition::HEADER_PARTITION_PREVIOUS),
+            (partitions > 1).then_some(chained.as_str()),
+            "{at}: the previous event of partition {partition}"
+        );
+        previous[partition as usize] = event.position;
         let event_id = event.event_id.to_string();
         let version = event.stream_version.to_string();
         let schema = event.schema_version.to_string();

@@ -466,3 +466,150 @@ async fn a_relay_resumes_exactly_on_a_stream_that_dropped_its_oldest_messages() 
     let head = store.head().await.unwrap().written;
     assert_eq!(progress.position, head, "{progress:?}");
 }
+
+/// Appends `appends` appends of 1–3 events to streams of `tenants` tenants
+/// (`tenant-0`…), each append to a fresh stream of a random tenant.
+async fn tenants_appends(store: &EventStore, tenants: usize, appends: usize, seed: u64) {
+    let mut rng = crate::support::rng(seed);
+    for _ in 0..appends {
+        let tenant = format!("tenant-{}", rng.gen_range(0..tenants));
+        let stream = format!("task-{}", uuid::Uuid::new_v4());
+        let count = rng.gen_range(1..=3);
+        store
+            .append(
+                &stream,
+                neurectomy_commands::ExpectedVersion::NoStream,
+                crate::support::events(&stream, count, &tenant),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_of_a_tenant_is_the_same_in_rust_and_postgresql() {
+    let db = TestDatabase::create(2).await.unwrap();
+    for partitions in [1u32, 2, 3, 8, 64] {
+        let tenants: Vec<String> = (0..300).map(|t| format!("tenant-{t}-ü")).collect();
+        let in_postgres: Vec<i32> = sqlx::query_scalar(
+            "SELECT neurectomy_partition(t, $2) FROM unnest($1::text[]) WITH ORDINALITY AS u(t, n) ORDER BY n",
+        )
+        .bind(&tenants)
+        .bind(i32::try_from(partitions).unwrap())
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        let in_rust: Vec<i32> = tenants
+            .iter()
+            .map(|t| i32::try_from(neurectomy_commands::partition::of(t, partitions)).unwrap())
+            .collect();
+        assert_eq!(in_postgres, in_rust, "{partitions} partitions");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_of_the_log_reads_exactly_its_events_in_order() {
+    let db = TestDatabase::create(4).await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    tenants_appends(&store, 12, 300, 7).await;
+    let all = neurectomy_commands::testkit::mirror::read_everything(&store).await;
+    let head = all.last().unwrap().position;
+    for partitions in [4u32, 64] {
+        let mut seen = Vec::new();
+        for partition in 0..partitions {
+            let mut mine = Vec::new();
+            loop {
+                let after = mine
+                    .last()
+                    .map_or(0, |e: &neurectomy_commands::RecordedEvent| e.position);
+                let page = store
+                    .read_partition(after, 7, partitions, partition)
+                    .await
+                    .unwrap();
+                if page.is_empty() {
+                    break;
+                }
+                mine.extend(page);
+            }
+            let expected: Vec<i64> = all
+                .iter()
+                .filter(|e| {
+                    neurectomy_commands::partition::of(&e.metadata.tenant, partitions) == partition
+                })
+                .map(|e| e.position)
+                .collect();
+            let read: Vec<i64> = mine.iter().map(|e| e.position).collect();
+            assert_eq!(read, expected, "partition {partition} of {partitions}");
+            assert_eq!(
+                store
+                    .last_in_partition(head, partitions, partition)
+                    .await
+                    .unwrap(),
+                expected.last().copied().unwrap_or(0),
+                "the last event of partition {partition} of {partitions}"
+            );
+            seen.extend(read);
+        }
+        seen.sort_unstable();
+        assert_eq!(
+            seen.len(),
+            all.len(),
+            "every event in exactly one partition"
+        );
+        // 12 tenants over 64 partitions leave most of them empty.
+        if partitions == 64 {
+            let empty = (0..64)
+                .filter(|p| {
+                    !all.iter()
+                        .any(|e| neurectomy_commands::partition::of(&e.metadata.tenant, 64) == *p)
+                })
+                .count();
+            assert!(empty > 0);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_of_four_partitions_chains_each_partition_across_restarts() {
+    let db = TestDatabase::create(8).await.unwrap();
+    let nats = TestNats::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let config = RelayConfig {
+        partitions: 4,
+        batch_size: 25,
+        ..fast(&nats.relay)
+    };
+    tenants_appends(&store, 9, 200, 11).await;
+    // Three incarnations, each stopped after publishing some of what is
+    // there, with more appended in between: every restart rebuilds the
+    // partitions' chain from the store.
+    for round in 0..3u64 {
+        let relay = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+        eventually("the relay to publish", WAIT, || async {
+            (relay.progress().published > 0).then_some(())
+        })
+        .await;
+        relay.shutdown().await;
+        tenants_appends(&store, 9, 100, 20 + round).await;
+    }
+    let relay = RunningRelay::spawn(&store, nats.client.clone(), config.clone());
+    let n = wait_for_mirror(&store, &nats.jetstream(), &config, Some(&relay)).await;
+    assert!(n >= 500, "{n}");
+    relay.shutdown().await;
+
+    // The partition count is the stream's: a relay configured otherwise
+    // refuses it, naming both counts.
+    let other = Relay::new(
+        store.clone(),
+        nats.client.clone(),
+        RelayConfig {
+            partitions: 2,
+            ..config.clone()
+        },
+    );
+    let refused = other.ensure_stream().await.unwrap_err().to_string();
+    assert!(
+        refused.contains("split into 4 partition(s)") && refused.contains("configured for 2"),
+        "{refused}"
+    );
+}

@@ -7,7 +7,8 @@
 //! each kill reaches Redis, the stream holds each event exactly once, and
 //! the model ends equal to a clean rebuild. (Subscriptions are fed from the
 //! Redis change feed, which the projector writes: what reaches Redis
-//! reaches them.)
+//! reaches them.) First, on the same cluster, a relay configured for three
+//! replicas raises a stream it finds with one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -42,10 +43,53 @@ async fn settled(js: &jetstream::Context, name: &str) -> (String, Vec<String>) {
     .await
 }
 
+/// A relay configured for 3 replicas raises a stream it finds with one.
+async fn raises_a_single_copy_stream_to_three(cluster: &NatsCluster) {
+    let nats = commands::testkit::TestNats::create_at(&cluster.url(0))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The relay reads nothing of its store here; it needs one to exist.
+    let db = commands::testkit::TestDatabase::create(2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let store = commands::EventStore::new(db.pool.clone());
+    let relay = |replicas| {
+        commands::Relay::new(
+            store.clone(),
+            nats.client.clone(),
+            commands::RelayConfig {
+                replicas,
+                ..nats.relay.clone()
+            },
+        )
+    };
+    let (one, three) = (relay(1), relay(3));
+    let (one, three) = (&one, &three);
+    eventually(
+        "JetStream to create a one-copy stream",
+        Duration::from_secs(60),
+        || async move { one.ensure_stream().await.ok().map(|_| ()) },
+    )
+    .await;
+    let js = nats.jetstream();
+    let replicas = |js: jetstream::Context, name: String| async move {
+        let mut stream = js.get_stream(&name).await.ok()?;
+        let info = stream.info().await.ok()?;
+        Some(info.config.num_replicas)
+    };
+    let name = nats.relay.stream_name.clone();
+    assert_eq!(replicas(js.clone(), name.clone()).await, Some(1));
+    three.ensure_stream().await.unwrap();
+    let (_, followers) = settled(&js, &name).await;
+    assert_eq!(followers.len(), 2);
+    assert_eq!(replicas(js.clone(), name.clone()).await, Some(3));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_and_a_projector_survive_killed_jetstream_nodes_leader_included() {
     let seed = read_side::seed("the_relay_and_a_projector_survive_killed_jetstream_nodes");
     let mut cluster = NatsCluster::start(3).await;
+    raises_a_single_copy_stream_to_three(&cluster).await;
     let pipe = Pipeline::start_on(&cluster.url(0), |relay| relay.replicas = 3).await;
     let js = jetstream::new(pipe.nats.client.clone());
     let stream = pipe.nats.relay.stream_name.clone();

@@ -170,6 +170,11 @@ pub(crate) const KEYS: &[Key] = &[
         Check::AtLeast(1),
     ),
     key(
+        "NEURECTOMY_JETSTREAM_PARTITIONS",
+        "nats.stream_partitions",
+        Check::AtLeast(1),
+    ),
+    key(
         "NEURECTOMY_SNAPSHOT_EVERY",
         "commands.snapshot_every",
         Check::Any,
