@@ -193,6 +193,10 @@ pub struct ProjectionStatus {
     pub state: String,
     /// The projector's last error, if any.
     pub last_error: Option<String>,
+    /// The `neurectomy project` process applying it (`host:pid:suffix`,
+    /// the holder of the projection's lease; other processes stand by),
+    /// or null without a recent report.
+    pub owner: Option<String>,
 }
 
 fn graph_error(e: projections::GraphQueryError) -> async_graphql::Error {
@@ -650,6 +654,7 @@ impl ReadQuery {
                     lag,
                     state: report.state,
                     last_error: report.last_error,
+                    owner: report.owner,
                 });
             }
             Ok(out)

@@ -112,19 +112,23 @@ pub struct Report {
     pub state: String,
     /// Its last error.
     pub last_error: Option<String>,
+    /// The process that reported, when it runs under a lease: the lease
+    /// holder, the one applying the projection (`host:pid:suffix`).
+    pub owner: Option<String>,
 }
 
 /// Reads what the projector of `name` last published.
 pub async fn projector_report(model: &RedisModel, name: &str) -> Result<Report, redis::RedisError> {
     let mut conn = model.connection();
-    let (state, last_error, at_ms): (Option<String>, Option<String>, Option<i64>) =
-        redis::cmd("HMGET")
-            .arg(report_key(model, name))
-            .arg("state")
-            .arg("last_error")
-            .arg("at_ms")
-            .query_async(&mut conn)
-            .await?;
+    type Fields = (Option<String>, Option<String>, Option<i64>, Option<String>);
+    let (state, last_error, at_ms, owner): Fields = redis::cmd("HMGET")
+        .arg(report_key(model, name))
+        .arg("state")
+        .arg("last_error")
+        .arg("at_ms")
+        .arg("owner")
+        .query_async(&mut conn)
+        .await?;
     let fresh = at_ms.is_some_and(|at| now_ms() - at <= STALE_AFTER.as_millis() as i64);
     Ok(Report {
         state: match state {
@@ -132,5 +136,6 @@ pub async fn projector_report(model: &RedisModel, name: &str) -> Result<Report, 
             _ => "unknown".to_owned(),
         },
         last_error: last_error.filter(|e| !e.is_empty()),
+        owner: owner.filter(|o| fresh && !o.is_empty()),
     })
 }

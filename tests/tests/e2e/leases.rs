@@ -397,6 +397,34 @@ async fn three_project_processes_survive_kills_and_a_pause_past_the_lease_under_
         &redis.dump_model().await.unwrap(),
         &clean.dump_model().await.unwrap(),
     );
+    // `neurectomy status` names the holder of the Redis projection's lease.
+    let target = neurectomy_e2e::Target {
+        binary: BINARY.to_owned(),
+        database_url: pipe.db.url.clone(),
+        nats_url: pipe.nats.url.clone(),
+        stream: pipe.nats.relay.stream_name.clone(),
+        subject_prefix: pipe.nats.relay.subject_prefix.clone(),
+    };
+    let (holder, token) = holder_other_than(&pipe, None).await;
+    let status = target
+        .command(&["status"])
+        .env("NEURECTOMY_REDIS_URL", &redis.url)
+        .env("NEURECTOMY_REDIS_PREFIX", &redis.prefix)
+        .output()
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&status.stdout);
+    let line = printed
+        .lines()
+        .skip_while(|l| !l.starts_with("projection redis"))
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        line.starts_with("  lease: held by ")
+            && line.contains(&format!(":{holder}:"))
+            && line.ends_with(&format!("(fencing token {token})")),
+        "status:\n{printed}"
+    );
     for process in &mut processes {
         let (code, _) = process.stop(Duration::from_secs(30)).await;
         assert_eq!(

@@ -355,8 +355,33 @@ async fn every_role_exports_its_metrics() {
         },
     )
     .await;
+    // The only `project` process holds both projections' leases, and the
+    // API names it as their owner.
+    let pid = projector.child.id().unwrap();
+    let status = graphql(
+        &http,
+        api_addr,
+        &token,
+        "{ projectionStatus { name state owner } }",
+        json!({}),
+    )
+    .await
+    .unwrap();
+    for entry in status["data"]["projectionStatus"].as_array().unwrap() {
+        let owner = entry["owner"].as_str().unwrap_or_default();
+        assert_eq!(
+            owner.split(':').nth(1),
+            Some(pid.to_string().as_str()),
+            "the owner names the project process: {status}"
+        );
+    }
     for projection in ["redis", "graph"] {
         let labels = [("projection", projection)];
+        assert_eq!(
+            sample(&text, "neurectomy_projector_lease_held", &labels),
+            Some(1.0),
+            "{projection}: {text}"
+        );
         let batches = sample(&text, "neurectomy_projector_batch_events_count", &labels);
         let events = sample(&text, "neurectomy_projector_batch_events_sum", &labels);
         assert!(batches >= Some(1.0), "{projection}: {text}");
