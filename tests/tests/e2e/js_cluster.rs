@@ -16,13 +16,12 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use commands::testkit::eventually;
 use neurectomy_e2e::pipeline::Pipeline;
-use neurectomy_e2e::read_side::{self, assert_same_redis};
+use neurectomy_e2e::read_side;
 use neurectomy_e2e::services::NatsCluster;
 use projections::testkit::TestRedis;
-use projections::verify::verify_redis;
 use projections::ReadModel as _;
 
-use crate::support::{last_published, live, report};
+use crate::support::{last_published, live, redis_is_the_log};
 
 /// The stream's leader, once its cluster reports one with every replica
 /// current (`(leader, replicas)`).
@@ -178,17 +177,13 @@ async fn the_relay_and_a_projector_survive_killed_jetstream_nodes_leader_include
         "the stream holds each event exactly once: {:?}",
         info.state
     );
-    let differences = verify_redis(&pipe.store, &redis.model, until)
-        .await
-        .unwrap()
-        .differences;
-    assert!(differences.is_empty(), "{}", report("Redis", &differences));
-    let clean = read_side::redis_rebuilt(&pipe.store, until).await;
-    assert_same_redis(
+    redis_is_the_log(
+        &pipe,
+        &redis,
+        until,
         "the model after JetStream nodes were killed",
-        &redis.dump_model().await.unwrap(),
-        &clean.dump_model().await.unwrap(),
-    );
+    )
+    .await;
     pipe.stop.cancel();
     task.await.unwrap().unwrap();
     pipe.shutdown().await;

@@ -17,14 +17,13 @@ use neurectomy_e2e::pipeline::Pipeline;
 use neurectomy_e2e::read_side::{self, assert_same_lines, assert_same_redis};
 use projections::graph_testkit::TestGraph;
 use projections::testkit::TestRedis;
-use projections::verify::verify_redis;
 use projections::{
-    ApplyError, Fence, LeaseConfig, Leases, Projector, ProjectorConfig, ProjectorState,
+    ApplyError, Fence, LeaseConfig, Leases, Projected, Projector, ProjectorConfig, ProjectorState,
     ProjectorStatus, ReadModel, RedisModel, RedisModelConfig,
 };
 use tokio::sync::watch;
 
-use crate::support::report;
+use crate::support::redis_is_the_log;
 
 /// Leases of the Redis projection of `pipe`'s stream, held as `owner`.
 fn leases(pipe: &Pipeline, owner: &str, ttl: Duration) -> Leases {
@@ -137,17 +136,7 @@ async fn a_standby_takes_over_a_holder_killed_under_load_and_the_model_equals_a_
 
     workload.stop().await;
     let until = pipe.caught_up(&redis.model).await;
-    let differences = verify_redis(&pipe.store, &redis.model, until)
-        .await
-        .unwrap()
-        .differences;
-    assert!(differences.is_empty(), "{}", report("Redis", &differences));
-    let clean = read_side::redis_rebuilt(&pipe.store, until).await;
-    assert_same_redis(
-        "the model after a takeover",
-        &redis.dump_model().await.unwrap(),
-        &clean.dump_model().await.unwrap(),
-    );
+    redis_is_the_log(&pipe, &redis, until, "the model after a takeover").await;
 
     // A clean stop hands the lease over at once: a standby would take it at
     // its next poll, not after the ttl.
@@ -159,10 +148,7 @@ async fn a_standby_takes_over_a_holder_killed_under_load_and_the_model_equals_a_
 }
 
 /// The log of `pipe` (at least 300 events) split in two at an event.
-async fn two_batches(
-    pipe: &Pipeline,
-    seed: u64,
-) -> (Vec<projections::Projected>, Vec<projections::Projected>) {
+async fn two_batches(pipe: &Pipeline, seed: u64) -> (Vec<Projected>, Vec<Projected>) {
     pipe.simulate_until(Pipeline::workload(0, 400, seed), 300, &[])
         .await;
     let head = pipe.head().await;
@@ -171,38 +157,62 @@ async fn two_batches(
     (log, rest)
 }
 
+/// The fence of `model`: `first` applied under token 2 (the successor),
+/// then `rest` under token 1 (the holder paused past its lease, waking up
+/// with the next batch planned after the same checkpoint) is refused and
+/// writes nothing (`snapshot` is the same before and after), then `rest`
+/// under token 2 goes in. Returns the checkpoint between the two.
+async fn a_late_batch_is_refused<M, S, F>(
+    model: &M,
+    (first, rest): (&[Projected], &[Projected]),
+    snapshot: S,
+) -> i64
+where
+    M: ReadModel,
+    S: Fn() -> F,
+    F: std::future::Future<Output = Vec<String>>,
+{
+    model.apply_after(0, Some(Fence(2)), first).await.unwrap();
+    let checkpoint = model.checkpoint().await.unwrap();
+    let before = snapshot().await;
+    match model.apply_after(checkpoint, Some(Fence(1)), rest).await {
+        Err(ApplyError::Fenced {
+            token: 1, newer: 2, ..
+        }) => {}
+        other => panic!("expected the fence to refuse token 1, got {other:?}"),
+    }
+    assert_same_lines(
+        "the model after a refused batch",
+        &snapshot().await,
+        &before,
+    );
+    model
+        .apply_after(checkpoint, Some(Fence(2)), rest)
+        .await
+        .unwrap();
+    checkpoint
+}
+
+/// Every key of `redis` with its contents, as lines.
+async fn redis_lines(redis: &TestRedis) -> Vec<String> {
+    redis
+        .dump()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(key, value)| format!("{key} = {value}"))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_batch_under_a_lease_that_is_over_is_refused_and_writes_nothing() {
     let seed = read_side::seed("a_redis_batch_under_a_lease_that_is_over_is_refused");
     let pipe = Pipeline::start().await;
     let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
     let (first, rest) = two_batches(&pipe, seed).await;
-    let model = &redis.model;
-
-    // The successor (token 2) applied the first half.
-    model.apply_after(0, Some(Fence(2)), &first).await.unwrap();
-    let checkpoint = model.checkpoint().await.unwrap();
-    let before = redis.dump().await.unwrap();
-
-    // The holder paused past its lease (token 1) wakes up with the next
-    // batch, planned after the same checkpoint: refused, nothing written.
-    match model.apply_after(checkpoint, Some(Fence(1)), &rest).await {
-        Err(ApplyError::Fenced {
-            token: 1, newer: 2, ..
-        }) => {}
-        other => panic!("expected the fence to refuse token 1, got {other:?}"),
-    }
-    assert_eq!(
-        redis.dump().await.unwrap(),
-        before,
-        "a fenced batch wrote something"
-    );
-
-    // The successor goes on; the model is what one clean pass builds.
-    model
-        .apply_after(checkpoint, Some(Fence(2)), &rest)
-        .await
-        .unwrap();
+    let checkpoint =
+        a_late_batch_is_refused(&redis.model, (&first, &rest), || redis_lines(&redis)).await;
+    // The model is what one clean pass builds.
     let until = rest.last().unwrap().recorded.position;
     let clean = read_side::redis_rebuilt(&pipe.store, until).await;
     assert_same_redis(
@@ -210,17 +220,15 @@ async fn a_redis_batch_under_a_lease_that_is_over_is_refused_and_writes_nothing(
         &redis.dump_model().await.unwrap(),
         &clean.dump_model().await.unwrap(),
     );
-
-    // Two writers planning on the same checkpoint: the later one finds it
-    // moved and writes nothing (the check is inside the atomic write).
-    let before = redis.dump().await.unwrap();
-    match model.apply_after(checkpoint, Some(Fence(2)), &rest).await {
-        // Everything at or below the stored checkpoint is skipped before
-        // planning: nothing to write, nothing written.
-        Ok(()) => {}
-        other => panic!("a batch below the checkpoint is a no-op, got {other:?}"),
-    }
-    assert_eq!(redis.dump().await.unwrap(), before);
+    // A batch at or below the stored checkpoint (handed in again) is
+    // skipped before anything is planned: nothing written.
+    let before = redis_lines(&redis).await;
+    redis
+        .model
+        .apply_after(checkpoint, Some(Fence(2)), &rest)
+        .await
+        .unwrap();
+    assert_same_lines("a batch applied twice", &redis_lines(&redis).await, &before);
     pipe.shutdown().await;
 }
 
@@ -230,28 +238,10 @@ async fn a_graph_batch_under_a_lease_that_is_over_is_refused_and_writes_nothing(
     let pipe = Pipeline::start().await;
     let graph = TestGraph::create().await.unwrap_or_else(|e| panic!("{e}"));
     let (first, rest) = two_batches(&pipe, seed).await;
-    let model = &graph.model;
-
-    model.apply_after(0, Some(Fence(2)), &first).await.unwrap();
-    let checkpoint = model.checkpoint().await.unwrap();
-    let before = graph.dump().await.unwrap();
-
-    match model.apply_after(checkpoint, Some(Fence(1)), &rest).await {
-        Err(ApplyError::Fenced {
-            token: 1, newer: 2, ..
-        }) => {}
-        other => panic!("expected the fence to refuse token 1, got {other:?}"),
-    }
-    assert_same_lines(
-        "the graph after a refused batch",
-        &graph.dump().await.unwrap(),
-        &before,
-    );
-
-    model
-        .apply_after(checkpoint, Some(Fence(2)), &rest)
-        .await
-        .unwrap();
+    a_late_batch_is_refused(&graph.model, (&first, &rest), || async {
+        graph.dump().await.unwrap()
+    })
+    .await;
     let until = rest.last().unwrap().recorded.position;
     let clean = read_side::graph_rebuilt(&pipe.store, until).await;
     assert_same_lines(
@@ -386,17 +376,7 @@ async fn three_project_processes_survive_kills_and_a_pause_past_the_lease_under_
     workload.stop().await;
     let until = pipe.caught_up(&redis.model).await;
     println!("takeovers (cut → events committed before it applied): {takeovers:?}");
-    let differences = verify_redis(&pipe.store, &redis.model, until)
-        .await
-        .unwrap()
-        .differences;
-    assert!(differences.is_empty(), "{}", report("Redis", &differences));
-    let clean = read_side::redis_rebuilt(&pipe.store, until).await;
-    assert_same_redis(
-        "the model after kills and a pause",
-        &redis.dump_model().await.unwrap(),
-        &clean.dump_model().await.unwrap(),
-    );
+    redis_is_the_log(&pipe, &redis, until, "the model after kills and a pause").await;
     // `neurectomy status` names the holder of the Redis projection's lease.
     let target = neurectomy_e2e::Target {
         binary: BINARY.to_owned(),

@@ -80,6 +80,32 @@ pub fn report(model: &str, differences: &[Difference]) -> String {
     )
 }
 
+/// Fails unless the Redis model of `redis`, at or past `until`, verifies
+/// clean against `pipe`'s log and holds exactly what a clean rebuild up to
+/// `until` holds (`what` names the situation in failures).
+pub async fn redis_is_the_log(
+    pipe: &Pipeline,
+    redis: &projections::testkit::TestRedis,
+    until: i64,
+    what: &str,
+) {
+    let differences = projections::verify::verify_redis(&pipe.store, &redis.model, until)
+        .await
+        .unwrap()
+        .differences;
+    assert!(
+        differences.is_empty(),
+        "{what}: {}",
+        report("Redis", &differences)
+    );
+    let clean = neurectomy_e2e::read_side::redis_rebuilt(&pipe.store, until).await;
+    neurectomy_e2e::read_side::assert_same_redis(
+        what,
+        &redis.dump_model().await.unwrap(),
+        &clean.dump_model().await.unwrap(),
+    );
+}
+
 /// The JetStream stream `name` and the position of its last message (the
 /// relay's `Neurectomy-Position` header); `None` while any of it cannot be
 /// read (no message yet, a server restarting).
