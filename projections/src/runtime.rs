@@ -66,6 +66,13 @@ pub struct ProjectorConfig {
     /// How long JetStream waits for a delivered message's acknowledgement
     /// before it delivers the message again (the consumer's `ack_wait`).
     pub ack_wait: Duration,
+    /// Partitions of the stream (`commands::partition`; 1: not split).
+    pub partitions: u32,
+    /// The partition this projector applies (below `partitions`): it reads
+    /// only that partition of the store and consumes only its subjects, and
+    /// its model must keep that partition's checkpoint
+    /// ([`crate::RedisModel::for_partition`]).
+    pub partition: u32,
 }
 
 impl Default for ProjectorConfig {
@@ -77,6 +84,8 @@ impl Default for ProjectorConfig {
             // A store that is back is used again within a second.
             max_backoff: Duration::from_secs(1),
             ack_wait: Duration::from_secs(30),
+            partitions: 1,
+            partition: 0,
         }
     }
 }
@@ -178,9 +187,21 @@ struct Page {
 }
 
 impl Page {
-    /// Reads at most `limit` events after `after` and decodes them.
-    async fn read(store: &EventStore, after: i64, limit: i64) -> Result<Page, ReadError> {
-        let rows = store.read_all(after, limit).await?;
+    /// Reads at most `limit` events of `partition` of `partitions` after
+    /// `after` and decodes them.
+    async fn read(
+        store: &EventStore,
+        (partitions, partition): (u32, u32),
+        after: i64,
+        limit: i64,
+    ) -> Result<Page, ReadError> {
+        let rows = if partitions > 1 {
+            store
+                .read_partition(after, limit, partitions, partition)
+                .await?
+        } else {
+            store.read_all(after, limit).await?
+        };
         let read = rows.len() as i64;
         let last = rows.last().map(|e| e.position);
         Ok(Page {
@@ -294,7 +315,15 @@ impl<M: ReadModel> Projector<M> {
     }
 
     fn consumer_name(&self) -> String {
-        format!("projection-{}", self.model.name())
+        if self.config.partitions > 1 {
+            format!(
+                "projection-{}-p{}",
+                self.model.name(),
+                self.config.partition
+            )
+        } else {
+            format!("projection-{}", self.model.name())
+        }
     }
 
     /// Runs until shutdown, or until an event cannot be applied. With
@@ -481,7 +510,8 @@ impl<M: ReadModel> Projector<M> {
             .max(self.config.batch_size)
             .max(1);
         let limit = i64::try_from(batch_size * BATCHES_PER_PAGE).unwrap_or(2000);
-        let mut read = Page::read(&self.store, checkpoint, limit).await;
+        let part = (self.config.partitions, self.config.partition);
+        let mut read = Page::read(&self.store, part, checkpoint, limit).await;
         loop {
             if shutdown.is_cancelled() {
                 return Err(Interrupt::Shutdown);
@@ -498,7 +528,7 @@ impl<M: ReadModel> Projector<M> {
             // task too, so decoding overlaps applying as well.
             let next = (page.read == limit).then(|| {
                 let store = self.store.clone();
-                tokio::spawn(async move { Page::read(&store, last, limit).await })
+                tokio::spawn(async move { Page::read(&store, part, last, limit).await })
             });
             let abort = |next: Option<tokio::task::JoinHandle<_>>| {
                 if let Some(next) = next {
@@ -585,6 +615,10 @@ impl<M: ReadModel> Projector<M> {
         };
         self.status.send_modify(|s| s.state = ProjectorState::Live);
         tracing::info!(checkpoint, start_sequence = expected, "projection is live");
+        let partitioned = self.config.partitions > 1;
+        // The position of the last event of the partition taken (partitioned
+        // streams).
+        let mut taken = checkpoint;
         // While no message comes, the model is looked at every
         // MODEL_CHECK_EVERY: one that lost its checkpoint (Redis restarted
         // without its data, a graph wiped) is rebuilt at once, not when the
@@ -660,7 +694,16 @@ impl<M: ReadModel> Projector<M> {
                         return Interrupt::Transient(format!("reading message metadata: {error}"))
                     }
                 };
-                if sequence < expected {
+                // Where the message stands: taken before (a redelivery), the
+                // next one, or past a gap. One partition's messages are not
+                // consecutive in the stream: they follow the chain of
+                // positions the relay stamps on them instead.
+                let order = if partitioned {
+                    chained(&message, &mut taken)
+                } else {
+                    sequenced(sequence, &mut expected)
+                };
+                if order == Order::Taken {
                     // Taken before: its acknowledgement was lost or late,
                     // and JetStream delivered it again.
                     tracing::info!(
@@ -678,11 +721,10 @@ impl<M: ReadModel> Projector<M> {
                     }
                     continue;
                 }
-                if sequence > expected {
-                    tracing::warn!(expected, sequence, "JetStream sequence gap");
+                if order == Order::Gap {
+                    tracing::warn!(expected, sequence, taken, "JetStream skipped messages");
                     return Interrupt::Gap;
                 }
-                expected += 1;
                 let stamp = message.headers.as_ref().and_then(commands::relay::stamp);
                 if let Some(stamp) = stamp {
                     let event = match ours(stamp, &message.payload) {
@@ -945,6 +987,23 @@ impl<M: ReadModel> Projector<M> {
                 None => hi = mid,
             }
         }
+        // One partition's subjects, below the stream's `<prefix>.>`.
+        let filter_subject = if self.config.partitions > 1 {
+            let prefix = info
+                .config
+                .subjects
+                .iter()
+                .find_map(|s| s.strip_suffix(".>"))
+                .ok_or_else(|| {
+                    format!(
+                        "stream {} has no `<prefix>.>` subject to take partition {} from",
+                        self.config.stream_name, self.config.partition
+                    )
+                })?;
+            commands::partition::filter(prefix, self.config.partitions, self.config.partition)
+        } else {
+            String::new()
+        };
         let name = self.consumer_name();
         // A consumer left from an earlier run may point anywhere: replace it.
         let _ = stream.delete_consumer(&name).await;
@@ -952,6 +1011,7 @@ impl<M: ReadModel> Projector<M> {
             .create_consumer(pull::Config {
                 durable_name: Some(name.clone()),
                 deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: lo },
+                filter_subject,
                 ack_policy: AckPolicy::All,
                 ack_wait: self.config.ack_wait,
                 max_ack_pending: i64::try_from(self.config.batch_size.max(1) * 4).unwrap_or(2000),
@@ -996,6 +1056,56 @@ async fn keep(leases: Leases, token: u64, asked: Instant, held: CancellationToke
             }
         }
     }
+}
+
+/// Where a delivered message stands in what the projector consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// Taken before (a redelivery): skip it.
+    Taken,
+    /// The next one (or a foreign message in its place): take it.
+    Next,
+    /// Messages before it were not delivered: back to the event store.
+    Gap,
+}
+
+/// The order of the message at `sequence` of a stream consumed whole:
+/// by sequence (`expected` is the next one, moved on past this one).
+fn sequenced(sequence: u64, expected: &mut u64) -> Order {
+    if sequence < *expected {
+        return Order::Taken;
+    }
+    if sequence > *expected {
+        return Order::Gap;
+    }
+    *expected += 1;
+    Order::Next
+}
+
+/// The order of a message of one partition: by the chain of positions the
+/// relay stamps (`Neurectomy-Partition-Previous`), `taken` being the last
+/// position taken (moved on to this one). A foreign message (no stamp) is
+/// next, to be passed over; one of the relay's without the chain header (a
+/// relay configured for one partition on a split stream) is a gap, which
+/// the store then fills.
+fn chained(message: &jetstream::Message, taken: &mut i64) -> Order {
+    let Some(headers) = message.headers.as_ref() else {
+        return Order::Next;
+    };
+    let Some(stamp) = commands::relay::stamp(headers) else {
+        return Order::Next;
+    };
+    if stamp.position <= *taken {
+        return Order::Taken;
+    }
+    let previous = headers
+        .get(commands::partition::HEADER_PARTITION_PREVIOUS)
+        .and_then(|v| v.as_str().parse::<i64>().ok());
+    if previous != Some(*taken) {
+        return Order::Gap;
+    }
+    *taken = stamp.position;
+    Order::Next
 }
 
 /// The first message at or after `from` and before `until` that carries the

@@ -168,7 +168,7 @@ pub async fn dump_model(
             Some(name) => name.to_owned(),
             None => format!("outside the generation: {rest}"),
         };
-        if name == "fence" {
+        if name == "fence" || name.starts_with("fence:p") {
             continue;
         }
         let value = render(&mut conn, &key).await?;

@@ -25,6 +25,7 @@
 //! | `feed:<tenant>` | stream | change feed; entry id `<position>-0`, capped; fields position, type, stream_id, stream_version, data and, when traced, traceparent (of the event's projection) |
 //! | `checkpoint` | string | last applied global position |
 //! | `fence` | string | highest lease token a batch was written under ([`crate::lease`]) |
+//! | `checkpoint:p<k>`, `fence:p<k>` | string | the same, of partition `k` when the model applies one partition ([`RedisModel::for_partition`]) |
 //!
 //! Keys outside the generations, directly under `P`:
 //!
@@ -130,6 +131,9 @@ pub struct RedisModel {
     generation: Arc<RwLock<String>>,
     /// Whether `generation` is fixed rather than following the pointer.
     pinned: bool,
+    /// The partition of the log this model instance applies
+    /// ([`RedisModel::for_partition`]); `None`: the whole log.
+    partition: Option<u32>,
     /// The task and agent rows as the last batch applied through this model
     /// (or a clone) left them; see [`Carried`].
     carried: Arc<Mutex<Option<Carried>>>,
@@ -278,6 +282,7 @@ impl RedisModel {
             config,
             generation: Arc::new(RwLock::new(generation)),
             pinned,
+            partition: None,
             carried: Arc::new(Mutex::new(None)),
             _alive: alive,
         })
@@ -424,11 +429,43 @@ impl RedisModel {
         format!("{}{}:{suffix}", self.config.prefix, self.generation())
     }
 
+    /// This model applying partition `partition` of the log (see
+    /// `commands::partition`): its checkpoint and fence are the partition's
+    /// own (`checkpoint:p<k>`, `fence:p<k>`); every other key is a tenant's,
+    /// and a tenant is in one partition, so partitions write disjoint keys
+    /// and their projectors run side by side. It has its own batch writer
+    /// and carried rows, and shares the connection and generation.
+    #[must_use]
+    pub fn for_partition(&self, partition: u32) -> Self {
+        Self {
+            writer: Arc::new(tokio::sync::Mutex::new(None)),
+            partition: Some(partition),
+            carried: Arc::new(Mutex::new(None)),
+            ..self.clone()
+        }
+    }
+
+    /// The name of this model's checkpoint key (below the generation).
+    pub(crate) fn checkpoint_name(&self) -> String {
+        match self.partition {
+            None => "checkpoint".to_owned(),
+            Some(k) => format!("checkpoint:p{k}"),
+        }
+    }
+
+    /// The name of this model's fence key (below the generation).
+    fn fence_name(&self) -> String {
+        match self.partition {
+            None => "fence".to_owned(),
+            Some(k) => format!("fence:p{k}"),
+        }
+    }
+
     /// The stored checkpoint of the current generation.
     async fn stored_checkpoint(&self) -> Result<i64, ApplyError> {
         let mut conn = self.conn.clone();
         let value: Option<i64> = redis::cmd("GET")
-            .arg(self.key("checkpoint"))
+            .arg(self.key(&self.checkpoint_name()))
             .query_async(&mut conn)
             .await
             .map_err(unavailable("reading the checkpoint"))?;
@@ -449,7 +486,7 @@ impl RedisModel {
                 .cmd("GET")
                 .arg(self.pointer_key())
                 .cmd("GET")
-                .arg(self.key("checkpoint"))
+                .arg(self.key(&self.checkpoint_name()))
                 .query_async(&mut conn)
                 .await
                 .map_err(unavailable("reading the active generation and checkpoint"))?;
@@ -500,7 +537,10 @@ impl RedisModel {
                 .cloned()
                 .collect();
             let mut pipe = redis::pipe();
-            let (checkpoint_key, fence_key) = (self.key("checkpoint"), self.key("fence"));
+            let (checkpoint_key, fence_key) = (
+                self.key(&self.checkpoint_name()),
+                self.key(&self.fence_name()),
+            );
             pipe.cmd("WATCH")
                 .arg(&checkpoint_key)
                 .arg(&fence_key)
@@ -846,7 +886,7 @@ impl RedisModel {
             planned
                 .pipe
                 .cmd("SET")
-                .arg(self.key("fence"))
+                .arg(self.key(&self.fence_name()))
                 .arg(fence.0)
                 .ignore();
         }
@@ -863,9 +903,9 @@ impl RedisModel {
             // of the batch was written.
             let (stored, newer): (Option<i64>, Option<u64>) = redis::pipe()
                 .cmd("GET")
-                .arg(self.key("checkpoint"))
+                .arg(self.key(&self.checkpoint_name()))
                 .cmd("GET")
-                .arg(self.key("fence"))
+                .arg(self.key(&self.fence_name()))
                 .query_async(conn)
                 .await
                 .map_err(unavailable("reading the checkpoint"))?;

@@ -89,7 +89,7 @@ impl<'a> Planner<'a> {
     pub(super) fn finish(self, last: i64) -> Planned {
         let mut pipe = redis::pipe();
         pipe.atomic();
-        let checkpoint = self.key(&["checkpoint"]);
+        let checkpoint = self.key(&[&self.model.checkpoint_name()]);
         let cap = self.model.config.feed_max_len;
         for (tenant, entries) in &self.feeds {
             let feed = self.key(&[super::feed::FEED_KEY, tenant]);

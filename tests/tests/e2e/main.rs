@@ -36,6 +36,7 @@ mod js_cluster;
 mod leases;
 mod nats_permissions;
 mod ops;
+mod partitions;
 mod projections;
 mod support;
 mod verify;
