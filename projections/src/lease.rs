@@ -19,10 +19,20 @@
 //!   because its successor's token is in the read model already.
 //! - **Partitions.** A lease is of one partition of a projection; a
 //!   projection not split into partitions has partition 0.
+//! - **Fair shares.** Every process running a projection keeps a member
+//!   row alive ([`Leases::keep_membership`], table `projection_members`)
+//!   and takes at most ceil(partitions / live members) leases; a holder of
+//!   more hands its highest partitions over (stops, releases them) when
+//!   another process joins, and a process whose members died takes their
+//!   partitions once their leases expire. Without membership a process
+//!   counts itself alone and may take every partition.
 //!
 //! Every call is bounded by a timeout: a lease that cannot be renewed in
 //! time is treated as lost.
 
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -99,12 +109,40 @@ pub struct LeaseHolder {
     pub live: bool,
 }
 
-/// The leases of one projection.
+/// The leases of one projection, shared by this process's projectors of
+/// its partitions (clones share what this process holds).
 #[derive(Debug, Clone)]
 pub struct Leases {
     pool: PgPool,
     name: String,
     config: LeaseConfig,
+    share: Arc<Share>,
+}
+
+/// What this process holds of a projection, and its fair share.
+#[derive(Debug)]
+struct Share {
+    /// Partitions of the projection.
+    partitions: AtomicU32,
+    /// Live processes running it (1 until membership says otherwise).
+    members: AtomicU32,
+    /// The partitions whose leases this process holds.
+    held: Mutex<BTreeSet<u32>>,
+}
+
+impl Share {
+    fn held(&self) -> std::sync::MutexGuard<'_, BTreeSet<u32>> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// ceil(partitions / members).
+    fn fair(&self) -> usize {
+        let partitions = self.partitions.load(Ordering::Relaxed).max(1);
+        let members = self.members.load(Ordering::Relaxed).max(1);
+        partitions.div_ceil(members) as usize
+    }
 }
 
 const ACQUIRE: &str = "\
@@ -128,6 +166,16 @@ const RELEASE: &str = "\
 UPDATE projection_leases SET expires_at = '-infinity'
  WHERE projection = $1 AND partition = $2 AND owner = $3 AND token = $4";
 
+const JOIN: &str = "\
+INSERT INTO projection_members (projection, owner, expires_at)
+VALUES ($1, $2, clock_timestamp() + $3 * interval '1 millisecond')
+ON CONFLICT (projection, owner) DO UPDATE SET expires_at = EXCLUDED.expires_at";
+
+const MEMBERS: &str = "\
+SELECT count(*) FROM projection_members WHERE projection = $1 AND expires_at > clock_timestamp()";
+
+const LEAVE: &str = "DELETE FROM projection_members WHERE projection = $1 AND owner = $2";
+
 const HOLDERS: &str = "\
 SELECT partition, owner, token, expires_at > clock_timestamp() AS live
   FROM projection_leases WHERE projection = $1 ORDER BY partition";
@@ -139,7 +187,89 @@ impl Leases {
             pool,
             name: name.into(),
             config,
+            share: Arc::new(Share {
+                partitions: AtomicU32::new(1),
+                members: AtomicU32::new(1),
+                held: Mutex::new(BTreeSet::new()),
+            }),
         }
+    }
+
+    /// These leases for a projection of `partitions` partitions.
+    #[must_use]
+    pub fn with_partitions(self, partitions: u32) -> Self {
+        self.share
+            .partitions
+            .store(partitions.max(1), Ordering::Relaxed);
+        self
+    }
+
+    /// Whether this process may take one more lease (it holds fewer than
+    /// its fair share).
+    pub fn may_take(&self) -> bool {
+        self.share.held().len() < self.share.fair()
+    }
+
+    /// Records that this process holds `partition`'s lease.
+    pub fn took(&self, partition: u32) {
+        self.share.held().insert(partition);
+    }
+
+    /// Records that this process no longer holds `partition`'s lease.
+    pub fn gave_up(&self, partition: u32) {
+        self.share.held().remove(&partition);
+    }
+
+    /// Whether `partition`, held here, should be handed over: this process
+    /// holds more than its fair share and `partition` is its highest.
+    pub fn should_hand_over(&self, partition: u32) -> bool {
+        let held = self.share.held();
+        held.len() > self.share.fair() && held.last() == Some(&partition)
+    }
+
+    /// Keeps this process's member row alive and the count of live members
+    /// current, every third of the ttl, until `stop`; then leaves.
+    pub async fn keep_membership(&self, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            let counted = async {
+                self.bounded(
+                    "joining a projection's members",
+                    sqlx::query(JOIN)
+                        .bind(&self.name)
+                        .bind(&self.config.owner)
+                        .bind(self.ttl_ms())
+                        .execute(&self.pool),
+                )
+                .await?;
+                self.bounded(
+                    "counting a projection's members",
+                    sqlx::query_scalar::<_, i64>(MEMBERS)
+                        .bind(&self.name)
+                        .fetch_one(&self.pool),
+                )
+                .await
+            };
+            match counted.await {
+                Ok(members) => self.share.members.store(
+                    u32::try_from(members).unwrap_or(u32::MAX).max(1),
+                    Ordering::Relaxed,
+                ),
+                Err(error) => tracing::warn!(%error, "could not renew this process's membership"),
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(self.renew_every()) => {}
+            }
+        }
+        let _ = self
+            .bounded(
+                "leaving a projection's members",
+                sqlx::query(LEAVE)
+                    .bind(&self.name)
+                    .bind(&self.config.owner)
+                    .execute(&self.pool),
+            )
+            .await;
     }
 
     /// The lease's name.

@@ -328,7 +328,8 @@ impl<M: ReadModel> Projector<M> {
 
     /// Runs until shutdown, or until an event cannot be applied. With
     /// leases ([`Projector::with_leases`]), applies only while holding the
-    /// lease and stands by otherwise.
+    /// lease of its partition and stands by otherwise; hands the lease over
+    /// when its process holds more than its fair share.
     #[tracing::instrument(name = "projector", skip_all, fields(projection = %self.model.name()))]
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ProjectorError> {
         // Exported from the start, at 0, so that an alert can watch it grow.
@@ -336,10 +337,13 @@ impl<M: ReadModel> Projector<M> {
         let Some(leases) = self.leases.clone() else {
             return self.drive(&shutdown, None).await;
         };
+        let partition = self.config.partition;
+        let row = i32::try_from(partition).unwrap_or(i32::MAX);
         loop {
             let Some((token, asked)) = self.stand_by(&leases, &shutdown).await else {
                 return Ok(());
             };
+            leases.took(partition);
             tracing::info!(
                 token,
                 owner = leases.owner(),
@@ -356,24 +360,41 @@ impl<M: ReadModel> Projector<M> {
             // (an aborted task must not go on renewing a lease it no longer
             // uses).
             let _stop_keeper = held.clone().drop_guard();
-            let keeper = tokio::spawn(keep(leases.clone(), token, asked, held.clone()));
+            let keeper = tokio::spawn(keep(
+                leases.clone(),
+                (partition, token),
+                asked,
+                held.clone(),
+            ));
             let ended = self.drive(&held, Some(Fence(token))).await;
             held.cancel();
-            let _ = keeper.await;
+            let handed_over = matches!(keeper.await, Ok(Kept::HandedOver));
             self.status.send_modify(|s| s.token = None);
-            if shutdown.is_cancelled() || ended.is_err() {
+            let stops = shutdown.is_cancelled() || ended.is_err();
+            if stops || handed_over {
                 // A clean stop hands the lease over at once; so does a
                 // projection stopped at an event (another process stops
-                // there too, with the same report).
-                if let Err(error) = leases.release(0, token).await {
+                // there too, with the same report), and a rebalance.
+                if let Err(error) = leases.release(row, token).await {
                     tracing::warn!(%error, "could not release the projection's lease; it expires on its own");
                 }
+            }
+            leases.gave_up(partition);
+            if stops {
                 return ended;
             }
-            tracing::warn!(
-                token,
-                "this process's lease of the projection is over; standing by"
-            );
+            if handed_over {
+                tracing::info!(
+                    token,
+                    partition,
+                    "handed the partition over: this process held more than its share"
+                );
+            } else {
+                tracing::warn!(
+                    token,
+                    "this process's lease of the projection is over; standing by"
+                );
+            }
         }
     }
 
@@ -385,9 +406,20 @@ impl<M: ReadModel> Projector<M> {
         shutdown: &CancellationToken,
     ) -> Option<(u64, Instant)> {
         let mut reported = false;
+        let row = i32::try_from(self.config.partition).unwrap_or(i32::MAX);
         loop {
             let asked = Instant::now();
-            match leases.try_acquire(0).await {
+            if !leases.may_take() {
+                // Holding its fair share already: leave this one to others.
+                self.status
+                    .send_modify(|s| s.state = ProjectorState::Standby);
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(leases.standby_poll()) => {}
+                }
+                continue;
+            }
+            match leases.try_acquire(row).await {
                 Ok(Some(token)) => return Some((token, asked)),
                 Ok(None) => {
                     if !reported {
@@ -1023,16 +1055,31 @@ impl<M: ReadModel> Projector<M> {
     }
 }
 
-/// Renews the lease of partition 0 held under `token` (asked for at
+/// How a keeper ended.
+enum Kept {
+    /// Its projector stopped (or lost the lease).
+    Ended,
+    /// It stopped its projector to hand the partition over (rebalance).
+    HandedOver,
+}
+
+/// Renews the lease of `partition` held under `token` (asked for at
 /// `asked`) until `held` is cancelled; cancels it when the lease is not
 /// confirmed to last (taken over, or no renewal answered within the ttl
-/// counted from when it was sent).
-async fn keep(leases: Leases, token: u64, asked: Instant, held: CancellationToken) {
+/// counted from when it was sent), or when the partition is to be handed
+/// over ([`Leases::should_hand_over`]).
+async fn keep(
+    leases: Leases,
+    (partition, token): (u32, u64),
+    asked: Instant,
+    held: CancellationToken,
+) -> Kept {
+    let row = i32::try_from(partition).unwrap_or(i32::MAX);
     let mut valid_until = asked + leases.ttl();
     loop {
         let next = (Instant::now() + leases.renew_every()).min(valid_until);
         tokio::select! {
-            () = held.cancelled() => return,
+            () = held.cancelled() => return Kept::Ended,
             () = tokio::time::sleep_until(next.into()) => {}
         }
         if Instant::now() >= valid_until {
@@ -1041,15 +1088,19 @@ async fn keep(leases: Leases, token: u64, asked: Instant, held: CancellationToke
                 "the projection's lease could not be renewed in time: stopping before it expires"
             );
             held.cancel();
-            return;
+            return Kept::Ended;
+        }
+        if leases.should_hand_over(partition) {
+            held.cancel();
+            return Kept::HandedOver;
         }
         let sent = Instant::now();
-        match leases.renew(0, token).await {
+        match leases.renew(row, token).await {
             Ok(true) => valid_until = sent + leases.ttl(),
             Ok(false) => {
                 tracing::warn!(token, "the projection's lease was taken over");
                 held.cancel();
-                return;
+                return Kept::Ended;
             }
             Err(error) => {
                 tracing::warn!(%error, "renewing the projection's lease failed; retrying");

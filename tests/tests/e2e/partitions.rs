@@ -4,7 +4,9 @@
 //! following the relay's chain of positions, with a checkpoint of its own —
 //! are killed mid-flow and started again while commands of six tenants
 //! flow; together they build exactly what one projector of the whole log
-//! builds.
+//! builds. And two processes of partition projectors under leases share
+//! the partitions fairly (a joining one takes its half, the survivor of a
+//! kill takes the rest), building the same.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -16,7 +18,7 @@ use commands::testkit::eventually;
 use neurectomy_e2e::pipeline::{Pipeline, Running};
 use neurectomy_e2e::read_side::{self, assert_same_redis};
 use projections::testkit::TestRedis;
-use projections::{Projector, ProjectorConfig, ReadModel as _, RedisModel};
+use projections::{LeaseConfig, Leases, Projector, ProjectorConfig, ReadModel as _, RedisModel};
 
 const PARTITIONS: u32 = 4;
 
@@ -168,5 +170,163 @@ async fn four_partition_projectors_killed_mid_flow_build_what_one_builds() {
         stop.cancel();
         task.await.unwrap().unwrap();
     }
+    pipe.shutdown().await;
+}
+
+/// One `project` process of the test: its partition projectors under its
+/// leases, and its membership.
+struct Process {
+    leases: Leases,
+    membership: tokio::task::JoinHandle<()>,
+    projectors: Vec<Arc<Projector<RedisModel>>>,
+    running: Vec<Running>,
+}
+
+impl Process {
+    async fn start(pipe: &Pipeline, redis: &TestRedis, owner: &str) -> Self {
+        let leases = Leases::new(
+            pipe.db.pool.clone(),
+            format!("{}/redis", pipe.nats.relay.stream_name),
+            LeaseConfig {
+                ttl: Duration::from_millis(900),
+                owner: owner.to_owned(),
+            },
+        )
+        .with_partitions(PARTITIONS);
+        let membership = tokio::spawn({
+            let (leases, stop) = (leases.clone(), pipe.stop.child_token());
+            async move { leases.keep_membership(stop).await }
+        });
+        // A connection of its own, as another process has.
+        let model = RedisModel::connect(
+            &redis.url,
+            projections::RedisModelConfig {
+                prefix: redis.prefix.clone(),
+                ..projections::RedisModelConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        let projectors: Vec<_> = (0..PARTITIONS)
+            .map(|k| {
+                Arc::new(
+                    Projector::new(
+                        model.for_partition(k),
+                        pipe.store.clone(),
+                        pipe.nats.client.clone(),
+                        ProjectorConfig {
+                            stream_name: pipe.nats.relay.stream_name.clone(),
+                            batch_size: 50,
+                            partitions: PARTITIONS,
+                            partition: k,
+                            ..ProjectorConfig::default()
+                        },
+                    )
+                    .with_leases(leases.clone()),
+                )
+            })
+            .collect();
+        let running = projectors.iter().map(|p| pipe.spawn(p)).collect();
+        Self {
+            leases,
+            membership,
+            projectors,
+            running,
+        }
+    }
+
+    /// Killed: every task aborted, nothing released or left.
+    fn kill(self) {
+        self.membership.abort();
+        for (_, task) in self.running {
+            task.abort();
+        }
+    }
+}
+
+/// Waits until the live leases are held as `shares` says (owner, count);
+/// returns how long it took.
+async fn shares(pipe: &Pipeline, leases: &Leases, shares: &[(&str, usize)]) -> Duration {
+    let started = std::time::Instant::now();
+    eventually(
+        &format!("the partitions to be held {shares:?}"),
+        Duration::from_secs(60),
+        || async {
+            let holders = leases.holders().await.ok()?;
+            let held = |owner: &str| {
+                holders
+                    .iter()
+                    .filter(|h| h.live && h.owner == owner)
+                    .count()
+            };
+            shares
+                .iter()
+                .all(|(owner, count)| held(owner) == *count)
+                .then_some(())
+        },
+    )
+    .await;
+    let _ = pipe;
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_share_the_partitions_fairly_and_take_over_a_killed_ones_share() {
+    let seed = read_side::seed("processes_share_the_partitions_fairly");
+    let pipe = Pipeline::start_with(|relay| relay.partitions = PARTITIONS).await;
+    let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
+    let workload = pipe.start_workload(SimulateArgs {
+        agents: 96,
+        tenants: 6,
+        ..Pipeline::workload(0, 300, seed)
+    });
+
+    // Alone, a process takes every partition.
+    let a = Process::start(&pipe, &redis, "process-a").await;
+    shares(&pipe, &a.leases, &[("process-a", 4)]).await;
+    events_beyond(&pipe, 1_000).await;
+    // A second one joins: each ends with two.
+    let b = Process::start(&pipe, &redis, "process-b").await;
+    let joined = shares(&pipe, &a.leases, &[("process-a", 2), ("process-b", 2)]).await;
+    events_beyond(&pipe, 2_000).await;
+    // The first is killed: the second takes its share.
+    a.kill();
+    let taken = shares(&pipe, &b.leases, &[("process-b", 4)]).await;
+    println!(
+        "join → fair shares: {joined:?}; kill → the survivor holds every partition: {taken:?}"
+    );
+    events_beyond(&pipe, 3_000).await;
+    workload.stop().await;
+
+    let head = pipe.head().await;
+    for (k, projector) in b.projectors.iter().enumerate() {
+        let k = u32::try_from(k).unwrap();
+        let last = pipe
+            .store
+            .last_in_partition(head, PARTITIONS, k)
+            .await
+            .unwrap();
+        let model = projector.model().clone();
+        eventually(
+            &format!("partition {k} to reach its last event, {last}"),
+            Duration::from_secs(60),
+            || {
+                let model = model.clone();
+                async move { (model.checkpoint().await.unwrap() == last).then_some(()) }
+            },
+        )
+        .await;
+    }
+    let clean = read_side::redis_rebuilt(&pipe.store, head).await;
+    assert_same_redis(
+        "partitions moved between processes against one projector of the whole log",
+        &without_checkpoints(&redis).await,
+        &without_checkpoints(&clean).await,
+    );
+    for (stop, task) in b.running {
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+    b.membership.abort();
     pipe.shutdown().await;
 }
