@@ -108,6 +108,10 @@ async fn killed_relay_process_loses_nothing_and_publishes_nothing_twice() {
             &seed,
             "--workflows",
             "4",
+            // Enough agents that workflows seldom wait for a paused one:
+            // the log grows all along, whatever the machine is doing.
+            "--agents",
+            "64",
         ])
         .output();
     let simulate = tokio::spawn(simulate);
