@@ -615,16 +615,22 @@ impl Stack {
     }
 
     /// Waits until the load has written [`EVENTS_BEFORE`] events and both
-    /// read models applied them.
+    /// read models applied them. The load keeps writing, so the head is
+    /// taken once and the models must reach it: both at the moving head at
+    /// the same instant is a race a projector a batch behind can lose for
+    /// minutes.
     async fn loaded(&self) {
         eventually(
-            "events written and projected",
-            Duration::from_secs(120),
+            "the load to write its first events",
+            Duration::from_secs(60),
+            || async { (self.events().await >= EVENTS_BEFORE).then_some(()) },
+        )
+        .await;
+        let head = self.scratch.head().await;
+        eventually(
+            "both read models to apply the first events",
+            Duration::from_secs(60),
             || async {
-                if self.events().await < EVENTS_BEFORE {
-                    return None;
-                }
-                let head = self.scratch.head().await;
                 let redis = self.scratch.redis.model.checkpoint().await.ok()?;
                 let graph = self.scratch.graph.model.checkpoint().await.ok()?;
                 (redis >= head && graph >= head).then_some(())
