@@ -56,7 +56,7 @@ pub mod testkit;
 pub mod verify;
 
 pub use graph::{GraphConfig, GraphModel, GraphQueryError};
-pub use lease::{LeaseConfig, LeaseError, Leases};
+pub use lease::{LeaseConfig, LeaseError, LeaseHolder, Leases};
 pub use model::{ApplyError, Fence, Projected, ReadModel};
 // `self::`: `redis` alone would also name the Redis client crate.
 pub use self::redis::read::{Entity, Fields};

@@ -154,11 +154,33 @@ pub async fn replay_redis_into(
         .map_err(connect("connecting to Redis for the new generation"))?;
 
     let started = Instant::now();
+    // A model projected in partitions is rebuilt a partition per task, each
+    // ending at its partition's last event: the checkpoint its live
+    // projector continues from once the generation is active.
+    let partitions = target.config().partitions;
+    let targets = if partitions > 1 {
+        (0..partitions)
+            .map(|partition| {
+                let config = ProjectorConfig {
+                    batch_size,
+                    partitions,
+                    partition,
+                    ..ProjectorConfig::default()
+                };
+                (target.for_partition(partition), config)
+            })
+            .collect()
+    } else {
+        let config = ProjectorConfig {
+            batch_size,
+            ..ProjectorConfig::default()
+        };
+        vec![(target.clone(), config)]
+    };
     let applied = catch_up(
         store,
         nats,
-        target.clone(),
-        batch_size,
+        targets,
         (generation.clone(), old),
         &mut progress,
     )
@@ -187,14 +209,14 @@ pub async fn replay_redis_into(
 }
 
 /// Runs the projector's own catch-up (read-ahead, decoding, retries) on
-/// `target` up to the head of the log, reporting its status as
-/// [`Progress`]; `namespaces` are the one built and the one serving.
-/// Returns the events applied.
-async fn catch_up<M: ReadModel, P: FnMut(Progress) + Send>(
+/// each of `targets` (a model and its projector's configuration: the whole
+/// log, or one partition each, side by side) up to the head of the log,
+/// reporting their status as [`Progress`]; `namespaces` are the one built
+/// and the one serving. Returns the events applied.
+async fn catch_up<M: ReadModel + Send + Sync + 'static, P: FnMut(Progress) + Send>(
     store: &EventStore,
     nats: &async_nats::Client,
-    target: M,
-    batch_size: usize,
+    targets: Vec<(M, ProjectorConfig)>,
     (namespace, active): (String, String),
     progress: &mut P,
 ) -> Result<u64, ReplayError> {
@@ -206,33 +228,44 @@ async fn catch_up<M: ReadModel, P: FnMut(Progress) + Send>(
         namespace,
         active,
     });
-    let projector = Projector::new(
-        target,
-        store.clone(),
-        nats.clone(),
-        ProjectorConfig {
-            batch_size,
-            ..ProjectorConfig::default()
-        },
-    );
-    let mut status = projector.status();
-    let never = CancellationToken::new();
-    let catch_up = projector.catch_up(&never);
-    tokio::pin!(catch_up);
-    let reached = loop {
+    let projectors: Vec<_> = targets
+        .into_iter()
+        .map(|(target, config)| {
+            std::sync::Arc::new(Projector::new(target, store.clone(), nats.clone(), config))
+        })
+        .collect();
+    let applied = || -> u64 { projectors.iter().map(|p| p.status().borrow().applied).sum() };
+    // Each on a task of its own: partitions are rebuilt on every core.
+    let mut running = tokio::task::JoinSet::new();
+    for projector in &projectors {
+        let projector = projector.clone();
+        running.spawn(async move { projector.catch_up(&CancellationToken::new()).await });
+    }
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    let mut reached = Vec::new();
+    loop {
         tokio::select! {
-            reached = &mut catch_up => break reached,
-            changed = status.changed() => if changed.is_ok() {
-                progress(Progress::Applied(status.borrow_and_update().applied));
+            done = running.join_next() => match done {
+                None => break,
+                Some(Ok(result)) => reached.push(result.map_err(ReplayError::CatchUp)?),
+                Some(Err(error)) => {
+                    return Err(ReplayError::CatchUp(ProjectorError::Interrupted {
+                        name: "replay".to_owned(),
+                        reason: format!("a catch-up task failed: {error}"),
+                    }))
+                }
             },
+            _ = tick.tick() => progress(Progress::Applied(applied())),
         }
-    };
-    let checkpoint = reached.map_err(ReplayError::CatchUp)?;
-    let applied = projector.status().borrow().applied;
-    tracing::debug!(checkpoint, applied, "replay caught up");
+    }
+    let applied = applied();
+    tracing::debug!(?reached, applied, "replay caught up");
     progress(Progress::CaughtUp { applied });
     Ok(applied)
 }
+
+/// How often a replay reports its progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 /// Rebuilds the graph read model (`config`) into a fresh database from
 /// `store`, in batches of `batch_size`, points the home database at it,
@@ -275,11 +308,14 @@ pub async fn replay_graph_into(
                 source,
             })?;
         let started = Instant::now();
+        let config = ProjectorConfig {
+            batch_size,
+            ..ProjectorConfig::default()
+        };
         let applied = catch_up(
             store,
             nats,
-            target.clone(),
-            batch_size,
+            vec![(target.clone(), config)],
             (database.clone(), old),
             &mut progress,
         )

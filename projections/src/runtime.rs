@@ -133,6 +133,10 @@ pub struct ProjectorStatus {
     pub owner: Option<String>,
     /// The fencing token of the lease while this process holds it.
     pub token: Option<u64>,
+    /// While live: the messages of its consumer JetStream still had to
+    /// deliver after the last batch (its lag behind the stream, exact per
+    /// partition); `None` while catching up or stopped.
+    pub pending: Option<u64>,
 }
 
 /// Why a projector stopped for good.
@@ -262,8 +266,14 @@ impl<M: ReadModel> Projector<M> {
         client: async_nats::Client,
         config: ProjectorConfig,
     ) -> Self {
+        // A partition's projector reports under a name of its own.
+        let name = if config.partitions > 1 {
+            format!("{}/p{}", model.name(), config.partition)
+        } else {
+            model.name().to_owned()
+        };
         let status = ProjectorStatus {
-            name: model.name().to_owned(),
+            name,
             state: ProjectorState::Starting,
             checkpoint: 0,
             applied: 0,
@@ -273,6 +283,7 @@ impl<M: ReadModel> Projector<M> {
             gaps: 0,
             owner: None,
             token: None,
+            pending: None,
         };
         let (status, _) = watch::channel(status);
         Self {
@@ -632,6 +643,7 @@ impl<M: ReadModel> Projector<M> {
         self.status.send_modify(|s| {
             s.checkpoint = checkpoint;
             s.state = ProjectorState::CatchingUp;
+            s.pending = None;
         });
 
         // 1. Catch up from the event store (gap-safe) to its readable head.
@@ -645,7 +657,11 @@ impl<M: ReadModel> Projector<M> {
             Ok(found) => found,
             Err(error) => return Interrupt::Transient(error),
         };
-        self.status.send_modify(|s| s.state = ProjectorState::Live);
+        let pending = consumer.cached_info().num_pending;
+        self.status.send_modify(|s| {
+            s.state = ProjectorState::Live;
+            s.pending = Some(pending);
+        });
         tracing::info!(checkpoint, start_sequence = expected, "projection is live");
         let partitioned = self.config.partitions > 1;
         // The position of the last event of the partition taken (partitioned
@@ -790,6 +806,7 @@ impl<M: ReadModel> Projector<M> {
             let Some((_, last_message)) = last_message else {
                 continue;
             };
+            let pending = last_message.info().map_or(0, |info| info.pending);
             if let Some(last) = batch.last().map(|e| e.position) {
                 if let Err(interrupt) = self.apply(batch, checkpoint, fence, shutdown).await {
                     return interrupt;
@@ -801,6 +818,11 @@ impl<M: ReadModel> Projector<M> {
             if let Err(error) = last_message.ack().await {
                 return Interrupt::Transient(format!("acknowledging to JetStream: {error}"));
             }
+            self.status.send_if_modified(|s| {
+                let changed = s.pending != Some(pending);
+                s.pending = Some(pending);
+                changed
+            });
         }
     }
 

@@ -132,11 +132,59 @@ struct Folded {
     agents: BTreeMap<String, AgentState>,
     tasks: BTreeMap<String, TaskState>,
     workflows: BTreeMap<String, WorkflowState>,
+    /// Each entity's tenant, by id.
+    tenants: BTreeMap<String, String>,
+}
+
+/// The compared position of each part of a read model: one for a model
+/// applied whole; one per partition for a Redis model projected in
+/// partitions (`commands::partition`), whose partitions each reached a
+/// checkpoint of their own (the position of the partition's last event
+/// applied).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compared {
+    /// Partition `k`'s compared position at index `k` (one entry: whole).
+    untils: Vec<i64>,
+}
+
+impl Compared {
+    /// One compared position for the whole model.
+    pub fn whole(until: i64) -> Self {
+        Self {
+            untils: vec![until],
+        }
+    }
+
+    /// One per partition, partition `k`'s at index `k`.
+    pub fn partitions(untils: Vec<i64>) -> Self {
+        if untils.is_empty() {
+            return Self::whole(0);
+        }
+        Self { untils }
+    }
+
+    /// The compared position of `tenant`'s events and entities.
+    pub fn of(&self, tenant: &str) -> i64 {
+        match self.untils.as_slice() {
+            [whole] => *whole,
+            untils => {
+                let partitions = u32::try_from(untils.len()).unwrap_or(u32::MAX);
+                let k = commands::partition::of(tenant, partitions);
+                untils.get(k as usize).copied().unwrap_or(0)
+            }
+        }
+    }
+
+    /// The highest compared position (what a pass reports).
+    pub fn highest(&self) -> i64 {
+        self.untils.iter().copied().max().unwrap_or(0)
+    }
 }
 
 /// Folds every stream of the log up to `until` (inclusive) with the
 /// domain's `evolve`; keys are the aggregates' ids.
-async fn fold(store: &EventStore, until: i64) -> Result<Folded, VerifyError> {
+async fn fold(store: &EventStore, compared: &Compared) -> Result<Folded, VerifyError> {
+    let until = compared.highest();
     let mut folded = Folded::default();
     let mut after = 0;
     loop {
@@ -148,6 +196,11 @@ async fn fold(store: &EventStore, until: i64) -> Result<Folded, VerifyError> {
             if recorded.position > until {
                 break;
             }
+            // A partition's events past its own compared position are not
+            // in the fold (its projector may not have applied them).
+            if recorded.position > compared.of(&recorded.metadata.tenant) {
+                continue;
+            }
             let event = recorded.decode().map_err(|source| VerifyError::Decode {
                 position: recorded.position,
                 source,
@@ -157,6 +210,11 @@ async fn fold(store: &EventStore, until: i64) -> Result<Folded, VerifyError> {
                 .split_once('-')
                 .map_or("", |(_, id)| id)
                 .to_owned();
+            if !folded.tenants.contains_key(&id) {
+                folded
+                    .tenants
+                    .insert(id.clone(), recorded.metadata.tenant.clone());
+            }
             match event {
                 DomainEvent::Agent(e) => folded.agents.entry(id).or_default().evolve(&e),
                 DomainEvent::Task(e) => folded.tasks.entry(id).or_default().evolve(&e),
@@ -200,7 +258,19 @@ pub async fn verify_redis(
     model: &RedisModel,
     until: i64,
 ) -> Result<Verified, VerifyError> {
-    let folded = fold(store, until).await?;
+    verify_redis_at(store, model, &Compared::whole(until)).await
+}
+
+/// [`verify_redis`] at a compared position per partition (a model projected
+/// in partitions): each entity is compared with the fold of its tenant's
+/// partition up to that partition's compared position.
+pub async fn verify_redis_at(
+    store: &EventStore,
+    model: &RedisModel,
+    compared: &Compared,
+) -> Result<Verified, VerifyError> {
+    let folded = fold(store, compared).await?;
+    let until_of = |id: &str| folded.tenants.get(id).map_or(0, |t| compared.of(t));
 
     let mut conn = model.connection();
     let mut differences = Vec::new();
@@ -217,12 +287,14 @@ pub async fn verify_redis(
                 });
             }
         };
-    let moved = |actual: &BTreeMap<String, String>| after(actual.get("last_position"), until);
+    let moved = |id: &str, actual: &BTreeMap<String, String>| {
+        after(actual.get("last_position"), until_of(id))
+    };
     for (id, state) in &folded.agents {
         let Some(agent) = state.get() else { continue };
         let key = model.key(&format!("agent:{id}"));
         let actual: BTreeMap<String, String> = conn.hgetall(&key).await?;
-        if moved(&actual) {
+        if moved(id, &actual) {
             skipped += 1;
             continue;
         }
@@ -248,7 +320,7 @@ pub async fn verify_redis(
         *per_workflow.entry(task.status.as_str()).or_default() += 1;
         let key = model.key(&format!("task:{id}"));
         let actual: BTreeMap<String, String> = conn.hgetall(&key).await?;
-        if moved(&actual) {
+        if moved(id, &actual) {
             skipped += 1;
             continue;
         }
@@ -271,7 +343,7 @@ pub async fn verify_redis(
         };
         let key = model.key(&format!("workflow:{id}"));
         let actual: BTreeMap<String, String> = conn.hgetall(&key).await?;
-        if moved(&actual) {
+        if moved(id, &actual) {
             skipped += 1;
             continue;
         }
@@ -304,7 +376,7 @@ pub async fn verify_redis(
         } else {
             positions.query_async(&mut conn).await?
         };
-        if positions.iter().any(|p| after(p.as_ref(), until)) {
+        if positions.iter().any(|p| after(p.as_ref(), until_of(id))) {
             skipped += 1;
             continue;
         }
@@ -323,7 +395,7 @@ pub async fn verify_redis(
         }
     }
     Ok(Verified {
-        until,
+        until: compared.highest(),
         differences,
         skipped,
     })
@@ -557,7 +629,7 @@ pub async fn verify_graph(
             until
         }
     };
-    let folded = fold(store, compared).await?;
+    let folded = fold(store, &Compared::whole(compared)).await?;
     let mut skipped = 0;
     // Present in the events, absent from the graph: one difference for the
     // node, none for each of its fields.
@@ -813,6 +885,13 @@ pub async fn verify_redis_confirmed(
     model: &RedisModel,
 ) -> Result<Confirmed, VerifyError> {
     confirmed(PASSES, || async {
+        if model.config().partitions > 1 {
+            // Each partition at its own checkpoint (absent: nothing applied).
+            let untils = model.partition_checkpoints().await?;
+            let compared =
+                Compared::partitions(untils.into_iter().map(|c| c.unwrap_or(0)).collect());
+            return verify_redis_at(store, model, &compared).await;
+        }
         let until = model.checkpoint().await.map_err(VerifyError::Checkpoint)?;
         verify_redis(store, model, until).await
     })

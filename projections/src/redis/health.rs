@@ -5,7 +5,7 @@
 //!
 //! A report is the hash `P` + `projector:<name>` (outside any generation:
 //! it describes the projector, not the data), with fields `state`,
-//! `checkpoint`, `last_error` and `at_ms` (when it was written, in
+//! `checkpoint`, `last_error`, `owner`, `pending` (while live) and `at_ms` (when it was written, in
 //! milliseconds since the Unix epoch). It is written on every change and
 //! every [`HEARTBEAT`], and expires after twice [`STALE_AFTER`], so a
 //! projector that died leaves no report behind for long; a report older
@@ -83,6 +83,8 @@ pub async fn publish_status(
                 .arg(current.last_error.as_deref().unwrap_or(""))
                 .arg("owner")
                 .arg(current.owner.as_deref().unwrap_or(""))
+                .arg("pending")
+                .arg(current.pending.map(|p| p.to_string()).unwrap_or_default())
                 .arg("at_ms")
                 .arg(now_ms())
                 .ignore()
@@ -115,18 +117,28 @@ pub struct Report {
     /// The process that reported, when it runs under a lease: the lease
     /// holder, the one applying the projection (`host:pid:suffix`).
     pub owner: Option<String>,
+    /// The messages its JetStream consumer still had to deliver after its
+    /// last batch, while it is live (see `ProjectorStatus::pending`).
+    pub pending: Option<u64>,
 }
 
 /// Reads what the projector of `name` last published.
 pub async fn projector_report(model: &RedisModel, name: &str) -> Result<Report, redis::RedisError> {
     let mut conn = model.connection();
-    type Fields = (Option<String>, Option<String>, Option<i64>, Option<String>);
-    let (state, last_error, at_ms, owner): Fields = redis::cmd("HMGET")
+    type Fields = (
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+    );
+    let (state, last_error, at_ms, owner, pending): Fields = redis::cmd("HMGET")
         .arg(report_key(model, name))
         .arg("state")
         .arg("last_error")
         .arg("at_ms")
         .arg("owner")
+        .arg("pending")
         .query_async(&mut conn)
         .await?;
     let fresh = at_ms.is_some_and(|at| now_ms() - at <= STALE_AFTER.as_millis() as i64);
@@ -137,5 +149,70 @@ pub async fn projector_report(model: &RedisModel, name: &str) -> Result<Report, 
         },
         last_error: last_error.filter(|e| !e.is_empty()),
         owner: owner.filter(|o| fresh && !o.is_empty()),
+        pending: pending.filter(|_| fresh).and_then(|p| p.parse().ok()),
     })
+}
+
+/// Why the partitions of a model could not be looked at.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    /// Redis failed.
+    #[error("reading the partitions' checkpoints and reports from Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The event store failed.
+    #[error("measuring a partition's lag in the event store: {0}")]
+    Store(#[from] commands::ReadError),
+}
+
+/// One partition of a Redis model projected in partitions, as an operator
+/// sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionView {
+    /// The partition.
+    pub partition: u32,
+    /// Its projector's name (`redis/p<k>`).
+    pub name: String,
+    /// The position of the partition's last event applied (0: none).
+    pub checkpoint: i64,
+    /// Events of the partition not applied yet: while its projector is live,
+    /// the messages its JetStream consumer still had to deliver (exact for
+    /// what the relay published); otherwise every event of the log past the
+    /// checkpoint, an upper bound (`lag_exact` false).
+    pub lag: i64,
+    /// Whether `lag` is exact.
+    pub lag_exact: bool,
+    /// Its projector's last report.
+    pub report: Report,
+}
+
+/// Every partition of `model` (`RedisModelConfig::partitions` of them):
+/// checkpoint, lag and report, without scanning the log (one `MGET`, one
+/// `HMGET` per partition and, for a partition whose projector is not live,
+/// one bounded count).
+pub async fn partition_views(
+    model: &RedisModel,
+    store: &commands::EventStore,
+) -> Result<Vec<PartitionView>, ViewError> {
+    let checkpoints = model.partition_checkpoints().await?;
+    let mut views = Vec::with_capacity(checkpoints.len());
+    for (k, checkpoint) in (0u32..).zip(checkpoints) {
+        let name = format!("redis/p{k}");
+        let report = projector_report(model, &name).await?;
+        let checkpoint = checkpoint.unwrap_or(0);
+        let (lag, lag_exact) = match report.pending {
+            Some(pending) if report.state == "live" => {
+                (i64::try_from(pending).unwrap_or(i64::MAX), true)
+            }
+            _ => (store.lag(checkpoint).await?.events, false),
+        };
+        views.push(PartitionView {
+            partition: k,
+            name,
+            checkpoint,
+            lag,
+            lag_exact,
+            report,
+        });
+    }
+    Ok(views)
 }

@@ -83,6 +83,11 @@ pub struct RedisModelConfig {
     pub connect_timeout: std::time::Duration,
     /// How long a command may wait for its reply.
     pub response_timeout: std::time::Duration,
+    /// Partitions the log is projected in (`commands::partition`; 1: not
+    /// split): then each partition keeps `checkpoint:p<k>`, and the
+    /// checkpoint a tenant's reader waits for is its partition's
+    /// ([`RedisModel::read_checkpoint_of`]).
+    pub partitions: u32,
 }
 
 impl Default for RedisModelConfig {
@@ -92,6 +97,7 @@ impl Default for RedisModelConfig {
             feed_max_len: 100_000,
             connect_timeout: std::time::Duration::from_secs(1),
             response_timeout: std::time::Duration::from_secs(2),
+            partitions: 1,
         }
     }
 }

@@ -173,24 +173,69 @@ impl RedisModel {
         Ok(ids)
     }
 
-    /// The checkpoint readers see (the active generation's), without
-    /// resolving the generation again.
     /// The stored checkpoint, or `None` when there is none: the model is
-    /// empty (nothing applied yet, or Redis lost its data).
+    /// empty (nothing applied yet, or Redis lost its data). Of a model
+    /// projected in partitions: the lowest partition checkpoint, `None`
+    /// when no partition has one.
     pub async fn checkpoint_if_any(&self) -> Result<Option<i64>, redis::RedisError> {
-        let mut conn = self.connection();
-        redis::cmd("GET")
-            .arg(self.key("checkpoint"))
-            .query_async(&mut conn)
-            .await
+        let partitions = self.config.partitions;
+        if partitions <= 1 {
+            let mut conn = self.connection();
+            return redis::cmd("GET")
+                .arg(self.key("checkpoint"))
+                .query_async(&mut conn)
+                .await;
+        }
+        let each = self.partition_checkpoints().await?;
+        if each.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        Ok(each.into_iter().map(|c| c.unwrap_or(0)).min())
     }
 
+    /// The checkpoint readers see (the active generation's), without
+    /// resolving the generation again (0: none). Of a model projected in
+    /// partitions: the lowest partition checkpoint (a partition's checkpoint
+    /// is the position of the last event of the partition applied, so this
+    /// is a lower bound of what the whole model has applied).
     pub async fn read_checkpoint(&self) -> Result<i64, redis::RedisError> {
+        Ok(self.checkpoint_if_any().await?.unwrap_or(0))
+    }
+
+    /// Every partition's checkpoint (`None`: none stored yet), partition
+    /// `k` at index `k`, in one `MGET`; one entry, the model's checkpoint,
+    /// when it is not projected in partitions.
+    pub async fn partition_checkpoints(&self) -> Result<Vec<Option<i64>>, redis::RedisError> {
+        let partitions = self.config.partitions;
         let mut conn = self.connection();
-        let value: Option<i64> = redis::cmd("GET")
-            .arg(self.key("checkpoint"))
+        if partitions <= 1 {
+            let checkpoint: Option<i64> = redis::cmd("GET")
+                .arg(self.key("checkpoint"))
+                .query_async(&mut conn)
+                .await?;
+            return Ok(vec![checkpoint]);
+        }
+        let keys: Vec<String> = (0..partitions)
+            .map(|k| self.key(&format!("checkpoint:p{k}")))
+            .collect();
+        redis::cmd("MGET").arg(keys).query_async(&mut conn).await
+    }
+
+    /// The checkpoint a reader of `tenant` waits for: the model's, or, when
+    /// it is projected in partitions, that of the tenant's partition (the
+    /// position of the last event of that partition applied), with the
+    /// partition (0 when not split).
+    pub async fn read_checkpoint_of(&self, tenant: &str) -> Result<(u32, i64), redis::RedisError> {
+        let partitions = self.config.partitions;
+        if partitions <= 1 {
+            return Ok((0, self.read_checkpoint().await?));
+        }
+        let partition = commands::partition::of(tenant, partitions);
+        let mut conn = self.connection();
+        let checkpoint: Option<i64> = redis::cmd("GET")
+            .arg(self.key(&format!("checkpoint:p{partition}")))
             .query_async(&mut conn)
             .await?;
-        Ok(value.unwrap_or(0))
+        Ok((partition, checkpoint.unwrap_or(0)))
     }
 }
