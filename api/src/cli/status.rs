@@ -41,10 +41,14 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
         Err(error) => println!("relay {}: unknown ({error:#})", settings.jetstream_stream),
     }
     // A projection that cannot be reached is reported, not fatal.
-    let redis = async { Ok(connect::connect_redis(settings).await?.checkpoint().await?) };
-    let redis = within("Redis", redis).await;
-    print_projection(&store, "redis", &settings.redis_prefix, redis).await?;
-    print_lease(&store, settings, "redis").await;
+    if settings.jetstream_partitions > 1 {
+        print_partitions(&store, settings).await;
+    } else {
+        let redis = async { Ok(connect::connect_redis(settings).await?.checkpoint().await?) };
+        let redis = within("Redis", redis).await;
+        print_projection(&store, "redis", &settings.redis_prefix, redis).await?;
+        print_lease(&store, settings, "redis").await;
+    }
     let graph = async {
         let model = connect::connect_graph(settings).await?;
         let checkpoint = model.checkpoint().await?;
@@ -106,18 +110,64 @@ async fn print_lease(store: &EventStore, settings: &Settings, name: &str) {
         format!("{}/{name}", settings.jetstream_stream),
         settings.lease_config(),
     );
-    match leases.holders().await {
-        Ok(holders) => match holders.first() {
-            Some(h) if h.live => {
-                println!("  lease: held by {} (fencing token {})", h.owner, h.token)
-            }
-            Some(h) => println!(
-                "  lease: free (expired or released; last held by {}, fencing token {})",
-                h.owner, h.token
-            ),
-            None => println!("  lease: never taken (no `project` process has run it)"),
-        },
+    let holders = leases.holders().await;
+    print_holder(holders.as_ref().map(|holders| holders.first()));
+}
+
+/// The `lease:` line of a projection or partition.
+fn print_holder(holder: Result<Option<&projections::LeaseHolder>, &projections::LeaseError>) {
+    match holder {
+        Ok(Some(h)) if h.live => {
+            println!("  lease: held by {} (fencing token {})", h.owner, h.token)
+        }
+        Ok(Some(h)) => println!(
+            "  lease: free (expired or released; last held by {}, fencing token {})",
+            h.owner, h.token
+        ),
+        Ok(None) => println!("  lease: never taken (no `project` process has run it)"),
         Err(error) => println!("  lease: unknown ({error})"),
+    }
+}
+
+/// The `status` lines of a Redis model projected in partitions: one per
+/// partition (checkpoint, lag, state) with who holds its lease.
+async fn print_partitions(store: &EventStore, settings: &Settings) {
+    let views = async {
+        let model = connect::connect_redis(settings).await?;
+        Ok(projections::redis::health::partition_views(&model, store).await?)
+    };
+    let views: anyhow::Result<_> = within("Redis", views).await;
+    let leases = projections::Leases::new(
+        store.pool().clone(),
+        format!("{}/redis", settings.jetstream_stream),
+        settings.lease_config(),
+    );
+    let holders = leases.holders().await;
+    let views = match views {
+        Ok(views) => views,
+        Err(error) => {
+            println!(
+                "projection redis ({}, {} partitions): unknown ({error:#})",
+                settings.redis_prefix, settings.jetstream_partitions
+            );
+            return;
+        }
+    };
+    for view in views {
+        let lag = if view.lag_exact {
+            format!("{} event(s) behind", view.lag)
+        } else {
+            format!("at most {} event(s) behind", view.lag)
+        };
+        println!(
+            "projection {} ({}): checkpoint {}, {lag}, {}",
+            view.name, settings.redis_prefix, view.checkpoint, view.report.state
+        );
+        print_holder(holders.as_ref().map(|holders| {
+            holders
+                .iter()
+                .find(|h| u32::try_from(h.partition).ok() == Some(view.partition))
+        }));
     }
 }
 

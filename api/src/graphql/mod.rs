@@ -394,19 +394,43 @@ pub async fn consistent(
     boxed(reach(ctx, model, wanted)).await
 }
 
-/// [`consistent`]'s wait for `wanted`.
+/// [`consistent`]'s wait for `wanted`. A Redis model projected in
+/// partitions is waited for in the caller's tenant's partition only: its
+/// checkpoint is the position of the partition's last event applied, so
+/// when a position of another partition is asked for (a header copied
+/// from another tenant's write), the wait is for the last event of the
+/// tenant's partition at or below it, looked up once.
 async fn reach(ctx: &Context<'_>, model: ReadModelKind, wanted: i64) -> async_graphql::Result<()> {
     let services = services(ctx);
     let deadline = tokio::time::Instant::now() + services.limits.consistency_timeout;
+    let tenant = ctx.data_opt::<Principal>().map(|p| p.tenant.as_str());
+    let mut wanted = wanted;
+    let mut looked_up = false;
     let mut pause = Duration::from_millis(1);
     loop {
-        let reached = match model {
-            ReadModelKind::Redis => services
+        let reached = match (model, tenant) {
+            (ReadModelKind::Redis, Some(tenant)) if services.redis.config().partitions > 1 => {
+                let (partition, reached) = services
+                    .redis
+                    .read_checkpoint_of(tenant)
+                    .await
+                    .map_err(|e| unavailable("Redis", e))?;
+                if reached < wanted && !looked_up {
+                    looked_up = true;
+                    wanted = services
+                        .store
+                        .last_in_partition(wanted, services.redis.config().partitions, partition)
+                        .await
+                        .map_err(|e| unavailable("the event store", e))?;
+                }
+                reached
+            }
+            (ReadModelKind::Redis, _) => services
                 .redis
                 .read_checkpoint()
                 .await
                 .map_err(|e| unavailable("Redis", e))?,
-            ReadModelKind::Graph => services
+            (ReadModelKind::Graph, _) => services
                 .graph
                 .read_checkpoint()
                 .await

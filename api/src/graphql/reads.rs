@@ -179,14 +179,20 @@ pub struct LineageTask {
 /// A projection's progress.
 #[derive(Debug, Clone, SimpleObject)]
 pub struct ProjectionStatus {
-    /// `redis` or `graph`.
+    /// `redis` or `graph`; `redis/p<k>` for partition `k` of a Redis model
+    /// projected in partitions (`nats.stream_partitions` > 1), one entry
+    /// per partition.
     pub name: String,
+    /// The partition, for a model projected in partitions.
+    pub partition: Option<i32>,
     /// Last applied position.
     pub checkpoint: Position,
     /// The head of the event log.
     pub head: Position,
     /// Events committed but not applied yet: counted up to 10,000,
-    /// PostgreSQL's estimate beyond.
+    /// PostgreSQL's estimate beyond. Of a partition: while it is live, the
+    /// messages its JetStream consumer had still to deliver; otherwise
+    /// every event past its checkpoint (an upper bound).
     pub lag: i64,
     /// What its projector last reported: `starting`, `catching_up`,
     /// `live`, `retrying`, `stopped`, or `unknown` (no report in 30 s).
@@ -626,39 +632,66 @@ impl ReadQuery {
                 .await
                 .map_err(|e| unavailable("the event store", e))?
                 .readable;
-            let redis = services
-                .redis
-                .read_checkpoint()
-                .await
-                .map_err(|e| unavailable("Redis", e))?;
+            let mut out = Vec::new();
+            if services.redis.config().partitions > 1 {
+                let views =
+                    projections::redis::health::partition_views(&services.redis, &services.store)
+                        .await
+                        .map_err(|e| unavailable("Redis or the event store", e))?;
+                out.extend(views.into_iter().map(|view| ProjectionStatus {
+                    name: view.name,
+                    partition: i32::try_from(view.partition).ok(),
+                    checkpoint: Position(view.checkpoint),
+                    head: Position(head),
+                    lag: view.lag,
+                    state: view.report.state,
+                    last_error: view.report.last_error,
+                    owner: view.report.owner,
+                }));
+            } else {
+                let redis = services
+                    .redis
+                    .read_checkpoint()
+                    .await
+                    .map_err(|e| unavailable("Redis", e))?;
+                out.push(whole(services, "redis", redis, head).await?);
+            }
             let graph = services
                 .graph
                 .read_checkpoint()
                 .await
                 .map_err(|e| unavailable("the graph", e))?;
-            let mut out = Vec::new();
-            for (name, checkpoint) in [("redis", redis), ("graph", graph)] {
-                let lag = services
-                    .store
-                    .lag(checkpoint)
-                    .await
-                    .map_err(|e| unavailable("the event store", e))?
-                    .events;
-                let report = projections::redis::health::projector_report(&services.redis, name)
-                    .await
-                    .map_err(|e| unavailable("Redis", e))?;
-                out.push(ProjectionStatus {
-                    name: name.to_owned(),
-                    checkpoint: Position(checkpoint),
-                    head: Position(head),
-                    lag,
-                    state: report.state,
-                    last_error: report.last_error,
-                    owner: report.owner,
-                });
-            }
+            out.push(whole(services, "graph", graph, head).await?);
             Ok(out)
         })
         .await
     }
+}
+
+/// The status of a projection applied whole (not in partitions).
+async fn whole(
+    services: &crate::graphql::Services,
+    name: &str,
+    checkpoint: i64,
+    head: i64,
+) -> async_graphql::Result<ProjectionStatus> {
+    let lag = services
+        .store
+        .lag(checkpoint)
+        .await
+        .map_err(|e| unavailable("the event store", e))?
+        .events;
+    let report = projections::redis::health::projector_report(&services.redis, name)
+        .await
+        .map_err(|e| unavailable("Redis", e))?;
+    Ok(ProjectionStatus {
+        name: name.to_owned(),
+        partition: None,
+        checkpoint: Position(checkpoint),
+        head: Position(head),
+        lag,
+        state: report.state,
+        last_error: report.last_error,
+        owner: report.owner,
+    })
 }

@@ -20,7 +20,14 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     // readiness timeout (a scrape never hangs on a dependency).
     let services = &state.services;
     let lag = |checkpoint| probe(READY_TIMEOUT, services.store.lag(checkpoint));
-    if let Ok(checkpoint) = probe(READY_TIMEOUT, services.redis.read_checkpoint()).await {
+    if services.redis.config().partitions > 1 {
+        let views = projections::redis::health::partition_views(&services.redis, &services.store);
+        if let Ok(views) = probe(READY_TIMEOUT, views).await {
+            for view in views {
+                crate::telemetry::metrics::projection(&view.name, view.checkpoint, view.lag);
+            }
+        }
+    } else if let Ok(checkpoint) = probe(READY_TIMEOUT, services.redis.read_checkpoint()).await {
         let lag = lag(checkpoint).await.map_or(-1, |lag| lag.events);
         crate::telemetry::metrics::projection("redis", checkpoint, lag);
     }
@@ -65,12 +72,16 @@ fn shown<T>(result: &Result<T, String>) -> String {
 /// are behind). Every check runs at once, each within [`READY_TIMEOUT`].
 pub(crate) async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let services = &state.services;
+    // A Redis model projected in partitions has a projector per partition.
+    let names = projector_names(services.redis.config().partitions);
     let reports = async {
-        let (redis, graph) = tokio::join!(
-            projections::redis::health::projector_report(&services.redis, "redis"),
-            projections::redis::health::projector_report(&services.redis, "graph"),
-        );
-        Ok::<_, redis::RedisError>([("redis", redis?), ("graph", graph?)])
+        let reports = futures::future::try_join_all(
+            names
+                .iter()
+                .map(|name| projections::redis::health::projector_report(&services.redis, name)),
+        )
+        .await?;
+        Ok::<_, redis::RedisError>(names.iter().cloned().zip(reports).collect::<Vec<_>>())
     };
     let (head, redis, graph, reports) = tokio::join!(
         probe(READY_TIMEOUT, services.store.head()),
@@ -96,15 +107,15 @@ pub(crate) async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             for (name, report) in reports {
                 live &= report.state == "live";
                 projections.insert(
-                    (*name).to_owned(),
+                    name.clone(),
                     serde_json::Value::String(report.state.clone()),
                 );
             }
         }
         Err(e) => {
             live = false;
-            for name in ["redis", "graph"] {
-                projections.insert(name.to_owned(), serde_json::Value::String(e.clone()));
+            for name in &names {
+                projections.insert(name.clone(), serde_json::Value::String(e.clone()));
             }
         }
     }
@@ -132,4 +143,15 @@ pub(crate) async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         body.to_string(),
     )
         .into_response()
+}
+
+/// The projectors whose reports `/readyz` reads: `redis` (or `redis/p<k>`
+/// per partition) and `graph`.
+fn projector_names(partitions: u32) -> Vec<String> {
+    let redis = if partitions > 1 {
+        (0..partitions).map(|k| format!("redis/p{k}")).collect()
+    } else {
+        vec!["redis".to_owned()]
+    };
+    redis.into_iter().chain(["graph".to_owned()]).collect()
 }

@@ -610,6 +610,7 @@ impl Settings {
             prefix: self.redis_prefix.clone(),
             connect_timeout: Duration::from_millis(self.redis_connect_timeout_ms.max(1)),
             response_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
+            partitions: self.jetstream_partitions.max(1),
             ..projections::RedisModelConfig::default()
         }
     }

@@ -237,13 +237,26 @@ impl Application {
         probes.redis = Some(reports.clone());
         if only.is_none_or(|p| p == Projection::Redis) {
             let model = connect::connect_redis(&self.settings).await?;
-            self.spawn_projector("redis", model, &reports, probes);
-            tracing::info!(prefix = %self.settings.redis_prefix, "redis projector started");
+            let partitions = self.settings.jetstream_partitions.max(1);
+            if partitions > 1 {
+                self.spawn_partitions(&model, partitions, &reports, probes);
+            } else {
+                let leases = self.leases("redis");
+                let config = self.settings.projector_config();
+                self.spawn_projector("redis", model, config, leases, &reports, probes);
+            }
+            tracing::info!(
+                prefix = %self.settings.redis_prefix,
+                partitions,
+                "redis projector started"
+            );
         }
         if only.is_none_or(|p| p == Projection::Graph) {
             let model = connect::connect_graph(&self.settings).await?;
             probes.graph = Some(model.clone());
-            self.spawn_projector("graph", model, &reports, probes);
+            let leases = self.leases("graph");
+            let config = self.settings.projector_config();
+            self.spawn_projector("graph", model, config, leases, &reports, probes);
             tracing::info!(
                 uri = %self.settings.graph_uri,
                 database = %self.settings.graph_database,
@@ -253,22 +266,61 @@ impl Application {
         Ok(())
     }
 
+    /// The leases of projection `name` (`<stream>/<name>`).
+    fn leases(&self, name: &str) -> projections::Leases {
+        projections::Leases::new(
+            self.store.pool().clone(),
+            format!("{}/{name}", self.settings.jetstream_stream),
+            self.settings.lease_config(),
+        )
+    }
+
+    /// The Redis projection in `partitions` partitions: a projector per
+    /// partition, each under its partition's lease, and this process's
+    /// membership among the processes sharing them (it takes at most its
+    /// fair share; see `projections::lease`).
+    fn spawn_partitions(
+        &mut self,
+        model: &projections::RedisModel,
+        partitions: u32,
+        reports: &projections::RedisModel,
+        probes: &mut Probes,
+    ) {
+        let leases = self.leases("redis").with_partitions(partitions);
+        self.background.push(tokio::spawn({
+            let (leases, stop) = (leases.clone(), self.shutdown.clone());
+            async move { leases.keep_membership(stop).await }
+        }));
+        for partition in 0..partitions {
+            let config = projections::ProjectorConfig {
+                partitions,
+                partition,
+                ..self.settings.projector_config()
+            };
+            self.spawn_projector(
+                "redis",
+                model.for_partition(partition),
+                config,
+                leases.clone(),
+                reports,
+                probes,
+            );
+        }
+    }
+
     fn spawn_projector<M: projections::ReadModel + Send + Sync + 'static>(
         &mut self,
         name: &'static str,
         model: M,
+        config: projections::ProjectorConfig,
+        leases: projections::Leases,
         reports: &projections::RedisModel,
         probes: &mut Probes,
     ) {
-        let config = self.settings.projector_config();
-        let leases = projections::Leases::new(
-            self.store.pool().clone(),
-            format!("{}/{name}", config.stream_name),
-            self.settings.lease_config(),
-        );
         let projector =
             projections::Projector::new(model, self.store.clone(), self.nats.clone(), config)
                 .with_leases(leases);
+        let reported = projector.status().borrow().name.clone();
         self.background
             .push(tokio::spawn(projections::redis::health::publish_status(
                 reports.clone(),
@@ -276,8 +328,8 @@ impl Application {
                 self.shutdown.clone(),
             )));
         self.workers
-            .add(format!("projector {name}"), projector.in_hand());
-        probes.projections.push((name, projector.status()));
+            .add(format!("projector {reported}"), projector.in_hand());
+        probes.projections.push((reported, projector.status()));
         let shutdown = self.shutdown.clone();
         let stops_process = self.projectors_only;
         self.projectors.push((

@@ -152,19 +152,18 @@ pub fn subscription_drop(reason: &'static str) {
 }
 
 /// A projection's checkpoint and lag, refreshed at scrape time.
-pub fn projection(name: &'static str, checkpoint: i64, lag: i64) {
-    metrics::gauge!("neurectomy_projection_checkpoint", "projection" => name)
+/// A partition's projection is named `redis/p<k>`.
+pub fn projection(name: &str, checkpoint: i64, lag: i64) {
+    let name = name.to_owned();
+    metrics::gauge!("neurectomy_projection_checkpoint", "projection" => name.clone())
         .set(checkpoint as f64);
     metrics::gauge!("neurectomy_projection_lag_events", "projection" => name).set(lag as f64);
 }
 
 /// Whether this process holds a projection's lease (1) or stands by (0).
-pub fn projection_lease(name: &'static str, held: bool) {
-    metrics::gauge!("neurectomy_projector_lease_held", "projection" => name).set(if held {
-        1.0
-    } else {
-        0.0
-    });
+pub fn projection_lease(name: &str, held: bool) {
+    metrics::gauge!("neurectomy_projector_lease_held", "projection" => name.to_owned())
+        .set(if held { 1.0 } else { 0.0 });
 }
 
 /// Change-feed entries read together, `took` after the read, were

@@ -35,7 +35,7 @@ pub struct Probes {
     pub graph: Option<GraphModel>,
     /// Projectors running in this process, by name, whose checkpoint and
     /// lag to export (the API computes them at scrape time instead).
-    pub projections: Vec<(&'static str, watch::Receiver<ProjectorStatus>)>,
+    pub projections: Vec<(String, watch::Receiver<ProjectorStatus>)>,
 }
 
 /// Runs `check` within [`PROBE_TIMEOUT`]: whether it succeeded.
@@ -94,16 +94,27 @@ impl Probes {
         // Reads only: no group-commit task for a store that never appends.
         let store = EventStore::with_committers(pool.clone(), 0);
         for (name, status) in &self.projections {
-            let (checkpoint, state, token) = {
+            let (checkpoint, state, token, pending) = {
                 let status = status.borrow();
-                (status.checkpoint, status.state, status.token)
+                (
+                    status.checkpoint,
+                    status.state,
+                    status.token,
+                    status.pending,
+                )
             };
             crate::telemetry::metrics::projection_lease(name, token.is_some());
             // The lease holder (another process) exports the lag.
             if state == projections::ProjectorState::Standby {
                 continue;
             }
-            if let Ok(lag) = store.lag(checkpoint).await {
+            // A live projector knows its lag from its consumer (exact per
+            // partition); otherwise it is counted in the log past the
+            // checkpoint.
+            if let Some(pending) = pending.filter(|_| state == projections::ProjectorState::Live) {
+                let lag = i64::try_from(pending).unwrap_or(i64::MAX);
+                crate::telemetry::metrics::projection(name, checkpoint, lag);
+            } else if let Ok(lag) = store.lag(checkpoint).await {
                 crate::telemetry::metrics::projection(name, checkpoint, lag.events);
             }
         }
