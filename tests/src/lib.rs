@@ -229,6 +229,29 @@ pub mod pipeline {
             ))
         }
 
+        /// A projector of partition `partition` of `partitions` on `model`
+        /// (which must be `RedisModel::for_partition(partition)`).
+        pub fn partition_projector<M: ReadModel>(
+            &self,
+            model: M,
+            partitions: u32,
+            partition: u32,
+        ) -> Arc<Projector<M>> {
+            let config = ProjectorConfig {
+                stream_name: self.nats.relay.stream_name.clone(),
+                batch_size: 200,
+                partitions,
+                partition,
+                ..ProjectorConfig::default()
+            };
+            Arc::new(Projector::new(
+                model,
+                self.store.clone(),
+                self.nats.client.clone(),
+                config,
+            ))
+        }
+
         /// Runs a projector in a task of its own.
         pub fn spawn<M: ReadModel>(&self, projector: &Arc<Projector<M>>) -> Running {
             let stop = self.stop.child_token();
@@ -520,6 +543,21 @@ pub mod api {
             Self::start_as(flags, crate::api_cli).await
         }
 
+        /// Everything on a stream of `partitions` partitions: the Redis
+        /// model projected a partition per projector (each publishing its
+        /// report as `redis/p<k>`), the API told of the partitions.
+        pub async fn start_partitioned(partitions: u32) -> Self {
+            let pipe = Pipeline::start_with(|relay| relay.partitions = partitions).await;
+            let count = partitions.to_string();
+            Self::start_on(
+                pipe,
+                &["--jetstream-partitions", &count],
+                crate::api_cli,
+                partitions,
+            )
+            .await
+        }
+
         /// [`TestApi::start_with`] without the configuration's cross-checks
         /// (see [`crate::api_cli_unchecked`]).
         pub async fn start_unchecked(flags: &[&str]) -> Self {
@@ -530,23 +568,43 @@ pub mod api {
             flags: &[&str],
             cli: fn(&Pipeline, &TestRedis, &TestGraph, &str, &[&str]) -> ::api::cli::Cli,
         ) -> Self {
-            let pipe = Pipeline::start().await;
+            Self::start_on(Pipeline::start().await, flags, cli, 1).await
+        }
+
+        async fn start_on(
+            pipe: Pipeline,
+            flags: &[&str],
+            cli: fn(&Pipeline, &TestRedis, &TestGraph, &str, &[&str]) -> ::api::cli::Cli,
+            partitions: u32,
+        ) -> Self {
             let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
             let graph = TestGraph::create().await.unwrap_or_else(|e| panic!("{e}"));
             let graph_projector = GraphModel::connect(graph.model.config().clone())
                 .await
                 .unwrap();
-            let redis_projector = pipe.projector(redis.model.clone());
+            let redis_projectors: Vec<_> = if partitions > 1 {
+                (0..partitions)
+                    .map(|k| pipe.partition_projector(redis.model.for_partition(k), partitions, k))
+                    .collect()
+            } else {
+                vec![pipe.projector(redis.model.clone())]
+            };
             let graph_projector = pipe.projector(graph_projector);
             // As in production: projectors publish their state for /readyz.
-            for status in [redis_projector.status(), graph_projector.status()] {
+            let statuses = redis_projectors
+                .iter()
+                .map(|p| p.status())
+                .chain([graph_projector.status()]);
+            for status in statuses {
                 tokio::spawn(projections::redis::health::publish_status(
                     redis.model.clone(),
                     status,
                     pipe.stop.clone(),
                 ));
             }
-            let projectors = vec![pipe.spawn(&redis_projector), pipe.spawn(&graph_projector)];
+            let mut projectors: Vec<Running> =
+                redis_projectors.iter().map(|p| pipe.spawn(p)).collect();
+            projectors.push(pipe.spawn(&graph_projector));
             let auth = Authenticator::new(Some(SECRET), None).unwrap();
             let cli = cli(&pipe, &redis, &graph, SECRET, flags);
             let app = crate::start_api(cli.settings, &pipe.stop).await;

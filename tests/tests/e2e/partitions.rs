@@ -11,14 +11,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use api::auth::Role;
 use api::simulate::SimulateArgs;
 use commands::testkit::eventually;
+use neurectomy_e2e::api::TestApi;
+use neurectomy_e2e::instance::Instance;
 use neurectomy_e2e::pipeline::{Pipeline, Running};
 use neurectomy_e2e::read_side::{self, assert_same_redis};
 use projections::testkit::TestRedis;
 use projections::{LeaseConfig, Leases, Projector, ProjectorConfig, ReadModel as _, RedisModel};
+use serde_json::{json, Value};
 
 const PARTITIONS: u32 = 4;
 
@@ -296,5 +300,309 @@ async fn processes_share_the_partitions_fairly_and_take_over_a_killed_ones_share
         task.await.unwrap().unwrap();
     }
     b.membership.abort();
+    pipe.shutdown().await;
+}
+
+/// Two tenants of different partitions of `partitions`.
+fn tenants_apart(partitions: u32) -> (String, String) {
+    let first = "tenant-0".to_owned();
+    let home = commands::partition::of(&first, partitions);
+    let other = (1..)
+        .map(|i| format!("tenant-{i}"))
+        .find(|t| commands::partition::of(t, partitions) != home)
+        .unwrap();
+    (first, other)
+}
+
+/// Registers an agent of the token's tenant; returns its id and the
+/// position of its event.
+async fn register(api: &TestApi, token: &str, name: &str) -> (String, i64) {
+    let id = uuid::Uuid::new_v4().to_string();
+    let data = api
+        .data(
+            token,
+            &format!(
+                "mutation {{ registerAgent(id: \"{id}\", name: \"{name}\", kind: LLM, model: \"m\", capabilities: [\"code\"]) {{ position }} }}"
+            ),
+            json!({}),
+        )
+        .await;
+    let position = data["registerAgent"]["position"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (id, position)
+}
+
+/// The API on a Redis model projected in four partitions: a read waits for
+/// its tenant's partition only — even for a position of another partition,
+/// on a partition with nothing after it — and `projectionStatus` and
+/// `/readyz` follow each partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_wait_for_their_tenants_partition_and_status_shows_each_partition() {
+    let api = TestApi::start_partitioned(PARTITIONS).await;
+    let (a, b) = tenants_apart(PARTITIONS);
+    let (token_a, token_b) = (
+        api.token(&a, &[Role::Operator]),
+        api.token(&b, &[Role::Operator]),
+    );
+    // `b` writes once, then `a` writes: `b`'s partition has nothing at or
+    // after `a`'s position.
+    let (agent_b, _) = register(&api, &token_b, "agent-b").await;
+    let (agent_a, at) = register(&api, &token_a, "agent-a").await;
+    let read = "query($a: ID!, $p: Position) { agent(id: $a, atLeastPosition: $p) { name } }";
+    let data = api
+        .data(&token_a, read, json!({ "a": agent_a, "p": at.to_string() }))
+        .await;
+    assert_eq!(data["agent"]["name"], "agent-a");
+    // `b` asks for `a`'s position: its partition applied everything of its
+    // own up to there, so it answers at once instead of waiting for a
+    // position its partition never reaches (STALE after 5 s).
+    let started = Instant::now();
+    let data = api
+        .data(&token_b, read, json!({ "a": agent_b, "p": at.to_string() }))
+        .await;
+    let took = started.elapsed();
+    assert_eq!(data["agent"]["name"], "agent-b");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+
+    // One entry per partition, then the graph; every partition live, its
+    // checkpoint the position of its last event, its lag 0.
+    let mut expected: Vec<Value> = (0..PARTITIONS)
+        .map(|k| json!(format!("redis/p{k}")))
+        .collect();
+    expected.push(json!("graph"));
+    let partition_a = commands::partition::of(&a, PARTITIONS);
+    let status = eventually(
+        "every projection to be live",
+        Duration::from_secs(30),
+        || async {
+            let data = api
+                .data(
+                    &token_a,
+                    "{ projectionStatus { name partition checkpoint lag state } }",
+                    json!({}),
+                )
+                .await;
+            let status = data["projectionStatus"].as_array().unwrap().clone();
+            status
+                .iter()
+                .all(|p| p["state"] == "live" && p["lag"] == 0)
+                .then_some(status)
+        },
+    )
+    .await;
+    let names: Vec<Value> = status.iter().map(|p| p["name"].clone()).collect();
+    assert_eq!(names, expected);
+    let of_a = &status[partition_a as usize];
+    assert_eq!(of_a["partition"], json!(partition_a));
+    assert_eq!(of_a["checkpoint"], json!(at.to_string()), "{status:?}");
+    assert_eq!(status[PARTITIONS as usize]["partition"], Value::Null);
+    let ready: Value = eventually("/readyz to be ready", Duration::from_secs(30), || async {
+        let body: Value = api
+            .http
+            .get(api.url("/readyz"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (body["ready"] == true).then_some(body)
+    })
+    .await;
+    for k in 0..PARTITIONS {
+        assert_eq!(
+            ready["projections"][format!("redis/p{k}")],
+            "live",
+            "{ready}"
+        );
+    }
+    api.shutdown().await;
+}
+
+/// `neurectomy project --only redis` with `NEURECTOMY_JETSTREAM_PARTITIONS`:
+/// `partitions` partition projectors under leases, sharing fairly with the
+/// other processes.
+fn project(pipe: &Pipeline, redis: &TestRedis, n: usize) -> Instance {
+    let target = neurectomy_e2e::Target {
+        binary: BINARY.to_owned(),
+        database_url: pipe.db.url.clone(),
+        nats_url: pipe.nats.url.clone(),
+        stream: pipe.nats.relay.stream_name.clone(),
+        subject_prefix: pipe.nats.relay.subject_prefix.clone(),
+    };
+    let mut command = target.command(&["project", "--only", "redis"]);
+    command
+        .env("NEURECTOMY_REDIS_URL", &redis.url)
+        .env("NEURECTOMY_REDIS_PREFIX", &redis.prefix)
+        .env("NEURECTOMY_JETSTREAM_PARTITIONS", PARTITIONS.to_string())
+        .env("NEURECTOMY_PROJECTOR_LEASE_TTL_MS", "1000")
+        .env("NEURECTOMY_LOG", "info")
+        .env("NEURECTOMY_LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    Instance::spawn(&format!("project process {n}"), command)
+}
+
+/// The `neurectomy` binary built for these tests.
+const BINARY: &str = env!("CARGO_BIN_EXE_neurectomy-e2e");
+
+/// Owners of the live leases, by pid, with how many each holds.
+async fn held_by_pid(leases: &Leases) -> BTreeMap<u32, usize> {
+    let mut held = BTreeMap::new();
+    for holder in leases.holders().await.unwrap_or_default() {
+        let pid = holder.owner.split(':').nth(1).and_then(|p| p.parse().ok());
+        if let (true, Some(pid)) = (holder.live, pid) {
+            *held.entry(pid).or_insert(0) += 1;
+        }
+    }
+    held
+}
+
+/// Real `project` processes on four partitions under load: two share them
+/// two and two; one SIGKILLed, the other takes all four within seconds;
+/// `status` shows each partition and its holder; `verify` compares each
+/// partition at its own checkpoint; a replay rebuilds the partitions side
+/// by side while the survivor keeps applying, which carries on in the new
+/// generation; the model ends equal to a rebuild.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn project_processes_share_partitions_verify_and_replay_them() {
+    let seed = read_side::seed("project_processes_share_partitions");
+    let pipe = Pipeline::start_with(|relay| relay.partitions = PARTITIONS).await;
+    let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
+    let workload = pipe.start_workload(SimulateArgs {
+        agents: 96,
+        tenants: 6,
+        ..Pipeline::workload(0, 300, seed)
+    });
+    let observer = Leases::new(
+        pipe.db.pool.clone(),
+        format!("{}/redis", pipe.nats.relay.stream_name),
+        LeaseConfig::new(Duration::from_secs(1)),
+    );
+    let mut first = project(&pipe, &redis, 0);
+    let second = project(&pipe, &redis, 1);
+    let (first_pid, second_pid) = (first.child.id().unwrap(), second.child.id().unwrap());
+    eventually(
+        "two processes to hold two partitions each",
+        Duration::from_secs(30),
+        || async {
+            let held = held_by_pid(&observer).await;
+            (held.get(&first_pid) == Some(&2) && held.get(&second_pid) == Some(&2)).then_some(())
+        },
+    )
+    .await;
+    events_beyond(&pipe, 1_000).await;
+    first.child.kill().await.unwrap();
+    let killed = Instant::now();
+    eventually(
+        "the survivor to hold every partition",
+        Duration::from_secs(30),
+        || async { (held_by_pid(&observer).await.get(&second_pid) == Some(&4)).then_some(()) },
+    )
+    .await;
+    let taken = killed.elapsed();
+    assert!(taken < Duration::from_secs(5), "took {taken:?}");
+
+    // The model, as the API and verify see it: one checkpoint per partition.
+    let model = RedisModel::connect(
+        &redis.url,
+        projections::RedisModelConfig {
+            prefix: redis.prefix.clone(),
+            partitions: PARTITIONS,
+            ..projections::RedisModelConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Verified and rebuilt while commands flow.
+    events_beyond(&pipe, 1_800).await;
+    let found = projections::verify::verify_redis_confirmed(&pipe.store, &model)
+        .await
+        .unwrap();
+    assert!(found.differences.is_empty(), "{:?}", found.differences);
+    let replayed = projections::replay::replay_redis_into(
+        &pipe.store,
+        &pipe.nats.client,
+        &redis.url,
+        model.config().clone(),
+        500,
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(replayed.events > 0, "{replayed:?}");
+    events_beyond(&pipe, 2_600).await;
+    workload.stop().await;
+    let head = pipe.head().await;
+    for k in 0..PARTITIONS {
+        let last = pipe
+            .store
+            .last_in_partition(head, PARTITIONS, k)
+            .await
+            .unwrap();
+        let model = model.clone();
+        eventually(
+            &format!("partition {k} to reach {last}"),
+            Duration::from_secs(60),
+            || {
+                let model = model.clone();
+                async move {
+                    // Readers follow the replay's switch of generations.
+                    model.refresh().await.ok()?;
+                    let each = model.partition_checkpoints().await.ok()?;
+                    (each[k as usize].unwrap_or(0) >= last).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    model.refresh().await.unwrap();
+    assert_eq!(model.generation(), replayed.generation);
+    let found = projections::verify::verify_redis_confirmed(&pipe.store, &model)
+        .await
+        .unwrap();
+    assert!(found.differences.is_empty(), "{:?}", found.differences);
+    let clean = read_side::redis_rebuilt(&pipe.store, head).await;
+    assert_same_redis(
+        "partitions replayed and carried on against one projector of the whole log",
+        &without_checkpoints(&redis).await,
+        &without_checkpoints(&clean).await,
+    );
+
+    // `status`: a line per partition, live, with its holder.
+    let target = neurectomy_e2e::Target {
+        binary: BINARY.to_owned(),
+        database_url: pipe.db.url.clone(),
+        nats_url: pipe.nats.url.clone(),
+        stream: pipe.nats.relay.stream_name.clone(),
+        subject_prefix: pipe.nats.relay.subject_prefix.clone(),
+    };
+    let status = target
+        .command(&["status"])
+        .env("NEURECTOMY_REDIS_URL", &redis.url)
+        .env("NEURECTOMY_REDIS_PREFIX", &redis.prefix)
+        .env("NEURECTOMY_JETSTREAM_PARTITIONS", PARTITIONS.to_string())
+        .output()
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&status.stdout).into_owned();
+    for k in 0..PARTITIONS {
+        let mut lines = printed
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("projection redis/p{k} ")));
+        let line = lines.next().unwrap_or_default();
+        assert!(line.contains(", live"), "status:\n{printed}");
+        let lease = lines.next().unwrap_or_default();
+        assert!(
+            lease.starts_with("  lease: held by ") && lease.contains(&format!(":{second_pid}:")),
+            "status:\n{printed}"
+        );
+    }
+    let mut second = second;
+    let (code, _) = second.stop(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "{}", second.log());
     pipe.shutdown().await;
 }
