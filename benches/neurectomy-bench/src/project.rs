@@ -174,6 +174,7 @@ async fn scenarios(
         REDIS_APPLY,
         GRAPH_REPLAY,
         GRAPH_RAW,
+        PARTITIONED_REBUILD,
     ]
     .iter()
     .any(|name| wants(args, name))
@@ -496,6 +497,17 @@ async fn replays(
         results.push(graph);
     }
     results.extend(raw);
+    if wants(args, PARTITIONED_REBUILD) {
+        let database_url = scratch
+            .fixtures
+            .databases
+            .last()
+            .map(|db| db.url.clone())
+            .context("the scratch database")?;
+        results.extend(
+            partitioned_rebuilds(settings, args, scratch, (&database_url, &store), total).await?,
+        );
+    }
     Ok(results)
 }
 
@@ -803,6 +815,186 @@ async fn freshness(
             );
         }
         results.push(f);
+    }
+    Ok(results)
+}
+
+/// The partitioned rebuild scenario's name.
+pub const PARTITIONED_REBUILD: &str =
+    "rebuild: `neurectomy project` processes on an empty Redis model";
+/// Partitions of the partitioned rebuild.
+const REBUILD_PARTITIONS: u32 = 4;
+/// Target: two processes rebuild at this multiple of one's rate.
+const REBUILD_SPEEDUP_TARGET: f64 = 1.4;
+
+/// One rebuild: `processes` real `neurectomy project --only redis` processes
+/// (the release binary beside this one) on an empty Redis model of the
+/// preloaded log in `partitions` partitions, timed from their start until
+/// every partition's checkpoint is its last event's position. The cost is
+/// the processes' CPU (and PostgreSQL's and Redis's) per event.
+async fn rebuild_with_processes(
+    settings: &Settings,
+    scratch: &mut Scratch,
+    (database_url, store): (&str, &EventStore),
+    (partitions, processes): (u32, usize),
+    total: u64,
+) -> anyhow::Result<Figures> {
+    let label =
+        format!("{PARTITIONED_REBUILD}: {processes} process(es), {partitions} partition(s)");
+    // A stream of its own, split as the processes expect.
+    let nats = scratch::nats(settings).await?;
+    let relay_config = RelayConfig {
+        partitions,
+        ..scratch::relay_config(settings, &nats)
+    };
+    let client = nats.client.clone();
+    scratch.fixtures.streams.push(nats);
+    Relay::new(store.clone(), client, relay_config.clone())
+        .ensure_stream()
+        .await
+        .context("creating the scratch JetStream stream")?;
+    let model = scratch.live(settings).await?;
+    let model = RedisModel::connect(
+        &settings.redis_url,
+        projections::RedisModelConfig {
+            partitions,
+            ..model.config().clone()
+        },
+    )
+    .await?;
+    let head = store.head().await?.readable;
+    let mut lasts = Vec::new();
+    for k in 0..partitions {
+        lasts.push(if partitions > 1 {
+            store.last_in_partition(head, partitions, k).await?
+        } else {
+            head
+        });
+    }
+    let binary = std::env::current_exe()
+        .context("locating this binary")?
+        .with_file_name("neurectomy");
+    anyhow::ensure!(
+        binary.exists(),
+        "{} is missing: build it with `cargo build --release -p neurectomy-api`",
+        binary.display()
+    );
+    let mut children = Vec::new();
+    for _ in 0..processes {
+        let child = tokio::process::Command::new(&binary)
+            .args(["project", "--only", "redis"])
+            .env_clear()
+            .env("NEURECTOMY_DATABASE_URL", database_url)
+            .env("NEURECTOMY_NATS_URL", &settings.nats_url)
+            .env("NEURECTOMY_JETSTREAM_STREAM", &relay_config.stream_name)
+            .env("NEURECTOMY_SUBJECT_PREFIX", &relay_config.subject_prefix)
+            .env("NEURECTOMY_JETSTREAM_PARTITIONS", partitions.to_string())
+            .env("NEURECTOMY_REDIS_URL", &settings.redis_url)
+            .env("NEURECTOMY_REDIS_PREFIX", model.prefix())
+            .env(
+                "NEURECTOMY_PROJECTOR_BATCH_SIZE",
+                settings.projector_batch_size.to_string(),
+            )
+            .env("NEURECTOMY_PROJECTOR_LEASE_TTL_MS", "1000")
+            .env("NEURECTOMY_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        children.push(child);
+    }
+    let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
+    let first = *pids.first().context("a process without a pid")?;
+    let meter = Meter::start(&label, first, REDIS_PEERS).await?;
+    let others: Vec<(u32, f64)> = pids[1..]
+        .iter()
+        .map(|&pid| Ok((pid, crate::meter::cpu_seconds(pid)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let started = Instant::now();
+    loop {
+        let each = model.partition_checkpoints().await?;
+        let done = each
+            .iter()
+            .zip(&lasts)
+            .all(|(reached, last)| reached.unwrap_or(0) >= *last);
+        if done {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < CATCH_UP_LIMIT,
+            "the rebuild did not finish within {} s: {each:?} of {lasts:?}",
+            CATCH_UP_LIMIT.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let more: f64 = others
+        .iter()
+        .map(|(pid, before)| Ok(crate::meter::cpu_seconds(*pid)? - before))
+        .collect::<anyhow::Result<Vec<f64>>>()?
+        .iter()
+        .sum();
+    let mut cost = meter.finish(total).await?;
+    cost.cpu_us += more * 1e6 / total.max(1) as f64;
+    for child in &pids {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.to_string()])
+            .status();
+    }
+    for mut child in children {
+        let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    }
+    let mut per_batch = histogram();
+    let _ = per_batch.record((secs * 1e6) as u64);
+    Ok(figures(&label, "ev/s", total, &per_batch, secs, 0).with_cost(cost))
+}
+
+/// The partitioned rebuild scenarios: one process of the unpartitioned
+/// model (the baseline of per-event CPU), then one and two processes of
+/// [`REBUILD_PARTITIONS`] partitions; the two-process rate as a multiple
+/// of the one-process rate, against [`REBUILD_SPEEDUP_TARGET`].
+async fn partitioned_rebuilds(
+    settings: &Settings,
+    args: &BenchArgs,
+    scratch: &mut Scratch,
+    (database_url, store): (&str, &EventStore),
+    total: u64,
+) -> anyhow::Result<Vec<Figures>> {
+    let runs = args.runs.max(1);
+    let mut results = Vec::new();
+    let mut rates = Vec::new();
+    for (partitions, processes) in [(1, 1), (REBUILD_PARTITIONS, 1), (REBUILD_PARTITIONS, 2)] {
+        let mut figs = Vec::new();
+        for run in 0..runs {
+            eprintln!(
+                "running `{PARTITIONED_REBUILD}` with {processes} process(es) and {partitions} partition(s) ({}/{runs}), {total} events…",
+                run + 1
+            );
+            figs.push(
+                rebuild_with_processes(
+                    settings,
+                    scratch,
+                    (database_url, store),
+                    (partitions, processes),
+                    total,
+                )
+                .await?,
+            );
+        }
+        if let Some(f) = median(figs) {
+            rates.push(f.rate);
+            results.push(f);
+        }
+    }
+    if let ([_, one, two], Some(last)) = (rates.as_slice(), results.last_mut()) {
+        let speedup = two / one.max(1e-9);
+        last.scenario = format!(
+            "{} (= {speedup:.2}× one process; target ≥ {REBUILD_SPEEDUP_TARGET}×: {})",
+            last.scenario,
+            verdict(speedup >= REBUILD_SPEEDUP_TARGET)
+        );
     }
     Ok(results)
 }
