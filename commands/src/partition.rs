@@ -32,8 +32,16 @@ pub fn of(tenant: &str, partitions: u32) -> u32 {
     if partitions <= 1 {
         return 0;
     }
+    hash(tenant) % partitions
+}
+
+/// The partition key of `tenant`'s events: the first 32 bits of the MD5
+/// digest of the tenant, big-endian. Stored with every event
+/// (`events.tenant_hash`) so that the store reads a partition with an
+/// integer modulo per row.
+pub fn hash(tenant: &str) -> u32 {
     let digest = Md5::digest(tenant.as_bytes());
-    u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % partitions
+    u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
 }
 
 /// The subject of an event of `kind` and `event_type` in `partition` of a

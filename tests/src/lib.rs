@@ -216,17 +216,7 @@ pub mod pipeline {
 
         /// A projector feeding `model` from this pipeline (batches of 200).
         pub fn projector<M: ReadModel>(&self, model: M) -> Arc<Projector<M>> {
-            let config = ProjectorConfig {
-                stream_name: self.nats.relay.stream_name.clone(),
-                batch_size: 200,
-                ..ProjectorConfig::default()
-            };
-            Arc::new(Projector::new(
-                model,
-                self.store.clone(),
-                self.nats.client.clone(),
-                config,
-            ))
+            self.partition_projector(model, 1, 0)
         }
 
         /// A projector of partition `partition` of `partitions` on `model`

@@ -423,9 +423,15 @@ impl Meter {
             .peers
             .into_iter()
             .map(|(peer, pids)| {
-                let used: f64 = pids
-                    .iter()
-                    .filter_map(|(pid, before)| Some(cpu_seconds(*pid).ok()? - before))
+                // Processes the service started during the window (e.g. a
+                // PostgreSQL backend for a new connection) count from zero.
+                let before: HashMap<u32, f64> = pids.into_iter().collect();
+                let used: f64 = peer
+                    .pids()
+                    .into_iter()
+                    .filter_map(|pid| {
+                        Some(cpu_seconds(pid).ok()? - before.get(&pid).copied().unwrap_or(0.0))
+                    })
                     .sum();
                 (peer, per_op(used * 1e6))
             })

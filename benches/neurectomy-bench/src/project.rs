@@ -197,8 +197,10 @@ async fn preload(
 ) -> anyhow::Result<()> {
     let handler = CommandHandler::new(store.clone(), settings.handler_config());
     let simulation = SimulateArgs {
-        agents: 64,
-        workflows: 32,
+        // Enough agents per tenant that no tenant's workflows stall waiting
+        // for a capable one (64 agents over 64 tenants wrote 270 events/s).
+        agents: 64.max(tenants * 8),
+        workflows: 32.max(tenants),
         tasks_per_workflow: 8,
         rate: 0,
         duration: seconds,

@@ -88,6 +88,7 @@ impl<'a> Batch<'a> {
             .bind(&self.versions)
             .bind(&self.data)
             .bind(&self.metadata)
+            .bind(i64::from(crate::partition::hash(self.tenant)))
             .fetch_all(executor)
             .await
     }

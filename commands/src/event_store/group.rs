@@ -223,6 +223,7 @@ impl Group {
         let mut command_ids = Vec::with_capacity(n);
         let mut correlation_ids = Vec::with_capacity(n);
         let mut tenants = Vec::with_capacity(n);
+        let mut tenant_hashes: Vec<i64> = Vec::with_capacity(n);
         let total = self.events;
         let mut owners = Vec::with_capacity(total);
         let mut indexes = Vec::with_capacity(total);
@@ -240,6 +241,7 @@ impl Group {
             command_ids.push(first.metadata.command_id);
             correlation_ids.push(first.metadata.correlation_id);
             tenants.push(first.metadata.tenant.as_str());
+            tenant_hashes.push(i64::from(crate::partition::hash(&first.metadata.tenant)));
             for (index, event) in (1_i32..).zip(&pending.events) {
                 owners.push(append);
                 indexes.push(index);
@@ -263,6 +265,7 @@ impl Group {
             .bind(&versions)
             .bind(&data)
             .bind(&metadata)
+            .bind(&tenant_hashes)
             .fetch_all(conn)
             .await
     }

@@ -252,36 +252,13 @@ async fn a_graph_batch_under_a_lease_that_is_over_is_refused_and_writes_nothing(
     pipe.shutdown().await;
 }
 
-/// The `neurectomy` binary built for these tests.
-const BINARY: &str = env!("CARGO_BIN_EXE_neurectomy-e2e");
-
 /// The lease ttl of the `project` processes below.
 const PROCESS_TTL: Duration = Duration::from_millis(1_000);
 
-/// `neurectomy project --only redis` on `pipe`'s database and stream and
-/// `redis`'s prefix, with a lease ttl of [`PROCESS_TTL`]; its log is kept.
+/// `neurectomy project --only redis` number `n`, with a lease ttl of
+/// [`PROCESS_TTL`].
 fn project(pipe: &Pipeline, redis: &TestRedis, n: usize) -> Instance {
-    let target = neurectomy_e2e::Target {
-        binary: BINARY.to_owned(),
-        database_url: pipe.db.url.clone(),
-        nats_url: pipe.nats.url.clone(),
-        stream: pipe.nats.relay.stream_name.clone(),
-        subject_prefix: pipe.nats.relay.subject_prefix.clone(),
-    };
-    let mut command = target.command(&["project", "--only", "redis"]);
-    command
-        .env("NEURECTOMY_REDIS_URL", &redis.url)
-        .env("NEURECTOMY_REDIS_PREFIX", &redis.prefix)
-        .env("NEURECTOMY_PROJECTOR_BATCH_SIZE", "200")
-        .env(
-            "NEURECTOMY_PROJECTOR_LEASE_TTL_MS",
-            PROCESS_TTL.as_millis().to_string(),
-        )
-        .env("NEURECTOMY_LOG", "info")
-        .env("NEURECTOMY_LOG_FORMAT", "json")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    Instance::spawn(&format!("project process {n}"), command)
+    crate::support::project(pipe, redis, (n, PROCESS_TTL), &[])
 }
 
 /// The live lease of the Redis projection once its owner is not `not`:
@@ -378,13 +355,7 @@ async fn three_project_processes_survive_kills_and_a_pause_past_the_lease_under_
     println!("takeovers (cut → events committed before it applied): {takeovers:?}");
     redis_is_the_log(&pipe, &redis, until, "the model after kills and a pause").await;
     // `neurectomy status` names the holder of the Redis projection's lease.
-    let target = neurectomy_e2e::Target {
-        binary: BINARY.to_owned(),
-        database_url: pipe.db.url.clone(),
-        nats_url: pipe.nats.url.clone(),
-        stream: pipe.nats.relay.stream_name.clone(),
-        subject_prefix: pipe.nats.relay.subject_prefix.clone(),
-    };
+    let target = crate::support::target(&pipe);
     let (holder, token) = holder_other_than(&pipe, None).await;
     let status = target
         .command(&["status"])

@@ -97,18 +97,22 @@ async fn events_beyond(pipe: &Pipeline, events: i64) -> i64 {
     pipe.head().await
 }
 
+/// 300 commands/s of six tenants, with enough agents per tenant that no
+/// tenant's workflows wait long for a capable one: the log grows all along.
+fn six_tenants(pipe: &Pipeline, seed: u64) -> neurectomy_e2e::pipeline::Workload {
+    pipe.start_workload(SimulateArgs {
+        agents: 96,
+        tenants: 6,
+        ..Pipeline::workload(0, 300, seed)
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_partition_projectors_killed_mid_flow_build_what_one_builds() {
     let seed = read_side::seed("four_partition_projectors_killed_mid_flow");
     let pipe = Pipeline::start_with(|relay| relay.partitions = PARTITIONS).await;
     let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
-    let workload = pipe.start_workload(SimulateArgs {
-        // Enough agents per tenant that no tenant's workflows wait long
-        // for a capable one: the log grows all along.
-        agents: 96,
-        tenants: 6,
-        ..Pipeline::workload(0, 300, seed)
-    });
+    let workload = six_tenants(&pipe, seed);
 
     let projectors: Vec<_> = (0..PARTITIONS)
         .map(|k| Arc::new(partition_projector(&pipe, &redis.model, k)))
@@ -264,11 +268,7 @@ async fn processes_share_the_partitions_fairly_and_take_over_a_killed_ones_share
     let seed = read_side::seed("processes_share_the_partitions_fairly");
     let pipe = Pipeline::start_with(|relay| relay.partitions = PARTITIONS).await;
     let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
-    let workload = pipe.start_workload(SimulateArgs {
-        agents: 96,
-        tenants: 6,
-        ..Pipeline::workload(0, 300, seed)
-    });
+    let workload = six_tenants(&pipe, seed);
 
     // Alone, a process takes every partition.
     let a = Process::start(&pipe, &redis, "process-a").await;
@@ -423,31 +423,12 @@ async fn reads_wait_for_their_tenants_partition_and_status_shows_each_partition(
 }
 
 /// `neurectomy project --only redis` with `NEURECTOMY_JETSTREAM_PARTITIONS`:
-/// `partitions` partition projectors under leases, sharing fairly with the
-/// other processes.
+/// [`PARTITIONS`] partition projectors under leases (1 s ttl), sharing
+/// fairly with the other processes.
 fn project(pipe: &Pipeline, redis: &TestRedis, n: usize) -> Instance {
-    let target = neurectomy_e2e::Target {
-        binary: BINARY.to_owned(),
-        database_url: pipe.db.url.clone(),
-        nats_url: pipe.nats.url.clone(),
-        stream: pipe.nats.relay.stream_name.clone(),
-        subject_prefix: pipe.nats.relay.subject_prefix.clone(),
-    };
-    let mut command = target.command(&["project", "--only", "redis"]);
-    command
-        .env("NEURECTOMY_REDIS_URL", &redis.url)
-        .env("NEURECTOMY_REDIS_PREFIX", &redis.prefix)
-        .env("NEURECTOMY_JETSTREAM_PARTITIONS", PARTITIONS.to_string())
-        .env("NEURECTOMY_PROJECTOR_LEASE_TTL_MS", "1000")
-        .env("NEURECTOMY_LOG", "info")
-        .env("NEURECTOMY_LOG_FORMAT", "json")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    Instance::spawn(&format!("project process {n}"), command)
+    let partitions = ("NEURECTOMY_JETSTREAM_PARTITIONS", PARTITIONS.to_string());
+    crate::support::project(pipe, redis, (n, Duration::from_secs(1)), &[partitions])
 }
-
-/// The `neurectomy` binary built for these tests.
-const BINARY: &str = env!("CARGO_BIN_EXE_neurectomy-e2e");
 
 /// Owners of the live leases, by pid, with how many each holds.
 async fn held_by_pid(leases: &Leases) -> BTreeMap<u32, usize> {
@@ -472,11 +453,7 @@ async fn project_processes_share_partitions_verify_and_replay_them() {
     let seed = read_side::seed("project_processes_share_partitions");
     let pipe = Pipeline::start_with(|relay| relay.partitions = PARTITIONS).await;
     let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
-    let workload = pipe.start_workload(SimulateArgs {
-        agents: 96,
-        tenants: 6,
-        ..Pipeline::workload(0, 300, seed)
-    });
+    let workload = six_tenants(&pipe, seed);
     let observer = Leases::new(
         pipe.db.pool.clone(),
         format!("{}/redis", pipe.nats.relay.stream_name),
@@ -573,13 +550,7 @@ async fn project_processes_share_partitions_verify_and_replay_them() {
     );
 
     // `status`: a line per partition, live, with its holder.
-    let target = neurectomy_e2e::Target {
-        binary: BINARY.to_owned(),
-        database_url: pipe.db.url.clone(),
-        nats_url: pipe.nats.url.clone(),
-        stream: pipe.nats.relay.stream_name.clone(),
-        subject_prefix: pipe.nats.relay.subject_prefix.clone(),
-    };
+    let target = crate::support::target(&pipe);
     let status = target
         .command(&["status"])
         .env("NEURECTOMY_REDIS_URL", &redis.url)

@@ -131,3 +131,43 @@ pub async fn streams_with_gaps(pool: &PgPool) -> i64 {
     .await
     .unwrap()
 }
+
+/// The `neurectomy` binary built for these tests.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_neurectomy-e2e");
+
+/// The binary on `pipe`'s database and stream.
+pub fn target(pipe: &Pipeline) -> neurectomy_e2e::Target {
+    neurectomy_e2e::Target {
+        binary: BINARY.to_owned(),
+        database_url: pipe.db.url.clone(),
+        nats_url: pipe.nats.url.clone(),
+        stream: pipe.nats.relay.stream_name.clone(),
+        subject_prefix: pipe.nats.relay.subject_prefix.clone(),
+    }
+}
+
+/// `neurectomy project --only redis` number `n` on `pipe`'s database and
+/// stream and `redis`'s prefix, with a lease ttl of `ttl` and `extra`
+/// settings; its log is kept.
+pub fn project(
+    pipe: &Pipeline,
+    redis: &projections::testkit::TestRedis,
+    (n, ttl): (usize, Duration),
+    extra: &[(&str, String)],
+) -> neurectomy_e2e::instance::Instance {
+    let mut command = target(pipe).command(&["project", "--only", "redis"]);
+    command
+        .env("NEURECTOMY_REDIS_URL", &redis.url)
+        .env("NEURECTOMY_REDIS_PREFIX", &redis.prefix)
+        .env("NEURECTOMY_PROJECTOR_BATCH_SIZE", "200")
+        .env(
+            "NEURECTOMY_PROJECTOR_LEASE_TTL_MS",
+            ttl.as_millis().to_string(),
+        )
+        .env("NEURECTOMY_LOG", "info")
+        .env("NEURECTOMY_LOG_FORMAT", "json")
+        .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    neurectomy_e2e::instance::Instance::spawn(&format!("project process {n}"), command)
+}

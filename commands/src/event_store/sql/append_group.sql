@@ -1,7 +1,8 @@
 -- Appends the events of several appends, each to a different stream, in one
 -- statement (one transaction): group commit.
 -- $1..$5 one element per append: stream id, required current version (NULL =
--- any), command id, correlation id, tenant.
+-- any), command id, correlation id, tenant; and $13 the tenant's hash
+-- (commands::partition::hash).
 -- $6..$12 one element per event, the events of the first append first: the
 -- append's index in $1 (1-based), the event's index in its append (1-based),
 -- then the event as in append.sql.
@@ -17,13 +18,14 @@ WITH appends AS (
            a.command_id,
            a.correlation_id,
            a.tenant,
+           a.tenant_hash,
            coalesce((SELECT max(stream_version) FROM events WHERE events.stream_id = a.stream_id), 0)
                AS version
-    FROM UNNEST($1::text[], $2::int8[], $3::uuid[], $4::uuid[], $5::text[])
-             WITH ORDINALITY AS a(stream_id, required, command_id, correlation_id, tenant, n)
+    FROM UNNEST($1::text[], $2::int8[], $3::uuid[], $4::uuid[], $5::text[], $13::int8[])
+             WITH ORDINALITY AS a(stream_id, required, command_id, correlation_id, tenant, tenant_hash, n)
 )
 INSERT INTO events (position, transaction_id, stream_id, stream_version, event_id, command_id,
-                    correlation_id, tenant, event_type, schema_version, data, metadata)
+                    correlation_id, tenant, tenant_hash, event_type, schema_version, data, metadata)
 SELECT (pg_current_xact_id()::text::bigint << 16) | (e.ord - 1),
        pg_current_xact_id(),
        a.stream_id,
@@ -32,6 +34,7 @@ SELECT (pg_current_xact_id()::text::bigint << 16) | (e.ord - 1),
        a.command_id,
        a.correlation_id,
        a.tenant,
+       a.tenant_hash,
        e.event_type,
        e.schema_version,
        e.data,

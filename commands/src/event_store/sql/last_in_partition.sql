@@ -4,6 +4,7 @@
 -- everything below for one that has none.
 SELECT position
 FROM events
-WHERE position <= $1 AND neurectomy_partition(tenant, $2) = $3
+WHERE position <= $1
+  AND coalesce(tenant_hash, neurectomy_tenant_hash(tenant)) % $2 = $3
 ORDER BY position DESC
 LIMIT 1
