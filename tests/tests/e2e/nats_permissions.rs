@@ -14,8 +14,8 @@ use commands::testkit::{eventually, TestDatabase};
 use commands::{CommandHandler, EventStore, HandlerConfig, Relay, RelayConfig};
 use neurectomy_e2e::pipeline::Pipeline;
 use projections::testkit::TestRedis;
-use projections::verify::verify_redis;
-use projections::{Projector, ProjectorConfig, ReadModel};
+use projections::verify::{verify_redis_at, Compared};
+use projections::{Projector, ProjectorConfig, ProjectorState, ReadModel};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -146,6 +146,20 @@ impl Drop for Server {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_relays_user_may_publish_on_the_event_subjects() {
+    relay_and_projectors_through_the_deployed_permissions(1).await;
+}
+
+/// The same on a stream of four partitions: the projector user creates,
+/// reads and acknowledges a filtered consumer per partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_projectors_consume_under_the_projectors_permissions() {
+    relay_and_projectors_through_the_deployed_permissions(4).await;
+}
+
+/// The relay (user `relay`) and the Redis projection in `partitions`
+/// partitions (user `projector`) through a server running
+/// `deploy/nats.conf`, while the other users' publishes are refused.
+async fn relay_and_projectors_through_the_deployed_permissions(partitions: u32) {
     // Declared first: dropped last.
     let server = Server::start().await;
     let db = TestDatabase::create(8)
@@ -166,6 +180,7 @@ async fn only_the_relays_user_may_publish_on_the_event_subjects() {
     // The defaults the file names: the stream and prefix of production.
     let relay_config = RelayConfig {
         idle_poll: Duration::from_millis(50),
+        partitions,
         ..RelayConfig::default()
     };
     let (relay_client, relay_errors) = server.connect("relay").await;
@@ -177,20 +192,34 @@ async fn only_the_relays_user_may_publish_on_the_event_subjects() {
         async move { relay.run(stop).await }
     });
     let (projector_client, projector_errors) = server.connect("projector").await;
-    let projector = Arc::new(Projector::new(
-        redis.model.clone(),
-        store.clone(),
-        projector_client.clone(),
-        ProjectorConfig {
-            stream_name: relay_config.stream_name.clone(),
-            batch_size: 200,
-            ..ProjectorConfig::default()
-        },
-    ));
-    let projection = tokio::spawn({
-        let (projector, stop) = (projector.clone(), stop.clone());
-        async move { projector.run(stop).await }
-    });
+    let projectors: Vec<_> = (0..partitions)
+        .map(|partition| {
+            let model = if partitions > 1 {
+                redis.model.for_partition(partition)
+            } else {
+                redis.model.clone()
+            };
+            Arc::new(Projector::new(
+                model,
+                store.clone(),
+                projector_client.clone(),
+                ProjectorConfig {
+                    stream_name: relay_config.stream_name.clone(),
+                    batch_size: 200,
+                    partitions,
+                    partition,
+                    ..ProjectorConfig::default()
+                },
+            ))
+        })
+        .collect();
+    let projections: Vec<_> = projectors
+        .iter()
+        .map(|projector| {
+            let (projector, stop) = (projector.clone(), stop.clone());
+            tokio::spawn(async move { projector.run(stop).await })
+        })
+        .collect();
 
     // A workload, while every other user tries to publish on the event
     // subjects (as the projector, the API and an operator might by mistake).
@@ -245,12 +274,30 @@ async fn only_the_relays_user_may_publish_on_the_event_subjects() {
         async move { (position >= head).then_some(()) }
     })
     .await;
-    eventually("the projection to catch up", WAIT, || {
-        let model = redis.model.clone();
-        async move { (model.checkpoint().await.ok()? >= head).then_some(()) }
-    })
-    .await;
-    let differences = verify_redis(&store, &redis.model, head).await.unwrap();
+    for (partition, projector) in (0..partitions).zip(&projectors) {
+        let last = if partitions > 1 {
+            store
+                .last_in_partition(head, partitions, partition)
+                .await
+                .unwrap()
+        } else {
+            head
+        };
+        eventually("the projection to catch up", WAIT, || {
+            let model = projector.model().clone();
+            async move { (model.checkpoint().await.ok()? >= last).then_some(()) }
+        })
+        .await;
+    }
+    let compared = if partitions > 1 {
+        let each = (0..partitions).map(|k| store.last_in_partition(head, partitions, k));
+        Compared::partitions(futures::future::try_join_all(each).await.unwrap())
+    } else {
+        Compared::whole(head)
+    };
+    let differences = verify_redis_at(&store, &redis.model, &compared)
+        .await
+        .unwrap();
     assert!(differences.differences.is_empty(), "{differences:?}");
     let events = store.count_after(0, i64::MAX).await.unwrap() as u64;
     let (admin_client, _) = server.connect("admin").await;
@@ -269,8 +316,12 @@ async fn only_the_relays_user_may_publish_on_the_event_subjects() {
             "message {sequence} is not the relay's"
         );
     }
-    let status = projector.status().borrow().clone();
-    assert_eq!((status.foreign, status.gaps), (0, 0), "{status:?}");
+    for projector in &projectors {
+        let status = projector.status().borrow().clone();
+        assert_eq!((status.foreign, status.gaps), (0, 0), "{status:?}");
+        // Live: what it applied came through its consumer.
+        assert_eq!(status.state, ProjectorState::Live, "{status:?}");
+    }
     for (user, errors) in [("relay", &relay_errors), ("projector", &projector_errors)] {
         let errors = errors.lock().unwrap();
         assert!(
@@ -283,5 +334,7 @@ async fn only_the_relays_user_may_publish_on_the_event_subjects() {
 
     stop.cancel();
     relay.await.unwrap();
-    projection.await.unwrap().unwrap();
+    for projection in projections {
+        projection.await.unwrap().unwrap();
+    }
 }
