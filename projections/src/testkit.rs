@@ -59,6 +59,28 @@ impl TestRedis {
         Ok(Self { model, prefix, url })
     }
 
+    /// A model under a unique prefix on the Redis Cluster whose seed nodes
+    /// `urls` lists (comma-separated), projected in `partitions`
+    /// partitions. Nothing is wiped on drop there: the test's cluster is
+    /// its own and goes with it.
+    pub async fn on_cluster(urls: &str, partitions: u32) -> Result<Self, String> {
+        let prefix = format!("test:{}:", Uuid::new_v4().simple());
+        let config = RedisModelConfig {
+            prefix: prefix.clone(),
+            partitions,
+            cluster: true,
+            ..RedisModelConfig::default()
+        };
+        let model = RedisModel::connect(urls, config)
+            .await
+            .map_err(|e| format!("the Redis Cluster at {urls} is not reachable ({e})"))?;
+        Ok(Self {
+            model,
+            prefix,
+            url: urls.to_owned(),
+        })
+    }
+
     /// Every key under the prefix with its value rendered as text (for
     /// before/after comparisons of the whole read model).
     pub async fn dump(
@@ -225,6 +247,9 @@ async fn render(
 
 impl Drop for TestRedis {
     fn drop(&mut self) {
+        if self.model.clustered() {
+            return;
+        }
         let (url, prefix) = (self.url.clone(), self.prefix.clone());
         commands::testkit::clean_up(async move {
             let _ = wipe(&url, &prefix).await;

@@ -271,6 +271,8 @@ pub async fn verify_redis_at(
 ) -> Result<Verified, VerifyError> {
     let folded = fold(store, compared).await?;
     let until_of = |id: &str| folded.tenants.get(id).map_or(0, |t| compared.of(t));
+    // An entity's key, in its tenant's partition (on a cluster, its slot).
+    let tenant_of = |id: &str| folded.tenants.get(id).map_or("", String::as_str);
 
     let mut conn = model.connection();
     let mut differences = Vec::new();
@@ -292,7 +294,7 @@ pub async fn verify_redis_at(
     };
     for (id, state) in &folded.agents {
         let Some(agent) = state.get() else { continue };
-        let key = model.key(&format!("agent:{id}"));
+        let key = model.key_of(tenant_of(id), &format!("agent:{id}"));
         let actual: BTreeMap<String, String> = conn.hgetall(&key).await?;
         if moved(id, &actual) {
             skipped += 1;
@@ -318,7 +320,7 @@ pub async fn verify_redis_at(
         let per_workflow = counts.entry(workflow).or_default();
         *per_workflow.entry("total").or_default() += 1;
         *per_workflow.entry(task.status.as_str()).or_default() += 1;
-        let key = model.key(&format!("task:{id}"));
+        let key = model.key_of(tenant_of(id), &format!("task:{id}"));
         let actual: BTreeMap<String, String> = conn.hgetall(&key).await?;
         if moved(id, &actual) {
             skipped += 1;
@@ -341,7 +343,7 @@ pub async fn verify_redis_at(
         let Some(workflow) = state.get() else {
             continue;
         };
-        let key = model.key(&format!("workflow:{id}"));
+        let key = model.key_of(tenant_of(id), &format!("workflow:{id}"));
         let actual: BTreeMap<String, String> = conn.hgetall(&key).await?;
         if moved(id, &actual) {
             skipped += 1;
@@ -354,7 +356,12 @@ pub async fn verify_redis_at(
             .arg(
                 TaskStatus::ALL
                     .iter()
-                    .map(|s| model.key(&format!("workflow:{id}:tasks:{}", s.as_str())))
+                    .map(|s| {
+                        model.key_of(
+                            tenant_of(id),
+                            &format!("workflow:{id}:tasks:{}", s.as_str()),
+                        )
+                    })
                     .collect::<Vec<_>>(),
             )
             .query_async(&mut conn)
@@ -368,7 +375,7 @@ pub async fn verify_redis_at(
         for task in &tasks {
             positions
                 .cmd("HGET")
-                .arg(model.key(&format!("task:{task}")))
+                .arg(model.key_of(tenant_of(id), &format!("task:{task}")))
                 .arg("last_position");
         }
         let positions: Vec<Option<String>> = if tasks.is_empty() {

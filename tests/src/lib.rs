@@ -539,13 +539,28 @@ pub mod api {
         pub async fn start_partitioned(partitions: u32) -> Self {
             let pipe = Pipeline::start_with(|relay| relay.partitions = partitions).await;
             let count = partitions.to_string();
+            let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
             Self::start_on(
                 pipe,
                 &["--jetstream-partitions", &count],
                 crate::api_cli,
-                partitions,
+                (partitions, redis),
             )
             .await
+        }
+
+        /// [`TestApi::start_partitioned`] with the Redis model on `redis`
+        /// (e.g. [`TestRedis::on_cluster`]), the API given `flags` on top.
+        pub async fn start_partitioned_on(
+            partitions: u32,
+            redis: TestRedis,
+            flags: &[&str],
+        ) -> Self {
+            let pipe = Pipeline::start_with(|relay| relay.partitions = partitions).await;
+            let count = partitions.to_string();
+            let mut all = vec!["--jetstream-partitions", count.as_str()];
+            all.extend_from_slice(flags);
+            Self::start_on(pipe, &all, crate::api_cli, (partitions, redis)).await
         }
 
         /// [`TestApi::start_with`] without the configuration's cross-checks
@@ -558,16 +573,16 @@ pub mod api {
             flags: &[&str],
             cli: fn(&Pipeline, &TestRedis, &TestGraph, &str, &[&str]) -> ::api::cli::Cli,
         ) -> Self {
-            Self::start_on(Pipeline::start().await, flags, cli, 1).await
+            let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
+            Self::start_on(Pipeline::start().await, flags, cli, (1, redis)).await
         }
 
         async fn start_on(
             pipe: Pipeline,
             flags: &[&str],
             cli: fn(&Pipeline, &TestRedis, &TestGraph, &str, &[&str]) -> ::api::cli::Cli,
-            partitions: u32,
+            (partitions, redis): (u32, TestRedis),
         ) -> Self {
-            let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
             let graph = TestGraph::create().await.unwrap_or_else(|e| panic!("{e}"));
             let graph_projector = GraphModel::connect(graph.model.config().clone())
                 .await

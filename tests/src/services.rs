@@ -410,6 +410,215 @@ impl PrivateRedis {
     }
 }
 
+/// A private Redis Cluster on loopback: `primaries` primaries with
+/// `replicas` replicas each (`redis-server --cluster-enabled yes`, keeping
+/// nothing on disk but the cluster's own `nodes.conf`), formed by
+/// `redis-cli --cluster create`. A node lost for more than the node timeout
+/// (1 s) is failed over: one of its replicas is promoted; a killed node
+/// started again rejoins (as a replica of whoever took its slots).
+pub struct RedisCluster {
+    nodes: Vec<Daemon>,
+    ports: Vec<u16>,
+}
+
+/// The cluster's node timeout, milliseconds: how long a primary may be
+/// unreachable before its replicas fail it over.
+pub const REDIS_NODE_TIMEOUT_MS: u64 = 1_000;
+
+impl RedisCluster {
+    /// Starts the nodes, forms the cluster and waits until every node
+    /// reports `cluster_state:ok`.
+    pub async fn start(primaries: usize, replicas: usize) -> Self {
+        let install =
+            "install it with: apt-get install redis-server redis-tools (or set NEURECTOMY_TEST_REDIS_SERVER)";
+        let count = primaries * (1 + replicas);
+        let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for port in &ports {
+            let mut daemon = Daemon::new(
+                "redis-server",
+                program("NEURECTOMY_TEST_REDIS_SERVER", "/usr/bin/redis-server"),
+                install.to_owned(),
+                None,
+                Probe::Redis(format!("redis://127.0.0.1:{port}")),
+            );
+            let dir = daemon.dir.clone();
+            daemon.args = os(&[
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                &REDIS_NODE_TIMEOUT_MS.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ]);
+            daemon.args.extend([OsString::from("--dir"), dir.into()]);
+            nodes.push(daemon);
+        }
+        for node in &mut nodes {
+            node.start().await;
+        }
+        let mut create = vec!["--cluster".to_owned(), "create".to_owned()];
+        create.extend(ports.iter().map(|p| format!("127.0.0.1:{p}")));
+        create.extend([
+            "--cluster-replicas".to_owned(),
+            replicas.to_string(),
+            "--cluster-yes".to_owned(),
+        ]);
+        let create: Vec<OsString> = create.into_iter().map(OsString::from).collect();
+        nodes[0].run(
+            &program("NEURECTOMY_TEST_REDIS_CLI", "/usr/bin/redis-cli"),
+            &create,
+        );
+        let cluster = Self { nodes, ports };
+        cluster.wait_ok().await;
+        cluster.wait_replicated(replicas).await;
+        cluster
+    }
+
+    /// Waits until every slot range lists `replicas` replicas with its
+    /// primary, each replicating (a replica attaches a few seconds after
+    /// the cluster is formed; until then a killed primary has nothing to
+    /// fail over to).
+    async fn wait_replicated(&self, replicas: usize) {
+        let started = Instant::now();
+        loop {
+            let slots = self.ask(0, &["CLUSTER", "SLOTS"]).await;
+            let ranges: Vec<Vec<redis::Value>> = slots
+                .and_then(|v| redis::from_redis_value(&v).ok())
+                .unwrap_or_default();
+            let listed = !ranges.is_empty() && ranges.iter().all(|r| r.len() > 2 + replicas);
+            let mut linked = listed;
+            if listed {
+                for i in 0..self.nodes.len() {
+                    let info = self.ask(i, &["INFO", "replication"]).await;
+                    let text = info
+                        .and_then(|v| redis::from_redis_value::<String>(&v).ok())
+                        .unwrap_or_default();
+                    if text.contains("role:slave") {
+                        linked &= text.contains("master_link_status:up");
+                    }
+                }
+            }
+            if linked {
+                return;
+            }
+            assert!(
+                started.elapsed() < START_WAIT,
+                "the Redis Cluster's replicas did not attach within {START_WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// `redis://127.0.0.1:<port>` of every node (seeds for a cluster
+    /// client).
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// Node `i`'s URL.
+    pub fn url(&self, i: usize) -> String {
+        format!("redis://127.0.0.1:{}", self.ports[i])
+    }
+
+    /// What node `i` answers to `CLUSTER <what>` (e.g. `INFO`), if it
+    /// answers within 2 s.
+    async fn ask(&self, i: usize, command: &[&str]) -> Option<redis::Value> {
+        let ask = async {
+            let client = redis::Client::open(self.url(i)).ok()?;
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            redis::cmd(command[0])
+                .arg(&command[1..])
+                .query_async::<redis::Value>(&mut conn)
+                .await
+                .ok()
+        };
+        tokio::time::timeout(Duration::from_secs(2), ask)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Waits until every running node reports `cluster_state:ok` and agrees
+    /// on who serves every slot.
+    pub async fn wait_ok(&self) {
+        let started = Instant::now();
+        loop {
+            let mut ok = true;
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].child.is_none() {
+                    continue;
+                }
+                let info = self.ask(i, &["CLUSTER", "INFO"]).await;
+                let text = match info {
+                    Some(value) => redis::from_redis_value::<String>(&value).unwrap_or_default(),
+                    None => String::new(),
+                };
+                ok &= text.contains("cluster_state:ok");
+            }
+            if ok {
+                return;
+            }
+            assert!(
+                started.elapsed() < START_WAIT,
+                "the Redis Cluster did not reach cluster_state:ok within {START_WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The index of the node serving `key`'s slot as primary, as a running
+    /// node sees it (`CLUSTER KEYSLOT`, `CLUSTER SHARDS`-free: `CLUSTER SLOTS`).
+    pub async fn primary_of(&self, key: &str) -> Option<usize> {
+        let asker = (0..self.nodes.len()).find(|i| self.nodes[*i].child.is_some())?;
+        let slot: i64 =
+            redis::from_redis_value(&self.ask(asker, &["CLUSTER", "KEYSLOT", key]).await?).ok()?;
+        let slots: Vec<redis::Value> =
+            redis::from_redis_value(&self.ask(asker, &["CLUSTER", "SLOTS"]).await?).ok()?;
+        for range in slots {
+            let range: Vec<redis::Value> = redis::from_redis_value(&range).ok()?;
+            let (Some(from), Some(to), Some(primary)) = (range.first(), range.get(1), range.get(2))
+            else {
+                continue;
+            };
+            let (from, to): (i64, i64) = (
+                redis::from_redis_value(from).ok()?,
+                redis::from_redis_value(to).ok()?,
+            );
+            if (from..=to).contains(&slot) {
+                let primary: Vec<redis::Value> = redis::from_redis_value(primary).ok()?;
+                let port: i64 = redis::from_redis_value(primary.get(1)?).ok()?;
+                return self.ports.iter().position(|p| i64::from(*p) == port);
+            }
+        }
+        None
+    }
+
+    /// SIGKILL of node `i`; returns once its process is gone.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Starts node `i` again on its port (empty, with its `nodes.conf`) and
+    /// waits until it answers; it rejoins the cluster by itself.
+    pub async fn restart(&mut self, i: usize) {
+        self.nodes[i].start().await;
+    }
+}
+
 /// A private `nats-server -js` with its store in its folder (kept across
 /// restarts, as a server's disk is).
 pub struct PrivateNats {

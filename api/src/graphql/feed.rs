@@ -80,6 +80,10 @@ pub enum FeedError {
     /// The server is shutting down.
     #[error("the change feed has stopped (the server is shutting down)")]
     Stopped,
+    /// The read model is on a Redis Cluster, whose feeds this server cannot
+    /// follow yet.
+    #[error("subscriptions are not supported on a Redis Cluster yet")]
+    Clustered,
 }
 
 fn redis_failed(doing: impl Into<String>) -> impl FnOnce(redis::RedisError) -> FeedError {
@@ -212,7 +216,10 @@ impl Feed {
         near: usize,
         shutdown: CancellationToken,
     ) -> Result<Self, FeedError> {
-        let client = FeedClient::open(redis_url, redis.clone())?;
+        // On a cluster, the first seed (the upstream reads nothing there:
+        // subscriptions are refused, see `join`).
+        let first = redis_url.split(',').next().unwrap_or(redis_url).trim();
+        let client = FeedClient::open(first, redis.clone())?;
         let inner = Arc::new(Inner {
             store,
             redis,
@@ -308,6 +315,12 @@ impl Feed {
     async fn join_as(&self, tenant: &str, counted: bool) -> Result<Joined, FeedError> {
         if self.inner.shutdown.is_cancelled() {
             return Err(FeedError::Stopped);
+        }
+        if self.inner.redis.clustered() {
+            // One blocking `XREAD` over several tenants' feeds needs them
+            // in one slot: on a cluster the upstream would need a reader
+            // per node (not built).
+            return Err(FeedError::Clustered);
         }
         let (events, agents, mut armed, new) = {
             let mut slots = lock(&self.inner.slots);

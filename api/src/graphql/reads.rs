@@ -410,7 +410,7 @@ impl ReadQuery {
             }
             let ids = services
                 .redis
-                .task_ids(&workflow_id, state.map(TaskState::as_str))
+                .task_ids(&who.tenant, &workflow_id, state.map(TaskState::as_str))
                 .await
                 .map_err(|e| unavailable("Redis", e))?;
             connection(

@@ -408,6 +408,11 @@ pub struct Settings {
         global = true
     )]
     pub redis_url: String,
+    /// `redis.url` names a Redis Cluster: comma-separated seed nodes
+    /// (`redis://a:7000,redis://b:7000`); every key is tagged with its
+    /// partition's hash slot and batches go to the slot's primary.
+    #[arg(long, env = "NEURECTOMY_REDIS_CLUSTER", default_value_t = false, action = clap::ArgAction::Set, global = true)]
+    pub redis_cluster: bool,
     /// Prefix of every Redis key of the read model.
     #[arg(
         long,
@@ -611,6 +616,7 @@ impl Settings {
             connect_timeout: Duration::from_millis(self.redis_connect_timeout_ms.max(1)),
             response_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
             partitions: self.jetstream_partitions.max(1),
+            cluster: self.redis_cluster,
             ..projections::RedisModelConfig::default()
         }
     }

@@ -47,8 +47,21 @@ pub fn redact(url: &str) -> String {
 }
 
 /// Redacts the password of a URL's userinfo (the whole userinfo when it is
-/// a lone `token`) and `password`-like query parameters.
+/// a lone `token`) and `password`-like query parameters; of each URL of a
+/// comma-separated list (a Redis Cluster's seed nodes).
 pub fn redact_url(url: &str, token: bool) -> String {
+    if url.matches("://").count() > 1 {
+        return url
+            .split(',')
+            .map(|one| redact_one(one, token))
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    redact_one(url, token)
+}
+
+/// [`redact_url`] of one URL.
+fn redact_one(url: &str, token: bool) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };

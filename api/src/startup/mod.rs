@@ -373,7 +373,13 @@ impl Application {
             redis.clone(),
             &settings.redis_url,
             limits.subscriber_buffer,
-            limits.agent_cache,
+            // The near cache is kept exact by following the change feeds,
+            // which the API does not read on a Redis Cluster yet.
+            if settings.redis_cluster {
+                0
+            } else {
+                limits.agent_cache
+            },
             self.shutdown.clone(),
         )
         .context("starting the subscriptions' change feed")?;

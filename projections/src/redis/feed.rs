@@ -111,7 +111,7 @@ fn entry_position(id: &str) -> Option<i64> {
 impl RedisModel {
     /// The key of `tenant`'s change feed in the current generation.
     pub fn feed_key(&self, tenant: &str) -> String {
-        self.key(&format!("{FEED_KEY}{tenant}"))
+        self.key_of(tenant, &format!("{FEED_KEY}{tenant}"))
     }
 }
 

@@ -64,6 +64,9 @@ use redis::aio::ConnectionManager;
 
 use crate::model::{ApplyError, Fence, Projected, ReadModel};
 
+pub use conn::Connection;
+
+mod conn;
 pub mod feed;
 pub mod health;
 mod plan;
@@ -88,6 +91,11 @@ pub struct RedisModelConfig {
     /// checkpoint a tenant's reader waits for is its partition's
     /// ([`RedisModel::read_checkpoint_of`]).
     pub partitions: u32,
+    /// The URL names a Redis Cluster (comma-separated seed nodes): the
+    /// model uses the cluster client, tags every key with its partition
+    /// (`{p<k>}`, one hash slot per partition) and writes each batch on a
+    /// connection to the primary serving its partition's slot.
+    pub cluster: bool,
 }
 
 impl Default for RedisModelConfig {
@@ -98,6 +106,7 @@ impl Default for RedisModelConfig {
             connect_timeout: std::time::Duration::from_secs(1),
             response_timeout: std::time::Duration::from_secs(2),
             partitions: 1,
+            cluster: false,
         }
     }
 }
@@ -124,7 +133,7 @@ impl RedisModelConfig {
 /// reconnects by itself).
 #[derive(Clone)]
 pub struct RedisModel {
-    conn: ConnectionManager,
+    conn: Connection,
     /// Opens the writer.
     client: redis::Client,
     /// The connection batches are written on (see the module's docs): a
@@ -274,11 +283,46 @@ impl RedisModel {
         generation: String,
         pinned: bool,
     ) -> Result<Self, ApplyError> {
-        let client = redis::Client::open(url)
-            .map_err(unavailable(format!("parsing the Redis URL {url}")))?;
-        let conn = ConnectionManager::new_with_config(client.clone(), config.connection_manager())
-            .await
-            .map_err(unavailable(format!("connecting to {url}")))?;
+        let seeds = conn::seeds(url);
+        if seeds.len() > 1 && !config.cluster {
+            return Err(ApplyError::Unavailable {
+                store: "Redis",
+                doing: format!("connecting to {} Redis URLs", seeds.len()),
+                source: "several URLs name a Redis Cluster's seed nodes: set redis.cluster = true (NEURECTOMY_REDIS_CLUSTER), or give one URL".into(),
+            });
+        }
+        let first = seeds.first().map_or(url, String::as_str);
+        let client = redis::Client::open(first)
+            .map_err(unavailable(format!("parsing the Redis URL {first}")))?;
+        let conn = if config.cluster {
+            let cluster = redis::cluster::ClusterClientBuilder::new(seeds.clone())
+                .connection_timeout(config.connect_timeout)
+                .response_timeout(config.response_timeout)
+                .retries(2)
+                .min_retry_wait(50)
+                .max_retry_wait(250)
+                .build()
+                .map_err(unavailable(format!("parsing the Redis Cluster URLs {url}")))?;
+            let connected =
+                tokio::time::timeout(config.connect_timeout * 3, cluster.get_async_connection())
+                    .await
+                    .map_err(|_| ApplyError::Unavailable {
+                        store: "Redis",
+                        doing: format!("connecting to the Redis Cluster at {url}"),
+                        source: format!("no connection within {:?}", config.connect_timeout * 3)
+                            .into(),
+                    })?
+                    .map_err(unavailable(format!(
+                        "connecting to the Redis Cluster at {url}"
+                    )))?;
+            Connection::Cluster(connected)
+        } else {
+            let manager =
+                ConnectionManager::new_with_config(client.clone(), config.connection_manager())
+                    .await
+                    .map_err(unavailable(format!("connecting to {url}")))?;
+            Connection::Single(manager)
+        };
         let alive = Arc::new(());
         Self::keep(conn.clone(), Arc::downgrade(&alive));
         Ok(Self {
@@ -300,7 +344,7 @@ impl RedisModel {
     /// gets: without a command of its own, the first request after Redis
     /// returns would fail. The ping is that command, so a Redis that is
     /// back is used again within about a second, whoever asks next.
-    fn keep(conn: ConnectionManager, alive: std::sync::Weak<()>) {
+    fn keep(conn: Connection, alive: std::sync::Weak<()>) {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(KEEP_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -387,25 +431,61 @@ impl RedisModel {
             .await
     }
 
-    /// Deletes every key of `generation`.
+    /// Deletes every key of `generation` (on a cluster, on each primary).
     pub async fn drop_generation(&self, generation: &str) -> Result<u64, redis::RedisError> {
-        let mut conn = self.conn.clone();
         let pattern = format!("{}{generation}:*", self.config.prefix);
+        if self.config.cluster {
+            let mut conn = self.conn.clone();
+            let slots: redis::Value = redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async(&mut conn)
+                .await?;
+            let mut deleted = 0;
+            for (host, port) in conn::primaries(&slots) {
+                let mut info = self.client.get_connection_info().clone();
+                info.addr = redis::ConnectionAddr::Tcp(host, port);
+                let mut node = redis::Client::open(info)?
+                    .get_multiplexed_async_connection()
+                    .await?;
+                deleted += Self::scan_and_unlink(&mut node, &pattern, true).await?;
+            }
+            return Ok(deleted);
+        }
+        let mut conn = self.conn.clone();
+        Self::scan_and_unlink(&mut conn, &pattern, false).await
+    }
+
+    /// `SCAN`s `conn` for `pattern` and unlinks what it finds (one key per
+    /// `UNLINK` when `per_key`: on a cluster node, keys of several slots
+    /// cannot share a command).
+    async fn scan_and_unlink<C: redis::aio::ConnectionLike + Send>(
+        conn: &mut C,
+        pattern: &str,
+        per_key: bool,
+    ) -> Result<u64, redis::RedisError> {
         let mut cursor: u64 = 0;
         let mut deleted = 0;
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(&pattern)
+                .arg(pattern)
                 .arg("COUNT")
                 .arg(1000)
-                .query_async(&mut conn)
+                .query_async(conn)
                 .await?;
-            if !keys.is_empty() {
+            if keys.is_empty() {
+            } else if per_key {
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.cmd("UNLINK").arg(key);
+                }
+                let each: Vec<u64> = pipe.query_async(conn).await?;
+                deleted += each.iter().sum::<u64>();
+            } else {
                 deleted += redis::cmd("UNLINK")
                     .arg(&keys)
-                    .query_async::<u64>(&mut conn)
+                    .query_async::<u64>(conn)
                     .await?;
             }
             if next == 0 {
@@ -426,13 +506,46 @@ impl RedisModel {
     }
 
     /// A connection for reads (queries, verify).
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> Connection {
         self.conn.clone()
     }
 
-    /// The full key for `suffix`.
+    /// Whether the model is on a Redis Cluster.
+    pub fn clustered(&self) -> bool {
+        self.config.cluster
+    }
+
+    /// The full key for `suffix` of this model's partition (partition 0
+    /// when it applies the whole log).
     pub fn key(&self, suffix: &str) -> String {
-        format!("{}{}:{suffix}", self.config.prefix, self.generation())
+        self.key_in(self.partition.unwrap_or(0), suffix)
+    }
+
+    /// The full key for `suffix` of `partition`: `P` + `G` + `:` + suffix,
+    /// and on a cluster `P` + `G` + `:{p<k>}:` + suffix, so that a
+    /// partition's keys share one hash slot.
+    pub fn key_in(&self, partition: u32, suffix: &str) -> String {
+        if self.config.cluster {
+            format!(
+                "{}{}:{{p{partition}}}:{suffix}",
+                self.config.prefix,
+                self.generation()
+            )
+        } else {
+            format!("{}{}:{suffix}", self.config.prefix, self.generation())
+        }
+    }
+
+    /// The full key for `suffix` of `tenant`'s partition.
+    pub fn key_of(&self, tenant: &str, suffix: &str) -> String {
+        if self.config.cluster {
+            self.key_in(
+                commands::partition::of(tenant, self.config.partitions),
+                suffix,
+            )
+        } else {
+            self.key(suffix)
+        }
     }
 
     /// This model applying partition `partition` of the log (see
@@ -488,14 +601,30 @@ impl RedisModel {
         let known = self.generation();
         if !self.pinned && !known.is_empty() {
             let mut conn = self.conn.clone();
-            let (active, checkpoint): (Option<String>, Option<i64>) = redis::pipe()
-                .cmd("GET")
-                .arg(self.pointer_key())
-                .cmd("GET")
-                .arg(self.key(&self.checkpoint_name()))
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable("reading the active generation and checkpoint"))?;
+            let (active, checkpoint): (Option<String>, Option<i64>) = if self.config.cluster {
+                // Two slots: the checkpoint first, then the pointer (which
+                // still naming the generation means the checkpoint was its).
+                let checkpoint: Option<i64> = redis::cmd("GET")
+                    .arg(self.key(&self.checkpoint_name()))
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable("reading the checkpoint"))?;
+                let active: Option<String> = redis::cmd("GET")
+                    .arg(self.pointer_key())
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable("reading the active generation"))?;
+                (active, checkpoint)
+            } else {
+                redis::pipe()
+                    .cmd("GET")
+                    .arg(self.pointer_key())
+                    .cmd("GET")
+                    .arg(self.key(&self.checkpoint_name()))
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable("reading the active generation and checkpoint"))?
+            };
             if active.as_deref() == Some(known.as_str()) {
                 return Ok((known, checkpoint.unwrap_or(0)));
             }
@@ -551,7 +680,21 @@ impl RedisModel {
                 .arg(&checkpoint_key)
                 .arg(&fence_key)
                 .ignore();
-            pipe.cmd("GET").arg(self.pointer_key());
+            // On a cluster the writer is a connection to the primary of the
+            // partition's slot, which the pointer is not in: it is read
+            // through the cluster connection, just before.
+            let pointer = if self.config.cluster {
+                let mut cluster = self.conn.clone();
+                let active: Option<String> = redis::cmd("GET")
+                    .arg(self.pointer_key())
+                    .query_async(&mut cluster)
+                    .await
+                    .map_err(unavailable("reading the active generation"))?;
+                Some(active)
+            } else {
+                pipe.cmd("GET").arg(self.pointer_key());
+                None
+            };
             pipe.cmd("GET").arg(&checkpoint_key);
             pipe.cmd("GET").arg(&fence_key);
             for id in &task_misses {
@@ -569,7 +712,11 @@ impl RedisModel {
                 redis::from_owned_redis_value(found.next().unwrap_or(redis::Value::Nil))
                     .map_err(unavailable("reading the active generation and checkpoint"))
             };
-            let (active, stored, fence) = (next()?, next()?, next()?);
+            let active = match pointer {
+                Some(active) => active,
+                None => next()?,
+            };
+            let (stored, fence) = (next()?, next()?);
             let number = |what: &str, stored: Option<String>| match stored {
                 Some(stored) => stored.parse::<i64>().map_err(|_| ApplyError::Unavailable {
                     store: "Redis",
@@ -643,10 +790,14 @@ impl RedisModel {
             .set_connection_timeout(self.config.connect_timeout)
             .set_response_timeout(self.config.response_timeout);
         let doing = "connecting the batch writer";
+        let client = if self.config.cluster {
+            self.slot_owner().await?
+        } else {
+            self.client.clone()
+        };
         match tokio::time::timeout(
             self.config.connect_timeout,
-            self.client
-                .get_multiplexed_async_connection_with_config(&config),
+            client.get_multiplexed_async_connection_with_config(&config),
         )
         .await
         {
@@ -657,6 +808,39 @@ impl RedisModel {
                 source: format!("no connection within {:?}", self.config.connect_timeout).into(),
             }),
         }
+    }
+
+    /// On a cluster: a client of the primary serving this model's
+    /// partition's slot (the seed's credentials, that node's address), as
+    /// the cluster says now. A batch written there after a failover moved
+    /// the slot fails (`MOVED`); the writer is then dropped and the next
+    /// batch asks again.
+    async fn slot_owner(&self) -> Result<redis::Client, ApplyError> {
+        let mut conn = self.conn.clone();
+        let key = self.key(&self.checkpoint_name());
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable("asking the cluster for the partition's slot"))?;
+        let slots: redis::Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable(
+                "asking the cluster who serves the partition's slot",
+            ))?;
+        let Some((host, port)) = conn::primary_of_slot(&slots, slot) else {
+            return Err(ApplyError::Unavailable {
+                store: "Redis",
+                doing: "finding the primary of the partition's slot".to_owned(),
+                source: format!("no node serves slot {slot} (is the cluster failing over?)").into(),
+            });
+        };
+        let mut info = self.client.get_connection_info().clone();
+        info.addr = redis::ConnectionAddr::Tcp(host, port);
+        redis::Client::open(info).map_err(unavailable("addressing the partition's primary"))
     }
 
     /// Takes the rows carried from the last batch, if any.

@@ -76,7 +76,17 @@ impl<'a> Planner<'a> {
     ) -> Self {
         Self {
             model,
-            base: format!("{}{generation}:", model.config.prefix),
+            // As `RedisModel::key`: on a cluster, tagged with the model's
+            // partition (every key of a batch in one slot).
+            base: if model.config.cluster {
+                format!(
+                    "{}{generation}:{{p{}}}:",
+                    model.config.prefix,
+                    model.partition.unwrap_or(0)
+                )
+            } else {
+                format!("{}{generation}:", model.config.prefix)
+            },
             writes: Writes::default(),
             tasks,
             agents,

@@ -45,7 +45,7 @@ impl RedisModel {
     ) -> Result<Option<Fields>, redis::RedisError> {
         let mut conn = self.connection();
         let fields: Fields = redis::cmd("HGETALL")
-            .arg(self.key(&format!("{}:{id}", entity.prefix())))
+            .arg(self.key_of(tenant, &format!("{}:{id}", entity.prefix())))
             .query_async(&mut conn)
             .await?;
         Ok(Some(fields).filter(|f| f.get("tenant").is_some_and(|t| t == tenant)))
@@ -62,7 +62,7 @@ impl RedisModel {
     ) -> Result<Option<Fields>, redis::RedisError> {
         let mut conn = self.connection();
         let mut values: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(self.key(&format!("{}:{id}", entity.prefix())))
+            .arg(self.key_of(tenant, &format!("{}:{id}", entity.prefix())))
             .arg("tenant")
             .arg(names)
             .query_async(&mut conn)
@@ -94,7 +94,7 @@ impl RedisModel {
         let mut pipe = redis::pipe();
         for id in ids {
             pipe.cmd("HGETALL")
-                .arg(self.key(&format!("{}:{id}", entity.prefix())));
+                .arg(self.key_of(tenant, &format!("{}:{id}", entity.prefix())));
         }
         let mut conn = self.connection();
         let rows: Vec<Fields> = pipe.query_async(&mut conn).await?;
@@ -113,12 +113,12 @@ impl RedisModel {
         capability: Option<&str>,
     ) -> Result<Vec<String>, redis::RedisError> {
         let mut conn = self.connection();
-        let by_status = |s: &str| self.key(&format!("agents:{tenant}:status:{s}"));
+        let by_status = |s: &str| self.key_of(tenant, &format!("agents:{tenant}:status:{s}"));
         let mut ids: Vec<String> = match (status, capability) {
             (Some(status), Some(cap)) => {
                 redis::cmd("SINTER")
                     .arg(by_status(status))
-                    .arg(self.key(&format!("agents:{tenant}:capability:{cap}")))
+                    .arg(self.key_of(tenant, &format!("agents:{tenant}:capability:{cap}")))
                     .query_async(&mut conn)
                     .await?
             }
@@ -130,7 +130,7 @@ impl RedisModel {
             }
             (None, Some(cap)) => {
                 redis::cmd("SMEMBERS")
-                    .arg(self.key(&format!("agents:{tenant}:capability:{cap}")))
+                    .arg(self.key_of(tenant, &format!("agents:{tenant}:capability:{cap}")))
                     .query_async(&mut conn)
                     .await?
             }
@@ -146,14 +146,16 @@ impl RedisModel {
         Ok(ids)
     }
 
-    /// Ids of a workflow's tasks in `state` (or in any state), sorted.
+    /// Ids of a workflow's tasks in `state` (or in any state), sorted; the
+    /// workflow is `tenant`'s.
     pub async fn task_ids(
         &self,
+        tenant: &str,
         workflow: &str,
         state: Option<&str>,
     ) -> Result<Vec<String>, redis::RedisError> {
         let mut conn = self.connection();
-        let key = |s: &str| self.key(&format!("workflow:{workflow}:tasks:{s}"));
+        let key = |s: &str| self.key_of(tenant, &format!("workflow:{workflow}:tasks:{s}"));
         let mut ids: Vec<String> = match state {
             Some(state) => {
                 redis::cmd("SMEMBERS")
@@ -216,8 +218,18 @@ impl RedisModel {
             return Ok(vec![checkpoint]);
         }
         let keys: Vec<String> = (0..partitions)
-            .map(|k| self.key(&format!("checkpoint:p{k}")))
+            .map(|k| self.key_in(k, &format!("checkpoint:p{k}")))
             .collect();
+        if self.clustered() {
+            // One slot per partition: one GET each.
+            let mut each = Vec::with_capacity(keys.len());
+            for key in keys {
+                let checkpoint: Option<i64> =
+                    redis::cmd("GET").arg(key).query_async(&mut conn).await?;
+                each.push(checkpoint);
+            }
+            return Ok(each);
+        }
         redis::cmd("MGET").arg(keys).query_async(&mut conn).await
     }
 
@@ -233,7 +245,7 @@ impl RedisModel {
         let partition = commands::partition::of(tenant, partitions);
         let mut conn = self.connection();
         let checkpoint: Option<i64> = redis::cmd("GET")
-            .arg(self.key(&format!("checkpoint:p{partition}")))
+            .arg(self.key_in(partition, &format!("checkpoint:p{partition}")))
             .query_async(&mut conn)
             .await?;
         Ok((partition, checkpoint.unwrap_or(0)))

@@ -202,6 +202,7 @@ pub(crate) const KEYS: &[Key] = &[
         Secret::UrlPassword { token: false },
     ),
     key("NEURECTOMY_REDIS_PREFIX", "redis.prefix", Check::Any),
+    key("NEURECTOMY_REDIS_CLUSTER", "redis.cluster", Check::Any),
     key(
         "NEURECTOMY_REDIS_CONNECT_TIMEOUT_MS",
         "redis.connect_timeout_ms",

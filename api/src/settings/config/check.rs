@@ -96,6 +96,11 @@ fn url(kind: UrlKind, value: &str) -> Result<(), String> {
         UrlKind::Nats => async_nats::ServerAddr::from_str(value)
             .map(drop)
             .map_err(|e| e.to_string()),
+        // A Redis Cluster's seed nodes: a comma-separated list of URLs.
+        UrlKind::Redis if value.contains(',') => value
+            .split(',')
+            .map(str::trim)
+            .try_for_each(|one| url(UrlKind::Redis, one)),
         UrlKind::Redis => {
             let parsed = url::Url::parse(value).map_err(|e| e.to_string())?;
             if redis::parse_redis_url(value).is_none() {
@@ -231,6 +236,8 @@ mod tests {
         assert!(url(UrlKind::Redis, "redis://:pw@127.0.0.1:6379/0").is_ok());
         assert!(url(UrlKind::Redis, "http://127.0.0.1:6379").is_err());
         assert!(url(UrlKind::Redis, "127.0.0.1:6379").is_err());
+        assert!(url(UrlKind::Redis, "redis://a:7000,redis://b:7001").is_ok());
+        assert!(url(UrlKind::Redis, "redis://a:7000,http://b:7001").is_err());
         assert!(url(UrlKind::Bolt, "bolt://127.0.0.1:7687").is_ok());
         assert!(url(UrlKind::Bolt, "neo4j+s://db.example.com").is_ok());
         assert!(url(UrlKind::Bolt, "127.0.0.1:7687").is_ok());

@@ -159,6 +159,10 @@ mod tests {
             "postgres://postgres@127.0.0.1/db"
         );
         assert_eq!(
+            redact(pg, "redis://:a@n1:7000,redis://:b@n2:7001"),
+            "redis://:<redacted>@n1:7000,redis://:<redacted>@n2:7001"
+        );
+        assert_eq!(
             redact(nats, "nats://t0ken@127.0.0.1:4222"),
             "nats://<redacted>@127.0.0.1:4222"
         );
