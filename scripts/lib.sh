@@ -16,3 +16,16 @@ apt_install() {
   log "installing $* from Debian's packages"
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
+
+# Stops the process whose pid is in file $1 with signal $2 (waiting up to
+# 10 s for it to go), removes the file, and logs "$3 stopped (<signal>)".
+# Nothing to do without the file.
+stop_pid_file() {
+  local file="$1" signal="$2" what="$3" pid
+  [ -f "$file" ] || return 0
+  pid="$(cat "$file")"
+  kill "-$signal" "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  rm -f "$file"
+  log "$what stopped ($signal)"
+}

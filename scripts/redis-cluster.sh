@@ -25,7 +25,7 @@ NODE_TIMEOUT_MS="${REDIS_CLUSTER_NODE_TIMEOUT_MS:-1000}"
 log() { printf '[redis-cluster] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# sudo_if_needed, apt_install
+# sudo_if_needed, apt_install, stop_pid_file
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 port() { echo $((BASE_PORT + $1)); }
@@ -54,13 +54,8 @@ start() { # node
 }
 
 stop() { # node, signal
-  local n="$1" signal="$2" pid
-  [ -f "$(pid_file "$n")" ] || return 0
-  pid="$(cat "$(pid_file "$n")")"
-  kill "-$signal" "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  rm -f "$(pid_file "$n")"
-  log "node $n stopped ($signal)"
+  local n="$1"
+  stop_pid_file "$(pid_file "$n")" "$2" "node $n"
 }
 
 live_node() {

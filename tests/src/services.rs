@@ -366,30 +366,8 @@ pub struct PrivateRedis {
 impl PrivateRedis {
     /// Starts one on a free port and waits until it answers.
     pub async fn start() -> Self {
-        let install =
-            "install it with: apt-get install redis-server (or set NEURECTOMY_TEST_REDIS_SERVER)";
         let port = free_port();
-        let mut daemon = Daemon::new(
-            "redis-server",
-            program("NEURECTOMY_TEST_REDIS_SERVER", "/usr/bin/redis-server"),
-            install.to_owned(),
-            None,
-            Probe::Redis(format!("redis://127.0.0.1:{port}")),
-        );
-        let dir = daemon.dir.clone();
-        daemon.args = os(&[
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-        ]);
-        daemon.args.extend([OsString::from("--dir"), dir.into()]);
+        let mut daemon = redis_daemon(port, &[]);
         daemon.start().await;
         Self { daemon, port }
     }
@@ -408,6 +386,36 @@ impl PrivateRedis {
     pub async fn restart(&mut self) {
         self.daemon.start().await;
     }
+}
+
+/// A `redis-server` on 127.0.0.1:`port` keeping nothing on disk, its
+/// folder its working directory, with `extra` arguments (not started).
+fn redis_daemon(port: u16, extra: &[&str]) -> Daemon {
+    let install = "install it with: apt-get install redis-server redis-tools \
+                   (or set NEURECTOMY_TEST_REDIS_SERVER)";
+    let mut daemon = Daemon::new(
+        "redis-server",
+        program("NEURECTOMY_TEST_REDIS_SERVER", "/usr/bin/redis-server"),
+        install.to_owned(),
+        None,
+        Probe::Redis(format!("redis://127.0.0.1:{port}")),
+    );
+    let dir = daemon.dir.clone();
+    daemon.args = os(&[
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+    ]);
+    daemon.args.extend(os(extra));
+    daemon.args.extend([OsString::from("--dir"), dir.into()]);
+    daemon
 }
 
 /// A private Redis Cluster on loopback: `primaries` primaries with
@@ -429,41 +437,25 @@ impl RedisCluster {
     /// Starts the nodes, forms the cluster and waits until every node
     /// reports `cluster_state:ok`.
     pub async fn start(primaries: usize, replicas: usize) -> Self {
-        let install =
-            "install it with: apt-get install redis-server redis-tools (or set NEURECTOMY_TEST_REDIS_SERVER)";
         let count = primaries * (1 + replicas);
         let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
-        let mut nodes = Vec::new();
-        for port in &ports {
-            let mut daemon = Daemon::new(
-                "redis-server",
-                program("NEURECTOMY_TEST_REDIS_SERVER", "/usr/bin/redis-server"),
-                install.to_owned(),
-                None,
-                Probe::Redis(format!("redis://127.0.0.1:{port}")),
-            );
-            let dir = daemon.dir.clone();
-            daemon.args = os(&[
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                &REDIS_NODE_TIMEOUT_MS.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ]);
-            daemon.args.extend([OsString::from("--dir"), dir.into()]);
-            nodes.push(daemon);
-        }
+        let timeout = REDIS_NODE_TIMEOUT_MS.to_string();
+        let mut nodes: Vec<Daemon> = ports
+            .iter()
+            .map(|port| {
+                redis_daemon(
+                    *port,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        &timeout,
+                    ],
+                )
+            })
+            .collect();
         for node in &mut nodes {
             node.start().await;
         }
