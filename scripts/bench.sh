@@ -3,7 +3,8 @@
 #   1. the hardware limit: pgbench running our append's INSERT (benches/pgbench),
 #   2. the peer: cqrs-es + postgres-es under our command scenarios
 #      (benches/peer-cqrs-es),
-#   3. ours: `neurectomy-bench append` and `neurectomy-bench relay`,
+#   3. ours: `neurectomy-bench append`, `relay` and `project` (the last with a
+#      Redis Cluster it starts: scripts/redis-cluster.sh),
 #   4. the API: `neurectomy-bench api` (wrk against a spawned `neurectomy serve`,
 #      its RSS, 10,000 WebSocket subscriptions); wrk is installed if missing,
 #   5. instructions per operation: one command, one relayed event, one event
@@ -86,6 +87,15 @@ echo "== ours: neurectomy-bench append"
 echo
 echo "== ours: neurectomy-bench relay"
 "$CARGO_TARGET_DIR/release/neurectomy-bench" relay --seconds "$seconds"
+
+echo
+echo "== ours: neurectomy-bench project (replays, freshness, rebuilds by \`project\` processes, freshness on a Redis Cluster)"
+# A Redis Cluster of its own for the cluster scenario (three primaries, three
+# replicas on 7301-7306), removed at the end.
+scripts/redis-cluster.sh up
+NEURECTOMY_BENCH_REDIS_CLUSTER=redis://127.0.0.1:7301,redis://127.0.0.1:7302,redis://127.0.0.1:7303 \
+  "$CARGO_TARGET_DIR/release/neurectomy-bench" project --seconds "$seconds" --tenants 64
+scripts/redis-cluster.sh clean
 
 echo
 echo "== ours: neurectomy-bench api"

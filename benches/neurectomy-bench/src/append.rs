@@ -218,7 +218,16 @@ pub fn progress_events(count: usize) -> Vec<NewEvent> {
 /// Creates `n` running tasks (workflow started, agent registered, each task
 /// created, assigned and started) through the handler.
 pub async fn running_tasks(handler: &CommandHandler, n: usize) -> anyhow::Result<Vec<TaskId>> {
-    let ctx = || CommandContext::new(Uuid::new_v4(), "bench", "bench");
+    running_tasks_of(handler, n, "bench").await
+}
+
+/// [`running_tasks`] of `tenant`.
+pub async fn running_tasks_of(
+    handler: &CommandHandler,
+    n: usize,
+    tenant: &str,
+) -> anyhow::Result<Vec<TaskId>> {
+    let ctx = || CommandContext::new(Uuid::new_v4(), "bench", tenant);
     let workflow = WorkflowId::from_uuid(Uuid::new_v4());
     let agent = AgentId::from_uuid(Uuid::new_v4());
     handler

@@ -181,9 +181,12 @@ async fn scenarios(
     {
         results.extend(replays(settings, args, scratch).await?);
     }
-    let freshness_name = "freshness";
+    let freshness_name = "freshness 500 cmd/s: commit";
     if wants(args, freshness_name) {
         results.extend(freshness(settings, args, scratch).await?);
+    }
+    if wants(args, CLUSTER_FRESHNESS) {
+        results.extend(cluster_freshness(settings, args, scratch).await?);
     }
     Ok(results)
 }
@@ -999,4 +1002,279 @@ async fn partitioned_rebuilds(
         );
     }
     Ok(results)
+}
+
+/// The Redis Cluster freshness scenario's name.
+pub const CLUSTER_FRESHNESS: &str =
+    "freshness 500 cmd/s on a Redis Cluster: 3 `project` processes, 4 partitions";
+/// Its target, p99 milliseconds (commit → visible).
+const CLUSTER_P99_TARGET_MS: f64 = 25.0;
+/// Where the scenario finds the cluster: its seed nodes, comma-separated
+/// (`scripts/bench.sh` starts one with `scripts/redis-cluster.sh`).
+const CLUSTER_SEEDS: &str = "NEURECTOMY_BENCH_REDIS_CLUSTER";
+
+/// Commit → visible at 500 commands/s of eight tenants with the Redis
+/// projection in four partitions on a Redis Cluster, applied by three real
+/// release `neurectomy project --only redis` processes sharing the
+/// partitions (the relay in this process, one JetStream node). Visible: the
+/// command's partition's checkpoint, polled every millisecond through the
+/// cluster client, at or past its position. The cost is the three
+/// processes' CPU (and Redis's, PostgreSQL's) per command.
+async fn cluster_freshness(
+    settings: &Settings,
+    args: &BenchArgs,
+    scratch: &mut Scratch,
+) -> anyhow::Result<Vec<Figures>> {
+    let seeds = match std::env::var(CLUSTER_SEEDS) {
+        Ok(seeds) => seeds,
+        Err(_) if args.only.as_deref().is_some_and(|o| o.contains("Cluster")) => anyhow::bail!(
+            "`{CLUSTER_FRESHNESS}` needs a Redis Cluster: start one with scripts/redis-cluster.sh up \
+             and set {CLUSTER_SEEDS}=redis://127.0.0.1:7301,redis://127.0.0.1:7302,redis://127.0.0.1:7303"
+        ),
+        Err(_) => {
+            eprintln!("not running `{CLUSTER_FRESHNESS}`: {CLUSTER_SEEDS} is not set (scripts/bench.sh sets it)");
+            return Ok(Vec::new());
+        }
+    };
+    const PARTITIONS: u32 = 4;
+    const PROCESSES: usize = 3;
+    let seconds = args.seconds.max(1);
+    let store = scratch.store(settings, args.pool.max(8)).await?;
+    let database_url = scratch
+        .fixtures
+        .databases
+        .last()
+        .map(|db| db.url.clone())
+        .context("the scratch database")?;
+    let handler = CommandHandler::new(store.clone(), settings.handler_config());
+    eprintln!("setting up 8 tenants × 125 running tasks for `{CLUSTER_FRESHNESS}`…");
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let tenant = format!("bench-{t}");
+        for task in crate::append::running_tasks_of(&handler, 125, &tenant).await? {
+            tasks.push((tenant.clone(), task));
+        }
+    }
+    let tasks = Arc::new(tasks);
+    let nats = scratch::nats(settings).await?;
+    let relay_config = RelayConfig {
+        partitions: PARTITIONS,
+        ..scratch::relay_config(settings, &nats)
+    };
+    let client = nats.client.clone();
+    scratch.fixtures.streams.push(nats);
+    let stop = scratch.stop.child_token();
+    let relay = Relay::new(store.clone(), client, relay_config.clone());
+    relay.ensure_stream().await?;
+    scratch.tasks.push(tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    }));
+    let model = RedisModel::connect(
+        &seeds,
+        projections::RedisModelConfig {
+            prefix: format!("bench:{}:", Uuid::new_v4().simple()),
+            partitions: PARTITIONS,
+            cluster: true,
+            ..settings.redis_config()
+        },
+    )
+    .await
+    .with_context(|| format!("connecting to the Redis Cluster at {seeds}"))?;
+    let binary = std::env::current_exe()
+        .context("locating this binary")?
+        .with_file_name("neurectomy");
+    let mut children = Vec::new();
+    for _ in 0..PROCESSES {
+        children.push(
+            tokio::process::Command::new(&binary)
+                .args(["project", "--only", "redis"])
+                .env_clear()
+                .env("NEURECTOMY_DATABASE_URL", &database_url)
+                .env("NEURECTOMY_NATS_URL", &settings.nats_url)
+                .env("NEURECTOMY_JETSTREAM_STREAM", &relay_config.stream_name)
+                .env("NEURECTOMY_SUBJECT_PREFIX", &relay_config.subject_prefix)
+                .env("NEURECTOMY_JETSTREAM_PARTITIONS", PARTITIONS.to_string())
+                .env("NEURECTOMY_REDIS_CLUSTER", "true")
+                .env("NEURECTOMY_REDIS_URL", &seeds)
+                .env("NEURECTOMY_REDIS_PREFIX", model.prefix())
+                .env("NEURECTOMY_PROJECTOR_LEASE_TTL_MS", "1000")
+                .env("NEURECTOMY_LOG", "warn")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting {}", binary.display()))?,
+        );
+    }
+    let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
+    let outcome = async {
+        // Set-up applied, every partition reported live, the shares settled.
+        let head = store.head().await?.readable;
+        let mut lasts = Vec::new();
+        for k in 0..PARTITIONS {
+            lasts.push(store.last_in_partition(head, PARTITIONS, k).await?);
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let each = model.partition_checkpoints().await?;
+            let mut live = true;
+            for k in 0..PARTITIONS {
+                let report =
+                    projections::redis::health::projector_report(&model, &format!("redis/p{k}"))
+                        .await?;
+                live &= report.state == "live";
+            }
+            let reached = each
+                .iter()
+                .zip(&lasts)
+                .all(|(c, last)| c.unwrap_or(0) >= *last);
+            if live && reached {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the partitions did not apply the set-up and go live within 120 s: {each:?} of {lasts:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+
+        // Every partition's checkpoint, polled.
+        let watching = stop.child_token();
+        let timelines: Arc<Mutex<Vec<Timeline>>> =
+            Arc::new(Mutex::new(vec![Vec::new(); PARTITIONS as usize]));
+        let poller = tokio::spawn({
+            let (model, timelines, watching) = (model.clone(), timelines.clone(), watching.clone());
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                while !watching.is_cancelled() {
+                    tick.tick().await;
+                    let Ok(each) = model.partition_checkpoints().await else {
+                        continue;
+                    };
+                    let now = Instant::now();
+                    let mut timelines = timelines.lock().unwrap_or_else(|p| p.into_inner());
+                    for (timeline, at) in timelines.iter_mut().zip(each) {
+                        let at = at.unwrap_or(0);
+                        if timeline.last().is_none_or(|(last, _)| *last < at) {
+                            timeline.push((at, now));
+                        }
+                    }
+                }
+            }
+        });
+        let cpu_before: Vec<f64> = pids
+            .iter()
+            .map(|pid| crate::meter::cpu_seconds(*pid))
+            .collect::<anyhow::Result<_>>()?;
+        let meter = Meter::start(CLUSTER_FRESHNESS, std::process::id(), REDIS_PEERS).await?;
+        eprintln!("running `{CLUSTER_FRESHNESS}` for {seconds}s…");
+        let writers = 4u64;
+        let interval = Duration::from_micros(1_000_000 * writers / FRESHNESS_RATE);
+        let commits: Arc<Mutex<Vec<(u32, i64, Instant)>>> = Arc::default();
+        let started = Instant::now();
+        let until = started + Duration::from_secs(seconds);
+        let mut handles = Vec::new();
+        for writer in 0..writers {
+            let (handler, tasks, commits) = (handler.clone(), tasks.clone(), commits.clone());
+            handles.push(tokio::spawn(async move {
+                let mut rng = StdRng::seed_from_u64(writer);
+                let mut ticker = tokio::time::interval(interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                while Instant::now() < until {
+                    ticker.tick().await;
+                    let (tenant, task_id) = &tasks[rng.gen_range(0..tasks.len())];
+                    let command = TaskCommand::ReportTaskProgress {
+                        task_id: *task_id,
+                        percent: rng.gen_range(0..=99),
+                        note: Some(format!("writer {writer}")),
+                    };
+                    let ctx = CommandContext::new(Uuid::new_v4(), "bench", tenant.as_str());
+                    let outcome = handler.execute(command.into(), &ctx).await?;
+                    let committed = Instant::now();
+                    let partition = commands::partition::of(tenant, PARTITIONS);
+                    commits
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((partition, outcome.position, committed));
+                }
+                Ok::<_, anyhow::Error>(())
+            }));
+        }
+        for handle in handles {
+            handle.await.context("joining a writer")??;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let commits = std::mem::take(&mut *commits.lock().unwrap_or_else(|p| p.into_inner()));
+        let last = commits.iter().map(|(_, p, _)| *p).max().unwrap_or(head);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut reached = true;
+            for k in 0..PARTITIONS {
+                let wanted = store.last_in_partition(last, PARTITIONS, k).await?;
+                let at = timelines.lock().unwrap_or_else(|p| p.into_inner())[k as usize]
+                    .last()
+                    .map_or(0, |(at, _)| *at);
+                reached &= at >= wanted;
+            }
+            if reached {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the partitions did not apply the run within 60 s of its end"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let count = commits.len() as u64;
+        let processes: f64 = pids
+            .iter()
+            .zip(&cpu_before)
+            .map(|(pid, before)| Ok(crate::meter::cpu_seconds(*pid)? - before))
+            .collect::<anyhow::Result<Vec<f64>>>()?
+            .iter()
+            .sum();
+        let mut cost = meter.finish(count).await?;
+        cost.cpu_us = processes * 1e6 / count.max(1) as f64;
+        watching.cancel();
+        let _ = poller.await;
+        let timelines = timelines.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut hist = histogram();
+        let mut unseen = 0;
+        for (partition, position, committed) in &commits {
+            let timeline = &timelines[*partition as usize];
+            let index = timeline.partition_point(|(at, _)| at < position);
+            match timeline.get(index) {
+                Some((_, visible)) => {
+                    let micros = visible.saturating_duration_since(*committed).as_micros();
+                    let _ = hist.record(micros.max(1) as u64);
+                }
+                None => unseen += 1,
+            }
+        }
+        anyhow::ensure!(unseen == 0, "{unseen} command(s) were never seen as visible");
+        let mut f = figures(CLUSTER_FRESHNESS, "cmd/s", count, &hist, secs, 0).with_cost(cost);
+        f.scenario = format!(
+            "{CLUSTER_FRESHNESS}: commit → visible (target p99 ≤ {CLUSTER_P99_TARGET_MS:.0} ms: {})",
+            verdict(f.p99_ms <= CLUSTER_P99_TARGET_MS)
+        );
+        Ok(vec![f])
+    }
+    .await;
+    for pid in &pids {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    for mut child in children {
+        let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    }
+    let generation = model.generation();
+    if let Err(error) = model.drop_generation(&generation).await {
+        eprintln!("could not remove the scenario's keys from the Redis Cluster: {error}");
+    }
+    outcome
 }
