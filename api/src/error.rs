@@ -79,9 +79,6 @@ pub enum ApiError {
     SubscriberTooSlow(String),
     /// A socket holds as many subscriptions as it may.
     TooManySubscriptions(String),
-    /// What was asked is not built for this deployment (e.g. subscriptions
-    /// on a Redis Cluster).
-    NotSupported(String),
     /// The document broke a limit or GraphQL validation; `code` is the
     /// limit's (`QUERY_TOO_LARGE`, `GRAPHQL_VALIDATION_FAILED`, …).
     Document {
@@ -144,7 +141,6 @@ impl ApiError {
             ApiError::Internal { .. } => "INTERNAL",
             ApiError::SubscriberTooSlow(_) => "SUBSCRIBER_TOO_SLOW",
             ApiError::TooManySubscriptions(_) => "TOO_MANY_SUBSCRIPTIONS",
-            ApiError::NotSupported(_) => "NOT_SUPPORTED",
             ApiError::Document { code, .. } => code,
             ApiError::Command(e) => e.code(),
         }
@@ -163,8 +159,7 @@ impl ApiError {
             | ApiError::Stale(m)
             | ApiError::ShuttingDown(m)
             | ApiError::SubscriberTooSlow(m)
-            | ApiError::TooManySubscriptions(m)
-            | ApiError::NotSupported(m) => m.clone(),
+            | ApiError::TooManySubscriptions(m) => m.clone(),
             ApiError::Unavailable {
                 dependency: "the event store",
                 ..
@@ -187,7 +182,6 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::NotSupported(_) => StatusCode::NOT_IMPLEMENTED,
             _ => StatusCode::BAD_REQUEST,
         }
     }

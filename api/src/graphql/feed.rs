@@ -80,10 +80,6 @@ pub enum FeedError {
     /// The server is shutting down.
     #[error("the change feed has stopped (the server is shutting down)")]
     Stopped,
-    /// The read model is on a Redis Cluster, whose feeds this server cannot
-    /// follow yet.
-    #[error("subscriptions are not supported on a Redis Cluster yet")]
-    Clustered,
 }
 
 fn redis_failed(doing: impl Into<String>) -> impl FnOnce(redis::RedisError) -> FeedError {
@@ -145,7 +141,9 @@ struct Inner {
     /// never across an await.
     slots: Mutex<HashMap<String, Slot>>,
     /// Wakes the upstream when a tenant gains its first subscriber.
-    changed: Notify,
+    /// Wakes the upstream reading a tenant's feeds (one upstream, or on a
+    /// Redis Cluster one per partition: [`Inner::changed`]).
+    changed: Vec<Notify>,
     /// Task id → workflow id (from `TaskCreated`, else the task hash).
     workflows: Mutex<HashMap<String, String>>,
     /// The near cache of `agent(id)`, kept current by this feed.
@@ -216,22 +214,30 @@ impl Feed {
         near: usize,
         shutdown: CancellationToken,
     ) -> Result<Self, FeedError> {
-        // On a cluster, the first seed (the upstream reads nothing there:
-        // subscriptions are refused, see `join`).
-        let first = redis_url.split(',').next().unwrap_or(redis_url).trim();
-        let client = FeedClient::open(first, redis.clone())?;
+        // On a Redis Cluster one `XREAD` may only name keys of one slot: an
+        // upstream per partition, each on the primary serving its slot.
+        let clients: Vec<(Option<u32>, FeedClient)> = if redis.clustered() {
+            (0..redis.config().partitions.max(1))
+                .map(|k| (Some(k), FeedClient::for_partition(redis.clone(), k)))
+                .collect()
+        } else {
+            vec![(None, FeedClient::open(redis_url, redis.clone())?)]
+        };
+        let redis_tcp = clients.first().and_then(|(_, c)| c.tcp_address());
         let inner = Arc::new(Inner {
             store,
             redis,
             buffer: buffer.max(1),
             slots: Mutex::new(HashMap::new()),
-            changed: Notify::new(),
+            changed: clients.iter().map(|_| Notify::new()).collect(),
             workflows: Mutex::new(HashMap::new()),
             near: NearCache::new(near, NEAR_TENANTS),
-            redis_tcp: client.tcp_address(),
+            redis_tcp,
             shutdown,
         });
-        tokio::spawn(upstream(inner.clone(), client));
+        for (partition, client) in clients {
+            tokio::spawn(upstream(inner.clone(), client, partition));
+        }
         if inner.near.enabled() {
             tokio::spawn(sweep(inner.clone()));
         }
@@ -316,12 +322,6 @@ impl Feed {
         if self.inner.shutdown.is_cancelled() {
             return Err(FeedError::Stopped);
         }
-        if self.inner.redis.clustered() {
-            // One blocking `XREAD` over several tenants' feeds needs them
-            // in one slot: on a cluster the upstream would need a reader
-            // per node (not built).
-            return Err(FeedError::Clustered);
-        }
         let (events, agents, mut armed, new) = {
             let mut slots = lock(&self.inner.slots);
             let new = !slots.contains_key(tenant);
@@ -348,7 +348,7 @@ impl Feed {
             counted,
         };
         if new {
-            self.inner.changed.notify_one();
+            self.inner.changed(tenant).notify_one();
         }
         let waited = tokio::time::timeout(ARM_TIMEOUT, armed.wait_for(|a| *a))
             .await
@@ -438,6 +438,21 @@ impl Inner {
         self.redis.feed_key(tenant)
     }
 
+    /// The upstream reading `tenant`'s feed: on a cluster, its partition's.
+    fn partition(&self, tenant: &str) -> usize {
+        if self.changed.len() > 1 {
+            let partitions = u32::try_from(self.changed.len()).unwrap_or(u32::MAX);
+            commands::partition::of(tenant, partitions) as usize
+        } else {
+            0
+        }
+    }
+
+    /// What wakes the upstream reading `tenant`'s feed.
+    fn changed(&self, tenant: &str) -> &Notify {
+        &self.changed[self.partition(tenant)]
+    }
+
     /// Closes every channel (their subscribers' streams end).
     fn close(&self) {
         lock(&self.slots).clear();
@@ -445,10 +460,11 @@ impl Inner {
 }
 
 /// The upstream: reads, reconnecting after failures, until shutdown.
-async fn upstream(inner: Arc<Inner>, client: FeedClient) {
+async fn upstream(inner: Arc<Inner>, client: FeedClient, partition: Option<u32>) {
     let mut reader = Reader {
         cursors: HashMap::new(),
         generation: inner.redis.generation(),
+        partition: partition.map_or(0, |k| k as usize),
     };
     let mut pause = Duration::from_millis(100);
     while !inner.shutdown.is_cancelled() {
@@ -509,6 +525,8 @@ struct Reader {
     cursors: HashMap<String, i64>,
     /// The Redis generation the cursors were read in.
     generation: String,
+    /// The upstream's partition (its tenants; 0 when there is one).
+    partition: usize,
 }
 
 impl Reader {
@@ -533,7 +551,7 @@ impl Reader {
             if self.cursors.is_empty() {
                 tokio::select! {
                     () = inner.shutdown.cancelled() => return Ok(()),
-                    () = inner.changed.notified() => continue,
+                    () = inner.changed[self.partition].notified() => continue,
                 }
             }
             let Some(pages) = self.read(inner, &mut feed).await? else {
@@ -556,6 +574,7 @@ impl Reader {
     async fn sync(&mut self, inner: &Inner, feed: &mut FeedReader) -> Result<(), FeedError> {
         let tenants: Vec<(String, bool)> = lock(&inner.slots)
             .iter()
+            .filter(|(t, _)| inner.partition(t) == self.partition)
             .map(|(t, s)| (t.clone(), *s.armed.borrow()))
             .collect();
         self.cursors
@@ -625,7 +644,7 @@ impl Reader {
                 biased;
                 reply = &mut read => return Ok(reply?),
                 () = inner.shutdown.cancelled() => return Ok(None),
-                () = inner.changed.notified(), if !wake => wake = true,
+                () = inner.changed[self.partition].notified(), if !wake => wake = true,
                 () = tokio::time::sleep(Duration::from_millis(20)), if wake => {}
             }
             if waker.wake().await? {

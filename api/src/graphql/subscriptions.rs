@@ -123,12 +123,6 @@ fn feed_error(e: FeedError) -> async_graphql::Error {
             "the server is shutting down; subscribe again (with afterPosition) elsewhere".into(),
         )
         .into(),
-        FeedError::Clustered => ApiError::NotSupported(
-            "subscriptions are not supported while the read model is on a Redis Cluster \
-             (redis.cluster = true); query instead, or run the API against a single Redis"
-                .into(),
-        )
-        .into(),
         other => unavailable("the change feed", other),
     }
 }

@@ -410,7 +410,8 @@ pub struct Settings {
     pub redis_url: String,
     /// `redis.url` names a Redis Cluster: comma-separated seed nodes
     /// (`redis://a:7000,redis://b:7000`); every key is tagged with its
-    /// partition's hash slot and batches go to the slot's primary.
+    /// partition's hash slot, batches go to the slot's primary and the
+    /// change feeds are read per partition.
     #[arg(long, env = "NEURECTOMY_REDIS_CLUSTER", default_value_t = false, action = clap::ArgAction::Set, global = true)]
     pub redis_cluster: bool,
     /// Prefix of every Redis key of the read model.

@@ -120,6 +120,9 @@ impl RedisModel {
 pub struct FeedClient {
     /// The client of the readers' own connections.
     client: redis::Client,
+    /// On a Redis Cluster: the partition whose feeds are read, on the
+    /// primary serving its slot (asked at every connection).
+    partition: Option<u32>,
     /// The model whose feeds are read (its timeouts; its shared connection
     /// carries [`FeedWaker::wake`]).
     model: RedisModel,
@@ -136,7 +139,22 @@ impl FeedClient {
     /// (the Redis `model` is connected to).
     pub fn open(url: &str, model: RedisModel) -> Result<Self, FeedReadError> {
         let client = redis::Client::open(url).map_err(FeedReadError::Url)?;
-        Ok(Self { client, model })
+        Ok(Self {
+            client,
+            partition: None,
+            model,
+        })
+    }
+
+    /// Readers of the feeds of `partition` of `model`, which is on a Redis
+    /// Cluster: each connection goes to the primary serving the
+    /// partition's slot (one `XREAD` may only name keys of one slot).
+    pub fn for_partition(model: RedisModel, partition: u32) -> Self {
+        Self {
+            client: model.client.clone(),
+            partition: Some(partition),
+            model,
+        }
     }
 
     /// Redis's host and port, when it is reached over TCP (with or
@@ -156,8 +174,21 @@ impl FeedClient {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(timeouts.connect_timeout)
             .set_response_timeout(BLOCK + timeouts.response_timeout);
-        let mut conn = self
-            .client
+        let client =
+            match self.partition {
+                Some(partition) => self.model.partition_owner(partition).await.map_err(|e| {
+                    FeedReadError::Redis {
+                        doing: "finding the primary of the partition's feeds".to_owned(),
+                        source: redis::RedisError::from((
+                            redis::ErrorKind::IoError,
+                            "no primary for the partition",
+                            e.to_string(),
+                        )),
+                    }
+                })?,
+                None => self.client.clone(),
+            };
+        let mut conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(failed("connecting the change-feed reader"))?;
@@ -170,6 +201,7 @@ impl FeedClient {
             conn,
             id,
             model: self.model.clone(),
+            node: self.partition.map(|_| client),
         })
     }
 }
@@ -182,6 +214,8 @@ pub struct FeedReader {
     id: i64,
     /// The model whose shared connection wakes the reader.
     model: RedisModel,
+    /// On a cluster: the reader's node, where `CLIENT UNBLOCK` must go.
+    node: Option<redis::Client>,
 }
 
 impl std::fmt::Debug for FeedReader {
@@ -198,6 +232,7 @@ impl FeedReader {
         FeedWaker {
             model: self.model.clone(),
             id: self.id,
+            node: self.node.clone(),
         }
     }
 
@@ -290,6 +325,8 @@ pub struct FeedWaker {
     model: RedisModel,
     /// The reader's client id.
     id: i64,
+    /// On a cluster: the reader's node (a client id is a node's own).
+    node: Option<redis::Client>,
 }
 
 impl std::fmt::Debug for FeedWaker {
@@ -306,13 +343,22 @@ impl FeedWaker {
     /// overtaken the `XREAD` it should unblock, so a caller that must wake
     /// the read retries until it lands or the read returns.
     pub async fn wake(&self) -> Result<bool, FeedReadError> {
-        let mut conn = self.model.connection();
-        let unblocked: i64 = redis::cmd("CLIENT")
-            .arg("UNBLOCK")
-            .arg(self.id)
-            .query_async(&mut conn)
-            .await
-            .map_err(failed("waking the change-feed reader"))?;
+        let mut unblock = redis::cmd("CLIENT");
+        unblock.arg("UNBLOCK").arg(self.id);
+        let unblocked: i64 = match &self.node {
+            Some(node) => {
+                let mut conn = node
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(failed("connecting to the change-feed reader's node"))?;
+                unblock.query_async(&mut conn).await
+            }
+            None => {
+                let mut conn = self.model.connection();
+                unblock.query_async(&mut conn).await
+            }
+        }
+        .map_err(failed("waking the change-feed reader"))?;
         Ok(unblocked == 1)
     }
 }

@@ -816,8 +816,14 @@ impl RedisModel {
     /// the slot fails (`MOVED`); the writer is then dropped and the next
     /// batch asks again.
     async fn slot_owner(&self) -> Result<redis::Client, ApplyError> {
+        self.partition_owner(self.partition.unwrap_or(0)).await
+    }
+
+    /// On a cluster: a client of the primary serving `partition`'s slot (as
+    /// the cluster says now), with the seed's credentials.
+    pub async fn partition_owner(&self, partition: u32) -> Result<redis::Client, ApplyError> {
         let mut conn = self.conn.clone();
-        let key = self.key(&self.checkpoint_name());
+        let key = self.key_in(partition, "checkpoint");
         let slot: i64 = redis::cmd("CLUSTER")
             .arg("KEYSLOT")
             .arg(&key)

@@ -693,9 +693,9 @@ async fn partition_projectors_write_through_a_redis_cluster_primary_failover() {
 /// one primary; mutations are read back with read-your-writes from each
 /// tenant's slot (one agent, the agents list with a filter — a multi-key
 /// `SINTER` within the slot —, a workflow's tasks), a tenant never sees
-/// another's, `projectionStatus` lists every partition; a subscription is
-/// refused with `NOT_SUPPORTED` (the change feed is not read on a cluster
-/// yet), not left hanging.
+/// another's, `projectionStatus` lists every partition; subscribers of two
+/// tenants in different partitions each get their own tenant's changes
+/// (an upstream reader per partition, on its slot's primary).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_reads_a_partitioned_model_on_a_redis_cluster() {
     use neurectomy_e2e::services::RedisCluster;
@@ -778,21 +778,37 @@ async fn the_api_reads_a_partitioned_model_on_a_redis_cluster() {
         names,
         ["redis/p0", "redis/p1", "redis/p2", "redis/p3", "graph"]
     );
-    // A subscription: refused at once with a code a client can act on.
-    let mut ws = neurectomy_e2e::ws::Client::connect(api.addr, &token_a, None).await;
-    ws.subscribe(
-        "s",
-        "subscription { agentsUpdated { position } }",
-        json!({}),
-    )
-    .await;
-    match ws.reply(Duration::from_secs(10)).await {
-        neurectomy_e2e::ws::Reply::Error(id, errors) => {
-            assert_eq!(id, "s");
-            assert_eq!(errors[0]["extensions"]["code"], "NOT_SUPPORTED", "{errors}");
-        }
-        other => panic!("a subscription on a Redis Cluster: {other:?}"),
-    }
-    ws.close().await;
+    // Subscriptions: one upstream per partition, each reading its
+    // partition's feeds on the primary serving its slot. Two tenants of
+    // different partitions subscribe after `at`: each first gets its agent
+    // changed since (the snapshot, once its feed is followed), then its next
+    // change live from its partition's feed — and nothing of the other.
+    let (snap_a, _) = register(&api, &token_a, "agent-a2").await;
+    let (snap_b, _) = register(&api, &token_b, "agent-b2").await;
+    let subscription =
+        "subscription($p: Position) { agentsUpdated(afterPosition: $p) { position agent { id } } }";
+    let mut ws_a = neurectomy_e2e::ws::Client::connect(api.addr, &token_a, None).await;
+    ws_a.subscribe("a", subscription, json!({ "p": at })).await;
+    let mut ws_b = neurectomy_e2e::ws::Client::connect(api.addr, &token_b, None).await;
+    ws_b.subscribe("b", subscription, json!({ "p": at })).await;
+    assert_eq!(next_agent(&mut ws_a, "a").await, json!(snap_a));
+    assert_eq!(next_agent(&mut ws_b, "b").await, json!(snap_b));
+    let (live_b, _) = register(&api, &token_b, "agent-b3").await;
+    let (live_a, _) = register(&api, &token_a, "agent-a3").await;
+    assert_eq!(next_agent(&mut ws_a, "a").await, json!(live_a));
+    assert_eq!(next_agent(&mut ws_b, "b").await, json!(live_b));
+    ws_b.close().await;
+    ws_a.close().await;
     api.shutdown().await;
+}
+
+/// The agent id of the next message of subscription `id` on `ws`.
+async fn next_agent(ws: &mut neurectomy_e2e::ws::Client, id: &str) -> Value {
+    match ws.reply(Duration::from_secs(10)).await {
+        neurectomy_e2e::ws::Reply::Next(got, data) => {
+            assert_eq!(got, id);
+            data["agentsUpdated"]["agent"]["id"].clone()
+        }
+        other => panic!("subscription {id} on a Redis Cluster: {other:?}"),
+    }
 }
