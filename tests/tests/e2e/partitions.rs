@@ -804,7 +804,63 @@ async fn the_api_reads_a_partitioned_model_on_a_redis_cluster() {
 
 /// The agent id of the next message of subscription `id` on `ws`.
 async fn next_agent(ws: &mut neurectomy_e2e::ws::Client, id: &str) -> Value {
-    match ws.reply(Duration::from_secs(10)).await {
+    next_agent_within(ws, id, Duration::from_secs(10)).await
+}
+
+/// A subscriber on a Redis Cluster (three primaries with a replica each)
+/// keeps receiving its tenant's changes when the primary serving its
+/// partition's slot is SIGKILLed: its upstream reader reconnects to the
+/// promoted replica (the projector writing on through it), and the next
+/// change arrives — once, after everything delivered before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_a_redis_cluster_follows_a_primary_failover() {
+    use neurectomy_e2e::services::RedisCluster;
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let redis = TestRedis::on_cluster(&cluster.urls().join(","), PARTITIONS)
+        .await
+        .unwrap();
+    let (a, _) = tenants_apart(PARTITIONS);
+    let partition = commands::partition::of(&a, PARTITIONS);
+    let slot_key = redis
+        .model
+        .key_in(partition, &format!("checkpoint:p{partition}"));
+    let api = TestApi::start_partitioned_on(PARTITIONS, redis, &["--redis-cluster", "true"]).await;
+    let token = api.token(&a, &[Role::Operator]);
+    let (first, at) = register(&api, &token, "agent-1").await;
+    let subscription =
+        "subscription($p: Position) { agentsUpdated(afterPosition: $p) { position agent { id } } }";
+    let mut ws = neurectomy_e2e::ws::Client::connect(api.addr, &token, None).await;
+    ws.subscribe("s", subscription, json!({ "p": (at - 1).to_string() }))
+        .await;
+    assert_eq!(next_agent(&mut ws, "s").await, json!(first));
+
+    let victim = cluster.primary_of(&slot_key).await.unwrap();
+    cluster.kill(victim);
+    let killed = Instant::now();
+    eventually(
+        "a replica to be promoted",
+        Duration::from_secs(60),
+        || async { cluster.primary_of(&slot_key).await.filter(|p| *p != victim) },
+    )
+    .await;
+    let (second, _) = register(&api, &token, "agent-2").await;
+    let got = next_agent_within(&mut ws, "s", Duration::from_secs(30)).await;
+    println!(
+        "a subscriber's partition primary killed: its next change delivered {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_eq!(got, json!(second));
+    ws.close().await;
+    api.shutdown().await;
+}
+
+/// [`next_agent`] within `timeout`.
+async fn next_agent_within(
+    ws: &mut neurectomy_e2e::ws::Client,
+    id: &str,
+    timeout: Duration,
+) -> Value {
+    match ws.reply(timeout).await {
         neurectomy_e2e::ws::Reply::Next(got, data) => {
             assert_eq!(got, id);
             data["agentsUpdated"]["agent"]["id"].clone()
