@@ -876,39 +876,15 @@ async fn rebuild_with_processes(
             head
         });
     }
-    let binary = std::env::current_exe()
-        .context("locating this binary")?
-        .with_file_name("neurectomy");
-    anyhow::ensure!(
-        binary.exists(),
-        "{} is missing: build it with `cargo build --release -p neurectomy-api`",
-        binary.display()
-    );
+    let project_env = ProjectEnv {
+        database_url,
+        stream: &relay_config,
+        partitions,
+        redis: (&settings.redis_url, false, model.prefix()),
+    };
     let mut children = Vec::new();
     for _ in 0..processes {
-        let child = tokio::process::Command::new(&binary)
-            .args(["project", "--only", "redis"])
-            .env_clear()
-            .env("NEURECTOMY_DATABASE_URL", database_url)
-            .env("NEURECTOMY_NATS_URL", &settings.nats_url)
-            .env("NEURECTOMY_JETSTREAM_STREAM", &relay_config.stream_name)
-            .env("NEURECTOMY_SUBJECT_PREFIX", &relay_config.subject_prefix)
-            .env("NEURECTOMY_JETSTREAM_PARTITIONS", partitions.to_string())
-            .env("NEURECTOMY_REDIS_URL", &settings.redis_url)
-            .env("NEURECTOMY_REDIS_PREFIX", model.prefix())
-            .env(
-                "NEURECTOMY_PROJECTOR_BATCH_SIZE",
-                settings.projector_batch_size.to_string(),
-            )
-            .env("NEURECTOMY_PROJECTOR_LEASE_TTL_MS", "1000")
-            .env("NEURECTOMY_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        children.push(child);
+        children.push(spawn_project(settings, &project_env)?);
     }
     let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
     let first = *pids.first().context("a process without a pid")?;
@@ -943,14 +919,7 @@ async fn rebuild_with_processes(
         .sum();
     let mut cost = meter.finish(total).await?;
     cost.cpu_us += more * 1e6 / total.max(1) as f64;
-    for child in &pids {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &child.to_string()])
-            .status();
-    }
-    for mut child in children {
-        let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
-    }
+    stop_processes(children).await;
     let mut per_batch = histogram();
     let _ = per_batch.record((secs * 1e6) as u64);
     Ok(figures(&label, "ev/s", total, &per_batch, secs, 0).with_cost(cost))
@@ -1081,32 +1050,15 @@ async fn cluster_freshness(
     )
     .await
     .with_context(|| format!("connecting to the Redis Cluster at {seeds}"))?;
-    let binary = std::env::current_exe()
-        .context("locating this binary")?
-        .with_file_name("neurectomy");
+    let project_env = ProjectEnv {
+        database_url: &database_url,
+        stream: &relay_config,
+        partitions: PARTITIONS,
+        redis: (&seeds, true, model.prefix()),
+    };
     let mut children = Vec::new();
     for _ in 0..PROCESSES {
-        children.push(
-            tokio::process::Command::new(&binary)
-                .args(["project", "--only", "redis"])
-                .env_clear()
-                .env("NEURECTOMY_DATABASE_URL", &database_url)
-                .env("NEURECTOMY_NATS_URL", &settings.nats_url)
-                .env("NEURECTOMY_JETSTREAM_STREAM", &relay_config.stream_name)
-                .env("NEURECTOMY_SUBJECT_PREFIX", &relay_config.subject_prefix)
-                .env("NEURECTOMY_JETSTREAM_PARTITIONS", PARTITIONS.to_string())
-                .env("NEURECTOMY_REDIS_CLUSTER", "true")
-                .env("NEURECTOMY_REDIS_URL", &seeds)
-                .env("NEURECTOMY_REDIS_PREFIX", model.prefix())
-                .env("NEURECTOMY_PROJECTOR_LEASE_TTL_MS", "1000")
-                .env("NEURECTOMY_LOG", "warn")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::inherit())
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("starting {}", binary.display()))?,
-        );
+        children.push(spawn_project(settings, &project_env)?);
     }
     let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
     let outcome = async {
@@ -1264,7 +1216,70 @@ async fn cluster_freshness(
         Ok(vec![f])
     }
     .await;
-    for pid in &pids {
+    stop_processes(children).await;
+    let generation = model.generation();
+    if let Err(error) = model.drop_generation(&generation).await {
+        eprintln!("could not remove the scenario's keys from the Redis Cluster: {error}");
+    }
+    outcome
+}
+
+/// What a `neurectomy project --only redis` process of a scenario runs on.
+struct ProjectEnv<'a> {
+    database_url: &'a str,
+    /// The stream and subject prefix.
+    stream: &'a RelayConfig,
+    partitions: u32,
+    /// Redis URL (seeds when clustered), whether it is a cluster, prefix.
+    redis: (&'a str, bool, &'a str),
+}
+
+/// Starts the release `neurectomy project --only redis` beside this binary
+/// on `env` (1 s lease ttl, warnings only), killed if dropped.
+fn spawn_project(
+    settings: &Settings,
+    env: &ProjectEnv<'_>,
+) -> anyhow::Result<tokio::process::Child> {
+    let binary = std::env::current_exe()
+        .context("locating this binary")?
+        .with_file_name("neurectomy");
+    anyhow::ensure!(
+        binary.exists(),
+        "{} is missing: build it with `cargo build --release -p neurectomy-api`",
+        binary.display()
+    );
+    let (redis_url, cluster, prefix) = env.redis;
+    tokio::process::Command::new(&binary)
+        .args(["project", "--only", "redis"])
+        .env_clear()
+        .env("NEURECTOMY_DATABASE_URL", env.database_url)
+        .env("NEURECTOMY_NATS_URL", &settings.nats_url)
+        .env("NEURECTOMY_JETSTREAM_STREAM", &env.stream.stream_name)
+        .env("NEURECTOMY_SUBJECT_PREFIX", &env.stream.subject_prefix)
+        .env(
+            "NEURECTOMY_JETSTREAM_PARTITIONS",
+            env.partitions.to_string(),
+        )
+        .env("NEURECTOMY_REDIS_CLUSTER", cluster.to_string())
+        .env("NEURECTOMY_REDIS_URL", redis_url)
+        .env("NEURECTOMY_REDIS_PREFIX", prefix)
+        .env(
+            "NEURECTOMY_PROJECTOR_BATCH_SIZE",
+            settings.projector_batch_size.to_string(),
+        )
+        .env("NEURECTOMY_PROJECTOR_LEASE_TTL_MS", "1000")
+        .env("NEURECTOMY_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))
+}
+
+/// SIGTERM to each of `children`, then waits (at most 30 s each).
+async fn stop_processes(children: Vec<tokio::process::Child>) {
+    for pid in children.iter().filter_map(tokio::process::Child::id) {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
@@ -1272,9 +1287,4 @@ async fn cluster_freshness(
     for mut child in children {
         let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
     }
-    let generation = model.generation();
-    if let Err(error) = model.drop_generation(&generation).await {
-        eprintln!("could not remove the scenario's keys from the Redis Cluster: {error}");
-    }
-    outcome
 }
