@@ -55,7 +55,7 @@ pub mod trace;
 
 pub use envelope::{CommandContext, EventMetadata, ExpectedVersion, NewEvent, RecordedEvent};
 pub use error::{AppendError, CommandError, ReadError, RelayError};
-pub use event_store::EventStore;
+pub use event_store::{EventStore, PartitionIndex};
 pub use handler::{CommandHandler, CommandOutcome, HandlerConfig};
 pub use in_hand::InHand;
 pub use relay::{Relay, RelayConfig, RelayProgress};

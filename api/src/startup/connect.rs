@@ -91,6 +91,15 @@ pub async fn migrated_pool(settings: &Settings) -> anyhow::Result<PgPool> {
     commands::migrate(&migrating)
         .await
         .context("running the event-store migrations")?;
+    // The partition index of the configured partition count (also built by
+    // the partitioned projectors, in the background, when missing).
+    let partitions = settings.jetstream_partitions;
+    commands::EventStore::with_committers(migrating.clone(), 0)
+        .ensure_partition_index(partitions)
+        .await
+        .with_context(|| {
+            format!("building the index for reading one of {partitions} partitions")
+        })?;
     migrating.close().await;
     tracing::info!("event store migrated");
     connect_database(settings).await

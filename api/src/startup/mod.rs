@@ -287,6 +287,21 @@ impl Application {
         probes: &mut Probes,
     ) {
         let leases = self.leases("redis").with_partitions(partitions);
+        // The index a partition's catch-up reads through; built in the
+        // background (reads are correct without it, only slower), once
+        // among the processes starting together.
+        self.background.push(tokio::spawn({
+            let store = self.store.clone();
+            async move {
+                if let Err(error) = store.ensure_partition_index(partitions).await {
+                    let error = format!("{:#}", anyhow::Error::new(error));
+                    tracing::warn!(
+                        %error,
+                        "cannot build the partition index; partition reads walk the whole log until it exists"
+                    );
+                }
+            }
+        }));
         self.background.push(tokio::spawn({
             let (leases, stop) = (leases.clone(), self.shutdown.clone());
             async move { leases.keep_membership(stop).await }

@@ -4,6 +4,7 @@
 mod append;
 mod group;
 mod lease;
+mod partition_index;
 mod read;
 mod snapshot;
 
@@ -18,6 +19,7 @@ pub use crate::idempotency::event_id;
 pub use append::MAX_EVENTS_PER_APPEND;
 pub use group::{MAX_APPENDS as MAX_APPENDS_PER_GROUP, MOST_EVENTS_GROUPED};
 pub use lease::FRESH as KEPT_CONNECTION_FRESH;
+pub use partition_index::{in_partition, partition_index_name, row_partition, PartitionIndex};
 pub use read::{Lag, LoadedStream, LogHead, StoredEvent, EXACT_LAG};
 
 /// Statements slower than this are logged at warn, by name and duration

@@ -9,6 +9,7 @@ use sqlx::postgres::PgRow;
 use sqlx::types::Json;
 use sqlx::Row;
 
+use super::partition_index::with_partition;
 use super::EventStore;
 use crate::envelope::{EventMetadata, RecordedEvent};
 use crate::error::ReadError;
@@ -211,14 +212,9 @@ impl EventStore {
         partition: u32,
     ) -> Result<Vec<RecordedEvent>, ReadError> {
         let started = std::time::Instant::now();
+        let sql = with_partition(READ_PARTITION, partitions, partition);
         let rows = self
-            .fetch_all(
-                sqlx::query(READ_PARTITION)
-                    .bind(after)
-                    .bind(limit)
-                    .bind(i32::try_from(partitions).unwrap_or(i32::MAX))
-                    .bind(i32::try_from(partition).unwrap_or(i32::MAX)),
-            )
+            .fetch_in_order(sqlx::query(&sql).bind(after).bind(limit))
             .await
             .map_err(db(format!(
                 "reading partition {partition} of {partitions} of the log after position {after}"
@@ -235,16 +231,42 @@ impl EventStore {
         partitions: u32,
         partition: u32,
     ) -> Result<i64, ReadError> {
-        let found: Option<i64> = sqlx::query_scalar(LAST_IN_PARTITION)
-            .bind(position)
-            .bind(i32::try_from(partitions).unwrap_or(i32::MAX))
-            .bind(i32::try_from(partition).unwrap_or(i32::MAX))
-            .fetch_optional(&self.pool)
+        let sql = with_partition(LAST_IN_PARTITION, partitions, partition);
+        let rows = self
+            .fetch_in_order(sqlx::query(&sql).bind(position))
             .await
             .map_err(db(format!(
                 "finding the last event of partition {partition} of {partitions} at or below position {position}"
             )))?;
-        Ok(found.unwrap_or(0))
+        match rows.first() {
+            Some(row) => row.try_get(0).map_err(db(format!(
+                "reading the last event of partition {partition} of {partitions}"
+            ))),
+            None => Ok(0),
+        }
+    }
+
+    /// Runs a read of one partition in position order with sorting turned
+    /// off for the statement (`SET LOCAL enable_sort = off`, one round trip
+    /// with its `BEGIN`), so that it walks the partition's index and stops
+    /// at its limit. Left to its estimates the planner often chooses
+    /// otherwise: it does not know a partition's share of the log (the
+    /// partial indexes' predicate has no statistics; it assumes 0.5 %), and
+    /// on a log loaded since the last `ANALYZE` it expects fewer rows than
+    /// the limit — then it fetches the whole rest of the partition and
+    /// sorts it, on disk, for every page: measured, 50–120 ms a page of
+    /// 2,000 events instead of 4 ms, a rebuild's PostgreSQL time ×4.
+    async fn fetch_in_order<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Vec<PgRow>, sqlx::Error> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN READ ONLY; SET LOCAL enable_sort = off")
+            .await?;
+        let rows = query.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(rows)
     }
 
     /// Reads versions `from..=to` of a stream of `tenant`, at most `limit`

@@ -530,6 +530,98 @@ async fn a_partition_of_the_log_reads_exactly_its_events_in_order() {
         .execute(&db.pool)
         .await
         .unwrap();
+    // Read first through the primary key (no partition index), then
+    // through the index the partitioned processes build.
+    for indexed in [false, true] {
+        if indexed {
+            build_partition_indexes(&store, &db.pool).await;
+        }
+        read_each_partition(&store, &all, head).await;
+    }
+}
+
+/// Builds the partition indexes of 4 partitions by two callers at once (one
+/// builds them, the other waits for it and finds them there), and checks
+/// that a partition's reads go through its index.
+async fn build_partition_indexes(store: &EventStore, pool: &sqlx::PgPool) {
+    use neurectomy_commands::event_store::{in_partition, partition_index_name};
+    use neurectomy_commands::PartitionIndex;
+    let (a, b) = tokio::join!(
+        store.ensure_partition_index(4),
+        store.ensure_partition_index(4)
+    );
+    let mut outcomes = [a.unwrap(), b.unwrap()];
+    outcomes.sort_by_key(|o| matches!(o, PartitionIndex::Present));
+    assert!(
+        matches!(
+            outcomes,
+            [PartitionIndex::Built(4, _), PartitionIndex::Present]
+        ),
+        "one caller builds the 4 indexes, the other finds them: {outcomes:?}"
+    );
+    // One dropped (as if never built) is built again, alone.
+    sqlx::query(&format!("DROP INDEX {}", partition_index_name(4, 2)))
+        .execute(pool)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.ensure_partition_index(4).await.unwrap(),
+        PartitionIndex::Built(1, _)
+    ));
+    assert_eq!(
+        store.ensure_partition_index(4).await.unwrap(),
+        PartitionIndex::Present
+    );
+    assert_eq!(
+        store.ensure_partition_index(1).await.unwrap(),
+        PartitionIndex::Unneeded
+    );
+    sqlx::query("ANALYZE events").execute(pool).await.unwrap();
+    for partition in 0..4 {
+        let name = partition_index_name(4, partition);
+        let valid: bool = sqlx::query_scalar(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)",
+        )
+        .bind(&name)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert!(valid, "{name} is valid");
+        // The read as the store sends it, its parameters as a generic plan
+        // sees them.
+        let read = include_str!("../../src/event_store/sql/read_partition.sql")
+            .replace("{in_partition}", &in_partition(4, partition));
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query("SET plan_cache_mode = force_generic_plan")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::query(&format!("PREPARE partition_read(bigint, bigint) AS {read}"))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE partition_read(0, 100)")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        for reset in ["DEALLOCATE partition_read", "RESET plan_cache_mode"] {
+            sqlx::query(reset).execute(&mut *conn).await.unwrap();
+        }
+        assert!(
+            plan.iter().any(|line| line.contains(&name)),
+            "a read of partition {partition} goes through {name}:\n{}",
+            plan.join("\n")
+        );
+    }
+}
+
+/// Reads every partition of 4 and of 64 page by page and checks each
+/// holds exactly its tenants' events, in order, and its last event.
+async fn read_each_partition(
+    store: &EventStore,
+    all: &[neurectomy_commands::RecordedEvent],
+    head: i64,
+) {
     for partitions in [4u32, 64] {
         let mut seen = Vec::new();
         for partition in 0..partitions {
