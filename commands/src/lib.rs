@@ -33,6 +33,7 @@
 //! - [`idempotency`]: the event and aggregate ids derived from a command.
 //! - [`relay`]: the outbox relay to JetStream, with leadership and checkpoints.
 //! - [`partition`]: the partitions of the log by tenant (subjects, headers).
+//! - [`seal`]: canonical JSON and Merkle proofs for the sealed audit log.
 //! - [`in_hand`]: the batch a worker holds (what a shutdown waits for).
 //! - [`error`]: the error enums of each operation.
 //! - [`trace`]: W3C `traceparent` helpers that link the spans of one change
@@ -49,6 +50,7 @@ pub mod idempotency;
 pub mod in_hand;
 pub mod partition;
 pub mod relay;
+pub mod seal;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod trace;
