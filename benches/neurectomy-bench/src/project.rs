@@ -958,6 +958,41 @@ async fn rebuild_with_processes(
     Ok(figures(&label, "ev/s", total, &per_batch, secs, 0).with_cost(cost))
 }
 
+/// `runs` rebuilds of one configuration ([`rebuild_with_processes`]).
+async fn rebuild_runs(
+    settings: &Settings,
+    scratch: &mut Scratch,
+    store: (&str, &EventStore),
+    (partitions, processes): (u32, usize),
+    (total, runs): (u64, usize),
+    cluster: Option<&str>,
+) -> anyhow::Result<Vec<Figures>> {
+    let on = if cluster.is_some() {
+        " on a Redis Cluster"
+    } else {
+        ""
+    };
+    let mut figs = Vec::new();
+    for run in 0..runs {
+        eprintln!(
+            "running `{PARTITIONED_REBUILD}`{on} with {processes} process(es) and {partitions} partition(s) ({}/{runs}), {total} events…",
+            run + 1
+        );
+        figs.push(
+            rebuild_with_processes(
+                settings,
+                scratch,
+                store,
+                (partitions, processes),
+                total,
+                cluster,
+            )
+            .await?,
+        );
+    }
+    Ok(figs)
+}
+
 /// The partitioned rebuild scenarios: one process of the unpartitioned
 /// model (the baseline of per-event CPU), then one and two processes of
 /// [`REBUILD_PARTITIONS`] partitions; the two-process rate as a multiple
@@ -974,24 +1009,15 @@ async fn partitioned_rebuilds(
     let mut results = Vec::new();
     let mut rates = Vec::new();
     for (partitions, processes) in [(1, 1), (REBUILD_PARTITIONS, 1), (REBUILD_PARTITIONS, 2)] {
-        let mut figs = Vec::new();
-        for run in 0..runs {
-            eprintln!(
-                "running `{PARTITIONED_REBUILD}` with {processes} process(es) and {partitions} partition(s) ({}/{runs}), {total} events…",
-                run + 1
-            );
-            figs.push(
-                rebuild_with_processes(
-                    settings,
-                    scratch,
-                    (database_url, store),
-                    (partitions, processes),
-                    total,
-                    None,
-                )
-                .await?,
-            );
-        }
+        let figs = rebuild_runs(
+            settings,
+            scratch,
+            (database_url, store),
+            (partitions, processes),
+            (total, runs),
+            None,
+        )
+        .await?;
         if let Some(f) = median(figs) {
             rates.push(f.rate);
             results.push(f);
@@ -1030,25 +1056,15 @@ async fn cluster_rebuilds(
     };
     let mut results = Vec::new();
     for (partitions, processes) in [(1, 1), (REBUILD_PARTITIONS, 2)] {
-        let mut figs = Vec::new();
-        for run in 0..args.runs.max(1) {
-            eprintln!(
-                "running `{PARTITIONED_REBUILD}` on a Redis Cluster with {processes} process(es) and {partitions} partition(s) ({}/{}), {total} events…",
-                run + 1,
-                args.runs.max(1)
-            );
-            figs.push(
-                rebuild_with_processes(
-                    settings,
-                    scratch,
-                    (database_url, store),
-                    (partitions, processes),
-                    total,
-                    Some(&seeds),
-                )
-                .await?,
-            );
-        }
+        let figs = rebuild_runs(
+            settings,
+            scratch,
+            (database_url, store),
+            (partitions, processes),
+            (total, args.runs.max(1)),
+            Some(&seeds),
+        )
+        .await?;
         results.extend(median(figs));
     }
     if let [one, two] = results.as_mut_slice() {

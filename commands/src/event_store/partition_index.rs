@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::{Connection as _, PgConnection};
 
+use super::read::db;
 use super::EventStore;
 use crate::error::ReadError;
 
@@ -77,11 +78,6 @@ pub(crate) fn with_partition(sql: &str, partitions: u32, partition: u32) -> Stri
 /// The name of the index of `partition` of `partitions`.
 pub fn partition_index_name(partitions: u32, partition: u32) -> String {
     format!("events_partition_{partition}_of_{partitions}")
-}
-
-fn db(doing: impl Into<String>) -> impl FnOnce(sqlx::Error) -> ReadError {
-    let doing = doing.into();
-    move |source| ReadError::Database { doing, source }
 }
 
 impl EventStore {

@@ -128,7 +128,7 @@ pub struct LogHead {
     pub readable: i64,
 }
 
-fn db(doing: impl Into<String>) -> impl FnOnce(sqlx::Error) -> ReadError {
+pub(super) fn db(doing: impl Into<String>) -> impl FnOnce(sqlx::Error) -> ReadError {
     let doing = doing.into();
     move |source| ReadError::Database { doing, source }
 }
