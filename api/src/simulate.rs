@@ -192,6 +192,33 @@ impl Sim {
             .collect();
         capable.choose(rng).copied()
     }
+
+    /// Resumes a paused (in our view) agent covering `required`. A refusal
+    /// means the store has it active already: our view catches up.
+    async fn resume_capable(
+        &self,
+        rng: &mut StdRng,
+        required: &BTreeSet<String>,
+        correlation: Uuid,
+    ) {
+        let paused: Option<AgentId> = {
+            let agents = self.agents();
+            let paused: Vec<AgentId> = agents
+                .iter()
+                .filter(|a| a.mode == AgentMode::Paused && required.is_subset(&a.capabilities))
+                .map(|a| a.id)
+                .collect();
+            paused.choose(rng).copied()
+        };
+        let Some(id) = paused else { return };
+        match self
+            .send(AgentCommand::ResumeAgent { agent_id: id }, correlation)
+            .await
+        {
+            Ok(_) | Err(CommandError::Domain(_)) => set_mode(self, id, AgentMode::Active),
+            Err(_) => {}
+        }
+    }
 }
 
 /// Drives the workload until `shutdown` (or the configured duration).
@@ -551,10 +578,15 @@ async fn run_workflow(sim: &Sim, rng: &mut StdRng, task_count: usize) {
 /// Returns whether it got as far as an assignment.
 async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: Uuid) -> bool {
     let Some(agent) = sim.pick_agent(rng, &task.capabilities, None) else {
+        // An orchestrator does not wait on the churn to bring a capable
+        // agent back (for a small tenant that can take minutes): it resumes
+        // one itself.
+        sim.resume_capable(rng, &task.capabilities, correlation)
+            .await;
         return false;
     };
     let id = task.id;
-    if sim
+    if let Err(error) = sim
         .send(
             TaskCommand::AssignTask {
                 task_id: id,
@@ -563,9 +595,13 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
             correlation,
         )
         .await
-        .is_err()
     {
-        return false; // the agent was paused meanwhile; try again next round
+        if matches!(error, CommandError::Domain(_)) {
+            // The agent was paused meanwhile (or our view of it is stale):
+            // stop picking it until it is resumed.
+            set_mode(sim, agent, AgentMode::Paused);
+        }
+        return false; // try again next round
     }
     let mut holder = agent;
     let mut started = sim
