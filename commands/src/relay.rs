@@ -61,6 +61,7 @@ use crate::envelope::RecordedEvent;
 use crate::error::RelayError;
 use crate::event_store::{EventStore, COMMIT_CHANNEL};
 use crate::in_hand::InHand;
+use crate::seal::sealer::{Feed, Sealer};
 
 const CHECKPOINT_GET: &str = include_str!("event_store/sql/relay_checkpoint_get.sql");
 const CHECKPOINT_PUT: &str = include_str!("event_store/sql/relay_checkpoint_put.sql");
@@ -109,6 +110,10 @@ pub fn stamp(headers: &HeaderMap) -> Option<Stamp> {
     }
     Some(Stamp { position, event_id })
 }
+
+/// How long a leadership term's end waits for the sealer to seal its open
+/// block.
+const SEAL_STOP: Duration = Duration::from_secs(10);
 
 /// JetStream messages read at once while walking back to the relay's last
 /// message (past foreign or deleted ones).
@@ -248,7 +253,13 @@ pub struct Relay {
     progress: watch::Sender<RelayProgress>,
     /// The batch being published, for shutdown reports.
     in_hand: InHand,
+    /// Seals the log as it is read, while leading (`None`: no seal key).
+    sealer: Option<Sealer>,
 }
+
+/// Batches the leader's sealer may be behind before it reads the store
+/// itself instead (the relay never waits for it).
+const SEAL_FEED: usize = 64;
 
 impl Relay {
     /// A relay publishing `store`'s events through `client`.
@@ -263,7 +274,19 @@ impl Relay {
             config,
             progress,
             in_hand: InHand::default(),
+            sealer: None,
         }
+    }
+
+    /// Seals the log while leading (README, "Sealed audit log").
+    pub fn with_sealer(mut self, sealer: Sealer) -> Self {
+        self.sealer = Some(sealer);
+        self
+    }
+
+    /// The sealer, if the relay seals.
+    pub fn sealer(&self) -> Option<&Sealer> {
+        self.sealer.as_ref()
     }
 
     /// Events of the batch being published now (0 between batches).
@@ -420,7 +443,29 @@ impl Relay {
                 self.progress.subscribe(),
                 sampling.clone(),
             ));
-            let end = self.lead(&mut lock, &shutdown).await;
+            // The sealer follows the leader's reads for this term.
+            let (feed, sealing) = match &self.sealer {
+                Some(sealer) => {
+                    let (feed, batches) = tokio::sync::mpsc::channel(SEAL_FEED);
+                    let stop = CancellationToken::new();
+                    let task = tokio::spawn({
+                        let (sealer, stop) = (sealer.clone(), stop.clone());
+                        async move { sealer.run(batches, stop).await }
+                    });
+                    (Some(feed), Some((stop, task)))
+                }
+                None => (None, None),
+            };
+            let end = self.lead(&mut lock, &shutdown, feed.as_ref()).await;
+            drop(feed);
+            if let Some((stop, task)) = sealing {
+                // It seals its open block, then stops; bounded, so a
+                // PostgreSQL outage cannot hold the relay here.
+                stop.cancel();
+                if tokio::time::timeout(SEAL_STOP, task).await.is_err() {
+                    tracing::warn!("the sealer did not stop in time; its open block is sealed by the next leader");
+                }
+            }
             sampling.cancel();
             let _ = sampler.await;
             self.progress.send_modify(|p| p.leader = false);
@@ -484,7 +529,12 @@ impl Relay {
     }
 
     /// One leadership term.
-    async fn lead(&self, lock: &mut PgConnection, shutdown: &CancellationToken) -> TermEnd {
+    async fn lead(
+        &self,
+        lock: &mut PgConnection,
+        shutdown: &CancellationToken,
+        seal_feed: Option<&tokio::sync::mpsc::Sender<Feed>>,
+    ) -> TermEnd {
         let mut wake = self.store.commits();
         let mut listener = self.listen().await;
         let mut backoff = Backoff::new(self.config.max_backoff);
@@ -540,6 +590,15 @@ impl Relay {
                 continue;
             }
 
+            let batch: std::sync::Arc<[RecordedEvent]> = batch.into();
+            if let Some(feed) = seal_feed {
+                // Full: the sealer reads these from the store when it gets
+                // to them.
+                let _ = feed.try_send(Feed {
+                    after: position,
+                    events: batch.clone(),
+                });
+            }
             let started = Instant::now();
             let holding = self.in_hand.hold(batch.len());
             let published = self.publish(&batch, sequence, &mut chain).await;

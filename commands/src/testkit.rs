@@ -235,6 +235,8 @@ impl Drop for TestNats {
                 let client = async_nats::connect(url.as_str()).await.ok()?;
                 let js = async_nats::jetstream::new(client.clone());
                 let _ = js.delete_stream(&stream).await;
+                // The seals' copies, when the test's relay sealed the log.
+                let _ = js.delete_stream(format!("{stream}_SEALS")).await;
                 let _ = client.flush().await;
                 Some(())
             })

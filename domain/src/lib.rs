@@ -37,6 +37,7 @@ pub mod command;
 pub mod error;
 pub mod event;
 pub mod ids;
+pub mod personal;
 pub mod task;
 pub mod validate;
 pub mod workflow;

@@ -182,6 +182,29 @@ pub mod pipeline {
             nats_url: &str,
             adjust: impl FnOnce(&mut commands::RelayConfig),
         ) -> Self {
+            Self::start_sealing(nats_url, adjust, None).await
+        }
+
+        /// A pipeline whose relay seals the log with `key` in blocks of at
+        /// most `block_events` events or `block_time`.
+        pub async fn start_sealed(
+            key: commands::seal::key::SealKey,
+            block_events: usize,
+            block_time: Duration,
+        ) -> Self {
+            Self::start_sealing(
+                &commands::testkit::nats_url(),
+                |_| {},
+                Some((key, block_events, block_time)),
+            )
+            .await
+        }
+
+        async fn start_sealing(
+            nats_url: &str,
+            adjust: impl FnOnce(&mut commands::RelayConfig),
+            sealing: Option<(commands::seal::key::SealKey, usize, Duration)>,
+        ) -> Self {
             let db = TestDatabase::create(8)
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
@@ -191,7 +214,20 @@ pub mod pipeline {
             adjust(&mut nats.relay);
             let store = EventStore::new(db.pool.clone());
             let stop = CancellationToken::new();
-            let relay = Relay::new(store.clone(), nats.client.clone(), nats.relay.clone());
+            let mut relay = Relay::new(store.clone(), nats.client.clone(), nats.relay.clone());
+            if let Some((key, block_events, block_time)) = sealing {
+                let config = commands::seal::sealer::SealerConfig {
+                    block_events,
+                    block_time,
+                    ..commands::seal::sealer::SealerConfig::for_relay(&nats.relay)
+                };
+                relay = relay.with_sealer(commands::seal::sealer::Sealer::new(
+                    store.clone(),
+                    nats.client.clone(),
+                    key,
+                    config,
+                ));
+            }
             {
                 let relay = &relay;
                 eventually(

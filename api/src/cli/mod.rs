@@ -18,7 +18,9 @@
 //! | [`verify`] | `verify` |
 //! | [`status`] | `status` |
 //! | [`token`] | `token` |
+//! | [`audit`] | `audit verify`, `audit keygen`, `audit key` |
 
+pub mod audit;
 pub mod migrate;
 pub mod replay;
 pub mod roles;
@@ -90,6 +92,8 @@ pub enum Command {
     Serve,
     /// Mint a JWT for local use (HS256, with NEURECTOMY_JWT_SECRET).
     Token(TokenArgs),
+    /// The sealed audit log: verify it against the store, make or show keys.
+    Audit(audit::AuditArgs),
     /// Print the effective configuration as TOML (the shape `--config`
     /// reads), each value's source in a comment, secrets redacted.
     Config(ConfigArgs),
@@ -285,6 +289,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify => verify::run(&settings).await,
         Command::Serve => roles::serve(settings).await,
         Command::Token(args) => token::run(&settings, &args),
+        Command::Audit(args) => audit::run(&settings, args).await,
         // Printed by `main` before telemetry starts; nothing to run.
         Command::Config(_) => Ok(()),
     }

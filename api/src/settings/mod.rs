@@ -392,6 +392,43 @@ pub struct Settings {
         global = true
     )]
     pub relay_batch_size: usize,
+    /// Ed25519 key the relay leader seals the log with (its 32-byte seed,
+    /// base64 or hex; `neurectomy audit keygen` makes one). Unset: the log
+    /// is not sealed.
+    #[arg(
+        long,
+        env = "NEURECTOMY_SEAL_KEY",
+        global = true,
+        hide_env_values = true
+    )]
+    pub seal_key: Option<crate::settings::secret::Secret>,
+    /// Public keys (base64 or hex, comma-separated) whose seals `audit
+    /// verify` and the API accept besides the sealing key's: the keys
+    /// used before a rotation.
+    #[arg(
+        long,
+        env = "NEURECTOMY_SEAL_TRUSTED_KEYS",
+        default_value = "",
+        global = true
+    )]
+    pub seal_trusted_keys: String,
+    /// Most events in one sealed block.
+    #[arg(
+        long,
+        env = "NEURECTOMY_SEAL_BLOCK_EVENTS",
+        default_value_t = 1000,
+        global = true
+    )]
+    pub seal_block_events: usize,
+    /// Longest a block stays open after its first event (ms): the most an
+    /// event waits to be sealed, beside the relay's own delay.
+    #[arg(
+        long,
+        env = "NEURECTOMY_SEAL_BLOCK_MS",
+        default_value_t = 500,
+        global = true
+    )]
+    pub seal_block_ms: u64,
     /// Relay poll interval in milliseconds when no commit signal arrives.
     #[arg(
         long,
@@ -558,6 +595,49 @@ impl Settings {
             replicas: self.jetstream_replicas.max(1),
             partitions: self.jetstream_partitions.max(1),
             ..commands::RelayConfig::default()
+        }
+    }
+
+    /// The sealing key, if the log is sealed.
+    pub fn seal_key(&self) -> anyhow::Result<Option<commands::seal::key::SealKey>> {
+        self.seal_key
+            .as_ref()
+            .filter(|secret| !secret.expose().trim().is_empty())
+            .map(|secret| {
+                commands::seal::key::SealKey::from_secret(secret.expose())
+                    .map_err(|e| anyhow::anyhow!("seal.key (NEURECTOMY_SEAL_KEY): {e}"))
+            })
+            .transpose()
+    }
+
+    /// The keys seals may be signed with: the sealing key's and the
+    /// trusted ones.
+    pub fn seal_trusted(&self) -> anyhow::Result<Vec<commands::seal::key::PublicKey>> {
+        let mut keys = Vec::new();
+        if let Some(key) = self.seal_key()? {
+            keys.push(key.public().clone());
+        }
+        for text in self
+            .seal_trusted_keys
+            .split(',')
+            .filter(|t| !t.trim().is_empty())
+        {
+            keys.push(commands::seal::key::PublicKey::parse(text).map_err(|e| {
+                anyhow::anyhow!(
+                    "seal.trusted_keys (NEURECTOMY_SEAL_TRUSTED_KEYS): `{}`: {e}",
+                    text.trim()
+                )
+            })?);
+        }
+        Ok(keys)
+    }
+
+    /// How the relay leader seals the log.
+    pub fn sealer_config(&self) -> commands::seal::sealer::SealerConfig {
+        commands::seal::sealer::SealerConfig {
+            block_events: self.seal_block_events.max(1),
+            block_time: Duration::from_millis(self.seal_block_ms.max(1)),
+            ..commands::seal::sealer::SealerConfig::for_relay(&self.relay_config())
         }
     }
 

@@ -202,11 +202,25 @@ impl Application {
     }
 
     async fn start_relay(&mut self) -> anyhow::Result<()> {
-        let relay = Relay::new(
+        let mut relay = Relay::new(
             self.store.clone(),
             self.nats.clone(),
             self.settings.relay_config(),
         );
+        match self.settings.seal_key()? {
+            Some(key) => {
+                tracing::info!(key = key.id(), public_key = %key.public().text(), "the relay leader seals the log");
+                relay = relay.with_sealer(commands::seal::sealer::Sealer::new(
+                    self.store.clone(),
+                    self.nats.clone(),
+                    key,
+                    self.settings.sealer_config(),
+                ));
+            }
+            None => tracing::warn!(
+                "no seal key (NEURECTOMY_SEAL_KEY): the log is not sealed; `neurectomy audit keygen` makes a key"
+            ),
+        }
         self.workers.add("relay", relay.in_hand());
         relay
             .ensure_stream()

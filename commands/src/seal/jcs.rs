@@ -8,34 +8,28 @@
 //! - strings: `"` and `\` escaped, U+0000–U+001F as `\b \t \n \f \r` or
 //!   `\u00xx` (lower-case hex), everything else as its UTF-8 bytes;
 //! - numbers: the IEEE 754 double they denote, spelled as ECMAScript's
-//!   `Number.prototype.toString` does (`1e+21`, `1e-7`, `0` for `-0`); an
-//!   integer that has no exact double (beyond ±2^53) is refused rather than
-//!   silently rounded;
+//!   `Number.prototype.toString` does (`1e+21`, `1e-7`, `0` for `-0`). An
+//!   integer beyond ±2^53 is the double nearest to it, as RFC 8785 (and
+//!   every ECMAScript reader) takes it: such numbers are committed to 53
+//!   bits of precision, which the README states;
 //! - `true`, `false`, `null`, arrays in order.
 
 use serde_json::{Map, Number, Value};
 
-/// A value that has no canonical form.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum CanonicalError {
-    /// An integer that no IEEE 754 double represents exactly.
-    #[error("the number {0} has no exact IEEE 754 double, so no canonical JSON form (RFC 8785 §3.2.2.3)")]
-    InexactNumber(String),
-}
-
 /// The canonical (RFC 8785) serialization of `value`.
-pub fn canonical(value: &Value) -> Result<Vec<u8>, CanonicalError> {
+pub fn canonical(value: &Value) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
-    write_value(&mut out, value)?;
-    Ok(out)
+    write_value(&mut out, value);
+    out
 }
 
-fn write_value(out: &mut Vec<u8>, value: &Value) -> Result<(), CanonicalError> {
+/// Appends the canonical serialization of `value` to `out`.
+pub fn write_value(out: &mut Vec<u8>, value: &Value) {
     match value {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(true) => out.extend_from_slice(b"true"),
         Value::Bool(false) => out.extend_from_slice(b"false"),
-        Value::Number(n) => write_number(out, n)?,
+        Value::Number(n) => write_number(out, n),
         Value::String(s) => write_string(out, s),
         Value::Array(items) => {
             out.push(b'[');
@@ -43,16 +37,15 @@ fn write_value(out: &mut Vec<u8>, value: &Value) -> Result<(), CanonicalError> {
                 if i > 0 {
                     out.push(b',');
                 }
-                write_value(out, item)?;
+                write_value(out, item);
             }
             out.push(b']');
         }
-        Value::Object(map) => write_object(out, map)?,
+        Value::Object(map) => write_object(out, map),
     }
-    Ok(())
 }
 
-fn write_object(out: &mut Vec<u8>, map: &Map<String, Value>) -> Result<(), CanonicalError> {
+fn write_object(out: &mut Vec<u8>, map: &Map<String, Value>) {
     let mut members: Vec<(&String, &Value)> = map.iter().collect();
     members.sort_by(|(a, _), (b, _)| a.encode_utf16().cmp(b.encode_utf16()));
     out.push(b'{');
@@ -62,29 +55,15 @@ fn write_object(out: &mut Vec<u8>, map: &Map<String, Value>) -> Result<(), Canon
         }
         write_string(out, name);
         out.push(b':');
-        write_value(out, value)?;
+        write_value(out, value);
     }
     out.push(b'}');
-    Ok(())
 }
 
-fn write_number(out: &mut Vec<u8>, n: &Number) -> Result<(), CanonicalError> {
-    const EXACT: u64 = 1 << 53;
-    let double = if let Some(i) = n.as_i64() {
-        if i.unsigned_abs() > EXACT {
-            return Err(CanonicalError::InexactNumber(n.to_string()));
-        }
-        i as f64
-    } else if let Some(u) = n.as_u64() {
-        if u > EXACT {
-            return Err(CanonicalError::InexactNumber(n.to_string()));
-        }
-        u as f64
-    } else {
-        // serde_json holds every other number as a finite f64.
-        n.as_f64()
-            .ok_or_else(|| CanonicalError::InexactNumber(n.to_string()))?
-    };
+fn write_number(out: &mut Vec<u8>, n: &Number) {
+    // serde_json holds a number as an i64, a u64 or a finite f64; the
+    // nearest double of each (exact up to ±2^53).
+    let double = n.as_f64().unwrap_or(0.0);
     if double == 0.0 {
         // ECMAScript spells -0 as "0".
         out.push(b'0');
@@ -92,7 +71,11 @@ fn write_number(out: &mut Vec<u8>, n: &Number) -> Result<(), CanonicalError> {
         let mut buffer = ryu_js::Buffer::new();
         out.extend_from_slice(buffer.format_finite(double).as_bytes());
     }
-    Ok(())
+}
+
+/// Appends `s` as a canonical JSON string.
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    write_string(out, s);
 }
 
 fn write_string(out: &mut Vec<u8>, s: &str) {
@@ -133,7 +116,7 @@ mod tests {
     use serde_json::json;
 
     fn text(value: &Value) -> String {
-        String::from_utf8(canonical(value).unwrap()).unwrap()
+        String::from_utf8(canonical(value)).unwrap()
     }
 
     #[test]
@@ -185,11 +168,9 @@ mod tests {
         ] {
             assert_eq!(text(&number), spelled, "{number}");
         }
-        assert_eq!(
-            canonical(&json!(9007199254740993_i64)),
-            Err(CanonicalError::InexactNumber("9007199254740993".into()))
-        );
-        assert!(canonical(&json!(u64::MAX)).is_err());
+        // Beyond 2^53, the nearest double, as an ECMAScript reader takes it.
+        assert_eq!(text(&json!(9007199254740993_i64)), "9007199254740992");
+        assert_eq!(text(&json!(u64::MAX)), "18446744073709552000");
     }
 
     #[test]
@@ -206,7 +187,7 @@ mod tests {
         let a: Value =
             serde_json::from_str(r#"{ "b" : [1.0, 2e0, {"y":null,"x":true}], "a":"z" }"#).unwrap();
         let b: Value = serde_json::from_str(r#"{"a":"z","b":[1,2,{"x":true,"y":null}]}"#).unwrap();
-        assert_eq!(canonical(&a).unwrap(), canonical(&b).unwrap());
+        assert_eq!(canonical(&a), canonical(&b));
         assert_eq!(text(&a), r#"{"a":"z","b":[1,2,{"x":true,"y":null}]}"#);
     }
 }

@@ -38,5 +38,6 @@ mod nats_permissions;
 mod ops;
 mod partitions;
 mod projections;
+mod sealed_log;
 mod support;
 mod verify;

@@ -44,6 +44,10 @@ pub(crate) enum Check {
     StreamName,
     /// A NATS subject prefix (dot-separated tokens, no wildcards).
     SubjectPrefix,
+    /// An Ed25519 secret key (32 bytes, base64 or hex).
+    SealKey,
+    /// Ed25519 public keys, comma-separated (none is fine).
+    PublicKeys,
 }
 
 /// Which client's URL syntax a [`Check::Url`] uses.
@@ -193,6 +197,27 @@ pub(crate) const KEYS: &[Key] = &[
     key(
         "NEURECTOMY_RELAY_IDLE_POLL_MS",
         "relay.idle_poll_ms",
+        Check::Millis { min: 1 },
+    ),
+    secret(
+        "NEURECTOMY_SEAL_KEY",
+        "seal.key",
+        Check::SealKey,
+        Secret::Whole,
+    ),
+    key(
+        "NEURECTOMY_SEAL_TRUSTED_KEYS",
+        "seal.trusted_keys",
+        Check::PublicKeys,
+    ),
+    key(
+        "NEURECTOMY_SEAL_BLOCK_EVENTS",
+        "seal.block_events",
+        Check::AtLeast(1),
+    ),
+    key(
+        "NEURECTOMY_SEAL_BLOCK_MS",
+        "seal.block_ms",
         Check::Millis { min: 1 },
     ),
     secret(

@@ -75,6 +75,18 @@ fn check_one(check: Check, value: &str) -> Result<(), String> {
             .map_err(|error| format!("not a tracing filter: {error}")),
         Check::StreamName => stream_name(value),
         Check::SubjectPrefix => subject_prefix(value),
+        Check::SealKey if value.trim().is_empty() => Ok(()), // not sealed
+        Check::SealKey => commands::seal::key::SealKey::from_secret(value)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        Check::PublicKeys => value
+            .split(',')
+            .filter(|t| !t.trim().is_empty())
+            .try_for_each(|t| {
+                commands::seal::key::PublicKey::parse(t)
+                    .map(drop)
+                    .map_err(|e| format!("`{}`: {e}", t.trim()))
+            }),
     }
 }
 
