@@ -184,7 +184,20 @@ async fn relay_and_projectors_through_the_deployed_permissions(partitions: u32) 
         ..RelayConfig::default()
     };
     let (relay_client, relay_errors) = server.connect("relay").await;
-    let relay = Relay::new(store.clone(), relay_client, relay_config.clone());
+    // It seals the log too, copying the seals to their own stream.
+    let key = commands::seal::key::SealKey::generate();
+    let sealing = commands::seal::sealer::SealerConfig {
+        block_time: Duration::from_millis(100),
+        ..commands::seal::sealer::SealerConfig::for_relay(&relay_config)
+    };
+    let relay = Relay::new(store.clone(), relay_client.clone(), relay_config.clone()).with_sealer(
+        commands::seal::sealer::Sealer::new(
+            store.clone(),
+            relay_client,
+            key.clone(),
+            sealing.clone(),
+        ),
+    );
     relay.ensure_stream().await.unwrap();
     let progress = relay.progress();
     let relay = tokio::spawn({
@@ -316,6 +329,26 @@ async fn relay_and_projectors_through_the_deployed_permissions(partitions: u32) 
             "message {sequence} is not the relay's"
         );
     }
+    // The log is sealed and its seals copied; an operator with the
+    // projector's rights verifies it against the copies.
+    let projector_js = async_nats::jetstream::new(projector_client.clone());
+    let options = commands::seal::verify::VerifyOptions {
+        log: sealing.log.clone(),
+        trusted: vec![key.public().clone()],
+        copies: Some(sealing.stream.clone()),
+        ..Default::default()
+    };
+    eventually("every event sealed and every seal copied", WAIT, || {
+        let (pool, js, options) = (&db.pool, &projector_js, &options);
+        async move {
+            let report = commands::seal::verify::verify(pool, Some(js), options, |_| {})
+                .await
+                .unwrap();
+            assert_eq!(report.problem, None, "{report:?}");
+            (report.sealed_to >= head && report.copies_missing == 0).then_some(())
+        }
+    })
+    .await;
     for projector in &projectors {
         let status = projector.status().borrow().clone();
         assert_eq!((status.foreign, status.gaps), (0, 0), "{status:?}");
