@@ -2,10 +2,12 @@
 //! leader reads it (README, "Sealed audit log").
 //!
 //! It runs beside the leading relay for as long as its term, fed each
-//! batch the relay read (no read of its own, nothing on the append path).
-//! It starts where the last stored seal ends and reads from the store
-//! whatever it was not fed — at start, after a batch it missed (the feed is
-//! bounded and never slows the relay), or with no seal yet, the whole log.
+//! batch the relay read (no read of its own while fed, nothing on the
+//! append path). It starts where the last stored seal ends and reads from
+//! the store whatever it was not fed — at start, after a batch it missed
+//! (the feed is bounded and never slows the relay), with no seal yet the
+//! whole log, and when unfed for a while (an idle log: one empty read; a
+//! relay stuck on a NATS outage: sealing goes on).
 //! A block closes at `block_events` events or `block_time` after its first
 //! event; its seal is stored in PostgreSQL (the seal number is the primary
 //! key: of two sealers, during a leadership change, one stores it and the
@@ -227,9 +229,17 @@ impl Sealer {
         });
         self.copy_missing(&mut state).await;
         self.catch_up(&mut state, None).await?;
+        // Unfed this long (the relay idle, or stuck on a NATS outage), it
+        // reads the store itself: sealing never waits for NATS.
+        let starved_after = (self.config.block_time * 4).max(Duration::from_secs(1));
+        let mut fed = Instant::now();
         loop {
             let deadline = state.opened.map(|at| at + self.config.block_time);
             tokio::select! {
+                () = tokio::time::sleep_until(fed + starved_after) => {
+                    self.catch_up(&mut state, None).await?;
+                    fed = Instant::now();
+                }
                 () = shutdown.cancelled() => {
                     self.close(&mut state, usize::MAX).await?;
                     return Ok(());
@@ -239,6 +249,7 @@ impl Sealer {
                         self.close(&mut state, usize::MAX).await?;
                         return Ok(());
                     };
+                    fed = Instant::now();
                     if batch.after > state.fed_to {
                         self.catch_up(&mut state, Some(batch.after)).await?;
                     }

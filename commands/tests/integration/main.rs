@@ -9,5 +9,6 @@ mod gap_safety;
 mod group_commit;
 mod handler;
 mod relay;
+mod seal;
 mod store;
 mod support;
