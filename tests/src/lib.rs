@@ -599,6 +599,24 @@ pub mod api {
             Self::start_on(pipe, &all, crate::api_cli, (partitions, redis)).await
         }
 
+        /// Everything, with the relay sealing the log with `key` (blocks of
+        /// at most 40 events or `block_time`) and the API serving its proofs.
+        pub async fn start_sealed(
+            key: &commands::seal::key::SealKey,
+            block_time: std::time::Duration,
+        ) -> Self {
+            let pipe = Pipeline::start_sealed(key.clone(), 40, block_time).await;
+            let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
+            let (secret, stream) = (key.secret_text(), pipe.nats.relay.stream_name.clone());
+            Self::start_on(
+                pipe,
+                &["--seal-key", &secret, "--jetstream-stream", &stream],
+                crate::api_cli,
+                (1, redis),
+            )
+            .await
+        }
+
         /// [`TestApi::start_with`] without the configuration's cross-checks
         /// (see [`crate::api_cli_unchecked`]).
         pub async fn start_unchecked(flags: &[&str]) -> Self {

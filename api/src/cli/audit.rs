@@ -112,6 +112,7 @@ async fn run_verify(settings: &Settings, args: VerifyArgs) -> anyhow::Result<()>
         to: args.to,
         trusted,
         copies: jetstream.as_ref().map(|_| sealing.stream.clone()),
+        most_seals: None,
     };
     let bar = if args.quiet {
         indicatif::ProgressBar::hidden()

@@ -17,6 +17,7 @@
 //!   unreachable store is `UNAVAILABLE`; stored history that does not decode
 //!   is `INTERNAL` (logged here, once).
 
+pub mod proof;
 mod replay;
 mod types;
 
@@ -262,6 +263,37 @@ impl AuditQuery {
             })
         })
         .await
+    }
+
+    /// The public keys seals are checked against (the sealing key's and
+    /// those trusted from before a rotation). Empty when the log is not
+    /// sealed.
+    async fn seal_keys(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<proof::SealKey>> {
+        proof::seal_keys(ctx)
+    }
+
+    /// The proof that event `eventId` (of the caller's tenant) is in a
+    /// signed seal: its leaf, the paths to its tenant's root and to the
+    /// block root, and the seal. `UNSEALED` while its block is open.
+    async fn audit_proof(
+        &self,
+        ctx: &Context<'_>,
+        event_id: ID,
+    ) -> async_graphql::Result<proof::AuditProof> {
+        boxed(proof::audit_proof(ctx, event_id)).await
+    }
+
+    /// Checks the caller's events against the seals holding positions
+    /// `from..=to` (default: all), every seal's signature and chain link
+    /// included; at most 200 seals per call (`hasMore`: continue from
+    /// `verifiedTo` + 1). The open block is reported as `unsealed`.
+    async fn verify_log(
+        &self,
+        ctx: &Context<'_>,
+        from: Option<Position>,
+        to: Option<Position>,
+    ) -> async_graphql::Result<proof::LogVerification> {
+        boxed(proof::verify_log(ctx, from, to)).await
     }
 
     /// The tenant's events in global order after `after` (default: from the

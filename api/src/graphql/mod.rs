@@ -120,6 +120,8 @@ pub struct Services {
     pub feed: subscriptions::Feed,
     /// Limits.
     pub limits: ApiLimits,
+    /// The sealed log's name and keys (audit proofs).
+    pub seals: audit::proof::Seals,
 }
 
 /// Per-request data beside the principal.

@@ -419,6 +419,10 @@ impl Application {
             graph,
             feed,
             limits,
+            seals: crate::graphql::audit::proof::Seals {
+                log: settings.sealer_config().log,
+                keys: settings.seal_trusted()?,
+            },
         };
         let schemas = crate::graphql::schemas(services.clone());
         let state = Arc::new(AppState {

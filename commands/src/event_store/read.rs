@@ -49,6 +49,7 @@ impl std::fmt::Display for Lag {
 }
 const READ_STREAM_AFTER: &str = include_str!("sql/read_stream_after.sql");
 const READ_STREAM_OF_TENANT: &str = include_str!("sql/read_stream_of_tenant.sql");
+const READ_EVENT_OF_TENANT: &str = include_str!("sql/read_event_of_tenant.sql");
 const STREAM_VERSION_OF_TENANT: &str = include_str!("sql/stream_version_of_tenant.sql");
 const READ_LOG_OF_TENANT: &str = include_str!("sql/read_log_of_tenant.sql");
 const READ_LOG_OF_CORRELATION: &str = include_str!("sql/read_log_of_correlation.sql");
@@ -267,6 +268,22 @@ impl EventStore {
         let rows = query.fetch_all(&mut *tx).await?;
         tx.commit().await?;
         Ok(rows)
+    }
+
+    /// The event `event_id` of `tenant` (audit proofs); another tenant's
+    /// event reads as none.
+    pub async fn read_event_of_tenant(
+        &self,
+        tenant: &str,
+        event_id: uuid::Uuid,
+    ) -> Result<Option<RecordedEvent>, ReadError> {
+        let row = sqlx::query(READ_EVENT_OF_TENANT)
+            .bind(tenant)
+            .bind(event_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db(format!("reading event {event_id}")))?;
+        row.as_ref().map(recorded).transpose()
     }
 
     /// Reads versions `from..=to` of a stream of `tenant`, at most `limit`

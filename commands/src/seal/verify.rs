@@ -36,6 +36,8 @@ pub struct VerifyOptions {
     pub trusted: Vec<PublicKey>,
     /// The seal stream holding the seals' copies, if they are to be checked.
     pub copies: Option<String>,
+    /// Stop after this many seals (the report says where it stopped).
+    pub most_seals: Option<u64>,
 }
 
 /// The first thing that does not match.
@@ -193,6 +195,8 @@ pub struct Report {
     pub copies_missing: u64,
     /// The first problem, if any.
     pub problem: Option<Problem>,
+    /// Whether it stopped at [`VerifyOptions::most_seals`] before the end.
+    pub stopped_early: bool,
 }
 
 /// How far a verification got, for a progress bar.
@@ -436,6 +440,10 @@ pub async fn verify(
             });
             if options.to.is_some_and(|to| seal.last >= to) {
                 break 'seals;
+            }
+            if options.most_seals.is_some_and(|most| report.seals >= most) {
+                report.stopped_early = seal.seq < last_seq.unwrap_or(seal.seq);
+                return Ok(report);
             }
         }
     }

@@ -528,3 +528,227 @@ async fn a_sealed_workload_verifies_clean_and_every_tampering_is_found_where_it_
     assert_eq!(again.events as i64, total);
     pipe.shutdown().await;
 }
+
+/// Runs the auditor's verifier (`tests/js/audit_verifier.mjs`, Node's
+/// built-ins only) on `input`; its verdict.
+async fn auditor_verifies(input: &serde_json::Value) -> serde_json::Value {
+    use tokio::io::AsyncWriteExt as _;
+    let mut child = tokio::process::Command::new("node")
+        .arg(neurectomy_e2e::js::dir().join("audit_verifier.mjs"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run node ({e}): install Node.js 20+ (scripts/js.sh does)")
+        });
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.to_string().as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    let verdict: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "the verifier printed no verdict ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    assert_eq!(out.status.success(), verdict["ok"] == true, "{verdict}");
+    verdict
+}
+
+/// Through GraphQL (role `auditor`): the public key, an event's proof that
+/// an independent verifier in JavaScript checks from the API's output and
+/// the public key alone (and refuses once the event, the path or the seal
+/// is changed), another tenant's event answered as a missing one, the open
+/// block reported as unsealed, and `verifyLog` finding an edited row of the
+/// caller's tenant, but not of another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auditor_checks_proofs_from_the_api_with_the_public_key_alone() {
+    use api::auth::Role;
+    use neurectomy_e2e::api::TestApi;
+    use serde_json::{json, Value};
+    let seed = read_side::seed("sealed_log_api");
+    let key = SealKey::generate();
+    let api = TestApi::start_sealed(&key, Duration::from_secs(3)).await;
+    let pipe = &api.pipe;
+    pipe.simulate_until(
+        SimulateArgs {
+            tenants: 2,
+            agents: 12,
+            ..Pipeline::workload(0, 300, seed)
+        },
+        300,
+        &["TaskCreated", "TaskCompleted"],
+    )
+    .await;
+    let head = pipe.head().await;
+    eventually("the log to be sealed", Duration::from_secs(60), || async {
+        (check(pipe, &key, None).await.sealed_to >= head).then_some(())
+    })
+    .await;
+    let tenants: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT tenant FROM events ORDER BY tenant")
+            .fetch_all(&pipe.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(tenants.len(), 2);
+    let (mine, theirs) = (&tenants[0], &tenants[1]);
+    let auditor = api.token(mine, &[Role::Auditor]);
+    let other = api.token(theirs, &[Role::Auditor]);
+
+    let keys = api
+        .data(
+            &auditor,
+            "{ sealKeys { id algorithm publicKey } }",
+            json!({}),
+        )
+        .await["sealKeys"]
+        .clone();
+    assert_eq!(
+        keys,
+        json!([{"id": key.id(), "algorithm": "Ed25519", "publicKey": key.public().text()}])
+    );
+
+    const PROOF: &str =
+        "query($id: ID!) { auditProof(eventId: $id) { state position committed leaf leafHash \
+        index count tenantPath tenantIndex tenants blockPath \
+        seal { seq body signature keyId root first last } } }";
+    let log = api
+        .data(
+            &auditor,
+            "{ eventLog(first: 200) { events { position streamId version type schemaVersion data \
+             metadata { eventId commandId commandType correlationId causationId actor occurredAt recordedAt traceparent } } } }",
+            json!({}),
+        )
+        .await;
+    let events = log["eventLog"]["events"].as_array().unwrap().clone();
+    assert!(events.len() >= 100, "{}", events.len());
+    let mut checked = 0;
+    for event in events.iter().step_by(9) {
+        let id = event["metadata"]["eventId"].as_str().unwrap();
+        let proof = api.data(&auditor, PROOF, json!({"id": id})).await["auditProof"].clone();
+        assert_eq!(proof["state"], "SEALED", "{proof}");
+        let verdict =
+            auditor_verifies(&json!({"event": event, "proof": proof, "keys": keys})).await;
+        assert_eq!(verdict["key"], key.id());
+        checked += 1;
+        if checked == 1 {
+            // Falsified: the event's data, a sibling on the path, the seal's
+            // signature, an untrusted key.
+            let mut changed = event.clone();
+            let field = changed["data"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .next()
+                .unwrap()
+                .clone();
+            changed["data"][&field] = json!("changed");
+            let v =
+                auditor_verifies(&json!({"event": changed, "proof": proof, "keys": keys})).await;
+            assert!(v["why"].as_str().unwrap().contains("differs"), "{v}");
+            let mut bent = proof.clone();
+            match bent["blockPath"].as_array_mut().unwrap().first_mut() {
+                Some(first) => *first = json!("00".repeat(32)),
+                None => bent["tenantPath"][0] = json!("00".repeat(32)),
+            }
+            if bent != proof {
+                let v =
+                    auditor_verifies(&json!({"event": event, "proof": bent, "keys": keys})).await;
+                assert_eq!(v["ok"], false, "{v}");
+            }
+            let mut forged = proof.clone();
+            let body =
+                forged["seal"]["body"]
+                    .as_str()
+                    .unwrap()
+                    .replacen("\"count\":", "\"count\":1", 1);
+            forged["seal"]["body"] = json!(body);
+            let v = auditor_verifies(&json!({"event": event, "proof": forged, "keys": keys})).await;
+            assert_eq!(v["ok"], false, "{v}");
+            let stranger = SealKey::generate();
+            let untrusted = json!([{"id": stranger.id(), "algorithm": "Ed25519", "publicKey": stranger.public().text()}]);
+            let v =
+                auditor_verifies(&json!({"event": event, "proof": proof, "keys": untrusted})).await;
+            assert!(v["why"].as_str().unwrap().contains("not trusted"), "{v}");
+        }
+    }
+    assert!(checked >= 10);
+
+    // Another tenant's event: the same answer as an id nobody has.
+    let id = events[0]["metadata"]["eventId"].as_str().unwrap();
+    let (code, message) = api.error(Some(&other), PROOF, json!({"id": id})).await;
+    assert_eq!(code, "NOT_FOUND");
+    let nobody = uuid::Uuid::new_v4().to_string();
+    let (code2, message2) = api.error(Some(&other), PROOF, json!({"id": nobody})).await;
+    assert_eq!(code2, "NOT_FOUND");
+    assert_eq!(
+        message.replace(id, "<id>"),
+        message2.replace(&nobody, "<id>")
+    );
+    let (code, _) = api
+        .error(Some(&other), PROOF, json!({"id": "not-a-uuid"}))
+        .await;
+    assert_eq!(code, "VALIDATION");
+    let viewer = api.token(mine, &[Role::Viewer]);
+    let (code, _) = api.error(Some(&viewer), PROOF, json!({"id": id})).await;
+    assert_eq!(code, "FORBIDDEN");
+
+    // verifyLog: clean for both; an edited row of mine is found by mine only.
+    const VERIFY: &str = "{ verifyLog { clean seals events verifiedTo hasMore unsealed problem { kind position seal message } } }";
+    let clean = api.data(&auditor, VERIFY, json!({})).await["verifyLog"].clone();
+    assert_eq!(clean["clean"], true, "{clean}");
+    let my_count: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE tenant = $1")
+        .bind(mine)
+        .fetch_one(&pipe.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(clean["events"].as_i64(), Some(my_count), "{clean}");
+    let target: &Value = &events[events.len() / 2];
+    let position: i64 = target["position"]
+        .to_string()
+        .trim_matches('"')
+        .parse()
+        .unwrap();
+    exec(
+        &pipe.db.pool,
+        &format!(
+            "UPDATE events SET data = data || '{{\"tampered\": true}}' WHERE position = {position}"
+        ),
+    )
+    .await;
+    let found = api.data(&auditor, VERIFY, json!({})).await["verifyLog"].clone();
+    assert_eq!(found["clean"], false, "{found}");
+    assert_eq!(found["problem"]["kind"], "edited", "{found}");
+    assert_eq!(
+        found["problem"]["position"].to_string().trim_matches('"'),
+        position.to_string(),
+        "{found}"
+    );
+    let theirs_found = api.data(&other, VERIFY, json!({})).await["verifyLog"].clone();
+    assert_eq!(theirs_found["clean"], true, "{theirs_found}");
+
+    // A new event sits in the open block: unsealed, never "verified".
+    let handler =
+        commands::CommandHandler::new(pipe.store.clone(), commands::HandlerConfig::default());
+    let agent = domain::AgentId::from_uuid(uuid::Uuid::new_v4());
+    let outcome = handler
+        .execute(
+            domain::AgentCommand::RegisterAgent {
+                agent_id: agent,
+                name: "late".into(),
+                kind: domain::AgentKind::Tool,
+                model: None,
+                capabilities: vec!["search".into()],
+                parent_agent_id: None,
+            }
+            .into(),
+            &commands::CommandContext::new(uuid::Uuid::new_v4(), "tester", mine.clone()),
+        )
+        .await
+        .unwrap();
+    let late = outcome.events[0].event_id.to_string();
+    let proof = api.data(&auditor, PROOF, json!({"id": late})).await["auditProof"].clone();
+    assert_eq!(proof["state"], "UNSEALED", "{proof}");
+    assert!(proof["seal"].is_null());
+    api.shutdown().await;
+}
