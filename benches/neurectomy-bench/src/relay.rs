@@ -1,6 +1,9 @@
 //! `neurectomy-bench relay`: the outbox relay on a scratch database and
 //! JetStream streams: draining a backlog, keeping up with 8 batch writers,
-//! and commit → JetStream ack latency at a paced 2,000 events/s.
+//! and commit → JetStream ack latency at a paced 2,000 events/s; then the
+//! same drain with the sealer on (its CPU per event beside the unsealed
+//! drain's: the target is ≤ 1.15×) and commit → sealed latency at 2,000
+//! events/s (target p99 ≤ 1 s).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -82,6 +85,37 @@ async fn relay_scenarios(
         let cost = meter.finish(published).await?;
         relay.finish().await?;
         results.push(figures(name, "ev/s", published, &histogram(), secs, 0).with_cost(cost));
+
+        // The same backlog again, onto a fresh stream, sealed as it goes.
+        let name = "relay: drain a backlog, sealed";
+        if wants(args, name) {
+            let nats = scratch::nats(settings).await?;
+            eprintln!("running `{name}`…");
+            let meter = Meter::start(name, std::process::id(), RELAY_PEERS).await?;
+            let started = Instant::now();
+            let key = commands::seal::key::SealKey::generate();
+            let log = nats.relay.stream_name.clone();
+            let relay = BenchRelay::start_sealed(&store, settings, nats, key.clone());
+            let mut sealed = relay.sealed.clone().context("the sealer's progress")?;
+            let head = store.head().await?.readable;
+            while sealed.borrow_and_update().sealed_to < head
+                || relay.progress.borrow().published < total
+            {
+                let _ = tokio::time::timeout(Duration::from_millis(50), sealed.changed()).await;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            let published = relay.progress.borrow().published;
+            let cost = meter.finish(published).await?;
+            relay.finish().await?;
+            let ratio = match (&results.last().and_then(|f| f.cost.clone()), Some(&cost)) {
+                (Some(plain), Some(sealed)) if plain.cpu_us > 0.0 => sealed.cpu_us / plain.cpu_us,
+                _ => f64::NAN,
+            };
+            let mut f = figures(name, "ev/s", published, &histogram(), secs, 0).with_cost(cost);
+            f.scenario = format!("{name} (CPU per event {ratio:.2}× unsealed; target ≤ 1.15×)");
+            results.push(f);
+            results.extend(verify_against_reading(&store, &log, &key).await?);
+        }
     }
 
     let name = "relay: 2,000 events/s paced, commit → ack latency";
@@ -100,44 +134,56 @@ async fn relay_scenarios(
             latencies.clone(),
             stop.clone(),
         ));
-        // 4 writers × 500 appends/s of one event each = 2,000 events/s.
-        let interval = Duration::from_micros(2_000);
         let meter = Meter::start(name, std::process::id(), RELAY_PEERS).await?;
         let started = Instant::now();
-        let deadline = started + Duration::from_secs(seconds);
-        let mut writers = Vec::new();
-        for _ in 0..4 {
-            let store = store.clone();
-            let pending = pending.clone();
-            writers.push(tokio::spawn(async move {
-                let mut ticker = tokio::time::interval(interval);
-                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                let mut count = 0u64;
-                while Instant::now() < deadline {
-                    ticker.tick().await;
-                    let stream = format!("task-{}", Uuid::new_v4());
-                    let recorded = store
-                        .append(&stream, ExpectedVersion::NoStream, progress_events(1))
-                        .await?;
-                    let committed = Instant::now();
-                    if let Some(event) = recorded.last() {
-                        pending
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(event.position, committed);
-                    }
-                    count += 1;
-                }
-                Ok::<_, anyhow::Error>(count)
-            }));
-        }
-        let mut count = 0;
-        for writer in writers {
-            count += writer.await.context("joining a writer")??;
-        }
+        let count = paced_writers(&store, &pending, seconds).await?;
         let secs = started.elapsed().as_secs_f64();
         wait_caught_up(&store, progress.clone()).await?;
         // The appends and their relaying: the cost of one event end to end.
+        let cost = meter.finish(count).await?;
+        relay.finish().await?;
+        let _ = watcher.await;
+        let hist = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut f = figures(name, "ev/s", count, &hist, secs, 0).with_cost(cost);
+        f.count = hist.len();
+        results.push(f);
+    }
+
+    let name = "relay: 2,000 events/s paced, sealed: commit → sealed latency";
+    if wants(args, name) {
+        let relay = BenchRelay::start_sealed(
+            &store,
+            settings,
+            scratch::nats(settings).await?,
+            commands::seal::key::SealKey::generate(),
+        );
+        let sealed = relay.sealed.clone().context("the sealer's progress")?;
+        // The new log's sealer first seals what the store holds.
+        wait_caught_up(&store, relay.progress.clone()).await?;
+        let head = store.head().await?.readable;
+        let mut caught = sealed.clone();
+        while caught.borrow_and_update().sealed_to < head {
+            let _ = tokio::time::timeout(Duration::from_millis(200), caught.changed()).await;
+        }
+        eprintln!("running `{name}` for {seconds}s…");
+        let pending: Arc<Mutex<BTreeMap<i64, Instant>>> = Arc::default();
+        let latencies = Arc::new(Mutex::new(histogram()));
+        let stop = relay.stop.clone();
+        let watcher = tokio::spawn(watch_sealed(
+            sealed.clone(),
+            pending.clone(),
+            latencies.clone(),
+            stop.clone(),
+        ));
+        let meter = Meter::start(name, std::process::id(), RELAY_PEERS).await?;
+        let started = Instant::now();
+        let count = paced_writers(&store, &pending, seconds).await?;
+        let secs = started.elapsed().as_secs_f64();
+        let head = store.head().await?.readable;
+        let mut caught = sealed.clone();
+        while caught.borrow_and_update().sealed_to < head {
+            let _ = tokio::time::timeout(Duration::from_millis(200), caught.changed()).await;
+        }
         let cost = meter.finish(count).await?;
         relay.finish().await?;
         let _ = watcher.await;
@@ -175,10 +221,55 @@ async fn relay_scenarios(
     Ok(results)
 }
 
+/// 4 writers × 500 appends/s of one event each = 2,000 events/s for
+/// `seconds`, each commit's instant put in `pending` by position; returns
+/// the events written.
+async fn paced_writers(
+    store: &EventStore,
+    pending: &Arc<Mutex<BTreeMap<i64, Instant>>>,
+    seconds: u64,
+) -> anyhow::Result<u64> {
+    let interval = Duration::from_micros(2_000);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut writers = Vec::new();
+    for _ in 0..4 {
+        let store = store.clone();
+        let pending = pending.clone();
+        writers.push(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut count = 0u64;
+            while Instant::now() < deadline {
+                ticker.tick().await;
+                let stream = format!("task-{}", Uuid::new_v4());
+                let recorded = store
+                    .append(&stream, ExpectedVersion::NoStream, progress_events(1))
+                    .await?;
+                let committed = Instant::now();
+                if let Some(event) = recorded.last() {
+                    pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(event.position, committed);
+                }
+                count += 1;
+            }
+            Ok::<_, anyhow::Error>(count)
+        }));
+    }
+    let mut count = 0;
+    for writer in writers {
+        count += writer.await.context("joining a writer")??;
+    }
+    Ok(count)
+}
+
 /// A relay running on a JetStream stream of its own for one scenario.
 struct BenchRelay {
     /// What the relay has published and had acknowledged.
     progress: tokio::sync::watch::Receiver<commands::RelayProgress>,
+    /// The sealer's progress, when it seals.
+    sealed: Option<tokio::sync::watch::Receiver<commands::seal::sealer::SealProgress>>,
     /// Stops the relay.
     stop: CancellationToken,
     /// The relay's task.
@@ -192,6 +283,36 @@ impl BenchRelay {
     fn start(store: &EventStore, settings: &Settings, nats: TestNats) -> Self {
         let config = scratch::relay_config(settings, &nats);
         let relay = Relay::new(store.clone(), nats.client.clone(), config);
+        Self::spawn(relay, nats)
+    }
+
+    /// [`BenchRelay::start`], sealing the log with a new key (the block
+    /// settings of `settings`).
+    fn start_sealed(
+        store: &EventStore,
+        settings: &Settings,
+        nats: TestNats,
+        key: commands::seal::key::SealKey,
+    ) -> Self {
+        let config = scratch::relay_config(settings, &nats);
+        let sealing = commands::seal::sealer::SealerConfig {
+            block_events: settings.seal_block_events.max(1),
+            block_time: Duration::from_millis(settings.seal_block_ms.max(1)),
+            ..commands::seal::sealer::SealerConfig::for_relay(&config)
+        };
+        let relay = Relay::new(store.clone(), nats.client.clone(), config).with_sealer(
+            commands::seal::sealer::Sealer::new(
+                store.clone(),
+                nats.client.clone(),
+                key,
+                sealing,
+            ),
+        );
+        Self::spawn(relay, nats)
+    }
+
+    fn spawn(relay: Relay, nats: TestNats) -> Self {
+        let sealed = relay.sealer().map(|s| s.progress());
         let progress = relay.progress();
         let stop = CancellationToken::new();
         let task = tokio::spawn({
@@ -200,6 +321,7 @@ impl BenchRelay {
         });
         Self {
             progress,
+            sealed,
             stop,
             task,
             nats,
@@ -257,4 +379,80 @@ async fn watch_acks(
             let _ = hist.record(now.duration_since(committed).as_micros().max(1) as u64);
         }
     }
+}
+
+/// Records commit → sealed latency for every pending position the sealer
+/// seals.
+async fn watch_sealed(
+    mut sealed: tokio::sync::watch::Receiver<commands::seal::sealer::SealProgress>,
+    pending: Arc<Mutex<BTreeMap<i64, Instant>>>,
+    latencies: Arc<Mutex<Histogram<u64>>>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = sealed.changed() => if changed.is_err() { return },
+        }
+        let now = Instant::now();
+        let position = sealed.borrow_and_update().sealed_to;
+        let done: Vec<Instant> = {
+            let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+            let rest = pending.split_off(&(position + 1));
+            std::mem::replace(&mut *pending, rest).into_values().collect()
+        };
+        let mut hist = latencies.lock().unwrap_or_else(|p| p.into_inner());
+        for committed in done {
+            let _ = hist.record(now.duration_since(committed).as_micros().max(1) as u64);
+        }
+    }
+}
+
+/// `audit verify` of the sealed log `log` beside merely reading and
+/// decoding the same events, one after the other in this process (target:
+/// verify at ≥ 90 % of the reading rate).
+async fn verify_against_reading(
+    store: &EventStore,
+    log: &str,
+    key: &commands::seal::key::SealKey,
+) -> anyhow::Result<Vec<Figures>> {
+    let name = "audit: read and decode the log";
+    eprintln!("running `{name}`…");
+    let meter = Meter::start(name, std::process::id(), &[Peer::Postgres]).await?;
+    let started = Instant::now();
+    let (mut after, mut read) = (0, 0u64);
+    loop {
+        let batch = store.read_all(after, 2_000).await?;
+        let Some(last) = batch.last() else { break };
+        after = last.position;
+        for event in &batch {
+            event.decode().context("decoding an event")?;
+        }
+        read += batch.len() as u64;
+    }
+    let read_secs = started.elapsed().as_secs_f64();
+    let cost = meter.finish(read).await?;
+    let reading = figures(name, "ev/s", read, &histogram(), read_secs, 0).with_cost(cost);
+
+    let name = "audit: verify the sealed log";
+    eprintln!("running `{name}`…");
+    let options = commands::seal::verify::VerifyOptions {
+        log: log.to_owned(),
+        trusted: vec![key.public().clone()],
+        ..Default::default()
+    };
+    let meter = Meter::start(name, std::process::id(), &[Peer::Postgres]).await?;
+    let started = Instant::now();
+    let report = commands::seal::verify::verify(store.pool(), None, &options, |_| {}).await?;
+    let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(report.problem.is_none(), "the sealed log does not verify: {report:?}");
+    let cost = meter.finish(report.events).await?;
+    let ratio = (report.events as f64 / secs) / (read as f64 / read_secs);
+    let mut verifying = figures(name, "ev/s", report.events, &histogram(), secs, 0).with_cost(cost);
+    verifying.scenario = format!(
+        "{name} ({} seals; {:.0} % of the read-and-decode rate; target ≥ 90 %)",
+        report.seals,
+        ratio * 100.0
+    );
+    Ok(vec![reading, verifying])
 }
