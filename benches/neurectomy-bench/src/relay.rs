@@ -301,12 +301,7 @@ impl BenchRelay {
             ..commands::seal::sealer::SealerConfig::for_relay(&config)
         };
         let relay = Relay::new(store.clone(), nats.client.clone(), config).with_sealer(
-            commands::seal::sealer::Sealer::new(
-                store.clone(),
-                nats.client.clone(),
-                key,
-                sealing,
-            ),
+            commands::seal::sealer::Sealer::new(store.clone(), nats.client.clone(), key, sealing),
         );
         Self::spawn(relay, nats)
     }
@@ -399,7 +394,9 @@ async fn watch_sealed(
         let done: Vec<Instant> = {
             let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
             let rest = pending.split_off(&(position + 1));
-            std::mem::replace(&mut *pending, rest).into_values().collect()
+            std::mem::replace(&mut *pending, rest)
+                .into_values()
+                .collect()
         };
         let mut hist = latencies.lock().unwrap_or_else(|p| p.into_inner());
         for committed in done {
@@ -445,7 +442,10 @@ async fn verify_against_reading(
     let started = Instant::now();
     let report = commands::seal::verify::verify(store.pool(), None, &options, |_| {}).await?;
     let secs = started.elapsed().as_secs_f64();
-    anyhow::ensure!(report.problem.is_none(), "the sealed log does not verify: {report:?}");
+    anyhow::ensure!(
+        report.problem.is_none(),
+        "the sealed log does not verify: {report:?}"
+    );
     let cost = meter.finish(report.events).await?;
     let ratio = (report.events as f64 / secs) / (read as f64 / read_secs);
     let mut verifying = figures(name, "ev/s", report.events, &histogram(), secs, 0).with_cost(cost);

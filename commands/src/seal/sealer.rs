@@ -228,7 +228,9 @@ impl Sealer {
             p.sealed_to = last.as_ref().map_or(0, |s| s.last);
         });
         self.copy_missing(&mut state).await;
-        self.catch_up(&mut state, None).await?;
+        // What precedes the relay's first batch is read from the store when
+        // that batch comes (its `after` says where the relay resumed), or,
+        // if none comes, when the sealer finds itself unfed.
         // Unfed this long (the relay idle, or stuck on a NATS outage), it
         // reads the store itself: sealing never waits for NATS.
         let starved_after = (self.config.block_time * 4).max(Duration::from_secs(1));

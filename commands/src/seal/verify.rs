@@ -210,9 +210,14 @@ pub struct VerifyProgress {
     pub events: u64,
 }
 
+/// The event's columns, whether its tenant hash is its tenant's, and the
+/// metadata's fields the format lacks (PostgreSQL tells; NULL: none).
 const EVENT_COLUMNS: &str = "position, stream_id, stream_version, event_id, event_type, \
     schema_version, data, metadata, recorded_at, command_id, correlation_id, tenant, \
-    (tenant_hash IS NULL OR tenant_hash = neurectomy_tenant_hash(tenant)) AS tenant_hash_ok";
+    (tenant_hash IS NULL OR tenant_hash = neurectomy_tenant_hash(tenant)) AS tenant_hash_ok, \
+    (SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(metadata - '{event_id,command_id,\
+    command_type,command_hash,correlation_id,causation_id,actor,tenant,occurred_at,traceparent}'::text[]) AS k) \
+    AS unknown_metadata";
 
 /// An event row as the verifier reads it: the event, or why it cannot be
 /// one.
@@ -230,16 +235,15 @@ fn db(doing: impl Into<String>) -> impl FnOnce(sqlx::Error) -> SealError {
 fn read_row(row: &PgRow) -> Result<Row, sqlx::Error> {
     let position: i64 = row.try_get(0)?;
     let stream: String = row.try_get(1)?;
-    let raw: serde_json::Value = row.try_get(7)?;
     let tenant: String = row.try_get(11)?;
     let event = (|| {
-        let metadata: EventMetadata = serde_json::from_value(raw.clone())
-            .map_err(|e| format!("has metadata the system cannot read ({e})"))?;
-        let known = serde_json::to_value(&metadata).unwrap_or_default();
-        if let (Some(raw), Some(known)) = (raw.as_object(), known.as_object()) {
-            if let Some(extra) = raw.keys().find(|k| !known.contains_key(*k)) {
-                return Err(format!("has a metadata field the format lacks (`{extra}`)"));
-            }
+        let metadata: EventMetadata = match row.try_get::<sqlx::types::Json<EventMetadata>, _>(7) {
+            Ok(sqlx::types::Json(metadata)) => metadata,
+            Err(e) => return Err(format!("has metadata the system cannot read ({e})")),
+        };
+        let unknown: Option<String> = row.try_get(13).map_err(|e| e.to_string())?;
+        if let Some(extra) = unknown {
+            return Err(format!("has a metadata field the format lacks (`{extra}`)"));
         }
         let event_id: Uuid = row.try_get(3).map_err(|e| e.to_string())?;
         let command_id: Uuid = row.try_get(9).map_err(|e| e.to_string())?;
