@@ -121,8 +121,22 @@ struct State {
     fed_to: i64,
     open: Vec<Pending>,
     opened: Option<Instant>,
-    copies_behind: bool,
+    /// Signed seals on their way to the writer (in order).
+    signed: mpsc::Sender<Signed>,
 }
+
+/// A signed seal for the writer to store and copy.
+struct Signed {
+    seq: i64,
+    first: i64,
+    last: i64,
+    oldest: Option<OffsetDateTime>,
+    sealed_at: OffsetDateTime,
+    record: SealRecord,
+}
+
+/// Signed seals the writer may be behind before sealing waits for it.
+const SIGNED_AHEAD: usize = 8;
 
 impl Sealer {
     /// A sealer signing with `key`.
@@ -213,6 +227,10 @@ impl Sealer {
     ) -> Result<(), SealError> {
         let pool = self.store.pool();
         let last = store::last(pool, &self.config.log).await?;
+        // Storing and copying a seal (a PostgreSQL commit, a JetStream
+        // acknowledgement) runs beside the hashing of the next block.
+        let (signed, to_write) = mpsc::channel(SIGNED_AHEAD);
+        let mut writer = Some(tokio::spawn(self.clone().write(to_write)));
         let mut state = State {
             next_seq: last.as_ref().map_or(0, |s| s.seq + 1),
             prev: last
@@ -221,52 +239,144 @@ impl Sealer {
             fed_to: last.as_ref().map_or(i64::MIN, |s| s.last),
             open: Vec::new(),
             opened: None,
-            copies_behind: true,
+            signed,
         };
         self.progress.send_modify(|p| {
             p.seq = last.as_ref().map(|s| s.seq);
             p.sealed_to = last.as_ref().map_or(0, |s| s.last);
         });
-        self.copy_missing(&mut state).await;
+        let ended = self.follow(&mut state, feed, shutdown, &mut writer).await;
+        // The writer stores what was signed, then ends.
+        drop(state);
+        let Some(mut writer) = writer else {
+            return ended; // it ended already, and said why
+        };
+        let written = match tokio::time::timeout(Duration::from_secs(10), &mut writer).await {
+            Ok(Ok(written)) => written,
+            Ok(Err(failed)) => Err(SealError::Stored {
+                seq: -1,
+                what: format!("the seal writer failed: {failed}"),
+            }),
+            Err(_) => {
+                writer.abort();
+                Ok(())
+            }
+        };
+        ended.and(written)
+    }
+
+    /// Feeds the open block until shutdown, the feed's end or an error
+    /// (the writer's included).
+    async fn follow(
+        &self,
+        state: &mut State,
+        feed: &mut mpsc::Receiver<Feed>,
+        shutdown: &CancellationToken,
+        writer: &mut Option<tokio::task::JoinHandle<Result<(), SealError>>>,
+    ) -> Result<(), SealError> {
         // What precedes the relay's first batch is read from the store when
         // that batch comes (its `after` says where the relay resumed), or,
-        // if none comes, when the sealer finds itself unfed.
-        // Unfed this long (the relay idle, or stuck on a NATS outage), it
-        // reads the store itself: sealing never waits for NATS.
+        // if none comes, when the sealer finds itself unfed: unfed this long
+        // (the relay idle, or stuck on a NATS outage), it reads the store
+        // itself, so sealing never waits for NATS.
         let starved_after = (self.config.block_time * 4).max(Duration::from_secs(1));
         let mut fed = Instant::now();
         loop {
             let deadline = state.opened.map(|at| at + self.config.block_time);
             tokio::select! {
+                ended = async {
+                    match writer.as_mut() {
+                        Some(task) => task.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // It stops early only on an error: start again from
+                    // what is stored.
+                    *writer = None;
+                    return match ended {
+                        Ok(Err(error)) => Err(error),
+                        _ => Err(SealError::Stored {
+                            seq: -1,
+                            what: "the seal writer stopped".into(),
+                        }),
+                    };
+                }
                 () = tokio::time::sleep_until(fed + starved_after) => {
-                    self.catch_up(&mut state, None).await?;
+                    self.catch_up(state, None).await?;
                     fed = Instant::now();
                 }
                 () = shutdown.cancelled() => {
-                    self.close(&mut state, usize::MAX).await?;
-                    return Ok(());
+                    return self.close(state, usize::MAX).await;
                 }
                 batch = feed.recv() => {
                     let Some(batch) = batch else {
-                        self.close(&mut state, usize::MAX).await?;
-                        return Ok(());
+                        return self.close(state, usize::MAX).await;
                     };
                     fed = Instant::now();
                     if batch.after > state.fed_to {
-                        self.catch_up(&mut state, Some(batch.after)).await?;
+                        self.catch_up(state, Some(batch.after)).await?;
                     }
                     for event in batch.events.iter() {
-                        self.push(&mut state, event).await?;
+                        self.push(state, event).await?;
                     }
                 }
                 () = sleep_until(deadline) => {
-                    self.close(&mut state, usize::MAX).await?;
+                    self.close(state, usize::MAX).await?;
                 }
             }
-            if state.copies_behind {
-                self.copy_missing(&mut state).await;
+        }
+    }
+
+    /// Stores each signed seal in order and copies it to the seal stream
+    /// (copies that fail are published later, in order, before new ones).
+    async fn write(self, mut signed: mpsc::Receiver<Signed>) -> Result<(), SealError> {
+        let mut copies_behind = self.copy_missing().await;
+        while let Some(seal) = signed.recv().await {
+            let Signed {
+                seq,
+                first,
+                last,
+                oldest,
+                sealed_at,
+                record,
+            } = seal;
+            store::insert(
+                self.store.pool(),
+                &self.config.log,
+                seq,
+                first,
+                last,
+                &record,
+            )
+            .await?;
+            if let Some(oldest) = oldest {
+                let delay = (sealed_at - oldest).as_seconds_f64().max(0.0);
+                metrics::histogram!("neurectomy_seal_delay_seconds").record(delay);
+            }
+            metrics::counter!("neurectomy_sealed_events_total")
+                .increment(record.leaves.len() as u64);
+            self.progress.send_modify(|p| {
+                p.seq = Some(seq);
+                p.sealed_to = last;
+            });
+            tracing::debug!(
+                seq,
+                first,
+                last,
+                count = record.leaves.len(),
+                "block sealed"
+            );
+            if copies_behind {
+                copies_behind = self.copy_missing().await;
+            } else if let Err(error) = self.publish(seq, &record).await {
+                tracing::warn!(%error, seq, "could not copy the seal to JetStream; retrying later");
+                copies_behind = true;
             }
         }
+        if copies_behind {
+            self.copy_missing().await;
+        }
+        Ok(())
     }
 
     /// Reads from the store what follows the last event fed, up to
@@ -368,37 +478,27 @@ impl Sealer {
             leaves,
         };
         let seq = state.next_seq;
-        store::insert(
-            self.store.pool(),
-            &self.config.log,
-            seq,
-            first,
-            last,
-            &record,
-        )
-        .await?;
         state.prev = body_digest(&record.body);
         state.next_seq += 1;
         state.open.drain(..take);
         state.opened = (!state.open.is_empty()).then(Instant::now);
-        if let Some(oldest) = oldest {
-            let delay = (sealed_at - oldest).as_seconds_f64().max(0.0);
-            metrics::histogram!("neurectomy_seal_delay_seconds").record(delay);
-        }
-        metrics::counter!("neurectomy_sealed_events_total").increment(take as u64);
-        self.progress.send_modify(|p| {
-            p.seq = Some(seq);
-            p.sealed_to = last;
-            p.open = state.open.len();
-        });
-        tracing::debug!(seq, first, last, count = take, "block sealed");
-        if !state.copies_behind {
-            if let Err(error) = self.publish(seq, &record).await {
-                tracing::warn!(%error, seq, "could not copy the seal to JetStream; retrying later");
-                state.copies_behind = true;
-            }
-        }
-        Ok(())
+        self.progress.send_modify(|p| p.open = state.open.len());
+        let signed = Signed {
+            seq,
+            first,
+            last,
+            oldest,
+            sealed_at,
+            record,
+        };
+        state
+            .signed
+            .send(signed)
+            .await
+            .map_err(|_| SealError::Stored {
+                seq,
+                what: "the seal writer stopped".into(),
+            })
     }
 
     /// Publishes seal `seq` on the seal stream and waits for the ack.
@@ -423,18 +523,19 @@ impl Sealer {
     }
 
     /// Publishes the stored seals the seal stream lacks (after its last
-    /// message's seal number), in order. Failures leave them for later.
-    async fn copy_missing(&self, state: &mut State) {
+    /// message's seal number), in order; whether some are still missing
+    /// (failures leave them for later).
+    async fn copy_missing(&self) -> bool {
         match self.try_copy_missing().await {
             Ok(copied) => {
                 if copied > 0 {
                     tracing::info!(copied, "copied stored seals to the seal stream");
                 }
-                state.copies_behind = false;
+                false
             }
             Err(error) => {
                 tracing::warn!(%error, "could not bring the seal stream up to date; retrying later");
-                state.copies_behind = true;
+                true
             }
         }
     }
