@@ -16,7 +16,8 @@
 //! them): the tenants' summaries (name, count, root; in block order) and,
 //! per event in log order, its position, its tenant's index among the
 //! summaries and its leaf hash — what proofs and the verifier need without
-//! re-deriving the block.
+//! re-deriving the block. The seal stream's copy holds the body, the
+//! signature and the summaries.
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -242,20 +243,33 @@ pub fn summaries_from_json(value: &Value) -> Option<Vec<TenantSummary>> {
         .collect()
 }
 
+/// A seal's copy on the seal stream: what is signed and what the signed
+/// root is made of (the leaves stay in PostgreSQL: the events re-derive
+/// them, and the root catches any change to either).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealCopy {
+    /// The signed body, byte for byte.
+    pub body: Vec<u8>,
+    /// Ed25519 signature of `body`.
+    pub signature: Vec<u8>,
+    /// The tenants' summaries, in block order.
+    pub tenants: Vec<TenantSummary>,
+}
+
 impl SealRecord {
-    /// The message published on the seal stream: JSON with the body as a
-    /// string (its exact bytes), the signature and leaves in base64.
+    /// The message published on the seal stream (see [`SealCopy`]).
     pub fn to_message(&self) -> Vec<u8> {
         let b64 = base64::engine::general_purpose::STANDARD;
         let message = json!({
             "body": String::from_utf8_lossy(&self.body),
             "signature": b64.encode(&self.signature),
             "tenants": summaries_json(&self.tenants),
-            "leaves": b64.encode(encode_leaves(&self.leaves)),
         });
         serde_json::to_vec(&message).unwrap_or_default()
     }
+}
 
+impl SealCopy {
     /// Reads a seal stream message.
     pub fn from_message(bytes: &[u8]) -> Option<Self> {
         let b64 = base64::engine::general_purpose::STANDARD;
@@ -264,7 +278,6 @@ impl SealRecord {
             body: value["body"].as_str()?.as_bytes().to_vec(),
             signature: b64.decode(value["signature"].as_str()?).ok()?,
             tenants: summaries_from_json(&value["tenants"])?,
-            leaves: decode_leaves(&b64.decode(value["leaves"].as_str()?).ok()?)?,
         })
     }
 }
@@ -329,8 +342,12 @@ mod tests {
             ],
         };
         assert_eq!(
-            SealRecord::from_message(&record.to_message()),
-            Some(record.clone())
+            SealCopy::from_message(&record.to_message()),
+            Some(SealCopy {
+                body: record.body.clone(),
+                signature: record.signature.clone(),
+                tenants: record.tenants.clone(),
+            })
         );
         assert_eq!(
             decode_leaves(&encode_leaves(&record.leaves)),

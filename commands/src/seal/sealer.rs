@@ -92,7 +92,7 @@ pub struct SealProgress {
     pub seq: Option<i64>,
     /// The last position sealed.
     pub sealed_to: i64,
-    /// Events in the open block.
+    /// Events left in the open block when the last block closed.
     pub open: usize,
 }
 
@@ -416,7 +416,6 @@ impl Sealer {
         if state.open.len() >= self.config.block_events.max(1) {
             self.close(state, self.config.block_events.max(1)).await?;
         }
-        self.progress.send_modify(|p| p.open = state.open.len());
         Ok(())
     }
 

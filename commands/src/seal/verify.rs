@@ -210,14 +210,57 @@ pub struct VerifyProgress {
     pub events: u64,
 }
 
-/// The event's columns, whether its tenant hash is its tenant's, and the
-/// metadata's fields the format lacks (PostgreSQL tells; NULL: none).
+/// The event's columns and whether its tenant hash is its tenant's.
 const EVENT_COLUMNS: &str = "position, stream_id, stream_version, event_id, event_type, \
     schema_version, data, metadata, recorded_at, command_id, correlation_id, tenant, \
-    (tenant_hash IS NULL OR tenant_hash = neurectomy_tenant_hash(tenant)) AS tenant_hash_ok, \
-    (SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(metadata - '{event_id,command_id,\
-    command_type,command_hash,correlation_id,causation_id,actor,tenant,occurred_at,traceparent}'::text[]) AS k) \
-    AS unknown_metadata";
+    (tenant_hash IS NULL OR tenant_hash = neurectomy_tenant_hash(tenant)) AS tenant_hash_ok";
+
+/// The metadata as stored, read strictly: a field the format lacks is an
+/// edit (the system would ignore it; the verifier does not).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StrictMetadata {
+    event_id: Uuid,
+    command_id: Uuid,
+    command_type: String,
+    command_hash: String,
+    correlation_id: Uuid,
+    causation_id: Uuid,
+    actor: String,
+    tenant: String,
+    #[serde(with = "time::serde::rfc3339")]
+    occurred_at: time::OffsetDateTime,
+    traceparent: Option<String>,
+}
+
+impl From<StrictMetadata> for EventMetadata {
+    fn from(m: StrictMetadata) -> Self {
+        EventMetadata {
+            event_id: m.event_id,
+            command_id: m.command_id,
+            command_type: m.command_type,
+            command_hash: m.command_hash,
+            correlation_id: m.correlation_id,
+            causation_id: m.causation_id,
+            actor: m.actor,
+            tenant: m.tenant,
+            occurred_at: m.occurred_at,
+            traceparent: m.traceparent,
+        }
+    }
+}
+
+/// What is wrong with metadata that does not read strictly.
+fn metadata_problem(error: &dyn std::fmt::Display) -> String {
+    let text = error.to_string();
+    match text
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+    {
+        Some((field, _)) => format!("has a metadata field the format lacks (`{field}`)"),
+        None => format!("has metadata the system cannot read ({text})"),
+    }
+}
 
 /// An event row as the verifier reads it: the event, or why it cannot be
 /// one.
@@ -237,14 +280,13 @@ fn read_row(row: &PgRow) -> Result<Row, sqlx::Error> {
     let stream: String = row.try_get(1)?;
     let tenant: String = row.try_get(11)?;
     let event = (|| {
-        let metadata: EventMetadata = match row.try_get::<sqlx::types::Json<EventMetadata>, _>(7) {
-            Ok(sqlx::types::Json(metadata)) => metadata,
+        let metadata: EventMetadata = match row.try_get::<sqlx::types::Json<StrictMetadata>, _>(7) {
+            Ok(sqlx::types::Json(metadata)) => metadata.into(),
+            Err(sqlx::Error::ColumnDecode { source, .. }) => {
+                return Err(metadata_problem(&source));
+            }
             Err(e) => return Err(format!("has metadata the system cannot read ({e})")),
         };
-        let unknown: Option<String> = row.try_get(13).map_err(|e| e.to_string())?;
-        if let Some(extra) = unknown {
-            return Err(format!("has a metadata field the format lacks (`{extra}`)"));
-        }
         let event_id: Uuid = row.try_get(3).map_err(|e| e.to_string())?;
         let command_id: Uuid = row.try_get(9).map_err(|e| e.to_string())?;
         let correlation_id: Uuid = row.try_get(10).map_err(|e| e.to_string())?;
