@@ -118,6 +118,9 @@ struct SimAgent {
     id: AgentId,
     capabilities: BTreeSet<String>,
     mode: AgentMode,
+    /// The event that last paused or failed it: the cause of handing its
+    /// task to another agent.
+    down: Option<Uuid>,
 }
 
 /// One tenant's simulator state; the counters, the rate and the shutdown
@@ -138,9 +141,21 @@ impl Sim {
         command: impl Into<Command>,
         correlation: Uuid,
     ) -> Result<CommandOutcome, CommandError> {
+        self.send_caused(command, correlation, None).await
+    }
+
+    /// [`Sim::send`] naming the event that caused the command, as an
+    /// orchestrator does (`causationId`).
+    async fn send_caused(
+        &self,
+        command: impl Into<Command>,
+        correlation: Uuid,
+        cause: Option<Uuid>,
+    ) -> Result<CommandOutcome, CommandError> {
         self.limiter.acquire().await;
         let mut ctx = CommandContext::new(Uuid::new_v4(), "simulator", self.tenant.clone());
         ctx.correlation_id = Some(correlation);
+        ctx.causation_id = cause;
         let result = self.handler.execute(command.into(), &ctx).await;
         self.stats.commands.fetch_add(1, Ordering::Relaxed);
         match &result {
@@ -191,6 +206,14 @@ impl Sim {
             .map(|a| a.id)
             .collect();
         capable.choose(rng).copied()
+    }
+
+    /// The event that last paused or failed `agent`, if we saw one.
+    fn down_event(&self, agent: AgentId) -> Option<Uuid> {
+        self.agents()
+            .iter()
+            .find(|a| a.id == agent)
+            .and_then(|a| a.down)
     }
 
     /// Resumes a paused (in our view) agent covering `required`. A refusal
@@ -386,6 +409,7 @@ async fn register_agents(sim: &Sim, rng: &mut StdRng, count: usize) {
                 id,
                 capabilities: capabilities.into_iter().collect(),
                 mode: AgentMode::Active,
+                down: None,
             });
         }
         if sim.shutdown.is_cancelled() {
@@ -407,6 +431,11 @@ struct SimTask {
     capabilities: BTreeSet<String>,
     state: SimTaskState,
     attempt: u32,
+    /// Its `TaskCompleted` event: what causes the start of the tasks that
+    /// wait for it.
+    completed: Option<Uuid>,
+    /// The last event of its own: what causes its next command.
+    last: Option<Uuid>,
 }
 
 const MAX_ATTEMPTS: u32 = 3;
@@ -480,6 +509,8 @@ async fn run_workflow(sim: &Sim, rng: &mut StdRng, task_count: usize) {
                 SimTaskState::Dead
             },
             attempt: 1,
+            completed: None,
+            last: None,
         });
         if sim.shutdown.is_cancelled() {
             return;
@@ -528,7 +559,14 @@ async fn run_workflow(sim: &Sim, rng: &mut StdRng, task_count: usize) {
         }
         let mut progressed = false;
         for i in ready {
-            progressed |= run_task(sim, rng, &mut tasks[i], correlation).await;
+            // A task whose dependencies completed is started because the
+            // last of them did.
+            let cause = tasks[i]
+                .deps
+                .iter()
+                .filter_map(|&d| tasks[d].completed)
+                .next_back();
+            progressed |= run_task(sim, rng, &mut tasks[i], correlation, cause).await;
             finished += 1;
             if Some(finished) == cancel_at {
                 let cancel = WorkflowCommand::CancelWorkflow {
@@ -576,7 +614,13 @@ async fn run_workflow(sim: &Sim, rng: &mut StdRng, task_count: usize) {
 
 /// Takes one ready task through assign → start → progress → complete/fail.
 /// Returns whether it got as far as an assignment.
-async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: Uuid) -> bool {
+async fn run_task(
+    sim: &Sim,
+    rng: &mut StdRng,
+    task: &mut SimTask,
+    correlation: Uuid,
+    cause: Option<Uuid>,
+) -> bool {
     let Some(agent) = sim.pick_agent(rng, &task.capabilities, None) else {
         // An orchestrator does not wait on the churn to bring a capable
         // agent back (for a small tenant that can take minutes): it resumes
@@ -586,16 +630,11 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
         return false;
     };
     let id = task.id;
-    if let Err(error) = sim
-        .send(
-            TaskCommand::AssignTask {
-                task_id: id,
-                agent_id: agent,
-            },
-            correlation,
-        )
-        .await
-    {
+    let assign = TaskCommand::AssignTask {
+        task_id: id,
+        agent_id: agent,
+    };
+    if let Err(error) = step(sim, task, assign, correlation, cause).await {
         if matches!(error, CommandError::Domain(_)) {
             // The agent was paused meanwhile (or our view of it is stale):
             // stop picking it until it is resumed.
@@ -604,10 +643,15 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
         return false; // try again next round
     }
     let mut holder = agent;
-    let mut started = sim
-        .send(TaskCommand::StartTask { task_id: id }, correlation)
-        .await
-        .is_ok();
+    let mut started = step(
+        sim,
+        task,
+        TaskCommand::StartTask { task_id: id },
+        correlation,
+        None,
+    )
+    .await
+    .is_ok();
     // The assignee may have been paused meanwhile: hand the task to another
     // capable agent and try again, a few times.
     for _ in 0..3 {
@@ -622,13 +666,20 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
             from_agent_id: holder,
             to_agent_id: to,
         };
-        if sim.send(delegate, correlation).await.is_ok() {
+        // Handed over because the holder went down.
+        let down = sim.down_event(holder);
+        if step(sim, task, delegate, correlation, down).await.is_ok() {
             holder = to;
         }
-        started = sim
-            .send(TaskCommand::StartTask { task_id: id }, correlation)
-            .await
-            .is_ok();
+        started = step(
+            sim,
+            task,
+            TaskCommand::StartTask { task_id: id },
+            correlation,
+            None,
+        )
+        .await
+        .is_ok();
     }
     if !started {
         // Give up on this attempt: fail it (retryable) so it can go back to pending.
@@ -637,11 +688,16 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
             error: "no available agent could start it".to_owned(),
             retryable: true,
         };
-        if sim.send(fail, correlation).await.is_ok() && task.attempt < MAX_ATTEMPTS {
-            if sim
-                .send(TaskCommand::RetryTask { task_id: id }, correlation)
-                .await
-                .is_ok()
+        if step(sim, task, fail, correlation, None).await.is_ok() && task.attempt < MAX_ATTEMPTS {
+            if step(
+                sim,
+                task,
+                TaskCommand::RetryTask { task_id: id },
+                correlation,
+                None,
+            )
+            .await
+            .is_ok()
             {
                 task.attempt += 1;
             }
@@ -658,7 +714,7 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
                 from_agent_id: agent,
                 to_agent_id: to,
             };
-            let _ = sim.send(delegate, correlation).await;
+            let _ = step(sim, task, delegate, correlation, None).await;
         }
     }
     let mut percent = 0u8;
@@ -669,15 +725,16 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
             percent,
             note: Some(format!("{percent}% done")),
         };
-        let _ = sim.send(progress, correlation).await;
+        let _ = step(sim, task, progress, correlation, None).await;
     }
     if rng.gen_bool(0.85) {
         let complete = TaskCommand::CompleteTask {
             task_id: id,
             output: json!({"result": "ok", "tokens": rng.gen_range(100..5000)}),
         };
-        if sim.send(complete, correlation).await.is_ok() {
+        if step(sim, task, complete, correlation, None).await.is_ok() {
             task.state = SimTaskState::Completed;
+            task.completed = task.last;
         }
         return true;
     }
@@ -692,14 +749,19 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
         .to_owned(),
         retryable,
     };
-    if sim.send(fail, correlation).await.is_err() {
+    if step(sim, task, fail, correlation, None).await.is_err() {
         return true;
     }
     if retryable && task.attempt < MAX_ATTEMPTS {
-        if sim
-            .send(TaskCommand::RetryTask { task_id: id }, correlation)
-            .await
-            .is_ok()
+        if step(
+            sim,
+            task,
+            TaskCommand::RetryTask { task_id: id },
+            correlation,
+            None,
+        )
+        .await
+        .is_ok()
         {
             task.attempt += 1;
         }
@@ -707,6 +769,25 @@ async fn run_task(sim: &Sim, rng: &mut StdRng, task: &mut SimTask, correlation: 
         task.state = SimTaskState::Dead;
     }
     true
+}
+
+/// Sends `command` for `task` as an orchestrator would: caused by `cause`
+/// when given, else by the task's last event; remembers the command's last
+/// event as the task's.
+async fn step(
+    sim: &Sim,
+    task: &mut SimTask,
+    command: impl Into<Command>,
+    correlation: Uuid,
+    cause: Option<Uuid>,
+) -> Result<CommandOutcome, CommandError> {
+    let result = sim
+        .send_caused(command, correlation, cause.or(task.last))
+        .await;
+    if let Some(event) = result.as_ref().ok().and_then(|o| o.events.last()) {
+        task.last = Some(event.event_id);
+    }
+    result
 }
 
 /// Pauses and resumes random agents, and now and then fails and recovers one.
@@ -747,8 +828,19 @@ async fn agent_churn(tenants: Tenants, mut rng: StdRng) {
         if next == AgentMode::Paused {
             set_mode(&sim, id, next);
         }
-        let ok = sim.send(command, correlation).await.is_ok();
-        if next == AgentMode::Active && ok {
+        let sent = sim.send(command, correlation).await;
+        if next == AgentMode::Paused {
+            // What a delegation away from it will name as its cause.
+            let down = sent
+                .as_ref()
+                .ok()
+                .and_then(|o| o.events.last())
+                .map(|e| e.event_id);
+            if let Some(agent) = sim.agents().iter_mut().find(|a| a.id == id) {
+                agent.down = down;
+            }
+        }
+        if next == AgentMode::Active && sent.is_ok() {
             set_mode(&sim, id, next);
         }
     }

@@ -163,6 +163,17 @@ impl CommandHandler {
         ctx: &CommandContext,
         stream: String,
     ) -> Result<CommandOutcome, CommandError> {
+        // A cause must be an event of the caller's tenant; the answer is the
+        // same whether the id is another tenant's or nobody's.
+        if let Some(cause) = ctx.causation_id {
+            if !self.store.has_event_of_tenant(&ctx.tenant, cause).await? {
+                return Err(CommandError::Malformed {
+                    reason: format!(
+                        "causationId {cause} is not an event of this tenant; name the event that caused the command (its id as `eventLog` or a command's result shows it), or leave it out"
+                    ),
+                });
+            }
+        }
         let command_json = serde_json::to_value(&command).map_err(|e| CommandError::Malformed {
             reason: format!("command cannot be serialized: {e}"),
         })?;

@@ -265,6 +265,46 @@ impl AuditQuery {
         .await
     }
 
+    /// Why event `eventId` happened: the event, then the event that caused
+    /// the command that produced it (its `causationId`), and so on back to
+    /// a command that named no cause, at most `depth` steps (default 20,
+    /// at most 100). Each event carries its command's type, actor and time
+    /// in its metadata. Across aggregates, the caller's tenant only.
+    async fn why(
+        &self,
+        ctx: &Context<'_>,
+        event_id: ID,
+        depth: Option<i32>,
+    ) -> async_graphql::Result<Vec<Event>> {
+        boxed(async move {
+            let who = caller(ctx, Role::Auditor)?;
+            let depth = depth.unwrap_or(20);
+            if !(1..=100).contains(&depth) {
+                return Err(validation(format!(
+                    "`depth` must be between 1 and 100, not {depth}"
+                )));
+            }
+            let id = Uuid::parse_str(event_id.trim()).map_err(|_| {
+                validation(format!(
+                    "`eventId` must be an event's UUID (as in event metadata), not {:?}",
+                    event_id.as_str()
+                ))
+            })?;
+            let chain = services(ctx)
+                .store
+                .read_causes_of_tenant(&who.tenant, id, depth)
+                .await
+                .map_err(store_error)?;
+            if chain.is_empty() {
+                return Err(crate::error::not_found(format!(
+                    "event {id} does not exist"
+                )));
+            }
+            Ok(chain.iter().map(Event::from).collect())
+        })
+        .await
+    }
+
     /// The public keys seals are checked against (the sealing key's and
     /// those trusted from before a rotation). Empty when the log is not
     /// sealed.

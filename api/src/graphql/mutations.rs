@@ -1,7 +1,9 @@
 //! Mutations: one per domain command. Each takes an optional `commandId`
 //! (idempotency: a retry with the same id returns the first run's events
 //! and writes nothing), `expectedVersion` (optimistic concurrency: the
-//! stream must be at exactly this version) and `correlationId`, and returns
+//! stream must be at exactly this version), `correlationId` and
+//! `causationId` (the id of the event that caused the command: an event of
+//! the caller's tenant, else `VALIDATION`; `why` follows it), and returns
 //! the stream, its new version, the global position and the events written.
 //! The caller needs the `operator` role; the command runs in its tenant.
 //!
@@ -63,6 +65,7 @@ struct Options {
     command_id: Uuid,
     expected_version: Option<i64>,
     correlation_id: Option<Uuid>,
+    causation_id: Option<Uuid>,
 }
 
 impl Options {
@@ -74,6 +77,7 @@ impl Options {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<Self> {
         caller(ctx, Role::Operator)?;
         Ok(Self {
@@ -84,6 +88,9 @@ impl Options {
             expected_version,
             correlation_id: correlation_id
                 .map(|c| ids::uuid("correlationId", &c))
+                .transpose()?,
+            causation_id: causation_id
+                .map(|c| ids::uuid("causationId", &c))
                 .transpose()?,
         })
     }
@@ -120,6 +127,7 @@ impl Options {
         let command_id = self.command_id;
         let mut context = CommandContext::new(command_id, who.subject.clone(), who.tenant.clone());
         context.correlation_id = self.correlation_id;
+        context.causation_id = self.causation_id;
         context.expected_version = match self.expected_version {
             None => None,
             Some(v) if v >= 0 => Some(ExpectedVersion::Exact(v.unsigned_abs())),
@@ -178,8 +186,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let command = AgentCommand::RegisterAgent {
             agent_id: AgentId::from_uuid(options.created(
                 ctx,
@@ -206,8 +221,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let command = AgentCommand::PauseAgent {
             agent_id: ids::agent("agentId", &agent_id)?,
             reason,
@@ -223,8 +245,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let command = AgentCommand::ResumeAgent {
             agent_id: ids::agent("agentId", &agent_id)?,
         };
@@ -240,8 +269,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let command = AgentCommand::FailAgent {
             agent_id: ids::agent("agentId", &agent_id)?,
             reason,
@@ -258,8 +294,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let command = AgentCommand::RetireAgent {
             agent_id: ids::agent("agentId", &agent_id)?,
             reason,
@@ -278,8 +321,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let command = WorkflowCommand::StartWorkflow {
             workflow_id: WorkflowId::from_uuid(options.created(
                 ctx,
@@ -300,8 +350,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let command = WorkflowCommand::CompleteWorkflow {
             workflow_id: ids::workflow("workflowId", &workflow_id)?,
         };
@@ -317,8 +374,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let command = WorkflowCommand::FailWorkflow {
             workflow_id: ids::workflow("workflowId", &workflow_id)?,
             reason,
@@ -335,8 +399,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let command = WorkflowCommand::CancelWorkflow {
             workflow_id: ids::workflow("workflowId", &workflow_id)?,
             reason,
@@ -360,8 +431,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let priority = u8::try_from(priority)
             .ok()
             .filter(|p| *p <= 100)
@@ -396,8 +474,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let command = TaskCommand::AssignTask {
             task_id: ids::task("taskId", &task_id)?,
             agent_id: ids::agent("agentId", &agent_id)?,
@@ -413,8 +498,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let command = TaskCommand::StartTask {
             task_id: ids::task("taskId", &task_id)?,
         };
@@ -431,8 +523,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let percent = u8::try_from(percent)
             .ok()
             .filter(|p| *p <= 100)
@@ -456,8 +555,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let command = TaskCommand::CompleteTask {
             task_id: ids::task("taskId", &task_id)?,
             output: output.map_or(serde_json::Value::Null, |o| o.0),
@@ -475,8 +581,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let command = TaskCommand::FailTask {
             task_id: ids::task("taskId", &task_id)?,
             error,
@@ -493,8 +606,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let command = TaskCommand::RetryTask {
             task_id: ids::task("taskId", &task_id)?,
         };
@@ -510,8 +630,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let command = TaskCommand::CancelTask {
             task_id: ids::task("taskId", &task_id)?,
             reason,
@@ -529,8 +656,15 @@ impl Mutation {
         command_id: Option<ID>,
         expected_version: Option<i64>,
         correlation_id: Option<ID>,
+        causation_id: Option<ID>,
     ) -> async_graphql::Result<CommandResult> {
-        let options = Options::new(ctx, command_id, expected_version, correlation_id)?;
+        let options = Options::new(
+            ctx,
+            command_id,
+            expected_version,
+            correlation_id,
+            causation_id,
+        )?;
         let command = TaskCommand::DelegateTask {
             task_id: ids::task("taskId", &task_id)?,
             from_agent_id: ids::agent("fromAgentId", &from_agent_id)?,

@@ -50,6 +50,7 @@ impl std::fmt::Display for Lag {
 const READ_STREAM_AFTER: &str = include_str!("sql/read_stream_after.sql");
 const READ_STREAM_OF_TENANT: &str = include_str!("sql/read_stream_of_tenant.sql");
 const READ_EVENT_OF_TENANT: &str = include_str!("sql/read_event_of_tenant.sql");
+const READ_CAUSES_OF_TENANT: &str = include_str!("sql/read_causes_of_tenant.sql");
 const STREAM_VERSION_OF_TENANT: &str = include_str!("sql/stream_version_of_tenant.sql");
 const READ_LOG_OF_TENANT: &str = include_str!("sql/read_log_of_tenant.sql");
 const READ_LOG_OF_CORRELATION: &str = include_str!("sql/read_log_of_correlation.sql");
@@ -268,6 +269,42 @@ impl EventStore {
         let rows = query.fetch_all(&mut *tx).await?;
         tx.commit().await?;
         Ok(rows)
+    }
+
+    /// The event `event_id` of `tenant` and its chain of causes, at most
+    /// `depth` steps back, the event first (audit `why`); empty when the
+    /// tenant has no such event.
+    pub async fn read_causes_of_tenant(
+        &self,
+        tenant: &str,
+        event_id: uuid::Uuid,
+        depth: i32,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        let rows = sqlx::query(READ_CAUSES_OF_TENANT)
+            .bind(tenant)
+            .bind(event_id)
+            .bind(depth)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db(format!("following the causes of event {event_id}")))?;
+        rows.iter().map(recorded).collect()
+    }
+
+    /// Whether `tenant` has the event `event_id` (a command's cause);
+    /// another tenant's event is as absent as an unknown one.
+    pub async fn has_event_of_tenant(
+        &self,
+        tenant: &str,
+        event_id: uuid::Uuid,
+    ) -> Result<bool, ReadError> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE event_id = $2 AND tenant = $1)",
+        )
+        .bind(tenant)
+        .bind(event_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db(format!("looking up event {event_id}")))
     }
 
     /// The event `event_id` of `tenant` (audit proofs); another tenant's

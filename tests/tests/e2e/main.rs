@@ -27,6 +27,7 @@ mod api_audit;
 mod api_hardening;
 mod api_subscriptions;
 mod browser;
+mod causes;
 mod config;
 mod e2e;
 mod faults;
