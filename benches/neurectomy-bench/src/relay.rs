@@ -193,6 +193,11 @@ async fn relay_scenarios(
         results.push(f);
     }
 
+    let name = "audit: why, 20-step chains in a 1,000,000-event log";
+    if wants(args, name) {
+        results.push(why_chains(&store, name, seconds).await?);
+    }
+
     let name = "relay: under 8 batch writers at full speed";
     if wants(args, name) {
         let relay = BenchRelay::start(&store, settings, scratch::nats(settings).await?);
@@ -455,4 +460,66 @@ async fn verify_against_reading(
         ratio * 100.0
     );
     Ok(vec![reading, verifying])
+}
+
+/// `why` on 20-step chains of causes in a log of a million events: 50
+/// agents each paused and resumed 10 times, every command caused by the
+/// agent's previous event, among events of other streams; then `why` of a
+/// chain's last event, over and over for `seconds` (p99 target ≤ 50 ms).
+async fn why_chains(store: &EventStore, name: &str, seconds: u64) -> anyhow::Result<Figures> {
+    use commands::{CommandContext, CommandHandler, HandlerConfig};
+    use domain::{AgentCommand, AgentId, AgentKind};
+    const LOG: i64 = 1_000_000;
+    const CHAINS: usize = 50;
+    let present = store.count_after(0, LOG).await?;
+    if present < LOG {
+        let more = u64::try_from(LOG - present).unwrap_or(0);
+        eprintln!("preloading {more} events for `{name}`…");
+        preload(store, more).await?;
+    }
+    let handler = CommandHandler::new(store.clone(), HandlerConfig::default());
+    let mut lasts = Vec::with_capacity(CHAINS);
+    for _ in 0..CHAINS {
+        let agent = AgentId::from_uuid(Uuid::new_v4());
+        let mut cause: Option<Uuid> = None;
+        for step in 0..21 {
+            let command = match step {
+                0 => AgentCommand::RegisterAgent {
+                    agent_id: agent,
+                    name: "why".into(),
+                    kind: AgentKind::Tool,
+                    model: None,
+                    capabilities: vec!["search".into()],
+                    parent_agent_id: None,
+                },
+                n if n % 2 == 1 => AgentCommand::PauseAgent {
+                    agent_id: agent,
+                    reason: Some("bench".into()),
+                },
+                _ => AgentCommand::ResumeAgent { agent_id: agent },
+            };
+            let mut ctx = CommandContext::new(Uuid::new_v4(), "bench", "bench");
+            ctx.causation_id = cause;
+            let outcome = handler.execute(command.into(), &ctx).await?;
+            cause = outcome.events.last().map(|e| e.event_id);
+        }
+        lasts.extend(cause);
+    }
+    eprintln!("running `{name}` for {seconds}s…");
+    let mut hist = histogram();
+    let meter = Meter::start(name, std::process::id(), &[Peer::Postgres]).await?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let mut count = 0u64;
+    while Instant::now() < deadline {
+        let last = lasts[count as usize % lasts.len()];
+        let asked = Instant::now();
+        let chain = store.read_causes_of_tenant("bench", last, 20).await?;
+        let _ = hist.record(asked.elapsed().as_micros().max(1) as u64);
+        anyhow::ensure!(chain.len() == 21, "a chain of {} events, 21 expected", chain.len());
+        count += 1;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let cost = meter.finish(count).await?;
+    Ok(figures(name, "req/s", count, &hist, secs, 0).with_cost(cost))
 }
