@@ -516,7 +516,11 @@ async fn why_chains(store: &EventStore, name: &str, seconds: u64) -> anyhow::Res
         let asked = Instant::now();
         let chain = store.read_causes_of_tenant("bench", last, 20).await?;
         let _ = hist.record(asked.elapsed().as_micros().max(1) as u64);
-        anyhow::ensure!(chain.len() == 21, "a chain of {} events, 21 expected", chain.len());
+        anyhow::ensure!(
+            chain.len() == 21,
+            "a chain of {} events, 21 expected",
+            chain.len()
+        );
         count += 1;
     }
     let secs = started.elapsed().as_secs_f64();
