@@ -689,18 +689,7 @@ async fn run_task(
             retryable: true,
         };
         if step(sim, task, fail, correlation, None).await.is_ok() && task.attempt < MAX_ATTEMPTS {
-            if step(
-                sim,
-                task,
-                TaskCommand::RetryTask { task_id: id },
-                correlation,
-                None,
-            )
-            .await
-            .is_ok()
-            {
-                task.attempt += 1;
-            }
+            retry(sim, task, correlation).await;
         } else {
             task.state = SimTaskState::Dead;
         }
@@ -753,22 +742,19 @@ async fn run_task(
         return true;
     }
     if retryable && task.attempt < MAX_ATTEMPTS {
-        if step(
-            sim,
-            task,
-            TaskCommand::RetryTask { task_id: id },
-            correlation,
-            None,
-        )
-        .await
-        .is_ok()
-        {
-            task.attempt += 1;
-        }
+        retry(sim, task, correlation).await;
     } else {
         task.state = SimTaskState::Dead;
     }
     true
+}
+
+/// Puts a failed `task` back to pending for another attempt.
+async fn retry(sim: &Sim, task: &mut SimTask, correlation: Uuid) {
+    let command = TaskCommand::RetryTask { task_id: task.id };
+    if step(sim, task, command, correlation, None).await.is_ok() {
+        task.attempt += 1;
+    }
 }
 
 /// Sends `command` for `task` as an orchestrator would: caused by `cause`

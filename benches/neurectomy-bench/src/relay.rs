@@ -160,11 +160,7 @@ async fn relay_scenarios(
         let sealed = relay.sealed.clone().context("the sealer's progress")?;
         // The new log's sealer first seals what the store holds.
         wait_caught_up(&store, relay.progress.clone()).await?;
-        let head = store.head().await?.readable;
-        let mut caught = sealed.clone();
-        while caught.borrow_and_update().sealed_to < head {
-            let _ = tokio::time::timeout(Duration::from_millis(200), caught.changed()).await;
-        }
+        wait_sealed(&store, sealed.clone()).await?;
         eprintln!("running `{name}` for {seconds}s…");
         let pending: Arc<Mutex<BTreeMap<i64, Instant>>> = Arc::default();
         let latencies = Arc::new(Mutex::new(histogram()));
@@ -179,11 +175,7 @@ async fn relay_scenarios(
         let started = Instant::now();
         let count = paced_writers(&store, &pending, seconds).await?;
         let secs = started.elapsed().as_secs_f64();
-        let head = store.head().await?.readable;
-        let mut caught = sealed.clone();
-        while caught.borrow_and_update().sealed_to < head {
-            let _ = tokio::time::timeout(Duration::from_millis(200), caught.changed()).await;
-        }
+        wait_sealed(&store, sealed.clone()).await?;
         let cost = meter.finish(count).await?;
         relay.finish().await?;
         let _ = watcher.await;
@@ -379,6 +371,23 @@ async fn watch_acks(
             let _ = hist.record(now.duration_since(committed).as_micros().max(1) as u64);
         }
     }
+}
+
+/// Waits until the sealer has sealed everything readable now.
+async fn wait_sealed(
+    store: &EventStore,
+    mut sealed: tokio::sync::watch::Receiver<commands::seal::sealer::SealProgress>,
+) -> anyhow::Result<()> {
+    let head = store.head().await?.readable;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while sealed.borrow_and_update().sealed_to < head {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the sealer did not catch up within 120 s"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(200), sealed.changed()).await;
+    }
+    Ok(())
 }
 
 /// Records commit → sealed latency for every pending position the sealer

@@ -121,9 +121,15 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// The leaf's canonical bytes. `erased` names the personal fields (of the
 /// data, and `actor`) whose stored values are their digests already.
 pub fn leaf_bytes(event: &RecordedEvent, erased: &[&str]) -> Vec<u8> {
+    canonical(&leaf_value(event, erased))
+}
+
+/// The leaf as a JSON value (the reference the fast [`leaf`] is checked
+/// against, and what the API shows an auditor).
+pub fn leaf_value(event: &RecordedEvent, erased: &[&str]) -> Value {
     let data = sha256_hex(&canonical(&committed_data(event, erased)));
     let metadata = sha256_hex(&canonical(&committed_metadata(event, erased)));
-    canonical(&serde_json::json!({
+    serde_json::json!({
         "command": event.metadata.command_id,
         "correlation": event.metadata.correlation_id,
         "data": data,
@@ -137,7 +143,7 @@ pub fn leaf_bytes(event: &RecordedEvent, erased: &[&str]) -> Vec<u8> {
         "type": event.event_type,
         "v": LEAF_VERSION,
         "version": event.stream_version,
-    }))
+    })
 }
 
 /// The event's leaf hash in its tenant's tree: the hash of

@@ -8,12 +8,11 @@ use async_graphql::{Context, Enum, Json, SimpleObject, ID};
 use base64::Engine as _;
 use commands::seal::block::EventProof;
 use commands::seal::key::PublicKey;
-use commands::seal::leaf::{committed_data, committed_metadata, leaf_bytes, timestamp};
+use commands::seal::leaf::{committed_data, committed_metadata, leaf_bytes, leaf_value};
 use commands::seal::merkle::leaf_hash;
 use commands::seal::record::SealBody;
 use commands::seal::verify::{verify, Problem, VerifyOptions};
 use commands::seal::{store, SealError};
-use serde_json::json;
 use uuid::Uuid;
 
 use crate::auth::Role;
@@ -78,10 +77,10 @@ pub struct AuditProof {
     pub state: SealState,
     /// The event's position.
     pub position: Position,
-    /// What the leaf commits to, as stored: the leaf's fields with `data`
-    /// and `metadata` whole, personal fields replaced by their digests
-    /// (`committedData`, `committedMetadata`), so that the leaf can be
-    /// re-derived.
+    /// The leaf's fields (`data` and `metadata` as the digests it holds),
+    /// with the committed data and metadata whole beside them
+    /// (`committedData`, `committedMetadata`: personal fields replaced by
+    /// their digests), so that the leaf can be re-derived.
     pub committed: Json<serde_json::Value>,
     /// The leaf: canonical JSON.
     pub leaf: String,
@@ -192,20 +191,11 @@ pub async fn audit_proof(ctx: &Context<'_>, event_id: ID) -> async_graphql::Resu
         .ok_or_else(|| crate::error::not_found(format!("event {id} does not exist")))?;
     let leaf = leaf_bytes(&event, &[]);
     let hash = leaf_hash(&leaf);
-    let committed = json!({
-        "command": event.metadata.command_id,
-        "correlation": event.metadata.correlation_id,
-        "event": event.event_id,
-        "position": event.position.to_string(),
-        "recorded_at": timestamp(event.recorded_at),
-        "schema": event.schema_version,
-        "stream": event.stream_id,
-        "tenant": event.metadata.tenant,
-        "type": event.event_type,
-        "version": event.stream_version,
-        "committedData": committed_data(&event, &[]),
-        "committedMetadata": committed_metadata(&event, &[]),
-    });
+    // The leaf's fields, with the committed data and metadata beside the
+    // digests of them it holds.
+    let mut committed = leaf_value(&event, &[]);
+    committed["committedData"] = committed_data(&event, &[]);
+    committed["committedMetadata"] = committed_metadata(&event, &[]);
     let mut proof = AuditProof {
         state: SealState::Unsealed,
         position: Position(event.position),
