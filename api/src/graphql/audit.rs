@@ -305,6 +305,53 @@ impl AuditQuery {
         .await
     }
 
+    /// What event `eventId` caused: the event, then the events whose
+    /// commands named it as their cause, their effects, and so on, breadth
+    /// first, at most `depth` steps (default 20, at most 100) and `first`
+    /// events (default and most: the page limit). The caller's tenant only.
+    async fn effects(
+        &self,
+        ctx: &Context<'_>,
+        event_id: ID,
+        depth: Option<i32>,
+        first: Option<i32>,
+    ) -> async_graphql::Result<Vec<Event>> {
+        boxed(async move {
+            let who = caller(ctx, Role::Auditor)?;
+            let services = services(ctx);
+            let depth = depth.unwrap_or(20);
+            if !(1..=100).contains(&depth) {
+                return Err(validation(format!(
+                    "`depth` must be between 1 and 100, not {depth}"
+                )));
+            }
+            let size = page_size(first, services.limits.max_page)?;
+            let id = Uuid::parse_str(event_id.trim()).map_err(|_| {
+                validation(format!(
+                    "`eventId` must be an event's UUID (as in event metadata), not {:?}",
+                    event_id.as_str()
+                ))
+            })?;
+            let tree = services
+                .store
+                .read_effects_of_tenant(
+                    &who.tenant,
+                    id,
+                    depth,
+                    i64::try_from(size).unwrap_or(i64::MAX),
+                )
+                .await
+                .map_err(store_error)?;
+            if tree.is_empty() {
+                return Err(crate::error::not_found(format!(
+                    "event {id} does not exist"
+                )));
+            }
+            Ok(tree.iter().map(Event::from).collect())
+        })
+        .await
+    }
+
     /// The public keys seals are checked against (the sealing key's and
     /// those trusted from before a rotation). Empty when the log is not
     /// sealed.

@@ -51,6 +51,7 @@ const READ_STREAM_AFTER: &str = include_str!("sql/read_stream_after.sql");
 const READ_STREAM_OF_TENANT: &str = include_str!("sql/read_stream_of_tenant.sql");
 const READ_EVENT_OF_TENANT: &str = include_str!("sql/read_event_of_tenant.sql");
 const READ_CAUSES_OF_TENANT: &str = include_str!("sql/read_causes_of_tenant.sql");
+const READ_EFFECTS_OF_TENANT: &str = include_str!("sql/read_effects_of_tenant.sql");
 const STREAM_VERSION_OF_TENANT: &str = include_str!("sql/stream_version_of_tenant.sql");
 const READ_LOG_OF_TENANT: &str = include_str!("sql/read_log_of_tenant.sql");
 const READ_LOG_OF_CORRELATION: &str = include_str!("sql/read_log_of_correlation.sql");
@@ -287,6 +288,27 @@ impl EventStore {
             .fetch_all(&self.pool)
             .await
             .map_err(db(format!("following the causes of event {event_id}")))?;
+        rows.iter().map(recorded).collect()
+    }
+
+    /// The event `event_id` of `tenant` and what it caused, at most `depth`
+    /// steps forward and `limit` events, breadth first, the event first
+    /// (audit `effects`); empty when the tenant has no such event.
+    pub async fn read_effects_of_tenant(
+        &self,
+        tenant: &str,
+        event_id: uuid::Uuid,
+        depth: i32,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        let rows = sqlx::query(READ_EFFECTS_OF_TENANT)
+            .bind(tenant)
+            .bind(event_id)
+            .bind(depth)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db(format!("following the effects of event {event_id}")))?;
         rows.iter().map(recorded).collect()
     }
 

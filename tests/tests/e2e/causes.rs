@@ -165,3 +165,68 @@ async fn why_follows_the_causes_commands_name_across_aggregates() {
     );
     api.shutdown().await;
 }
+
+const EFFECTS: &str = "query($id: ID!, $depth: Int, $first: Int) { effects(eventId: $id, depth: $depth, first: $first) { \
+    streamId type metadata { eventId causationId } } }";
+
+/// `effects(eventId, depth)`: forward, what an event caused, breadth first,
+/// bounded by `depth` and `first`, the caller's tenant only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn effects_follow_what_an_event_caused() {
+    let api = TestApi::start_with(&[]).await;
+    let operator = api.token("acme", &[Role::Operator]);
+    let auditor = api.token("acme", &[Role::Auditor]);
+    const REGISTER: &str = "mutation($cause: ID) { registerAgent(name: \"a\", kind: LLM, capabilities: [\"plan\"], causationId: $cause) { events { metadata { eventId } } } }";
+    let root = api.data(&operator, REGISTER, json!({})).await["registerAgent"]["events"][0]
+        ["metadata"]["eventId"]
+        .clone();
+    // The root causes two agents; the first of them causes a third.
+    let mut children = Vec::new();
+    for _ in 0..2 {
+        let child = api.data(&operator, REGISTER, json!({"cause": root})).await["registerAgent"]
+            ["events"][0]["metadata"]["eventId"]
+            .clone();
+        children.push(child);
+    }
+    let grandchild = api
+        .data(&operator, REGISTER, json!({"cause": children[0]}))
+        .await["registerAgent"]["events"][0]["metadata"]["eventId"]
+        .clone();
+    // An unrelated agent: not an effect.
+    api.data(&operator, REGISTER, json!({})).await;
+
+    let tree = api.data(&auditor, EFFECTS, json!({"id": root})).await["effects"].clone();
+    let ids: Vec<&Value> = tree
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["metadata"]["eventId"])
+        .collect();
+    assert_eq!(ids.len(), 4, "{tree}");
+    assert_eq!(ids[0], &root);
+    let mut second: Vec<&Value> = ids[1..3].to_vec();
+    second.sort_by_key(|v| v.as_str().unwrap().to_owned());
+    let mut expected: Vec<&Value> = children.iter().collect();
+    expected.sort_by_key(|v| v.as_str().unwrap().to_owned());
+    assert_eq!(second, expected, "breadth first: {tree}");
+    assert_eq!(ids[3], &grandchild);
+    let one = api
+        .data(&auditor, EFFECTS, json!({"id": root, "depth": 1}))
+        .await;
+    assert_eq!(one["effects"].as_array().unwrap().len(), 3);
+    let two = api
+        .data(&auditor, EFFECTS, json!({"id": root, "first": 2}))
+        .await;
+    assert_eq!(two["effects"].as_array().unwrap().len(), 2);
+    let leaf = api.data(&auditor, EFFECTS, json!({"id": grandchild})).await;
+    assert_eq!(leaf["effects"].as_array().unwrap().len(), 1);
+    let (code, _) = api
+        .error(
+            Some(&api.token("globex", &[Role::Auditor])),
+            EFFECTS,
+            json!({"id": root}),
+        )
+        .await;
+    assert_eq!(code, "NOT_FOUND");
+    api.shutdown().await;
+}
