@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::agent::AgentEvent;
+use crate::erasure::ErasureEvent;
 use crate::ids::AggregateKind;
 use crate::task::TaskEvent;
 use crate::workflow::WorkflowEvent;
@@ -35,6 +36,7 @@ pub const EVENT_TYPES: &[(&str, AggregateKind, i32)] = &[
     ("WorkflowCompleted", AggregateKind::Workflow, 1),
     ("WorkflowFailed", AggregateKind::Workflow, 1),
     ("WorkflowCancelled", AggregateKind::Workflow, 1),
+    ("PersonalDataErased", AggregateKind::Erasure, 1),
 ];
 
 /// Why a stored event could not be turned into a [`DomainEvent`].
@@ -83,6 +85,8 @@ pub enum DomainEvent {
     Task(TaskEvent),
     /// A workflow event.
     Workflow(WorkflowEvent),
+    /// An erasure of personal data.
+    Erasure(ErasureEvent),
 }
 
 impl DomainEvent {
@@ -113,6 +117,9 @@ impl DomainEvent {
                 WorkflowEvent::WorkflowFailed { .. } => "WorkflowFailed",
                 WorkflowEvent::WorkflowCancelled { .. } => "WorkflowCancelled",
             },
+            DomainEvent::Erasure(e) => match e {
+                ErasureEvent::PersonalDataErased { .. } => "PersonalDataErased",
+            },
         }
     }
 
@@ -122,6 +129,7 @@ impl DomainEvent {
             DomainEvent::Agent(e) => e.agent_id().stream_id(),
             DomainEvent::Task(e) => e.task_id().stream_id(),
             DomainEvent::Workflow(e) => e.workflow_id().stream_id(),
+            DomainEvent::Erasure(e) => e.stream_id(),
         }
     }
 
@@ -131,6 +139,7 @@ impl DomainEvent {
             DomainEvent::Agent(_) => AggregateKind::Agent,
             DomainEvent::Task(_) => AggregateKind::Task,
             DomainEvent::Workflow(_) => AggregateKind::Workflow,
+            DomainEvent::Erasure(_) => AggregateKind::Erasure,
         }
     }
 
@@ -190,6 +199,9 @@ impl DomainEvent {
                 .map_err(malformed),
             Some(AggregateKind::Workflow) => serde_json::from_value(value)
                 .map(DomainEvent::Workflow)
+                .map_err(malformed),
+            Some(AggregateKind::Erasure) => serde_json::from_value(value)
+                .map(DomainEvent::Erasure)
                 .map_err(malformed),
             None => Err(unknown(event_type, schema_version)),
         }

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// The three aggregate kinds; the prefix of every stream id.
+/// The aggregate kinds; the prefix of every stream id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AggregateKind {
@@ -17,6 +17,8 @@ pub enum AggregateKind {
     Task,
     /// A group of tasks with a lifecycle of its own.
     Workflow,
+    /// An erasure of personal data (one event; not decided by commands).
+    Erasure,
 }
 
 impl AggregateKind {
@@ -26,6 +28,7 @@ impl AggregateKind {
             AggregateKind::Agent => "agent",
             AggregateKind::Task => "task",
             AggregateKind::Workflow => "workflow",
+            AggregateKind::Erasure => "erasure",
         }
     }
 }
@@ -151,6 +154,7 @@ impl StreamId {
             "agent" => AggregateKind::Agent,
             "task" => AggregateKind::Task,
             "workflow" => AggregateKind::Workflow,
+            "erasure" => AggregateKind::Erasure,
             _ => return Err(not_stream()),
         };
         let id = Uuid::parse_str(rest).map_err(|_| not_stream())?;

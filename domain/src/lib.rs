@@ -34,6 +34,7 @@
 
 pub mod agent;
 pub mod command;
+pub mod erasure;
 pub mod error;
 pub mod event;
 pub mod ids;
@@ -44,6 +45,7 @@ pub mod workflow;
 
 pub use agent::{Agent, AgentCommand, AgentEvent, AgentKind, AgentState, AgentStatus};
 pub use command::{Aggregate, Command, Related};
+pub use erasure::{ErasedState, ErasureEvent, ErasureScope};
 pub use error::DomainError;
 pub use event::{DomainEvent, EventDecodeError};
 pub use ids::{AgentId, AggregateKind, IdParseError, StreamId, TaskId, WorkflowId};

@@ -21,7 +21,8 @@ use jsonschema::Validator;
 use neurectomy_domain::event::{current_version, EVENT_TYPES};
 use neurectomy_domain::validate;
 use neurectomy_domain::{
-    AgentEvent, AgentId, AgentKind, DomainEvent, TaskEvent, TaskId, WorkflowEvent, WorkflowId,
+    AgentEvent, AgentId, AgentKind, DomainEvent, ErasedState, ErasureEvent, ErasureScope,
+    TaskEvent, TaskId, WorkflowEvent, WorkflowId,
 };
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
@@ -419,7 +420,43 @@ fn arb_event() -> impl Strategy<Value = DomainEvent> {
         5 => arb_agent_event().prop_map(DomainEvent::Agent),
         9 => arb_task_event().prop_map(DomainEvent::Task),
         4 => arb_workflow_event().prop_map(DomainEvent::Workflow),
+        1 => arb_erasure_event().prop_map(DomainEvent::Erasure),
     ]
+}
+
+fn arb_erasure_event() -> impl Strategy<Value = ErasureEvent> {
+    let digest = "[0-9a-f]{64}";
+    let scope = prop_oneof![
+        arb_task_id().prop_map(|id| ErasureScope::Stream(id.stream_id().to_string())),
+        arb_uuid().prop_map(ErasureScope::Event),
+        digest.prop_map(ErasureScope::Actor),
+    ];
+    let change = (arb_agent_id(), arb_name()).prop_map(|(id, name)| ErasedState {
+        stream_id: id.stream_id().to_string(),
+        fields: [("name".to_owned(), json!(name))].into_iter().collect(),
+    });
+    (
+        arb_uuid(),
+        scope,
+        0..1_000u64,
+        digest,
+        prop::collection::vec(1..i64::MAX, 0..4),
+        prop::collection::vec(change, 0..3),
+    )
+        .prop_map(
+            |(erasure_id, scope, events, tombstone_digest, mut positions, changes)| {
+                positions.sort_unstable();
+                ErasureEvent::PersonalDataErased {
+                    erasure_id,
+                    scope,
+                    events,
+                    tombstones: events,
+                    tombstone_digest,
+                    positions,
+                    changes,
+                }
+            },
+        )
 }
 
 /// A legacy `AgentRegistered` v1 payload: `agent_id`, `name`, `model`
