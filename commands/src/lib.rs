@@ -43,6 +43,7 @@
 
 mod cache;
 pub mod envelope;
+pub mod erasure;
 pub mod error;
 pub mod event_store;
 pub mod handler;

@@ -1,6 +1,13 @@
--- Stores a snapshot unless a newer one (same snapshot version) is there.
+-- Stores a snapshot unless a newer one (same snapshot version) is there, or
+-- the stream's events were erased in the last ten minutes: a state folded
+-- before an erasure may still hold the erased values (README, "Erasure";
+-- handlers forget such states within a second of the erasure's NOTIFY).
 INSERT INTO snapshots (stream_id, stream_version, snapshot_version, tenant, state)
-VALUES ($1, $2, $3, $4, $5)
+SELECT $1, $2, $3, $4, $5
+WHERE NOT EXISTS (
+    SELECT 1 FROM tombstones
+    WHERE stream_id = $1 AND erased_at > now() - interval '10 minutes'
+)
 ON CONFLICT (stream_id) DO UPDATE
 SET stream_version = EXCLUDED.stream_version,
     snapshot_version = EXCLUDED.snapshot_version,
