@@ -10,6 +10,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use domain::Aggregate;
@@ -28,6 +29,13 @@ struct Entry {
 pub(crate) struct StateCache {
     capacity: usize,
     entries: Mutex<HashMap<String, Entry>>,
+    /// Moves on at every erasure (and loss of the erasure feed): a state
+    /// loaded before may hold erased values, and is neither cached nor
+    /// snapshotted.
+    epoch: AtomicU64,
+    /// False while erasures are watched but the watch is down (the cache is
+    /// then bypassed: an erasure could go unnoticed).
+    live: AtomicBool,
 }
 
 impl std::fmt::Debug for StateCache {
@@ -43,6 +51,8 @@ impl StateCache {
         Self {
             capacity,
             entries: Mutex::new(HashMap::new()),
+            epoch: AtomicU64::new(0),
+            live: AtomicBool::new(true),
         }
     }
 
@@ -54,9 +64,31 @@ impl StateCache {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The current epoch (see [`StateCache::put`]).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Forgets `streams` after an erasure of their events; states loaded
+    /// before are no longer cached.
+    pub(crate) fn erased<'s>(&self, streams: impl IntoIterator<Item = &'s str>) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        let mut entries = self.lock();
+        for stream in streams {
+            entries.remove(stream);
+        }
+    }
+
+    /// Empties the cache and uses it again (`live`) or not until told.
+    pub(crate) fn reset(&self, live: bool) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.live.store(live, Ordering::Release);
+        self.lock().clear();
+    }
+
     /// The cached `(version, tenant, state)` of a stream, if any.
     pub(crate) fn get<A: Aggregate>(&self, stream: &str) -> Option<(i64, String, A)> {
-        if self.capacity == 0 {
+        if self.capacity == 0 || !self.live.load(Ordering::Acquire) {
             return None;
         }
         let (version, tenant, state) = {
@@ -70,12 +102,24 @@ impl StateCache {
             .map(|s| (version, tenant, s.clone()))
     }
 
-    /// Records the state of a stream at `version` (keeps a newer entry).
-    pub(crate) fn put<A: Aggregate>(&self, stream: &str, version: i64, tenant: &str, state: A) {
-        if self.capacity == 0 {
+    /// Records the state of a stream at `version` (keeps a newer entry),
+    /// unless an erasure came since it was loaded (at `epoch`).
+    pub(crate) fn put<A: Aggregate>(
+        &self,
+        stream: &str,
+        version: i64,
+        tenant: &str,
+        state: A,
+        epoch: u64,
+    ) {
+        if self.capacity == 0 || !self.live.load(Ordering::Acquire) {
             return;
         }
         let mut entries = self.lock();
+        // Under the lock: `erased` moves the epoch before it takes the lock.
+        if self.epoch() != epoch {
+            return;
+        }
         if entries.get(stream).is_some_and(|e| e.version >= version) {
             return;
         }

@@ -77,6 +77,9 @@ struct Loaded<A> {
     /// False when taken from the cache without asking the store; the append's
     /// version check (or a fresh load) must confirm it.
     verified: bool,
+    /// The cache's epoch before loading: if an erasure moved it since, the
+    /// state may hold erased values (not cached, not snapshotted).
+    epoch: u64,
 }
 
 /// How to load a stream.
@@ -101,6 +104,67 @@ impl CommandHandler {
     /// The store it writes to.
     pub fn store(&self) -> &EventStore {
         &self.store
+    }
+
+    /// Keeps the state cache free of erased values (README, "Erasure"):
+    /// listens for erasures (`NOTIFY neurectomy_erasures`) and forgets the
+    /// streams each erased; while not listening (PostgreSQL unreachable)
+    /// the cache is emptied and bypassed, so no erasure goes unnoticed.
+    /// Runs until `shutdown`.
+    pub async fn watch_erasures(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let pool = self.store.pool().clone();
+        let mut connected = false;
+        while !shutdown.is_cancelled() {
+            let listened = async {
+                let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                listener.listen(crate::erasure::CHANNEL).await?;
+                Ok::<_, sqlx::Error>(listener)
+            };
+            let mut listener = tokio::select! {
+                () = shutdown.cancelled() => return,
+                listener = listened => match listener {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        if connected {
+                            tracing::warn!(%error, "not listening for erasures: the state cache is off until PostgreSQL is back");
+                        }
+                        connected = false;
+                        self.cache.reset(false);
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                        }
+                    }
+                },
+            };
+            // Erasures may have been missed while not listening.
+            self.cache.reset(true);
+            connected = true;
+            loop {
+                let notification = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    n = listener.try_recv() => n,
+                };
+                match notification {
+                    Ok(Some(notification)) => {
+                        let streams = match notification.payload().parse::<uuid::Uuid>() {
+                            Ok(erasure) => crate::erasure::streams_of(&pool, erasure).await.ok(),
+                            Err(_) => None,
+                        };
+                        match streams {
+                            Some(streams) => self.cache.erased(streams.iter().map(String::as_str)),
+                            // Not known which: forget everything.
+                            None => self.cache.reset(true),
+                        }
+                    }
+                    // The connection was lost (and notifications with it).
+                    Ok(None) | Err(_) => {
+                        self.cache.reset(false);
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     /// Handles any command.
@@ -299,9 +363,12 @@ impl CommandHandler {
                         state.evolve(event);
                     }
                     let new_version = recorded.last().map_or(loaded.version, |e| e.stream_version);
-                    self.maybe_snapshot(&stream, &ctx.tenant, &state, current, new_version)
-                        .await;
-                    self.cache.put(&stream, new_version, &ctx.tenant, state);
+                    if self.cache.epoch() == loaded.epoch {
+                        self.maybe_snapshot(&stream, &ctx.tenant, &state, current, new_version)
+                            .await;
+                    }
+                    self.cache
+                        .put(&stream, new_version, &ctx.tenant, state, loaded.epoch);
                     let last = recorded
                         .last()
                         .map_or((current as i64, 0), |e| (e.stream_version, e.position));
@@ -420,6 +487,7 @@ impl CommandHandler {
         stream: &str,
         freshness: Freshness,
     ) -> Result<Loaded<A>, CommandError> {
+        let epoch = self.cache.epoch();
         let cached = self.cache.get::<A>(stream);
         if let (Freshness::Optimistic, Some((version, tenant, state))) = (freshness, &cached) {
             return Ok(Loaded {
@@ -427,6 +495,7 @@ impl CommandHandler {
                 version: *version,
                 tenant: Some(tenant.clone()),
                 verified: false,
+                epoch,
             });
         }
         let (mut state, base_version, mut tenant, loaded) = match cached {
@@ -478,13 +547,15 @@ impl CommandHandler {
             }
         }
         if let Some(tenant) = &tenant {
-            self.cache.put(stream, version, tenant, state.clone());
+            self.cache
+                .put(stream, version, tenant, state.clone(), epoch);
         }
         Ok(Loaded {
             state,
             version,
             tenant,
             verified: true,
+            epoch,
         })
     }
 
@@ -521,6 +592,8 @@ impl CommandHandler {
                         related.insert_workflow(WorkflowId::from_uuid(uuid), l.state);
                     }
                 }
+                // No aggregate relates to an erasure.
+                AggregateKind::Erasure => {}
             }
         }
         Ok(related)
