@@ -443,6 +443,15 @@ impl Relay {
                 self.progress.subscribe(),
                 sampling.clone(),
             ));
+            // Erased events' messages are deleted while leading.
+            let purging = CancellationToken::new();
+            let purger = tokio::spawn(crate::erasure::purge_loop(
+                self.store.clone(),
+                self.jetstream.clone(),
+                self.config.stream_name.clone(),
+                self.progress.subscribe(),
+                purging.clone(),
+            ));
             // The sealer follows the leader's reads for this term.
             let (feed, sealing) = match &self.sealer {
                 Some(sealer) => {
@@ -468,6 +477,8 @@ impl Relay {
             }
             sampling.cancel();
             let _ = sampler.await;
+            purging.cancel();
+            let _ = purger.await;
             self.progress.send_modify(|p| p.leader = false);
             match end {
                 TermEnd::Shutdown => {

@@ -406,10 +406,12 @@ impl Sealer {
             return Ok(()); // sealed or pushed already
         }
         state.fed_to = event.position;
+        let erased = self.erased(event).await?;
+        let erased: Vec<&str> = erased.iter().map(String::as_str).collect();
         state.open.push(Pending {
             position: event.position,
             tenant: event.metadata.tenant.clone(),
-            leaf: leaf(event, &[]),
+            leaf: leaf(event, &erased),
             recorded_at: event.recorded_at,
         });
         state.opened.get_or_insert_with(Instant::now);
@@ -417,6 +419,32 @@ impl Sealer {
             self.close(state, self.config.block_events.max(1)).await?;
         }
         Ok(())
+    }
+
+    /// The fields of `event` erased before it was read: those holding a
+    /// digest that a tombstone names. (An event read before its erasure
+    /// holds its values, which the leaf digests the same way.) The store
+    /// is asked only about an event with a digest in a personal field.
+    async fn erased(&self, event: &RecordedEvent) -> Result<Vec<String>, SealError> {
+        let candidates = crate::erasure::digest_fields(event);
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tombstoned = crate::erasure::tombstoned(self.store.pool(), &[event.position])
+            .await
+            .map_err(|e| SealError::Stored {
+                seq: -1,
+                what: e.to_string(),
+            })?;
+        Ok(candidates
+            .into_iter()
+            .filter(|f| {
+                tombstoned
+                    .get(&event.position)
+                    .is_some_and(|t| t.contains(*f))
+            })
+            .map(str::to_owned)
+            .collect())
     }
 
     /// Seals the first `most` events of the open block (all, for

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::block::{block_root, TenantSummary};
 use super::key::PublicKey;
-use super::leaf::leaf;
+use super::leaf::leaf as leaf_hash_of;
 use super::merkle::{root, Hash};
 use super::record::{body_digest, SealBody, SealRecord, GENESIS};
 use super::sealer::HEADER_SEAL_SEQ;
@@ -102,6 +102,13 @@ pub enum Problem {
         /// The seal.
         seq: i64,
     },
+    /// A tombstone (an erased field) that no erasure event accounts for.
+    Unaccounted {
+        /// The tombstoned event's position.
+        position: i64,
+        /// What is wrong.
+        what: String,
+    },
 }
 
 impl Problem {
@@ -117,6 +124,7 @@ impl Problem {
             Problem::SealAltered { .. } => "seal altered",
             Problem::SealDeleted { .. } => "seal deleted",
             Problem::CopyDiffers { .. } => "seal differs from its copy",
+            Problem::Unaccounted { .. } => "unaccounted tombstone",
         }
     }
 
@@ -125,7 +133,8 @@ impl Problem {
         match self {
             Problem::Edited { position, .. }
             | Problem::Missing { position }
-            | Problem::Inserted { position, .. } => Some(*position),
+            | Problem::Inserted { position, .. }
+            | Problem::Unaccounted { position, .. } => Some(*position),
             _ => None,
         }
     }
@@ -174,6 +183,10 @@ impl std::fmt::Display for Problem {
             Problem::CopyDiffers { seq } => write!(
                 f,
                 "seal {seq} in PostgreSQL differs from its copy on the seal stream"
+            ),
+            Problem::Unaccounted { position, what } => write!(
+                f,
+                "unaccounted tombstone: the event at position {position} has erased fields that {what}"
             ),
         }
     }
@@ -450,6 +463,8 @@ pub async fn verify(
     };
     let mut expected = start;
     let mut next = start;
+    // Erasures checked so far: `None` when one accounts for its tombstones.
+    let mut erasures: HashMap<Uuid, Option<String>> = HashMap::new();
     'seals: loop {
         let seals = store::from_seq(pool, log, next, 50).await?;
         if seals.is_empty() {
@@ -463,7 +478,9 @@ pub async fn verify(
                 report.problem = Some(problem);
                 return Ok(report);
             }
-            if let Some(problem) = check_events(pool, &seal, cursor, tenant, &mut report).await? {
+            if let Some(problem) =
+                check_events(pool, &seal, cursor, tenant, &mut report, &mut erasures).await?
+            {
                 report.problem = Some(problem);
                 return Ok(report);
             }
@@ -602,6 +619,7 @@ async fn check_events(
     cursor: i64,
     tenant: Option<&str>,
     report: &mut Report,
+    erasures: &mut HashMap<Uuid, Option<String>>,
 ) -> Result<Option<Problem>, SealError> {
     let record: &SealRecord = &seal.record;
     let only = match tenant {
@@ -630,6 +648,21 @@ async fn check_events(
         }));
     }
     let rows = read_events(pool, cursor, seal.last, tenant).await?;
+    let tombstones = read_tombstones(pool, cursor, seal.last, tenant).await?;
+    for (position, tombstone) in &tombstones {
+        for erasure in &tombstone.erasures {
+            if !erasures.contains_key(erasure) {
+                let verdict = check_erasure(pool, *erasure).await?;
+                erasures.insert(*erasure, verdict);
+            }
+            if let Some(Some(what)) = erasures.get(erasure) {
+                return Ok(Some(Problem::Unaccounted {
+                    position: *position,
+                    what: what.clone(),
+                }));
+            }
+        }
+    }
     // Merge the store's rows with the sealed leaves by position.
     let mut recomputed: BTreeMap<u32, Vec<Hash>> = BTreeMap::new();
     let (mut r, mut s) = (0, 0);
@@ -648,7 +681,33 @@ async fn check_events(
                         }))
                     }
                 };
-                let hash = leaf_of(event);
+                let erased = match tombstones.get(&row.position) {
+                    Some(tombstone) => {
+                        if tombstone.event_id != event.event_id {
+                            return Ok(Some(Problem::Unaccounted {
+                                position: row.position,
+                                what: format!(
+                                    "are recorded for event {}, not for the event {} there",
+                                    tombstone.event_id, event.event_id
+                                ),
+                            }));
+                        }
+                        if let Some(field) =
+                            tombstone.fields.iter().find(|f| !holds_digest(event, f))
+                        {
+                            return Ok(Some(Problem::Edited {
+                                position: row.position,
+                                stream: row.stream.clone(),
+                                what: format!(
+                                    "holds a value in its erased field `{field}`, not the field's digest"
+                                ),
+                            }));
+                        }
+                        tombstone.fields.iter().map(String::as_str).collect()
+                    }
+                    None => Vec::new(),
+                };
+                let hash = leaf_hash_of(event, &erased);
                 if hash != leaf.hash {
                     return Ok(Some(Problem::Edited {
                         position: row.position,
@@ -718,6 +777,155 @@ async fn check_events(
     Ok(None)
 }
 
-fn leaf_of(event: &RecordedEvent) -> Hash {
-    leaf(event, &[])
+/// The tombstones of one event: the fields erased and by which erasures.
+struct Tombstone {
+    event_id: Uuid,
+    fields: Vec<String>,
+    erasures: Vec<Uuid>,
+}
+
+/// The tombstones in `(after, through]` (of `tenant` only, if given), by
+/// position.
+async fn read_tombstones(
+    pool: &PgPool,
+    after: i64,
+    through: i64,
+    tenant: Option<&str>,
+) -> Result<BTreeMap<i64, Tombstone>, SealError> {
+    let rows = sqlx::query(
+        "SELECT position, event_id, fields, erasure FROM tombstones \
+         WHERE position > $1 AND position <= $2 AND ($3::text IS NULL OR tenant = $3) \
+         ORDER BY position",
+    )
+    .bind(after)
+    .bind(through)
+    .bind(tenant)
+    .fetch_all(pool)
+    .await
+    .map_err(db("reading the tombstones"))?;
+    let mut found: BTreeMap<i64, Tombstone> = BTreeMap::new();
+    for row in rows {
+        let decode = db("decoding a tombstone");
+        let (position, event_id, fields, erasure): (i64, Uuid, Vec<String>, Uuid) = match (|| {
+            Ok::<_, sqlx::Error>((
+                row.try_get(0)?,
+                row.try_get(1)?,
+                row.try_get(2)?,
+                row.try_get(3)?,
+            ))
+        })(
+        ) {
+            Ok(r) => r,
+            Err(e) => return Err(decode(e)),
+        };
+        let tombstone = found.entry(position).or_insert_with(|| Tombstone {
+            event_id,
+            fields: Vec::new(),
+            erasures: Vec::new(),
+        });
+        if tombstone.event_id != event_id {
+            // Two tombstones of one position naming different events: the
+            // first one's check against the event fails.
+            tombstone.event_id = Uuid::nil();
+        }
+        for field in fields {
+            if !tombstone.fields.contains(&field) {
+                tombstone.fields.push(field);
+            }
+        }
+        tombstone.erasures.push(erasure);
+    }
+    Ok(found)
+}
+
+/// Whether the event's field `field` (of its data, or `actor`) holds a
+/// digest.
+fn holds_digest(event: &RecordedEvent, field: &str) -> bool {
+    if domain::personal::PERSONAL_METADATA.contains(&field) {
+        return crate::erasure::is_digest(&serde_json::Value::String(event.metadata.actor.clone()));
+    }
+    event.data.get(field).is_some_and(crate::erasure::is_digest)
+}
+
+/// Whether the erasure event `erasure` accounts for exactly the tombstones
+/// that name it: `None` when it does, else what is wrong.
+async fn check_erasure(pool: &PgPool, erasure: Uuid) -> Result<Option<String>, SealError> {
+    let event = sqlx::query(
+        "SELECT position, tenant, event_type, schema_version, data FROM events WHERE event_id = $1",
+    )
+    .bind(erasure)
+    .fetch_optional(pool)
+    .await
+    .map_err(db("reading an erasure event"))?;
+    let Some(event) = event else {
+        return Ok(Some(format!(
+            "name erasure {erasure}, which is not in the log"
+        )));
+    };
+    let decode = db("decoding an erasure event");
+    let (position, tenant, event_type, schema_version, data): (
+        i64,
+        String,
+        String,
+        i32,
+        serde_json::Value,
+    ) = match (|| {
+        Ok::<_, sqlx::Error>((
+            event.try_get(0)?,
+            event.try_get(1)?,
+            event.try_get(2)?,
+            event.try_get(3)?,
+            event.try_get(4)?,
+        ))
+    })() {
+        Ok(r) => r,
+        Err(e) => return Err(decode(e)),
+    };
+    let (count, digest) = match domain::DomainEvent::from_stored(&event_type, schema_version, data)
+    {
+        Ok(domain::DomainEvent::Erasure(domain::ErasureEvent::PersonalDataErased {
+            tombstones,
+            tombstone_digest,
+            ..
+        })) => (tombstones, tombstone_digest),
+        _ => {
+            return Ok(Some(format!(
+                "name event {erasure}, which is not an erasure (`{event_type}`)"
+            )))
+        }
+    };
+    let rows =
+        sqlx::query("SELECT position, event_id, fields, tenant FROM tombstones WHERE erasure = $1")
+            .bind(erasure)
+            .fetch_all(pool)
+            .await
+            .map_err(db("reading an erasure's tombstones"))?;
+    let mut listed = Vec::with_capacity(rows.len());
+    for row in rows {
+        let decode = db("decoding a tombstone");
+        let (p, id, fields, t): (i64, Uuid, Vec<String>, String) = match (|| {
+            Ok::<_, sqlx::Error>((
+                row.try_get(0)?,
+                row.try_get(1)?,
+                row.try_get(2)?,
+                row.try_get(3)?,
+            ))
+        })() {
+            Ok(r) => r,
+            Err(e) => return Err(decode(e)),
+        };
+        if t != tenant || p >= position {
+            return Ok(Some(format!(
+                "erasure {erasure} (tenant `{tenant}`, position {position}) cannot have erased: its tombstone at {p} is of tenant `{t}`"
+            )));
+        }
+        listed.push((p, id, fields));
+    }
+    if listed.len() as u64 != count || crate::erasure::tombstone_digest(&listed) != digest {
+        return Ok(Some(format!(
+            "erasure {erasure} does not account for: it records {count} tombstones and their digest, the store holds {} that do not match them",
+            listed.len()
+        )));
+    }
+    Ok(None)
 }
