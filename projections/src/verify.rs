@@ -219,6 +219,8 @@ async fn fold(store: &EventStore, compared: &Compared) -> Result<Folded, VerifyE
                 DomainEvent::Agent(e) => folded.agents.entry(id).or_default().evolve(&e),
                 DomainEvent::Task(e) => folded.tasks.entry(id).or_default().evolve(&e),
                 DomainEvent::Workflow(e) => folded.workflows.entry(id).or_default().evolve(&e),
+                // What an erasure changed is in the events it rewrote.
+                DomainEvent::Erasure(_) => {}
             }
         }
         if last >= until {

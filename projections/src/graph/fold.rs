@@ -3,7 +3,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use domain::{AgentEvent, AgentStatus, DomainEvent, TaskEvent, TaskStatus, WorkflowEvent};
+use domain::{
+    AgentEvent, AgentStatus, AggregateKind, DomainEvent, ErasedState, ErasureEvent, StreamId,
+    TaskEvent, TaskStatus, WorkflowEvent,
+};
 use neo4rs::BoltType;
 
 use crate::model::{ApplyError, Projected};
@@ -98,6 +101,44 @@ impl Fold {
             DomainEvent::Workflow(e) => self.workflow(p, e, tenant, position),
             DomainEvent::Agent(e) => self.agent(p, e, tenant, position, at),
             DomainEvent::Task(e) => self.task(p, e, tenant, position, at),
+            DomainEvent::Erasure(ErasureEvent::PersonalDataErased { changes, .. }) => {
+                self.erasure(changes);
+                Ok(())
+            }
+        }
+    }
+
+    /// An erasure: the changed state fields the graph shows take their
+    /// digests (on the nodes the graph has).
+    fn erasure(&mut self, changes: &[ErasedState]) {
+        for change in changes {
+            let Ok(stream) = StreamId::parse(&change.stream_id) else {
+                continue;
+            };
+            let id = stream.uuid().to_string();
+            let (props, shown): (&mut BTreeMap<String, Props>, &[&'static str]) =
+                match stream.kind() {
+                    AggregateKind::Agent if self.agents.contains_key(&id) => {
+                        (&mut self.agent_props, &["name", "status_reason"])
+                    }
+                    AggregateKind::Task if self.tasks.contains_key(&id) => {
+                        (&mut self.task_props, &["title", "last_error"])
+                    }
+                    AggregateKind::Workflow if self.workflows.contains(&id) => {
+                        (&mut self.workflow_props, &["name", "reason"])
+                    }
+                    _ => continue,
+                };
+            let fields = change.fields.iter().filter_map(|(field, value)| {
+                let field = shown.iter().find(|f| **f == field.as_str())?;
+                let value = match value {
+                    serde_json::Value::String(s) => text(s.as_str()),
+                    serde_json::Value::Null => null(),
+                    other => text(other.to_string()),
+                };
+                Some((*field, value))
+            });
+            set(props, &id, fields);
         }
     }
 

@@ -10,7 +10,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use domain::{AgentEvent, DomainEvent, TaskEvent, WorkflowEvent};
+use domain::{
+    AgentEvent, AggregateKind, DomainEvent, ErasureEvent, StreamId, TaskEvent, WorkflowEvent,
+};
 use neo4rs::{query, BoltType, Query, Row, Txn};
 
 use super::fold::{int, rejected, text, AgentRow, Fold, Props, TaskRow};
@@ -245,6 +247,20 @@ async fn prior_state(txn: &mut Txn, events: &[&Projected]) -> Result<Fold, Failu
                     tasks.insert(other.task_id().to_string());
                 }
             },
+            DomainEvent::Erasure(ErasureEvent::PersonalDataErased { changes, .. }) => {
+                for change in changes {
+                    let Ok(stream) = StreamId::parse(&change.stream_id) else {
+                        continue;
+                    };
+                    let id = stream.uuid().to_string();
+                    match stream.kind() {
+                        AggregateKind::Agent => agents.insert(id),
+                        AggregateKind::Task => tasks.insert(id),
+                        AggregateKind::Workflow => workflows.insert(id),
+                        AggregateKind::Erasure => false,
+                    };
+                }
+            }
         }
     }
     let mut fold = Fold::default();

@@ -4,7 +4,10 @@
 use std::collections::HashMap;
 use std::io::Write as _;
 
-use domain::{AgentEvent, AgentStatus, DomainEvent, TaskEvent, TaskStatus, WorkflowEvent};
+use domain::{
+    AgentEvent, AgentStatus, AggregateKind, DomainEvent, ErasedState, ErasureEvent, StreamId,
+    TaskEvent, TaskStatus, WorkflowEvent,
+};
 
 use super::writes::Writes;
 use super::{workflow_task_counters, AgentRow, RedisModel, TaskRow};
@@ -28,6 +31,17 @@ pub(super) struct Planner<'a> {
     agents: HashMap<String, AgentRow>,
     /// Each tenant's feed entries of the batch, in order.
     feeds: HashMap<&'a str, Vec<&'a Projected>>,
+    /// Each tenant's feed entries to delete (of erased events).
+    feed_deletes: HashMap<&'a str, Vec<i64>>,
+}
+
+/// A state value as the model's hashes show it (`""` for none).
+fn shown_value(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    }
 }
 
 /// What a planned batch leaves: its atomic pipeline and the task and agent
@@ -91,6 +105,7 @@ impl<'a> Planner<'a> {
             tasks,
             agents,
             feeds: HashMap::new(),
+            feed_deletes: HashMap::new(),
         }
     }
 
@@ -133,6 +148,17 @@ impl<'a> Planner<'a> {
             }
             // One trim per tenant and batch rather than one per entry.
             pipe.cmd("XTRIM").arg(&feed).arg("MAXLEN").arg("~").arg(cap);
+        }
+        // After the batch's own entries: an event erased in the batch that
+        // wrote it leaves no entry either.
+        for (tenant, positions) in &self.feed_deletes {
+            let feed = self.key(&[super::feed::FEED_KEY, tenant]);
+            let mut xdel = redis::cmd("XDEL");
+            xdel.arg(&feed);
+            for position in positions {
+                xdel.arg(EntryId(*position));
+            }
+            pipe.add_command(xdel);
         }
         self.writes.emit(&mut pipe);
         pipe.cmd("SET").arg(checkpoint).arg(last);
@@ -233,10 +259,42 @@ impl<'a> Planner<'a> {
             DomainEvent::Workflow(event) => {
                 self.plan_workflow(event, tenant, &position.to_string());
             }
+            DomainEvent::Erasure(ErasureEvent::PersonalDataErased {
+                positions, changes, ..
+            }) => self.plan_erasure(tenant, positions, changes),
         }
         // The change feed: entry id = position, so subscribers resume by it.
         self.feeds.entry(tenant).or_default().push(p);
         Ok(())
+    }
+
+    /// An erasure: the changed state fields the model shows take their
+    /// digests, and the erased events' change feed entries go.
+    fn plan_erasure(&mut self, tenant: &'a str, positions: &[i64], changes: &[ErasedState]) {
+        for change in changes {
+            let Ok(stream) = StreamId::parse(&change.stream_id) else {
+                continue;
+            };
+            let (prefix, shown): (&str, &[&str]) = match stream.kind() {
+                AggregateKind::Agent => ("agent:", &["name", "status_reason"]),
+                AggregateKind::Task => ("task:", &["title", "progress_note", "last_error"]),
+                AggregateKind::Workflow => ("workflow:", &["name", "reason"]),
+                AggregateKind::Erasure => continue,
+            };
+            let key = self.key(&[prefix, &stream.uuid().to_string()]);
+            let hash = self.writes.hash(key);
+            for (field, value) in &change.fields {
+                if let Some(field) = shown.iter().find(|f| **f == field.as_str()) {
+                    hash.set(field, shown_value(value));
+                }
+            }
+        }
+        if !positions.is_empty() {
+            self.feed_deletes
+                .entry(tenant)
+                .or_default()
+                .extend_from_slice(positions);
+        }
     }
 
     fn plan_agent(
