@@ -2,10 +2,11 @@
 //! with a public key, optionally) carrying a tenant and roles.
 //!
 //! Claims: `sub` (who), `tenant` (whose data), `roles` (a list of
-//! `viewer`, `operator`, `auditor`; a single `role` string is accepted
-//! too), `exp` (required), `iat`. Roles add up: `viewer` may query and
-//! subscribe, `operator` may also run mutations, `auditor` may also run the
-//! audit queries (history, time travel, the event log).
+//! `viewer`, `operator`, `auditor`, `eraser`; a single `role` string is
+//! accepted too), `exp` (required), `iat`. Roles add up: `viewer` may query
+//! and subscribe, `operator` may also run mutations, `auditor` may also run
+//! the audit queries (history, time travel, the event log), `eraser` may
+//! erase personal data (`erasePersonalData`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -36,6 +37,9 @@ pub enum Role {
     Operator,
     /// Plus audit queries (history, time travel, the event log).
     Auditor,
+    /// May erase personal data (`erasePersonalData`); grants nothing else
+    /// (add `viewer` to read).
+    Eraser,
 }
 
 impl Role {
@@ -45,6 +49,7 @@ impl Role {
             Role::Viewer => "viewer",
             Role::Operator => "operator",
             Role::Auditor => "auditor",
+            Role::Eraser => "eraser",
         }
     }
 }
@@ -273,7 +278,7 @@ impl Authenticator {
         roles.extend(claims.role);
         if roles.is_empty() {
             return Err(AuthError::Invalid(
-                "the token grants no role (`roles`: viewer, operator, auditor)".into(),
+                "the token grants no role (`roles`: viewer, operator, auditor, eraser)".into(),
             ));
         }
         // The tenant and subject are stored with every event (text

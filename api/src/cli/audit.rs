@@ -4,6 +4,9 @@
 //!   leaf, root, chain link and signature from the store and compares the
 //!   seals with their JetStream copies; exit 0 when clean, 1 with the first
 //!   position (or seal) that does not match and what differs.
+//! - `audit erase --tenant T (--stream S | --event E [--field F]… |
+//!   --actor A)`: replaces personal values by their digests, keeping every
+//!   seal valid (README, "Erasure").
 //! - `audit keygen`: a new sealing key (secret and public).
 //! - `audit key`: the public keys seals are checked against.
 
@@ -29,6 +32,9 @@ pub enum AuditCommand {
     /// Check the sealed log against the store: every event, seal, chain
     /// link and signature, and the seals' JetStream copies.
     Verify(VerifyArgs),
+    /// Erase personal data: replace the values by their digests (every seal
+    /// stays valid), as an audited `PersonalDataErased` event.
+    Erase(EraseArgs),
     /// Print a new sealing key: the secret (for NEURECTOMY_SEAL_KEY) and
     /// its public key.
     Keygen,
@@ -57,6 +63,36 @@ pub struct VerifyArgs {
     pub quiet: bool,
 }
 
+/// Options of `audit erase`: a tenant and exactly one of `--stream`,
+/// `--event`, `--actor`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("scope").required(true).args(["stream", "event", "actor"])))]
+pub struct EraseArgs {
+    /// Whose events.
+    #[arg(long)]
+    pub tenant: String,
+    /// Every personal field of every event of this stream
+    /// (agent-<uuid>, task-<uuid>, workflow-<uuid>).
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// The personal fields (data and actor) of this event.
+    #[arg(long)]
+    pub event: Option<uuid::Uuid>,
+    /// With --event: only these fields (repeat; `actor` for the actor).
+    #[arg(long = "field", requires = "event")]
+    pub fields: Vec<String>,
+    /// The actor of every event of the tenant by this actor.
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Who erases (recorded as the erasure's actor).
+    #[arg(long, default_value = "neurectomy-cli")]
+    pub by: String,
+    /// The request's id: running again with the same id answers the same
+    /// erasure (default: a new one).
+    #[arg(long)]
+    pub command_id: Option<uuid::Uuid>,
+}
+
 /// Runs `audit <command>`.
 pub async fn run(settings: &Settings, args: AuditArgs) -> anyhow::Result<()> {
     match args.command {
@@ -83,7 +119,50 @@ pub async fn run(settings: &Settings, args: AuditArgs) -> anyhow::Result<()> {
             Ok(())
         }
         AuditCommand::Verify(args) => run_verify(settings, args).await,
+        AuditCommand::Erase(args) => run_erase(settings, args).await,
     }
+}
+
+async fn run_erase(settings: &Settings, args: EraseArgs) -> anyhow::Result<()> {
+    use commands::erasure::{erase, Request, Scope};
+    let scope = match (args.stream, args.event, args.actor) {
+        (Some(stream), None, None) => Scope::Stream(stream),
+        (None, Some(event_id), None) => Scope::Event {
+            event_id,
+            fields: args.fields,
+        },
+        (None, None, Some(actor)) => Scope::Actor(actor),
+        _ => anyhow::bail!("name exactly one of --stream, --event and --actor"),
+    };
+    let pool = connect::connect_database(settings).await?;
+    let store = commands::EventStore::new(pool);
+    let request = Request {
+        tenant: args.tenant.clone(),
+        scope,
+        actor: args.by,
+        command_id: args.command_id.unwrap_or_else(uuid::Uuid::new_v4),
+        causation_id: None,
+        correlation_id: None,
+    };
+    let erased = erase(&store, &request).await?;
+    match &erased.event {
+        None => println!(
+            "nothing to erase: the events in scope hold no personal value any more (tenant `{}`)",
+            args.tenant
+        ),
+        Some(event) => println!(
+            "{}erased {} value(s) of {} event(s) of tenant `{}`; {} aggregate(s) show digests now; erasure event {} at position {} ({})",
+            if erased.replayed { "already " } else { "" },
+            erased.values,
+            erased.events,
+            args.tenant,
+            erased.aggregates,
+            event.event_id,
+            event.position,
+            event.stream_id
+        ),
+    }
+    Ok(())
 }
 
 async fn run_verify(settings: &Settings, args: VerifyArgs) -> anyhow::Result<()> {

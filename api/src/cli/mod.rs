@@ -111,7 +111,7 @@ pub struct ConfigArgs {
 /// Options of `token`.
 #[derive(Debug, Clone, Args)]
 pub struct TokenArgs {
-    /// Roles to grant (repeat or comma-separate): viewer, operator, auditor.
+    /// Roles to grant (repeat or comma-separate): viewer, operator, auditor, eraser.
     #[arg(long = "role", value_delimiter = ',', default_value = "operator")]
     pub roles: Vec<Role>,
     /// The tenant whose data the token sees.

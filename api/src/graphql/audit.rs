@@ -17,6 +17,7 @@
 //!   unreachable store is `UNAVAILABLE`; stored history that does not decode
 //!   is `INTERNAL` (logged here, once).
 
+pub mod erase;
 pub mod proof;
 mod replay;
 mod types;

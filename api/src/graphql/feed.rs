@@ -887,6 +887,16 @@ async fn touched_agents(
                 touched.insert(id.to_owned(), change.position);
             }
         }
+        // An erasure names the agents whose shown values it changed.
+        if change.event_type == "PersonalDataErased" {
+            let changed = change.data.get("changes").and_then(|c| c.as_array());
+            for stream in changed.into_iter().flatten() {
+                let stream = stream.get("stream_id").and_then(|s| s.as_str());
+                if let Some(("agent", id)) = stream.and_then(|s| s.split_once('-')) {
+                    touched.insert(id.to_owned(), change.position);
+                }
+            }
+        }
         if matches!(
             change.event_type.as_str(),
             "TaskCompleted" | "TaskFailed" | "TaskCancelled"

@@ -672,4 +672,38 @@ impl Mutation {
         };
         options.run(ctx, command).await
     }
+
+    /// Erases personal data of the caller's tenant (role `eraser`): the
+    /// personal fields of every event of a stream (`streamId`), of one
+    /// event (`eventId`, optionally only `fields`, which may name
+    /// `actor`), or the actor of every event by `actor`. Each value is
+    /// replaced by its digest, so the sealed log still verifies; the
+    /// erasure is itself an event (README, "Erasure"). Retrying with the
+    /// same `commandId` answers the first erasure again.
+    #[allow(clippy::too_many_arguments)]
+    async fn erase_personal_data(
+        &self,
+        ctx: &Context<'_>,
+        stream_id: Option<ID>,
+        event_id: Option<ID>,
+        actor: Option<String>,
+        fields: Option<Vec<String>>,
+        command_id: Option<ID>,
+        correlation_id: Option<ID>,
+        causation_id: Option<ID>,
+    ) -> async_graphql::Result<crate::graphql::audit::erase::ErasureResult> {
+        crate::graphql::audit::erase::erase_personal_data(
+            ctx,
+            crate::graphql::audit::erase::Arguments {
+                stream_id,
+                event_id,
+                actor,
+                fields,
+                command_id,
+                correlation_id,
+                causation_id,
+            },
+        )
+        .await
+    }
 }

@@ -183,6 +183,10 @@ impl Application {
         if let Some(simulation) = roles.simulation {
             let alone = !roles.relay && roles.projectors.is_none() && !roles.api;
             let handler = CommandHandler::new(app.store.clone(), app.settings.handler_config());
+            app.background.push(tokio::spawn({
+                let (handler, shutdown) = (handler.clone(), app.shutdown.clone());
+                async move { handler.watch_erasures(shutdown).await }
+            }));
             let shutdown = app.shutdown.clone();
             app.simulation = Some((
                 "simulator",
@@ -412,9 +416,15 @@ impl Application {
             self.shutdown.clone(),
         )
         .context("starting the subscriptions' change feed")?;
+        let handler = CommandHandler::new(self.store.clone(), settings.handler_config());
+        // Erasures reach this process's state cache within a second.
+        self.background.push(tokio::spawn({
+            let (handler, shutdown) = (handler.clone(), self.shutdown.clone());
+            async move { handler.watch_erasures(shutdown).await }
+        }));
         let services = Services {
             store: self.store.clone(),
-            handler: CommandHandler::new(self.store.clone(), settings.handler_config()),
+            handler,
             redis,
             graph,
             feed,

@@ -189,13 +189,21 @@ pub async fn audit_proof(ctx: &Context<'_>, event_id: ID) -> async_graphql::Resu
         .await
         .map_err(|e| seal_error(SealError::Read(e)))?
         .ok_or_else(|| crate::error::not_found(format!("event {id} does not exist")))?;
-    let leaf = leaf_bytes(&event, &[]);
+    // Fields erased (README, "Erasure") hold their digests already.
+    let tombstoned = commands::erasure::tombstoned(services.store.pool(), &[event.position])
+        .await
+        .map_err(|e| crate::error::unavailable("the event store", e))?;
+    let erased: Vec<&str> = tombstoned
+        .get(&event.position)
+        .map(|fields| fields.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    let leaf = leaf_bytes(&event, &erased);
     let hash = leaf_hash(&leaf);
     // The leaf's fields, with the committed data and metadata beside the
     // digests of them it holds.
-    let mut committed = leaf_value(&event, &[]);
-    committed["committedData"] = committed_data(&event, &[]);
-    committed["committedMetadata"] = committed_metadata(&event, &[]);
+    let mut committed = leaf_value(&event, &erased);
+    committed["committedData"] = committed_data(&event, &erased);
+    committed["committedMetadata"] = committed_metadata(&event, &erased);
     let mut proof = AuditProof {
         state: SealState::Unsealed,
         position: Position(event.position),
