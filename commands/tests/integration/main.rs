@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod audit_reads;
+mod erasure;
 mod gap_safety;
 mod group_commit;
 mod handler;

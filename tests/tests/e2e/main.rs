@@ -30,6 +30,7 @@ mod browser;
 mod causes;
 mod config;
 mod e2e;
+mod erasure;
 mod faults;
 mod graph_projection;
 mod js_clients;

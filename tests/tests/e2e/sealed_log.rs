@@ -531,7 +531,7 @@ async fn a_sealed_workload_verifies_clean_and_every_tampering_is_found_where_it_
 
 /// Runs the auditor's verifier (`tests/js/audit_verifier.mjs`, Node's
 /// built-ins only) on `input`; its verdict.
-async fn auditor_verifies(input: &serde_json::Value) -> serde_json::Value {
+pub(crate) async fn auditor_verifies(input: &serde_json::Value) -> serde_json::Value {
     use tokio::io::AsyncWriteExt as _;
     let mut child = tokio::process::Command::new("node")
         .arg(neurectomy_e2e::js::dir().join("audit_verifier.mjs"))
