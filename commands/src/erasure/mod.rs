@@ -621,7 +621,7 @@ async fn state_changes(
         .collect();
     let mut out = Vec::new();
     for stream in streams {
-        let rows = sqlx::query(
+        let rows: Vec<(i64, String, i32, Value)> = sqlx::query_as(
             "SELECT position, event_type, schema_version, data FROM events \
              WHERE stream_id = $1 ORDER BY stream_version",
         )
@@ -631,18 +631,7 @@ async fn state_changes(
         .map_err(db(format!("reading stream {stream}")))?;
         let mut before = Vec::with_capacity(rows.len());
         let mut after = Vec::with_capacity(rows.len());
-        for row in rows {
-            let decode = db(format!("decoding an event of {stream}"));
-            let (position, event_type, schema_version, data): (i64, String, i32, Value) = (|| {
-                Ok::<_, sqlx::Error>((
-                    row.try_get(0)?,
-                    row.try_get(1)?,
-                    row.try_get(2)?,
-                    row.try_get(3)?,
-                ))
-            })(
-            )
-            .map_err(decode)?;
+        for (position, event_type, schema_version, data) in rows {
             let original = match (changed.contains(&position), originals.get(&position)) {
                 (true, Some(original)) => (*original).clone(),
                 _ => data.clone(),

@@ -46,10 +46,21 @@ pub fn write_value(out: &mut Vec<u8>, value: &Value) {
 }
 
 fn write_object(out: &mut Vec<u8>, map: &Map<String, Value>) {
-    let mut members: Vec<(&String, &Value)> = map.iter().collect();
-    members.sort_by(|(a, _), (b, _)| a.encode_utf16().cmp(b.encode_utf16()));
+    // The map iterates in the order of the keys' UTF-8 bytes, which is
+    // RFC 8785's order (UTF-16 code units) whenever no key holds a
+    // character beyond U+DFFF: then nothing needs sorting.
+    if map.keys().all(|k| utf8_order_is_utf16_order(k)) {
+        write_members(out, map.iter());
+    } else {
+        let mut members: Vec<(&String, &Value)> = map.iter().collect();
+        members.sort_by(|(a, _), (b, _)| a.encode_utf16().cmp(b.encode_utf16()));
+        write_members(out, members.into_iter());
+    }
+}
+
+fn write_members<'a>(out: &mut Vec<u8>, members: impl Iterator<Item = (&'a String, &'a Value)>) {
     out.push(b'{');
-    for (i, (name, value)) in members.into_iter().enumerate() {
+    for (i, (name, value)) in members.enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -71,6 +82,15 @@ fn write_number(out: &mut Vec<u8>, n: &Number) {
         let mut buffer = ryu_js::Buffer::new();
         out.extend_from_slice(buffer.format_finite(double).as_bytes());
     }
+}
+
+/// Whether comparing `key` by its UTF-8 bytes orders it as comparing it
+/// by UTF-16 code units does: true when it holds no character at or beyond
+/// U+E000 (those are where the two orders part, surrogates sorting below
+/// U+E000..U+FFFF in UTF-16 but above in UTF-8); a 3-byte sequence starting
+/// 0xEE or above, or any 4-byte one, marks such a character.
+pub fn utf8_order_is_utf16_order(key: &str) -> bool {
+    key.bytes().all(|b| b < 0xEE)
 }
 
 /// Appends `s` as a canonical JSON string.

@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::jcs::{canonical, write_str, write_value};
+use super::jcs::{canonical, utf8_order_is_utf16_order, write_str, write_value};
 use super::merkle::{leaf_hash, Hash};
 use crate::envelope::RecordedEvent;
 
@@ -168,11 +168,11 @@ pub fn leaf(event: &RecordedEvent, erased: &[&str]) -> Hash {
         out.extend_from_slice(b",\"metadata\":");
         write_hex(out, &metadata);
         out.extend_from_slice(b",\"position\":\"");
-        out.extend_from_slice(event.position.to_string().as_bytes());
+        write_digits(out, event.position);
         out.extend_from_slice(b"\",\"recorded_at\":\"");
-        out.extend_from_slice(timestamp(event.recorded_at).as_bytes());
+        write_timestamp(out, event.recorded_at);
         out.extend_from_slice(b"\",\"schema\":");
-        write_value(out, &Value::from(event.schema_version));
+        write_integer(out, i64::from(event.schema_version));
         out.extend_from_slice(b",\"stream\":");
         write_str(out, &event.stream_id);
         out.extend_from_slice(b",\"tenant\":");
@@ -180,9 +180,9 @@ pub fn leaf(event: &RecordedEvent, erased: &[&str]) -> Hash {
         out.extend_from_slice(b",\"type\":");
         write_str(out, &event.event_type);
         out.extend_from_slice(b",\"v\":");
-        out.extend_from_slice(LEAF_VERSION.to_string().as_bytes());
+        write_integer(out, i64::from(LEAF_VERSION));
         out.extend_from_slice(b",\"version\":");
-        write_value(out, &Value::from(event.stream_version));
+        write_integer(out, event.stream_version);
         out.push(b'}');
         leaf_hash(out)
     })
@@ -197,6 +197,69 @@ struct Buffers {
 
 thread_local! {
     static BUFFERS: std::cell::RefCell<Buffers> = std::cell::RefCell::default();
+}
+
+/// An integer as JCS spells it: exact up to ±2^53; beyond, the double it
+/// denotes (RFC 8785), as [`write_value`] writes it.
+fn write_integer(out: &mut Vec<u8>, n: i64) {
+    const EXACT: i64 = 1 << 53;
+    if (-EXACT..=EXACT).contains(&n) {
+        write_digits(out, n);
+    } else {
+        write_value(out, &Value::from(n));
+    }
+}
+
+/// `n` in decimal, exactly.
+fn write_digits(out: &mut Vec<u8>, n: i64) {
+    if n < 0 {
+        out.push(b'-');
+    }
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// [`timestamp`] straight into `out`.
+fn write_timestamp(out: &mut Vec<u8>, at: OffsetDateTime) {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    let year = at.year();
+    if !(0..=9999).contains(&year) {
+        out.extend_from_slice(timestamp(at).as_bytes());
+        return;
+    }
+    let two = |out: &mut Vec<u8>, n: u32| {
+        out.push(b'0' + (n / 10 % 10) as u8);
+        out.push(b'0' + (n % 10) as u8);
+    };
+    let year = year as u32;
+    two(out, year / 100);
+    two(out, year % 100);
+    out.push(b'-');
+    two(out, u32::from(u8::from(at.month())));
+    out.push(b'-');
+    two(out, u32::from(at.day()));
+    out.push(b'T');
+    two(out, u32::from(at.hour()));
+    out.push(b':');
+    two(out, u32::from(at.minute()));
+    out.push(b':');
+    two(out, u32::from(at.second()));
+    out.push(b'.');
+    let micros = at.microsecond();
+    two(out, micros / 10_000);
+    two(out, micros / 100 % 100);
+    two(out, micros % 100);
+    out.push(b'Z');
 }
 
 fn write_uuid(out: &mut Vec<u8>, id: Uuid) {
@@ -224,13 +287,27 @@ fn write_field_digest(
     field: &str,
     value: &Value,
 ) {
+    write_digest_of(out, scratch, event_id, field, |scratch| {
+        write_value(scratch, value)
+    });
+}
+
+/// Writes the field digest of `field` whose canonical value `value`
+/// writes, as a JSON string, using `scratch`.
+fn write_digest_of(
+    out: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+    event_id: Uuid,
+    field: &str,
+    value: impl FnOnce(&mut Vec<u8>),
+) {
     scratch.clear();
     scratch.extend_from_slice(b"{\"event\":");
     write_uuid(scratch, event_id);
     scratch.extend_from_slice(b",\"field\":");
     write_str(scratch, field);
     scratch.extend_from_slice(b",\"value\":");
-    write_value(scratch, value);
+    value(scratch);
     scratch.push(b'}');
     let digest: Hash = Sha256::digest(&scratch[..]).into();
     let mut text = [0u8; 64];
@@ -239,20 +316,6 @@ fn write_field_digest(
     out.extend_from_slice(DIGEST_PREFIX.as_bytes());
     out.extend_from_slice(&text);
     out.push(b'"');
-}
-
-/// Whether `keys` are in RFC 8785's order (UTF-16 code units).
-fn in_jcs_order<'a>(mut keys: impl Iterator<Item = &'a String>) -> bool {
-    let Some(mut previous) = keys.next() else {
-        return true;
-    };
-    for key in keys {
-        if previous.encode_utf16().cmp(key.encode_utf16()) != std::cmp::Ordering::Less {
-            return false;
-        }
-        previous = key;
-    }
-    true
 }
 
 /// SHA-256 of the canonical committed data (see [`committed_data`]).
@@ -268,21 +331,30 @@ fn data_digest(
         return Sha256::digest(&out[..]).into();
     };
     let personal = domain::personal::personal_fields(&event.event_type, event.schema_version);
-    let mut members: Vec<(&String, &Value)> = object.iter().collect();
-    if !in_jcs_order(members.iter().map(|(k, _)| *k)) {
-        members.sort_by(|(a, _), (b, _)| a.encode_utf16().cmp(b.encode_utf16()));
-    }
-    out.push(b'{');
-    for (i, (name, value)) in members.into_iter().enumerate() {
+    let mut member = |out: &mut Vec<u8>, i: usize, name: &str, value: &Value| {
         if i > 0 {
             out.push(b',');
         }
         write_str(out, name);
         out.push(b':');
-        if personal.contains(&name.as_str()) && !erased.contains(&name.as_str()) {
+        if personal.contains(&name) && !erased.contains(&name) {
             write_field_digest(out, scratch, event.event_id, name, value);
         } else {
             write_value(out, value);
+        }
+    };
+    out.push(b'{');
+    // The map's order is RFC 8785's unless a key holds a character beyond
+    // U+DFFF (see `jcs::utf8_order_is_utf16_order`).
+    if object.keys().all(|k| utf8_order_is_utf16_order(k)) {
+        for (i, (name, value)) in object.iter().enumerate() {
+            member(out, i, name, value);
+        }
+    } else {
+        let mut members: Vec<(&String, &Value)> = object.iter().collect();
+        members.sort_by(|(a, _), (b, _)| a.encode_utf16().cmp(b.encode_utf16()));
+        for (i, (name, value)) in members.into_iter().enumerate() {
+            member(out, i, name, value);
         }
     }
     out.push(b'}');
@@ -303,8 +375,9 @@ fn metadata_digest(
     if erased.contains(&"actor") {
         write_str(out, &m.actor);
     } else {
-        let actor = Value::String(m.actor.clone());
-        write_field_digest(out, scratch, event.event_id, "actor", &actor);
+        write_digest_of(out, scratch, event.event_id, "actor", |scratch| {
+            write_str(scratch, &m.actor)
+        });
     }
     out.extend_from_slice(b",\"causation_id\":");
     write_uuid(out, m.causation_id);
@@ -318,15 +391,20 @@ fn metadata_digest(
     write_uuid(out, m.correlation_id);
     out.extend_from_slice(b",\"event_id\":");
     write_uuid(out, m.event_id);
-    out.extend_from_slice(b",\"occurred_at\":");
-    match m
-        .occurred_at
-        .format(&time::format_description::well_known::Rfc3339)
+    out.extend_from_slice(b",\"occurred_at\":\"");
+    // RFC 3339 as serde writes it (digits, '-', ':', 'T', '.', 'Z', '+':
+    // nothing to escape), straight into the buffer.
+    let mark = out.len() - 1;
+    if m.occurred_at
+        .format_into(out, &time::format_description::well_known::Rfc3339)
+        .is_ok()
     {
-        Ok(text) => write_str(out, &text),
+        out.push(b'"');
+    } else {
         // Not a time RFC 3339 can spell (a year beyond 9999): serde
         // refuses it too, so no stored event has one.
-        Err(_) => out.extend_from_slice(b"null"),
+        out.truncate(mark);
+        out.extend_from_slice(b"null");
     }
     out.extend_from_slice(b",\"tenant\":");
     write_str(out, &m.tenant);
@@ -445,6 +523,12 @@ mod tests {
             e.metadata.occurred_at += time::Duration::nanoseconds(rng.gen_range(0..1_000_000_000));
             e.recorded_at += time::Duration::microseconds(rng.gen_range(0..1_000_000));
             e.stream_version = rng.gen_range(1..1_000_000);
+            e.position = match round % 5 {
+                0 => rng.gen_range(1..i64::MAX),
+                1 => (1 << 53) + rng.gen_range(-3..3),
+                _ => rng.gen_range(1..1 << 40),
+            };
+            e.recorded_at += time::Duration::days(rng.gen_range(-40_000..40_000));
             let erased: &[&str] = match round % 4 {
                 0 => &["actor"],
                 1 => &["title", "output"],

@@ -226,7 +226,7 @@ pub struct VerifyProgress {
 /// The event's columns and whether its tenant hash is its tenant's.
 const EVENT_COLUMNS: &str = "position, stream_id, stream_version, event_id, event_type, \
     schema_version, data, metadata, recorded_at, command_id, correlation_id, tenant, \
-    (tenant_hash IS NULL OR tenant_hash = neurectomy_tenant_hash(tenant)) AS tenant_hash_ok";
+    tenant_hash";
 
 /// The metadata as stored, read strictly: a field the format lacks is an
 /// edit (the system would ignore it; the verifier does not).
@@ -288,7 +288,24 @@ fn db(doing: impl Into<String>) -> impl FnOnce(sqlx::Error) -> SealError {
     move |source| SealError::Database { doing, source }
 }
 
-fn read_row(row: &PgRow) -> Result<Row, sqlx::Error> {
+/// The partition key of each tenant met so far (`partition::hash`, as
+/// PostgreSQL's `neurectomy_tenant_hash`), computed here rather than per row
+/// by PostgreSQL.
+#[derive(Default)]
+struct TenantHashes(HashMap<String, i64>);
+
+impl TenantHashes {
+    fn of(&mut self, tenant: &str) -> i64 {
+        if let Some(hash) = self.0.get(tenant) {
+            return *hash;
+        }
+        let hash = i64::from(crate::partition::hash(tenant));
+        self.0.insert(tenant.to_owned(), hash);
+        hash
+    }
+}
+
+fn read_row(row: &PgRow, hashes: &mut TenantHashes) -> Result<Row, sqlx::Error> {
     let position: i64 = row.try_get(0)?;
     let stream: String = row.try_get(1)?;
     let tenant: String = row.try_get(11)?;
@@ -303,7 +320,8 @@ fn read_row(row: &PgRow) -> Result<Row, sqlx::Error> {
         let event_id: Uuid = row.try_get(3).map_err(|e| e.to_string())?;
         let command_id: Uuid = row.try_get(9).map_err(|e| e.to_string())?;
         let correlation_id: Uuid = row.try_get(10).map_err(|e| e.to_string())?;
-        let hash_ok: bool = row.try_get(12).map_err(|e| e.to_string())?;
+        let stored_hash: Option<i64> = row.try_get(12).map_err(|e| e.to_string())?;
+        let hash_ok = stored_hash.is_none_or(|h| h == hashes.of(&tenant));
         for (column, stored, in_metadata) in [
             ("event_id", event_id, metadata.event_id),
             ("command_id", command_id, metadata.command_id),
@@ -363,8 +381,9 @@ async fn read_events(
         .map_err(db(format!(
             "reading the events after {after} through {through}"
         )))?;
+    let mut hashes = TenantHashes::default();
     rows.iter()
-        .map(read_row)
+        .map(|row| read_row(row, &mut hashes))
         .collect::<Result<_, _>>()
         .map_err(db("decoding an event row"))
 }
@@ -465,26 +484,56 @@ pub async fn verify(
     let mut next = start;
     // Erasures checked so far: `None` when one accounts for its tombstones.
     let mut erasures: HashMap<Uuid, Option<String>> = HashMap::new();
+    // The events of the next seal are read while this one's are hashed
+    // (PostgreSQL's work and ours overlap): `(after, through)` and the task.
+    let mut ahead = Ahead(std::collections::VecDeque::new());
+    let read_ahead = |after: i64, through: i64| {
+        let (pool, tenant) = (pool.clone(), tenant.map(str::to_owned));
+        tokio::spawn(async move { Events::read(&pool, after, through, tenant.as_deref()).await })
+    };
     'seals: loop {
         let seals = store::from_seq(pool, log, next, 50).await?;
         if seals.is_empty() {
             break;
         }
-        for seal in seals {
+        for (i, seal) in seals.iter().enumerate() {
             next = seal.seq + 1;
-            if let Some(problem) =
-                check_seal(&seal, expected, &prev, cursor, log, &trusted, &copies)
+            // The next seals of this page are read ahead (the next page's
+            // first ones when it comes).
+            for k in (i + 1)..=(i + READ_AHEAD).min(seals.len() - 1) {
+                let after = seals[k - 1].last;
+                if ahead.0.iter().all(|(a, _, _)| *a != after) {
+                    ahead
+                        .0
+                        .push_back((after, seals[k].last, read_ahead(after, seals[k].last)));
+                }
+            }
+            let events = match ahead.0.pop_front() {
+                Some((after, through, mut task)) if after == cursor && through == seal.last => {
+                    match (&mut task).await {
+                        Ok(events) => events?,
+                        Err(_) => Events::read(pool, cursor, seal.last, tenant).await?,
+                    }
+                }
+                other => {
+                    if let Some((_, _, task)) = other {
+                        task.abort();
+                    }
+                    Events::read(pool, cursor, seal.last, tenant).await?
+                }
+            };
+            if let Some(problem) = check_seal(seal, expected, &prev, cursor, log, &trusted, &copies)
             {
                 report.problem = Some(problem);
                 return Ok(report);
             }
             if let Some(problem) =
-                check_events(pool, &seal, cursor, tenant, &mut report, &mut erasures).await?
+                check_events(pool, seal, events, tenant, &mut report, &mut erasures).await?
             {
                 report.problem = Some(problem);
                 return Ok(report);
             }
-            if let Some(problem) = check_copy(&seal, &copies) {
+            if let Some(problem) = check_copy(seal, &copies) {
                 report.problem = Some(problem);
                 return Ok(report);
             }
@@ -616,7 +665,7 @@ fn check_copy(seal: &StoredSeal, copies: &Option<BTreeMap<i64, Hash>>) -> Option
 async fn check_events(
     pool: &PgPool,
     seal: &StoredSeal,
-    cursor: i64,
+    events: Events,
     tenant: Option<&str>,
     report: &mut Report,
     erasures: &mut HashMap<Uuid, Option<String>>,
@@ -647,8 +696,7 @@ async fn check_events(
             what: "its leaves do not match its range and counts".into(),
         }));
     }
-    let rows = read_events(pool, cursor, seal.last, tenant).await?;
-    let tombstones = read_tombstones(pool, cursor, seal.last, tenant).await?;
+    let Events { rows, tombstones } = events;
     for (position, tombstone) in &tombstones {
         for erasure in &tombstone.erasures {
             if !erasures.contains_key(erasure) {
@@ -777,6 +825,43 @@ async fn check_events(
     Ok(None)
 }
 
+/// The events of one seal's range, and their tombstones.
+struct Events {
+    rows: Vec<Row>,
+    tombstones: BTreeMap<i64, Tombstone>,
+}
+
+impl Events {
+    /// The events in `(after, through]` (of `tenant` only, if given).
+    async fn read(
+        pool: &PgPool,
+        after: i64,
+        through: i64,
+        tenant: Option<&str>,
+    ) -> Result<Self, SealError> {
+        Ok(Self {
+            rows: read_events(pool, after, through, tenant).await?,
+            tombstones: read_tombstones(pool, after, through, tenant).await?,
+        })
+    }
+}
+
+/// Reads of the next seals' events under way, in order (`(after, through)`
+/// and the task); aborted if not used.
+type Reading = (i64, i64, tokio::task::JoinHandle<Result<Events, SealError>>);
+struct Ahead(std::collections::VecDeque<Reading>);
+
+/// How many seals' events are read ahead of the one being checked.
+const READ_AHEAD: usize = 1;
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        for (_, _, task) in self.0.drain(..) {
+            task.abort();
+        }
+    }
+}
+
 /// The tombstones of one event: the fields erased and by which erasures.
 struct Tombstone {
     event_id: Uuid,
@@ -792,7 +877,7 @@ async fn read_tombstones(
     through: i64,
     tenant: Option<&str>,
 ) -> Result<BTreeMap<i64, Tombstone>, SealError> {
-    let rows = sqlx::query(
+    let rows: Vec<(i64, Uuid, Vec<String>, Uuid)> = sqlx::query_as(
         "SELECT position, event_id, fields, erasure FROM tombstones \
          WHERE position > $1 AND position <= $2 AND ($3::text IS NULL OR tenant = $3) \
          ORDER BY position",
@@ -804,20 +889,7 @@ async fn read_tombstones(
     .await
     .map_err(db("reading the tombstones"))?;
     let mut found: BTreeMap<i64, Tombstone> = BTreeMap::new();
-    for row in rows {
-        let decode = db("decoding a tombstone");
-        let (position, event_id, fields, erasure): (i64, Uuid, Vec<String>, Uuid) = match (|| {
-            Ok::<_, sqlx::Error>((
-                row.try_get(0)?,
-                row.try_get(1)?,
-                row.try_get(2)?,
-                row.try_get(3)?,
-            ))
-        })(
-        ) {
-            Ok(r) => r,
-            Err(e) => return Err(decode(e)),
-        };
+    for (position, event_id, fields, erasure) in rows {
         let tombstone = found.entry(position).or_insert_with(|| Tombstone {
             event_id,
             fields: Vec::new(),
@@ -850,36 +922,17 @@ fn holds_digest(event: &RecordedEvent, field: &str) -> bool {
 /// Whether the erasure event `erasure` accounts for exactly the tombstones
 /// that name it: `None` when it does, else what is wrong.
 async fn check_erasure(pool: &PgPool, erasure: Uuid) -> Result<Option<String>, SealError> {
-    let event = sqlx::query(
+    let event: Option<(i64, String, String, i32, serde_json::Value)> = sqlx::query_as(
         "SELECT position, tenant, event_type, schema_version, data FROM events WHERE event_id = $1",
     )
     .bind(erasure)
     .fetch_optional(pool)
     .await
     .map_err(db("reading an erasure event"))?;
-    let Some(event) = event else {
+    let Some((position, tenant, event_type, schema_version, data)) = event else {
         return Ok(Some(format!(
             "name erasure {erasure}, which is not in the log"
         )));
-    };
-    let decode = db("decoding an erasure event");
-    let (position, tenant, event_type, schema_version, data): (
-        i64,
-        String,
-        String,
-        i32,
-        serde_json::Value,
-    ) = match (|| {
-        Ok::<_, sqlx::Error>((
-            event.try_get(0)?,
-            event.try_get(1)?,
-            event.try_get(2)?,
-            event.try_get(3)?,
-            event.try_get(4)?,
-        ))
-    })() {
-        Ok(r) => r,
-        Err(e) => return Err(decode(e)),
     };
     let (count, digest) = match domain::DomainEvent::from_stored(&event_type, schema_version, data)
     {
@@ -894,26 +947,15 @@ async fn check_erasure(pool: &PgPool, erasure: Uuid) -> Result<Option<String>, S
             )))
         }
     };
-    let rows =
-        sqlx::query("SELECT position, event_id, fields, tenant FROM tombstones WHERE erasure = $1")
-            .bind(erasure)
-            .fetch_all(pool)
-            .await
-            .map_err(db("reading an erasure's tombstones"))?;
+    let rows: Vec<(i64, Uuid, Vec<String>, String)> = sqlx::query_as(
+        "SELECT position, event_id, fields, tenant FROM tombstones WHERE erasure = $1",
+    )
+    .bind(erasure)
+    .fetch_all(pool)
+    .await
+    .map_err(db("reading an erasure's tombstones"))?;
     let mut listed = Vec::with_capacity(rows.len());
-    for row in rows {
-        let decode = db("decoding a tombstone");
-        let (p, id, fields, t): (i64, Uuid, Vec<String>, String) = match (|| {
-            Ok::<_, sqlx::Error>((
-                row.try_get(0)?,
-                row.try_get(1)?,
-                row.try_get(2)?,
-                row.try_get(3)?,
-            ))
-        })() {
-            Ok(r) => r,
-            Err(e) => return Err(decode(e)),
-        };
+    for (p, id, fields, t) in rows {
         if t != tenant || p >= position {
             return Ok(Some(format!(
                 "erasure {erasure} (tenant `{tenant}`, position {position}) cannot have erased: its tombstone at {p} is of tenant `{t}`"

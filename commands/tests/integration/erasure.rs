@@ -11,14 +11,14 @@ use domain::{
 use neurectomy_commands::erasure::{erase, EraseError, Erased, Request, Scope};
 use neurectomy_commands::seal::key::SealKey;
 use neurectomy_commands::seal::leaf::field_digest;
-use neurectomy_commands::seal::verify::{verify, Problem, Report, VerifyOptions};
+use neurectomy_commands::seal::verify::Problem;
 use neurectomy_commands::testkit::{eventually, TestDatabase, TestNats};
-use neurectomy_commands::{CommandHandler, EventStore, HandlerConfig, Relay, RelayConfig};
+use neurectomy_commands::{CommandHandler, EventStore, HandlerConfig};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::support::{fast, World, WAIT};
+use crate::support::{fast, seal_report, sealed_and_clean, sealing_relay, World, WAIT};
 
 const TENANT: &str = "acme";
 /// Personal values the test writes, searched for everywhere afterwards.
@@ -27,56 +27,6 @@ const TITLE: &str = "Plan for Ada";
 const SECRET: &str = "123-45-6789";
 const NOTE: &str = "Ada's progress";
 const OUTPUT: &str = "Ada's answer";
-
-fn sealing_relay(
-    store: &EventStore,
-    nats: &TestNats,
-    config: &RelayConfig,
-    key: &SealKey,
-) -> Relay {
-    use neurectomy_commands::seal::sealer::{Sealer, SealerConfig};
-    let sealing = SealerConfig {
-        block_events: 5,
-        block_time: Duration::from_millis(50),
-        ..SealerConfig::for_relay(config)
-    };
-    Relay::new(store.clone(), nats.client.clone(), config.clone()).with_sealer(Sealer::new(
-        store.clone(),
-        nats.client.clone(),
-        key.clone(),
-        sealing,
-    ))
-}
-
-async fn report(db: &TestDatabase, nats: &TestNats, key: &SealKey) -> Report {
-    let options = VerifyOptions {
-        log: nats.relay.stream_name.clone(),
-        trusted: vec![key.public().clone()],
-        copies: Some(format!("{}_SEALS", nats.relay.stream_name)),
-        ..VerifyOptions::default()
-    };
-    verify(&db.pool, Some(&nats.jetstream()), &options, |_| {})
-        .await
-        .unwrap()
-}
-
-/// Waits until every event is sealed, and checks the log verifies.
-async fn sealed_and_clean(db: &TestDatabase, nats: &TestNats, key: &SealKey, store: &EventStore) {
-    let head = store.head().await.unwrap().written;
-    eventually("every event sealed", WAIT, || async {
-        let report = report(db, nats, key).await;
-        assert_eq!(report.problem, None, "{report:?}");
-        (report.sealed_to >= head).then_some(())
-    })
-    .await;
-    let report = report(db, nats, key).await;
-    assert_eq!(report.problem, None, "{report:?}");
-    assert_eq!(
-        report.events as i64,
-        store.count_after(0, i64::MAX).await.unwrap(),
-        "{report:?}"
-    );
-}
 
 /// How many rows of `table` hold `text` anywhere.
 async fn rows_holding(db: &TestDatabase, table: &str, text: &str) -> i64 {
@@ -162,7 +112,7 @@ async fn erasure_keeps_every_seal_valid_and_leaves_no_value_behind() {
     );
     let key = SealKey::generate();
     let (agent, task_stream) = history(&world).await;
-    let relay = sealing_relay(&store, &nats, &fast(&nats.relay), &key);
+    let relay = sealing_relay(&store, nats.client.clone(), &fast(&nats.relay), &key, 5);
     let progress = relay.progress();
     let stop = CancellationToken::new();
     let relaying = tokio::spawn({
@@ -314,7 +264,7 @@ async fn erasure_keeps_every_seal_valid_and_leaves_no_value_behind() {
         let pool = db.pool.clone();
         async move { sqlx::raw_sql(sql).execute(&pool).await.unwrap() }
     };
-    let clean = report(&db, &nats, &key).await;
+    let clean = seal_report(&db, &nats, &key).await;
     assert_eq!(clean.problem, None);
     // A value put back where its digest was.
     let progress_position: i64 =
@@ -329,7 +279,7 @@ async fn erasure_keeps_every_seal_valid_and_leaves_no_value_behind() {
         .execute(&db.pool)
         .await
         .unwrap();
-    match report(&db, &nats, &key).await.problem {
+    match seal_report(&db, &nats, &key).await.problem {
         Some(Problem::Edited { position, what, .. }) => {
             assert_eq!(position, progress_position);
             assert!(what.contains("erased field `note`"), "{what}");
@@ -339,7 +289,7 @@ async fn erasure_keeps_every_seal_valid_and_leaves_no_value_behind() {
     let restore = "UPDATE events e SET data = s.data, metadata = s.metadata FROM saved s WHERE s.position = e.position; \
                    DELETE FROM tombstones; INSERT INTO tombstones SELECT * FROM saved_tombstones";
     tamper(restore).await;
-    assert_eq!(report(&db, &nats, &key).await.problem, None);
+    assert_eq!(seal_report(&db, &nats, &key).await.problem, None);
     // A tombstone deleted: its digest is hashed as a value.
     sqlx::query("DELETE FROM tombstones WHERE position = $1")
         .bind(progress_position)
@@ -348,7 +298,7 @@ async fn erasure_keeps_every_seal_valid_and_leaves_no_value_behind() {
         .unwrap();
     // The erasure no longer accounts for its tombstones (flagged at the
     // first of them), and the event holds digests no tombstone explains.
-    match report(&db, &nats, &key).await.problem {
+    match seal_report(&db, &nats, &key).await.problem {
         Some(Problem::Unaccounted { position, what }) => {
             assert!(position <= progress_position);
             assert!(what.contains("does not account for"), "{what}");
@@ -367,7 +317,7 @@ async fn erasure_keeps_every_seal_valid_and_leaves_no_value_behind() {
         .unwrap();
     assert!(
         matches!(
-            report(&db, &nats, &key).await.problem,
+            seal_report(&db, &nats, &key).await.problem,
             Some(Problem::Edited { .. })
         ),
         "digests without tombstones"
@@ -389,7 +339,7 @@ async fn erasure_keeps_every_seal_valid_and_leaves_no_value_behind() {
         .await
         .unwrap();
     assert!(
-        matches!(report(&db, &nats, &key).await.problem, Some(Problem::Edited { position, .. }) if position == workflow.0),
+        matches!(seal_report(&db, &nats, &key).await.problem, Some(Problem::Edited { position, .. }) if position == workflow.0),
         "a value erased without a tombstone"
     );
     for erasure in [Uuid::new_v4(), erased.event.as_ref().unwrap().event_id] {
@@ -402,7 +352,7 @@ async fn erasure_keeps_every_seal_valid_and_leaves_no_value_behind() {
         .execute(&db.pool)
         .await
         .unwrap();
-        match report(&db, &nats, &key).await.problem {
+        match seal_report(&db, &nats, &key).await.problem {
             Some(Problem::Unaccounted { position, .. }) => assert_eq!(position, workflow.0),
             other => {
                 panic!("a tombstone of erasure {erasure} that does not account for it: {other:?}")
@@ -416,7 +366,7 @@ async fn erasure_keeps_every_seal_valid_and_leaves_no_value_behind() {
             .unwrap();
     }
     tamper(restore).await;
-    assert_eq!(report(&db, &nats, &key).await.problem, None);
+    assert_eq!(seal_report(&db, &nats, &key).await.problem, None);
     stop.cancel();
     relaying.await.unwrap();
 }
@@ -437,7 +387,7 @@ async fn events_erased_before_they_are_sealed_seal_and_verify() {
     erase(&store, &request(Scope::Stream(task_stream)))
         .await
         .unwrap();
-    let relay = sealing_relay(&store, &nats, &fast(&nats.relay), &key);
+    let relay = sealing_relay(&store, nats.client.clone(), &fast(&nats.relay), &key, 5);
     let stop = CancellationToken::new();
     let relaying = tokio::spawn({
         let stop = stop.clone();

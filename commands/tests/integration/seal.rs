@@ -5,64 +5,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
 use neurectomy_commands::seal::key::SealKey;
-use neurectomy_commands::seal::sealer::{Sealer, SealerConfig};
-use neurectomy_commands::seal::verify::{verify, Report, VerifyOptions};
 use neurectomy_commands::testkit::{eventually, TestDatabase, TestNats};
-use neurectomy_commands::{EventStore, Relay, RelayConfig};
+use neurectomy_commands::{EventStore, RelayConfig};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{fast, mixed_streams, NatsServer, Writer, WAIT};
-
-/// A relay sealing with `key` in blocks of 37 events or 50 ms.
-fn sealing_relay(
-    store: &EventStore,
-    client: async_nats::Client,
-    config: &RelayConfig,
-    key: &SealKey,
-) -> Relay {
-    let sealing = SealerConfig {
-        block_events: 37,
-        block_time: Duration::from_millis(50),
-        ..SealerConfig::for_relay(config)
-    };
-    Relay::new(store.clone(), client.clone(), config.clone()).with_sealer(Sealer::new(
-        store.clone(),
-        client,
-        key.clone(),
-        sealing,
-    ))
-}
-
-async fn report(db: &TestDatabase, nats: &TestNats, key: &SealKey) -> Report {
-    let options = VerifyOptions {
-        log: nats.relay.stream_name.clone(),
-        trusted: vec![key.public().clone()],
-        copies: Some(format!("{}_SEALS", nats.relay.stream_name)),
-        ..VerifyOptions::default()
-    };
-    verify(&db.pool, Some(&nats.jetstream()), &options, |_| {})
-        .await
-        .unwrap()
-}
-
-/// Waits until every event is sealed and copied, and the log verifies.
-async fn sealed_and_clean(db: &TestDatabase, nats: &TestNats, key: &SealKey, store: &EventStore) {
-    let head = store.head().await.unwrap().written;
-    eventually("every event sealed and every seal copied", WAIT, || async {
-        let report = report(db, nats, key).await;
-        assert_eq!(report.problem, None, "{report:?}");
-        (report.sealed_to >= head && report.copies_missing == 0).then_some(())
-    })
-    .await;
-    let report = report(db, nats, key).await;
-    let events = store.count_after(0, i64::MAX).await.unwrap();
-    assert_eq!(report.events as i64, events, "{report:?}");
-    assert_eq!(report.unsealed, 0, "{report:?}");
-}
+use crate::support::{
+    fast, mixed_streams, sealed_and_clean, sealing_relay, NatsServer, Writer, WAIT,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_killed_and_taking_over_seal_one_unbroken_chain() {
@@ -83,7 +34,7 @@ async fn relays_killed_and_taking_over_seal_one_unbroken_chain() {
     // aborted: its sealer seals its open block as the feed closes, racing
     // the next leader's sealer for the seal number) five times.
     let spawn = |store: &EventStore| {
-        let relay = sealing_relay(store, nats.client.clone(), &config, &key);
+        let relay = sealing_relay(store, nats.client.clone(), &config, &key, 37);
         let progress = relay.progress();
         let stop = CancellationToken::new();
         let task = tokio::spawn({
@@ -122,7 +73,7 @@ async fn seals_stored_during_a_nats_outage_are_copied_when_it_is_back() {
     let config = fast(&nats.relay);
     let key = SealKey::generate();
     let writer = Writer::spawn(&store, mixed_streams(30), u64::MAX);
-    let relay = sealing_relay(&store, nats.client.clone(), &config, &key);
+    let relay = sealing_relay(&store, nats.client.clone(), &config, &key, 37);
     let sealed = relay.sealer().unwrap().progress();
     let stop = CancellationToken::new();
     let task = tokio::spawn({

@@ -728,3 +728,62 @@ async fn publish_foreign(
     }
     client.flush().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// The sealed log
+// ---------------------------------------------------------------------------
+
+/// A relay sealing with `key` in blocks of `block_events` events or 50 ms.
+pub fn sealing_relay(
+    store: &EventStore,
+    client: async_nats::Client,
+    config: &RelayConfig,
+    key: &neurectomy_commands::seal::key::SealKey,
+    block_events: usize,
+) -> neurectomy_commands::Relay {
+    let sealing = neurectomy_commands::seal::sealer::SealerConfig {
+        block_events,
+        block_time: Duration::from_millis(50),
+        ..neurectomy_commands::seal::sealer::SealerConfig::for_relay(config)
+    };
+    neurectomy_commands::Relay::new(store.clone(), client.clone(), config.clone()).with_sealer(
+        neurectomy_commands::seal::sealer::Sealer::new(store.clone(), client, key.clone(), sealing),
+    )
+}
+
+/// `audit verify` of the test's log, its seal copies included.
+pub async fn seal_report(
+    db: &neurectomy_commands::testkit::TestDatabase,
+    nats: &neurectomy_commands::testkit::TestNats,
+    key: &neurectomy_commands::seal::key::SealKey,
+) -> neurectomy_commands::seal::verify::Report {
+    let options = neurectomy_commands::seal::verify::VerifyOptions {
+        log: nats.relay.stream_name.clone(),
+        trusted: vec![key.public().clone()],
+        copies: Some(format!("{}_SEALS", nats.relay.stream_name)),
+        ..neurectomy_commands::seal::verify::VerifyOptions::default()
+    };
+    neurectomy_commands::seal::verify::verify(&db.pool, Some(&nats.jetstream()), &options, |_| {})
+        .await
+        .unwrap()
+}
+
+/// Waits until every event is sealed and copied, and the log verifies.
+pub async fn sealed_and_clean(
+    db: &neurectomy_commands::testkit::TestDatabase,
+    nats: &neurectomy_commands::testkit::TestNats,
+    key: &neurectomy_commands::seal::key::SealKey,
+    store: &EventStore,
+) {
+    let head = store.head().await.unwrap().written;
+    eventually("every event sealed and every seal copied", WAIT, || async {
+        let report = seal_report(db, nats, key).await;
+        assert_eq!(report.problem, None, "{report:?}");
+        (report.sealed_to >= head && report.copies_missing == 0).then_some(())
+    })
+    .await;
+    let report = seal_report(db, nats, key).await;
+    let events = store.count_after(0, i64::MAX).await.unwrap();
+    assert_eq!(report.events as i64, events, "{report:?}");
+    assert_eq!(report.unsealed, 0, "{report:?}");
+}

@@ -18,6 +18,8 @@ use neurectomy_e2e::pipeline::Pipeline;
 use neurectomy_e2e::read_side;
 use serde_json::{json, Value};
 
+use crate::sealed_log::{auditor_verifies, EVENT_FIELDS, PROOF};
+
 /// The personal values written, searched for everywhere afterwards.
 const VALUES: [&str; 6] = [
     "Grace Hopper",
@@ -293,15 +295,10 @@ async fn an_eraser_erases_personal_data_from_everything_that_holds_it() {
     let log = api
         .data(
             &auditor,
-            "{ eventLog(first: 50) { events { position streamId version type schemaVersion data \
-             metadata { eventId commandId commandType correlationId causationId actor occurredAt recordedAt traceparent } } } }",
+            &format!("{{ eventLog(first: 50) {{ events {{ {EVENT_FIELDS} }} }} }}"),
             json!({}),
         )
         .await;
-    const PROOF: &str =
-        "query($id: ID!) { auditProof(eventId: $id) { state position committed leaf leafHash \
-        index count tenantPath tenantIndex tenants blockPath \
-        seal { seq body signature keyId root first last } } }";
     let events: Vec<Value> = log["eventLog"]["events"].as_array().unwrap().clone();
     let mut checked = 0;
     for event in events.iter().filter(|e| {
@@ -311,10 +308,8 @@ async fn an_eraser_erases_personal_data_from_everything_that_holds_it() {
     }) {
         let id = event["metadata"]["eventId"].as_str().unwrap();
         let proof = api.data(&auditor, PROOF, json!({"id": id})).await["auditProof"].clone();
-        let verdict = crate::sealed_log::auditor_verifies(
-            &json!({"event": event, "proof": proof, "keys": keys}),
-        )
-        .await;
+        let verdict =
+            auditor_verifies(&json!({"event": event, "proof": proof, "keys": keys})).await;
         assert_eq!(verdict["ok"], true, "{verdict}");
         checked += 1;
     }

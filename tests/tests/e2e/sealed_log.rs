@@ -529,6 +529,16 @@ async fn a_sealed_workload_verifies_clean_and_every_tampering_is_found_where_it_
     pipe.shutdown().await;
 }
 
+/// An event's inclusion proof, all of it.
+pub(crate) const PROOF: &str =
+    "query($id: ID!) { auditProof(eventId: $id) { state position committed leaf leafHash \
+    index count tenantPath tenantIndex tenants blockPath \
+    seal { seq body signature keyId root first last } } }";
+
+/// What the auditor's verifier reads of an event.
+pub(crate) const EVENT_FIELDS: &str = "position streamId version type schemaVersion data \
+    metadata { eventId commandId commandType correlationId causationId actor occurredAt recordedAt traceparent }";
+
 /// Runs the auditor's verifier (`tests/js/audit_verifier.mjs`, Node's
 /// built-ins only) on `input`; its verdict.
 pub(crate) async fn auditor_verifies(input: &serde_json::Value) -> serde_json::Value {
@@ -608,15 +618,10 @@ async fn an_auditor_checks_proofs_from_the_api_with_the_public_key_alone() {
         json!([{"id": key.id(), "algorithm": "Ed25519", "publicKey": key.public().text()}])
     );
 
-    const PROOF: &str =
-        "query($id: ID!) { auditProof(eventId: $id) { state position committed leaf leafHash \
-        index count tenantPath tenantIndex tenants blockPath \
-        seal { seq body signature keyId root first last } } }";
     let log = api
         .data(
             &auditor,
-            "{ eventLog(first: 200) { events { position streamId version type schemaVersion data \
-             metadata { eventId commandId commandType correlationId causationId actor occurredAt recordedAt traceparent } } } }",
+            &format!("{{ eventLog(first: 200) {{ events {{ {EVENT_FIELDS} }} }} }}"),
             json!({}),
         )
         .await;
