@@ -102,15 +102,16 @@ impl Fold {
             DomainEvent::Agent(e) => self.agent(p, e, tenant, position, at),
             DomainEvent::Task(e) => self.task(p, e, tenant, position, at),
             DomainEvent::Erasure(ErasureEvent::PersonalDataErased { changes, .. }) => {
-                self.erasure(changes);
+                self.erasure(changes, position);
                 Ok(())
             }
         }
     }
 
     /// An erasure: the changed state fields the graph shows take their
-    /// digests (on the nodes the graph has).
-    fn erasure(&mut self, changes: &[ErasedState]) {
+    /// digests (on the nodes the graph has), and the nodes' positions move
+    /// (verify compares `name`).
+    fn erasure(&mut self, changes: &[ErasedState], position: i64) {
         for change in changes {
             let Ok(stream) = StreamId::parse(&change.stream_id) else {
                 continue;
@@ -138,7 +139,7 @@ impl Fold {
                 };
                 Some((*field, value))
             });
-            set(props, &id, fields);
+            set(props, &id, fields.chain([("last_position", int(position))]));
         }
     }
 
@@ -643,6 +644,28 @@ mod tests {
             w(WorkflowEvent::WorkflowCancelled {
                 workflow_id: w3,
                 reason: "dropped".to_owned(),
+            }),
+            DomainEvent::Erasure(ErasureEvent::PersonalDataErased {
+                erasure_id: id(31),
+                scope: domain::ErasureScope::Stream(a1.stream_id().to_string()),
+                events: 1,
+                tombstones: 1,
+                tombstone_digest: "0".repeat(64),
+                positions: vec![1],
+                changes: vec![
+                    ErasedState {
+                        stream_id: a1.stream_id().to_string(),
+                        fields: [("name".to_owned(), json!("sha256:00"))]
+                            .into_iter()
+                            .collect(),
+                    },
+                    ErasedState {
+                        stream_id: w2.stream_id().to_string(),
+                        fields: [("name".to_owned(), json!("sha256:01"))]
+                            .into_iter()
+                            .collect(),
+                    },
+                ],
             }),
         ]
     }

@@ -261,7 +261,7 @@ impl<'a> Planner<'a> {
             }
             DomainEvent::Erasure(ErasureEvent::PersonalDataErased {
                 positions, changes, ..
-            }) => self.plan_erasure(tenant, positions, changes),
+            }) => self.plan_erasure(tenant, positions, changes, position),
         }
         // The change feed: entry id = position, so subscribers resume by it.
         self.feeds.entry(tenant).or_default().push(p);
@@ -270,7 +270,14 @@ impl<'a> Planner<'a> {
 
     /// An erasure: the changed state fields the model shows take their
     /// digests, and the erased events' change feed entries go.
-    fn plan_erasure(&mut self, tenant: &'a str, positions: &[i64], changes: &[ErasedState]) {
+    /// Each changed entity's position moves (verify compares `name`).
+    fn plan_erasure(
+        &mut self,
+        tenant: &'a str,
+        positions: &[i64],
+        changes: &[ErasedState],
+        position: i64,
+    ) {
         for change in changes {
             let Ok(stream) = StreamId::parse(&change.stream_id) else {
                 continue;
@@ -283,6 +290,7 @@ impl<'a> Planner<'a> {
             };
             let key = self.key(&[prefix, &stream.uuid().to_string()]);
             let hash = self.writes.hash(key);
+            hash.set("last_position", position.to_string());
             for (field, value) in &change.fields {
                 if let Some(field) = shown.iter().find(|f| **f == field.as_str()) {
                     hash.set(field, shown_value(value));
