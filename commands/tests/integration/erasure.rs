@@ -93,6 +93,42 @@ async fn history(world: &World) -> (AgentId, String) {
     (agent, task.stream_id().to_string())
 }
 
+/// A database, a stream and a sealing key of the test's own.
+async fn services() -> (TestDatabase, TestNats, EventStore, SealKey) {
+    let db = TestDatabase::create(8).await.unwrap();
+    let nats = TestNats::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    (db, nats, store, SealKey::generate())
+}
+
+/// A handler for the test's tenant.
+fn world_of(store: &EventStore) -> World {
+    World::new(
+        CommandHandler::new(store.clone(), HandlerConfig::default()),
+        TENANT,
+    )
+}
+
+/// A relay sealing in blocks of 5 events, running until the token.
+fn relaying(
+    store: &EventStore,
+    nats: &TestNats,
+    key: &SealKey,
+) -> (
+    tokio::sync::watch::Receiver<neurectomy_commands::RelayProgress>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let relay = sealing_relay(store, nats.client.clone(), &fast(&nats.relay), key, 5);
+    let progress = relay.progress();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    (progress, stop, task)
+}
+
 fn changes_of(erased: &Erased) -> Vec<domain::ErasedState> {
     let event = erased.event.as_ref().expect("an erasure event");
     match event.decode().unwrap() {
@@ -103,22 +139,10 @@ fn changes_of(erased: &Erased) -> Vec<domain::ErasedState> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erasure_keeps_every_seal_valid_and_leaves_no_value_behind() {
-    let db = TestDatabase::create(8).await.unwrap();
-    let nats = TestNats::create().await.unwrap();
-    let store = EventStore::new(db.pool.clone());
-    let world = World::new(
-        CommandHandler::new(store.clone(), HandlerConfig::default()),
-        TENANT,
-    );
-    let key = SealKey::generate();
+    let (db, nats, store, key) = services().await;
+    let world = world_of(&store);
     let (agent, task_stream) = history(&world).await;
-    let relay = sealing_relay(&store, nats.client.clone(), &fast(&nats.relay), &key, 5);
-    let progress = relay.progress();
-    let stop = CancellationToken::new();
-    let relaying = tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.run(stop).await }
-    });
+    let (progress, stop, relaying) = relaying(&store, &nats, &key);
     sealed_and_clean(&db, &nats, &key, &store).await;
     let head = store.head().await.unwrap().written;
     eventually("every event on JetStream", WAIT, || async {
@@ -373,26 +397,15 @@ async fn erasure_keeps_every_seal_valid_and_leaves_no_value_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_erased_before_they_are_sealed_seal_and_verify() {
-    let db = TestDatabase::create(6).await.unwrap();
-    let nats = TestNats::create().await.unwrap();
-    let store = EventStore::new(db.pool.clone());
-    let world = World::new(
-        CommandHandler::new(store.clone(), HandlerConfig::default()),
-        TENANT,
-    );
-    let key = SealKey::generate();
+    let (db, nats, store, key) = services().await;
+    let world = world_of(&store);
     let (_, task_stream) = history(&world).await;
     // Erased before any relay ran: the sealer reads the digests from the
     // store, and the relay publishes them.
     erase(&store, &request(Scope::Stream(task_stream)))
         .await
         .unwrap();
-    let relay = sealing_relay(&store, nats.client.clone(), &fast(&nats.relay), &key, 5);
-    let stop = CancellationToken::new();
-    let relaying = tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.run(stop).await }
-    });
+    let (_, stop, relaying) = relaying(&store, &nats, &key);
     sealed_and_clean(&db, &nats, &key, &store).await;
     stop.cancel();
     relaying.await.unwrap();
