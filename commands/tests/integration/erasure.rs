@@ -401,10 +401,17 @@ async fn events_erased_before_they_are_sealed_seal_and_verify() {
     let world = world_of(&store);
     let (_, task_stream) = history(&world).await;
     // Erased before any relay ran: the sealer reads the digests from the
-    // store, and the relay publishes them.
-    erase(&store, &request(Scope::Stream(task_stream)))
-        .await
-        .unwrap();
+    // store, and the relay publishes them. The same request twice at once
+    // is one erasure (the second waits for the first's locks, then answers
+    // its result).
+    let once = request(Scope::Stream(task_stream));
+    let (a, b) = tokio::join!(erase(&store, &once), erase(&store, &once));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        a.event.as_ref().map(|e| e.event_id),
+        b.event.as_ref().map(|e| e.event_id)
+    );
+    assert!(a.event.is_some() && a.replayed != b.replayed, "{a:?} {b:?}");
     let (_, stop, relaying) = relaying(&store, &nats, &key);
     sealed_and_clean(&db, &nats, &key, &store).await;
     stop.cancel();
