@@ -171,10 +171,13 @@ impl Change {
 
 /// Whether `value` has the form of a field digest.
 pub fn is_digest(value: &Value) -> bool {
-    value.as_str().is_some_and(|s| {
-        s.strip_prefix(DIGEST_PREFIX)
-            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-    })
+    value.as_str().is_some_and(is_digest_str)
+}
+
+/// Whether `s` has the form of a field digest.
+pub fn is_digest_str(s: &str) -> bool {
+    s.strip_prefix(DIGEST_PREFIX)
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// The personal fields of `event` (of its data, and `actor`) that hold a
@@ -185,7 +188,7 @@ pub fn digest_fields(event: &RecordedEvent) -> Vec<&'static str> {
         .copied()
         .filter(|f| event.data.get(*f).is_some_and(is_digest))
         .collect();
-    if is_digest(&Value::String(event.metadata.actor.clone())) {
+    if is_digest_str(&event.metadata.actor) {
         fields.extend_from_slice(PERSONAL_METADATA);
     }
     fields

@@ -914,7 +914,7 @@ async fn read_tombstones(
 /// digest.
 fn holds_digest(event: &RecordedEvent, field: &str) -> bool {
     if domain::personal::PERSONAL_METADATA.contains(&field) {
-        return crate::erasure::is_digest(&serde_json::Value::String(event.metadata.actor.clone()));
+        return crate::erasure::is_digest_str(&event.metadata.actor);
     }
     event.data.get(field).is_some_and(crate::erasure::is_digest)
 }
