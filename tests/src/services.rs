@@ -440,9 +440,13 @@ impl RedisCluster {
         let count = primaries * (1 + replicas);
         let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
         let timeout = REDIS_NODE_TIMEOUT_MS.to_string();
+        // The bus port is chosen like the client port: Redis's default
+        // (port + 10000) can land in the ephemeral range or on a port
+        // another test already holds.
         let mut nodes: Vec<Daemon> = ports
             .iter()
             .map(|port| {
+                let bus = free_port().to_string();
                 redis_daemon(
                     *port,
                     &[
@@ -452,6 +456,8 @@ impl RedisCluster {
                         "nodes.conf",
                         "--cluster-node-timeout",
                         &timeout,
+                        "--cluster-port",
+                        &bus,
                     ],
                 )
             })
