@@ -228,6 +228,22 @@ const EVENT_COLUMNS: &str = "position, stream_id, stream_version, event_id, even
     schema_version, data, metadata, recorded_at, command_id, correlation_id, tenant, \
     tenant_hash";
 
+/// A seal's events in position order, at most `$3` ([`read_events`]).
+static WHOLE_LOG_READ: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 AND position <= $2 \
+         ORDER BY position LIMIT $3"
+    )
+});
+
+/// A seal's events of tenant `$3`, in position order.
+static TENANT_READ: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 AND position <= $2 \
+         AND tenant = $3 ORDER BY position"
+    )
+});
+
 /// The metadata as stored, read strictly: a field the format lacks is an
 /// edit (the system would ignore it; the verifier does not).
 #[derive(serde::Deserialize)]
@@ -361,26 +377,38 @@ fn read_row(row: &PgRow, hashes: &mut TenantHashes) -> Result<Row, sqlx::Error> 
     })
 }
 
-/// Reads the events in `(after, through]` (of `tenant` only, if given).
+/// Reads the events in `(after, through]` (of `tenant` only, if given);
+/// of the whole log, at most `sealed + 1` of them (`sealed`: the seal's
+/// leaves).
+///
+/// The whole log's read walks the primary key in order, with a limit: a
+/// range alone let the planner pick a bitmap scan and a sort of the block's
+/// rows (wide ones, with their documents), twice PostgreSQL's CPU per event
+/// of reading the log in order. The limit hides nothing: one row more than
+/// the seal's leaves is enough for the check to find the first row that
+/// is not sealed, or the first leaf without its row, at its position. A
+/// tenant's read keeps the plain range: a limit there would count other
+/// tenants' rows and could cut off the tenant's own.
 async fn read_events(
     pool: &PgPool,
     after: i64,
     through: i64,
     tenant: Option<&str>,
+    sealed: usize,
 ) -> Result<Vec<Row>, SealError> {
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 AND position <= $2 \
-         AND ($3::text IS NULL OR tenant = $3) ORDER BY position"
-    );
-    let rows = sqlx::query(&sql)
-        .bind(after)
-        .bind(through)
-        .bind(tenant)
-        .fetch_all(pool)
-        .await
-        .map_err(db(format!(
-            "reading the events after {after} through {through}"
-        )))?;
+    let query = match tenant {
+        None => sqlx::query(&WHOLE_LOG_READ)
+            .bind(after)
+            .bind(through)
+            .bind(i64::try_from(sealed).unwrap_or(i64::MAX - 1) + 1),
+        Some(tenant) => sqlx::query(&TENANT_READ)
+            .bind(after)
+            .bind(through)
+            .bind(tenant),
+    };
+    let rows = query.fetch_all(pool).await.map_err(db(format!(
+        "reading the events after {after} through {through}"
+    )))?;
     let mut hashes = TenantHashes::default();
     rows.iter()
         .map(|row| read_row(row, &mut hashes))
@@ -487,9 +515,11 @@ pub async fn verify(
     // The events of the next seal are read while this one's are hashed
     // (PostgreSQL's work and ours overlap): `(after, through)` and the task.
     let mut ahead = Ahead(std::collections::VecDeque::new());
-    let read_ahead = |after: i64, through: i64| {
+    let read_ahead = |after: i64, through: i64, sealed: usize| {
         let (pool, tenant) = (pool.clone(), tenant.map(str::to_owned));
-        tokio::spawn(async move { Events::read(&pool, after, through, tenant.as_deref()).await })
+        tokio::spawn(
+            async move { Events::read(&pool, after, through, tenant.as_deref(), sealed).await },
+        )
     };
     'seals: loop {
         let seals = store::from_seq(pool, log, next, 50).await?;
@@ -498,28 +528,41 @@ pub async fn verify(
         }
         for (i, seal) in seals.iter().enumerate() {
             next = seal.seq + 1;
-            // The next seals of this page are read ahead (the next page's
-            // first ones when it comes).
-            for k in (i + 1)..=(i + READ_AHEAD).min(seals.len() - 1) {
-                let after = seals[k - 1].last;
+            // This seal's events and the next seals' of this page are read
+            // ahead, by the range each will be read with (a page's first
+            // seal reads from where the last page ended).
+            for k in i..=(i + READ_AHEAD).min(seals.len() - 1) {
+                let after = if k == i { cursor } else { seals[k - 1].last };
                 if ahead.0.iter().all(|(a, _, _)| *a != after) {
+                    let (through, sealed) = (seals[k].last, seals[k].record.leaves.len());
                     ahead
                         .0
-                        .push_back((after, seals[k].last, read_ahead(after, seals[k].last)));
+                        .push_back((after, through, read_ahead(after, through, sealed)));
                 }
             }
-            let events = match ahead.0.pop_front() {
-                Some((after, through, mut task)) if after == cursor && through == seal.last => {
-                    match (&mut task).await {
-                        Ok(events) => events?,
-                        Err(_) => Events::read(pool, cursor, seal.last, tenant).await?,
-                    }
+            // The read of this seal's range; reads queued before it are of
+            // ranges no longer wanted (a seal's range is not what the one
+            // before it announced: it fails its checks below).
+            let wanted = ahead
+                .0
+                .iter()
+                .position(|(a, t, _)| *a == cursor && *t == seal.last);
+            let task = wanted.and_then(|p| {
+                for (_, _, stale) in ahead.0.drain(..p) {
+                    stale.abort();
                 }
-                other => {
-                    if let Some((_, _, task)) = other {
-                        task.abort();
+                ahead.0.pop_front().map(|(_, _, task)| task)
+            });
+            let events = match task {
+                Some(task) => match task.await {
+                    Ok(events) => events?,
+                    Err(_) => {
+                        Events::read(pool, cursor, seal.last, tenant, seal.record.leaves.len())
+                            .await?
                     }
-                    Events::read(pool, cursor, seal.last, tenant).await?
+                },
+                None => {
+                    Events::read(pool, cursor, seal.last, tenant, seal.record.leaves.len()).await?
                 }
             };
             if let Some(problem) = check_seal(seal, expected, &prev, cursor, log, &trusted, &copies)
@@ -838,9 +881,10 @@ impl Events {
         after: i64,
         through: i64,
         tenant: Option<&str>,
+        sealed: usize,
     ) -> Result<Self, SealError> {
         Ok(Self {
-            rows: read_events(pool, after, through, tenant).await?,
+            rows: read_events(pool, after, through, tenant, sealed).await?,
             tombstones: read_tombstones(pool, after, through, tenant).await?,
         })
     }
