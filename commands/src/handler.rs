@@ -67,6 +67,8 @@ pub struct CommandHandler {
     store: EventStore,
     config: HandlerConfig,
     cache: Arc<StateCache>,
+    /// Whether [`CommandHandler::watch_erasures`] is listening.
+    watching: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A stream folded into its aggregate state.
@@ -98,7 +100,15 @@ impl CommandHandler {
             store,
             cache: Arc::new(StateCache::new(config.cache_capacity)),
             config,
+            watching: Arc::default(),
         }
+    }
+
+    /// Whether [`CommandHandler::watch_erasures`] is listening for erasures
+    /// (its first connection moves the cache's epoch: a command running
+    /// across that moment neither caches nor snapshots its state).
+    pub fn watching_erasures(&self) -> bool {
+        self.watching.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The store it writes to.
@@ -129,6 +139,8 @@ impl CommandHandler {
                             tracing::warn!(%error, "not listening for erasures: the state cache is off until PostgreSQL is back");
                         }
                         connected = false;
+                        self.watching
+                            .store(false, std::sync::atomic::Ordering::Release);
                         self.cache.reset(false);
                         tokio::select! {
                             () = shutdown.cancelled() => return,
@@ -139,6 +151,8 @@ impl CommandHandler {
             };
             // Erasures may have been missed while not listening.
             self.cache.reset(true);
+            self.watching
+                .store(true, std::sync::atomic::Ordering::Release);
             connected = true;
             loop {
                 let notification = tokio::select! {
@@ -159,6 +173,8 @@ impl CommandHandler {
                     }
                     // The connection was lost (and notifications with it).
                     Ok(None) | Err(_) => {
+                        self.watching
+                            .store(false, std::sync::atomic::Ordering::Release);
                         self.cache.reset(false);
                         break;
                     }

@@ -432,6 +432,16 @@ async fn erased_state_is_neither_cached_nor_snapshotted() {
         let (handler, stop) = (handler.clone(), stop.clone());
         async move { handler.watch_erasures(stop).await }
     });
+    // Listening first: the watcher's first connection moves the cache's
+    // epoch, and a command running across that moment takes no snapshot.
+    let listening = std::time::Instant::now();
+    while !handler.watching_erasures() {
+        assert!(
+            listening.elapsed() < std::time::Duration::from_secs(10),
+            "the handler did not start listening for erasures within 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let world = World::new(handler, TENANT).with_config(config);
     let agent = AgentId::from_uuid(Uuid::new_v4());
     world
