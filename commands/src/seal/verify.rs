@@ -297,6 +297,9 @@ struct Row {
     position: i64,
     stream: String,
     event: Result<RecordedEvent, String>,
+    /// The event's leaf hash (with the fields its tombstones name as
+    /// erased), computed by the read, beside the checks of the seal before.
+    hash: Option<Hash>,
 }
 
 fn db(doing: impl Into<String>) -> impl FnOnce(sqlx::Error) -> SealError {
@@ -374,6 +377,7 @@ fn read_row(row: &PgRow, hashes: &mut TenantHashes) -> Result<Row, sqlx::Error> 
         position,
         stream,
         event,
+        hash: None,
     })
 }
 
@@ -798,7 +802,8 @@ async fn check_events(
                     }
                     None => Vec::new(),
                 };
-                let hash = leaf_hash_of(event, &erased);
+                // The read hashed it with these same erased fields.
+                let hash = row.hash.unwrap_or_else(|| leaf_hash_of(event, &erased));
                 if hash != leaf.hash {
                     return Ok(Some(Problem::Edited {
                         position: row.position,
@@ -883,10 +888,20 @@ impl Events {
         tenant: Option<&str>,
         sealed: usize,
     ) -> Result<Self, SealError> {
-        Ok(Self {
-            rows: read_events(pool, after, through, tenant, sealed).await?,
-            tombstones: read_tombstones(pool, after, through, tenant).await?,
-        })
+        let mut rows = read_events(pool, after, through, tenant, sealed).await?;
+        let tombstones = read_tombstones(pool, after, through, tenant).await?;
+        // Hashed here, in the read ahead, so the hashing of one block and the
+        // checks of the one before it run side by side.
+        for row in &mut rows {
+            if let Ok(event) = &row.event {
+                let erased: Vec<&str> = tombstones
+                    .get(&row.position)
+                    .map(|t| t.fields.iter().map(String::as_str).collect())
+                    .unwrap_or_default();
+                row.hash = Some(leaf_hash_of(event, &erased));
+            }
+        }
+        Ok(Self { rows, tombstones })
     }
 }
 
@@ -896,7 +911,7 @@ type Reading = (i64, i64, tokio::task::JoinHandle<Result<Events, SealError>>);
 struct Ahead(std::collections::VecDeque<Reading>);
 
 /// How many seals' events are read ahead of the one being checked.
-const READ_AHEAD: usize = 1;
+const READ_AHEAD: usize = 2;
 
 impl Drop for Ahead {
     fn drop(&mut self) {
