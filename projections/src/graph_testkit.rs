@@ -75,6 +75,20 @@ impl TestGraph {
         Self::create_at(&GraphServer::from_env()).await
     }
 
+    /// Like [`TestGraph::create`], the model projected in `partitions`
+    /// partitions (its readers wait for a tenant's partition; use
+    /// [`GraphModel::for_partition`] for each partition's projector).
+    pub async fn create_partitioned(partitions: u32) -> Result<Self, String> {
+        let mut graph = Self::create().await?;
+        graph.model = GraphModel::connect(GraphConfig {
+            partitions,
+            ..graph.model.config().clone()
+        })
+        .await
+        .map_err(|e| format!("connecting to test database {}: {e}", graph.database))?;
+        Ok(graph)
+    }
+
     /// Like [`TestGraph::create`] on `server` (e.g. a private server a test
     /// starts and stops).
     pub async fn create_at(server: &GraphServer) -> Result<Self, String> {
@@ -98,6 +112,7 @@ impl TestGraph {
             password: password.clone(),
             database: database.clone(),
             timeout: std::time::Duration::from_secs(10),
+            partitions: 1,
         };
         match GraphModel::connect(config).await {
             Ok(model) => Ok(Self {

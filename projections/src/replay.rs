@@ -157,30 +157,14 @@ pub async fn replay_redis_into(
     // A model projected in partitions is rebuilt a partition per task, each
     // ending at its partition's last event: the checkpoint its live
     // projector continues from once the generation is active.
-    let partitions = target.config().partitions;
-    let targets = if partitions > 1 {
-        (0..partitions)
-            .map(|partition| {
-                let config = ProjectorConfig {
-                    batch_size,
-                    partitions,
-                    partition,
-                    ..ProjectorConfig::default()
-                };
-                (target.for_partition(partition), config)
-            })
-            .collect()
-    } else {
-        let config = ProjectorConfig {
-            batch_size,
-            ..ProjectorConfig::default()
-        };
-        vec![(target.clone(), config)]
-    };
     let applied = catch_up(
         store,
         nats,
-        targets,
+        split(
+            &target,
+            (target.config().partitions, batch_size),
+            RedisModel::for_partition,
+        ),
         (generation.clone(), old),
         &mut progress,
     )
@@ -206,6 +190,36 @@ pub async fn replay_redis_into(
         previous,
         deleted_keys,
     })
+}
+
+/// What rebuilds `target`: itself, or, when it is projected in
+/// `partitions` partitions, one model per partition (`for_partition`), each
+/// with its projector's configuration, ending at its partition's last
+/// event — the checkpoint its live projector continues from once the
+/// rebuilt namespace is active.
+fn split<M: Clone>(
+    target: &M,
+    (partitions, batch_size): (u32, usize),
+    for_partition: fn(&M, u32) -> M,
+) -> Vec<(M, ProjectorConfig)> {
+    if partitions <= 1 {
+        let config = ProjectorConfig {
+            batch_size,
+            ..ProjectorConfig::default()
+        };
+        return vec![(target.clone(), config)];
+    }
+    (0..partitions)
+        .map(|partition| {
+            let config = ProjectorConfig {
+                batch_size,
+                partitions,
+                partition,
+                ..ProjectorConfig::default()
+            };
+            (for_partition(target, partition), config)
+        })
+        .collect()
 }
 
 /// Runs the projector's own catch-up (read-ahead, decoding, retries) on
@@ -308,14 +322,14 @@ pub async fn replay_graph_into(
                 source,
             })?;
         let started = Instant::now();
-        let config = ProjectorConfig {
-            batch_size,
-            ..ProjectorConfig::default()
-        };
         let applied = catch_up(
             store,
             nats,
-            vec![(target.clone(), config)],
+            split(
+                &target,
+                (target.config().partitions, batch_size),
+                GraphModel::for_partition,
+            ),
             (database.clone(), old),
             &mut progress,
         )

@@ -137,7 +137,7 @@ struct Folded {
 }
 
 /// The compared position of each part of a read model: one for a model
-/// applied whole; one per partition for a Redis model projected in
+/// applied whole; one per partition for a model projected in
 /// partitions (`commands::partition`), whose partitions each reached a
 /// checkpoint of their own (the position of the partition's last event
 /// applied).
@@ -434,8 +434,9 @@ const POSITION: &str = "last_position";
 
 /// What the verifier reads of the graph, in one read transaction.
 struct GraphState {
-    /// The checkpoint, read first.
-    checkpoint: Option<String>,
+    /// The checkpoint (one per partition of a model projected in
+    /// partitions, partition `k`'s at index `k`), read first.
+    checkpoints: Vec<Option<String>>,
     /// Nodes with the compared properties and [`POSITION`]: the greater of
     /// the position read with them and the one read after everything else.
     agents: Nodes,
@@ -489,12 +490,17 @@ fn edges(rows: &[Row], doing: &str) -> Result<Edges, GraphQueryError> {
     Ok(out)
 }
 
-/// `fields` and [`POSITION`].
+/// `fields`, [`POSITION`] and the node's `tenant` (which partition's
+/// compared position applies to it).
 fn with_position(fields: &[&'static str]) -> Vec<&'static str> {
     let mut all = fields.to_vec();
     all.push(POSITION);
+    all.push(TENANT);
     all
 }
+
+/// The tenant property of a graph node.
+const TENANT: &str = "tenant";
 
 /// Raises each node's [`POSITION`] to the one read again at the end (`rows`
 /// of `id`, `position`).
@@ -525,6 +531,14 @@ pub(crate) const GRAPH_TASK_FIELDS: &[&str] =
 /// The properties compared on `Workflow` nodes.
 pub(crate) const GRAPH_WORKFLOW_FIELDS: &[&str] = &["status", "name"];
 
+/// The checkpoint nodes of `model`: `graph`, or `graph/p<k>` per partition.
+fn checkpoint_names(model: &GraphModel) -> Vec<String> {
+    match model.config().partitions {
+        0 | 1 => vec![PROJECTION.to_owned()],
+        partitions => (0..partitions).map(crate::graph::partition_name).collect(),
+    }
+}
+
 async fn read_graph(model: &GraphModel) -> Result<GraphState, GraphQueryError> {
     let doing = "reading the graph for verification";
     let unavailable = |source| GraphQueryError::Unavailable {
@@ -546,11 +560,15 @@ async fn read_graph(model: &GraphModel) -> Result<GraphState, GraphQueryError> {
             "MATCH (n:{label}) RETURN n.id AS id, n.{POSITION} AS {POSITION}"
         ))
     };
-    // In this order: the checkpoint first, the positions last (see the
+    let names = checkpoint_names(model);
+    // In this order: the checkpoints first, the positions last (see the
     // module docs).
     let queries: [Query; 10] = [
-        query("MATCH (c:Checkpoint {projection: $projection}) RETURN c.position AS position")
-            .param("projection", PROJECTION),
+        query(
+            "MATCH (c:Checkpoint) WHERE c.projection IN $names \
+             RETURN c.projection AS projection, c.position AS position",
+        )
+        .param("names", names.clone()),
         labelled("Agent", GRAPH_AGENT_FIELDS),
         labelled("Task", GRAPH_TASK_FIELDS),
         labelled("Workflow", GRAPH_WORKFLOW_FIELDS),
@@ -569,12 +587,17 @@ async fn read_graph(model: &GraphModel) -> Result<GraphState, GraphQueryError> {
     finish(txn).await;
     let [checkpoint, agents, tasks, workflows, part_of, assigned_to, depends_on, agents_after, tasks_after, workflows_after]: [Vec<Row>; 10] =
         results.try_into().unwrap_or_default();
-    let checkpoint = match checkpoint.first() {
-        Some(row) => columns(row, &["position"], doing)?.pop(),
-        None => None,
-    };
+    let mut checkpoints = vec![None; names.len()];
+    for row in &checkpoint {
+        let [name, position]: [String; 2] = columns(row, &["projection", "position"], doing)?
+            .try_into()
+            .unwrap_or_default();
+        if let Some(k) = names.iter().position(|n| *n == name) {
+            checkpoints[k] = Some(position);
+        }
+    }
     let mut state = GraphState {
-        checkpoint,
+        checkpoints,
         agents: nodes(&agents, &with_position(GRAPH_AGENT_FIELDS), doing)?,
         tasks: nodes(&tasks, &with_position(GRAPH_TASK_FIELDS), doing)?,
         workflows: nodes(&workflows, &with_position(GRAPH_WORKFLOW_FIELDS), doing)?,
@@ -610,6 +633,26 @@ pub async fn verify_graph(
     model: &GraphModel,
     until: i64,
 ) -> Result<Verified, VerifyError> {
+    let partitions = model.config().partitions;
+    if partitions <= 1 {
+        return verify_graph_at(store, model, &Compared::whole(until)).await;
+    }
+    // Each partition must have applied its last event at or below `until`.
+    let mut untils = Vec::with_capacity(partitions as usize);
+    for k in 0..partitions {
+        untils.push(store.last_in_partition(until, partitions, k).await?);
+    }
+    verify_graph_at(store, model, &Compared::partitions(untils)).await
+}
+
+/// [`verify_graph`] at `wanted`: each partition's checkpoint (of a model
+/// projected in partitions) must be at or past its entry, and each
+/// partition is compared at its own checkpoint.
+async fn verify_graph_at(
+    store: &EventStore,
+    model: &GraphModel,
+    wanted: &Compared,
+) -> Result<Verified, VerifyError> {
     let mut graph = read_graph(model).await?;
     let mut differences = Vec::new();
     let mut differ = |key: &str, field: &str, expected: String, actual: String| {
@@ -622,29 +665,43 @@ pub async fn verify_graph(
             });
         }
     };
-    // A checkpoint above `until` means the projector applied more since
-    // `until` was read (it cannot hold events the store lacks); below, it
+    // A checkpoint above what is wanted means the projector applied more
+    // since it was read (it cannot hold events the store lacks); below, it
     // lost some.
-    let stored = graph.checkpoint.clone().unwrap_or_else(|| "0".to_owned());
-    let compared = match stored.parse::<i64>() {
-        Ok(checkpoint) if checkpoint >= until => checkpoint,
-        _ => {
-            differ(
-                &format!("Checkpoint {PROJECTION}"),
-                "position",
-                until.to_string(),
-                stored,
-            );
-            until
-        }
+    let names = checkpoint_names(model);
+    let mut untils = Vec::with_capacity(names.len());
+    for (k, (name, stored)) in names.iter().zip(&graph.checkpoints).enumerate() {
+        let until = wanted.untils.get(k).copied().unwrap_or(0);
+        let stored = stored.clone().unwrap_or_else(|| "0".to_owned());
+        untils.push(match stored.parse::<i64>() {
+            Ok(checkpoint) if checkpoint >= until => checkpoint,
+            _ => {
+                differ(
+                    &format!("Checkpoint {name}"),
+                    "position",
+                    until.to_string(),
+                    stored,
+                );
+                until
+            }
+        });
+    }
+    let compared = if untils.len() > 1 {
+        Compared::partitions(untils)
+    } else {
+        Compared::whole(untils.first().copied().unwrap_or(0))
     };
-    let folded = fold(store, &Compared::whole(compared)).await?;
+    let folded = fold(store, &compared).await?;
     let mut skipped = 0;
     // Present in the events, absent from the graph: one difference for the
     // node, none for each of its fields.
     let node =
         |nodes: &mut Nodes, id: &str| -> Option<BTreeMap<String, String>> { nodes.remove(id) };
-    let moved = |props: &BTreeMap<String, String>| after(props.get(POSITION), compared);
+    // Each node at its tenant's partition's compared position.
+    let moved = |props: &BTreeMap<String, String>| {
+        let tenant = props.get(TENANT).map_or("", String::as_str);
+        after(props.get(POSITION), compared.of(tenant))
+    };
     let field = |props: &BTreeMap<String, String>, name: &str| -> String {
         props.get(name).cloned().unwrap_or_default()
     };
@@ -812,7 +869,7 @@ pub async fn verify_graph(
         }
     }
     Ok(Verified {
-        until: compared,
+        until: compared.highest(),
         differences,
         skipped,
     })
@@ -915,6 +972,18 @@ pub async fn verify_graph_confirmed(
     model: &GraphModel,
 ) -> Result<Confirmed, VerifyError> {
     confirmed(PASSES, || async {
+        if model.config().partitions > 1 {
+            // Each partition at its own checkpoint (absent: nothing applied).
+            let untils = model.partition_checkpoints().await.map_err(|source| {
+                GraphQueryError::Unavailable {
+                    doing: "reading the partitions' checkpoints".to_owned(),
+                    source,
+                }
+            })?;
+            let compared =
+                Compared::partitions(untils.into_iter().map(|c| c.unwrap_or(0)).collect());
+            return verify_graph_at(store, model, &compared).await;
+        }
         let until = model.checkpoint().await.map_err(VerifyError::Checkpoint)?;
         verify_graph(store, model, until).await
     })

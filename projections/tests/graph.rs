@@ -574,6 +574,7 @@ async fn an_unreachable_server_is_unavailable_not_rejected() {
         password: "x".to_owned(),
         database: "nothing".to_owned(),
         timeout: std::time::Duration::from_secs(5),
+        partitions: 1,
     };
     let err = neurectomy_projections::GraphModel::connect(config)
         .await

@@ -637,23 +637,33 @@ pub mod api {
             cli: fn(&Pipeline, &TestRedis, &TestGraph, &str, &[&str]) -> ::api::cli::Cli,
             (partitions, redis): (u32, TestRedis),
         ) -> Self {
-            let graph = TestGraph::create().await.unwrap_or_else(|e| panic!("{e}"));
-            let graph_projector = GraphModel::connect(graph.model.config().clone())
+            // The graph is projected in the stream's partitions as well.
+            let graph = TestGraph::create_partitioned(partitions)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let graph_model = GraphModel::connect(graph.model.config().clone())
                 .await
                 .unwrap();
-            let redis_projectors: Vec<_> = if partitions > 1 {
+            let (redis_projectors, graph_projectors): (Vec<_>, Vec<_>) = if partitions > 1 {
                 (0..partitions)
-                    .map(|k| pipe.partition_projector(redis.model.for_partition(k), partitions, k))
-                    .collect()
+                    .map(|k| {
+                        (
+                            pipe.partition_projector(redis.model.for_partition(k), partitions, k),
+                            pipe.partition_projector(graph_model.for_partition(k), partitions, k),
+                        )
+                    })
+                    .unzip()
             } else {
-                vec![pipe.projector(redis.model.clone())]
+                (
+                    vec![pipe.projector(redis.model.clone())],
+                    vec![pipe.projector(graph_model)],
+                )
             };
-            let graph_projector = pipe.projector(graph_projector);
             // As in production: projectors publish their state for /readyz.
             let statuses = redis_projectors
                 .iter()
                 .map(|p| p.status())
-                .chain([graph_projector.status()]);
+                .chain(graph_projectors.iter().map(|p| p.status()));
             for status in statuses {
                 tokio::spawn(projections::redis::health::publish_status(
                     redis.model.clone(),
@@ -663,7 +673,7 @@ pub mod api {
             }
             let mut projectors: Vec<Running> =
                 redis_projectors.iter().map(|p| pipe.spawn(p)).collect();
-            projectors.push(pipe.spawn(&graph_projector));
+            projectors.extend(graph_projectors.iter().map(|p| pipe.spawn(p)));
             let auth = Authenticator::new(Some(SECRET), None).unwrap();
             let cli = cli(&pipe, &redis, &graph, SECRET, flags);
             let app = crate::start_api(cli.settings, &pipe.stop).await;

@@ -42,7 +42,10 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     }
     // A projection that cannot be reached is reported, not fatal.
     if settings.jetstream_partitions > 1 {
-        print_partitions(&store, settings).await;
+        print_partitions(&store, settings, "redis").await;
+        print_partitions(&store, settings, "graph").await;
+        store.pool().close().await;
+        return Ok(());
     } else {
         let redis = async { Ok(connect::connect_redis(settings).await?.checkpoint().await?) };
         let redis = within("Redis", redis).await;
@@ -129,26 +132,43 @@ fn print_holder(holder: Result<Option<&projections::LeaseHolder>, &projections::
     }
 }
 
-/// The `status` lines of a Redis model projected in partitions: one per
-/// partition (checkpoint, lag, state) with who holds its lease.
-async fn print_partitions(store: &EventStore, settings: &Settings) {
+/// The `status` lines of `projection` (`redis` or `graph`) projected in
+/// partitions: one per partition (checkpoint, lag, state) with who holds
+/// its lease.
+async fn print_partitions(store: &EventStore, settings: &Settings, projection: &str) {
+    let graph = projection == "graph";
     let views = async {
-        let model = connect::connect_redis(settings).await?;
-        Ok(projections::redis::health::partition_views(&model, store).await?)
+        let reports = connect::connect_redis(settings).await?;
+        if graph {
+            let model = connect::connect_graph(settings).await?;
+            let database = model.database(Duration::ZERO).await?;
+            let views =
+                projections::redis::health::graph_partition_views(&model, &reports, store).await?;
+            Ok((format!("database {database}"), views))
+        } else {
+            let views = projections::redis::health::partition_views(&reports, store).await?;
+            Ok((settings.redis_prefix.clone(), views))
+        }
     };
-    let views: anyhow::Result<_> = within("Redis", views).await;
+    let what = if graph { "the graph or Redis" } else { "Redis" };
+    let views: anyhow::Result<_> = within(what, views).await;
     let leases = projections::Leases::new(
         store.pool().clone(),
-        format!("{}/redis", settings.jetstream_stream),
+        format!("{}/{projection}", settings.jetstream_stream),
         settings.lease_config(),
     );
     let holders = leases.holders().await;
-    let views = match views {
+    let (namespace, views) = match views {
         Ok(views) => views,
         Err(error) => {
+            let namespace = if graph {
+                format!("database {}", settings.graph_database)
+            } else {
+                settings.redis_prefix.clone()
+            };
             println!(
-                "projection redis ({}, {} partitions): unknown ({error:#})",
-                settings.redis_prefix, settings.jetstream_partitions
+                "projection {projection} ({namespace}, {} partitions): unknown ({error:#})",
+                settings.jetstream_partitions
             );
             return;
         }
@@ -160,8 +180,8 @@ async fn print_partitions(store: &EventStore, settings: &Settings) {
             format!("at most {} event(s) behind", view.lag)
         };
         println!(
-            "projection {} ({}): checkpoint {}, {lag}, {}",
-            view.name, settings.redis_prefix, view.checkpoint, view.report.state
+            "projection {} ({namespace}): checkpoint {}, {lag}, {}",
+            view.name, view.checkpoint, view.report.state
         );
         print_holder(holders.as_ref().map(|holders| {
             holders

@@ -396,8 +396,8 @@ pub async fn consistent(
     boxed(reach(ctx, model, wanted)).await
 }
 
-/// [`consistent`]'s wait for `wanted`. A Redis model projected in
-/// partitions is waited for in the caller's tenant's partition only: its
+/// [`consistent`]'s wait for `wanted`. A model projected in partitions is
+/// waited for in the caller's tenant's partition only: its
 /// checkpoint is the position of the partition's last event applied, so
 /// when a position of another partition is asked for (a header copied
 /// from another tenant's write), the wait is for the last event of the
@@ -432,6 +432,22 @@ async fn reach(ctx: &Context<'_>, model: ReadModelKind, wanted: i64) -> async_gr
                 .read_checkpoint()
                 .await
                 .map_err(|e| unavailable("Redis", e))?,
+            (ReadModelKind::Graph, Some(tenant)) if services.graph.config().partitions > 1 => {
+                let (partition, reached) = services
+                    .graph
+                    .read_checkpoint_of(tenant)
+                    .await
+                    .map_err(|e| unavailable("the graph", e))?;
+                if reached < wanted && !looked_up {
+                    looked_up = true;
+                    wanted = services
+                        .store
+                        .last_in_partition(wanted, services.graph.config().partitions, partition)
+                        .await
+                        .map_err(|e| unavailable("the event store", e))?;
+                }
+                reached
+            }
             (ReadModelKind::Graph, _) => services
                 .graph
                 .read_checkpoint()

@@ -633,21 +633,22 @@ impl ReadQuery {
                 .map_err(|e| unavailable("the event store", e))?
                 .readable;
             let mut out = Vec::new();
+            let shown = |view: projections::redis::health::PartitionView| ProjectionStatus {
+                name: view.name,
+                partition: i32::try_from(view.partition).ok(),
+                checkpoint: Position(view.checkpoint),
+                head: Position(head),
+                lag: view.lag,
+                state: view.report.state,
+                last_error: view.report.last_error,
+                owner: view.report.owner,
+            };
             if services.redis.config().partitions > 1 {
                 let views =
                     projections::redis::health::partition_views(&services.redis, &services.store)
                         .await
                         .map_err(|e| unavailable("Redis or the event store", e))?;
-                out.extend(views.into_iter().map(|view| ProjectionStatus {
-                    name: view.name,
-                    partition: i32::try_from(view.partition).ok(),
-                    checkpoint: Position(view.checkpoint),
-                    head: Position(head),
-                    lag: view.lag,
-                    state: view.report.state,
-                    last_error: view.report.last_error,
-                    owner: view.report.owner,
-                }));
+                out.extend(views.into_iter().map(shown));
             } else {
                 let redis = services
                     .redis
@@ -656,12 +657,23 @@ impl ReadQuery {
                     .map_err(|e| unavailable("Redis", e))?;
                 out.push(whole(services, "redis", redis, head).await?);
             }
-            let graph = services
-                .graph
-                .read_checkpoint()
+            if services.graph.config().partitions > 1 {
+                let views = projections::redis::health::graph_partition_views(
+                    &services.graph,
+                    &services.redis,
+                    &services.store,
+                )
                 .await
-                .map_err(|e| unavailable("the graph", e))?;
-            out.push(whole(services, "graph", graph, head).await?);
+                .map_err(|e| unavailable("the graph, Redis or the event store", e))?;
+                out.extend(views.into_iter().map(shown));
+            } else {
+                let graph = services
+                    .graph
+                    .read_checkpoint()
+                    .await
+                    .map_err(|e| unavailable("the graph", e))?;
+                out.push(whole(services, "graph", graph, head).await?);
+            }
             Ok(out)
         })
         .await

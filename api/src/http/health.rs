@@ -31,7 +31,18 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         let lag = lag(checkpoint).await.map_or(-1, |lag| lag.events);
         crate::telemetry::metrics::projection("redis", checkpoint, lag);
     }
-    if let Ok(checkpoint) = probe(READY_TIMEOUT, services.graph.read_checkpoint()).await {
+    if services.graph.config().partitions > 1 {
+        let views = projections::redis::health::graph_partition_views(
+            &services.graph,
+            &services.redis,
+            &services.store,
+        );
+        if let Ok(views) = probe(READY_TIMEOUT, views).await {
+            for view in views {
+                crate::telemetry::metrics::projection(&view.name, view.checkpoint, view.lag);
+            }
+        }
+    } else if let Ok(checkpoint) = probe(READY_TIMEOUT, services.graph.read_checkpoint()).await {
         let lag = lag(checkpoint).await.map_or(-1, |lag| lag.events);
         crate::telemetry::metrics::projection("graph", checkpoint, lag);
     }
@@ -145,13 +156,19 @@ pub(crate) async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// The projectors whose reports `/readyz` reads: `redis` (or `redis/p<k>`
-/// per partition) and `graph`.
+/// The projectors whose reports `/readyz` reads: `redis` and `graph` (or
+/// `redis/p<k>` and `graph/p<k>` per partition).
 fn projector_names(partitions: u32) -> Vec<String> {
-    let redis = if partitions > 1 {
-        (0..partitions).map(|k| format!("redis/p{k}")).collect()
-    } else {
-        vec!["redis".to_owned()]
-    };
-    redis.into_iter().chain(["graph".to_owned()]).collect()
+    ["redis", "graph"]
+        .into_iter()
+        .flat_map(|projection| {
+            if partitions > 1 {
+                (0..partitions)
+                    .map(|k| format!("{projection}/p{k}"))
+                    .collect()
+            } else {
+                vec![projection.to_owned()]
+            }
+        })
+        .collect()
 }

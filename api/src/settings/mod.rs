@@ -687,6 +687,7 @@ impl Settings {
             password: self.graph_password.expose().to_owned(),
             database: self.graph_database.clone(),
             timeout: Duration::from_millis(self.graph_timeout_ms.max(1)),
+            partitions: self.jetstream_partitions.max(1),
         }
     }
 

@@ -257,7 +257,8 @@ impl Application {
             let model = connect::connect_redis(&self.settings).await?;
             let partitions = self.settings.jetstream_partitions.max(1);
             if partitions > 1 {
-                self.spawn_partitions(&model, partitions, &reports, probes);
+                let model: (_, fn(&_, u32) -> _) = (model, projections::RedisModel::for_partition);
+                self.spawn_partitions("redis", &model, partitions, &reports, probes);
             } else {
                 let leases = self.leases("redis");
                 let config = self.settings.projector_config();
@@ -272,12 +273,19 @@ impl Application {
         if only.is_none_or(|p| p == Projection::Graph) {
             let model = connect::connect_graph(&self.settings).await?;
             probes.graph = Some(model.clone());
-            let leases = self.leases("graph");
-            let config = self.settings.projector_config();
-            self.spawn_projector("graph", model, config, leases, &reports, probes);
+            let partitions = self.settings.jetstream_partitions.max(1);
+            if partitions > 1 {
+                let model: (_, fn(&_, u32) -> _) = (model, projections::GraphModel::for_partition);
+                self.spawn_partitions("graph", &model, partitions, &reports, probes);
+            } else {
+                let leases = self.leases("graph");
+                let config = self.settings.projector_config();
+                self.spawn_projector("graph", model, config, leases, &reports, probes);
+            }
             tracing::info!(
                 uri = %self.settings.graph_uri,
                 database = %self.settings.graph_database,
+                partitions,
                 "graph projector started"
             );
         }
@@ -293,18 +301,20 @@ impl Application {
         )
     }
 
-    /// The Redis projection in `partitions` partitions: a projector per
-    /// partition, each under its partition's lease, and this process's
-    /// membership among the processes sharing them (it takes at most its
-    /// fair share; see `projections::lease`).
-    fn spawn_partitions(
+    /// Projection `name` in `partitions` partitions: a projector per
+    /// partition (of the model's `for_partition`), each under its
+    /// partition's lease, and this process's membership among the
+    /// processes sharing them (it takes at most its fair share; see
+    /// `projections::lease`).
+    fn spawn_partitions<M: projections::ReadModel + Send + Sync + 'static>(
         &mut self,
-        model: &projections::RedisModel,
+        name: &'static str,
+        (model, for_partition): &(M, fn(&M, u32) -> M),
         partitions: u32,
         reports: &projections::RedisModel,
         probes: &mut Probes,
     ) {
-        let leases = self.leases("redis").with_partitions(partitions);
+        let leases = self.leases(name).with_partitions(partitions);
         // The index a partition's catch-up reads through; built in the
         // background (reads are correct without it, only slower), once
         // among the processes starting together.
@@ -331,8 +341,8 @@ impl Application {
                 ..self.settings.projector_config()
             };
             self.spawn_projector(
-                "redis",
-                model.for_partition(partition),
+                name,
+                for_partition(model, partition),
                 config,
                 leases.clone(),
                 reports,

@@ -8,7 +8,7 @@
 //! | `Agent` | id, tenant, name, kind, model, capabilities (list), status, status_reason, current_task, last_position, updated_at |
 //! | `Task` | id, tenant, workflow, title, state, assignee, progress, attempt, max_attempts, priority, required_capabilities (list), last_error, last_position, updated_at |
 //! | `Workflow` | id, tenant, name, status, reason, last_position |
-//! | `Checkpoint` | projection, position, fence (highest lease token a batch was written under, [`crate::lease`]) |
+//! | `Checkpoint` | projection (`graph`, or `graph/p<k>` per partition, [`GraphModel::for_partition`]), position, fence (highest lease token a batch was written under, [`crate::lease`]) |
 //!
 //! Relationships:
 //!
@@ -108,6 +108,11 @@ pub struct GraphConfig {
     /// own). Past it the call fails as unavailable and the connection pool
     /// is replaced.
     pub timeout: Duration,
+    /// Partitions the model is projected in (`commands::partition`; 1: one
+    /// projector of the whole log). Each partition keeps a checkpoint node
+    /// of its own (`graph/p<k>`); readers wait for their tenant's
+    /// ([`GraphModel::read_checkpoint_of`]).
+    pub partitions: u32,
 }
 
 impl std::fmt::Debug for GraphConfig {
@@ -118,6 +123,7 @@ impl std::fmt::Debug for GraphConfig {
             .field("password", &"<redacted>")
             .field("database", &self.database)
             .field("timeout", &self.timeout)
+            .field("partitions", &self.partitions)
             .finish()
     }
 }
@@ -130,6 +136,8 @@ pub struct GraphModel {
     graph: Arc<RwLock<Graph>>,
     config: GraphConfig,
     namespace: Arc<namespace::Namespace>,
+    /// The partition this model applies (see [`GraphModel::for_partition`]).
+    partition: Option<u32>,
 }
 
 impl std::fmt::Debug for GraphModel {
@@ -137,6 +145,7 @@ impl std::fmt::Debug for GraphModel {
         f.debug_struct("GraphModel")
             .field("config", &self.config)
             .field("namespace", &self.namespace)
+            .field("partition", &self.partition)
             .finish_non_exhaustive()
     }
 }
@@ -238,6 +247,7 @@ impl GraphModel {
             graph: Arc::new(RwLock::new(graph)),
             config,
             namespace,
+            partition: None,
         };
         model.ensure_schema().await?;
         Ok(model)
@@ -327,6 +337,36 @@ impl GraphModel {
     pub fn config(&self) -> &GraphConfig {
         &self.config
     }
+
+    /// This model applying partition `partition` of the log (see
+    /// `commands::partition`): its checkpoint node (with its fence) is the
+    /// partition's own, `Checkpoint {projection: 'graph/p<k>'}`; every
+    /// other node is a tenant's — agents, tasks and workflows, and the
+    /// relationships between them, never cross tenants — and a tenant is in
+    /// one partition, so partitions write disjoint nodes and their
+    /// projectors run side by side. It shares the connections and the
+    /// namespace.
+    #[must_use]
+    pub fn for_partition(&self, partition: u32) -> Self {
+        Self {
+            partition: Some(partition),
+            ..self.clone()
+        }
+    }
+
+    /// The name of this model's checkpoint node: `graph`, or `graph/p<k>`
+    /// of partition `k`.
+    pub(crate) fn checkpoint_name(&self) -> String {
+        match self.partition {
+            None => PROJECTION.to_owned(),
+            Some(k) => partition_name(k),
+        }
+    }
+}
+
+/// The checkpoint node (and projector) name of partition `k`.
+pub fn partition_name(k: u32) -> String {
+    format!("{PROJECTION}/p{k}")
 }
 
 impl ReadModel for GraphModel {
@@ -342,7 +382,8 @@ impl ReadModel for GraphModel {
                 let database = self.database(Duration::ZERO).await?;
                 self.namespace.set_writing(&database);
                 let mut txn = self.graph().start_txn_on(database).await?;
-                let rows = collect(&mut txn, write::checkpoint_query()).await?;
+                let rows =
+                    collect(&mut txn, write::checkpoint_query(&self.checkpoint_name())).await?;
                 finish(txn).await;
                 Ok(rows)
             })

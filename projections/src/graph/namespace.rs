@@ -94,12 +94,19 @@ impl GraphModel {
     }
 
     /// The checkpoint readers see (the database the pointer names, as
-    /// resolved for reads).
+    /// resolved for reads). Of a model projected in partitions: the lowest
+    /// partition checkpoint (a partition's checkpoint is the position of
+    /// the last event of the partition applied, so this is a lower bound of
+    /// what the whole model has applied; 0 while a partition has none).
     pub async fn read_checkpoint(&self) -> Result<i64, neo4rs::Error> {
+        if self.config.partitions > 1 {
+            let each = self.partition_checkpoints().await?;
+            return Ok(each.into_iter().map(|c| c.unwrap_or(0)).min().unwrap_or(0));
+        }
         let rows = self
             .bounded("reading the checkpoint", async {
                 let mut txn = self.begin().await?;
-                let rows = collect(&mut txn, super::write::checkpoint_query()).await?;
+                let rows = collect(&mut txn, super::write::checkpoint_query(PROJECTION)).await?;
                 super::finish(txn).await;
                 Ok(rows)
             })
@@ -108,6 +115,72 @@ impl GraphModel {
             .first()
             .and_then(|r| r.get::<i64>("position").ok())
             .unwrap_or(0))
+    }
+
+    /// Every partition's checkpoint (`None`: none stored yet), partition
+    /// `k` at index `k`, in one query; one entry, the model's checkpoint,
+    /// when it is not projected in partitions.
+    pub async fn partition_checkpoints(&self) -> Result<Vec<Option<i64>>, neo4rs::Error> {
+        let partitions = self.config.partitions.max(1);
+        let names: Vec<String> = if partitions > 1 {
+            (0..partitions).map(super::partition_name).collect()
+        } else {
+            vec![PROJECTION.to_owned()]
+        };
+        let rows = self
+            .bounded("reading the partitions' checkpoints", async {
+                let mut txn = self.begin().await?;
+                let rows = collect(
+                    &mut txn,
+                    query(
+                        "MATCH (c:Checkpoint) WHERE c.projection IN $names \
+                         RETURN c.projection AS projection, c.position AS position",
+                    )
+                    .param("names", names.clone()),
+                )
+                .await?;
+                super::finish(txn).await;
+                Ok(rows)
+            })
+            .await?;
+        let mut each = vec![None; names.len()];
+        for row in rows {
+            let (Ok(name), Ok(position)) =
+                (row.get::<String>("projection"), row.get::<i64>("position"))
+            else {
+                continue;
+            };
+            if let Some(k) = names.iter().position(|n| *n == name) {
+                each[k] = Some(position);
+            }
+        }
+        Ok(each)
+    }
+
+    /// The checkpoint a reader of `tenant` waits for: the model's, or, when
+    /// it is projected in partitions, that of the tenant's partition (the
+    /// position of the last event of that partition applied), with the
+    /// partition (0 when not split).
+    pub async fn read_checkpoint_of(&self, tenant: &str) -> Result<(u32, i64), neo4rs::Error> {
+        let partitions = self.config.partitions;
+        if partitions <= 1 {
+            return Ok((0, self.read_checkpoint().await?));
+        }
+        let partition = commands::partition::of(tenant, partitions);
+        let name = super::partition_name(partition);
+        let rows = self
+            .bounded("reading a partition's checkpoint", async {
+                let mut txn = self.begin().await?;
+                let rows = collect(&mut txn, super::write::checkpoint_query(&name)).await?;
+                super::finish(txn).await;
+                Ok(rows)
+            })
+            .await?;
+        let checkpoint = rows
+            .first()
+            .and_then(|r| r.get::<i64>("position").ok())
+            .unwrap_or(0);
+        Ok((partition, checkpoint))
     }
 
     /// What the pointer in the home database names, if there is one.

@@ -19,28 +19,28 @@ use super::fold::{int, rejected, text, AgentRow, Fold, Props, TaskRow};
 use super::{collect, finish, is_transient, GraphModel, PROJECTION};
 use crate::model::{ApplyError, Fence, Projected};
 
-/// The stored checkpoint of this projection.
-pub(super) fn checkpoint_query() -> Query {
+/// The stored checkpoint `name` (`graph`, or `graph/p<k>` of a partition).
+pub(super) fn checkpoint_query(name: &str) -> Query {
     query("MATCH (c:Checkpoint {projection: $projection}) RETURN c.position AS position")
-        .param("projection", PROJECTION)
+        .param("projection", name)
 }
 
 /// The stored checkpoint and fence of this projection, locking the
 /// checkpoint node for the rest of the transaction (a write takes the lock
 /// on Neo4j; ArcadeDB refuses the later of two transactions that changed
 /// it), so no other batch can commit between this check and the commit.
-fn fenced_checkpoint_query() -> Query {
+fn fenced_checkpoint_query(name: &str) -> Query {
     query(
         "MATCH (c:Checkpoint {projection: $projection}) SET c.fence = coalesce(c.fence, 0) \
          RETURN c.position AS position, c.fence AS fence",
     )
-    .param("projection", PROJECTION)
+    .param("projection", name)
 }
 
 /// Stores the batch's lease token with its checkpoint.
-fn fence_query(fence: Fence) -> Query {
+fn fence_query(name: &str, fence: Fence) -> Query {
     query("MATCH (c:Checkpoint {projection: $projection}) SET c.fence = $fence")
-        .param("projection", PROJECTION)
+        .param("projection", name)
         .param("fence", i64::try_from(fence.0).unwrap_or(i64::MAX))
 }
 
@@ -142,9 +142,10 @@ async fn try_apply(
     // The runtime already skips what is at or below the checkpoint; the
     // model checks again against the stored value (in the same transaction),
     // so a batch handed to it twice is a no-op.
+    let name = model.checkpoint_name();
     let read = match fence {
-        Some(_) => fenced_checkpoint_query(),
-        None => checkpoint_query(),
+        Some(_) => fenced_checkpoint_query(&name),
+        None => checkpoint_query(&name),
     };
     let stored = fetch(&mut txn, read, "reading the checkpoint").await?;
     let stored = stored.first();
@@ -188,11 +189,11 @@ async fn try_apply(
     for p in &events {
         fold.event(p).map_err(Failure::Event)?;
     }
-    for (doing, statement) in statements(fold, last) {
+    for (doing, statement) in statements(fold, last, &name) {
         txn.run(statement).await.map_err(store(doing))?;
     }
     if let Some(fence) = fence {
-        txn.run(fence_query(fence))
+        txn.run(fence_query(&name, fence))
             .await
             .map_err(store("storing the lease token"))?;
     }
@@ -336,14 +337,20 @@ pub fn replay_statements(batches: &[Vec<Projected>]) -> Result<Vec<Vec<Query>>, 
         known.workflows = std::mem::take(&mut fold.workflows);
         known.tasks = std::mem::take(&mut fold.tasks);
         known.agents = std::mem::take(&mut fold.agents);
-        planned.push(statements(fold, last).into_iter().map(|(_, q)| q).collect());
+        planned.push(
+            statements(fold, last, PROJECTION)
+                .into_iter()
+                .map(|(_, q)| q)
+                .collect(),
+        );
     }
     Ok(planned)
 }
 
 /// The statements writing the folded batch, nodes before the
-/// relationships that match them, the checkpoint last.
-pub(super) fn statements(fold: Fold, last: i64) -> Vec<(String, Query)> {
+/// relationships that match them, the checkpoint (`checkpoint`: its name)
+/// last.
+pub(super) fn statements(fold: Fold, last: i64, checkpoint: &str) -> Vec<(String, Query)> {
     let mut out = Vec::new();
     let mut push = |doing: &str, cypher: &str, rows: Vec<HashMap<String, BoltType>>| {
         if !rows.is_empty() {
@@ -453,7 +460,7 @@ pub(super) fn statements(fold: Fold, last: i64) -> Vec<(String, Query)> {
     out.push((
         format!("moving the checkpoint to {last}"),
         query("MERGE (c:Checkpoint {projection: $projection}) SET c.position = $position")
-            .param("projection", PROJECTION)
+            .param("projection", checkpoint)
             .param("position", last),
     ));
     out

@@ -162,15 +162,18 @@ pub enum ViewError {
     /// The event store failed.
     #[error("measuring a partition's lag in the event store: {0}")]
     Store(#[from] commands::ReadError),
+    /// The graph failed.
+    #[error("reading the partitions' checkpoints from the graph: {0}")]
+    Graph(#[from] neo4rs::Error),
 }
 
-/// One partition of a Redis model projected in partitions, as an operator
-/// sees it.
+/// One partition of a model projected in partitions, as an operator sees
+/// it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionView {
     /// The partition.
     pub partition: u32,
-    /// Its projector's name (`redis/p<k>`).
+    /// Its projector's name (`redis/p<k>`, `graph/p<k>`).
     pub name: String,
     /// The position of the partition's last event applied (0: none).
     pub checkpoint: i64,
@@ -194,10 +197,33 @@ pub async fn partition_views(
     store: &commands::EventStore,
 ) -> Result<Vec<PartitionView>, ViewError> {
     let checkpoints = model.partition_checkpoints().await?;
+    views("redis", checkpoints, model, store).await
+}
+
+/// Every partition of the graph model `graph` (`GraphConfig::partitions` of
+/// them), as [`partition_views`]: the checkpoints in one graph query, the
+/// reports from `reports` (where projectors publish them).
+pub async fn graph_partition_views(
+    graph: &crate::GraphModel,
+    reports: &RedisModel,
+    store: &commands::EventStore,
+) -> Result<Vec<PartitionView>, ViewError> {
+    let checkpoints = graph.partition_checkpoints().await?;
+    views(crate::graph::PROJECTION, checkpoints, reports, store).await
+}
+
+/// The views of projection `projection`'s partitions at `checkpoints`
+/// (partition `k`'s at index `k`), with the reports in `reports`.
+async fn views(
+    projection: &str,
+    checkpoints: Vec<Option<i64>>,
+    reports: &RedisModel,
+    store: &commands::EventStore,
+) -> Result<Vec<PartitionView>, ViewError> {
     let mut views = Vec::with_capacity(checkpoints.len());
     for (k, checkpoint) in (0u32..).zip(checkpoints) {
-        let name = format!("redis/p{k}");
-        let report = projector_report(model, &name).await?;
+        let name = format!("{projection}/p{k}");
+        let report = projector_report(reports, &name).await?;
         let checkpoint = checkpoint.unwrap_or(0);
         let (lag, lag_exact) = match report.pending {
             Some(pending) if report.state == "live" => {

@@ -20,8 +20,11 @@ use neurectomy_e2e::api::TestApi;
 use neurectomy_e2e::instance::Instance;
 use neurectomy_e2e::pipeline::{Pipeline, Running};
 use neurectomy_e2e::read_side::{self, assert_same_redis};
+use projections::graph_testkit::TestGraph;
 use projections::testkit::TestRedis;
-use projections::{LeaseConfig, Leases, Projector, ProjectorConfig, ReadModel as _, RedisModel};
+use projections::{
+    GraphModel, LeaseConfig, Leases, Projector, ProjectorConfig, ReadModel, RedisModel,
+};
 use serde_json::{json, Value};
 
 const PARTITIONS: u32 = 4;
@@ -32,8 +35,13 @@ fn partition_projector(
     model: &RedisModel,
     partition: u32,
 ) -> Projector<RedisModel> {
+    partition_projector_of(pipe, model.for_partition(partition), partition)
+}
+
+/// A projector of partition `partition` applying `model` (that partition's).
+fn partition_projector_of<M: ReadModel>(pipe: &Pipeline, model: M, partition: u32) -> Projector<M> {
     Projector::new(
-        model.for_partition(partition),
+        model,
         pipe.store.clone(),
         pipe.nats.client.clone(),
         ProjectorConfig {
@@ -49,9 +57,9 @@ fn partition_projector(
 /// Waits until each of `projectors` (partition k the k-th) has applied its
 /// partition's last event at or below `head`; returns how many partitions
 /// have events.
-async fn partitions_reach(
+async fn partitions_reach<M: ReadModel + Clone>(
     pipe: &Pipeline,
-    projectors: &[Arc<Projector<RedisModel>>],
+    projectors: &[Arc<Projector<M>>],
     head: i64,
 ) -> usize {
     let mut with_events = 0;
@@ -213,6 +221,137 @@ async fn four_partition_projectors_killed_mid_flow_build_what_one_builds() {
     pipe.shutdown().await;
 }
 
+/// The graph in four partitions, as the Redis model above: four graph
+/// projectors — each reading only its partition of the store and consuming
+/// only its partition's subjects, with a checkpoint node of its own
+/// (`graph/p<k>`) written in the transaction of its batch — run side by
+/// side on one graph database, are killed mid-flow and started again while
+/// commands of six tenants flow; each applies exactly its partition's
+/// events, and together they build the graph one projector of the whole log
+/// builds. `verify` compares each partition at its own checkpoint, and a
+/// replay rebuilds the partitions side by side into a new database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_graph_partition_projectors_killed_mid_flow_build_what_one_builds() {
+    let seed = read_side::seed("four_graph_partition_projectors_killed_mid_flow");
+    let pipe = Pipeline::start_with(|relay| relay.partitions = PARTITIONS).await;
+    let graph = TestGraph::create_partitioned(PARTITIONS)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let workload = six_tenants(&pipe, seed);
+    let start = |graph: &GraphModel| -> (Vec<Arc<Projector<GraphModel>>>, Vec<Running>) {
+        let projectors: Vec<_> = (0..PARTITIONS)
+            .map(|k| Arc::new(partition_projector_of(&pipe, graph.for_partition(k), k)))
+            .collect();
+        let running = projectors.iter().map(|p| pipe.spawn(p)).collect();
+        (projectors, running)
+    };
+    // Each run on Bolt connections of its own, as a process has: a task
+    // aborted mid-transaction leaves its connection in the pool with the
+    // transaction open, which a process killed would not (its connections
+    // close and the server rolls back).
+    let connect = || async {
+        GraphModel::connect(graph.model.config().clone())
+            .await
+            .unwrap()
+    };
+    let (projectors, running) = start(&connect().await);
+    let head = events_beyond(&pipe, 1_200).await;
+    partitions_reach(&pipe, &projectors, head).await;
+    for (_, task) in running {
+        task.abort();
+    }
+    drop(projectors);
+    events_beyond(&pipe, 1_800).await;
+    let mut resumed_from = Vec::new();
+    for k in 0..PARTITIONS {
+        resumed_from.push(graph.model.for_partition(k).checkpoint().await.unwrap());
+    }
+    let (projectors, running) = start(&connect().await);
+    events_beyond(&pipe, 3_000).await;
+    // Verified while the partitions apply, each at its own checkpoint.
+    let found = projections::verify::verify_graph_confirmed(&pipe.store, &graph.model)
+        .await
+        .unwrap();
+    assert!(found.differences.is_empty(), "{:?}", found.differences);
+    workload.stop().await;
+
+    let head = pipe.head().await;
+    let with_events = partitions_reach(&pipe, &projectors, head).await;
+    assert!(with_events >= 2, "{with_events} partitions with events");
+    for (k, projector) in projectors.iter().enumerate() {
+        let status = projector.status().borrow().clone();
+        let expected = partition_events_between(&pipe, k, resumed_from[k], head).await;
+        assert_eq!(
+            status.applied, expected,
+            "partition {k} from {}: {status:?}",
+            resumed_from[k]
+        );
+        assert_eq!(status.gaps, 0, "partition {k}: {status:?}");
+        assert_eq!(status.name, format!("graph/p{k}"));
+    }
+    // Each partition's checkpoint is its last event; readers of a tenant
+    // wait for the tenant's partition; the lowest is the model's.
+    let each = graph.model.partition_checkpoints().await.unwrap();
+    for (k, checkpoint) in each.iter().enumerate() {
+        let last = pipe
+            .store
+            .last_in_partition(head, PARTITIONS, u32::try_from(k).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(checkpoint.unwrap_or(0), last, "partition {k}");
+    }
+    let lowest = each.iter().map(|c| c.unwrap_or(0)).min().unwrap();
+    assert_eq!(graph.model.read_checkpoint().await.unwrap(), lowest);
+    let verified = projections::verify::verify_graph(&pipe.store, &graph.model, head)
+        .await
+        .unwrap();
+    assert!(
+        verified.differences.is_empty(),
+        "{:?}",
+        verified.differences
+    );
+    let clean = read_side::graph_rebuilt(&pipe.store, head).await;
+    let without = |dump: Vec<String>| -> Vec<String> {
+        dump.into_iter()
+            .filter(|line| !line.contains("Checkpoint"))
+            .collect()
+    };
+    let built = without(graph.dump().await.unwrap());
+    read_side::assert_same_lines(
+        "four graph partitions against one projector of the whole log",
+        &built,
+        &without(clean.dump().await.unwrap()),
+    );
+    for (stop, task) in running {
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    // A replay rebuilds the partitions side by side into a new database,
+    // each ending at its partition's last event.
+    let replayed = projections::replay::replay_graph_into(
+        &pipe.store,
+        &pipe.nats.client,
+        graph.model.config().clone(),
+        &graph.http,
+        500,
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        graph.model.database(Duration::ZERO).await.unwrap(),
+        replayed.generation
+    );
+    assert_eq!(graph.model.partition_checkpoints().await.unwrap(), each);
+    read_side::assert_same_lines(
+        "four graph partitions replayed against the graph they replaced",
+        &without(graph.dump().await.unwrap()),
+        &built,
+    );
+    pipe.shutdown().await;
+}
+
 /// One `project` process of the test: its partition projectors under its
 /// leases, and its membership.
 struct Process {
@@ -366,8 +505,8 @@ async fn register(api: &TestApi, token: &str, name: &str) -> (String, i64) {
     (id, position)
 }
 
-/// The API on a Redis model projected in four partitions: a read waits for
-/// its tenant's partition only — even for a position of another partition,
+/// The API on read models projected in four partitions: a read (of Redis
+/// or of the graph) waits for its tenant's partition only — even for a position of another partition,
 /// on a partition with nothing after it — and `projectionStatus` and
 /// `/readyz` follow each partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -397,13 +536,28 @@ async fn reads_wait_for_their_tenants_partition_and_status_shows_each_partition(
     let took = started.elapsed();
     assert_eq!(data["agent"]["name"], "agent-b");
     assert!(took < Duration::from_secs(2), "took {took:?}");
+    // The graph likewise: `a` waits for its partition's graph projector to
+    // apply its agent; `b`, asking for `a`'s position, is answered at once.
+    let read =
+        "query($a: ID!, $p: Position) { agentNeighbourhood(id: $a, atLeastPosition: $p) { id } }";
+    let data = api
+        .data(&token_a, read, json!({ "a": agent_a, "p": at.to_string() }))
+        .await;
+    assert_eq!(data["agentNeighbourhood"]["id"], json!(agent_a));
+    let started = Instant::now();
+    let data = api
+        .data(&token_b, read, json!({ "a": agent_b, "p": at.to_string() }))
+        .await;
+    let took = started.elapsed();
+    assert_eq!(data["agentNeighbourhood"]["id"], json!(agent_b));
+    assert!(took < Duration::from_secs(2), "took {took:?}");
 
-    // One entry per partition, then the graph; every partition live, its
-    // checkpoint the position of its last event, its lag 0.
-    let mut expected: Vec<Value> = (0..PARTITIONS)
-        .map(|k| json!(format!("redis/p{k}")))
+    // One entry per partition of each projection; every partition live,
+    // its checkpoint the position of its last event, its lag 0.
+    let expected: Vec<Value> = ["redis", "graph"]
+        .iter()
+        .flat_map(|p| (0..PARTITIONS).map(move |k| json!(format!("{p}/p{k}"))))
         .collect();
-    expected.push(json!("graph"));
     let partition_a = commands::partition::of(&a, PARTITIONS);
     let status = eventually(
         "every projection to be live",
@@ -426,10 +580,11 @@ async fn reads_wait_for_their_tenants_partition_and_status_shows_each_partition(
     .await;
     let names: Vec<Value> = status.iter().map(|p| p["name"].clone()).collect();
     assert_eq!(names, expected);
-    let of_a = &status[partition_a as usize];
-    assert_eq!(of_a["partition"], json!(partition_a));
-    assert_eq!(of_a["checkpoint"], json!(at.to_string()), "{status:?}");
-    assert_eq!(status[PARTITIONS as usize]["partition"], Value::Null);
+    for projection in 0..2 {
+        let of_a = &status[(projection * PARTITIONS + partition_a) as usize];
+        assert_eq!(of_a["partition"], json!(partition_a));
+        assert_eq!(of_a["checkpoint"], json!(at.to_string()), "{status:?}");
+    }
     let ready: Value = eventually("/readyz to be ready", Duration::from_secs(30), || async {
         let body: Value = api
             .http
@@ -444,11 +599,13 @@ async fn reads_wait_for_their_tenants_partition_and_status_shows_each_partition(
     })
     .await;
     for k in 0..PARTITIONS {
-        assert_eq!(
-            ready["projections"][format!("redis/p{k}")],
-            "live",
-            "{ready}"
-        );
+        for projection in ["redis", "graph"] {
+            assert_eq!(
+                ready["projections"][format!("{projection}/p{k}")],
+                "live",
+                "{ready}"
+            );
+        }
     }
     api.shutdown().await;
 }
@@ -597,6 +754,144 @@ async fn project_processes_share_partitions_verify_and_replay_them() {
             .skip_while(|l| !l.starts_with(&format!("projection redis/p{k} ")));
         let line = lines.next().unwrap_or_default();
         assert!(line.contains(", live"), "status:\n{printed}");
+        let lease = lines.next().unwrap_or_default();
+        assert!(
+            lease.starts_with("  lease: held by ") && lease.contains(&format!(":{second_pid}:")),
+            "status:\n{printed}"
+        );
+    }
+    let mut second = second;
+    let (code, _) = second.stop(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "{}", second.log());
+    pipe.shutdown().await;
+}
+
+/// `neurectomy project --only graph` number `n` on `graph`'s database,
+/// projecting the graph in [`PARTITIONS`] partitions under leases (1 s
+/// ttl); its state reports go to `redis`.
+fn project_graph(pipe: &Pipeline, redis: &TestRedis, graph: &TestGraph, n: usize) -> Instance {
+    let server = projections::graph_testkit::GraphServer::from_env();
+    let mut command = crate::support::target(pipe).command(&["project", "--only", "graph"]);
+    command
+        .env("NEURECTOMY_REDIS_URL", &redis.url)
+        .env("NEURECTOMY_REDIS_PREFIX", &redis.prefix)
+        .env("NEURECTOMY_GRAPH_URI", &server.uri)
+        .env("NEURECTOMY_GRAPH_USER", "root")
+        .env("NEURECTOMY_GRAPH_PASSWORD", &server.password)
+        .env("NEURECTOMY_GRAPH_DATABASE", &graph.database)
+        .env("NEURECTOMY_GRAPH_HTTP", &graph.http)
+        .env("NEURECTOMY_JETSTREAM_PARTITIONS", PARTITIONS.to_string())
+        .env("NEURECTOMY_PROJECTOR_BATCH_SIZE", "200")
+        .env("NEURECTOMY_PROJECTOR_LEASE_TTL_MS", "1000")
+        .env("NEURECTOMY_LOG", "info")
+        .env("NEURECTOMY_LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    Instance::spawn(&format!("graph project process {n}"), command)
+}
+
+/// Real `project --only graph` processes on four partitions under load:
+/// two share the graph's partitions two and two; one SIGKILLed, the other
+/// takes all four within seconds and applies on; `status` shows each graph
+/// partition, live, with its holder; the graph ends equal to one projector
+/// of the whole log, and `verify` finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_project_processes_share_partitions_and_take_over_a_killed_ones() {
+    let seed = read_side::seed("graph_project_processes_share_partitions");
+    let pipe = Pipeline::start_with(|relay| relay.partitions = PARTITIONS).await;
+    let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
+    let graph = TestGraph::create_partitioned(PARTITIONS)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let workload = six_tenants(&pipe, seed);
+    let observer = Leases::new(
+        pipe.db.pool.clone(),
+        format!("{}/graph", pipe.nats.relay.stream_name),
+        LeaseConfig::new(Duration::from_secs(1)),
+    );
+    let mut first = project_graph(&pipe, &redis, &graph, 0);
+    let second = project_graph(&pipe, &redis, &graph, 1);
+    let (first_pid, second_pid) = (first.child.id().unwrap(), second.child.id().unwrap());
+    eventually(
+        "two processes to hold two graph partitions each",
+        Duration::from_secs(60),
+        || async {
+            let held = held_by_pid(&observer).await;
+            (held.get(&first_pid) == Some(&2) && held.get(&second_pid) == Some(&2)).then_some(())
+        },
+    )
+    .await;
+    events_beyond(&pipe, 1_000).await;
+    first.child.kill().await.unwrap();
+    let killed = Instant::now();
+    eventually(
+        "the survivor to hold every graph partition",
+        Duration::from_secs(30),
+        || async { (held_by_pid(&observer).await.get(&second_pid) == Some(&4)).then_some(()) },
+    )
+    .await;
+    let taken = killed.elapsed();
+    assert!(taken < Duration::from_secs(5), "took {taken:?}");
+    events_beyond(&pipe, 2_000).await;
+    workload.stop().await;
+    let head = pipe.head().await;
+    for k in 0..PARTITIONS {
+        let last = pipe
+            .store
+            .last_in_partition(head, PARTITIONS, k)
+            .await
+            .unwrap();
+        let model = graph.model.for_partition(k);
+        eventually(
+            &format!("graph partition {k} to reach {last}"),
+            Duration::from_secs(60),
+            || {
+                let model = model.clone();
+                async move { (model.checkpoint().await.ok()? >= last).then_some(()) }
+            },
+        )
+        .await;
+    }
+    let found = projections::verify::verify_graph_confirmed(&pipe.store, &graph.model)
+        .await
+        .unwrap();
+    assert!(found.differences.is_empty(), "{:?}", found.differences);
+    let clean = read_side::graph_rebuilt(&pipe.store, head).await;
+    let without = |dump: Vec<String>| -> Vec<String> {
+        dump.into_iter()
+            .filter(|line| !line.contains("Checkpoint"))
+            .collect()
+    };
+    read_side::assert_same_lines(
+        "graph partitions of two processes, one killed, against one projector of the whole log",
+        &without(graph.dump().await.unwrap()),
+        &without(clean.dump().await.unwrap()),
+    );
+
+    // `status`: a line per graph partition, live, with its holder.
+    let server = projections::graph_testkit::GraphServer::from_env();
+    let status = crate::support::target(&pipe)
+        .command(&["status"])
+        .env("NEURECTOMY_REDIS_URL", &redis.url)
+        .env("NEURECTOMY_REDIS_PREFIX", &redis.prefix)
+        .env("NEURECTOMY_GRAPH_URI", &server.uri)
+        .env("NEURECTOMY_GRAPH_USER", "root")
+        .env("NEURECTOMY_GRAPH_PASSWORD", &server.password)
+        .env("NEURECTOMY_GRAPH_DATABASE", &graph.database)
+        .env("NEURECTOMY_JETSTREAM_PARTITIONS", PARTITIONS.to_string())
+        .output()
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&status.stdout).into_owned();
+    for k in 0..PARTITIONS {
+        let mut lines = printed
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("projection graph/p{k} ")));
+        let line = lines.next().unwrap_or_default();
+        assert!(
+            line.contains(&format!("(database {})", graph.database)) && line.contains(", live"),
+            "status:\n{printed}"
+        );
         let lease = lines.next().unwrap_or_default();
         assert!(
             lease.starts_with("  lease: held by ") && lease.contains(&format!(":{second_pid}:")),
@@ -805,7 +1100,10 @@ async fn the_api_reads_a_partitioned_model_on_a_redis_cluster() {
         .collect();
     assert_eq!(
         names,
-        ["redis/p0", "redis/p1", "redis/p2", "redis/p3", "graph"]
+        [
+            "redis/p0", "redis/p1", "redis/p2", "redis/p3", "graph/p0", "graph/p1", "graph/p2",
+            "graph/p3"
+        ]
     );
     // Subscriptions: one upstream per partition, each reading its
     // partition's feeds on the primary serving its slot. Two tenants of
