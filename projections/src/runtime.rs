@@ -945,7 +945,7 @@ impl<M: ReadModel> Projector<M> {
                     return Err(Interrupt::Gap);
                 }
                 Err(error @ ApplyError::Unavailable { .. }) => {
-                    tracing::warn!(%error, "applying a batch failed; retrying");
+                    tracing::warn!(error = %with_causes(&error), "applying a batch failed; retrying");
                     self.status.send_modify(|s| {
                         s.state = ProjectorState::Retrying;
                         s.last_error = Some(error.to_string());
@@ -1216,4 +1216,17 @@ fn ours(stamp: Stamp, payload: &[u8]) -> Result<RecordedEvent, String> {
         ));
     }
     Ok(event)
+}
+
+/// `error` and its causes, `: `-separated (what a log line needs to say why
+/// a store was unavailable, not only that it was).
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
 }

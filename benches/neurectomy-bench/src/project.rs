@@ -175,6 +175,7 @@ async fn scenarios(
         GRAPH_REPLAY,
         GRAPH_RAW,
         PARTITIONED_REBUILD,
+        GRAPH_REBUILD,
     ]
     .iter()
     .any(|name| wants(args, name))
@@ -502,16 +503,26 @@ async fn replays(
         results.push(graph);
     }
     results.extend(raw);
-    if wants(args, PARTITIONED_REBUILD) {
+    let (want_rebuild, want_graph_rebuild) =
+        (wants(args, PARTITIONED_REBUILD), wants(args, GRAPH_REBUILD));
+    if want_rebuild || want_graph_rebuild {
         let database_url = scratch
             .fixtures
             .databases
             .last()
             .map(|db| db.url.clone())
             .context("the scratch database")?;
-        results.extend(
-            partitioned_rebuilds(settings, args, scratch, (&database_url, &store), total).await?,
-        );
+        if want_rebuild {
+            results.extend(
+                partitioned_rebuilds(settings, args, scratch, (&database_url, &store), total)
+                    .await?,
+            );
+        }
+        if want_graph_rebuild {
+            results.extend(
+                graph_rebuilds(settings, args, scratch, (&database_url, &store), total).await?,
+            );
+        }
     }
     Ok(results)
 }
@@ -827,6 +838,15 @@ async fn freshness(
 /// The partitioned rebuild scenario's name.
 pub const PARTITIONED_REBUILD: &str =
     "rebuild: `neurectomy project` processes on an empty Redis model";
+/// The graph's partitioned rebuild scenario's name.
+pub const GRAPH_REBUILD: &str = "rebuild: `neurectomy project` processes on an empty graph";
+
+/// Which read model a rebuild scenario rebuilds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rebuilt {
+    Redis,
+    Graph,
+}
 /// Partitions of the partitioned rebuild.
 const REBUILD_PARTITIONS: u32 = 4;
 /// Target: two processes rebuild at this multiple of one's rate.
@@ -841,7 +861,7 @@ async fn rebuild_with_processes(
     settings: &Settings,
     scratch: &mut Scratch,
     (database_url, store): (&str, &EventStore),
-    (partitions, processes): (u32, usize),
+    (kind, partitions, processes): (Rebuilt, u32, usize),
     total: u64,
     cluster: Option<&str>,
 ) -> anyhow::Result<Figures> {
@@ -850,8 +870,11 @@ async fn rebuild_with_processes(
     } else {
         ""
     };
-    let label =
-        format!("{PARTITIONED_REBUILD}{on}: {processes} process(es), {partitions} partition(s)");
+    let name = match kind {
+        Rebuilt::Redis => PARTITIONED_REBUILD,
+        Rebuilt::Graph => GRAPH_REBUILD,
+    };
+    let label = format!("{name}{on}: {processes} process(es), {partitions} partition(s)");
     // A stream of its own, split as the processes expect.
     let nats = scratch::nats(settings).await?;
     let relay_config = RelayConfig {
@@ -864,14 +887,27 @@ async fn rebuild_with_processes(
         .ensure_stream()
         .await
         .context("creating the scratch JetStream stream")?;
+    let live = scratch.live(settings).await?;
+    let graph = match kind {
+        Rebuilt::Graph => {
+            let model = scratch.graph(settings).await?;
+            Some(
+                GraphModel::connect(projections::GraphConfig {
+                    partitions,
+                    ..model.config().clone()
+                })
+                .await?,
+            )
+        }
+        Rebuilt::Redis => None,
+    };
     let model = match cluster {
         None => {
-            let model = scratch.live(settings).await?;
             RedisModel::connect(
                 &settings.redis_url,
                 projections::RedisModelConfig {
                     partitions,
-                    ..model.config().clone()
+                    ..live.config().clone()
                 },
             )
             .await?
@@ -908,6 +944,7 @@ async fn rebuild_with_processes(
             cluster.is_some(),
             model.prefix(),
         ),
+        graph: graph.as_ref().map(|g| g.config().database.as_str()),
     };
     let mut children = Vec::new();
     for _ in 0..processes {
@@ -915,14 +952,21 @@ async fn rebuild_with_processes(
     }
     let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
     let first = *pids.first().context("a process without a pid")?;
-    let meter = Meter::start(&label, first, REDIS_PEERS).await?;
+    let peers = match kind {
+        Rebuilt::Redis => REDIS_PEERS,
+        Rebuilt::Graph => GRAPH_PEERS,
+    };
+    let meter = Meter::start(&label, first, peers).await?;
     let others: Vec<(u32, f64)> = pids[1..]
         .iter()
         .map(|&pid| Ok((pid, crate::meter::cpu_seconds(pid)?)))
         .collect::<anyhow::Result<_>>()?;
     let started = Instant::now();
     loop {
-        let each = model.partition_checkpoints().await?;
+        let each = match &graph {
+            Some(graph) => graph.partition_checkpoints().await?,
+            None => model.partition_checkpoints().await?,
+        };
         let done = each
             .iter()
             .zip(&lasts)
@@ -963,7 +1007,7 @@ async fn rebuild_runs(
     settings: &Settings,
     scratch: &mut Scratch,
     store: (&str, &EventStore),
-    (partitions, processes): (u32, usize),
+    (kind, partitions, processes): (Rebuilt, u32, usize),
     (total, runs): (u64, usize),
     cluster: Option<&str>,
 ) -> anyhow::Result<Vec<Figures>> {
@@ -974,8 +1018,12 @@ async fn rebuild_runs(
     };
     let mut figs = Vec::new();
     for run in 0..runs {
+        let name = match kind {
+            Rebuilt::Redis => PARTITIONED_REBUILD,
+            Rebuilt::Graph => GRAPH_REBUILD,
+        };
         eprintln!(
-            "running `{PARTITIONED_REBUILD}`{on} with {processes} process(es) and {partitions} partition(s) ({}/{runs}), {total} events…",
+            "running `{name}`{on} with {processes} process(es) and {partitions} partition(s) ({}/{runs}), {total} events…",
             run + 1
         );
         figs.push(
@@ -983,7 +1031,7 @@ async fn rebuild_runs(
                 settings,
                 scratch,
                 store,
-                (partitions, processes),
+                (kind, partitions, processes),
                 total,
                 cluster,
             )
@@ -1013,7 +1061,7 @@ async fn partitioned_rebuilds(
             settings,
             scratch,
             (database_url, store),
-            (partitions, processes),
+            (Rebuilt::Redis, partitions, processes),
             (total, runs),
             None,
         )
@@ -1060,9 +1108,42 @@ async fn cluster_rebuilds(
             settings,
             scratch,
             (database_url, store),
-            (partitions, processes),
+            (Rebuilt::Redis, partitions, processes),
             (total, args.runs.max(1)),
             Some(&seeds),
+        )
+        .await?;
+        results.extend(median(figs));
+    }
+    if let [one, two] = results.as_mut_slice() {
+        let ratio = two.rate / one.rate.max(1e-9);
+        two.scenario = format!(
+            "{} (= {ratio:.2}× one process of the whole log)",
+            two.scenario
+        );
+    }
+    Ok(results)
+}
+
+/// The graph rebuilt by real processes: one process of the whole log, then
+/// two of [`REBUILD_PARTITIONS`] partitions (a projector per partition,
+/// side by side on one graph database); reported with the ratio.
+async fn graph_rebuilds(
+    settings: &Settings,
+    args: &BenchArgs,
+    scratch: &mut Scratch,
+    store: (&str, &EventStore),
+    total: u64,
+) -> anyhow::Result<Vec<Figures>> {
+    let mut results = Vec::new();
+    for (partitions, processes) in [(1, 1), (REBUILD_PARTITIONS, 2)] {
+        let figs = rebuild_runs(
+            settings,
+            scratch,
+            store,
+            (Rebuilt::Graph, partitions, processes),
+            (total, args.runs.max(1)),
+            None,
         )
         .await?;
         results.extend(median(figs));
@@ -1159,6 +1240,7 @@ async fn cluster_freshness(
         stream: &relay_config,
         partitions: PARTITIONS,
         redis: (&seeds, true, model.prefix()),
+        graph: None,
     };
     let mut children = Vec::new();
     for _ in 0..PROCESSES {
@@ -1328,18 +1410,23 @@ async fn cluster_freshness(
     outcome
 }
 
-/// What a `neurectomy project --only redis` process of a scenario runs on.
+/// What a `neurectomy project` process of a scenario runs on.
 struct ProjectEnv<'a> {
     database_url: &'a str,
     /// The stream and subject prefix.
     stream: &'a RelayConfig,
     partitions: u32,
-    /// Redis URL (seeds when clustered), whether it is a cluster, prefix.
+    /// Redis URL (seeds when clustered), whether it is a cluster, prefix:
+    /// the Redis model, or, for the graph, where its reports go.
     redis: (&'a str, bool, &'a str),
+    /// The graph database it projects (`--only graph`), or none
+    /// (`--only redis`).
+    graph: Option<&'a str>,
 }
 
-/// Starts the release `neurectomy project --only redis` beside this binary
-/// on `env` (1 s lease ttl, warnings only), killed if dropped.
+/// Starts the release `neurectomy project --only redis` (or `--only graph`)
+/// beside this binary on `env` (1 s lease ttl, warnings only), killed if
+/// dropped.
 fn spawn_project(
     settings: &Settings,
     env: &ProjectEnv<'_>,
@@ -1353,9 +1440,21 @@ fn spawn_project(
         binary.display()
     );
     let (redis_url, cluster, prefix) = env.redis;
-    tokio::process::Command::new(&binary)
-        .args(["project", "--only", "redis"])
-        .env_clear()
+    let mut command = tokio::process::Command::new(&binary);
+    command.env_clear();
+    match env.graph {
+        None => command.args(["project", "--only", "redis"]),
+        Some(database) => command
+            .args(["project", "--only", "graph"])
+            .env("NEURECTOMY_GRAPH_URI", &settings.graph_uri)
+            .env("NEURECTOMY_GRAPH_USER", &settings.graph_user)
+            .env(
+                "NEURECTOMY_GRAPH_PASSWORD",
+                settings.graph_password.expose(),
+            )
+            .env("NEURECTOMY_GRAPH_DATABASE", database),
+    };
+    command
         .env("NEURECTOMY_DATABASE_URL", env.database_url)
         .env("NEURECTOMY_NATS_URL", &settings.nats_url)
         .env("NEURECTOMY_JETSTREAM_STREAM", &env.stream.stream_name)

@@ -77,9 +77,24 @@ pub(super) async fn apply(
 ) -> Result<(), ApplyError> {
     let all: Vec<&Projected> = events.iter().collect();
     let database = model.database_for_batch().await?;
-    let failure = match try_apply(model, &database, after, fence, &all).await {
-        Ok(()) => return Ok(()),
-        Err(failure) => failure,
+    let mut conflicts = 0;
+    let failure = loop {
+        match try_apply(model, &database, after, fence, &all).await {
+            Ok(()) => return Ok(()),
+            Err(Failure::Store { source, .. })
+                if is_conflict(&source) && conflicts < CONFLICT_RETRIES =>
+            {
+                // Another transaction changed what this one did (partitions
+                // applied side by side; on ArcadeDB, records on one page):
+                // nothing was written, so the batch is tried again at once,
+                // as a Neo4j driver's transaction function would, after a
+                // short random pause that keeps the two apart.
+                conflicts += 1;
+                tracing::debug!(conflicts, error = %source, "the graph refused a batch in a conflict; trying again");
+                tokio::time::sleep(conflict_pause(conflicts)).await;
+            }
+            Err(failure) => break failure,
+        }
     };
     match failure {
         Failure::Event(error) => Err(error),
@@ -121,6 +136,33 @@ pub(super) async fn apply(
             Ok(())
         }
     }
+}
+
+/// Times a batch refused in a conflict with another transaction is tried
+/// again at once (with a short pause) before the projector's own backoff.
+const CONFLICT_RETRIES: u32 = 8;
+
+/// Whether the server refused a transaction because a concurrent one
+/// changed the same data (Neo4j's deadlock detection; ArcadeDB's concurrent
+/// modification of a page): retrying it at once is expected to succeed.
+fn is_conflict(error: &neo4rs::Error) -> bool {
+    const CODE: &str = "Neo.TransientError.Transaction.";
+    match error {
+        neo4rs::Error::Neo4j(e) => e.code().starts_with(CODE),
+        neo4rs::Error::UnexpectedMessage(text) | neo4rs::Error::UnknownMessage(text) => {
+            text.contains(CODE)
+        }
+        _ => false,
+    }
+}
+
+/// The pause before the `n`-th retry of a batch refused in a conflict:
+/// random, below 2^n ms (at most 128 ms), so that two projectors that
+/// collided do not collide again.
+fn conflict_pause(n: u32) -> std::time::Duration {
+    let ceiling = 1u128 << n.min(7);
+    let random = uuid::Uuid::new_v4().as_u128() % (ceiling * 1_000);
+    std::time::Duration::from_micros(u64::try_from(random).unwrap_or(0))
 }
 
 async fn fetch(txn: &mut Txn, q: Query, doing: &str) -> Result<Vec<Row>, Failure> {
@@ -468,4 +510,35 @@ pub(super) fn statements(fold: Fold, last: i64, checkpoint: &str) -> Vec<(String
 
 fn row<const N: usize>(fields: [(&str, BoltType); N]) -> HashMap<String, BoltType> {
     fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{conflict_pause, is_conflict};
+
+    /// ArcadeDB reports a page changed by a concurrent transaction at
+    /// COMMIT, as text; it is a conflict (retried at once), while a
+    /// connection lost or a constraint refused is not.
+    #[test]
+    fn a_concurrent_change_refused_at_commit_is_a_conflict() {
+        let refused = "unexpected response for COMMIT: Failure(Failure { metadata: BoltMap { value: {\
+            BoltString { value: \"code\" }: String(BoltString { value: \"Neo.TransientError.Transaction.DeadlockDetected\" }), \
+            BoltString { value: \"message\" }: String(BoltString { value: \"Slot rebase not possible on page PageId(db/5/0) slot 280 (concurrent change to the same record). Please retry the operation\" })} } })";
+        assert!(is_conflict(&neo4rs::Error::UnexpectedMessage(
+            refused.to_owned()
+        )));
+        let constraint = "unexpected response for COMMIT: Failure { code: \"Neo.ClientError.Schema.ConstraintValidationFailed\" }";
+        assert!(!is_conflict(&neo4rs::Error::UnexpectedMessage(
+            constraint.to_owned()
+        )));
+        assert!(!is_conflict(&neo4rs::Error::ConnectionError));
+    }
+
+    #[test]
+    fn conflict_pauses_stay_below_their_ceiling() {
+        for n in 1..12 {
+            let ceiling = std::time::Duration::from_millis(1 << n.min(7));
+            assert!(conflict_pause(n) < ceiling);
+        }
+    }
 }
