@@ -354,9 +354,10 @@ impl Relay {
                 "checking the JetStream stream's partitions",
                 format!(
                     "the stream is split into {partitions} partition(s) and this relay is configured for {} \
-                     (nats.partitions); a stream's partition count cannot change: configure {partitions}, or \
+                     (nats.stream_partitions); a stream's partition count cannot change: configure {partitions}, or \
                      give the relay a new stream (nats.stream), which it fills from the event store, and \
-                     rebuild the read models",
+                     rebuild both read models with the new count (neurectomy replay --projection redis, \
+                     then --projection graph): their checkpoints are kept per partition",
                     self.config.partitions.max(1)
                 ),
             ));

@@ -90,6 +90,7 @@ pub(super) async fn apply(
                 // as a Neo4j driver's transaction function would, after a
                 // short random pause that keeps the two apart.
                 conflicts += 1;
+                metrics::counter!("neurectomy_graph_conflicts_total").increment(1);
                 tracing::debug!(conflicts, error = %source, "the graph refused a batch in a conflict; trying again");
                 tokio::time::sleep(conflict_pause(conflicts)).await;
             }
