@@ -646,13 +646,15 @@ impl Intruder {
         publish_foreign(&self.client, &self.prefix, &self.published).await;
     }
 
-    /// Waits until it has reacted as often as it was told to; returns the
-    /// payload of every message published so far.
-    pub async fn reactions_over(&self) -> Vec<bytes::Bytes> {
-        eventually("the intruder's reactions to be over", WAIT, || async {
+    /// Stops reacting (it can still [`Intruder::publish_one`]); returns the
+    /// payload of every message published so far, all on the server.
+    pub async fn stop_reacting(&self) -> Vec<bytes::Bytes> {
+        self.stop.cancel();
+        eventually("the intruder to stop reacting", WAIT, || async {
             self.handle.is_finished().then_some(())
         })
         .await;
+        self.client.flush().await.unwrap();
         self.published.lock().unwrap().clone()
     }
 
