@@ -1102,27 +1102,14 @@ async fn cluster_rebuilds(
         eprintln!("not rebuilding on a Redis Cluster: {CLUSTER_SEEDS} is not set (scripts/bench.sh sets it)");
         return Ok(Vec::new());
     };
-    let mut results = Vec::new();
-    for (partitions, processes) in [(1, 1), (REBUILD_PARTITIONS, 2)] {
-        let figs = rebuild_runs(
-            settings,
-            scratch,
-            (database_url, store),
-            (Rebuilt::Redis, partitions, processes),
-            (total, args.runs.max(1)),
-            Some(&seeds),
-        )
-        .await?;
-        results.extend(median(figs));
-    }
-    if let [one, two] = results.as_mut_slice() {
-        let ratio = two.rate / one.rate.max(1e-9);
-        two.scenario = format!(
-            "{} (= {ratio:.2}× one process of the whole log)",
-            two.scenario
-        );
-    }
-    Ok(results)
+    one_against_two(
+        settings,
+        (args, scratch),
+        (database_url, store),
+        (Rebuilt::Redis, total),
+        Some(&seeds),
+    )
+    .await
 }
 
 /// The graph rebuilt by real processes: one process of the whole log, then
@@ -1135,15 +1122,36 @@ async fn graph_rebuilds(
     store: (&str, &EventStore),
     total: u64,
 ) -> anyhow::Result<Vec<Figures>> {
+    one_against_two(
+        settings,
+        (args, scratch),
+        store,
+        (Rebuilt::Graph, total),
+        None,
+    )
+    .await
+}
+
+/// Rebuilds of `kind`: one process of the whole log, then two of
+/// [`REBUILD_PARTITIONS`] partitions (on the Redis Cluster at `cluster`,
+/// if given), the medians of `args.runs`, the second with its multiple of
+/// the first.
+async fn one_against_two(
+    settings: &Settings,
+    (args, scratch): (&BenchArgs, &mut Scratch),
+    store: (&str, &EventStore),
+    (kind, total): (Rebuilt, u64),
+    cluster: Option<&str>,
+) -> anyhow::Result<Vec<Figures>> {
     let mut results = Vec::new();
     for (partitions, processes) in [(1, 1), (REBUILD_PARTITIONS, 2)] {
         let figs = rebuild_runs(
             settings,
             scratch,
             store,
-            (Rebuilt::Graph, partitions, processes),
+            (kind, partitions, processes),
             (total, args.runs.max(1)),
-            None,
+            cluster,
         )
         .await?;
         results.extend(median(figs));

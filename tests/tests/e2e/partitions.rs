@@ -62,29 +62,78 @@ async fn partitions_reach<M: ReadModel + Clone>(
     projectors: &[Arc<Projector<M>>],
     head: i64,
 ) -> usize {
+    let models = projectors.iter().map(|p| p.model().clone()).collect();
+    models_reach(pipe, models, head).await
+}
+
+/// Waits until each of `models` (partition k's the k-th) has applied its
+/// partition's last event at or below `head`; returns how many partitions
+/// have events.
+async fn models_reach<M: ReadModel + Clone>(pipe: &Pipeline, models: Vec<M>, head: i64) -> usize {
     let mut with_events = 0;
-    for (k, projector) in projectors.iter().enumerate() {
-        let k = u32::try_from(k).unwrap();
+    for (k, model) in (0u32..).zip(models) {
         let last = pipe
             .store
             .last_in_partition(head, PARTITIONS, k)
             .await
             .unwrap();
         with_events += usize::from(last > 0);
-        let model = projector.model().clone();
         // Generous: on a busy CI machine a partition restarted mid-flow
         // first catches up its share of the log from the store.
         eventually(
-            &format!("partition {k} to reach {last}"),
+            &format!("{} partition {k} to reach {last}", model.name()),
             Duration::from_secs(120),
             || {
                 let model = model.clone();
-                async move { (model.checkpoint().await.unwrap() >= last).then_some(()) }
+                async move { (model.checkpoint().await.ok()? >= last).then_some(()) }
             },
         )
         .await;
     }
     with_events
+}
+
+/// Fails unless each of `projectors` (partition k the k-th), resumed from
+/// `resumed_from[k]`, applied exactly its partition's events up to `head`
+/// — none again, none skipped (a partition of a small tenant may have had
+/// none meanwhile) —, is live and found no gap (the chain of positions
+/// matched message after message), and has a durable consumer of its
+/// partition's subjects only.
+async fn each_applied_exactly_its_partition<M: ReadModel>(
+    pipe: &Pipeline,
+    projectors: &[Arc<Projector<M>>],
+    resumed_from: &[i64],
+    head: i64,
+) {
+    let js = async_nats::jetstream::new(pipe.nats.client.clone());
+    for (k, projector) in projectors.iter().enumerate() {
+        let status = projector.status().borrow().clone();
+        let expected = partition_events_between(pipe, k, resumed_from[k], head).await;
+        assert_eq!(
+            status.applied, expected,
+            "partition {k} from {}: {status:?}",
+            resumed_from[k]
+        );
+        assert_eq!(status.gaps, 0, "partition {k}: {status:?}");
+        assert_eq!(
+            status.state,
+            projections::ProjectorState::Live,
+            "{status:?}"
+        );
+        let name = projector.model().name();
+        assert_eq!(status.name, format!("{name}/p{k}"));
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+            .get_stream(&pipe.nats.relay.stream_name)
+            .await
+            .unwrap()
+            .get_consumer(&format!("projection-{name}-p{k}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            consumer.info().await.unwrap().config.filter_subject,
+            format!("{}.p{k}.>", pipe.nats.relay.subject_prefix)
+        );
+    }
 }
 
 /// How many events of partition `partition` lie in `(after, head]`.
@@ -171,39 +220,7 @@ async fn four_partition_projectors_killed_mid_flow_build_what_one_builds() {
 
     let head = pipe.head().await;
     let with_events = partitions_reach(&pipe, &projectors, head).await;
-    for (k, projector) in projectors.iter().enumerate() {
-        let status = projector.status().borrow().clone();
-        // It applied exactly its partition's events after its checkpoint:
-        // none again, none skipped (a partition of a small tenant may have
-        // had none meanwhile).
-        let expected = partition_events_between(&pipe, k, resumed_from[k], head).await;
-        assert_eq!(
-            status.applied, expected,
-            "partition {k} from {}: {status:?}",
-            resumed_from[k]
-        );
-        // Live, the chain of positions matched message after message: no
-        // trip back to the store for a gap that was not there.
-        assert_eq!(status.gaps, 0, "partition {k}: {status:?}");
-        assert_eq!(
-            status.state,
-            projections::ProjectorState::Live,
-            "{status:?}"
-        );
-        // Its durable consumer takes the partition's subjects only.
-        let js = async_nats::jetstream::new(pipe.nats.client.clone());
-        let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
-            .get_stream(&pipe.nats.relay.stream_name)
-            .await
-            .unwrap()
-            .get_consumer(&format!("projection-redis-p{k}"))
-            .await
-            .unwrap();
-        assert_eq!(
-            consumer.info().await.unwrap().config.filter_subject,
-            format!("{}.p{k}.>", pipe.nats.relay.subject_prefix)
-        );
-    }
+    each_applied_exactly_its_partition(&pipe, &projectors, &resumed_from, head).await;
     assert!(
         with_events >= 2,
         "six tenants over four partitions: {with_events} with events"
@@ -278,17 +295,7 @@ async fn four_graph_partition_projectors_killed_mid_flow_build_what_one_builds()
     let head = pipe.head().await;
     let with_events = partitions_reach(&pipe, &projectors, head).await;
     assert!(with_events >= 2, "{with_events} partitions with events");
-    for (k, projector) in projectors.iter().enumerate() {
-        let status = projector.status().borrow().clone();
-        let expected = partition_events_between(&pipe, k, resumed_from[k], head).await;
-        assert_eq!(
-            status.applied, expected,
-            "partition {k} from {}: {status:?}",
-            resumed_from[k]
-        );
-        assert_eq!(status.gaps, 0, "partition {k}: {status:?}");
-        assert_eq!(status.name, format!("graph/p{k}"));
-    }
+    each_applied_exactly_its_partition(&pipe, &projectors, &resumed_from, head).await;
     // Each partition's checkpoint is its last event; readers of a tenant
     // wait for the tenant's partition; the lowest is the model's.
     let each = graph.model.partition_checkpoints().await.unwrap();
@@ -630,6 +637,44 @@ async fn held_by_pid(leases: &Leases) -> BTreeMap<u32, usize> {
     held
 }
 
+/// Two `project` processes of `projection` on [`PARTITIONS`] partitions:
+/// waits until each holds two, lets the log grow past 1,000 events,
+/// SIGKILLs the first and waits until the second holds all four (asserted
+/// within 5 s of the kill); returns the second and its pid.
+async fn share_then_kill_one(
+    pipe: &Pipeline,
+    projection: &str,
+    [mut first, second]: [Instance; 2],
+) -> (Instance, u32) {
+    let observer = Leases::new(
+        pipe.db.pool.clone(),
+        format!("{}/{projection}", pipe.nats.relay.stream_name),
+        LeaseConfig::new(Duration::from_secs(1)),
+    );
+    let (first_pid, second_pid) = (first.child.id().unwrap(), second.child.id().unwrap());
+    eventually(
+        &format!("two processes to hold two {projection} partitions each"),
+        Duration::from_secs(60),
+        || async {
+            let held = held_by_pid(&observer).await;
+            (held.get(&first_pid) == Some(&2) && held.get(&second_pid) == Some(&2)).then_some(())
+        },
+    )
+    .await;
+    events_beyond(pipe, 1_000).await;
+    first.child.kill().await.unwrap();
+    let killed = Instant::now();
+    eventually(
+        &format!("the survivor to hold every {projection} partition"),
+        Duration::from_secs(30),
+        || async { (held_by_pid(&observer).await.get(&second_pid) == Some(&4)).then_some(()) },
+    )
+    .await;
+    let taken = killed.elapsed();
+    assert!(taken < Duration::from_secs(5), "took {taken:?}");
+    (second, second_pid)
+}
+
 /// Real `project` processes on four partitions under load: two share them
 /// two and two; one SIGKILLed, the other takes all four within seconds;
 /// `status` shows each partition and its holder; `verify` compares each
@@ -642,34 +687,8 @@ async fn project_processes_share_partitions_verify_and_replay_them() {
     let pipe = Pipeline::start_with(|relay| relay.partitions = PARTITIONS).await;
     let redis = TestRedis::create().await.unwrap_or_else(|e| panic!("{e}"));
     let workload = six_tenants(&pipe, seed);
-    let observer = Leases::new(
-        pipe.db.pool.clone(),
-        format!("{}/redis", pipe.nats.relay.stream_name),
-        LeaseConfig::new(Duration::from_secs(1)),
-    );
-    let mut first = project(&pipe, &redis, 0);
-    let second = project(&pipe, &redis, 1);
-    let (first_pid, second_pid) = (first.child.id().unwrap(), second.child.id().unwrap());
-    eventually(
-        "two processes to hold two partitions each",
-        Duration::from_secs(30),
-        || async {
-            let held = held_by_pid(&observer).await;
-            (held.get(&first_pid) == Some(&2) && held.get(&second_pid) == Some(&2)).then_some(())
-        },
-    )
-    .await;
-    events_beyond(&pipe, 1_000).await;
-    first.child.kill().await.unwrap();
-    let killed = Instant::now();
-    eventually(
-        "the survivor to hold every partition",
-        Duration::from_secs(30),
-        || async { (held_by_pid(&observer).await.get(&second_pid) == Some(&4)).then_some(()) },
-    )
-    .await;
-    let taken = killed.elapsed();
-    assert!(taken < Duration::from_secs(5), "took {taken:?}");
+    let processes = [project(&pipe, &redis, 0), project(&pipe, &redis, 1)];
+    let (second, second_pid) = share_then_kill_one(&pipe, "redis", processes).await;
 
     // The model, as the API and verify see it: one checkpoint per partition.
     let model = RedisModel::connect(
@@ -748,22 +767,31 @@ async fn project_processes_share_partitions_verify_and_replay_them() {
         .await
         .unwrap();
     let printed = String::from_utf8_lossy(&status.stdout).into_owned();
-    for k in 0..PARTITIONS {
-        let mut lines = printed
-            .lines()
-            .skip_while(|l| !l.starts_with(&format!("projection redis/p{k} ")));
-        let line = lines.next().unwrap_or_default();
-        assert!(line.contains(", live"), "status:\n{printed}");
-        let lease = lines.next().unwrap_or_default();
-        assert!(
-            lease.starts_with("  lease: held by ") && lease.contains(&format!(":{second_pid}:")),
-            "status:\n{printed}"
-        );
-    }
+    each_partition_live_and_held(&printed, "redis", &redis.prefix, second_pid);
     let mut second = second;
     let (code, _) = second.stop(Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "{}", second.log());
     pipe.shutdown().await;
+}
+
+/// Fails unless `neurectomy status` printed each partition of `projection`
+/// (in `namespace`) live, its lease held by the process of `pid`.
+fn each_partition_live_and_held(printed: &str, projection: &str, namespace: &str, pid: u32) {
+    for k in 0..PARTITIONS {
+        let mut lines = printed
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("projection {projection}/p{k} ")));
+        let line = lines.next().unwrap_or_default();
+        assert!(
+            line.contains(&format!("({namespace})")) && line.contains(", live"),
+            "status:\n{printed}"
+        );
+        let lease = lines.next().unwrap_or_default();
+        assert!(
+            lease.starts_with("  lease: held by ") && lease.contains(&format!(":{pid}:")),
+            "status:\n{printed}"
+        );
+    }
 }
 
 /// `neurectomy project --only graph` number `n` on `graph`'s database,
@@ -804,54 +832,18 @@ async fn graph_project_processes_share_partitions_and_take_over_a_killed_ones() 
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let workload = six_tenants(&pipe, seed);
-    let observer = Leases::new(
-        pipe.db.pool.clone(),
-        format!("{}/graph", pipe.nats.relay.stream_name),
-        LeaseConfig::new(Duration::from_secs(1)),
-    );
-    let mut first = project_graph(&pipe, &redis, &graph, 0);
-    let second = project_graph(&pipe, &redis, &graph, 1);
-    let (first_pid, second_pid) = (first.child.id().unwrap(), second.child.id().unwrap());
-    eventually(
-        "two processes to hold two graph partitions each",
-        Duration::from_secs(60),
-        || async {
-            let held = held_by_pid(&observer).await;
-            (held.get(&first_pid) == Some(&2) && held.get(&second_pid) == Some(&2)).then_some(())
-        },
-    )
-    .await;
-    events_beyond(&pipe, 1_000).await;
-    first.child.kill().await.unwrap();
-    let killed = Instant::now();
-    eventually(
-        "the survivor to hold every graph partition",
-        Duration::from_secs(30),
-        || async { (held_by_pid(&observer).await.get(&second_pid) == Some(&4)).then_some(()) },
-    )
-    .await;
-    let taken = killed.elapsed();
-    assert!(taken < Duration::from_secs(5), "took {taken:?}");
+    let processes = [
+        project_graph(&pipe, &redis, &graph, 0),
+        project_graph(&pipe, &redis, &graph, 1),
+    ];
+    let (second, second_pid) = share_then_kill_one(&pipe, "graph", processes).await;
     events_beyond(&pipe, 2_000).await;
     workload.stop().await;
     let head = pipe.head().await;
-    for k in 0..PARTITIONS {
-        let last = pipe
-            .store
-            .last_in_partition(head, PARTITIONS, k)
-            .await
-            .unwrap();
-        let model = graph.model.for_partition(k);
-        eventually(
-            &format!("graph partition {k} to reach {last}"),
-            Duration::from_secs(60),
-            || {
-                let model = model.clone();
-                async move { (model.checkpoint().await.ok()? >= last).then_some(()) }
-            },
-        )
-        .await;
-    }
+    let models = (0..PARTITIONS)
+        .map(|k| graph.model.for_partition(k))
+        .collect();
+    models_reach(&pipe, models, head).await;
     let found = projections::verify::verify_graph_confirmed(&pipe.store, &graph.model)
         .await
         .unwrap();
@@ -883,21 +875,8 @@ async fn graph_project_processes_share_partitions_and_take_over_a_killed_ones() 
         .await
         .unwrap();
     let printed = String::from_utf8_lossy(&status.stdout).into_owned();
-    for k in 0..PARTITIONS {
-        let mut lines = printed
-            .lines()
-            .skip_while(|l| !l.starts_with(&format!("projection graph/p{k} ")));
-        let line = lines.next().unwrap_or_default();
-        assert!(
-            line.contains(&format!("(database {})", graph.database)) && line.contains(", live"),
-            "status:\n{printed}"
-        );
-        let lease = lines.next().unwrap_or_default();
-        assert!(
-            lease.starts_with("  lease: held by ") && lease.contains(&format!(":{second_pid}:")),
-            "status:\n{printed}"
-        );
-    }
+    let database = format!("database {}", graph.database);
+    each_partition_live_and_held(&printed, "graph", &database, second_pid);
     let mut second = second;
     let (code, _) = second.stop(Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "{}", second.log());
